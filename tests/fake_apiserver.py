@@ -1,0 +1,1 @@
+"""Fixtures: fake_apiserver (being written)."""

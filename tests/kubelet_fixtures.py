@@ -1,0 +1,1 @@
+"""Fixtures: kubelet_fixtures (being written)."""

@@ -1,0 +1,1 @@
+"""Fixtures: registry (being written)."""

@@ -1,0 +1,1 @@
+"""Fixtures: wasm_modules (being written)."""
