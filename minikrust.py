@@ -18,7 +18,7 @@ through the `wasmtime` Python package (slower, same behaviour).
 
 __version__ = "0.1.0"
 __all__ = [
-    "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError",
+    "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError", "ContainerConfigError",
     "Config", "Kubelet", "main",
 ]
 
@@ -96,6 +96,19 @@ class ImageError(MinikrustError):
 
 class ModuleError(MinikrustError):
     """A module that cannot be loaded or started (invalid wasm, missing _start, bad import)."""
+
+
+class ContainerConfigError(MinikrustError):
+    """A container that cannot be set up (missing configMap/secret, refused hostPath, bad volume).
+
+    `reason` is the container's waiting reason (CreateContainerConfigError, ...); `retry` tells
+    whether the kubelet should try again later (a configMap that may still be created)."""
+
+    def __init__(self, message, reason="CreateContainerConfigError", retry=True):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry = retry
 
 
 # --- Config: flags, environment, kubeconfig, in-cluster ---
