@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError", "ContainerConfigError",
     "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config",
-    "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
+    "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
+    "container_workdir", "parse_quantity", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
 ]
 
 import argparse
@@ -32,11 +33,14 @@ import dataclasses
 import datetime
 import email.utils
 import errno
+import fractions
 import hashlib
 import http.server
+import importlib.metadata
 import io
 import json
 import logging
+import math
 import os
 import platform
 import queue
@@ -747,13 +751,17 @@ class ApiClient:
                 self._streams.discard(response)
             response.close()
 
-    def close(self):
-        """Stop: interrupt retry sleeps and open watches, close the connections."""
-        self._closed.set()
+    def interrupt_watches(self):
+        """End every open watch now (its iterator returns); the client stays usable."""
         with self._lock:
             streams = list(self._streams)
         for response in streams:
             _shutdown_response(response)
+
+    def close(self):
+        """Stop: interrupt retry sleeps and open watches, close the connections."""
+        self._closed.set()
+        self.interrupt_watches()
         self.session.close()
 
     @property
@@ -1240,17 +1248,1822 @@ def module_errors():
 
 # --- Node: registration, lease, status ---
 
+WASM_ARCH = "wasm32-wasi"
+LEASE_NAMESPACE = "kube-node-lease"
+# Krustlet's wasi provider labels and taints, so manifests written for Krustlet (nodeSelector
+# kubernetes.io/arch: wasm32-wasi, tolerations for the kubernetes.io/arch taint) run here unchanged.
+_MANAGED_LABELS = ("beta.kubernetes.io/arch", "beta.kubernetes.io/os", "kubernetes.io/arch",
+                   "kubernetes.io/hostname", "kubernetes.io/os", "type")
+_MEMORY_EVICTION_HARD = 100 * 1024 * 1024       # memory.available<100Mi, the kubelet's default
+_DISK_EVICTION_FRACTION = 0.10                  # nodefs.available<10%
+_PID_PRESSURE_FRACTION = 0.90
+
+
+def node_labels(config):
+    """The Node's labels: Krustlet's (arch wasm32-wasi, type krustlet), hostname, --node-labels.
+
+    User labels may not override the managed ones (the kubelet and Krustlet refuse them too)."""
+    labels = {key: value for key, value in config.node_labels.items() if key not in _MANAGED_LABELS}
+    for key in set(config.node_labels) & set(_MANAGED_LABELS):
+        log.warning("node label %s is managed by the kubelet; ignoring --node-labels value", key)
+    labels.update({"beta.kubernetes.io/arch": WASM_ARCH, "beta.kubernetes.io/os": "linux",
+                   "kubernetes.io/arch": WASM_ARCH, "kubernetes.io/os": "linux",
+                   "kubernetes.io/hostname": config.node_name, "type": "krustlet"})
+    return labels
+
+
+def node_taints():
+    """Krustlet's taints: they keep ordinary (OCI container) pods off this node."""
+    return [{"key": "kubernetes.io/arch", "value": WASM_ARCH, "effect": "NoSchedule"},
+            {"key": "kubernetes.io/arch", "value": WASM_ARCH, "effect": "NoExecute"}]
+
+
+def runtime_version():
+    """wasmtime's version from the installed package's metadata, without loading the engine."""
+    try:
+        return importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _read(path, default=""):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def _meminfo():
+    """/proc/meminfo in bytes, by field name."""
+    info = {}
+    for line in _read("/proc/meminfo").splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            info[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return info
+
+
+def _os_image():
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip('"')
+    return platform.system()
+
+
+def host_facts(root_dir):
+    """What the node reports about its host, measured now (cheap: a few /proc reads)."""
+    meminfo = _meminfo()
+    try:
+        fs = os.statvfs(root_dir)
+        disk_total, disk_free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+    except OSError:
+        disk_total = disk_free = 0
+    loadavg = _read("/proc/loadavg").split()
+    processes = int(loadavg[3].split("/")[1]) if len(loadavg) > 3 and "/" in loadavg[3] else 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return {"cpus": cpus, "memory_total": meminfo.get("MemTotal", 0),
+            "memory_available": meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
+            "disk_total": disk_total, "disk_free": disk_free, "processes": processes,
+            "pid_max": int(_read("/proc/sys/kernel/pid_max", "32768") or 32768),
+            "machine_id": _read("/etc/machine-id") or _read("/var/lib/dbus/machine-id"),
+            "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+            "kernel": platform.release(), "os_image": _os_image()}
+
+
+def detect_node_ip(server=None):
+    """The address this host uses to reach the API server (the kubelet's default --node-ip)."""
+    host = urllib.parse.urlsplit(server).hostname if server else None
+    try:
+        family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host or "10.255.255.255", 443))      # UDP connect sends nothing
+            return s.getsockname()[0]
+    except OSError:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+
+def _ki(nbytes):
+    return f"{nbytes // 1024}Ki"
+
+
+def node_condition_states(facts, ready=True, not_ready_message="kubelet is shutting down"):
+    """(status, reason, message) per condition type, from host facts, as the kubelet words them."""
+    memory = facts["memory_available"] < _MEMORY_EVICTION_HARD
+    disk = facts["disk_total"] > 0 and facts["disk_free"] < _DISK_EVICTION_FRACTION * facts["disk_total"]
+    pids = facts["processes"] > _PID_PRESSURE_FRACTION * facts["pid_max"]
+    return {
+        "MemoryPressure": ("True", "KubeletHasInsufficientMemory", "kubelet has insufficient memory available")
+        if memory else ("False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+        "DiskPressure": ("True", "KubeletHasDiskPressure", "kubelet has disk pressure")
+        if disk else ("False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+        "PIDPressure": ("True", "KubeletHasInsufficientPID", "kubelet has insufficient PID available")
+        if pids else ("False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+        "Ready": ("True", "KubeletReady", "kubelet is posting ready status")
+        if ready else ("False", "KubeletNotReady", not_ready_message),
+    }
+
+
+def node_conditions(states, previous, now):
+    """Conditions with lastTransitionTime kept from `previous` while the status is unchanged."""
+    before = {c.get("type"): c for c in previous or []}
+    conditions = []
+    for kind, (status, reason, message) in states.items():
+        old = before.get(kind)
+        since = old["lastTransitionTime"] if old and old.get("status") == status else now
+        conditions.append({"type": kind, "status": status, "reason": reason, "message": message,
+                           "lastHeartbeatTime": now, "lastTransitionTime": since})
+    return conditions
+
+
+def node_status(config, node_ip, facts, conditions):
+    """The Node's status (without volatile fields it is compared by: see _status_signature)."""
+    capacity = {"cpu": str(facts["cpus"]), "memory": _ki(facts["memory_total"]),
+                "ephemeral-storage": _ki(facts["disk_total"]), "pods": str(config.max_pods)}
+    allocatable = dict(capacity, memory=_ki(max(0, facts["memory_total"] - _MEMORY_EVICTION_HARD)),
+                       **{"ephemeral-storage": _ki(int(facts["disk_total"] * (1 - _DISK_EVICTION_FRACTION)))})
+    return {
+        "capacity": capacity, "allocatable": allocatable, "conditions": conditions,
+        "addresses": [{"type": "InternalIP", "address": node_ip},
+                      {"type": "Hostname", "address": config.node_name}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": config.port}},
+        "nodeInfo": {"machineID": facts["machine_id"], "systemUUID": facts["machine_id"],
+                     "bootID": facts["boot_id"], "kernelVersion": facts["kernel"],
+                     "osImage": facts["os_image"], "operatingSystem": "linux",
+                     "architecture": "wasm-wasi",
+                     "containerRuntimeVersion": f"wasmtime://{runtime_version()}",
+                     "kubeletVersion": f"{KUBE_VERSION}-minikrust", "kubeProxyVersion": ""},
+    }
+
+
+def _status_signature(status):
+    """What makes a status worth sending: everything but heartbeat times and volatile numbers."""
+    conditions = [(c["type"], c["status"], c["reason"]) for c in status["conditions"]]
+    return json.dumps([status["capacity"], status["allocatable"], status["addresses"],
+                       status["nodeInfo"], status["daemonEndpoints"], conditions], sort_keys=True)
+
+
+def node_object(config, status):
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": config.node_name, "labels": node_labels(config),
+                         "annotations": {"node.alpha.kubernetes.io/ttl": "0",
+                                         "volumes.kubernetes.io/controller-managed-attach-detach": "true"}},
+            "spec": {"taints": node_taints()},
+            "status": status}
+
+
+class NodeAgent:
+    """Keeps this kubelet's Node: registers (or adopts) it, renews its Lease every
+    `lease_renew_interval`, patches its status when it changes and at least every
+    `node_status_report_frequency` (the kubelet's nodeStatusReportFrequency), and marks it
+    NotReady on stop()."""
+
+    def __init__(self, api, config, *, node_ip=None):
+        self.api, self.config = api, config
+        self.name = config.node_name
+        self.node_ip = node_ip or config.node_ip or detect_node_ip(api.server)
+        self.node = None                   # the Node as last read or written
+        self.lease = None
+        self._last_status, self._last_sent, self._sent_at = None, None, 0.0
+        self._stop = threading.Event()
+        self._thread = None
+        self.registered = threading.Event()
+
+    def _status(self, ready=True):
+        facts = host_facts(self.config.root_dir)
+        now = _now_rfc3339()
+        previous = self._last_status["conditions"] if self._last_status else None
+        states = node_condition_states(facts, ready=ready)
+        return node_status(self.config, self.node_ip, facts, node_conditions(states, previous, now))
+
+    def register(self):
+        """Create the Node; if it exists (409 AlreadyExists), adopt it: fix its labels and send
+        this kubelet's status, as the kubelet's tryRegisterWithAPIServer does."""
+        status = self._status()
+        try:
+            self.node = self.api.post("/api/v1/nodes", node_object(self.config, status))
+            log.info("registered node %s", self.name)
+            self._last_status, self._last_sent, self._sent_at = status, _status_signature(status), time.monotonic()
+        except ApiError as exc:
+            if exc.code != 409:
+                raise
+            self.node = self.api.get(f"/api/v1/nodes/{self.name}")
+            labels = node_labels(self.config)
+            current = self.node.get("metadata", {}).get("labels") or {}
+            if any(current.get(k) != v for k, v in labels.items()):
+                self.node = self.api.patch(f"/api/v1/nodes/{self.name}", {"metadata": {"labels": labels}},
+                                           content_type="application/strategic-merge-patch+json")
+            existing = self.node.get("status") or {}
+            self._last_status = existing if existing.get("conditions") else None    # keeps transition times
+            self.update_status(force=True)
+            log.info("adopted existing node %s", self.name)
+        self.registered.set()
+        return self.node
+
+    def update_status(self, force=False, ready=True):
+        """Patch the node status if it changed, if the report frequency is due, or when forced."""
+        status = self._status(ready=ready)
+        signature = _status_signature(status)
+        due = time.monotonic() - self._sent_at >= self.config.node_status_report_frequency
+        if not (force or due or signature != self._last_sent):
+            return False
+        self.node = self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": status},
+                                   content_type="application/strategic-merge-patch+json")
+        self._last_status, self._last_sent, self._sent_at = status, signature, time.monotonic()
+        return True
+
+    def _lease_body(self):
+        lease = self.lease or {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                               "metadata": {"name": self.name, "namespace": LEASE_NAMESPACE}}
+        lease = json.loads(json.dumps(lease))
+        if self.node and self.node.get("metadata", {}).get("uid"):
+            lease["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": self.name,
+                                                     "uid": self.node["metadata"]["uid"]}]
+        lease["spec"] = dict(lease.get("spec") or {}, holderIdentity=self.name,
+                             leaseDurationSeconds=self.config.lease_duration, renewTime=_now_microtime())
+        return lease
+
+    def renew_lease(self):
+        """Renew (or create) the node Lease; a 409 Conflict means our copy is stale: re-read, retry."""
+        base = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
+        for _attempt in range(3):
+            try:
+                if self.lease is None:
+                    self.lease = self.api.get(f"{base}/{self.name}")
+                self.lease = self.api.put(f"{base}/{self.name}", self._lease_body())
+                return self.lease
+            except ApiError as exc:
+                if exc.code == 404:
+                    self.lease = None
+                    try:
+                        self.lease = self.api.post(base, self._lease_body())
+                        return self.lease
+                    except ApiError as create_exc:
+                        if create_exc.code != 409:
+                            raise
+                elif exc.code == 409:
+                    log.debug("lease of %s changed under us; re-reading", self.name)
+                    self.lease = None
+                else:
+                    raise
+        raise ApiError(409, "Conflict", f"lease {self.name} kept changing")
+
+    def heartbeat(self):
+        """One beat: register if not yet, renew the Lease, update the status if needed."""
+        if not self.registered.is_set():
+            self.register()
+        self.renew_lease()
+        self.update_status()
+
+    def _run(self):
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.heartbeat()
+                failures = 0
+                wait = self.config.lease_renew_interval
+            except (ApiError, OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    break
+                failures += 1
+                wait = min(self.config.lease_renew_interval, 0.5 * 2 ** failures)
+                log.warning("node %s heartbeat failed: %s", self.name, exc)
+            self._stop.wait(wait)
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=f"node-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=10.0):
+        """Stop the heartbeat and report the node NotReady (it keeps its Lease until it expires)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.registered.is_set() and not self.api.closed:
+            try:
+                status = self._status(ready=False)
+                self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": {"conditions": status["conditions"]}},
+                               content_type="application/strategic-merge-patch+json", timeout=5)
+                log.info("node %s marked NotReady", self.name)
+            except ApiError as exc:
+                log.warning("could not mark node %s NotReady: %s", self.name, exc)
+
 
 # --- Sources: API watch or poll, static manifests ---
+
+def _pod_uid(pod):
+    meta = pod.get("metadata") or {}
+    return meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+
+
+def _pod_rv(pod):
+    return (pod.get("metadata") or {}).get("resourceVersion")
+
+
+class _PodSet:
+    """The pods a source has reported, by uid: turns raw events into de-duplicated
+    added/updated/deleted calls on the handler. A handler error is logged, never fatal."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.pods = {}
+
+    def _call(self, method, pod):
+        try:
+            getattr(self.handler, method)(pod)
+        except Exception:
+            log.exception("pod handler %s(%s) failed", method, _pod_key(pod))
+
+    def upsert(self, pod):
+        uid = _pod_uid(pod)
+        old = self.pods.get(uid)
+        if old is not None and _pod_rv(old) == _pod_rv(pod) and _pod_rv(pod) is not None:
+            return
+        self.pods[uid] = pod
+        self._call("pod_added" if old is None else "pod_updated", pod)
+
+    def remove(self, pod):
+        old = self.pods.pop(_pod_uid(pod), None)
+        if old is not None:
+            self._call("pod_deleted", pod)
+
+    def reconcile(self, pods):
+        """A full list is the truth: deliver changes, and deletions of pods no longer listed."""
+        listed = {_pod_uid(p) for p in pods}
+        for uid in [uid for uid in self.pods if uid not in listed]:
+            self.remove(self.pods[uid])
+        for pod in pods:
+            self.upsert(pod)
+
+
+class ApiPodSource:
+    """Feeds the pods bound to this node (fieldSelector spec.nodeName=<node>) to a handler.
+
+    watch mode: list, then watch from the list's resourceVersion with bookmarks; after a dropped
+    stream it resumes from the last resourceVersion seen, after 410 Expired (an HTTP answer or an
+    ERROR event) it lists again, and every `resync_interval` it re-lists anyway, so a deletion
+    missed while disconnected is still reported. poll mode: a list every `poll_interval`."""
+
+    def __init__(self, api, node_name, handler, sync="watch", poll_interval=10.0, resync_interval=300.0):
+        if sync not in ("watch", "poll"):
+            raise ConfigError(f"sync: {sync!r} is not watch or poll")
+        self.api, self.node_name, self.sync = api, node_name, sync
+        self.poll_interval, self.resync_interval = poll_interval, resync_interval
+        self.known = _PodSet(handler)
+        self.resource_version = None
+        self.lists = 0                      # full lists done (tests and metrics read it)
+        self.synced = threading.Event()     # set after the first successful list
+        self._stop = threading.Event()
+        self._thread = None
+        self._selector = {"fieldSelector": f"spec.nodeName={node_name}"}
+
+    def list(self):
+        """List this node's pods and reconcile them with what was reported."""
+        answer = self.api.get("/api/v1/pods", params=self._selector)
+        self.known.reconcile(answer.get("items") or [])
+        self.resource_version = (answer.get("metadata") or {}).get("resourceVersion")
+        self.lists += 1
+        self.synced.set()
+        return answer
+
+    def _watch(self, until):
+        """Watch from the last resourceVersion until the server ends the stream or `until`."""
+        timeout = max(1, int(until - time.monotonic()))
+        params = dict(self._selector, allowWatchBookmarks="true", resourceVersion=self.resource_version,
+                      timeoutSeconds=str(timeout))
+        for kind, obj in self.api.watch("/api/v1/pods", params):
+            if self._stop.is_set():
+                return
+            rv = _pod_rv(obj)
+            if kind in ("ADDED", "MODIFIED"):
+                self.known.upsert(obj)
+            elif kind == "DELETED":
+                self.known.remove(obj)
+            if rv and kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+                self.resource_version = rv
+
+    def _run(self):
+        failures, next_list = 0, 0.0
+        while not self._stop.is_set():
+            try:
+                if self.sync == "poll":
+                    self.list()
+                    failures = 0
+                    self._stop.wait(self.poll_interval)
+                    continue
+                if self.resource_version is None or time.monotonic() >= next_list:
+                    self.list()
+                    next_list = time.monotonic() + self.resync_interval
+                started = time.monotonic()
+                self._watch(next_list)
+                failures = 0
+                if time.monotonic() - started < 1.0:      # a server ending watches at once: don't spin
+                    self._stop.wait(1.0)
+            except ApiError as exc:
+                if self._stop.is_set() or self.api.closed:
+                    break
+                if exc.code == 410:
+                    log.info("pod watch of %s expired (410); listing again", self.node_name)
+                    self.resource_version = None
+                    continue
+                failures += 1
+                log.warning("pods of %s: %s", self.node_name, exc)
+                self._stop.wait(min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.0))
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=f"pods-{self.node_name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        """Stop reporting pods; an open watch is interrupted."""
+        self._stop.set()
+        self.api.interrupt_watches()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
 
 # --- Images: OCI pulls, content-addressed store ---
 
+# Media types, each confirmed at its source: the OCI image spec and Docker's distribution for the
+# manifests and image configs; bytecodealliance/rust-oci-wasm (src/lib.rs) for the CNCF Wasm OCI
+# artifact; engineerd/wasm-to-oci (pkg/oci/mediatypes.go) for the layout Krustlet pulled;
+# solo-io/wasm (spec/README-compat.md) for the tar layers of ordinary images holding a module.
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_WASM_CONFIG = "application/vnd.wasm.config.v0+json"
+MT_WASM_LAYER = "application/wasm"
+MT_WASM_TO_OCI_CONFIG = "application/vnd.wasm.config.v1+json"
+MT_WASM_TO_OCI_LAYER = "application/vnd.wasm.content.layer.v1+wasm"
+_TAR_LAYERS = {
+    "application/vnd.oci.image.layer.v1.tar": "r:",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "r:gz",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "r:gz",
+}
+_INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+_MANIFEST_ACCEPT = ", ".join([MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST])
+_WASM_PLATFORMS = (("wasip1", "wasm"), ("wasi", "wasm"))
+_DOCKER_HUB = "docker.io"
+_MAX_MANIFEST = 4 * 1024 * 1024
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG_RE = re.compile(r"^\w[\w.-]{0,127}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]+)?$|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A parsed `[registry/]repository[:tag][@sha256:hex]` with Docker's defaults filled in."""
+    registry: str
+    repository: str
+    tag: str = None
+    digest: str = None
+
+    @property
+    def name(self):
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def api_host(self):
+        return "registry-1.docker.io" if self.registry == _DOCKER_HUB else self.registry
+
+    @property
+    def reference(self):
+        return self.digest or self.tag
+
+    def __str__(self):
+        return self.name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    """A module ready to load: its file, its content digest (the host's cache key), the pod's imageID."""
+    path: str
+    digest: str
+    image_id: str
+
+
+def parse_image_ref(image):
+    """Parse an image reference like docker and the kubelet: docker.io, library/ and :latest by default."""
+    def invalid(why):
+        return ImageError(f'couldn\'t parse image reference "{image}": {why}', "InvalidImageName")
+    text, digest, tag = image.strip(), None, None
+    if "@" in text:
+        text, digest = text.split("@", 1)
+        if not _DIGEST_RE.match(digest):
+            raise invalid("invalid digest (want sha256:<64 hex>)")
+    if text.rfind(":") > text.rfind("/"):
+        text, tag = text.rsplit(":", 1)
+        if not _TAG_RE.match(tag):
+            raise invalid("invalid tag")
+    first, _, rest = text.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        registry, repository = first, rest
+    else:
+        registry, repository = _DOCKER_HUB, text
+    if registry in ("index.docker.io", "registry-1.docker.io"):
+        registry = _DOCKER_HUB
+    if registry == _DOCKER_HUB and "/" not in repository:
+        repository = "library/" + repository
+    if not _HOST_RE.match(registry) or not _REPO_RE.match(repository):
+        raise invalid("invalid reference format")
+    if tag is None and digest is None:
+        tag = "latest"
+    return ImageRef(registry, repository, tag, digest)
+
+
+def default_pull_policy(image):
+    """The API server's default imagePullPolicy: Always for `:latest` or no tag, else IfNotPresent."""
+    if image.startswith("file:"):
+        return "IfNotPresent"
+    try:
+        ref = parse_image_ref(image)
+    except ImageError:
+        return "IfNotPresent"
+    return "Always" if ref.tag == "latest" and not ref.digest else "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class RegistryCredential:
+    """A username and password for one registry; `source` says where it came from (for messages)."""
+    registry: str
+    username: str
+    password: str = field(repr=False)
+    source: str = ""
+
+
+def _registry_host(key):
+    """Normalise a docker config key (`https://index.docker.io/v1/`, `host:port`) to a registry host."""
+    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+    return _DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io", "docker.io") else host
+
+
+def docker_config_credentials(doc, source=""):
+    """Credentials in a docker config.json (`{"auths": {...}}`) or a legacy .dockercfg document."""
+    auths = doc.get("auths", doc) if isinstance(doc, dict) else {}
+    creds = []
+    for key, entry in (auths if isinstance(auths, dict) else {}).items():
+        if not isinstance(entry, dict):
+            continue
+        user, password = entry.get("username"), entry.get("password")
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                continue
+        if user and password is not None:
+            creds.append(RegistryCredential(_registry_host(key), user, password, source))
+    return creds
+
+
+def _secret_credentials(secret):
+    """Credentials in a kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg Secret."""
+    key = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson",
+           "kubernetes.io/dockercfg": ".dockercfg"}.get(secret.get("type"))
+    raw = (secret.get("data") or {}).get(key) if key else None
+    if not raw:
+        return []
+    try:
+        doc = json.loads(base64.b64decode(raw))
+    except ValueError:
+        return []
+    return docker_config_credentials(doc, f'pull secret "{secret.get("metadata", {}).get("name", "")}"')
+
+
+class _AuthError(ImageError):
+    """The registry refused our credentials (or wants some): the next credential may work."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (connection lost, 5xx, short read)."""
+
+
+def _short(exc, limit=300):
+    text = str(exc) or exc.__class__.__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class RegistryClient:
+    """A client of one repository in one registry: the OCI distribution spec over requests.
+
+    Auth follows the registry's challenge: a 401 with `WWW-Authenticate: Bearer realm=...,
+    service=..., scope=...` leads to a token request (sent with basic credentials when we have
+    them), `Basic` to basic auth. Credentials go only into Authorization headers, never a message."""
+
+    def __init__(self, ref, credential=None, insecure=False, timeout=30.0):
+        self.ref = ref
+        self.credential = credential
+        self.scheme = "http" if insecure else "https"
+        self.base = f"{self.scheme}://{ref.api_host}/v2/{ref.repository}/"
+        self.timeout = timeout
+        self.session = requests.Session()
+        self._authorization = None
+
+    def close(self):
+        self.session.close()
+
+    def request(self, method, path, *, headers=None, data=None, stream=False, actions="pull"):
+        """Send a request, answering one auth challenge; connection errors and 5xx raise _Transient."""
+        url = urllib.parse.urljoin(self.base, path)
+        for attempt in (0, 1):
+            sent = dict(headers or {})
+            if self._authorization:
+                sent["Authorization"] = self._authorization
+            try:
+                resp = self.session.request(method, url, headers=sent, data=data, stream=stream,
+                                            timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise _Transient(f"cannot reach {self.scheme}://{self.ref.api_host}: {_short(exc)}") from None
+            if resp.status_code == 401 and attempt == 0:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.close()
+                self._authenticate(challenge, actions)
+                continue
+            break
+        if resp.status_code == 401:
+            resp.close()
+            raise _AuthError(f"{self.ref.registry} refused {self._who()}: 401 unauthorized")
+        if resp.status_code >= 500 or resp.status_code == 429:
+            resp.close()
+            raise _Transient(f"{self.ref.registry} answered {resp.status_code} for {method} {path}")
+        return resp
+
+    def _who(self):
+        c = self.credential
+        return f'the credentials of user "{c.username}" from {c.source or "the node"}' if c else "anonymous access"
+
+    def _authenticate(self, challenge, actions):
+        scheme, _, rest = challenge.partition(" ")
+        params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        cred = self.credential
+        if scheme.lower() == "basic":
+            if cred is None:
+                raise _AuthError(f"{self.ref.registry} requires authentication and no credentials were found")
+            token = base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode()
+            self._authorization = f"Basic {token}"
+            return
+        if scheme.lower() != "bearer" or not params.get("realm"):
+            raise _AuthError(f"{self.ref.registry} asked for unsupported authentication {scheme or '(none)'}")
+        query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:{actions}"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        auth = (cred.username, cred.password) if cred else None
+        log.debug("registry %s: requesting a bearer token for %s", self.ref.registry, query["scope"])
+        try:
+            resp = self.session.get(params["realm"], params=query, auth=auth, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Transient(f"cannot reach the token service of {self.ref.registry}: {_short(exc)}") from None
+        if resp.status_code in (401, 403):
+            raise _AuthError(f"the token service of {self.ref.registry} refused {self._who()}: {resp.status_code}")
+        if resp.status_code != 200:
+            raise _Transient(f"the token service of {self.ref.registry} answered {resp.status_code}")
+        try:
+            body = resp.json()
+            self._authorization = "Bearer " + (body.get("token") or body["access_token"])
+        except (ValueError, KeyError, TypeError):
+            raise ImageError(f"the token service of {self.ref.registry} sent no token") from None
+
+    def get_manifest(self, reference):
+        """(document, digest, media type) of a manifest or index, verified when fetched by digest."""
+        resp = self.request("GET", f"manifests/{reference}", headers={"Accept": _MANIFEST_ACCEPT})
+        with resp:
+            if resp.status_code == 404:
+                raise ImageError(f"{self.ref.name}:{reference} not found: manifest unknown")
+            if resp.status_code != 200:
+                raise ImageError(f"{self.ref.registry} answered {resp.status_code} for manifest {reference}")
+            body = resp.content
+        if len(body) > _MAX_MANIFEST:
+            raise ImageError(f"manifest {reference} is larger than {_MAX_MANIFEST} bytes")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise ImageError(f"manifest {reference} failed verification: its content has digest {digest}")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise ImageError(f"manifest {reference} is not JSON") from None
+        media_type = doc.get("mediaType") or resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if not doc.get("mediaType") and "manifests" in doc:
+            media_type = MT_OCI_INDEX
+        return doc, digest, media_type
+
+    def download(self, digest, size, path):
+        """Download a blob into `path`, resuming a partial file with Range; verify size and digest."""
+        have = os.path.getsize(path) if os.path.exists(path) else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        resp = self.request("GET", f"blobs/{digest}", headers=headers, stream=True)
+        with resp:
+            if resp.status_code == 404:
+                raise ImageError(f"blob {digest} not found in {self.ref.name}")
+            if resp.status_code not in (200, 206):
+                raise ImageError(f"{self.ref.registry} answered {resp.status_code} for blob {digest}")
+            resumed = resp.status_code == 206
+            with open(path, "ab" if resumed else "wb") as out:
+                written = have if resumed else 0
+                try:
+                    for chunk in resp.iter_content(1 << 16):
+                        written += len(chunk)
+                        if size is not None and written > size:
+                            raise ImageError(f"blob {digest} is larger than its declared size {size}")
+                        out.write(chunk)
+                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                        requests.Timeout) as exc:
+                    raise _Transient(f"download of {digest} interrupted: {_short(exc, 120)}") from None
+        if size is not None and written != size:
+            raise _Transient(f"download of {digest} ended after {written} of {size} bytes")
+        actual = _file_digest(path)
+        if actual != digest:
+            os.unlink(path)
+            if resumed:
+                raise _Transient(f"resumed download of {digest} did not verify; restarting")
+            raise ImageError(f"blob {digest} failed verification: the registry sent content with digest {actual}")
+
+    def push_blob(self, data):
+        """Upload a blob (monolithic POST then PUT) unless the registry has it; return its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with self.request("HEAD", f"blobs/{digest}", actions="pull,push") as resp:
+            if resp.status_code == 200:
+                return digest
+        with self.request("POST", "blobs/uploads/", actions="pull,push") as resp:
+            if resp.status_code != 202 or "Location" not in resp.headers:
+                raise ImageError(f"{self.ref.registry} refused an upload: {resp.status_code}")
+            location = urllib.parse.urljoin(resp.url, resp.headers["Location"])
+        sep = "&" if "?" in location else "?"
+        url = f"{location}{sep}digest={urllib.parse.quote(digest)}"
+        with self.request("PUT", url, data=data, actions="pull,push",
+                          headers={"Content-Type": "application/octet-stream"}) as resp:
+            if resp.status_code != 201:
+                raise ImageError(f"{self.ref.registry} refused blob {digest}: {resp.status_code} {resp.text[:200]}")
+        return digest
+
+    def push_manifest(self, reference, doc, media_type):
+        """Upload a manifest under a tag (or its digest); return its digest."""
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        with self.request("PUT", f"manifests/{reference}", data=body, actions="pull,push",
+                          headers={"Content-Type": media_type}) as resp:
+            if resp.status_code != 201:
+                raise ImageError(f"{self.ref.registry} refused the manifest: {resp.status_code} {resp.text[:300]}")
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class ModuleStore:
+    """Modules by digest under `root` (`sha256/<hex>.wasm`); image refs → digests and last-used
+    times in `index.json`. Files arrive in `tmp/` and are renamed into place, so a crash or a full
+    disk never leaves a half module. The kubelet passes `<root_dir>/modules`."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        os.makedirs(os.path.join(self.root, "sha256"), exist_ok=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # leftovers of an interrupted pull
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        self._lock = threading.RLock()
+        self._persisted = 0.0
+        self._index = self._load()
+
+    def _load(self):
+        try:
+            with open(os.path.join(self.root, "index.json")) as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            index = {}
+        return {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
+
+    def _save(self):
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="index-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._index, f, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(self.root, "index.json"))
+        self._persisted = time.time()
+
+    def path(self, digest):
+        return os.path.join(self.root, "sha256", digest.split(":", 1)[-1] + ".wasm")
+
+    def has(self, digest):
+        return os.path.exists(self.path(digest))
+
+    def temp_path(self):
+        """A fresh name in the store's temp dir (same filesystem: rename is atomic)."""
+        return os.path.join(self.tmp_dir, uuid.uuid4().hex)
+
+    def lookup(self, key):
+        """(module digest, image_id) stored for an image key (`name:tag` or `name@digest`), or None."""
+        with self._lock:
+            entry = self._index["refs"].get(key)
+        if entry and self.has(entry["module"]):
+            return entry["module"], entry["image_id"]
+        return None
+
+    def add(self, digest, keys, image_id, temp=None):
+        """Move a verified temp file into place (if given) and record the keys pointing to it."""
+        if temp is not None:
+            os.replace(temp, self.path(digest))
+        now = time.time()
+        with self._lock:
+            for key in keys:
+                if key:
+                    self._index["refs"][key] = {"module": digest, "image_id": image_id}
+            entry = self._index["modules"].setdefault(digest, {"added": now})
+            entry.update(size=os.path.getsize(self.path(digest)), last_used=now)
+            self._save()
+
+    def touch(self, digest):
+        """Mark a module used now (kept in memory, written at most every 30 s)."""
+        now = time.time()
+        with self._lock:
+            entry = self._index["modules"].setdefault(digest, {"added": now, "size": 0})
+            entry["last_used"] = now
+            if now - self._persisted > 30:
+                self._save()
+
+    def modules(self):
+        """{digest: {"size", "added", "last_used"}} for every stored module."""
+        with self._lock:
+            return {d: dict(m) for d, m in self._index["modules"].items() if self.has(d)}
+
+    def remove(self, digest):
+        with self._lock:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(digest))
+            self._index["modules"].pop(digest, None)
+            for key in [k for k, e in self._index["refs"].items() if e["module"] == digest]:
+                del self._index["refs"][key]
+            self._save()
+
+    def gc(self, high=85, low=80, min_age=120.0, in_use=(), usage=None):
+        """Image GC as the kubelet does it: when disk use is at or above `high` percent, delete
+        modules not in use and unused for `min_age` seconds, least recently used first, until use
+        is at `low` percent. `usage()` returns (capacity, used) bytes. Returns the removed digests."""
+        capacity, used = usage() if usage else _disk_usage(self.root)
+        if capacity <= 0 or used * 100 < high * capacity:
+            return []
+        to_free = used - capacity * low // 100
+        now, removed = time.time(), []
+        candidates = sorted(self.modules().items(), key=lambda item: item[1].get("last_used", 0))
+        for digest, meta in candidates:
+            if to_free <= 0:
+                break
+            if digest in in_use or now - meta.get("last_used", 0) < min_age:
+                continue
+            self.remove(digest)
+            to_free -= meta.get("size", 0)
+            removed.append(digest)
+            log.info("image GC removed module %s (%d bytes)", digest, meta.get("size", 0))
+        return removed
+
+
+def _disk_usage(path):
+    usage = shutil.disk_usage(path)
+    return usage.total, usage.total - usage.free
+
+
+class _Flight:
+    """One pull in progress; later callers for the same image wait for its result."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+
+
+class ImageManager:
+    """Resolves a container's `image` to a module file: `file:PATH`, or a registry pull into the store.
+
+    Mirrors the kubelet's image manager: pull policies with their defaults, ErrImagePull then
+    ImagePullBackOff (10 s doubling to 5 min, per image), ErrImageNeverPull, imagePullSecrets read
+    through the API, node-level credentials from --registry-config, digest pinning. Concurrent
+    ensures of one image share one pull; blobs are verified before they enter the store."""
+
+    def __init__(self, config=None, store=None, api=None, *, backoff=(10.0, 300.0), retries=3,
+                 retry_delay=0.2, in_use=None):
+        self.config = config
+        root_dir = os.path.expanduser(getattr(config, "root_dir", None) or "~/.minikrust")
+        self.store = store if store is not None else ModuleStore(os.path.join(root_dir, "modules"))
+        self.api = api
+        self.backoff = backoff
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.in_use = in_use            # callable -> digests of modules running pods use (for GC)
+        self.downloads = collections.Counter()   # blob digest -> downloads (metrics, tests)
+        self._lock = threading.Lock()
+        self._inflight = {}
+        self._blob_locks = collections.defaultdict(threading.Lock)
+        self._failures = {}             # image -> (retry not before, current delay)
+        self._file_digests = {}
+
+    def _setting(self, name, default):
+        value = getattr(self.config, name, None)
+        return default if value is None else value
+
+    def ensure(self, image, pull_policy=None, pull_secrets=(), namespace=None, base_dir=None):
+        """Return a ModuleRef for `image`, pulling it if the policy says so; raises ImageError."""
+        if image.startswith("file:"):
+            return self._ensure_file(image[len("file:"):], base_dir)
+        ref = parse_image_ref(image)
+        policy = pull_policy or default_pull_policy(image)
+        if policy != "Always":
+            hit = self._stored(ref)
+            if hit:
+                return hit
+            if policy == "Never":
+                raise ImageError(f'Container image "{image}" is not present with pull policy of Never',
+                                 "ErrImageNeverPull")
+        self._check_backoff(image)
+        try:
+            result = self._single_flight(str(ref), lambda: self._pull(ref, pull_secrets, namespace))
+        except ImageError as exc:
+            self._record_failure(image)
+            raise ImageError(f'Failed to pull image "{image}": {exc.message}', exc.reason) from None
+        with self._lock:
+            self._failures.pop(image, None)
+        return result
+
+    def _stored(self, ref):
+        key = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
+        hit = self.store.lookup(key)
+        if not hit:
+            return None
+        self.store.touch(hit[0])
+        return ModuleRef(self.store.path(hit[0]), hit[0], hit[1])
+
+    def _ensure_file(self, path, base_dir):
+        path = os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(path)))
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ImageError(f'module file "{path}": {exc.strerror}', "ErrImagePull") from None
+        key = (path, st.st_mtime_ns, st.st_size)
+        digest = self._file_digests.get(key)
+        if digest is None:
+            digest = self._file_digests[key] = _file_digest(path)
+        return ModuleRef(path, digest, f"file:{path}@{digest}")
+
+    def _check_backoff(self, image):
+        with self._lock:
+            until, _ = self._failures.get(image, (0, 0))
+        if time.monotonic() < until:
+            raise ImageError(f'Back-off pulling image "{image}"', "ImagePullBackOff")
+
+    def _record_failure(self, image):
+        initial, cap = self.backoff
+        with self._lock:
+            until, delay = self._failures.get(image, (0, 0))
+            if time.monotonic() < until:  # callers that shared one failed pull count once
+                return
+            delay = min(cap, delay * 2) if delay else initial
+            self._failures[image] = (time.monotonic() + delay, delay)
+
+    def _single_flight(self, key, pull):
+        with self._lock:
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result
+        try:
+            flight.result = pull()
+            return flight.result
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            flight.done.set()
+
+    def credentials(self, registry, pull_secrets=(), namespace=None):
+        """Credentials for `registry`: the pod's imagePullSecrets first, then --registry-config."""
+        creds = []
+        for secret_ref in pull_secrets or ():
+            name = secret_ref.get("name") if isinstance(secret_ref, dict) else secret_ref
+            if not name or self.api is None:
+                continue
+            ns = namespace or "default"
+            try:
+                secret = self.api.get(f"/api/v1/namespaces/{ns}/secrets/{name}")
+            except Exception as exc:  # the kubelet pulls anyway, without that secret
+                log.warning('pull secret "%s/%s" unavailable (%s); pulling without it',
+                            ns, name, getattr(exc, "code", exc.__class__.__name__))
+                continue
+            creds += [c for c in _secret_credentials(secret) if c.registry == registry]
+        path = self._setting("registry_config", None)
+        if path:
+            try:
+                with open(os.path.expanduser(path)) as f:
+                    doc = json.load(f)
+            except (OSError, ValueError) as exc:
+                log.warning("registry config %s unreadable: %s", path, exc.__class__.__name__)
+            else:
+                creds += [c for c in docker_config_credentials(doc, "--registry-config")
+                          if c.registry == registry]
+        return creds
+
+    def _pull(self, ref, pull_secrets, namespace):
+        """Try each credential for the registry in turn (anonymous when there is none)."""
+        insecure = ref.registry in tuple(self._setting("insecure_registries", ()))
+        creds = self.credentials(ref.registry, pull_secrets, namespace) or [None]
+        started = time.monotonic()
+        for cred in creds:
+            client = RegistryClient(ref, cred, insecure=insecure)
+            try:
+                module = self._retrying(lambda: self._pull_with(client, ref))
+            except _AuthError as exc:
+                error = exc
+                continue
+            finally:
+                client.close()
+            log.info("pulled %s as %s in %.2fs", ref, module.digest, time.monotonic() - started)
+            self._gc_quietly()
+            return module
+        raise ImageError(error.message)
+
+    def _retrying(self, attempt):
+        for n in range(self.retries):
+            try:
+                return attempt()
+            except _Transient as exc:
+                last = exc
+                log.debug("pull attempt %d failed: %s", n + 1, exc)
+                if n + 1 < self.retries:
+                    time.sleep(self.retry_delay * (2 ** n) * (1 + random.random() / 2))
+        raise ImageError(str(last))
+
+    def _pull_with(self, client, ref):
+        doc, digest, media_type = client.get_manifest(ref.reference)
+        image_id = f"{ref.name}@{digest}"
+        if media_type in _INDEX_TYPES:
+            doc, _, media_type = client.get_manifest(_pick_platform(doc)["digest"])
+        if media_type not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST):
+            raise ImageError(f"unsupported manifest type {media_type or '(none)'}")
+        keys = [f"{ref.name}@{digest}"] + ([f"{ref.name}:{ref.tag}"] if ref.tag else [])
+        hit = self.store.lookup(keys[0])
+        if hit:  # Always policy, same digest: nothing to download
+            self.store.add(hit[0], keys, image_id)
+            return ModuleRef(self.store.path(hit[0]), hit[0], image_id)
+        kind, layers, entrypoint = self._module_layers(client, doc)
+        if kind == "wasm":
+            module_digest = layers[0]["digest"]
+            with self._blob_locks[module_digest]:
+                if not self.store.has(module_digest):
+                    temp = self._fetch_blob(client, layers[0])
+                    self.store.add(module_digest, keys, image_id, temp=temp)
+        else:
+            module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id)
+        self.store.add(module_digest, keys, image_id)
+        return ModuleRef(self.store.path(module_digest), module_digest, image_id)
+
+    def _fetch_blob(self, client, desc):
+        """Download one blob into the store's temp dir, retrying and resuming; return the temp path."""
+        digest, size = desc.get("digest", ""), desc.get("size")
+        if not _DIGEST_RE.match(digest):
+            raise ImageError(f"unsupported blob digest {digest!r}")
+        temp = self.store.temp_path()
+        try:
+            self._retrying(lambda: client.download(digest, size, temp))
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            if isinstance(exc, OSError):  # a full disk, a read-only store
+                raise ImageError(f"cannot write to the module store: {exc.strerror}") from None
+            raise
+        self.downloads[digest] += 1
+        return temp
+
+    def _config_json(self, client, desc):
+        if (desc.get("size") or 0) > _MAX_MANIFEST:
+            raise ImageError("image config is too large")
+        temp = self._fetch_blob(client, desc)
+        try:
+            with open(temp, "rb") as f:
+                return json.load(f)
+        except ValueError:
+            raise ImageError("image config is not JSON") from None
+        finally:
+            os.unlink(temp)
+
+    def _module_layers(self, client, doc):
+        """Which layers hold the module, by media type: ("wasm", [layer], None) or ("tar", layers, path)."""
+        config = doc.get("config") or {}
+        layers = doc.get("layers") or []
+        config_type = config.get("mediaType", "")
+        types = [layer.get("mediaType", "") for layer in layers]
+        wasm = [layer for layer in layers if layer.get("mediaType") in (MT_WASM_LAYER, MT_WASM_TO_OCI_LAYER)]
+        if wasm:
+            if config_type == MT_WASM_CONFIG:
+                conf = self._config_json(client, config)
+                if conf.get("os") == "wasip2" or conf.get("component"):
+                    raise ImageError("the image is a WASI preview 2 component; minikrust runs preview 1 modules")
+            if len(wasm) != 1:
+                raise ImageError(f"the image has {len(wasm)} wasm layers; expected one module")
+            return "wasm", wasm, None
+        if config_type in (MT_OCI_CONFIG, MT_DOCKER_CONFIG) and layers and all(t in _TAR_LAYERS for t in types):
+            conf = self._config_json(client, config)
+            settings = conf.get("config") or {}
+            entry = settings.get("Entrypoint") or settings.get("Cmd")
+            if not entry:
+                raise ImageError("the image config has no Entrypoint naming the module")
+            return "tar", layers, entry[0]
+        raise ImageError(f"no WebAssembly module in the image: config {config_type or '(none)'}, "
+                         f"layers [{', '.join(types) or 'none'}]")
+
+    def _extract_entrypoint(self, client, layers, entrypoint, keys, image_id):
+        """Find the Entrypoint file in the topmost layer holding it; store it; return its digest."""
+        wanted = os.path.normpath("/" + entrypoint).lstrip("/")
+        for layer in reversed(layers):
+            temp = self._fetch_blob(client, layer)
+            try:
+                with tarfile.open(temp, _TAR_LAYERS[layer["mediaType"]]) as tar:
+                    member = next((m for m in tar.getmembers()
+                                   if os.path.normpath("/" + m.name).lstrip("/") == wanted), None)
+                    if member is None:
+                        continue
+                    if not member.isfile():
+                        raise ImageError(f"Entrypoint {entrypoint} is not a regular file in the image")
+                    module = self.store.temp_path()
+                    with tar.extractfile(member) as src, open(module, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise ImageError(f"layer {layer['digest']} is not a readable tar: {_short(exc, 120)}") from None
+            finally:
+                os.unlink(temp)
+            with open(module, "rb") as f:
+                magic = f.read(4)
+            if magic != b"\0asm":
+                os.unlink(module)
+                raise ImageError(f"Entrypoint {entrypoint} is not a WebAssembly module")
+            digest = _file_digest(module)
+            self.store.add(digest, keys, image_id, temp=module)
+            return digest
+        raise ImageError(f"Entrypoint {entrypoint} is not in any layer of the image")
+
+    def gc(self, usage=None):
+        """Run image GC with the --image-gc-* settings; returns the removed digests."""
+        in_use = set(self.in_use() if self.in_use else ())
+        return self.store.gc(self._setting("image_gc_high_threshold", 85),
+                             self._setting("image_gc_low_threshold", 80),
+                             self._setting("image_minimum_gc_age", 120.0), in_use, usage)
+
+    def _gc_quietly(self):
+        try:
+            self.gc()
+        except OSError as exc:
+            log.warning("image GC failed: %s", exc)
+
+
+def _pick_platform(index):
+    """The index entry for wasip1/wasm or wasi/wasm, else the sole entry; else an error naming them."""
+    entries = index.get("manifests") or []
+    for os_name, arch in _WASM_PLATFORMS:
+        for entry in entries:
+            platform_ = entry.get("platform") or {}
+            if platform_.get("os") == os_name and platform_.get("architecture") == arch:
+                return entry
+    if len(entries) == 1:
+        return entries[0]
+    found = ", ".join(f"{(e.get('platform') or {}).get('os')}/{(e.get('platform') or {}).get('architecture')}"
+                      for e in entries)
+    raise ImageError(f"no wasip1/wasm or wasi/wasm entry in the image index (found: {found or 'none'})")
+
+
+def push_module(wasm_path, image, *, credential=None, insecure=False):
+    """Publish a module as a CNCF Wasm OCI artifact (config application/vnd.wasm.config.v0+json,
+    one application/wasm layer); return the manifest digest."""
+    ref = parse_image_ref(image)
+    with open(wasm_path, "rb") as f:
+        data = f.read()
+    layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    config = json.dumps({"created": created, "author": None, "architecture": "wasm", "os": "wasip1",
+                         "layerDigests": [layer_digest], "component": None}).encode()
+    client = RegistryClient(ref, credential, insecure=insecure)
+    try:
+        config_digest = client.push_blob(config)
+        client.push_blob(data)
+        manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+                    "config": {"mediaType": MT_WASM_CONFIG, "digest": config_digest, "size": len(config)},
+                    "layers": [{"mediaType": MT_WASM_LAYER, "digest": layer_digest, "size": len(data)}]}
+        return client.push_manifest(ref.reference, manifest, MT_OCI_MANIFEST)
+    except _Transient as exc:
+        raise ImageError(str(exc)) from None
+    finally:
+        client.close()
+
+
+def cmd_push(argv, environ=None):
+    """`minikrust.py push module.wasm registry/repo:tag`: publish a module (CNCF Wasm artifact).
+
+    Credentials: --registry-config (docker config.json), or MINIKRUST_REGISTRY_USERNAME and
+    MINIKRUST_REGISTRY_PASSWORD in the environment (never a password on the command line)."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="minikrust.py push", description=cmd_push.__doc__.split("\n")[0])
+    parser.add_argument("module", help="the .wasm file")
+    parser.add_argument("image", help="[registry/]repository[:tag]")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP registry")
+    parser.add_argument("--registry-config", default=environ.get("MINIKRUST_REGISTRY_CONFIG"))
+    args = parser.parse_args(argv)
+    try:
+        ref = parse_image_ref(args.image)
+        credential = None
+        if environ.get("MINIKRUST_REGISTRY_USERNAME"):
+            credential = RegistryCredential(ref.registry, environ["MINIKRUST_REGISTRY_USERNAME"],
+                                            environ.get("MINIKRUST_REGISTRY_PASSWORD", ""), "the environment")
+        elif args.registry_config:
+            with open(os.path.expanduser(args.registry_config)) as f:
+                found = [c for c in docker_config_credentials(json.load(f), "--registry-config")
+                         if c.registry == ref.registry]
+            credential = found[0] if found else None
+        digest = push_module(args.module, args.image, credential=credential, insecure=args.insecure)
+    except (ImageError, OSError, ValueError) as exc:
+        print(f"push failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{ref.name}@{digest}")
+    return 0
+
+
 
 # --- Volumes: emptyDir, hostPath, configMap, secret, downwardAPI, projected ---
 
+# Volume types whose content comes from the API: the kubelet always mounts them read-only.
+_API_VOLUME_TYPES = ("configMap", "secret", "downwardAPI", "projected")
+_QUANTITY = re.compile(r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?\Z")
+_QUANTITY_SUFFIX = {
+    "n": fractions.Fraction(1, 10**9), "u": fractions.Fraction(1, 10**6), "m": fractions.Fraction(1, 1000),
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def _expand_refs(text, env):
+    """Expand `$(VAR)` in text exactly as the kubelet does (its third_party expansion package).
+
+    `$$` is an escaped `$`; `$(NAME)` becomes env[NAME] when defined and stays as written when not;
+    an unclosed `$(` and a `$` before any other character are kept as they are. Shared with Env."""
+    out, i, n = [], 0, len(text or "")
+    while i < n:
+        char = text[i]
+        if char != "$" or i + 1 >= n:
+            out.append(char)
+            i += 1
+            continue
+        following = text[i + 1]
+        if following == "$":
+            out.append("$")
+            i += 2
+        elif following == "(":
+            close = text.find(")", i + 2)
+            if close < 0:
+                out.append("$(")
+                i += 2
+            else:
+                name = text[i + 2:close]
+                out.append(env[name] if name in env else f"$({name})")
+                i = close + 1
+        else:
+            out.append("$" + following)
+            i += 2
+    return "".join(out)
+
+
+def parse_quantity(value):
+    """A Kubernetes resource quantity ("500m", "128Mi", "1e3", 2) as an exact Fraction."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ContainerConfigError(f"invalid resource quantity {value!r}", retry=False)
+    number, suffix = match.groups()
+    amount = fractions.Fraction(number)
+    if suffix and suffix[0] in "eE" and len(suffix) > 1:
+        return amount * fractions.Fraction(10) ** int(suffix[1:])
+    return amount * _QUANTITY_SUFFIX.get(suffix, 1) if suffix else amount
+
+
+def _namespace(pod):
+    return (pod.get("metadata") or {}).get("namespace") or "default"
+
+
+def _format_map(mapping):
+    """Labels or annotations as the downward API writes them: sorted `key="value"` lines."""
+    return "\n".join(f"{key}={json.dumps(mapping[key], ensure_ascii=False)}" for key in sorted(mapping))
+
+
+def pod_field(pod, field_path, node_ip=None, whole_maps=False):
+    """The value of a downward API `fieldRef.fieldPath` of a pod.
+
+    Mirrors the kubelet's podFieldSelectorRuntimeValue: name, namespace, uid, one label or
+    annotation by subscript, spec.nodeName, spec.serviceAccountName and the IPs. A module shares
+    the node's network identity, so status.podIP is the node IP. Whole `metadata.labels` and
+    `metadata.annotations` exist only in downwardAPI volumes (`whole_maps=True`)."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    subscript = re.match(r"metadata\.(labels|annotations)\['(.*)'\]\Z", field_path or "")
+    if subscript:
+        return (meta.get(subscript.group(1)) or {}).get(subscript.group(2), "")
+    host_ip = node_ip or status.get("hostIP") or ""
+    pod_ip = node_ip or status.get("podIP") or host_ip
+    simple = {
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": _namespace(pod),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName") or spec.get("serviceAccount") or "",
+        "status.hostIP": host_ip,
+        "status.hostIPs": host_ip,
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
+    }
+    if field_path in simple:
+        return simple[field_path]
+    if whole_maps and field_path in ("metadata.labels", "metadata.annotations"):
+        return _format_map(meta.get(field_path.split(".")[1]) or {})
+    raise ContainerConfigError(f"unsupported fieldRef fieldPath {field_path!r}", retry=False)
+
+
+def _node_allocatable(resource):
+    """What an unset limit means, as the kubelet defaults it: the node's capacity."""
+    if resource == "cpu":
+        return fractions.Fraction(os.cpu_count() or 1)
+    if resource == "memory":
+        try:
+            return fractions.Fraction(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return fractions.Fraction(0)
+    total, _, _ = shutil.disk_usage("/")
+    return fractions.Fraction(total)
+
+
+def container_resource(pod, container_name, resource, divisor=None):
+    """The value of a `resourceFieldRef` (limits.cpu, requests.memory, ...) as the kubelet writes it.
+
+    CPU is ceil(milli-cores / divisor), memory and ephemeral-storage ceil(bytes / divisor); an unset
+    limit is the node's capacity and an unset request falls back to the limit, then to 0."""
+    spec = pod.get("spec") or {}
+    containers = (spec.get("containers") or []) + (spec.get("initContainers") or [])
+    container = next((c for c in containers if c.get("name") == container_name), None)
+    if container is None:
+        raise ContainerConfigError(f"resourceFieldRef names unknown container {container_name!r}", retry=False)
+    kind, _, name = (resource or "").partition(".")
+    if kind not in ("limits", "requests") or name not in ("cpu", "memory", "ephemeral-storage"):
+        raise ContainerConfigError(f"unsupported resourceFieldRef resource {resource!r}", retry=False)
+    resources = container.get("resources") or {}
+    limit = (resources.get("limits") or {}).get(name)
+    request = (resources.get("requests") or {}).get(name)
+    if kind == "limits":
+        value = parse_quantity(limit) if limit is not None else _node_allocatable(name)
+    else:
+        chosen = request if request is not None else limit
+        value = parse_quantity(chosen) if chosen is not None else fractions.Fraction(0)
+    divide = parse_quantity(divisor) if divisor not in (None, "", 0, "0") else fractions.Fraction(1)
+    return str(math.ceil(value / divide))
+
+
+def _api_object(api, kind, namespace, name, optional, cache):
+    """A ConfigMap or Secret's data as {key: bytes}, None when it is optional and missing.
+
+    The Node authorizer answers 403 for an object no pod of this node references yet (contract
+    25-27), so 403 counts as missing, like 404: the container waits and is retried."""
+    key = (kind, namespace, name)
+    if key in cache:
+        return cache[key]
+    if not name:
+        raise ContainerConfigError(f"a {kind} reference without a name", retry=False)
+    if api is None:
+        if optional:
+            cache[key] = None
+            return None
+        raise ContainerConfigError(f"{kind} {namespace}/{name} cannot be read: no API server in standalone mode",
+                                   retry=False)
+    try:
+        obj = api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}")
+    except ApiError as exc:
+        if exc.code in (403, 404):
+            if optional:
+                cache[key] = None
+                return None
+            raise ContainerConfigError(f'{kind.lower()} "{name}" not found', retry=True) from None
+        raise ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc.code} {exc.reason}",
+                                   retry=True) from None
+    except (requests.RequestException, OSError) as exc:
+        raise ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc}", retry=True) from None
+    data = {}
+    if kind == "Secret":
+        for k, v in (obj.get("data") or {}).items():
+            data[k] = base64.b64decode(v or "")
+        for k, v in (obj.get("stringData") or {}).items():
+            data[k] = v.encode()
+    else:
+        for k, v in (obj.get("binaryData") or {}).items():
+            data[k] = base64.b64decode(v or "")
+        for k, v in (obj.get("data") or {}).items():
+            data[k] = (v or "").encode()
+    cache[key] = data
+    return data
+
+
+def _check_relpath(path, what):
+    """A path inside a volume: relative, no `..` element (as API validation demands)."""
+    if not path or os.path.isabs(path) or ".." in path.split("/") or "\0" in path:
+        raise ContainerConfigError(f"{what} {path!r} must be a relative path without '..'", retry=False)
+    return path
+
+
+def _keys_to_files(source, data, default_mode, what):
+    """Files {path: (bytes, mode)} of a configMap or secret source, honouring items and optional."""
+    if data is None:
+        return {}
+    items = source.get("items")
+    if not items:
+        return {_check_relpath(key, what): (value, default_mode) for key, value in data.items()}
+    files = {}
+    for item in items:
+        key = item.get("key")
+        if key not in data:
+            if source.get("optional"):
+                continue
+            raise ContainerConfigError(f"{what}: key {key!r} not found", retry=True)
+        files[_check_relpath(item.get("path") or key, what)] = (data[key], item.get("mode", default_mode))
+    return files
+
+
+def _downward_files(pod, source, default_mode, node_ip, what):
+    files = {}
+    for item in source.get("items") or []:
+        path = _check_relpath(item.get("path"), what)
+        if item.get("fieldRef"):
+            value = pod_field(pod, item["fieldRef"].get("fieldPath"), node_ip, whole_maps=True)
+        elif item.get("resourceFieldRef"):
+            ref = item["resourceFieldRef"]
+            value = container_resource(pod, ref.get("containerName"), ref.get("resource"), ref.get("divisor"))
+        else:
+            raise ContainerConfigError(f"{what}: item {path!r} has neither fieldRef nor resourceFieldRef", retry=False)
+        files[path] = (str(value).encode(), item.get("mode", default_mode))
+    return files
+
+
+def _service_account_token(pod, source, api, what):
+    """A projected token from the TokenRequest API, or None (skipped, with the reason logged).
+
+    Decision: the token is projected when there is an API server, requesting exactly the audience
+    the source names (or none: the API's default), bound to the pod, as the kubelet does (contract
+    28: any other audience is refused). It is best effort: a WASI preview 1 module has no sockets
+    to call the API with, so a refused or failed request is logged and skipped instead of holding
+    the pod back, and the token is not refreshed before it expires. Standalone: always skipped."""
+    meta = pod.get("metadata") or {}
+    if api is None:
+        log.debug("%s: serviceAccountToken skipped: no API server (standalone)", what)
+        return None
+    account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+    spec = {"expirationSeconds": int(source.get("expirationSeconds") or 3600),
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": meta.get("name"), "uid": meta.get("uid")}}
+    if source.get("audience"):
+        spec["audiences"] = [source["audience"]]
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+    try:
+        answer = api.post(f"/api/v1/namespaces/{_namespace(pod)}/serviceaccounts/{account}/token", body)
+    except (ApiError, requests.RequestException, OSError) as exc:
+        log.warning("%s: serviceAccountToken skipped: TokenRequest for %s failed: %s", what, account,
+                    getattr(exc, "code", exc))
+        return None
+    token = (answer.get("status") or {}).get("token")
+    if not token:
+        log.warning("%s: serviceAccountToken skipped: TokenRequest answered without a token", what)
+        return None
+    return token.encode()
+
+
+def _projected_files(pod, volume, api, node_ip, cache):
+    """Files of a projected volume. The `kube-api-access-*` volume admission adds to every pod
+    (contract 14) is best effort: a source it cannot read is logged and skipped, so that volume
+    alone never keeps a pod from running (a module has no network to use it with)."""
+    name = volume["name"]
+    projected = volume.get("projected") or {}
+    default_mode = projected.get("defaultMode", 0o644)
+    best_effort = name.startswith("kube-api-access-")
+    files = {}
+    for source in projected.get("sources") or []:
+        what = f"volume {name!r}"
+        try:
+            if "configMap" in source or "secret" in source:
+                kind = "ConfigMap" if "configMap" in source else "Secret"
+                ref = source.get("configMap") or source.get("secret") or {}
+                data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
+                new = _keys_to_files(ref, data, default_mode, what)
+                if kind == "Secret":
+                    new = {path: (content, 0o600) for path, (content, _) in new.items()}
+            elif "downwardAPI" in source:
+                new = _downward_files(pod, source["downwardAPI"], default_mode, node_ip, what)
+            elif "serviceAccountToken" in source:
+                ref = source["serviceAccountToken"]
+                token = _service_account_token(pod, ref, api, what)
+                new = {_check_relpath(ref.get("path"), what): (token, 0o600)} if token is not None else {}
+            else:
+                kinds = ", ".join(sorted(source)) or "empty"
+                raise ContainerConfigError(f"{what}: unsupported projected source {kinds}", retry=False)
+        except ContainerConfigError as exc:
+            if not best_effort:
+                raise
+            log.info("%s: source skipped: %s", what, exc.message)
+            continue
+        files.update(new)
+    return files
+
+
+def _write_files(directory, files, private):
+    """Make `directory` hold exactly `files` ({relpath: (bytes, mode)}), each written atomically.
+
+    Secrets and tokens (private) live in a 0700 directory as 0600 files; other modes are applied as
+    given (defaultMode or the item's mode). Stale files of an earlier version are removed."""
+    os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o700 if private else 0o755)
+    for relpath, (content, mode) in files.items():
+        target = os.path.join(directory, relpath)
+        os.makedirs(os.path.dirname(target), mode=0o700 if private else 0o755, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(content)
+            os.chmod(temp, 0o600 if private else (int(mode) & 0o777))
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    wanted = {os.path.normpath(os.path.join(directory, p)) for p in files}
+    for root, dirs, names in os.walk(directory, topdown=False):
+        for entry in names:
+            path = os.path.join(root, entry)
+            if path not in wanted:
+                os.unlink(path)
+        for entry in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(root, entry))  # only the ones left empty
+
+
+def _host_path(volume, config, base_dir):
+    """The resolved directory of a hostPath volume, refused unless under --allowed-host-paths.
+
+    Symlinks and `..` are resolved before the check, so a link inside an allowed folder cannot lead
+    a pod outside it. WASI preopens only directories: file, socket and device types are refused."""
+    source = volume.get("hostPath") or {}
+    path, kind = source.get("path") or "", source.get("type") or ""
+    if not os.path.isabs(path) and base_dir:
+        path = os.path.join(base_dir, path)
+    real = os.path.realpath(path)
+    allowed = [os.path.realpath(prefix) for prefix in (getattr(config, "allowed_host_paths", None) or ())]
+    if not any(os.path.commonpath([real, prefix]) == prefix for prefix in allowed):
+        raise ContainerConfigError(
+            f"hostPath {source.get('path')!r} of volume {volume['name']!r} is not allowed: it is not under "
+            f"--allowed-host-paths ({', '.join(allowed) or 'none'})", retry=False)
+    if kind not in ("", "Directory", "DirectoryOrCreate"):
+        raise ContainerConfigError(f"hostPath type {kind} of volume {volume['name']!r} is not supported: "
+                                   "WASI preopens only directories", retry=False)
+    if not os.path.isdir(real):
+        if os.path.exists(real):
+            raise ContainerConfigError(f"hostPath {path!r} is not a directory: WASI preopens only directories",
+                                       retry=False)
+        if kind == "Directory":
+            raise ContainerConfigError(f"hostPath {path!r} does not exist (type Directory)", retry=True)
+        os.makedirs(real, mode=0o755, exist_ok=True)
+    return real
+
+
+def _volume_type(volume):
+    kinds = [key for key in volume if key != "name"]
+    if len(kinds) != 1:
+        raise ContainerConfigError(f"volume {volume.get('name')!r} must have exactly one type, has "
+                                   f"{', '.join(kinds) or 'none'}", retry=False)
+    return kinds[0]
+
+
+def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None):
+    """Make every volume of a pod ready as a host directory: {volume name: host dir}.
+
+    emptyDir is created once and kept across container restarts; configMap, secret, downwardAPI
+    and projected contents are (re)written under `<pod_dir>/volumes/<name>`; hostPath is checked
+    against config.allowed_host_paths. Raises ContainerConfigError: retry=True for what may still
+    appear (a configMap or secret not created yet), retry=False for what never will."""
+    volumes_dir = os.path.join(pod_dir, "volumes")
+    dirs, cache = {}, {}
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        name = volume.get("name") or ""
+        if not name or "/" in name or name in (".", ".."):
+            raise ContainerConfigError(f"invalid volume name {name!r}", retry=False)
+        kind = _volume_type(volume)
+        target = os.path.join(volumes_dir, name)
+        what = f"volume {name!r}"
+        source = volume[kind] or {}
+        if kind == "emptyDir":
+            os.makedirs(target, mode=0o755, exist_ok=True)
+        elif kind == "hostPath":
+            target = _host_path(volume, config, base_dir)
+        elif kind in ("configMap", "secret"):
+            api_kind = "ConfigMap" if kind == "configMap" else "Secret"
+            ref_name = source.get("name") if kind == "configMap" else source.get("secretName")
+            data = _api_object(api, api_kind, _namespace(pod), ref_name, source.get("optional"), cache)
+            files = _keys_to_files(source, data, source.get("defaultMode", 0o644), what)
+            _write_files(target, files, private=(kind == "secret"))
+        elif kind == "downwardAPI":
+            files = _downward_files(pod, source, source.get("defaultMode", 0o644), node_ip, what)
+            _write_files(target, files, private=False)
+        elif kind == "projected":
+            _write_files(target, _projected_files(pod, volume, api, node_ip, cache), private=True)
+        else:
+            raise ContainerConfigError(f"volume {name!r} has type {kind}, which minikrust does not support",
+                                       retry=False)
+        dirs[name] = target
+    return dirs
+
+
+def _subpath_dir(volume_dir, sub_path, api_volume):
+    """The host directory of a `subPath` inside a volume, checked after resolving symlinks.
+
+    A module may have planted a symlink in an emptyDir: the resolved path must stay inside the
+    volume (the kubelet's subPath check). A missing subPath is created, as the kubelet does."""
+    _check_relpath(sub_path, "subPath")
+    root = os.path.realpath(volume_dir)
+    real = os.path.realpath(os.path.join(root, sub_path))
+    if os.path.commonpath([real, root]) != root:
+        raise ContainerConfigError(f"subPath {sub_path!r} resolves outside its volume", retry=False)
+    if not os.path.exists(real):
+        if api_volume:  # its content is the API object's: a key may still be added
+            raise ContainerConfigError(f"subPath {sub_path!r} does not exist in its volume", retry=True)
+        os.makedirs(real, mode=0o755, exist_ok=True)
+    if not os.path.isdir(real):
+        raise ContainerConfigError(f"subPath {sub_path!r} is not a directory: WASI preopens only directories",
+                                   retry=False)
+    return real
+
+
+def container_mounts(pod, container, volume_dirs, env=None):
+    """The preopens [(host_dir, guest_dir, readonly)] of a container's volumeMounts.
+
+    configMap, secret, downwardAPI and projected volumes are read-only whatever the mount says (as
+    in the kubelet); `subPathExpr` is expanded with the container's env ($(VAR) only)."""
+    volumes = {v.get("name"): v for v in (pod.get("spec") or {}).get("volumes") or []}
+    env_map = dict(env or ())
+    mounts, seen = [], set()
+    for mount in container.get("volumeMounts") or []:
+        name, mount_path = mount.get("name"), mount.get("mountPath") or ""
+        if name not in volume_dirs or name not in volumes:
+            raise ContainerConfigError(f"volumeMount {mount_path!r} refers to unknown volume {name!r}", retry=False)
+        if not mount_path.startswith("/"):
+            raise ContainerConfigError(f"mountPath {mount_path!r} must be absolute", retry=False)
+        guest = os.path.normpath(mount_path)
+        guest = "/" if guest == "//" else guest
+        if guest in seen:
+            raise ContainerConfigError(f"mountPath {guest!r} is mounted twice", retry=False)
+        seen.add(guest)
+        api_volume = _volume_type(volumes[name]) in _API_VOLUME_TYPES
+        readonly = bool(mount.get("readOnly")) or api_volume
+        host = volume_dirs[name]
+        sub_path = mount.get("subPath") or ""
+        if not sub_path and mount.get("subPathExpr"):
+            sub_path = _expand_refs(mount["subPathExpr"], env_map)
+        if sub_path:
+            host = _subpath_dir(host, sub_path, api_volume)
+        mounts.append((host, guest, readonly))
+    return mounts
+
+
+def _remove_tree_error(func, path, exc_info):
+    """rmtree help: a directory a module made read-only is made writable, then removed."""
+    parent = os.path.dirname(path)
+    with contextlib.suppress(OSError):
+        os.chmod(parent, 0o700)
+    if func in (os.rmdir, os.unlink) or func is os.remove:
+        with contextlib.suppress(FileNotFoundError):
+            func(path)
+
+
+def cleanup_volumes(pod_dir):
+    """Remove everything a pod's volumes wrote (emptyDirs, configMaps, secrets, tokens).
+
+    hostPath folders are never touched: only `<pod_dir>/volumes` is removed, and rmtree unlinks
+    symlinks a module may have left there without following them."""
+    volumes_dir = os.path.join(pod_dir, "volumes")
+    if os.path.lexists(volumes_dir):
+        shutil.rmtree(volumes_dir, onerror=_remove_tree_error)
+
+
 
 # --- Env: argv, environment and $(VAR) expansion ---
+
+# The kubelet's validation.IsEnvVarName: keys of envFrom sources that fail it are skipped.
+_ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
+
+
+def _env_from(pod, container, api, cache):
+    """Variables of `envFrom` sources, in order; keys that are not valid names are skipped."""
+    result = {}
+    for source in container.get("envFrom") or []:
+        kind = "ConfigMap" if "configMapRef" in source else "Secret" if "secretRef" in source else None
+        if kind is None:
+            raise ContainerConfigError(f"envFrom source {sorted(source)} is not supported", retry=False)
+        ref = source.get("configMapRef") or source.get("secretRef") or {}
+        data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
+        invalid = []
+        for key in sorted(data or {}):
+            name = (source.get("prefix") or "") + key
+            if not _ENV_VAR_NAME.match(name):
+                invalid.append(name)
+                continue
+            result[name] = data[key].decode(errors="replace")
+        if invalid:
+            log.warning("container %s: keys [%s] from the envFrom %s %s/%s were skipped since they are "
+                        "considered invalid environment variable names", container.get("name"),
+                        ", ".join(invalid), kind.lower(), _namespace(pod), ref.get("name"))
+    return result
+
+
+def _env_value_from(pod, container, source, api, node_ip, cache):
+    """The value of one `valueFrom`, or None when an optional configMap/secret key is missing."""
+    if "fieldRef" in source:
+        return pod_field(pod, (source["fieldRef"] or {}).get("fieldPath"), node_ip)
+    if "resourceFieldRef" in source:
+        ref = source["resourceFieldRef"] or {}
+        return container_resource(pod, ref.get("containerName") or container.get("name"), ref.get("resource"),
+                                  ref.get("divisor"))
+    kind = "ConfigMap" if "configMapKeyRef" in source else "Secret" if "secretKeyRef" in source else None
+    if kind is None:
+        raise ContainerConfigError(f"valueFrom {sorted(source)} is not supported", retry=False)
+    ref = source.get("configMapKeyRef") or source.get("secretKeyRef") or {}
+    data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
+    if data is None:
+        return None
+    if ref.get("key") not in data:
+        if ref.get("optional"):
+            return None
+        raise ContainerConfigError(f"couldn't find key {ref.get('key')} in {kind} {_namespace(pod)}/{ref.get('name')}",
+                                   retry=True)
+    return data[ref["key"]].decode(errors="replace")
+
+
+def container_env(pod, container, api=None, node_ip=None):
+    """The environment [(name, value)] of a container, built as the kubelet's makeEnvironmentVariables.
+
+    envFrom first, then env in order (a later name replaces an earlier one); only `value` is
+    $(VAR)-expanded, against the variables defined before it. WASI has no working directory, so a
+    `workingDir` is passed as PWD (unless env sets PWD): a module honouring it can chdir($PWD)."""
+    cache = {}
+    env = _env_from(pod, container, api, cache)
+    for var in container.get("env") or []:
+        name = var.get("name")
+        if not name:
+            continue
+        if var.get("valueFrom"):
+            value = _env_value_from(pod, container, var["valueFrom"], api, node_ip, cache)
+            if value is None:
+                continue
+        else:
+            value = _expand_refs(var.get("value") or "", env)
+        env[name] = value
+    workdir = container_workdir(container)
+    if workdir and "PWD" not in env:
+        env["PWD"] = workdir
+    return list(env.items())
+
+
+def container_workdir(container):
+    """The container's `workingDir` as an absolute guest path, or None when unset."""
+    workdir = container.get("workingDir") or ""
+    if not workdir:
+        return None
+    if not workdir.startswith("/"):
+        raise ContainerConfigError(f"workingDir {workdir!r} must be an absolute path", retry=False)
+    return os.path.normpath(workdir)
+
+
+def container_argv(container, env):
+    """argv of a module: command + args with $(VAR) expanded from env, as the kubelet's
+    ExpandContainerCommandAndArgs. A module has no image entrypoint, so without `command`
+    argv[0] is the container's name."""
+    env_map = dict(env or ())
+    command = [_expand_refs(part, env_map) for part in container.get("command") or []]
+    args = [_expand_refs(part, env_map) for part in container.get("args") or []]
+    return (command or [container.get("name") or "module"]) + args
+
 
 
 # --- Status: pod status computation, coalesced patches, events ---
@@ -1294,10 +3107,14 @@ class Kubelet:
 
     def __init__(self, config=None, *, handler=None):
         self.config = config if config is not None else Config()
-        self.api = None
+        self.api = api_client_for(self.config)        # None: standalone
         self.handler = handler if handler is not None else _LoggingPodHandler()
         self.node = None            # NodeAgent when there is an API server
         self.sources = []           # pod sources, started in order, stopped in reverse
+        if self.api is not None:
+            self.node = NodeAgent(self.api, self.config)
+            self.sources.append(ApiPodSource(self.api, self.config.node_name, self.handler, self.config.sync,
+                                             self.config.poll_interval, self.config.resync_interval))
         self._stop_requested = threading.Event()
         self._started = False
         self._lock = threading.Lock()
@@ -1309,6 +3126,8 @@ class Kubelet:
                 return self
             self._started = True
             os.makedirs(self.config.root_dir, exist_ok=True)
+            if self.node is not None:
+                self.node.start()
             for source in self.sources:
                 source.start()
         log.info("kubelet %s started (%s)", self.config.node_name, "standalone" if self.api is None else "API")
@@ -1323,6 +3142,10 @@ class Kubelet:
             self._started = False
             for source in reversed(self.sources):
                 source.stop()
+            if self.node is not None:
+                self.node.stop()
+            if self.api is not None:
+                self.api.close()
         log.info("kubelet %s stopped", self.config.node_name)
 
     def request_stop(self):

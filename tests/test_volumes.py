@@ -1,0 +1,293 @@
+"""Volumes: host directories for a pod's volumes, the preopens of its containers, cleanup."""
+import json
+import logging
+import os
+import stat
+
+import pytest
+
+import minikrust
+from minikrust import (ApiError, Config, ContainerConfigError, cleanup_volumes, container_mounts,
+                       prepare_volumes)
+from tests.test_env import FakeApi
+
+
+class TokenApi(FakeApi):
+    """FakeApi that also answers TokenRequests (or refuses them like contract 28)."""
+
+    def __init__(self, *a, token="tok-VALUE-123", refuse=False, **kw):
+        super().__init__(*a, **kw)
+        self.token, self.refuse, self.posts = token, refuse, []
+
+    def post(self, path, body, **kw):
+        self.posts.append((path, body))
+        if self.refuse:
+            raise ApiError(403, "Forbidden", "audience not found in pod spec volume")
+        return {"kind": "TokenRequest", "status": {"token": self.token, "expirationTimestamp": "2026-11-26T00:00:00Z"}}
+
+
+def make_pod(volumes, mounts=(), **container):
+    return {
+        "metadata": {"name": "job", "namespace": "default", "uid": "uid-1", "labels": {"b": "2", "a": "1"},
+                     "annotations": {"x": "y"}},
+        "spec": {"nodeName": "node-1", "volumes": list(volumes),
+                 "containers": [{"name": "main", "volumeMounts": list(mounts),
+                                 "resources": {"limits": {"memory": "64Mi"}}, **container}]},
+    }
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_empty_dir_is_created_and_kept_across_prepares(tmp_path):
+    pod = make_pod([{"name": "e", "emptyDir": {}}], [{"name": "e", "mountPath": "/work"}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
+    assert dirs == {"e": str(tmp_path / "volumes" / "e")}
+    (tmp_path / "volumes" / "e" / "kept").write_text("data")
+    assert prepare_volumes(pod, str(tmp_path), Config()) == dirs
+    assert read(tmp_path / "volumes" / "e" / "kept") == "data"
+    assert container_mounts(pod, pod["spec"]["containers"][0], dirs) == [(dirs["e"], "/work", False)]
+
+
+def test_config_map_volume_with_items_and_modes(tmp_path):
+    api = FakeApi(configmaps={"cfg": {"greeting": "hi", "other": "o"}})
+    pod = make_pod([{"name": "c", "configMap": {"name": "cfg", "defaultMode": 0o640,
+                                                "items": [{"key": "greeting", "path": "sub/g.txt"},
+                                                          {"key": "other", "path": "o", "mode": 0o600}]}}],
+                   [{"name": "c", "mountPath": "/config"}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    assert read(os.path.join(dirs["c"], "sub/g.txt")) == "hi"
+    assert stat.S_IMODE(os.stat(os.path.join(dirs["c"], "sub/g.txt")).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(os.path.join(dirs["c"], "o")).st_mode) == 0o600
+    # configMap volumes are read-only whatever the mount says
+    assert container_mounts(pod, pod["spec"]["containers"][0], dirs) == [(dirs["c"], "/config", True)]
+
+
+def test_config_map_update_rewrites_and_drops_stale_keys(tmp_path):
+    api = FakeApi(configmaps={"cfg": {"a": "1", "b": "2"}})
+    pod = make_pod([{"name": "c", "configMap": {"name": "cfg"}}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    assert sorted(os.listdir(dirs["c"])) == ["a", "b"]
+    api.objects["/api/v1/namespaces/default/configmaps/cfg"]["data"] = {"a": "changed"}
+    prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    assert os.listdir(dirs["c"]) == ["a"] and read(os.path.join(dirs["c"], "a")) == "changed"
+
+
+def test_secret_volume_is_private_and_removed_with_the_pod(tmp_path, caplog):
+    api = FakeApi(secrets={"sec": {"password": "hunter2"}})
+    pod = make_pod([{"name": "s", "secret": {"secretName": "sec", "defaultMode": 0o644}}])
+    with caplog.at_level(logging.DEBUG, logger="minikrust"):
+        dirs = prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    path = os.path.join(dirs["s"], "password")
+    assert read(path) == "hunter2"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(dirs["s"]).st_mode) == 0o700
+    assert "hunter2" not in caplog.text
+    cleanup_volumes(str(tmp_path))
+    assert not os.path.exists(tmp_path / "volumes")
+
+
+@pytest.mark.parametrize("kind", ["configMap", "secret"])
+def test_missing_object_is_retried_unless_optional(tmp_path, kind):
+    ref = {"name": "gone"} if kind == "configMap" else {"secretName": "gone"}
+    pod = make_pod([{"name": "v", kind: ref}])
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(pod, str(tmp_path), Config(), api=FakeApi())
+    assert err.value.retry is True and "gone" in err.value.message
+    ref["optional"] = True
+    dirs = prepare_volumes(pod, str(tmp_path), Config(), api=FakeApi())
+    assert os.listdir(dirs["v"]) == []
+
+
+def test_forbidden_config_map_counts_as_missing(tmp_path):
+    api = FakeApi(forbidden=["/api/v1/namespaces/default/configmaps/unrelated"])
+    pod = make_pod([{"name": "v", "configMap": {"name": "unrelated"}}])
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    assert err.value.retry is True
+
+
+def test_missing_item_key_is_an_error_unless_optional(tmp_path):
+    api = FakeApi(configmaps={"cfg": {"a": "1"}})
+    pod = make_pod([{"name": "v", "configMap": {"name": "cfg", "items": [{"key": "zz", "path": "zz"}]}}])
+    with pytest.raises(ContainerConfigError):
+        prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    pod["spec"]["volumes"][0]["configMap"]["optional"] = True
+    assert os.listdir(prepare_volumes(pod, str(tmp_path), Config(), api=api)["v"]) == []
+
+
+def test_item_path_escaping_the_volume_is_refused(tmp_path):
+    api = FakeApi(configmaps={"cfg": {"a": "1"}})
+    for bad in ("../evil", "/etc/evil", "a/../../evil"):
+        pod = make_pod([{"name": "v", "configMap": {"name": "cfg", "items": [{"key": "a", "path": bad}]}}])
+        with pytest.raises(ContainerConfigError) as err:
+            prepare_volumes(pod, str(tmp_path), Config(), api=api)
+        assert err.value.retry is False
+    assert not (tmp_path / "evil").exists()
+
+
+def test_downward_api_volume(tmp_path):
+    pod = make_pod([{"name": "d", "downwardAPI": {"items": [
+        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+        {"path": "app", "fieldRef": {"fieldPath": "metadata.labels['a']"}},
+        {"path": "mem", "resourceFieldRef": {"containerName": "main", "resource": "limits.memory",
+                                             "divisor": "1Mi"}},
+    ]}}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
+    assert read(os.path.join(dirs["d"], "name")) == "job"
+    assert read(os.path.join(dirs["d"], "labels")) == 'a="1"\nb="2"'
+    assert read(os.path.join(dirs["d"], "app")) == "1"
+    assert read(os.path.join(dirs["d"], "mem")) == "64"
+
+
+def test_admitted_service_account_volume_projects_token_and_tolerates_missing_sources(tmp_path):
+    """The kube-api-access volume admission adds (contract 14) with only kube-root-ca.crt existing."""
+    pod = json.load(open("/work/shared/k8s-contract/14-pod-create-admitted.json"))["response"]["body"]
+    api = TokenApi(configmaps={"cfg": {"greeting": "hi"}, "kube-root-ca.crt": {"ca.crt": "CA"}},
+                   secrets={"sec": {"password": "p"}})
+    dirs = prepare_volumes(pod, str(tmp_path), Config(allowed_host_paths=("/tmp",)), api=api)
+    access = dirs["kube-api-access-rjfts"]
+    assert sorted(os.listdir(access)) == ["ca.crt", "namespace", "token"]
+    assert read(os.path.join(access, "token")) == "tok-VALUE-123"
+    assert read(os.path.join(access, "namespace")) == "default"
+    path, body = api.posts[0]
+    assert path == "/api/v1/namespaces/default/serviceaccounts/default/token"
+    assert "audiences" not in body["spec"]  # exactly what the source names: nothing
+    assert body["spec"]["expirationSeconds"] == 3607
+    assert body["spec"]["boundObjectRef"] == {"kind": "Pod", "apiVersion": "v1", "name": "job",
+                                              "uid": "6213ebc1-f1c9-457a-bb66-0b7dd394ba84"}
+    mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs)
+    assert (access, "/var/run/secrets/kubernetes.io/serviceaccount", True) in mounts
+
+
+def test_token_request_names_exactly_the_audience_and_refusal_is_skipped(tmp_path, caplog):
+    pod = make_pod([{"name": "t", "projected": {"sources": [
+        {"serviceAccountToken": {"audience": "vault", "path": "vault-token"}}]}}])
+    api = TokenApi(refuse=True)
+    with caplog.at_level(logging.DEBUG, logger="minikrust"):
+        dirs = prepare_volumes(pod, str(tmp_path), Config(), api=api)
+    assert api.posts[0][1]["spec"]["audiences"] == ["vault"]
+    assert api.posts[0][1]["spec"]["expirationSeconds"] == 3600
+    assert os.listdir(dirs["t"]) == []
+    assert "skipped" in caplog.text
+
+
+def test_standalone_skips_the_token(tmp_path):
+    pod = make_pod([{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}},
+                                                            {"downwardAPI": {"items": [{"path": "n", "fieldRef": {
+                                                                "fieldPath": "metadata.name"}}]}}]}}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config(), api=None)
+    assert os.listdir(dirs["t"]) == ["n"]
+
+
+def test_user_projected_volume_with_missing_config_map_waits(tmp_path):
+    pod = make_pod([{"name": "p", "projected": {"sources": [{"configMap": {"name": "gone"}}]}}])
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(pod, str(tmp_path), Config(), api=TokenApi())
+    assert err.value.retry is True
+
+
+def test_host_path_refused_without_allow_list(tmp_path):
+    pod = make_pod([{"name": "h", "hostPath": {"path": str(tmp_path)}}])
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(pod, str(tmp_path / "pod"), Config())
+    assert err.value.retry is False and "allowed-host-paths" in err.value.message
+
+
+def test_host_path_under_allowed_prefix(tmp_path):
+    allowed = tmp_path / "allowed"
+    (allowed / "data").mkdir(parents=True)
+    pod = make_pod([{"name": "h", "hostPath": {"path": str(allowed / "data")}},
+                    {"name": "n", "hostPath": {"path": str(allowed / "new"), "type": "DirectoryOrCreate"}}],
+                   [{"name": "h", "mountPath": "/data", "readOnly": True}])
+    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config(allowed_host_paths=(str(allowed),)))
+    assert dirs["h"] == os.path.realpath(allowed / "data")
+    assert os.path.isdir(allowed / "new")
+    assert container_mounts(pod, pod["spec"]["containers"][0], dirs) == [(dirs["h"], "/data", True)]
+    cleanup_volumes(str(tmp_path / "pod"))
+    assert os.path.isdir(allowed / "data")  # hostPath content is never removed
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "symlink", "prefix-sibling"])
+def test_host_path_escapes_are_resolved_before_the_check(tmp_path, escape):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "allowed-not").mkdir()
+    if escape == "dotdot":
+        path = str(allowed) + "/../outside"
+    elif escape == "symlink":
+        os.symlink(tmp_path / "outside", allowed / "link")
+        path = str(allowed / "link")
+    else:
+        path = str(tmp_path / "allowed-not")
+    pod = make_pod([{"name": "h", "hostPath": {"path": path}}])
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(pod, str(tmp_path / "pod"), Config(allowed_host_paths=(str(allowed),)))
+    assert err.value.retry is False
+
+
+def test_host_path_file_types_are_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    pod = make_pod([{"name": "h", "hostPath": {"path": str(tmp_path / "f")}}])
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(pod, str(tmp_path / "pod"), Config(allowed_host_paths=(str(tmp_path),)))
+    assert err.value.retry is False and "directories" in err.value.message
+
+
+@pytest.mark.parametrize("volume, kind", [
+    ({"name": "x", "persistentVolumeClaim": {"claimName": "c"}}, "persistentVolumeClaim"),
+    ({"name": "x", "nfs": {"server": "s", "path": "/"}}, "nfs"),
+    ({"name": "x"}, "none"),
+])
+def test_unknown_volume_type_names_it(tmp_path, volume, kind):
+    with pytest.raises(ContainerConfigError) as err:
+        prepare_volumes(make_pod([volume]), str(tmp_path), Config())
+    assert err.value.retry is False and kind in err.value.message
+
+
+def test_sub_path_and_sub_path_expr(tmp_path):
+    pod = make_pod([{"name": "e", "emptyDir": {}}],
+                   [{"name": "e", "mountPath": "/a", "subPath": "one/two"},
+                    {"name": "e", "mountPath": "/b/", "subPathExpr": "$(POD)", "readOnly": True}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
+    mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs, env=[("POD", "job")])
+    assert mounts == [(os.path.join(dirs["e"], "one/two"), "/a", False), (os.path.join(dirs["e"], "job"), "/b", True)]
+    assert os.path.isdir(os.path.join(dirs["e"], "one/two"))
+
+
+@pytest.mark.parametrize("sub_path", ["../x", "/etc", "a/../../x", "link", "link/deeper"])
+def test_sub_path_cannot_leave_its_volume(tmp_path, sub_path):
+    pod = make_pod([{"name": "e", "emptyDir": {}}], [{"name": "e", "mountPath": "/a", "subPath": sub_path}])
+    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config())
+    os.symlink(str(tmp_path), os.path.join(dirs["e"], "link"))  # as a module might have planted
+    with pytest.raises(ContainerConfigError) as err:
+        container_mounts(pod, pod["spec"]["containers"][0], dirs)
+    assert err.value.retry is False
+
+
+def test_mount_errors(tmp_path):
+    pod = make_pod([{"name": "e", "emptyDir": {}}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
+    for mounts in ([{"name": "nope", "mountPath": "/x"}], [{"name": "e", "mountPath": "relative"}],
+                   [{"name": "e", "mountPath": "/x"}, {"name": "e", "mountPath": "/x/"}]):
+        with pytest.raises(ContainerConfigError):
+            container_mounts(pod, {"name": "c", "volumeMounts": mounts}, dirs)
+
+
+def test_cleanup_removes_everything_without_following_symlinks(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep")
+    pod = make_pod([{"name": "e", "emptyDir": {}}])
+    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config())
+    os.symlink(victim, os.path.join(dirs["e"], "link"))
+    os.makedirs(os.path.join(dirs["e"], "deep/er"))
+    os.chmod(os.path.join(dirs["e"], "deep"), 0o500)
+    cleanup_volumes(str(tmp_path / "pod"))
+    assert not (tmp_path / "pod" / "volumes").exists()
+    assert (victim / "precious").read_text() == "keep"
+    cleanup_volumes(str(tmp_path / "pod"))  # twice is fine
