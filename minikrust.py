@@ -22,6 +22,7 @@ __all__ = [
     "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config",
     "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
     "container_workdir", "parse_quantity", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
+    "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "bootstrap_client_certificate",
 ]
 
 import argparse
@@ -34,6 +35,7 @@ import datetime
 import email.utils
 import errno
 import fractions
+import functools
 import hashlib
 import http.server
 import importlib.metadata
@@ -46,6 +48,7 @@ import platform
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -3073,6 +3076,1118 @@ def container_argv(container, env):
 
 
 # --- Server: HTTPS logs, healthz, pods, metrics, stats ---
+
+# Log files: the CRI format the WASI host writes, one record a line:
+#   <RFC3339Nano time> <stdout|stderr> <F|P> <content>
+# A P (partial) record is continued by the next record of the same stream until an F record.
+# Rotation renames `<n>.log` to `<n>.log.<UTC stamp>` (sortable) like the kubelet's container log
+# manager; the writer must reopen `<n>.log` afterwards (the kubelet asks the runtime to ReopenContainerLog).
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
+_ROTATED_SUFFIX = re.compile(r"^\d{8}-\d{6}\.\d{6}$")
+
+
+def _parse_rfc3339(text):
+    """Parse an RFC 3339 time (nanoseconds allowed) into integer nanoseconds since the epoch."""
+    match = _RFC3339.match(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    base, fraction, zone = match.groups()
+    moment = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    offset = 0
+    if zone != "Z":
+        offset = (int(zone[1:3]) * 60 + int(zone[4:6])) * 60 * (1 if zone[0] == "+" else -1)
+    return (int(moment.timestamp()) - offset) * 10**9 + int((fraction or "0").ljust(9, "0"))
+
+
+def _format_rfc3339nano(ns):
+    """Format nanoseconds since the epoch as the kubelet prints log times (9 fraction digits, UTC)."""
+    seconds, nanos = divmod(ns, 10**9)
+    base = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{nanos:09d}Z"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a container log: CRI partial records joined; `complete` is False for a trailing fragment."""
+    time_ns: int
+    stream: str
+    content: bytes
+    complete: bool = True
+
+    def render(self, timestamps=False):
+        prefix = (_format_rfc3339nano(self.time_ns) + " ").encode() if timestamps else b""
+        return prefix + self.content + (b"\n" if self.complete else b"")
+
+
+class _LineJoiner:
+    """Turns CRI records into LogLines, joining each stream's P records with the F that ends them."""
+
+    def __init__(self):
+        self._pending = {}  # stream -> (time of the first fragment, [fragments])
+
+    def feed(self, record):
+        parts = record.rstrip(b"\n").split(b" ", 3)
+        if len(parts) < 3:
+            return None
+        try:
+            when = _parse_rfc3339(parts[0].decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        stream = parts[1].decode("ascii", "replace")
+        first, fragments = self._pending.pop(stream, (when, []))
+        fragments.append(parts[3] if len(parts) == 4 else b"")
+        if parts[2].split(b":")[0] == b"P":
+            self._pending[stream] = (first, fragments)
+            return None
+        return LogLine(first, stream, b"".join(fragments))
+
+    def flush(self):
+        """The fragments still waiting for their F record, as incomplete lines, oldest first."""
+        lines = [LogLine(first, stream, b"".join(fragments), complete=False)
+                 for stream, (first, fragments) in self._pending.items()]
+        self._pending.clear()
+        return sorted(lines, key=lambda line: line.time_ns)
+
+
+def rotated_log_files(path):
+    """The rotated files of a container log, oldest first (the live file `path` not included)."""
+    folder, base = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except FileNotFoundError:
+        return []
+    rotated = [name for name in names
+               if name.startswith(base + ".") and _ROTATED_SUFFIX.match(name[len(base) + 1:])]
+    return [os.path.join(folder, name) for name in sorted(rotated)]
+
+
+def rotate_container_log(path, max_size, max_files):
+    """Rotate a container log once it reaches `max_size` bytes, keeping at most `max_files` files.
+
+    Mirrors the kubelet's --container-log-max-size/--container-log-max-files: the live file counts
+    as one of the `max_files`. Returns the rotated file's path, or None when nothing was rotated.
+    The writer must reopen `path` afterwards (an O_APPEND writer keeps writing the rotated file).
+    """
+    try:
+        if os.path.getsize(path) < max_size:
+            return None
+    except FileNotFoundError:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S.%f")
+    existing = rotated_log_files(path)
+    while existing and os.path.basename(existing[-1]) >= os.path.basename(path) + "." + stamp:
+        time.sleep(0.000001)  # two rotations within one microsecond: keep names strictly increasing
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S.%f")
+    target = f"{path}.{stamp}"
+    os.rename(path, target)
+    with open(path, "ab"):
+        pass
+    existing.append(target)
+    for old in existing[:max(0, len(existing) - max(1, max_files) + 1)]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(old)
+    return target
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """The query of GET /containerLogs (PodLogOptions as the kubelet reads them)."""
+    follow: bool = False
+    previous: bool = False
+    timestamps: bool = False
+    tail_lines: int = None
+    since_ns: int = None
+    limit_bytes: int = None
+
+    @classmethod
+    def from_query(cls, query, now=None):
+        """Parse a query dict (name -> list of values); raise ValueError with a message for a bad one."""
+        def one(name):
+            values = query.get(name)
+            return values[-1] if values else None
+
+        def flag(name):
+            value = one(name)
+            if value in (None, "", "false", "False", "0"):
+                return False
+            if value in ("true", "True", "1"):
+                return True
+            raise ValueError(f"{name}: invalid boolean {value!r}")
+
+        def number(name, minimum):
+            value = one(name)
+            if value is None:
+                return None
+            if not re.fullmatch(r"-?\d+", value) or int(value) < minimum:
+                raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+            return int(value)
+
+        since_ns = None
+        if one("sinceSeconds") is not None and one("sinceTime") is not None:
+            raise ValueError("at most one of sinceTime or sinceSeconds may be specified")
+        seconds = number("sinceSeconds", 1)
+        if seconds is not None:
+            since_ns = int(((now or time.time()) - seconds) * 10**9)
+        elif one("sinceTime") is not None:
+            since_ns = _parse_rfc3339(one("sinceTime"))
+        return cls(follow=flag("follow"), previous=flag("previous"), timestamps=flag("timestamps"),
+                   tail_lines=number("tailLines", 0), since_ns=since_ns, limit_bytes=number("limitBytes", 1))
+
+
+def _records(handle, buffered):
+    """Complete records (ending in a newline) readable now from `handle`; a half-written one waits in `buffered`."""
+    data = handle.read()
+    if not data:
+        return []
+    buffered.extend(data)
+    end = buffered.rfind(b"\n")
+    if end < 0:
+        return []
+    chunk = bytes(buffered[:end + 1])
+    del buffered[:end + 1]
+    return chunk.splitlines(keepends=True)
+
+
+def _emit(lines, options, budget):
+    """Render lines under the byte budget (a one-item list, None for no limit); yields bytes."""
+    for line in lines:
+        if options.since_ns is not None and line.time_ns < options.since_ns:
+            continue
+        data = line.render(options.timestamps)
+        if budget[0] is not None:
+            data = data[:budget[0]]
+            budget[0] -= len(data)
+        if data:
+            yield data
+        if budget[0] == 0:
+            return
+
+
+def read_container_log(path, options):
+    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks."""
+    joiner = _LineJoiner()
+    lines = collections.deque(maxlen=options.tail_lines)
+    for name in rotated_log_files(path) + [path]:
+        with contextlib.suppress(FileNotFoundError), open(name, "rb") as handle:
+            buffered = bytearray()
+            for record in _records(handle, buffered) + ([bytes(buffered)] if buffered else []):
+                line = joiner.feed(record)
+                if line is not None and (options.since_ns is None or line.time_ns >= options.since_ns):
+                    lines.append(line)
+    lines.extend(line for line in joiner.flush()
+                 if options.since_ns is None or line.time_ns >= options.since_ns)
+    yield from _emit(lines, options, [options.limit_bytes])
+
+
+def _open_log(path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
+
+
+def _replaced(path, handle):
+    """True when `path` is no longer the file `handle` reads (rotated away); rewinds a truncated file."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle.fileno())
+    if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+        return True
+    if current.st_size < handle.tell():
+        handle.seek(0)
+    return False
+
+
+def follow_container_log(path, options, ended, wait, check_every=0.5):
+    """Stream a container log as it is written (what `kubectl logs -f` reads), as bytes chunks.
+
+    Ends once `ended()` reports the container run finished and its last records are read, when the
+    byte limit is reached, or when `wait(seconds)` returns True (client gone, server stopping).
+    Follows the live file across rotations; tailLines applies to what was written before the call.
+    """
+    budget, joiner, buffered = [options.limit_bytes], _LineJoiner(), bytearray()
+    handle = _open_log(path)
+    backlog = collections.deque(maxlen=options.tail_lines)
+    for name in rotated_log_files(path):
+        with contextlib.suppress(FileNotFoundError), open(name, "rb") as rotated:
+            backlog.extend(line for line in map(joiner.feed, _records(rotated, bytearray())) if line)
+    try:
+        if handle is not None:
+            backlog.extend(line for line in map(joiner.feed, _records(handle, buffered)) if line)
+        yield from _emit(backlog, options, budget)
+        finished, last_check = False, time.monotonic()
+        while budget[0] != 0:
+            if handle is None or _replaced(path, handle):
+                if handle is not None:
+                    handle.close()
+                handle, buffered = _open_log(path), bytearray()
+            records = _records(handle, buffered) if handle is not None else []
+            if records:
+                lines = [line for line in map(joiner.feed, records) if line]
+                yield from _emit(lines, options, budget)
+                continue
+            if finished:
+                yield from _emit(joiner.flush(), options, budget)
+                return
+            if time.monotonic() - last_check >= check_every:
+                finished, last_check = bool(ended()), time.monotonic()
+                if finished:
+                    continue  # read once more: the run may have written its last records just now
+            if wait(0.1):
+                return
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+# Metrics: a tiny Prometheus registry the other parts increment through `kubelet.metrics`.
+
+_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_labels(labels, extra=()):
+    pairs = sorted(labels) + list(extra)
+    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs) + "}" if pairs else ""
+
+
+def _format_value(value):
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
+class Metrics:
+    """Counters, gauges and histograms with labels, rendered in the Prometheus text format.
+
+    Thread-safe. Families are declared once (`counter`, `gauge`, `histogram`); `inc`, `set` and
+    `observe` then take the family name and labels as keywords. Using an undeclared name declares it
+    (a counter for `inc`, a gauge for `set`, a histogram for `observe`) so no caller can crash a scrape.
+    """
+
+    def __init__(self, standard=True):
+        self._lock = threading.Lock()
+        self._families = {}  # name -> (kind, help, buckets)
+        self._values = {}    # name -> {labels tuple -> float | [bucket counts, sum, count]}
+        if not standard:
+            return
+        self.counter("minikrust_module_starts_total", "WebAssembly module starts, by result (success|error).")
+        self.histogram("minikrust_module_start_duration_seconds",
+                       "Seconds from the decision to start a container to its module running.")
+        self.counter("minikrust_image_pulls_total", "Module (OCI image) pulls, by result (success|error).")
+        self.counter("minikrust_api_errors_total", "Failed requests to the API server, by HTTP code (0: no answer).")
+
+    def _declare(self, name, kind, help_text, buckets=None):
+        with self._lock:
+            self._families.setdefault(name, (kind, help_text, tuple(buckets or ())))
+            self._values.setdefault(name, {})
+
+    def counter(self, name, help_text=""):
+        self._declare(name, "counter", help_text)
+
+    def gauge(self, name, help_text=""):
+        self._declare(name, "gauge", help_text)
+
+    def histogram(self, name, help_text="", buckets=_DEFAULT_BUCKETS):
+        self._declare(name, "histogram", help_text, sorted(buckets))
+
+    def inc(self, name, amount=1.0, **labels):
+        if name not in self._families:
+            self.counter(name)
+        with self._lock:
+            series = self._values[name]
+            key = tuple(sorted(labels.items()))
+            series[key] = series.get(key, 0) + amount
+
+    def set(self, name, value, **labels):
+        if name not in self._families:
+            self.gauge(name)
+        with self._lock:
+            self._values[name][tuple(sorted(labels.items()))] = value
+
+    def observe(self, name, value, **labels):
+        if name not in self._families:
+            self.histogram(name)
+        with self._lock:
+            buckets = self._families[name][2]
+            state = self._values[name].setdefault(tuple(sorted(labels.items())), [[0] * len(buckets), 0.0, 0])
+            for i, bound in enumerate(buckets):
+                if value <= bound:
+                    state[0][i] += 1
+            state[1] += value
+            state[2] += 1
+
+    def get(self, name, **labels):
+        """The value of one series (a counter or gauge), or for a histogram its observation count; 0 if unseen."""
+        with self._lock:
+            value = self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
+            return value[2] if isinstance(value, list) else value
+
+    def render(self):
+        """All families in the Prometheus text exposition format (version 0.0.4)."""
+        out = []
+        with self._lock:
+            for name in sorted(self._families):
+                kind, help_text, buckets = self._families[name]
+                out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+                for labels, value in sorted(self._values[name].items()):
+                    if kind != "histogram":
+                        out.append(f"{name}{_format_labels(labels)} {_format_value(value)}")
+                        continue
+                    counts, total, count = value
+                    for bound, seen in zip(buckets, counts):
+                        out.append(f"{name}_bucket{_format_labels(labels, [('le', _format_value(bound))])} {seen}")
+                    out.append(f"{name}_bucket{_format_labels(labels, [('le', '+Inf')])} {count}")
+                    out.append(f"{name}_sum{_format_labels(labels)} {_format_value(total)}")
+                    out.append(f"{name}_count{_format_labels(labels)} {count}")
+        return "\n".join(out) + "\n"
+
+
+# Resource stats: /stats/summary (k8s.io/kubelet/pkg/apis/stats/v1alpha1 Summary) and /metrics/resource
+# (the kubelet's resource metrics collector) in the shapes metrics-server reads for `kubectl top`.
+# `kubelet.container_stats()` gives one dict a container run:
+#   {"namespace", "pod", "uid", "container", "cpu_seconds", "memory_bytes", "start_time" (epoch seconds)}
+
+def _node_usage():
+    """(cpu core-seconds used by the machine, memory working set bytes, available bytes) from /proc."""
+    cpu, working_set, available = None, None, None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        cpu = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.strip()}
+        available = info["MemAvailable"]
+        working_set = info["MemTotal"] - available
+    if cpu is None:
+        times = os.times()
+        cpu = times.user + times.system
+    return cpu, working_set, available
+
+
+def _rfc3339(epoch):
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _ResourceStats:
+    """Samples node and container usage; remembers the last sample to report CPU as a rate (nano cores)."""
+
+    def __init__(self, kubelet):
+        self.kubelet = kubelet
+        self._last = {}  # key -> (monotonic ns, cpu core-nanoseconds)
+        self._lock = threading.Lock()
+        self._started = time.time()
+
+    def _cpu(self, key, seconds, now_ns):
+        used = int(seconds * 1e9)
+        sample = {"time": _rfc3339(time.time()), "usageCoreNanoSeconds": used}
+        with self._lock:
+            before = self._last.get(key)
+            self._last[key] = (now_ns, used)
+        if before and now_ns > before[0] and used >= before[1]:
+            sample["usageNanoCores"] = int((used - before[1]) * 1e9 / (now_ns - before[0]))
+        return sample
+
+    def containers(self):
+        stats = getattr(self.kubelet, "container_stats", None)
+        return list(stats()) if callable(stats) else []
+
+    def summary(self):
+        """A stats/v1alpha1 Summary: the node, then each pod with its containers."""
+        now_ns, stamp = time.monotonic_ns(), _rfc3339(time.time())
+        cpu, working_set, available = _node_usage()
+        memory = {"time": stamp, "workingSetBytes": working_set, "usageBytes": working_set,
+                  "availableBytes": available}
+        node = {"nodeName": self.kubelet.config.node_name, "startTime": _rfc3339(self._started),
+                "systemContainers": [], "cpu": self._cpu(("node",), cpu, now_ns),
+                "memory": {k: v for k, v in memory.items() if v is not None}}
+        pods = {}
+        for item in self.containers():
+            ref = {"name": item["pod"], "namespace": item["namespace"], "uid": item.get("uid", "")}
+            pod = pods.setdefault((ref["namespace"], ref["name"]), {
+                "podRef": ref, "startTime": _rfc3339(item.get("start_time") or self._started), "containers": [],
+                "cpu": {"time": stamp, "usageCoreNanoSeconds": 0}, "memory": {"time": stamp, "workingSetBytes": 0}})
+            key = (ref["namespace"], ref["name"], item["container"])
+            pod["containers"].append({
+                "name": item["container"], "startTime": _rfc3339(item.get("start_time") or self._started),
+                "cpu": self._cpu(key, item.get("cpu_seconds", 0.0), now_ns),
+                "memory": {"time": stamp, "workingSetBytes": int(item.get("memory_bytes", 0)),
+                           "usageBytes": int(item.get("memory_bytes", 0))}})
+            pod["startTime"] = min(pod["startTime"], pod["containers"][-1]["startTime"])
+            pod["cpu"]["usageCoreNanoSeconds"] += pod["containers"][-1]["cpu"]["usageCoreNanoSeconds"]
+            pod["memory"]["workingSetBytes"] += int(item.get("memory_bytes", 0))
+        return {"node": node, "pods": list(pods.values())}
+
+    def resource_metrics(self):
+        """The /metrics/resource text: node, pod and container CPU and memory with sample times (ms)."""
+        stamp = int(time.time() * 1000)
+        cpu, working_set, _ = _node_usage()
+        out = []
+
+        def family(name, kind, help_text, samples):
+            out.extend([f"# HELP {name} [STABLE] {help_text}", f"# TYPE {name} {kind}"])
+            out.extend(f"{name}{_format_labels(labels)} {_format_value(value)} {stamp}" for labels, value in samples)
+
+        items = self.containers()
+        pods = {}
+        for item in items:
+            pod = pods.setdefault((item["namespace"], item["pod"]), [0.0, 0])
+            pod[0] += float(item.get("cpu_seconds", 0.0))
+            pod[1] += int(item.get("memory_bytes", 0))
+
+        def labels(item):
+            return [("container", item["container"]), ("namespace", item["namespace"]), ("pod", item["pod"])]
+
+        family("node_cpu_usage_seconds_total", "counter", "Cumulative cpu time consumed by the node in core-seconds",
+               [((), float(cpu))])
+        if working_set is not None:
+            family("node_memory_working_set_bytes", "gauge", "Current working set of the node in bytes",
+                   [((), working_set)])
+        family("container_cpu_usage_seconds_total", "counter",
+               "Cumulative cpu time consumed by the container in core-seconds",
+               [(labels(i), float(i.get("cpu_seconds", 0.0))) for i in items])
+        family("container_memory_working_set_bytes", "gauge", "Current working set of the container in bytes",
+               [(labels(i), int(i.get("memory_bytes", 0))) for i in items])
+        family("container_start_time_seconds", "gauge", "Start time of the container since unix epoch in seconds",
+               [(labels(i), float(i.get("start_time") or self._started)) for i in items])
+        family("pod_cpu_usage_seconds_total", "counter", "Cumulative cpu time consumed by the pod in core-seconds",
+               [([("namespace", ns), ("pod", name)], v[0]) for (ns, name), v in sorted(pods.items())])
+        family("pod_memory_working_set_bytes", "gauge", "Current working set of the pod in bytes",
+               [([("namespace", ns), ("pod", name)], v[1]) for (ns, name), v in sorted(pods.items())])
+        out += ["# HELP resource_scrape_error [STABLE] 1 if there was an error while getting container metrics, "
+                "0 otherwise", "# TYPE resource_scrape_error gauge", "resource_scrape_error 0"]
+        return "\n".join(out) + "\n"
+
+
+# Certificates: keys and CSRs are made with the `openssl` command (present on every Debian and most
+# systems) rather than the `cryptography` package, so minikrust keeps its dependencies to requests
+# and pyyaml; a clear ConfigError says so when openssl is missing. Keys are ECDSA P-256 like the
+# kubelet's, hence no "key encipherment" usage (that one is for RSA keys).
+
+CSR_PATH = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
+SERVING_SIGNER = "kubernetes.io/kubelet-serving"
+CLIENT_SIGNER = "kubernetes.io/kube-apiserver-client-kubelet"
+
+
+def _openssl(*args, stdin=None):
+    """Run the openssl command; its stdout, or MinikrustError with its stderr."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise ConfigError("the `openssl` command is needed to make keys and certificate requests "
+                          "(apt-get install openssl), or pass --tls-cert-file/--tls-private-key-file")
+    done = subprocess.run([binary, *args], input=stdin, capture_output=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise MinikrustError(f"openssl {args[0]} failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
+
+
+def new_key_and_csr(common_name, organization, dns_names=(), ip_addresses=()):
+    """A new ECDSA P-256 private key and a CSR for it, both PEM bytes."""
+    with tempfile.TemporaryDirectory(prefix="minikrust-csr-") as scratch:
+        key_path = os.path.join(scratch, "key.pem")
+        args = ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", key_path, "-subj", f"/O={organization}/CN={common_name}"]
+        names = [f"DNS:{name}" for name in dns_names] + [f"IP:{ip}" for ip in ip_addresses]
+        if names:
+            args += ["-addext", "subjectAltName=" + ",".join(names)]
+        csr = _openssl(*args)
+        with open(key_path, "rb") as handle:
+            return handle.read(), csr
+
+
+def certificate_validity(cert_pem):
+    """(notBefore, notAfter) of a PEM certificate, as epoch seconds."""
+    text = _openssl("x509", "-noout", "-startdate", "-enddate", stdin=cert_pem).decode()
+    dates = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return ssl.cert_time_to_seconds(dates["notBefore"]), ssl.cert_time_to_seconds(dates["notAfter"])
+
+
+def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=None):
+    """Create a CertificateSigningRequest and wait for its issued certificate (PEM bytes).
+
+    Polls the CSR with a deadline, as the kubelet's certificate manager waits for approval; raises
+    MinikrustError when the CSR is denied or failed, or nothing is issued within `timeout` seconds.
+    """
+    stop = stop or threading.Event()
+    body = {"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+            "metadata": {"generateName": "csr-"},
+            "spec": {"request": base64.b64encode(csr_pem).decode(), "signerName": signer_name,
+                     "usages": list(usages)}}
+    name = api.post(CSR_PATH, body)["metadata"]["name"]
+    log.info("requested a certificate from %s with CertificateSigningRequest %s", signer_name, name)
+    deadline, interval = time.monotonic() + timeout, 0.1
+    while True:
+        status = api.get(f"{CSR_PATH}/{name}").get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition.get("type") in ("Denied", "Failed") and condition.get("status", "True") == "True":
+                raise MinikrustError(f"CertificateSigningRequest {name} {condition['type'].lower()}: "
+                                     f"{condition.get('reason', '')} {condition.get('message', '')}".rstrip())
+        if status.get("certificate"):
+            return base64.b64decode(status["certificate"])
+        if time.monotonic() >= deadline:
+            raise MinikrustError(f"CertificateSigningRequest {name}: no certificate issued within {timeout:.0f}s")
+        if stop.wait(interval):
+            raise MinikrustError(f"CertificateSigningRequest {name}: stopped while waiting")
+        interval = min(interval * 2, 2.0)
+
+
+def _write_private(path, data):
+    """Write a file only its owner can read, by a temporary name and a rename."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def store_certificate(pki_dir, prefix, cert_pem, key_pem):
+    """Store cert+key as `<prefix>-<stamp>.pem` and point `<prefix>-current.pem` at it (the kubelet's layout)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H-%M-%S-%f")
+    path = os.path.join(pki_dir, f"{prefix}-{stamp}.pem")
+    _write_private(path, cert_pem.rstrip(b"\n") + b"\n" + key_pem)
+    current = os.path.join(pki_dir, f"{prefix}-current.pem")
+    link = os.path.join(pki_dir, f".tmp-{prefix}-{stamp}")
+    os.symlink(os.path.basename(path), link)
+    os.replace(link, current)
+    return current
+
+
+def _current_certificate(pki_dir, prefix):
+    """(path, notBefore, notAfter) of `<prefix>-current.pem` if it holds a certificate still valid now."""
+    path = os.path.join(pki_dir, f"{prefix}-current.pem")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        begin, end = certificate_validity(data)
+    except (OSError, MinikrustError, KeyError, ValueError):
+        return None
+    return (path, begin, end) if begin <= time.time() < end else None
+
+
+def _rotation_time(begin, end):
+    """When to renew: at a jittered 70-90% of the certificate's lifetime, as the kubelet does."""
+    return begin + (end - begin) * random.uniform(0.7, 0.9)
+
+
+def _node_addresses(kubelet):
+    """(DNS names, IP addresses) for the serving certificate: node name and hostname, node IPs."""
+    config = kubelet.config
+    dns = list(dict.fromkeys(name for name in (config.node_name, socket.gethostname().lower()) if name))
+    ip = (getattr(getattr(kubelet, "node", None), "node_ip", None) or config.node_ip
+          or detect_node_ip(getattr(kubelet.api, "server", None)))
+    return dns, list(dict.fromkeys(part.strip() for part in str(ip).split(",") if part.strip()))
+
+
+def _kubeconfig_cluster(path):
+    """The cluster entry (server, CA) of a kubeconfig's current context, with file paths made absolute."""
+    with open(path) as handle:
+        document = yaml.safe_load(handle) or {}
+    contexts = {c["name"]: c.get("context") or {} for c in document.get("contexts") or []}
+    clusters = {c["name"]: c.get("cluster") or {} for c in document.get("clusters") or []}
+    context = contexts.get(document.get("current-context")) or next(iter(contexts.values()), {})
+    cluster = dict(clusters.get(context.get("cluster")) or next(iter(clusters.values()), {}))
+    if cluster.get("certificate-authority"):
+        cluster["certificate-authority"] = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                        cluster["certificate-authority"])
+    if not cluster.get("server"):
+        raise ConfigError(f"{path}: no cluster server in the current context")
+    return cluster
+
+
+def _kubeconfig_is_usable(path):
+    """True when the kubeconfig exists and its client certificate (if it names one) is still valid."""
+    try:
+        with open(path) as handle:
+            document = yaml.safe_load(handle) or {}
+        for entry in document.get("users") or []:
+            user = entry.get("user") or {}
+            if user.get("client-certificate-data"):
+                data = base64.b64decode(user["client-certificate-data"])
+            elif user.get("client-certificate"):
+                cert = os.path.join(os.path.dirname(os.path.abspath(path)), user["client-certificate"])
+                with open(cert, "rb") as cert_handle:
+                    data = cert_handle.read()
+            else:
+                continue
+            begin, end = certificate_validity(data)
+            if not begin <= time.time() < end:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, MinikrustError, yaml.YAMLError):
+        return False
+
+
+def bootstrap_client_certificate(config, api=None, timeout=900.0):
+    """The kubelet's client-certificate bootstrap (TLS bootstrapping); returns the kubeconfig to use.
+
+    When `config.kubeconfig` (default `<root_dir>/kubelet.kubeconfig`) exists with a valid client
+    certificate it is returned as is. Otherwise, with `--bootstrap-kubeconfig`, a CSR for
+    CN=system:node:<node>, O=system:nodes goes to the kubernetes.io/kube-apiserver-client-kubelet
+    signer using the bootstrap credentials; the issued certificate is stored under
+    `<root_dir>/pki/kubelet-client-current.pem` and a kubeconfig naming it is written.
+    `api` (an ApiClient on the bootstrap credentials) is made from the bootstrap kubeconfig if not given.
+    """
+    target = config.kubeconfig or os.path.join(config.root_dir, "kubelet.kubeconfig")
+    if _kubeconfig_is_usable(target) or not config.bootstrap_kubeconfig:
+        return target
+    cluster = _kubeconfig_cluster(config.bootstrap_kubeconfig)
+    own_api = api is None
+    if own_api:
+        api = ApiClient(load_kubeconfig(config.bootstrap_kubeconfig))
+    try:
+        key, csr = new_key_and_csr(f"system:node:{config.node_name}", "system:nodes")
+        cert = request_certificate(api, csr, CLIENT_SIGNER, ["digital signature", "client auth"], timeout=timeout)
+    finally:
+        if own_api:
+            api.close()
+    current = store_certificate(os.path.join(config.root_dir, "pki"), "kubelet-client", cert, key)
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "preferences": {},
+        "clusters": [{"name": "default-cluster", "cluster": cluster}],
+        "users": [{"name": "default-auth", "user": {"client-certificate": current, "client-key": current}}],
+        "contexts": [{"name": "default-context",
+                      "context": {"cluster": "default-cluster", "user": "default-auth", "namespace": "default"}}],
+        "current-context": "default-context",
+    }
+    _write_private(target, yaml.safe_dump(kubeconfig, sort_keys=False).encode())
+    log.info("client certificate bootstrap done: wrote %s", target)
+    return target
+
+
+class _ServingTLS:
+    """The server's TLS context: from --tls-cert-file/--tls-private-key-file, or bootstrapped.
+
+    Without the files, a CSR to the kubernetes.io/kubelet-serving signer (CN=system:node:<node>,
+    O=system:nodes, node names and IPs as SANs) gets the certificate, kept under <root_dir>/pki as
+    kubelet-server-current.pem and renewed at 70-90% of its lifetime. Until one is issued, TLS
+    handshakes are refused (the kubelet's server does the same while its CSR waits for approval).
+    """
+
+    def __init__(self, kubelet, stop, csr_timeout=900.0):
+        self.kubelet, self.config, self.stop = kubelet, kubelet.config, stop
+        self.csr_timeout = csr_timeout
+        self.pki_dir = os.path.join(self.config.root_dir, "pki")
+        self._context = None
+        self._thread = None
+
+    def context(self):
+        return self._context
+
+    def _install(self, path, keyfile=None):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(path, keyfile)
+        if self.config.client_ca_file:
+            context.verify_mode = ssl.CERT_OPTIONAL  # a client cert is verified when given, else token or anonymous
+            context.load_verify_locations(cafile=self.config.client_ca_file)
+        self._context = context
+
+    def start(self):
+        if self.config.tls_cert_file:
+            self._install(self.config.tls_cert_file, self.config.tls_private_key_file)
+            return
+        current = _current_certificate(self.pki_dir, "kubelet-server")
+        if current:
+            self._install(current[0])
+        self._thread = threading.Thread(target=self._rotate, name="minikrust-serving-cert", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout=None):
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _rotate(self):
+        backoff = 1.0
+        while not self.stop.is_set():
+            current = _current_certificate(self.pki_dir, "kubelet-server")
+            if current:
+                renew_at = _rotation_time(current[1], current[2])
+                if time.time() < renew_at:
+                    if self.stop.wait(min(renew_at - time.time(), 3600.0)):
+                        return
+                    continue
+            try:
+                dns, ips = _node_addresses(self.kubelet)
+                key, csr = new_key_and_csr(f"system:node:{self.config.node_name}", "system:nodes", dns, ips)
+                cert = request_certificate(self.kubelet.api, csr, SERVING_SIGNER,
+                                           ["digital signature", "server auth"], self.csr_timeout, self.stop)
+                self._install(store_certificate(self.pki_dir, "kubelet-server", cert, key))
+                log.info("serving certificate issued for %s", ", ".join(dns + ips))
+                backoff = 1.0
+            except (MinikrustError, ssl.SSLError, OSError) as exc:
+                if self.stop.is_set():
+                    return
+                log.warning("serving certificate request failed (retrying in %.0fs): %s", backoff, exc)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+
+@dataclass(frozen=True)
+class _User:
+    name: str
+    groups: tuple = ()
+    uid: str = ""
+
+
+_ANONYMOUS = _User("system:anonymous", ("system:unauthenticated",))
+
+
+class _Authorizer:
+    """The kubelet's webhook mode: client certificates, TokenReview bearer tokens, SubjectAccessReview.
+
+    Results are cached: tokens 2 minutes, allowed decisions 5 minutes, denials 30 seconds (the
+    kubelet's --authentication-token-webhook-cache-ttl and --authorization-webhook-cache-*-ttl).
+    """
+
+    TOKEN_TTL, ALLOWED_TTL, DENIED_TTL = 120.0, 300.0, 30.0
+
+    def __init__(self, api, node_name, anonymous):
+        self.api, self.node_name, self.anonymous = api, node_name, anonymous
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def _cached(self, key, compute, ttl_of):
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit and hit[0] > now:
+                return hit[1]
+        value = compute()
+        with self._lock:
+            if len(self._cache) > 4096:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache[key] = (now + ttl_of(value), value)
+        return value
+
+    def authenticate(self, peer_cert, authorization):
+        """The caller as a _User, or None (401). Raises ApiError when the TokenReview cannot be made."""
+        if peer_cert:
+            subject = [pair for rdn in peer_cert.get("subject", ()) for pair in rdn]
+            names = [value for key, value in subject if key == "commonName"]
+            if names:
+                return _User(names[0], tuple(value for key, value in subject if key == "organizationName"))
+        if authorization and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
+            if not token or self.api is None:
+                return None
+            digest = hashlib.sha256(token.encode()).hexdigest()  # never keep the token itself
+            return self._cached(("token", digest), lambda: self._review_token(token),
+                                lambda user: self.TOKEN_TTL if user else self.DENIED_TTL)
+        # standalone serves loopback only, without an API server to review anyone: all callers are anonymous
+        return _ANONYMOUS if self.anonymous or self.api is None else None
+
+    def _review_token(self, token):
+        review = self.api.post("/apis/authentication.k8s.io/v1/tokenreviews", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}})
+        status = review.get("status") or {}
+        if not status.get("authenticated"):
+            return None
+        user = status.get("user") or {}
+        return _User(user.get("username", ""), tuple(user.get("groups") or ()), user.get("uid", ""))
+
+    def authorize(self, user, verb, subresource):
+        """(allowed, reason) for `user` doing `verb` on nodes/<subresource> of this node."""
+        if self.api is None:
+            return True, ""
+        attributes = {"verb": verb, "resource": "nodes", "subresource": subresource, "name": self.node_name,
+                      "group": "", "version": "v1", "namespace": ""}
+        key = ("sar", user, verb, subresource)
+        return self._cached(key, lambda: self._review_access(user, attributes),
+                            lambda result: self.ALLOWED_TTL if result[0] else self.DENIED_TTL)
+
+    def _review_access(self, user, attributes):
+        spec = {"user": user.name, "groups": list(user.groups), "resourceAttributes": attributes}
+        if user.uid:
+            spec["uid"] = user.uid
+        review = self.api.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec})
+        status = review.get("status") or {}
+        return bool(status.get("allowed")) and not status.get("denied"), status.get("reason", "")
+
+
+def _subresource(path):
+    """The nodes subresource the kubelet authorizes a path as (its server/auth.go mapping)."""
+    for prefix, name in (("/stats", "stats"), ("/metrics", "metrics"), ("/logs", "log")):
+        if path == prefix or path.startswith(prefix + "/"):
+            return name
+    return "proxy"
+
+
+_VERBS = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+_STREAMING = ("exec", "attach", "portForward", "run")
+
+
+def _container_ended(kubelet, namespace, name, container, path):
+    """Whether the container run writing `path` (`<restartCount>.log`) has ended, from kubelet.pods()."""
+    stem = os.path.basename(path).split(".")[0]
+    run = int(stem) if stem.isdigit() else None
+    for pod in kubelet.pods():
+        meta = pod.get("metadata") or {}
+        if (meta.get("namespace") or "default", meta.get("name")) != (namespace, name):
+            continue
+        status = pod.get("status") or {}
+        for entry in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            if entry.get("name") != container:
+                continue
+            count = entry.get("restartCount", 0)
+            if run is not None and count > run:
+                return True  # a later run has started: this one is over
+            # a terminated state reported for an earlier run is stale: this run just started
+            return "terminated" in (entry.get("state") or {}) and (run is None or count == run)
+        return False  # not reported yet: the container is starting
+    return True  # the pod is gone
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One request to the kubelet API: authenticate, authorize, route."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"minikrust/{__version__}"
+    timeout = 60  # an idle or stuck client frees its thread after this many seconds
+
+    def log_message(self, fmt, *args):
+        log.debug("server: %s " + fmt, self.address_string(), *args)
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def _send(self, code, body, content_type="text/plain; charset=utf-8"):
+        data = body if isinstance(body, bytes) else body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_json(self, code, document):
+        self._send(code, json.dumps(document), "application/json")
+
+    def _caller(self):
+        """(user, None) or (None, (code, message)) after authentication and authorization."""
+        kube, url_path = self.server.kube, urllib.parse.urlsplit(self.path).path
+        peer = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+        try:
+            user = kube.auth.authenticate(peer, self.headers.get("Authorization"))
+        except (ApiError, requests.RequestException) as exc:
+            log.warning("server: token review failed: %s", exc)
+            return None, (401, "Unauthorized")
+        if user is None:
+            return None, (401, "Unauthorized")
+        verb, subresource = _VERBS.get(self.command, ""), _subresource(url_path)
+        try:
+            allowed, reason = kube.auth.authorize(user, verb, subresource)
+        except (ApiError, requests.RequestException) as exc:
+            log.warning("server: subject access review failed: %s", exc)
+            return None, (500, "Authorization error (user=%s, verb=%s, resource=nodes, subresource=%s)"
+                          % (user.name, verb, subresource))
+        if not allowed:
+            message = f"Forbidden (user={user.name}, verb={verb}, resource=nodes, subresource={subresource})"
+            return None, (403, message + (f": {reason}" if reason else ""))
+        return user, None
+
+    def _dispatch(self, method):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(min(length, 1 << 20))
+        url = urllib.parse.urlsplit(self.path)
+        parts = [urllib.parse.unquote(part) for part in url.path.split("/")[1:]]
+        if url.path == "/healthz":
+            return self._send(200, "ok")
+        _, denial = self._caller()
+        if denial:
+            return self._send(*denial)
+        if parts and parts[0] in _STREAMING:
+            return self._send(501, f"{parts[0]} is not supported: minikrust runs WebAssembly modules, which have "
+                                   "no shell, terminal or network ports to reach into")
+        if method not in ("GET", "HEAD"):
+            return self._send(405, f"method {method} not allowed on {url.path}")
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        self._route(url.path, parts, query)
+
+    def _route(self, path, parts, query):
+        kube = self.server.kube
+        if path == "/pods":
+            return self._send_json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
+                                         "items": list(kube.kubelet.pods())})
+        if path == "/metrics":
+            return self._send(200, kube.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/metrics/resource":
+            return self._send(200, kube.stats.resource_metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        if path in ("/stats/summary", "/stats/summary/"):
+            return self._send_json(200, kube.stats.summary())
+        if len(parts) == 4 and parts[0] == "containerLogs":
+            return self._container_logs(*parts[1:], query)
+        return self._send(404, f"404 page not found: {path}")
+
+    def _container_logs(self, namespace, name, container, query):
+        try:
+            options = LogOptions.from_query(query)
+        except ValueError as exc:
+            return self._send(400, str(exc))
+        kubelet = self.server.kube.kubelet
+        path = kubelet.container_log_path(namespace, name, container, previous=options.previous)
+        if not path or not (os.path.exists(path) or rotated_log_files(path)):
+            if options.previous:
+                return self._send(400, f'previous terminated container "{container}" in pod "{name}" not found')
+            return self._send(404, f'container "{container}" in pod "{namespace}/{name}" is not available')
+        if not options.follow or options.previous:
+            return self._send(200, b"".join(read_container_log(path, options)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True
+        ended = functools.partial(_container_ended, kubelet, namespace, name, container, path)
+        try:
+            for chunk in follow_container_log(path, options, ended, self._client_gone):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as exc:  # the client went away mid-write
+            log.debug("server: log follower for %s/%s/%s ended: %s", namespace, name, container, exc)
+
+    def _client_gone(self, seconds):
+        """Wait up to `seconds`; True when the server stops or the client closed its connection."""
+        if self.server.kube.stopping.is_set():
+            return True
+        try:
+            readable, _, _ = select.select([self.connection], [], [], seconds)
+        except (OSError, ValueError):
+            return True
+        return bool(readable) or self.server.kube.stopping.is_set()
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    """A thread a connection; the TLS handshake happens in that thread, with the current certificate."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, kube):
+        self.kube = kube
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would look up the FQDN: slow, unneeded
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def finish_request(self, request, client_address):
+        if self.kube.tls is None:
+            return super().finish_request(request, client_address)
+        context = self.kube.tls.context()
+        if context is None:
+            return None  # no serving certificate yet
+        request.settimeout(10)
+        try:
+            connection = context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("server: TLS handshake with %s failed: %s", client_address[0], exc)
+            return None
+        try:
+            return self.RequestHandlerClass(connection, client_address, self)
+        finally:
+            connection.close()
+
+
+class KubeletServer:
+    """The kubelet API a node serves to the API server: logs, health, pods, metrics, stats.
+
+    Reads from the kubelet only: config, api, pods(), container_log_path(ns, pod, container,
+    previous=False), metrics (a Metrics) and container_stats(). With an API server it serves HTTPS
+    with the kubelet's webhook authentication and authorization; standalone (api None) it serves
+    plain HTTP on 127.0.0.1 only, to anyone who can reach loopback.
+    """
+
+    def __init__(self, kubelet, csr_timeout=900.0):
+        self.kubelet, self.config = kubelet, kubelet.config
+        self.stopping = threading.Event()
+        self.standalone = kubelet.api is None
+        self.tls = None if self.standalone else _ServingTLS(kubelet, self.stopping, csr_timeout)
+        self.auth = _Authorizer(kubelet.api, self.config.node_name, getattr(self.config, "anonymous_auth", False))
+        self.stats = _ResourceStats(kubelet)
+        self._httpd = None
+        self._thread = None
+
+    @property
+    def port(self):
+        return self._httpd.server_address[1] if self._httpd else None
+
+    @property
+    def scheme(self):
+        return "http" if self.standalone else "https"
+
+    def start(self):
+        host = "127.0.0.1" if self.standalone else (getattr(self.config, "address", None) or "0.0.0.0")
+        self._httpd = _HTTPServer((host, self.config.port), self)
+        if self.tls is not None:
+            self.tls.start()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="minikrust-server", daemon=True)
+        self._thread.start()
+        log.info("serving the kubelet API on %s://%s:%d", self.scheme, host, self.port)
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.tls is not None:
+            self.tls.join(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def render_metrics(self):
+        """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
+        metrics = getattr(self.kubelet, "metrics", None)
+        text = metrics.render() if metrics is not None else ""
+        running = sum(1 for pod in self.kubelet.pods() if (pod.get("status") or {}).get("phase") == "Running")
+        extra = Metrics(standard=False)
+        extra.gauge("minikrust_running_pods", "Pods in phase Running on this node.")
+        extra.set("minikrust_running_pods", running)
+        extra.counter("minikrust_container_cpu_seconds_total", "CPU seconds used by each container run.")
+        extra.gauge("minikrust_container_memory_bytes", "Linear memory of each container run, in bytes.")
+        for item in self.stats.containers():
+            labels = {"namespace": item["namespace"], "pod": item["pod"], "container": item["container"]}
+            extra.set("minikrust_container_cpu_seconds_total", float(item.get("cpu_seconds", 0.0)), **labels)
+            extra.set("minikrust_container_memory_bytes", int(item.get("memory_bytes", 0)), **labels)
+        return text + extra.render()
 
 
 # --- Kubelet: wires the above; start()/stop(); embeddable ---
