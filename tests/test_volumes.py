@@ -291,3 +291,123 @@ def test_cleanup_removes_everything_without_following_symlinks(tmp_path):
     assert not (tmp_path / "pod" / "volumes").exists()
     assert (victim / "precious").read_text() == "keep"
     cleanup_volumes(str(tmp_path / "pod"))  # twice is fine
+
+
+# --- Sandbox: a module reaches its mounts and nothing else ---
+
+# escape PATH... -- RAW...: each PATH through libc ("libc <path> ok <first line>" or the errno text),
+# then each RAW through path_open on every preopened fd (3..) as given, `..` and leading `/` included.
+ESCAPE_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <wasi/api.h>
+
+static void try_libc(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) { printf("libc %s %s\n", path, strerror(errno)); return; }
+    char line[256] = "";
+    if (!fgets(line, sizeof line, f)) line[0] = 0;
+    line[strcspn(line, "\n")] = 0;
+    fclose(f);
+    printf("libc %s ok %s\n", path, line);
+}
+
+static void try_raw(int dirfd, const char *path) {
+    __wasi_fd_t fd;
+    __wasi_errno_t err = __wasi_path_open(dirfd, __WASI_LOOKUPFLAGS_SYMLINK_FOLLOW, path, 0,
+                                          __WASI_RIGHTS_FD_READ, 0, 0, &fd);
+    if (err) { printf("raw %d %s errno %d\n", dirfd, path, err); return; }
+    char buf[256] = "";
+    __wasi_iovec_t iov = {(uint8_t *)buf, sizeof buf - 1};
+    __wasi_size_t n = 0;
+    __wasi_fd_read(fd, &iov, 1, &n);
+    buf[n] = 0;
+    buf[strcspn(buf, "\n")] = 0;
+    __wasi_fd_close(fd);
+    printf("raw %d %s ok %s\n", dirfd, path, buf);
+}
+
+int main(int argc, char **argv) {
+    int i = 1;
+    for (; i < argc && strcmp(argv[i], "--"); i++) try_libc(argv[i]);
+    for (int dirfd = 3; dirfd < 16; dirfd++) {
+        __wasi_prestat_t pre;
+        if (__wasi_fd_prestat_get(dirfd, &pre)) break;
+        for (int j = i + 1; j < argc; j++) try_raw(dirfd, argv[j]);
+    }
+    return 0;
+}
+"""
+
+SECRET = "TOP-SECRET-HOST-DATA"
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A pod dir with an emptyDir full of escape routes and a secret file outside any mount."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text(SECRET + "\n")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "shared.txt").write_text("shared\n")
+    os.symlink(outside / "secret.txt", allowed / "hostlink")
+    pod = make_pod([{"name": "e", "emptyDir": {}}, {"name": "h", "hostPath": {"path": str(allowed)}}],
+                   [{"name": "e", "mountPath": "/data"}, {"name": "h", "mountPath": "/host", "readOnly": True}])
+    pod_dir = tmp_path / "pods" / "uid-1"
+    dirs = prepare_volumes(pod, str(pod_dir), Config(allowed_host_paths=(str(allowed),)))
+    data = dirs["e"]
+    with open(os.path.join(data, "ok.txt"), "w") as f:
+        f.write("fine\n")
+    os.symlink(outside / "secret.txt", os.path.join(data, "abs-link"))
+    os.symlink(os.path.relpath(outside / "secret.txt", data), os.path.join(data, "rel-link"))
+    os.symlink(outside, os.path.join(data, "dir-link"))
+    os.symlink("/", os.path.join(data, "root-link"))
+    mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs)
+    return {"mounts": mounts, "outside": str(outside), "tmp": tmp_path, "data": data}
+
+
+def run_module(host, path, argv, mounts, tmp_path):
+    with open(path, "rb") as f:
+        module = host.load(f.read())
+    out = tmp_path / f"out-{len(os.listdir(tmp_path))}.log"
+    result = module.run(argv, env=[], preopens=mounts, stdout=str(out), stderr=str(out), log_format="plain")
+    return result, out.read_text()
+
+
+def test_module_cannot_reach_host_paths_outside_its_mounts(backend, wasm, sandbox):
+    escape = wasm.c(ESCAPE_C, "escape")
+    secret = os.path.join(sandbox["outside"], "secret.txt")
+    tries = ["/data/ok.txt", "/host/shared.txt",                                   # the controls
+             "/data/../outside/secret.txt", "/data/../../../../../../" + secret.lstrip("/"),
+             secret, "/etc/passwd", "../outside/secret.txt", "outside/secret.txt",
+             "/data/abs-link", "/data/rel-link", "/data/dir-link/secret.txt", "/data/root-link/etc/passwd",
+             "/host/hostlink", "/host/../outside/secret.txt"]
+    raw = ["ok.txt", "shared.txt", "..", "../outside/secret.txt", "../../../../../../../" + secret.lstrip("/"),
+           secret, "/etc/passwd", "abs-link", "rel-link", "dir-link/secret.txt", "root-link/etc/passwd",
+           "hostlink", "dir-link/../ok.txt"]
+    result, output = run_module(backend, escape, ["escape", *tries, "--", *raw], sandbox["mounts"], sandbox["tmp"])
+    assert result.exit_code == 0, output
+    assert "libc /data/ok.txt ok fine" in output
+    assert "libc /host/shared.txt ok shared" in output
+    assert SECRET not in output
+    assert "root:" not in output  # /etc/passwd never read
+    ok_lines = sorted(line.split(" ok ")[0] for line in output.splitlines() if " ok " in line)
+    # only the controls succeed: through libc, and raw on the preopen that holds them
+    assert ok_lines == ["libc /data/ok.txt", "libc /host/shared.txt", "raw 3 ok.txt", "raw 4 shared.txt"], output
+
+
+def test_read_only_mount_refuses_writes(backend, wasm, tmp_path):
+    api = FakeApi(configmaps={"cfg": {"a": "1"}})
+    pod = make_pod([{"name": "c", "configMap": {"name": "cfg"}}, {"name": "e", "emptyDir": {}}],
+                   [{"name": "c", "mountPath": "/config"}, {"name": "e", "mountPath": "/ro", "readOnly": True}])
+    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config(), api=api)
+    mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs)
+    for target in ("/config/a", "/config/new", "/ro/new"):
+        result, output = run_module(backend, wasm.tool, ["tool", "write", target, "x"], mounts, tmp_path)
+        assert result.exit_code == 2, output
+    assert read(os.path.join(dirs["c"], "a")) == "1"
+    assert os.listdir(dirs["e"]) == []
+    result, output = run_module(backend, wasm.tool, ["tool", "cat", "/config/a"], mounts, tmp_path)
+    assert output == "1"
