@@ -1,0 +1,341 @@
+"""_wasihost: run WASI preview 1 modules on wasmtime through a small C host (cffi, API mode).
+
+    host = Host("~/.minikrust/cache")
+    module = host.load(open("hello.wasm", "rb").read())       # compiled once, cached on disk
+    result = module.run(["hello"], stdout="/tmp/hello.log")   # CRI log lines, GIL released
+    run = module.start(["loop"]); run.kill(); run.wait()      # from any thread
+
+The extension is built against wasmtime's C API as shipped by the `wasmtime` wheel (pinned in
+setup.py). At import we check that wheel's version and dlopen its `_libwasmtime` with RTLD_GLOBAL,
+so `_native` finds the symbols without LD_LIBRARY_PATH or an rpath (see `_build.py`). A mismatch
+raises `WasmtimeVersionError` (an ImportError), so callers fall back to the pure-Python host.
+"""
+
+import ctypes
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import threading
+from dataclasses import dataclass
+
+__all__ = ["Host", "Module", "Run", "Result", "WasiHostError", "LoadError", "RunError",
+           "WasmtimeVersionError", "WASMTIME_RANGE"]
+
+log = logging.getLogger("minikrust")
+
+# The wasmtime releases whose C API our declarations in wasmtime_api.h match: [low, high) majors.
+WASMTIME_RANGE = (50, 51)
+
+
+class WasiHostError(Exception):
+    """Base class of every error the host raises."""
+
+
+class LoadError(WasiHostError):
+    """A module that cannot be loaded: invalid wasm, no `_start`, an import WASI does not provide."""
+
+
+class RunError(WasiHostError):
+    """A run that cannot be set up: missing preopen directory, unusable argv/env or output."""
+
+
+class WasmtimeVersionError(ImportError):
+    """The installed `wasmtime` package is outside the range this extension was built for."""
+
+
+def check_wasmtime_version(version):
+    """Raise WasmtimeVersionError unless `version` (e.g. "50.0.1") is in WASMTIME_RANGE."""
+    low, high = WASMTIME_RANGE
+    try:
+        major = int(version.split(".")[0])
+    except (AttributeError, ValueError):
+        major = -1
+    if not low <= major < high:
+        raise WasmtimeVersionError(
+            f"_wasihost was built for wasmtime >={low},<{high} but wasmtime {version} is installed; "
+            f"run `pip install 'wasmtime>={low},<{high}'` (or rebuild minikrust against the new "
+            f"wasmtime after checking _wasihost/wasmtime_api.h)")
+
+
+def _load_libwasmtime():
+    """Make the wasmtime wheel's shared library global, so `_native`'s symbols resolve to it."""
+    try:
+        version = importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:
+        raise WasmtimeVersionError("_wasihost needs the `wasmtime` package: pip install "
+                                   f"'wasmtime>={WASMTIME_RANGE[0]},<{WASMTIME_RANGE[1]}'") from None
+    check_wasmtime_version(version)
+    from wasmtime import _ffi  # the package's own loader knows its platform directory layout
+    ctypes.CDLL(str(_ffi.filename), mode=ctypes.RTLD_GLOBAL)
+    return version
+
+
+WASMTIME_VERSION = _load_libwasmtime()
+from ._native import ffi, lib  # noqa: E402  (needs the library loaded above)
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a run ended. exit_code is None when the module trapped, was killed or timed out."""
+    exit_code: "int | None"
+    trap: "str | None" = None
+    duration: float = 0.0
+    killed: bool = False
+    timed_out: bool = False
+    oom: bool = False
+    cpu_seconds: float = 0.0
+    peak_memory: int = 0
+
+
+_ERRLEN = 2048
+_PAGE = 65536
+
+
+def _err_text(buf):
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+class Host:
+    """The native WASI host: one wasmtime engine per process, compiled modules cached on disk."""
+
+    backend = "native"
+
+    def __init__(self, cache_dir):
+        self.cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir)))
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self.wasmtime_version = WASMTIME_VERSION
+        self._modules = {}
+        self._lock = threading.Lock()
+        err = ffi.new("char[]", _ERRLEN)
+        if lib.wh_init(err, _ERRLEN) != 0:
+            raise WasiHostError(_err_text(err))
+
+    def cache_path(self, digest):
+        """Where the compiled form of `digest` lives: keyed by sha256, wasmtime version, arch."""
+        hexdigest = digest.split(":", 1)[1]
+        name = f"{hexdigest}.wasmtime-{self.wasmtime_version}.{platform.machine()}.native.cwasm"
+        return os.path.join(self.cache_dir, name)
+
+    def load(self, wasm, digest=None):
+        """Load (compile once, then from the on-disk cache) a module from bytes or a path."""
+        if digest is not None and digest in self._modules:
+            return self._modules[digest]
+        if isinstance(wasm, (bytes, bytearray, memoryview)):
+            data = bytes(wasm)
+        else:
+            try:
+                with open(wasm, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise LoadError(f"cannot read module {wasm}: {e.strerror}") from None
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if digest is not None and digest != actual:
+            raise LoadError(f"module digest is {actual}, expected {digest}")
+        with self._lock:
+            module = self._modules.get(actual)
+            if module is None:
+                module = self._modules[actual] = self._compile(data, actual)
+        return module
+
+    def _compile(self, data, digest):
+        out = ffi.new("wh_module **")
+        from_cache = ffi.new("int *")
+        err = ffi.new("char[]", _ERRLEN)
+        path = self.cache_path(digest).encode()
+        if lib.wh_module_load(data, len(data), path, out, from_cache, err, _ERRLEN) != 0:
+            raise LoadError(_err_text(err))
+        return Module(self, ffi.gc(out[0], lib.wh_module_free), digest, bool(from_cache[0]))
+
+
+class Module:
+    """A compiled module, linked against WASI once; each run gets a fresh store and instance."""
+
+    def __init__(self, host, ptr, digest, from_cache):
+        self.host = host
+        self.digest = digest
+        self.from_cache = from_cache
+        self._ptr = ptr
+
+    def __repr__(self):
+        return f"<_wasihost.Module {self.digest}>"
+
+    def start(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
+              memory_limit=None, deadline=None, stdin=None):
+        """Start a run in its own thread; returns a Run (kill(), wait(), done)."""
+        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin)
+        run._thread = threading.Thread(target=run._execute, name=f"wasihost-run-{argv[0] if argv else ''}",
+                                       daemon=True)
+        run._thread.start()
+        return run
+
+    def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
+            memory_limit=None, deadline=None, stdin=None):
+        """Run to the end in the calling thread (the GIL is released while the module runs)."""
+        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin)
+        run._execute()
+        return run.wait()
+
+
+def _cstrings(values, keep):
+    """A `const char *[]` for `values` (str), its buffers kept alive in `keep`."""
+    bufs = []
+    for value in values:
+        raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        if b"\0" in raw:
+            raise RunError(f"argument or environment string contains a NUL byte: {value!r}")
+        bufs.append(ffi.new("char[]", raw))
+    keep.extend(bufs)
+    array = ffi.new("char *[]", bufs) if bufs else ffi.NULL
+    keep.append(array)
+    return array
+
+
+class _Output:
+    """The fds a run writes stdout/stderr to: opened files, pipes to callables, or given fds."""
+
+    def __init__(self, stdout, stderr):
+        self._close = []
+        self._readers = []
+        opened = {}
+        self.fds = [self._open(target, opened) for target in (stdout, stderr)]
+
+    def _open(self, target, opened):
+        if target is None:
+            return -1
+        key = target if callable(target) else (os.fspath(target) if not isinstance(target, int) else target)
+        if isinstance(key, str) and key in opened:
+            return opened[key]
+        if callable(target) and id(target) in opened:
+            return opened[id(target)]
+        if isinstance(target, int):
+            return target
+        if callable(target):
+            r, w = os.pipe()
+            os.set_inheritable(w, False)
+            self._close.append(w)
+            reader = threading.Thread(target=_pump, args=(r, target), daemon=True, name="wasihost-output")
+            reader.start()
+            self._readers.append(reader)
+            opened[id(target)] = w
+            return w
+        try:
+            fd = os.open(key, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot open output {key}: {e.strerror}") from None
+        self._close.append(fd)
+        opened[key] = fd
+        return fd
+
+    def close(self):
+        for fd in self._close:
+            os.close(fd)
+        self._close = []
+        for reader in self._readers:
+            reader.join()  # every byte reaches the callable before the run reports its end
+        self._readers = []
+
+
+def _pump(fd, callback):
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            try:
+                callback(chunk)
+            except Exception:  # a broken log consumer must not stall the module
+                log.exception("stdout/stderr callback failed")
+    finally:
+        os.close(fd)
+
+
+class Run:
+    """One running (or finished) instance of a module."""
+
+    def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
+                 deadline, stdin):
+        if log_format not in ("cri", "plain"):
+            raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
+        self.module = module
+        self._memory_limit = memory_limit
+        self._ptr = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
+        self._result = None
+        self._error = None
+        self._done = threading.Event()
+        self._thread = None
+        self._keep = keep = []
+        c = self._config = ffi.new("wh_run_config *")
+        argv = list(argv)
+        c.argv, c.argc = _cstrings(argv, keep), len(argv)
+        pairs = list(env.items()) if isinstance(env, dict) else list(env)
+        c.env_names = _cstrings([k for k, _ in pairs], keep)
+        c.env_values = _cstrings([v for _, v in pairs], keep)
+        c.envc = len(pairs)
+        preopens = list(preopens)
+        for host_dir, _, _ in preopens:
+            if not os.path.isdir(host_dir):
+                raise RunError(f"preopen directory {host_dir} does not exist")
+        c.preopen_host = _cstrings([os.fspath(h) for h, _, _ in preopens], keep)
+        c.preopen_guest = _cstrings([g for _, g, _ in preopens], keep)
+        readonly = ffi.new("int[]", [1 if ro else 0 for _, _, ro in preopens]) if preopens else ffi.NULL
+        keep.append(readonly)
+        c.preopen_readonly, c.npreopens = readonly, len(preopens)
+        c.log_format = lib.WH_LOG_CRI if log_format == "cri" else lib.WH_LOG_PLAIN
+        c.memory_limit = -1 if memory_limit is None else int(memory_limit)
+        c.deadline = 0.0 if deadline is None else max(float(deadline), 1e-9)
+        if stdin is not None:
+            data = ffi.from_buffer(bytes(stdin))
+            keep.append(data)
+            c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
+        self._output = _Output(stdout, stderr)
+        c.stdout_fd, c.stderr_fd = self._output.fds
+
+    def _execute(self):
+        res = ffi.new("wh_result *")
+        try:
+            rc = lib.wh_run_exec(self.module._ptr, self._config, self._ptr, res)
+        finally:
+            self._output.close()
+        if rc != 0:
+            self._error = RunError(_err_text(res.message))
+        else:
+            self._result = self._to_result(res)
+        self._done.set()
+
+    def _to_result(self, res):
+        status = res.status
+        exited = status == lib.WH_EXITED
+        message = _err_text(res.message) or None
+        limit = self._memory_limit
+        # wasmtime tells a module "no" on memory.grow without telling us: call it oom when a run
+        # with a limit fails and its memory could not have grown by one more page.
+        oom = (limit is not None and not (exited and res.exit_code == 0) and status in (lib.WH_EXITED, lib.WH_TRAPPED)
+               and (bool(res.instantiate_failed) or res.peak_memory + _PAGE > limit))
+        return Result(
+            exit_code=res.exit_code if exited else None,
+            trap=message if status == lib.WH_TRAPPED else None,
+            duration=res.duration,
+            killed=status == lib.WH_KILLED,
+            timed_out=status == lib.WH_TIMED_OUT,
+            oom=oom,
+            cpu_seconds=res.cpu_seconds,
+            peak_memory=res.peak_memory,
+        )
+
+    def kill(self):
+        """Stop the module (from any thread); it stops within about two epoch ticks (10 ms)."""
+        lib.wh_kill(self._ptr)
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+    def wait(self, timeout=None):
+        """The Result, or None if still running after `timeout` seconds; raises RunError."""
+        if not self._done.wait(timeout):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -1,0 +1,675 @@
+/* wasihost.c: the hot path of minikrust's WASI host, in C over wasmtime's C API.
+ *
+ * One engine per process (epoch interruption, pooling allocator, cranelift "speed"), one
+ * ticker thread bumping its epoch, one linker holding wasmtime's WASI with our own fd_write
+ * (plus fd_close/fd_renumber bookkeeping) shadowing it for fds 1 and 2, and a second linker
+ * holding only wasmtime's WASI, from which the originals are fetched to delegate everything
+ * that is not a plain write to the container's stdout/stderr.
+ *
+ * Every error becomes a code and a message returned to Python; C never calls into Python.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "wasmtime_api.h"
+#include "wasihost.h"
+
+_Static_assert(sizeof(wasmtime_extern_t) == 32, "wasmtime_extern_t layout");
+_Static_assert(sizeof(wasmtime_val_raw_t) == 16, "wasmtime_val_raw_t layout");
+_Static_assert(sizeof(wasmtime_func_t) == 16, "wasmtime_func_t layout");
+
+#define WASI_MODULE "wasi_snapshot_preview1"
+#define TICK_NS (5 * 1000 * 1000) /* epoch period: kill/deadline latency is about two ticks */
+#define CRI_MAX_LINE 16384        /* the kubelet's CRI log line limit; longer lines become P records */
+#define WASI_ERRNO_SUCCESS 0
+
+/* ---------------------------------------------------------------- errors */
+
+static void set_msg(char *dst, size_t cap, const char *prefix, const uint8_t *text, size_t len) {
+  if (!dst || cap == 0) return;
+  size_t n = strlen(prefix);
+  if (n >= cap) n = cap - 1;
+  memcpy(dst, prefix, n);
+  while (len > 0 && text[len - 1] == '\0') len--; /* wasmtime's messages may carry a trailing NUL */
+  if (len > cap - 1 - n) len = cap - 1 - n;
+  if (len) memcpy(dst + n, text, len);
+  dst[n + len] = '\0';
+}
+
+/* Consumes `e`: copies its message after `prefix` into dst. */
+static void take_error(wasmtime_error_t *e, const char *prefix, char *dst, size_t cap) {
+  wasm_name_t m;
+  wasmtime_error_message(e, &m);
+  set_msg(dst, cap, prefix, m.data, m.size);
+  wasm_byte_vec_delete(&m);
+  wasmtime_error_delete(e);
+}
+
+static void take_trap(wasm_trap_t *t, const char *prefix, char *dst, size_t cap) {
+  wasm_message_t m;
+  wasm_trap_message(t, &m);
+  set_msg(dst, cap, prefix, m.data, m.size);
+  wasm_byte_vec_delete(&m);
+  wasm_trap_delete(t);
+}
+
+/* ---------------------------------------------------------------- engine */
+
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static wasm_engine_t *g_engine;
+static wasmtime_linker_t *g_linker;      /* WASI + our shadows: modules link against this */
+static wasmtime_linker_t *g_wasi_linker; /* WASI only: the originals we delegate to */
+static char g_init_error[512];
+
+static void *ticker_main(void *arg) {
+  (void)arg;
+  struct timespec ts = {0, TICK_NS};
+  for (;;) {
+    nanosleep(&ts, NULL);
+    wasmtime_engine_increment_epoch(g_engine);
+  }
+  return NULL;
+}
+
+static wasm_engine_t *new_engine(int pooling) {
+  wasm_config_t *config = wasm_config_new();
+  wasmtime_config_epoch_interruption_set(config, true);
+  wasmtime_config_cranelift_opt_level_set(config, WH_WASMTIME_OPT_LEVEL_SPEED);
+  if (pooling) {
+    /* Modest pool: 256 concurrent instances, each memory up to 4 GiB (wasm32's whole space). */
+    wasmtime_pooling_allocation_config_t *pc = wasmtime_pooling_allocation_config_new();
+    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 256);
+    wasmtime_pooling_allocation_config_total_memories_set(pc, 256);
+    wasmtime_pooling_allocation_config_total_tables_set(pc, 256);
+    wasmtime_pooling_allocation_config_total_stacks_set(pc, 256);
+    wasmtime_pooling_allocation_config_max_memory_size_set(pc, (size_t)4 << 30);
+    wasmtime_pooling_allocation_strategy_set(config, pc);
+    wasmtime_pooling_allocation_config_delete(pc);
+  }
+  return wasm_engine_new_with_config(config); /* takes ownership of config */
+}
+
+static int define_shadows(wasmtime_linker_t *linker);
+
+static void engine_init(void) {
+  /* Address space may be too small for the pool (ulimit -v): fall back to on-demand memories. */
+  g_engine = new_engine(getenv("WASIHOST_NO_POOLING") == NULL);
+  if (!g_engine) g_engine = new_engine(0);
+  if (!g_engine) {
+    snprintf(g_init_error, sizeof g_init_error, "cannot create the wasmtime engine");
+    return;
+  }
+  wasmtime_error_t *e;
+  g_wasi_linker = wasmtime_linker_new(g_engine);
+  g_linker = wasmtime_linker_new(g_engine);
+  if ((e = wasmtime_linker_define_wasi(g_wasi_linker)) || (e = wasmtime_linker_define_wasi(g_linker))) {
+    take_error(e, "define WASI: ", g_init_error, sizeof g_init_error);
+    return;
+  }
+  wasmtime_linker_allow_shadowing(g_linker, true);
+  if (define_shadows(g_linker) != 0) return;
+  pthread_t t;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&attr, 64 * 1024);
+  if (pthread_create(&t, &attr, ticker_main, NULL) != 0)
+    snprintf(g_init_error, sizeof g_init_error, "cannot start the epoch ticker thread");
+  pthread_attr_destroy(&attr);
+}
+
+int wh_init(char *err, size_t errlen) {
+  pthread_once(&g_once, engine_init);
+  if (g_init_error[0]) {
+    set_msg(err, errlen, "", (const uint8_t *)g_init_error, strlen(g_init_error));
+    return -1;
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------- modules */
+
+struct wh_module {
+  wasmtime_module_t *module;
+  wasmtime_instance_pre_t *pre;
+};
+
+static int has_start(const wasmtime_module_t *m) {
+  wasm_exporttype_vec_t exports;
+  wasmtime_module_exports(m, &exports);
+  int found = 0;
+  for (size_t i = 0; i < exports.size && !found; i++) {
+    const wasm_name_t *name = wasm_exporttype_name(exports.data[i]);
+    found = name->size == 6 && memcmp(name->data, "_start", 6) == 0 &&
+            wasm_externtype_kind(wasm_exporttype_type(exports.data[i])) == WH_WASM_EXTERN_FUNC;
+  }
+  wasm_exporttype_vec_delete(&exports);
+  return found;
+}
+
+/* Writes the serialized module next to `path` and renames it into place (never a half file). */
+static void write_cache(wasmtime_module_t *m, const char *path) {
+  wasm_byte_vec_t bytes;
+  wasmtime_error_t *e = wasmtime_module_serialize(m, &bytes);
+  if (e) {
+    wasmtime_error_delete(e);
+    return;
+  }
+  char tmp[4200];
+  snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%lx", path, (long)getpid(), (unsigned long)pthread_self());
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd >= 0) {
+    size_t off = 0;
+    while (off < bytes.size) {
+      ssize_t n = write(fd, bytes.data + off, bytes.size - off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      off += (size_t)n;
+    }
+    int ok = off == bytes.size && fsync(fd) == 0;
+    close(fd);
+    if (!ok || rename(tmp, path) != 0) unlink(tmp);
+  }
+  wasm_byte_vec_delete(&bytes);
+}
+
+int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
+                   int *from_cache, char *err, size_t errlen) {
+  *out = NULL;
+  *from_cache = 0;
+  if (wh_init(err, errlen) != 0) return WH_ERR_LOAD;
+  wasmtime_module_t *m = NULL;
+  wasmtime_error_t *e;
+  if (cache_path && cache_path[0] && access(cache_path, R_OK) == 0) {
+    e = wasmtime_module_deserialize_file(g_engine, cache_path, &m);
+    if (e) { /* stale or corrupt cache entry: compile again and overwrite it */
+      wasmtime_error_delete(e);
+      m = NULL;
+    } else {
+      *from_cache = 1;
+    }
+  }
+  if (!m) {
+    if (!wasm) {
+      set_msg(err, errlen, "", (const uint8_t *)"module bytes needed", 19);
+      return WH_ERR_NEED_BYTES;
+    }
+    if ((e = wasmtime_module_new(g_engine, wasm, len, &m))) {
+      take_error(e, "invalid module: ", err, errlen);
+      return WH_ERR_LOAD;
+    }
+    if (cache_path && cache_path[0]) write_cache(m, cache_path);
+  }
+  if (!has_start(m)) {
+    wasmtime_module_delete(m);
+    set_msg(err, errlen, "", (const uint8_t *)"module does not export a `_start` function", 42);
+    return WH_ERR_LOAD;
+  }
+  wasmtime_instance_pre_t *pre = NULL;
+  if ((e = wasmtime_linker_instantiate_pre(g_linker, m, &pre))) {
+    wasmtime_module_delete(m);
+    take_error(e, "cannot link module: ", err, errlen);
+    return WH_ERR_LOAD;
+  }
+  wh_module *wm = calloc(1, sizeof *wm);
+  if (!wm) {
+    wasmtime_instance_pre_delete(pre);
+    wasmtime_module_delete(m);
+    set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
+    return WH_ERR_LOAD;
+  }
+  wm->module = m;
+  wm->pre = pre;
+  *out = wm;
+  return 0;
+}
+
+void wh_module_free(wh_module *m) {
+  if (!m) return;
+  wasmtime_instance_pre_delete(m->pre);
+  wasmtime_module_delete(m->module);
+  free(m);
+}
+
+/* ---------------------------------------------------------------- output streams */
+
+enum { ORIG_FD_WRITE, ORIG_FD_CLOSE, ORIG_FD_RENUMBER, ORIG_COUNT };
+static const char *const ORIG_NAMES[ORIG_COUNT] = {"fd_write", "fd_close", "fd_renumber"};
+
+typedef struct {
+  int fd;       /* where the bytes go; -1 discards them */
+  int ours;     /* 0 once the guest closed or renumbered this fd: wasmtime owns it from then on */
+  const char *name; /* "stdout" / "stderr" */
+  char *line;   /* CRI: the current line not yet ended by '\n' */
+  size_t line_len;
+} stream_t;
+
+struct wh_run {
+  atomic_int killed;
+  /* the rest is only touched by the thread running the module */
+  int timed_out;
+  struct timespec deadline;
+  int has_deadline;
+  int cri;
+  stream_t streams[2];
+  wasmtime_func_t orig[ORIG_COUNT];
+  int have_orig[ORIG_COUNT];
+};
+
+wh_run *wh_run_new(void) { return calloc(1, sizeof(wh_run)); }
+void wh_run_free(wh_run *r) { free(r); }
+void wh_kill(wh_run *r) { atomic_store(&r->killed, 1); }
+
+static void write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return; /* a full disk or a closed reader must not kill the module */
+    p += w;
+    n -= (size_t)w;
+  }
+}
+
+/* "2026-11-25T23:59:59.123456789Z" (30 chars) */
+static size_t rfc3339nano(char *buf) {
+  struct timespec ts;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  size_t n = strftime(buf, 32, "%Y-%m-%dT%H:%M:%S", &tm);
+  n += (size_t)snprintf(buf + n, 32 - n, ".%09ldZ", (long)ts.tv_nsec);
+  return n;
+}
+
+/* Output buffer for CRI records: many lines of one fd_write leave in one write(2). */
+typedef struct {
+  char *buf;
+  size_t len, cap;
+  char ts[40];
+  size_t ts_len;
+  int heap; /* buf was malloc'ed (it starts on the caller's stack) */
+} outbuf_t;
+
+static void ob_flush(outbuf_t *ob, int fd) {
+  if (ob->len && fd >= 0) write_all(fd, ob->buf, ob->len);
+  ob->len = 0;
+}
+
+static void ob_record(outbuf_t *ob, stream_t *s, char tag, const char *a, size_t alen, const char *b,
+                      size_t blen) {
+  size_t need = ob->ts_len + 10 + alen + blen;
+  if (ob->len + need > ob->cap) {
+    ob_flush(ob, s->fd);
+    if (need > ob->cap) {
+      char *nb = malloc(need + 4096);
+      if (!nb) return;
+      if (ob->heap) free(ob->buf);
+      ob->buf = nb;
+      ob->cap = need + 4096;
+      ob->heap = 1;
+    }
+  }
+  char *p = ob->buf + ob->len;
+  memcpy(p, ob->ts, ob->ts_len);
+  p += ob->ts_len;
+  *p++ = ' ';
+  size_t nl = strlen(s->name);
+  memcpy(p, s->name, nl);
+  p += nl;
+  *p++ = ' ';
+  *p++ = tag;
+  *p++ = ' ';
+  if (alen) memcpy(p, a, alen);
+  p += alen;
+  if (blen) memcpy(p, b, blen);
+  p += blen;
+  *p++ = '\n';
+  ob->len = (size_t)(p - ob->buf);
+}
+
+static void cri_write(stream_t *s, const char *data, size_t len) {
+  char stack[8192];
+  outbuf_t ob = {stack, 0, sizeof stack, {0}, 0, 0};
+  ob.ts_len = rfc3339nano(ob.ts);
+  while (len > 0) {
+    const char *nl = memchr(data, '\n', len);
+    size_t chunk = nl ? (size_t)(nl - data) : len; /* bytes before the newline */
+    if (nl && s->line_len + chunk <= CRI_MAX_LINE) { /* a complete line */
+      ob_record(&ob, s, 'F', s->line, s->line_len, data, chunk);
+      s->line_len = 0;
+      data += chunk + 1;
+      len -= chunk + 1;
+    } else if (s->line_len + chunk >= CRI_MAX_LINE) { /* an overlong line: cut it */
+      size_t take = CRI_MAX_LINE - s->line_len;
+      ob_record(&ob, s, 'P', s->line, s->line_len, data, take);
+      s->line_len = 0;
+      data += take;
+      len -= take;
+    } else { /* no newline yet: keep the fragment for the next write */
+      if (!s->line) s->line = malloc(CRI_MAX_LINE);
+      if (!s->line) return;
+      memcpy(s->line + s->line_len, data, chunk);
+      s->line_len += chunk;
+      data += chunk;
+      len -= chunk;
+    }
+  }
+  ob_flush(&ob, s->fd);
+  if (ob.heap) free(ob.buf);
+}
+
+static void stream_emit(wh_run *r, stream_t *s, const char *data, size_t len) {
+  if (s->fd < 0 || len == 0) return;
+  if (r->cri)
+    cri_write(s, data, len);
+  else
+    write_all(s->fd, data, len);
+}
+
+/* End of run: a trailing fragment without its newline becomes a P record. */
+static void stream_finish(stream_t *s) {
+  if (s->line_len && s->fd >= 0) {
+    outbuf_t ob = {NULL, 0, 0, {0}, 0, 0};
+    ob.ts_len = rfc3339nano(ob.ts);
+    ob_record(&ob, s, 'P', s->line, s->line_len, NULL, 0);
+    ob_flush(&ob, s->fd);
+    if (ob.heap) free(ob.buf);
+  }
+  free(s->line);
+  s->line = NULL;
+  s->line_len = 0;
+}
+
+/* ---------------------------------------------------------------- shadowed WASI calls */
+
+static wasmtime_error_t *call_orig(wasmtime_caller_t *caller, int which, wasmtime_val_raw_t *args,
+                                   size_t n) {
+  wasmtime_context_t *ctx = wasmtime_caller_context(caller);
+  wh_run *r = wasmtime_context_get_data(ctx);
+  if (!r->have_orig[which]) {
+    wasmtime_extern_t ext;
+    const char *name = ORIG_NAMES[which];
+    if (!wasmtime_linker_get(g_wasi_linker, ctx, WASI_MODULE, strlen(WASI_MODULE), name, strlen(name), &ext) ||
+        ext.kind != WH_WASMTIME_EXTERN_FUNC)
+      return wasmtime_error_new("wasihost: wasmtime's WASI function is missing");
+    r->orig[which] = ext.of.func;
+    r->have_orig[which] = 1;
+  }
+  wasm_trap_t *trap = NULL;
+  wasmtime_error_t *e = wasmtime_func_call_unchecked(ctx, &r->orig[which], args, n, &trap);
+  if (trap) {
+    char msg[1024];
+    take_trap(trap, "", msg, sizeof msg);
+    return wasmtime_error_new(msg);
+  }
+  return e;
+}
+
+static int get_memory(wasmtime_caller_t *caller, uint8_t **data, size_t *size) {
+  wasmtime_extern_t ext;
+  if (!wasmtime_caller_export_get(caller, "memory", 6, &ext)) return 0;
+  if (ext.kind != WH_WASMTIME_EXTERN_MEMORY) {
+    wasmtime_extern_delete(&ext);
+    return 0;
+  }
+  wasmtime_context_t *ctx = wasmtime_caller_context(caller);
+  *data = wasmtime_memory_data(ctx, &ext.of.memory);
+  *size = wasmtime_memory_data_size(ctx, &ext.of.memory);
+  return 1;
+}
+
+static inline uint32_t load_u32(const uint8_t *p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v; /* wasm is little-endian, as are the hosts we build for */
+}
+
+/* fd_write(fd, iovs, iovs_len, nwritten) -> errno. Mirrors wasmtime's preview1 for stdout/stderr:
+ * only the first non-empty iovec is written, and its length is reported. Anything unusual
+ * (another fd, an out-of-bounds or misaligned pointer, no memory) goes to wasmtime's own
+ * fd_write, which then gives exactly wasmtime's errno or trap. */
+static wasmtime_error_t *shadow_fd_write(void *env, wasmtime_caller_t *caller, wasmtime_val_raw_t *args,
+                                         size_t n) {
+  (void)env;
+  wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
+  int32_t fd = args[0].i32;
+  if ((fd != 1 && fd != 2) || !r->streams[fd - 1].ours) return call_orig(caller, ORIG_FD_WRITE, args, n);
+  uint8_t *mem;
+  size_t size;
+  if (!get_memory(caller, &mem, &size)) return call_orig(caller, ORIG_FD_WRITE, args, n);
+  uint64_t iovs = (uint32_t)args[1].i32, count = (uint32_t)args[2].i32, out = (uint32_t)args[3].i32;
+  uint64_t buf = 0, len = 0;
+  for (uint64_t i = 0; i < count; i++) {
+    uint64_t p = iovs + 8 * i;
+    if (p % 4 || p + 8 > size) return call_orig(caller, ORIG_FD_WRITE, args, n);
+    len = load_u32(mem + p + 4);
+    if (len == 0) continue;
+    buf = load_u32(mem + p);
+    if (buf + len > size) return call_orig(caller, ORIG_FD_WRITE, args, n);
+    break;
+  }
+  if (out % 4 || out + 4 > size) return call_orig(caller, ORIG_FD_WRITE, args, n);
+  stream_emit(r, &r->streams[fd - 1], (const char *)mem + buf, (size_t)len);
+  uint32_t written = (uint32_t)len;
+  memcpy(mem + out, &written, 4);
+  args[0].i32 = WASI_ERRNO_SUCCESS;
+  return NULL;
+}
+
+/* fd_close / fd_renumber: wasmtime does the work; we only stop intercepting fds 1/2 it changed. */
+static wasmtime_error_t *shadow_fd_close(void *env, wasmtime_caller_t *caller, wasmtime_val_raw_t *args,
+                                         size_t n) {
+  (void)env;
+  int32_t fd = args[0].i32;
+  wasmtime_error_t *e = call_orig(caller, ORIG_FD_CLOSE, args, n);
+  if (!e && args[0].i32 == WASI_ERRNO_SUCCESS && (fd == 1 || fd == 2)) {
+    wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
+    stream_finish(&r->streams[fd - 1]);
+    r->streams[fd - 1].ours = 0;
+  }
+  return e;
+}
+
+static wasmtime_error_t *shadow_fd_renumber(void *env, wasmtime_caller_t *caller, wasmtime_val_raw_t *args,
+                                            size_t n) {
+  (void)env;
+  int32_t from = args[0].i32, to = args[1].i32;
+  wasmtime_error_t *e = call_orig(caller, ORIG_FD_RENUMBER, args, n);
+  if (!e && args[0].i32 == WASI_ERRNO_SUCCESS) {
+    wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
+    for (int fd = 1; fd <= 2; fd++)
+      if (fd == from || fd == to) {
+        stream_finish(&r->streams[fd - 1]);
+        r->streams[fd - 1].ours = 0;
+      }
+  }
+  return e;
+}
+
+static int define_i32_func(wasmtime_linker_t *linker, const char *name, size_t nparams,
+                           wasmtime_func_unchecked_callback_t cb) {
+  wasm_valtype_t *params[4], *results[1];
+  for (size_t i = 0; i < nparams; i++) params[i] = wasm_valtype_new(WH_WASM_I32);
+  results[0] = wasm_valtype_new(WH_WASM_I32);
+  wasm_valtype_vec_t pv, rv;
+  wasm_valtype_vec_new(&pv, nparams, params);
+  wasm_valtype_vec_new(&rv, 1, results);
+  wasm_functype_t *ty = wasm_functype_new(&pv, &rv); /* takes ownership of both vectors */
+  wasmtime_error_t *e = wasmtime_linker_define_func_unchecked(linker, WASI_MODULE, strlen(WASI_MODULE), name,
+                                                              strlen(name), ty, cb, NULL, NULL);
+  wasm_functype_delete(ty);
+  if (e) {
+    take_error(e, "define shadow: ", g_init_error, sizeof g_init_error);
+    return -1;
+  }
+  return 0;
+}
+
+static int define_shadows(wasmtime_linker_t *linker) {
+  if (define_i32_func(linker, "fd_write", 4, shadow_fd_write)) return -1;
+  if (define_i32_func(linker, "fd_close", 1, shadow_fd_close)) return -1;
+  if (define_i32_func(linker, "fd_renumber", 2, shadow_fd_renumber)) return -1;
+  return 0;
+}
+
+/* ---------------------------------------------------------------- runs */
+
+static int ts_after(const struct timespec *a, const struct timespec *b) {
+  return a->tv_sec > b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec >= b->tv_nsec);
+}
+
+static wasmtime_error_t *on_epoch(wasmtime_context_t *ctx, void *data, uint64_t *delta,
+                                  wasmtime_update_deadline_kind_t *kind) {
+  (void)ctx;
+  wh_run *r = data;
+  if (atomic_load(&r->killed)) return wasmtime_error_new("killed");
+  if (r->has_deadline) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (ts_after(&now, &r->deadline)) {
+      r->timed_out = 1;
+      return wasmtime_error_new("deadline exceeded");
+    }
+  }
+  *delta = 1;
+  *kind = WH_WASMTIME_UPDATE_DEADLINE_CONTINUE;
+  return NULL;
+}
+
+static double since(const struct timespec *t0, clockid_t clock) {
+  struct timespec t1;
+  clock_gettime(clock, &t1);
+  return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static wasi_config_t *make_wasi(const wh_run_config *c, char *err, size_t errlen) {
+  wasi_config_t *w = wasi_config_new();
+  if (!wasi_config_set_argv(w, c->argc, (const char **)c->argv) ||
+      !wasi_config_set_env(w, c->envc, (const char **)c->env_names, (const char **)c->env_values)) {
+    wasi_config_delete(w);
+    set_msg(err, errlen, "", (const uint8_t *)"argv or env is not valid UTF-8", 30);
+    return NULL;
+  }
+  for (size_t i = 0; i < c->npreopens; i++) {
+    if (!wasi_config_preopen_dir(w, c->preopen_host[i], c->preopen_guest[i], !c->preopen_readonly[i])) {
+      wasi_config_delete(w);
+      char msg[4200];
+      snprintf(msg, sizeof msg, "cannot preopen %s as %s", c->preopen_host[i], c->preopen_guest[i]);
+      set_msg(err, errlen, "", (const uint8_t *)msg, strlen(msg));
+      return NULL;
+    }
+  }
+  if (c->has_stdin) {
+    wasm_byte_vec_t v;
+    wasm_byte_vec_new(&v, c->stdin_len, c->stdin_data);
+    wasi_config_set_stdin_bytes(w, &v); /* takes ownership */
+  }
+  return w;
+}
+
+/* Fills `res` from what _start returned (or instantiation failed with). Consumes e / trap. */
+static void classify(wh_run *r, wasmtime_error_t *e, wasm_trap_t *trap, wh_result *res) {
+  int status;
+  if (e && wasmtime_error_exit_status(e, &status)) {
+    res->status = WH_EXITED;
+    res->exit_code = status;
+    wasmtime_error_delete(e);
+    return;
+  }
+  if (atomic_load(&r->killed) && (e || trap))
+    res->status = WH_KILLED;
+  else if (r->timed_out && (e || trap))
+    res->status = WH_TIMED_OUT;
+  else if (e || trap)
+    res->status = WH_TRAPPED;
+  else {
+    res->status = WH_EXITED;
+    res->exit_code = 0;
+  }
+  if (e) take_error(e, "", res->message, sizeof res->message);
+  if (trap) take_trap(trap, "", res->message, sizeof res->message);
+}
+
+int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
+  memset(res, 0, sizeof *res);
+  res->exit_code = -1;
+  struct timespec t0, c0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+  if (atomic_load(&r->killed)) {
+    res->status = WH_KILLED;
+    return 0;
+  }
+  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
+  if (!wasi) return WH_ERR_RUN;
+
+  r->timed_out = 0;
+  r->cri = c->log_format == WH_LOG_CRI;
+  r->has_deadline = c->deadline > 0;
+  if (r->has_deadline) {
+    r->deadline = t0;
+    double whole = (double)(long)c->deadline;
+    r->deadline.tv_sec += (time_t)whole;
+    r->deadline.tv_nsec += (long)((c->deadline - whole) * 1e9);
+    if (r->deadline.tv_nsec >= 1000000000L) {
+      r->deadline.tv_sec++;
+      r->deadline.tv_nsec -= 1000000000L;
+    }
+  }
+  r->streams[0] = (stream_t){c->stdout_fd, 1, "stdout", NULL, 0};
+  r->streams[1] = (stream_t){c->stderr_fd, 1, "stderr", NULL, 0};
+  memset(r->have_orig, 0, sizeof r->have_orig);
+
+  wasmtime_store_t *store = wasmtime_store_new(g_engine, r, NULL);
+  wasmtime_context_t *ctx = wasmtime_store_context(store);
+  if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
+  wasmtime_store_epoch_deadline_callback(store, on_epoch, r, NULL);
+  wasmtime_context_set_epoch_deadline(ctx, 1);
+  wasmtime_error_t *e = wasmtime_context_set_wasi(ctx, wasi); /* takes ownership */
+  if (e) {
+    take_error(e, "WASI setup: ", res->message, sizeof res->message);
+    wasmtime_store_delete(store);
+    return WH_ERR_RUN;
+  }
+
+  wasmtime_instance_t inst;
+  wasm_trap_t *trap = NULL;
+  e = wasmtime_instance_pre_instantiate(m->pre, ctx, &inst, &trap);
+  if (e || trap) {
+    classify(r, e, trap, res);
+    res->instantiate_failed = 1;
+  } else {
+    wasmtime_extern_t start;
+    if (!wasmtime_instance_export_get(ctx, &inst, "_start", 6, &start) || start.kind != WH_WASMTIME_EXTERN_FUNC) {
+      res->status = WH_TRAPPED;
+      set_msg(res->message, sizeof res->message, "", (const uint8_t *)"no _start function", 18);
+    } else {
+      wasmtime_val_raw_t none[1];
+      e = wasmtime_func_call_unchecked(ctx, &start.of.func, none, 0, &trap);
+      classify(r, e, trap, res);
+    }
+    wasmtime_extern_t mem;
+    if (wasmtime_instance_export_get(ctx, &inst, "memory", 6, &mem)) {
+      if (mem.kind == WH_WASMTIME_EXTERN_MEMORY) res->peak_memory = wasmtime_memory_data_size(ctx, &mem.of.memory);
+      wasmtime_extern_delete(&mem);
+    }
+  }
+  for (int i = 0; i < 2; i++) {
+    if (r->streams[i].ours) stream_finish(&r->streams[i]);
+    free(r->streams[i].line);
+    r->streams[i].line = NULL;
+  }
+  wasmtime_store_delete(store);
+  res->duration = since(&t0, CLOCK_MONOTONIC);
+  res->cpu_seconds = since(&c0, CLOCK_THREAD_CPUTIME_ID);
+  return 0;
+}

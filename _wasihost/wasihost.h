@@ -1,0 +1,64 @@
+/* wasihost.h: the small C interface that _wasihost/__init__.py calls (through cffi). */
+#ifndef WASIHOST_H
+#define WASIHOST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* wh_module_load / wh_run_exec return codes */
+#define WH_ERR_LOAD 1       /* invalid wasm, no _start, unresolvable import */
+#define WH_ERR_NEED_BYTES 2 /* cache miss and no wasm bytes were given */
+#define WH_ERR_RUN 3        /* setup failed before the module ran (preopen, argv) */
+
+/* wh_result.status */
+#define WH_EXITED 0
+#define WH_TRAPPED 1
+#define WH_KILLED 2
+#define WH_TIMED_OUT 3
+
+#define WH_LOG_PLAIN 0
+#define WH_LOG_CRI 1
+
+typedef struct wh_module wh_module;
+typedef struct wh_run wh_run;
+
+typedef struct {
+  const char *const *argv;
+  size_t argc;
+  const char *const *env_names;
+  const char *const *env_values;
+  size_t envc;
+  const char *const *preopen_host;
+  const char *const *preopen_guest;
+  const int *preopen_readonly;
+  size_t npreopens;
+  int stdout_fd; /* -1 discards */
+  int stderr_fd;
+  int log_format;       /* WH_LOG_PLAIN or WH_LOG_CRI */
+  int64_t memory_limit; /* bytes of linear memory, -1 for none */
+  double deadline;      /* seconds from the start, <= 0 for none */
+  int has_stdin;
+  const uint8_t *stdin_data;
+  size_t stdin_len;
+} wh_run_config;
+
+typedef struct {
+  int status;
+  int exit_code;
+  int instantiate_failed;
+  double duration;
+  double cpu_seconds;
+  uint64_t peak_memory;
+  char message[2048];
+} wh_result;
+
+int wh_init(char *err, size_t errlen);
+int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
+                   int *from_cache, char *err, size_t errlen);
+void wh_module_free(wh_module *m);
+wh_run *wh_run_new(void);
+void wh_run_free(wh_run *r);
+void wh_kill(wh_run *r);
+int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res);
+
+#endif
