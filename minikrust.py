@@ -22,7 +22,8 @@ __all__ = [
     "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config",
     "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
     "container_workdir", "parse_quantity", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
-    "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "bootstrap_client_certificate",
+    "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "ContainerLogWriter",
+    "bootstrap_client_certificate",
 ]
 
 import argparse
@@ -946,8 +947,9 @@ class _FallbackRun:
             wasi.stdout_custom = self._writers[0].write
             wasi.stderr_custom = self._writers[1].write
             if stdin is not None:
-                vec = wt._ffi.wasm_byte_vec_t()
-                wt._ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), ctypes.create_string_buffer(bytes(stdin), len(stdin)))
+                data = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(bytes(stdin))
+                vec = wt._ffi.wasm_byte_vec_t()  # filled with a copy that WASI then owns
+                wt._ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), ctypes.cast(data, ctypes.POINTER(ctypes.c_uint8)))
                 wt._ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
             self._store = wt.Store(host._engine)
             self._store.set_wasi(wasi)
@@ -3190,6 +3192,36 @@ def rotate_container_log(path, max_size, max_files):
     return target
 
 
+class ContainerLogWriter:
+    """A CRI log sink for the runtime's stdout/stderr callables: appends each record to `path` and
+    rotates it at `max_size` bytes keeping `max_files` (the kubelet's container log manager and the
+    runtime's ReopenContainerLog in one). One writer serves both streams of a container run."""
+
+    def __init__(self, path, max_size, max_files):
+        self.path, self.max_size, self.max_files = path, max_size, max_files
+        self._lock = threading.Lock()
+        self._file = open(path, "ab", buffering=0)
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def __call__(self, record):
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(record)
+            self._size += len(record)
+            if self._size >= self.max_size:
+                self._file.close()
+                rotate_container_log(self.path, self.max_size, self.max_files)
+                self._file = open(self.path, "ab", buffering=0)
+                self._size = os.fstat(self._file.fileno()).st_size
+
+    def close(self):
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
 @dataclass(frozen=True)
 class LogOptions:
     """The query of GET /containerLogs (PodLogOptions as the kubelet reads them)."""
@@ -3931,11 +3963,17 @@ _VERBS = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH
 _STREAMING = ("exec", "attach", "portForward", "run")
 
 
+def _kubelet_pods(kubelet):
+    """kubelet.pods(), or no pods from a kubelet that runs none."""
+    pods = getattr(kubelet, "pods", None)
+    return list(pods()) if callable(pods) else []
+
+
 def _container_ended(kubelet, namespace, name, container, path):
     """Whether the container run writing `path` (`<restartCount>.log`) has ended, from kubelet.pods()."""
     stem = os.path.basename(path).split(".")[0]
     run = int(stem) if stem.isdigit() else None
-    for pod in kubelet.pods():
+    for pod in _kubelet_pods(kubelet):
         meta = pod.get("metadata") or {}
         if (meta.get("namespace") or "default", meta.get("name")) != (namespace, name):
             continue
@@ -4038,7 +4076,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         kube = self.server.kube
         if path == "/pods":
             return self._send_json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                         "items": list(kube.kubelet.pods())})
+                                         "items": _kubelet_pods(kube.kubelet)})
         if path == "/metrics":
             return self._send(200, kube.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/metrics/resource":
@@ -4055,7 +4093,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except ValueError as exc:
             return self._send(400, str(exc))
         kubelet = self.server.kube.kubelet
-        path = kubelet.container_log_path(namespace, name, container, previous=options.previous)
+        locate = getattr(kubelet, "container_log_path", None)
+        path = locate(namespace, name, container, previous=options.previous) if locate else None
         if not path or not (os.path.exists(path) or rotated_log_files(path)):
             if options.previous:
                 return self._send(400, f'previous terminated container "{container}" in pod "{name}" not found')
@@ -4177,7 +4216,7 @@ class KubeletServer:
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
         metrics = getattr(self.kubelet, "metrics", None)
         text = metrics.render() if metrics is not None else ""
-        running = sum(1 for pod in self.kubelet.pods() if (pod.get("status") or {}).get("phase") == "Running")
+        running = sum(1 for pod in _kubelet_pods(self.kubelet) if (pod.get("status") or {}).get("phase") == "Running")
         extra = Metrics(standard=False)
         extra.gauge("minikrust_running_pods", "Pods in phase Running on this node.")
         extra.set("minikrust_running_pods", running)
