@@ -24,6 +24,7 @@ __all__ = [
     "container_workdir", "parse_quantity", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
     "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "ContainerLogWriter",
     "bootstrap_client_certificate",
+    "ImageRef", "ModuleRef", "ModuleStore", "ImageManager", "RegistryClient", "RegistryCredential", "parse_image_ref", "default_pull_policy", "docker_config_credentials", "push_module", "cmd_push",
 ]
 
 import argparse
@@ -533,6 +534,12 @@ class _TLSAdapter(requests.adapters.HTTPAdapter):
     def proxy_manager_for(self, proxy, **kwargs):
         return super().proxy_manager_for(proxy, **self._tls_kwargs(kwargs))
 
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        """Verification comes from the cluster's SSLContext alone: neither `verify` nor
+        REQUESTS_CA_BUNDLE may add CAs the kubeconfig does not name."""
+        host_params, _ = super().build_connection_pool_key_attributes(request, True, None)
+        return host_params, {"cert_reqs": self._ssl_context.verify_mode}
+
     def cert_verify(self, conn, url, verify, cert):
         """Verification is configured in the SSLContext; requests must not reset it."""
 
@@ -677,8 +684,9 @@ class ApiClient:
         """Send one API request; the parsed JSON answer, or the open response when `stream`."""
         url = self.server + path
         data = None if body is None else json.dumps(body)
-        refreshed = False
-        for attempt in range(self.retries + 1):
+        refreshed, attempt = False, -1
+        while True:
+            attempt += 1
             if self._closed.is_set():
                 raise ApiError(0, "ClientClosed", "the API client was closed")
             headers = {"Accept": "application/json"}
@@ -703,7 +711,7 @@ class ApiClient:
             error = _api_error(response)
             response.close()
             if code == 401 and self._exec is not None and not refreshed:
-                refreshed = True                # an expired plugin credential: ask the plugin again
+                refreshed, attempt = True, attempt - 1      # a revoked plugin credential: ask again
                 self._token(refresh=True)
                 continue
             retryable = code in _RETRY_STATUSES or (code == 409 and retry_conflict)
@@ -712,7 +720,6 @@ class ApiClient:
             wait = _retry_after(response) if code in (429, 503) else None
             log.debug("%s %s: %s; retrying", method, path, error)
             self._sleep(wait if wait is not None else self._delay(attempt))
-        raise AssertionError("unreachable")
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)
@@ -911,6 +918,17 @@ class _StreamWriter:
                 self.own_fd = False
 
 
+def _looks_oom(memory_limit, exit_code, stop_reason, instantiated, peak):
+    """Whether a failed run ran out of its memory limit.
+
+    wasmtime's C API limiter only refuses a memory.grow (no callback says so), so a run counts as
+    OOM when it failed on its own (not exit 0, not stopped) and could not instantiate under the
+    limit or ended within 1/8 of it (a failed malloc asks for more than one page)."""
+    if memory_limit is None or exit_code == 0 or stop_reason:
+        return False
+    return not instantiated or peak > memory_limit - max(_WASM_PAGE, memory_limit // 8)
+
+
 def _env_pairs(env):
     if env is None:
         return []
@@ -1010,8 +1028,7 @@ class _FallbackRun:
                 log.warning("closing the logs of %s: %s", self._module.digest, exc)
             self._host._unregister(self._run_id)
             self._store.close()
-        oom = self._memory_limit is not None and exit_code != 0 and not self._stop_reason and (
-            not instantiated or peak + _WASM_PAGE > self._memory_limit)
+        oom = _looks_oom(self._memory_limit, exit_code, self._stop_reason, instantiated, peak)
         self._result = RunResult(
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
             killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, oom=oom,
