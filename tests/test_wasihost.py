@@ -1,0 +1,434 @@
+"""The WASI host face, run against both backends (native `_wasihost` and the wasmtime-py fallback)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import minikrust
+from tests.helpers import wait_for
+
+CRI_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)$")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cri_records(path):
+    """[(timestamp, stream, tag, line)] of a CRI log file; fails on any malformed line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data == b"" or data.endswith(b"\n"), data[-100:]
+    records = []
+    for raw in data.split(b"\n")[:-1]:
+        m = CRI_LINE.match(raw)
+        assert m, f"not a CRI log line: {raw[:200]!r}"
+        records.append((m.group(1).decode(), m.group(2).decode(), m.group(3).decode(), m.group(4)))
+    stamps = [r[0] for r in records]
+    assert stamps == sorted(stamps), "timestamps go backwards"
+    return records
+
+
+def run(host, wasm, argv=("m",), **kw):
+    with minikrust.module_errors():
+        return host.load(wasm).run(list(argv), **kw)
+
+
+def capture(host, wasm, argv=("m",), **kw):
+    """(result, stdout bytes, stderr bytes) in plain mode."""
+    out, err = [], []
+    result = run(host, wasm, argv, stdout=out.append, stderr=err.append, log_format="plain", **kw)
+    return result, b"".join(out), b"".join(err)
+
+
+# -- identity, loading, errors --
+
+def test_host_names_its_backend_and_wasmtime_version(backend):
+    assert backend.backend in ("native", "wasmtime-py")
+    assert re.match(r"^\d+\.\d+\.\d+", backend.wasmtime_version)
+
+
+def test_load_is_content_addressed(backend, wasm, tmp_path):
+    path = tmp_path / "hello.wasm"
+    path.write_bytes(wasm.hello)
+    a = backend.load(wasm.hello)
+    assert re.match(r"^sha256:[0-9a-f]{64}$", a.digest)
+    assert backend.load(str(path)) is a
+    assert backend.load(wasm.hello, digest=a.digest) is a
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("garbage", "magic"), ("truncated", ""), ("no_start", "_start"),
+    ("unknown_import", "frobnicate"), ("wasi_unknown_function", "no_such_call"),
+])
+def test_bad_modules_raise_a_clear_load_error(backend, wasm, name, needle):
+    data = {"garbage": b"this is not wasm at all", "truncated": wasm.hello[:20]}.get(name)
+    data = data if data is not None else getattr(wasm, name)
+    with pytest.raises(minikrust.ModuleLoadError) as info, minikrust.module_errors():
+        backend.load(data)
+    assert needle in str(info.value) and len(str(info.value)) > 10
+    assert isinstance(info.value, minikrust.ModuleError)
+
+
+def test_missing_preopen_dir_raises_run_error(backend, wasm, tmp_path):
+    with pytest.raises(minikrust.ModuleRunError) as info, minikrust.module_errors():
+        backend.load(wasm.hello).start(["m"], preopens=[(str(tmp_path / "nope"), "/data", False)])
+    assert "nope" in str(info.value)
+
+
+def test_unwritable_log_path_raises_run_error(backend, wasm, tmp_path):
+    with pytest.raises(minikrust.ModuleRunError), minikrust.module_errors():
+        backend.load(wasm.hello).start(["m"], stdout=str(tmp_path / "no" / "such" / "dir" / "x.log"))
+
+
+# -- exit codes, traps, results --
+
+@pytest.mark.parametrize("code", [0, 1, 3, 125])
+def test_proc_exit_code_is_the_result(backend, wasm, code):
+    result = run(backend, wasm.exit(code))
+    assert (result.exit_code, result.trap, result.killed, result.timed_out, result.oom) == (code, None, False, False, False)
+
+
+@pytest.mark.parametrize("code", [126, 255, -1])
+def test_exit_status_outside_wasi_range_is_a_trap(backend, wasm, code):
+    result = run(backend, wasm.exit(code))  # wasmtime refuses statuses outside [0, 126)
+    assert result.exit_code is None and "exit status" in result.trap
+
+
+def test_returning_from_start_is_exit_zero_with_measurements(backend, wasm):
+    result = run(backend, wasm.hello)
+    assert result.exit_code == 0 and result.trap is None
+    assert 0 < result.duration < 5
+    assert result.cpu_seconds >= 0
+    assert result.peak_memory == 65536
+
+
+def test_c_main_return_value_is_the_exit_code(backend, wasm):
+    assert run(backend, wasm.tool, ["tool", "exit", "7"]).exit_code == 7
+    assert run(backend, wasm.tool, ["tool", "hello"]).exit_code == 0
+
+
+def test_trap_gives_message_and_no_exit_code(backend, wasm):
+    result, out, _ = capture(backend, wasm.trap)
+    assert result.exit_code is None
+    assert "unreachable" in result.trap
+    assert out == b"hello\n"  # output before the trap is kept
+    assert not (result.killed or result.timed_out or result.oom)
+
+
+# -- WASI: args, env, stdin, preopens --
+
+def test_args_reach_the_module(backend, wasm):
+    result, out, _ = capture(backend, wasm.tool, ["tool", "args", "two words", "", "ünïcode"])
+    assert result.exit_code == 0
+    assert out.decode() == "0=tool\n1=args\n2=two words\n3=\n4=ünïcode\n"
+
+
+@pytest.mark.parametrize("env", [{"A": "1", "B": "x=y"}, [("A", "1"), ("B", "x=y")]])
+def test_env_reaches_the_module(backend, wasm, env):
+    _, out, _ = capture(backend, wasm.tool, ["tool", "env"], env=env)
+    assert out.decode().splitlines() == ["A=1", "B=x=y"]
+
+
+def test_empty_env_gives_no_variables(backend, wasm):
+    _, out, _ = capture(backend, wasm.tool, ["tool", "env"])
+    assert out == b""
+
+
+def test_stdin_bytes_are_readable(backend, wasm):
+    _, out, _ = capture(backend, wasm.tool, ["tool", "stdin"], stdin=b"from stdin\n")
+    assert out == b"from stdin\n"
+
+
+def test_read_only_preopen_can_be_read_but_not_written(backend, wasm, tmp_path):
+    (tmp_path / "in.txt").write_text("config value\n")
+    pre = [(str(tmp_path), "/config", True)]
+    result, out, _ = capture(backend, wasm.tool, ["tool", "cat", "/config/in.txt"], preopens=pre)
+    assert (result.exit_code, out) == (0, b"config value\n")
+    result, out, _ = capture(backend, wasm.tool, ["tool", "write", "/config/new.txt", "x"], preopens=pre)
+    assert result.exit_code == 2, out
+    assert not (tmp_path / "new.txt").exists()
+
+
+def test_read_write_preopen_can_be_written(backend, wasm, tmp_path):
+    pre = [(str(tmp_path), "/data", False)]
+    result, out, _ = capture(backend, wasm.tool, ["tool", "write", "/data/out.txt", "payload"], preopens=pre)
+    assert (result.exit_code, out) == (0, b"written\n")
+    assert (tmp_path / "out.txt").read_text() == "payload"
+
+
+def test_several_preopens(backend, wasm, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "f").write_text("A")
+    pre = [(str(a), "/a", True), (str(b), "/b", False)]
+    assert capture(backend, wasm.tool, ["tool", "cat", "/a/f"], preopens=pre)[1] == b"A"
+    assert capture(backend, wasm.tool, ["tool", "write", "/b/g", "B"], preopens=pre)[0].exit_code == 0
+    assert (b / "g").read_text() == "B"
+
+
+@pytest.mark.parametrize("target", ["../secret", "/data/../secret", "/secret", "/etc/passwd", "/data/link/secret",
+                                    "/data/abs-link"])
+def test_module_cannot_leave_its_preopen(backend, wasm, tmp_path, target):
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "secret").write_text("do not read")
+    os.symlink(str(tmp_path), str(data / "link"))
+    os.symlink(str(tmp_path / "secret"), str(data / "abs-link"))
+    result, out, _ = capture(backend, wasm.tool, ["tool", "open", target], preopens=[(str(data), "/data", False)])
+    assert result.exit_code == 2, out
+    assert b"ok" not in out
+
+
+# -- logging --
+
+def test_hello_writes_one_cri_record(backend, wasm, tmp_path):
+    log_path = tmp_path / "0.log"
+    before = time.time()
+    run(backend, wasm.hello, stdout=str(log_path), stderr=str(log_path))
+    [(stamp, stream, tag, line)] = cri_records(log_path)
+    assert (stream, tag, line) == ("stdout", "F", b"hello")
+    secs = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    assert before - 2 <= secs <= time.time() + 2
+
+
+def test_cri_log_interleaves_streams_cuts_long_lines_and_flags_fragments(backend, wasm, tmp_path):
+    log_path = tmp_path / "0.log"
+    result = run(backend, wasm.fdedge, ["fdedge"], stdout=str(log_path), stderr=str(log_path))
+    assert result.exit_code == 0
+    records = cri_records(log_path)
+    out = [(tag, line) for _, stream, tag, line in records if stream == "stdout"]
+    # 100,000-byte line: six 16 KiB P records and an F with the rest
+    big = [(tag, line) for tag, line in out if b"yyyy" in line]
+    assert [tag for tag, _ in big] == ["P"] * 6 + ["F"]
+    assert all(len(line) == 16384 for _, line in big[:6]) and 0 < len(big[6][1]) < 16384
+    assert ("F", b"no newline then newline") in out
+    err = [(tag, line) for _, stream, tag, line in records if stream == "stderr"]
+    assert ("F", b"e1") in err and ("F", b"e2") in err and ("F", b"e3") in err
+    assert ("F", b"o2o2b") in out  # "o2" then "o2b\n" on stdout join into one line
+    order = [line for _, _, _, line in records if line in (b"o1", b"e1", b"o2o2b", b"e2")]
+    assert order == [b"o1", b"e1", b"e2", b"o2o2b"]
+
+
+def test_trailing_fragment_is_a_partial_record(backend, wasm, tmp_path):
+    log_path = tmp_path / "0.log"
+    source = '#include <stdio.h>\nint main(void){fputs("first\\nno end", stdout);return 0;}\n'
+    run(backend, wasm.c(source, "fragment"), stdout=str(log_path))
+    assert [(s, t, line) for _, s, t, line in cri_records(log_path)] == [("stdout", "F", b"first"), ("stdout", "P", b"no end")]
+
+
+def test_log_appends_across_runs(backend, wasm, tmp_path):
+    log_path = tmp_path / "0.log"
+    for _ in range(3):
+        run(backend, wasm.hello, stdout=str(log_path))
+    assert [line for *_, line in cri_records(log_path)] == [b"hello"] * 3
+
+
+def test_many_lines_are_logged_in_order(backend, wasm, tmp_path):
+    log_path = tmp_path / "0.log"
+    run(backend, wasm.tool, ["tool", "lines", "10000"], stdout=str(log_path))
+    lines = [line for _, stream, tag, line in cri_records(log_path) if stream == "stdout" and tag == "F"]
+    assert lines == [f"line {i} of 10000".encode() for i in range(10000)]
+
+
+def test_plain_mode_writes_raw_bytes(backend, wasm, tmp_path):
+    out, err = tmp_path / "out", tmp_path / "err"
+    run(backend, wasm.tool, ["tool", "stderr", "oops"], stdout=str(out), stderr=str(err), log_format="plain")
+    assert err.read_bytes() == b"oops\n" and out.read_bytes() == b""
+
+
+def test_stdout_to_an_open_fd(backend, wasm, tmp_path):
+    path = tmp_path / "fd.log"
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT)
+    try:
+        run(backend, wasm.hello, stdout=fd, log_format="plain")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"hello\n"
+
+
+def test_callable_receives_cri_records(backend, wasm):
+    got = []
+    run(backend, wasm.hello, stdout=got.append)
+    assert len(got) == 1 and CRI_LINE.match(got[0].rstrip(b"\n")).group(4) == b"hello"
+
+
+# -- limits and control --
+
+def test_kill_stops_an_infinite_loop_within_100ms(backend, wasm):
+    handle = backend.load(wasm.loop).start(["loop"])
+    assert handle.wait(timeout=0.2) is None and not handle.done
+    killed_at = time.monotonic()
+    handle.kill()
+    wait_for(lambda: handle.done, timeout=5, interval=0.001, what="killed run to finish")
+    assert time.monotonic() - killed_at < 0.1
+    result = handle.wait()
+    assert result.killed and result.exit_code is None and not result.timed_out
+
+
+def test_kill_after_exit_is_harmless(backend, wasm):
+    handle = backend.load(wasm.hello).start(["m"])
+    result = handle.wait(timeout=5)
+    handle.kill()
+    assert result.exit_code == 0 and handle.wait().killed is False
+
+
+def test_deadline_stops_a_loop(backend, wasm):
+    result = run(backend, wasm.loop, deadline=0.2)
+    assert result.timed_out and not result.killed and result.exit_code is None
+    assert 0.15 < result.duration < 2
+
+
+def test_deadline_does_not_touch_a_quick_module(backend, wasm):
+    result = run(backend, wasm.hello, deadline=10)
+    assert result.exit_code == 0 and not result.timed_out
+
+
+def test_memory_limit_stops_growth_and_reports_oom(backend, wasm):
+    result = run(backend, wasm.grow, memory_limit=1 << 20)
+    assert result.oom and result.exit_code is None and "unreachable" in result.trap
+    assert result.peak_memory <= 1 << 20
+
+
+def test_c_malloc_failure_under_limit_is_oom(backend, wasm):
+    result, _, err = capture(backend, wasm.tool, ["tool", "alloc", "64"], memory_limit=8 << 20)
+    assert result.exit_code == 3 and result.oom, err
+    assert b"out of memory" in err
+
+
+def test_memory_limit_leaves_small_modules_alone(backend, wasm):
+    result, out, _ = capture(backend, wasm.tool, ["tool", "alloc", "2"], memory_limit=16 << 20)
+    assert result.exit_code == 0 and not result.oom and out == b"allocated\n"
+
+
+def test_initial_memory_above_limit_is_oom(backend, wasm):
+    result = run(backend, wasm.hello, memory_limit=1024)
+    assert result.oom and result.exit_code is None and result.trap
+
+
+def test_eight_threads_run_modules_at_once(backend, wasm, tmp_path):
+    loop = backend.load(wasm.loop)
+    handles = [loop.start(["loop"]) for _ in range(8)]
+    try:
+        assert not any(h.done for h in handles)  # all eight running at the same time
+    finally:
+        for h in handles:
+            h.kill()
+    assert all(h.wait(timeout=5).killed for h in handles)
+
+    tool = backend.load(wasm.tool)
+    errors = []
+
+    def worker(n):
+        try:
+            for i in range(5):
+                path = tmp_path / f"{n}-{i}.log"
+                result = tool.run(["tool", "lines", str(50 + n)], stdout=str(path))
+                lines = [line for *_, line in cri_records(path)]
+                assert result.exit_code == 0 and len(lines) == 50 + n, (result, len(lines))
+        except BaseException as exc:  # reported below, from the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+
+
+def test_failed_setups_do_not_leak_runs(backend, wasm, tmp_path):
+    module = backend.load(wasm.hello)
+    for _ in range(200):
+        with pytest.raises(minikrust.ModuleRunError), minikrust.module_errors():
+            module.start(["m"], preopens=[(str(tmp_path / "missing"), "/x", True)])
+    assert module.run(["m"]).exit_code == 0
+
+
+# -- the compiled-module cache --
+
+CACHE_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import minikrust
+host = minikrust.load_host({cache!r}, backend={backend!r})
+t = time.perf_counter()
+module = host.load({path!r})
+load = time.perf_counter() - t
+print(json.dumps({{"load": load, "exit": module.run(["m"]).exit_code, "backend": host.backend}}))
+"""
+
+
+def test_compiled_module_cache_survives_a_new_process(backend, wasm, tmp_path):
+    path = tmp_path / "big.wasm"
+    path.write_bytes(wasm.big)
+    cache = tmp_path / "cache"
+    script = CACHE_SCRIPT.format(root=ROOT, cache=str(cache), backend=backend.backend, path=str(path))
+
+    def fresh_process():
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = fresh_process()
+    files = sorted(os.listdir(cache))
+    assert files, "nothing cached"
+    second = fresh_process()
+    assert sorted(os.listdir(cache)) == files
+    assert first["exit"] == second["exit"] == 0 and second["backend"] == backend.backend
+    assert second["load"] * 3 < first["load"], (first, second)
+
+
+def test_corrupt_cache_entry_is_recompiled(backend, wasm, tmp_path):
+    cache = tmp_path / "cache"
+    script = CACHE_SCRIPT.format(root=ROOT, cache=str(cache), backend=backend.backend, path=str(tmp_path / "h.wasm"))
+    (tmp_path / "h.wasm").write_bytes(wasm.hello)
+    for corrupt in (False, True):
+        if corrupt:
+            for name in os.listdir(cache):
+                (cache / name).write_bytes(b"garbage")
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["exit"] == 0
+
+
+# -- load_host --
+
+def test_load_host_gives_one_host_per_cache_dir(tmp_path):
+    a = minikrust.load_host(str(tmp_path / "a"), backend="wasmtime-py")
+    assert minikrust.load_host(str(tmp_path / "a"), backend="wasmtime-py") is a
+    assert minikrust.load_host(str(tmp_path / "b"), backend="wasmtime-py") is not a
+
+
+def test_load_host_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIKRUST_WASM_BACKEND", "wasmtime-py")
+    assert minikrust.load_host(str(tmp_path)).backend == "wasmtime-py"
+    monkeypatch.setenv("MINIKRUST_WASM_BACKEND", "bogus")
+    with pytest.raises(minikrust.ConfigError):
+        minikrust.load_host(str(tmp_path / "x"))
+
+
+# -- differential: the native host's own WASI calls against wasmtime's --
+
+def _normalised_log(path):
+    return [(stream, tag, line) for _, stream, tag, line in cri_records(path)]
+
+
+@pytest.mark.parametrize("case", ["fdedge", "hello", "c_hello", "trap", "args", "stderr", "lines", "exit"])
+def test_native_and_fallback_agree(both_hosts, wasm, tmp_path, case):
+    modules = {"fdedge": (wasm.fdedge, ["fdedge"]), "hello": (wasm.hello, ["m"]), "c_hello": (wasm.c_hello, ["h"]),
+               "trap": (wasm.trap, ["m"]), "args": (wasm.tool, ["tool", "args", "x", "y z"]),
+               "stderr": (wasm.tool, ["tool", "stderr", "to stderr"]), "lines": (wasm.tool, ["tool", "lines", "300"]),
+               "exit": (wasm.tool, ["tool", "exit", "42"])}
+    module, argv = modules[case]
+    seen = []
+    for host in both_hosts:
+        shared = tmp_path / f"{host.backend}.log"
+        out, err = tmp_path / f"{host.backend}.out", tmp_path / f"{host.backend}.err"
+        r1 = run(host, module, argv, stdout=str(shared), stderr=str(shared))
+        r2 = run(host, module, argv, stdout=str(out), stderr=str(err), log_format="plain")
+        seen.append(((r1.exit_code, r1.trap is None, r2.exit_code), _normalised_log(shared),
+                     out.read_bytes(), err.read_bytes()))
+    assert seen[0] == seen[1]
