@@ -411,3 +411,107 @@ def test_read_only_mount_refuses_writes(backend, wasm, tmp_path):
     assert os.listdir(dirs["e"]) == []
     result, output = run_module(backend, wasm.tool, ["tool", "cat", "/config/a"], mounts, tmp_path)
     assert output == "1"
+
+
+# --- Examples: the manifests and modules in examples/ run on these functions and the WASI host ---
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(relpath):
+    import yaml
+    with open(os.path.join(EXAMPLES, relpath)) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    return [d for d in docs if d.get("kind") == "Pod"], [d for d in docs if d.get("kind") == "ConfigMap"]
+
+
+def run_example_container(host, pod, container, pod_dir, base_dir, api=None, deadline=None):
+    """What the pods worker does for one container, minus status: env, argv, volumes, run."""
+    dirs = prepare_volumes(pod, pod_dir, Config(), api=api, base_dir=base_dir)
+    env = minikrust.container_env(pod, container, api=api, node_ip="127.0.0.1")
+    argv = minikrust.container_argv(container, env)
+    mounts = container_mounts(pod, container, dirs, env=env)
+    image = container["image"]
+    assert image.startswith("file:")
+    with open(os.path.join(base_dir, image[len("file:"):]), "rb") as f:
+        module = host.load(f.read())
+    out = os.path.join(pod_dir, f"{container['name']}.log")
+    result = module.run(argv, env=env, preopens=mounts, stdout=out, stderr=out, log_format="plain",
+                        deadline=deadline)
+    with open(out) as f:
+        return result, f.read(), dirs
+
+
+def test_example_hello(backend, tmp_path):
+    (pod,), _ = load_example("hello.yaml")
+    pod["spec"]["nodeName"] = "node-1"
+    result, output, _ = run_example_container(backend, pod, pod["spec"]["containers"][0], str(tmp_path), EXAMPLES)
+    assert result.exit_code == 0, output
+    assert output == "Hello, minikrust! I am hello, a WebAssembly module in pod hello on node node-1.\n"
+
+
+def test_example_job_standalone_init_then_greet(backend, tmp_path):
+    (pod,), _ = load_example("job.yaml")
+    (init,), (main,) = pod["spec"]["initContainers"], pod["spec"]["containers"]
+    result, output, dirs = run_example_container(backend, pod, init, str(tmp_path), EXAMPLES)
+    assert result.exit_code == 0, output
+    result, output, dirs = run_example_container(backend, pod, main, str(tmp_path), EXAMPLES)
+    assert result.exit_code == 0, output
+    assert output.splitlines() == ["Hello, Ada!", "Hello, Grace!", "Hello, Barbara!",
+                                   "wrote 3 greetings to greetings.txt"]
+    # workingDir /work: the relative path landed in the emptyDir
+    assert read(os.path.join(dirs["work"], "greetings.txt")) == "Hello, Ada!\nHello, Grace!\nHello, Barbara!\n"
+
+
+def test_example_job_with_a_config_map(backend, tmp_path):
+    (pod,), (config_map,) = load_example("cluster/job-configmap.yaml")
+    pod["metadata"].update(namespace="default", uid="uid-9")
+    api = FakeApi(configmaps={config_map["metadata"]["name"]: config_map["data"]})
+    repo = os.path.dirname(EXAMPLES)
+    result, output, dirs = run_example_container(backend, pod, pod["spec"]["containers"][0], str(tmp_path), repo,
+                                                 api=api)
+    assert result.exit_code == 0, output
+    assert read(os.path.join(dirs["work"], "greetings.txt")) == "Hello, Ada!\nHello, Grace!\nHello, Barbara!\n"
+
+
+def test_example_ticker_ticks_every_second(backend, tmp_path):
+    (pod,), _ = load_example("long-running/ticker.yaml")
+    base = os.path.join(EXAMPLES, "long-running")
+    result, output, _ = run_example_container(backend, pod, pod["spec"]["containers"][0], str(tmp_path), base,
+                                              deadline=2.5)
+    assert result.timed_out and result.exit_code is None
+    lines = output.splitlines()
+    assert 2 <= len(lines) <= 4 and lines[0].startswith("tick 1 from ticker at "), output
+
+
+def test_example_crasher_exits_1(backend, tmp_path):
+    (pod,), _ = load_example("long-running/crasher.yaml")
+    base = os.path.join(EXAMPLES, "long-running")
+    result, output, _ = run_example_container(backend, pod, pod["spec"]["containers"][0], str(tmp_path), base)
+    assert result.exit_code == 1
+    assert "crasher: starting up" in output and "giving up" in output
+    assert pod["spec"]["restartPolicy"] == "Always"
+
+
+def test_examples_folder_holds_only_pods_that_finish():
+    """`--pod-manifest-path examples/ --once` must end: no restartPolicy Always at the top level."""
+    names = sorted(n for n in os.listdir(EXAMPLES) if n.endswith((".yaml", ".yml", ".json")))
+    assert names == ["hello.yaml", "job.yaml"]
+    for name in names:
+        for pod in load_example(name)[0]:
+            assert pod["spec"]["restartPolicy"] in ("Never", "OnFailure"), name
+
+
+def test_example_modules_rebuild_from_their_sources(wasm, tmp_path):
+    import shutil
+    import subprocess
+    if not shutil.which("clang"):
+        pytest.skip("clang is not installed")
+    proc = subprocess.run(["sh", os.path.join(EXAMPLES, "build.sh")], env={**os.environ, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    committed = sorted(os.listdir(os.path.join(EXAMPLES, "modules")))
+    assert committed == sorted(os.listdir(tmp_path)) == ["crasher.wasm", "hello.wasm", "job.wasm", "ticker.wasm"]
+    for name in committed:
+        with open(os.path.join(EXAMPLES, "modules", name), "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), f"examples/modules/{name} is not what build.sh makes from its source"
