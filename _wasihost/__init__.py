@@ -309,10 +309,13 @@ class Run:
         exited = status == lib.WH_EXITED
         message = _err_text(res.message) or None
         limit = self._memory_limit
-        # wasmtime tells a module "no" on memory.grow without telling us: call it oom when a run
-        # with a limit fails and its memory could not have grown by one more page.
-        oom = (limit is not None and not (exited and res.exit_code == 0) and status in (lib.WH_EXITED, lib.WH_TRAPPED)
-               and (bool(res.instantiate_failed) or res.peak_memory + _PAGE > limit))
+        # wasmtime's limiter only refuses memory.grow, silently: a run that failed on its own
+        # (not exit 0, not stopped) is oom when it could not instantiate under the limit or
+        # ended within 1/8 of it (a failed malloc asks for more than a page). Same rule as the
+        # fallback host in minikrust.py.
+        oom = (limit is not None and status in (lib.WH_EXITED, lib.WH_TRAPPED)
+               and not (exited and res.exit_code == 0)
+               and (bool(res.instantiate_failed) or res.peak_memory > limit - max(_PAGE, limit // 8)))
         return Result(
             exit_code=res.exit_code if exited else None,
             trap=message if status == lib.WH_TRAPPED else None,

@@ -68,6 +68,7 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static wasm_engine_t *g_engine;
 static wasmtime_linker_t *g_linker;      /* WASI + our shadows: modules link against this */
 static wasmtime_linker_t *g_wasi_linker; /* WASI only: the originals we delegate to */
+static wasmtime_module_t *g_trampolines; /* see TRAMPOLINES_WAT */
 static char g_init_error[512];
 
 static void *ticker_main(void *arg) {
@@ -87,7 +88,7 @@ static wasm_engine_t *new_engine(int pooling) {
   if (pooling) {
     /* Modest pool: 256 concurrent instances, each memory up to 4 GiB (wasm32's whole space). */
     wasmtime_pooling_allocation_config_t *pc = wasmtime_pooling_allocation_config_new();
-    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 256);
+    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 512); /* + trampolines */
     wasmtime_pooling_allocation_config_total_memories_set(pc, 256);
     wasmtime_pooling_allocation_config_total_tables_set(pc, 256);
     wasmtime_pooling_allocation_config_total_stacks_set(pc, 256);
@@ -99,6 +100,23 @@ static wasm_engine_t *new_engine(int pooling) {
 }
 
 static int define_shadows(wasmtime_linker_t *linker);
+
+/* Delegating to wasmtime's WASI from our host functions: calling the original function directly
+ * would run it with no calling instance, and wasmtime's WASI reads and writes the *caller's*
+ * exported "memory". So, once per run that needs it, we instantiate this tiny module with the
+ * guest's memory and the originals as imports: it re-exports the memory and calls the originals
+ * from wasm, where the caller is an instance whose "memory" is the guest's. */
+static const char TRAMPOLINES_WAT[] =
+    "(module"
+    " (import \"guest\" \"memory\" (memory 0))"
+    " (import \"wasi\" \"fd_write\" (func $w (param i32 i32 i32 i32) (result i32)))"
+    " (import \"wasi\" \"fd_close\" (func $c (param i32) (result i32)))"
+    " (import \"wasi\" \"fd_renumber\" (func $r (param i32 i32) (result i32)))"
+    " (export \"memory\" (memory 0))"
+    " (func (export \"fd_write\") (param i32 i32 i32 i32) (result i32)"
+    "  local.get 0 local.get 1 local.get 2 local.get 3 call $w)"
+    " (func (export \"fd_close\") (param i32) (result i32) local.get 0 call $c)"
+    " (func (export \"fd_renumber\") (param i32 i32) (result i32) local.get 0 local.get 1 call $r))";
 
 static void engine_init(void) {
   /* Address space may be too small for the pool (ulimit -v): fall back to on-demand memories. */
@@ -117,6 +135,17 @@ static void engine_init(void) {
   }
   wasmtime_linker_allow_shadowing(g_linker, true);
   if (define_shadows(g_linker) != 0) return;
+  wasm_byte_vec_t wasm;
+  if ((e = wasmtime_wat2wasm(TRAMPOLINES_WAT, strlen(TRAMPOLINES_WAT), &wasm))) {
+    take_error(e, "trampolines: ", g_init_error, sizeof g_init_error);
+    return;
+  }
+  e = wasmtime_module_new(g_engine, wasm.data, wasm.size, &g_trampolines);
+  wasm_byte_vec_delete(&wasm);
+  if (e) {
+    take_error(e, "trampolines: ", g_init_error, sizeof g_init_error);
+    return;
+  }
   pthread_t t;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
@@ -262,7 +291,7 @@ struct wh_run {
   int cri;
   stream_t streams[2];
   wasmtime_func_t orig[ORIG_COUNT];
-  int have_orig[ORIG_COUNT];
+  int have_orig;
 };
 
 wh_run *wh_run_new(void) { return calloc(1, sizeof(wh_run)); }
@@ -391,18 +420,59 @@ static void stream_finish(stream_t *s) {
 
 /* ---------------------------------------------------------------- shadowed WASI calls */
 
+/* The originals of this run's store, straight from the WASI-only linker. */
+static wasmtime_error_t *get_originals(wasmtime_context_t *ctx, wasmtime_extern_t out[ORIG_COUNT]) {
+  for (int i = 0; i < ORIG_COUNT; i++) {
+    const char *name = ORIG_NAMES[i];
+    if (!wasmtime_linker_get(g_wasi_linker, ctx, WASI_MODULE, strlen(WASI_MODULE), name, strlen(name), &out[i]) ||
+        out[i].kind != WH_WASMTIME_EXTERN_FUNC)
+      return wasmtime_error_new("wasihost: wasmtime's WASI function is missing");
+  }
+  return NULL;
+}
+
+/* Makes r->orig[] callable: trampolines bound to the guest's memory, or (no memory export to
+ * bind) the bare originals, which then fail exactly as wasmtime's WASI does for such a module. */
+static wasmtime_error_t *bind_originals(wasmtime_caller_t *caller, wh_run *r) {
+  wasmtime_context_t *ctx = wasmtime_caller_context(caller);
+  wasmtime_extern_t imports[1 + ORIG_COUNT];
+  wasmtime_error_t *e = get_originals(ctx, imports + 1);
+  if (e) return e;
+  int bound = 0;
+  if (wasmtime_caller_export_get(caller, "memory", 6, &imports[0])) {
+    if (imports[0].kind == WH_WASMTIME_EXTERN_MEMORY) {
+      wasmtime_instance_t inst;
+      wasm_trap_t *trap = NULL;
+      e = wasmtime_instance_new(ctx, g_trampolines, imports, 1 + ORIG_COUNT, &inst, &trap);
+      if (trap) wasm_trap_delete(trap);
+      if (e) wasmtime_error_delete(e);
+      if (!e && !trap) {
+        bound = 1;
+        for (int i = 0; i < ORIG_COUNT; i++) {
+          wasmtime_extern_t ext;
+          const char *name = ORIG_NAMES[i];
+          if (!wasmtime_instance_export_get(ctx, &inst, name, strlen(name), &ext)) {
+            bound = 0;
+            break;
+          }
+          r->orig[i] = ext.of.func;
+        }
+      }
+    }
+  }
+  if (!bound)
+    for (int i = 0; i < ORIG_COUNT; i++) r->orig[i] = imports[1 + i].of.func;
+  r->have_orig = 1;
+  return NULL;
+}
+
 static wasmtime_error_t *call_orig(wasmtime_caller_t *caller, int which, wasmtime_val_raw_t *args,
                                    size_t n) {
   wasmtime_context_t *ctx = wasmtime_caller_context(caller);
   wh_run *r = wasmtime_context_get_data(ctx);
-  if (!r->have_orig[which]) {
-    wasmtime_extern_t ext;
-    const char *name = ORIG_NAMES[which];
-    if (!wasmtime_linker_get(g_wasi_linker, ctx, WASI_MODULE, strlen(WASI_MODULE), name, strlen(name), &ext) ||
-        ext.kind != WH_WASMTIME_EXTERN_FUNC)
-      return wasmtime_error_new("wasihost: wasmtime's WASI function is missing");
-    r->orig[which] = ext.of.func;
-    r->have_orig[which] = 1;
+  if (!r->have_orig) {
+    wasmtime_error_t *e = bind_originals(caller, r);
+    if (e) return e;
   }
   wasm_trap_t *trap = NULL;
   wasmtime_error_t *e = wasmtime_func_call_unchecked(ctx, &r->orig[which], args, n, &trap);
@@ -627,7 +697,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   }
   r->streams[0] = (stream_t){c->stdout_fd, 1, "stdout", NULL, 0};
   r->streams[1] = (stream_t){c->stderr_fd, 1, "stderr", NULL, 0};
-  memset(r->have_orig, 0, sizeof r->have_orig);
+  r->have_orig = 0;
 
   wasmtime_store_t *store = wasmtime_store_new(g_engine, r, NULL);
   wasmtime_context_t *ctx = wasmtime_store_context(store);

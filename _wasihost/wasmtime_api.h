@@ -152,10 +152,16 @@ bool wasmtime_linker_get(const wasmtime_linker_t *linker, wasmtime_context_t *st
                          size_t module_len, const char *name, size_t name_len, wasmtime_extern_t *item);
 wasmtime_error_t *wasmtime_linker_instantiate_pre(const wasmtime_linker_t *linker, const wasmtime_module_t *module,
                                                   wasmtime_instance_pre_t **instance_pre);
+wasmtime_error_t *wasmtime_instance_new(wasmtime_context_t *store, const wasmtime_module_t *module,
+                                        const wasmtime_extern_t *imports, size_t nimports,
+                                        wasmtime_instance_t *instance, wasm_trap_t **trap);
 void wasmtime_instance_pre_delete(wasmtime_instance_pre_t *instance_pre);
 wasmtime_error_t *wasmtime_instance_pre_instantiate(const wasmtime_instance_pre_t *instance_pre,
                                                     wasmtime_context_t *store, wasmtime_instance_t *instance,
                                                     wasm_trap_t **trap);
+
+/* --- wasmtime/wat.h --- */
+wasmtime_error_t *wasmtime_wat2wasm(const char *wat, size_t wat_len, wasm_byte_vec_t *out);
 
 /* --- wasi.h --- */
 typedef struct wasi_config_t wasi_config_t;
