@@ -1,0 +1,263 @@
+"""The hot path, measured: per instantiate-and-run cost of the native host against the alternatives.
+
+    python bench/hotpath.py           # the full run (>= 2,000 runs per contender and module)
+    python bench/hotpath.py --quick   # a short run, to check that it works
+
+Contenders, interleaved in batches so machine noise hits them alike, stdout to a CRI log file:
+  (a) the native host (`_wasihost`) through its Python face
+  (b) the wasmtime Python package doing the same work as well as it can (engine, linker and
+      InstancePre reused; per run a store, a WASI config and stdout to a log): CRI through a
+      custom output, and raw stdout_file; the faster of the two is (b)
+  (c) bench/floor.c: a C program driving the native host's own C functions in a loop
+Also: compile vs cache-load of a >= 1 MB module, a 10,000-line log through (a) and (b), and RSS
+after 10,000 runs. The last line is machine-readable.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import wasmtime  # noqa: E402
+
+from tests import wasm_modules  # noqa: E402
+
+
+def rfc3339nano(ns):
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+class CriFile:
+    """A minimal CRI writer for (b): whole lines become F records, the rest is kept for later."""
+
+    def __init__(self, fd, stream):
+        self.fd, self.stream, self.buf = fd, stream.encode(), b""
+
+    def write(self, data):
+        self.buf += data
+        if b"\n" in self.buf:
+            *lines, self.buf = self.buf.split(b"\n")
+            out = []
+            for line in lines:
+                out.append(b"%s %s F %s\n" % (rfc3339nano(time.time_ns()).encode(), self.stream, line))
+            os.write(self.fd, b"".join(out))
+        return len(data)
+
+    def close(self):
+        if self.buf:
+            os.write(self.fd, b"%s %s P %s\n" % (rfc3339nano(time.time_ns()).encode(), self.stream, self.buf))
+
+
+class WasmtimePy:
+    """(b): the wasmtime package with everything reusable reused."""
+
+    def __init__(self, wasm):
+        self.engine = wasmtime.Engine()
+        linker = wasmtime.Linker(self.engine)
+        linker.define_wasi()
+        self.pre = linker.instantiate_pre(wasmtime.Module(self.engine, wasm))
+
+    def _run(self, wasi):
+        store = wasmtime.Store(self.engine)
+        store.set_wasi(wasi)
+        instance = self.pre.instantiate(store)
+        try:
+            instance.exports(store)["_start"](store)
+        except wasmtime.ExitTrap as exc:
+            if exc.code != 0:
+                raise
+        store.close()
+
+    def run_cri(self, argv, log_path):
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        out, err = CriFile(fd, "stdout"), CriFile(fd, "stderr")
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv
+        wasi.stdout_custom = out.write
+        wasi.stderr_custom = err.write
+        try:
+            self._run(wasi)
+        finally:
+            out.close()
+            err.close()
+            os.close(fd)
+
+    def run_file(self, argv, log_path):
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = argv
+        wasi.stdout_file = log_path
+        wasi.stderr_file = log_path
+        self._run(wasi)
+
+
+def timed(fn, n):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        fn()
+        out.append(time.perf_counter_ns() - t)
+    return out
+
+
+def build_floor(tmp):
+    """Compile bench/floor.c with the native host's C source against the wheel's libwasmtime."""
+    libdir = os.path.dirname(str(wasmtime._ffi.filename))
+    exe = os.path.join(tmp, "floor")
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
+    cmd = [cc, "-O2", "-std=c11", "-I", os.path.join(ROOT, "_wasihost"), os.path.join(ROOT, "bench", "floor.c"),
+           os.path.join(ROOT, "_wasihost", "wasihost.c"), "-L", libdir, f"-l:{os.path.basename(str(wasmtime._ffi.filename))}",
+           f"-Wl,-rpath,{libdir}", "-lpthread", "-o", exe]
+    subprocess.run(cmd, check=True)
+    return exe
+
+
+def floor_times(exe, wasm_path, cache_path, log_path, n):
+    proc = subprocess.run([exe, wasm_path, cache_path, log_path, str(n)], capture_output=True, text=True, check=True)
+    return [int(x) for x in proc.stdout.split()]
+
+
+def summary(ns):
+    ns = sorted(ns)
+    return statistics.median(ns) / 1000, ns[min(len(ns) - 1, int(len(ns) * 0.99))] / 1000
+
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (200 runs per contender)")
+    args = parser.parse_args(argv)
+    runs = 200 if args.quick else 2000
+    batches = 4 if args.quick else 10
+    rss_runs = 1000 if args.quick else 10000
+    log_runs = 3 if args.quick else 15
+
+    import _wasihost
+    tmp = tempfile.mkdtemp(prefix="hotpath-")
+    try:
+        return _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
+    mods = wasm_modules.WasmModules(os.path.join(tmp, "modules"))
+    os.makedirs(mods.cache_dir)
+    with open(os.path.join(tmp, "hello-wat.wasm"), "wb") as f:
+        f.write(mods.hello)
+    modules = {"WAT hello": f.name}
+    if mods.clang:
+        modules["C hello"] = mods.c(wasm_modules.HELLO_C, "hello")
+    else:
+        print("clang missing: skipping the C hello", file=sys.stderr)
+    host = _wasihost.Host(os.path.join(tmp, "cache"))
+    floor = build_floor(tmp)
+    per_batch = runs // batches
+    results, ratios = {}, {}
+    log = os.path.join(tmp, "bench.log")
+
+    print(f"hot path: per instantiate-and-run, stdout+stderr to a CRI log file, {runs} runs each, "
+          f"interleaved in {batches} batches (wasmtime {host.wasmtime_version})")
+    print(f"{'module':<10} {'contender':<36} {'median us':>10} {'p99 us':>10}")
+    for name, path in modules.items():
+        with open(path, "rb") as f:
+            wasm = f.read()
+        module = host.load(wasm)
+        py = WasmtimePy(wasm)
+        contenders = {
+            "(a) native host, Python face": lambda: module.run(["hello"], stdout=log, stderr=log),
+            "(b) wasmtime-py, CRI custom output": lambda: py.run_cri(["hello"], log),
+            "(b) wasmtime-py, raw stdout_file": lambda: py.run_file(["hello"], log),
+        }
+        times = {k: [] for k in contenders}
+        times["(c) C floor (bench/floor.c)"] = []
+        for fn in contenders.values():  # warm up
+            fn()
+        for _ in range(batches):
+            for label, fn in contenders.items():
+                times[label] += timed(fn, per_batch)
+                os.truncate(log, 0)
+            times["(c) C floor (bench/floor.c)"] += floor_times(floor, path, host.cache_path(module.digest), log, per_batch)
+            os.truncate(log, 0)
+        for label, ns in times.items():
+            med, p99 = summary(ns)
+            results[(name, label)] = med
+            print(f"{name:<10} {label:<36} {med:>10.1f} {p99:>10.1f}")
+        a = results[(name, "(a) native host, Python face")]
+        b = min(results[(name, "(b) wasmtime-py, CRI custom output")], results[(name, "(b) wasmtime-py, raw stdout_file")])
+        c = results[(name, "(c) C floor (bench/floor.c)")]
+        ratios[name] = (b / a, a / c)
+        print(f"{name:<10} speedup (a) vs best (b): {b / a:.1f}x   (a)/(c): {a / c:.2f}")
+
+    # compile vs cache load of a >= 1 MB module, fresh Host objects (their in-memory maps are empty)
+    big = mods.big
+    compile_ns, load_ns = [], []
+    for i in range(3 if runs < 2000 else 5):
+        cache = os.path.join(tmp, f"big-cache-{i}")
+        t = time.perf_counter_ns()
+        _wasihost.Host(cache).load(big)
+        compile_ns.append(time.perf_counter_ns() - t)
+        t = time.perf_counter_ns()
+        m = _wasihost.Host(cache).load(big)
+        load_ns.append(time.perf_counter_ns() - t)
+        assert m.from_cache
+    compile_ms, load_ms = statistics.median(compile_ns) / 1e6, statistics.median(load_ns) / 1e6
+    print(f"module of {len(big) / 1e6:.2f} MB: compile {compile_ms:.1f} ms, cache load {load_ms:.2f} ms "
+          f"({compile_ms / load_ms:.0f}x)")
+
+    # a log-heavy module: 10,000 lines to a CRI log
+    log_speedup = float("nan")
+    if mods.clang:
+        tool = mods.tool
+        with open(tool, "rb") as f:
+            tool_wasm = f.read()
+        tool_module = host.load(tool_wasm)
+        tool_py = WasmtimePy(tool_wasm)
+        ta, tb = [], []
+        for _ in range(log_runs):
+            ta += timed(lambda: tool_module.run(["tool", "lines", "10000"], stdout=log, stderr=log), 1)
+            os.truncate(log, 0)
+            tb += timed(lambda: tool_py.run_cri(["tool", "lines", "10000"], log), 1)
+            os.truncate(log, 0)
+        la, lb = statistics.median(ta) / 1e6, statistics.median(tb) / 1e6
+        log_speedup = lb / la
+        print(f"10,000-line log: (a) {la:.2f} ms, (b) {lb:.2f} ms ({log_speedup:.1f}x)")
+
+    # memory: RSS after many runs (ok and trapping)
+    hello = host.load(mods.hello)
+    trap = host.load(mods.trap)
+    before = rss_kb()
+    for _ in range(rss_runs):
+        hello.run(["hello"], stdout=log)
+    os.truncate(log, 0)
+    after_ok = rss_kb()
+    for _ in range(rss_runs):
+        trap.run(["trap"], stdout=log)
+    os.truncate(log, 0)
+    after_trap = rss_kb()
+    print(f"RSS: {before / 1024:.1f} MB before, {after_ok / 1024:.1f} MB after {rss_runs} runs, "
+          f"{after_trap / 1024:.1f} MB after {rss_runs} more trapping runs")
+
+    wat_speedup, wat_floor = ratios["WAT hello"]
+    c_speedup = ratios.get("C hello", (float("nan"),))[0]
+    print(f"hotpath speedup_vs_wasmtime_py={wat_speedup:.2f} speedup_c_hello={c_speedup:.2f} "
+          f"ratio_to_c_floor={wat_floor:.2f} cache_load_speedup={compile_ms / load_ms:.1f} log_speedup={log_speedup:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
