@@ -1551,7 +1551,7 @@ class NodeAgent:
                 self.heartbeat()
                 failures = 0
                 wait = self.config.lease_renew_interval
-            except (ApiError, OSError, ValueError) as exc:
+            except (MinikrustError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     break
                 failures += 1
@@ -1689,10 +1689,10 @@ class ApiPodSource:
                 failures = 0
                 if time.monotonic() - started < 1.0:      # a server ending watches at once: don't spin
                     self._stop.wait(1.0)
-            except ApiError as exc:
+            except (MinikrustError, OSError, ValueError) as exc:
                 if self._stop.is_set() or self.api.closed:
                     break
-                if exc.code == 410:
+                if getattr(exc, "code", None) == 410:
                     log.info("pod watch of %s expired (410); listing again", self.node_name)
                     self.resource_version = None
                     continue
@@ -1709,6 +1709,145 @@ class ApiPodSource:
         """Stop reporting pods; an open watch is interrupted."""
         self._stop.set()
         self.api.interrupt_watches()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+_MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+_MANIFEST_ANNOTATION = "minikrust.io/manifest"     # the file a static pod came from (its base dir for file: images)
+
+
+def static_pods_from_manifest(path, node_name):
+    """The pods of one manifest file (YAML, multi-document), named and annotated as the kubelet's
+    file source does: name `<name>-<node>`, a uid hashed from the manifest, annotations
+    kubernetes.io/config.source=file and config.hash. Raises ConfigError naming file and document."""
+    try:
+        with open(path, "rb") as f:
+            docs = list(yaml.safe_load_all(f))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    pods = []
+    for index, doc in enumerate(d for d in docs if d is not None):
+        where = f"{path}: document {index + 1}"
+        if not isinstance(doc, dict) or doc.get("kind") != "Pod" or doc.get("apiVersion", "v1") != "v1":
+            kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
+            raise ConfigError(f"{where}: kind {kind!r} is not a v1 Pod (only Pod manifests are run)")
+        meta, spec = doc.get("metadata") or {}, doc.get("spec")
+        if not meta.get("name"):
+            raise ConfigError(f"{where}: metadata.name is missing")
+        if not isinstance(spec, dict) or not spec.get("containers"):
+            raise ConfigError(f"{where}: spec.containers is missing")
+        if not all(isinstance(c, dict) and c.get("name") for c in spec["containers"] + (spec.get("initContainers") or [])):
+            raise ConfigError(f"{where}: every container needs a name")
+        digest = hashlib.sha256(json.dumps([doc, node_name, os.path.abspath(path)], sort_keys=True).encode()).hexdigest()
+        uid = str(uuid.UUID(digest[:32]))
+        pod = json.loads(json.dumps(doc))
+        meta = pod.setdefault("metadata", {})
+        meta["name"] = f"{meta['name']}-{node_name}"
+        meta.setdefault("namespace", "default")
+        meta["uid"] = uid
+        meta.setdefault("annotations", {}).update({
+            "kubernetes.io/config.source": "file", "kubernetes.io/config.hash": digest[:32],
+            _MANIFEST_ANNOTATION: os.path.abspath(path)})
+        spec = pod["spec"]
+        spec["nodeName"] = node_name
+        spec.setdefault("restartPolicy", "Always")
+        spec.setdefault("terminationGracePeriodSeconds", 30)
+        for c in spec["containers"] + (spec.get("initContainers") or []):
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+        pods.append(pod)
+    return pods
+
+
+class StaticPodSource:
+    """Static pods from --pod-manifest-path (a folder of manifests, or one file), re-read when a
+    file is added, changed or removed (mtimes polled every `interval` seconds). A changed
+    manifest is a new pod (new uid), as for the kubelet. Bad manifests are logged and skipped;
+    `errors` maps each such file to its message."""
+
+    def __init__(self, path, node_name, handler, interval=1.0):
+        self.path, self.node_name, self.handler, self.interval = path, node_name, handler, interval
+        self.errors = {}
+        self.synced = threading.Event()     # set after the first scan
+        self._files = {}                    # path -> ((mtime, size), [pod uids])
+        self._pods = {}                     # uid -> pod
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _manifests(self):
+        if os.path.isfile(self.path):
+            return [self.path]
+        try:
+            names = sorted(os.listdir(self.path))
+        except OSError as exc:
+            self.errors[self.path] = f"{self.path}: cannot list: {exc.strerror}"
+            return []
+        return [os.path.join(self.path, n) for n in names
+                if n.endswith(_MANIFEST_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(self.path, n))]
+
+    def scan(self):
+        """One look at the folder: report added, changed and removed pods to the handler."""
+        seen = set()
+        for path in self._manifests():
+            seen.add(path)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            if path in self._files and self._files[path][0] == stamp:
+                continue
+            try:
+                pods = static_pods_from_manifest(path, self.node_name)
+                self.errors.pop(path, None)
+            except ConfigError as exc:
+                if self.errors.get(path) != str(exc):
+                    log.error("static pod manifest skipped: %s", exc)
+                self.errors[path] = str(exc)
+                pods = []
+            self._replace(path, stamp, pods)
+        for path in [p for p in self._files if p not in seen]:
+            self._replace(path, None, [])
+        self.synced.set()
+
+    def _replace(self, path, stamp, pods):
+        old = self._files.pop(path, (None, []))[1]
+        if stamp is not None:
+            self._files[path] = (stamp, [p["metadata"]["uid"] for p in pods])
+        new_uids = {p["metadata"]["uid"] for p in pods}
+        for uid in old:
+            if uid not in new_uids:
+                self._call("pod_deleted", self._pods.pop(uid))
+        for pod in pods:
+            if pod["metadata"]["uid"] not in self._pods:
+                self._pods[pod["metadata"]["uid"]] = pod
+                self._call("pod_added", pod)
+
+    def _call(self, method, pod):
+        try:
+            getattr(self.handler, method)(pod)
+        except Exception:
+            log.exception("pod handler %s(%s) failed", method, _pod_key(pod))
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                log.exception("static pods in %s", self.path)
+            self._stop.wait(self.interval)
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="static-pods", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        self._stop.set()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -1830,6 +1969,13 @@ def _registry_host(key):
     """Normalise a docker config key (`https://index.docker.io/v1/`, `host:port`) to a registry host."""
     host = key.split("://", 1)[-1].split("/", 1)[0].lower()
     return _DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io", "docker.io") else host
+
+
+def _registry_matches(pattern, registry):
+    """Whether a credential's registry (`host[:port]`, or a glob like `*.example.com`) covers `registry`."""
+    if "*" not in pattern:
+        return pattern == registry
+    return re.match("^" + re.escape(pattern).replace(r"\*", "[^.:]*") + "$", registry) is not None
 
 
 def docker_config_credentials(doc, source=""):
@@ -2185,6 +2331,8 @@ class ImageManager:
         self.retries = retries
         self.retry_delay = retry_delay
         self.in_use = in_use            # callable -> digests of modules running pods use (for GC)
+        self.metrics = None             # the kubelet's Metrics, if any: minikrust_image_pulls_total
+        self.compiled_cache_dir = None  # the WASI host's cache dir: GC drops a module's machine code too
         self.downloads = collections.Counter()   # blob digest -> downloads (metrics, tests)
         self._lock = threading.Lock()
         self._inflight = {}
@@ -2214,10 +2362,17 @@ class ImageManager:
             result = self._single_flight(str(ref), lambda: self._pull(ref, pull_secrets, namespace))
         except ImageError as exc:
             self._record_failure(image)
+            self._count("error")
+            log.warning('failed to pull image "%s": %s', image, exc.message)
             raise ImageError(f'Failed to pull image "{image}": {exc.message}', exc.reason) from None
         with self._lock:
             self._failures.pop(image, None)
+        self._count("success")
         return result
+
+    def _count(self, result):
+        if self.metrics is not None:
+            self.metrics.inc("minikrust_image_pulls_total", result=result)
 
     def _stored(self, ref):
         key = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
@@ -2290,7 +2445,7 @@ class ImageManager:
                 log.warning('pull secret "%s/%s" unavailable (%s); pulling without it',
                             ns, name, getattr(exc, "code", exc.__class__.__name__))
                 continue
-            creds += [c for c in _secret_credentials(secret) if c.registry == registry]
+            creds += [c for c in _secret_credentials(secret) if _registry_matches(c.registry, registry)]
         path = self._setting("registry_config", None)
         if path:
             try:
@@ -2300,7 +2455,7 @@ class ImageManager:
                 log.warning("registry config %s unreadable: %s", path, exc.__class__.__name__)
             else:
                 creds += [c for c in docker_config_credentials(doc, "--registry-config")
-                          if c.registry == registry]
+                          if _registry_matches(c.registry, registry)]
         return creds
 
     def _pull(self, ref, pull_secrets, namespace):
@@ -2444,9 +2599,17 @@ class ImageManager:
     def gc(self, usage=None):
         """Run image GC with the --image-gc-* settings; returns the removed digests."""
         in_use = set(self.in_use() if self.in_use else ())
-        return self.store.gc(self._setting("image_gc_high_threshold", 85),
-                             self._setting("image_gc_low_threshold", 80),
-                             self._setting("image_minimum_gc_age", 120.0), in_use, usage)
+        removed = self.store.gc(self._setting("image_gc_high_threshold", 85),
+                                self._setting("image_gc_low_threshold", 80),
+                                self._setting("image_minimum_gc_age", 120.0), in_use, usage)
+        if removed and self.compiled_cache_dir:  # the host's cache files are named <sha256hex>.*
+            prefixes = tuple(d.split(":", 1)[-1] + "." for d in removed)
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(self.compiled_cache_dir):
+                    if name.startswith(prefixes):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self.compiled_cache_dir, name))
+        return removed
 
     def _gc_quietly(self):
         try:
@@ -2515,7 +2678,7 @@ def cmd_push(argv, environ=None):
         elif args.registry_config:
             with open(os.path.expanduser(args.registry_config)) as f:
                 found = [c for c in docker_config_credentials(json.load(f), "--registry-config")
-                         if c.registry == ref.registry]
+                         if _registry_matches(c.registry, ref.registry)]
             credential = found[0] if found else None
         digest = push_module(args.module, args.image, credential=credential, insecure=args.insecure)
     except (ImageError, OSError, ValueError) as exc:
@@ -2918,11 +3081,12 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None)
     return dirs
 
 
-def _subpath_dir(volume_dir, sub_path, api_volume):
-    """The host directory of a `subPath` inside a volume, checked after resolving symlinks.
+def _subpath(volume_dir, sub_path, api_volume):
+    """The host path of a `subPath` inside a volume, checked after resolving symlinks.
 
     A module may have planted a symlink in an emptyDir: the resolved path must stay inside the
-    volume (the kubelet's subPath check). A missing subPath is created, as the kubelet does."""
+    volume (the kubelet's subPath check). A missing subPath is created as a directory, as the
+    kubelet does; an existing regular file is returned as such (see _file_mounts)."""
     _check_relpath(sub_path, "subPath")
     root = os.path.realpath(volume_dir)
     real = os.path.realpath(os.path.join(root, sub_path))
@@ -2932,20 +3096,46 @@ def _subpath_dir(volume_dir, sub_path, api_volume):
         if api_volume:  # its content is the API object's: a key may still be added
             raise ContainerConfigError(f"subPath {sub_path!r} does not exist in its volume", retry=True)
         os.makedirs(real, mode=0o755, exist_ok=True)
-    if not os.path.isdir(real):
-        raise ContainerConfigError(f"subPath {sub_path!r} is not a directory: WASI preopens only directories",
-                                   retry=False)
+    if not (os.path.isdir(real) or os.path.isfile(real)):
+        raise ContainerConfigError(f"subPath {sub_path!r} is neither a directory nor a regular file", retry=False)
     return real
 
 
-def container_mounts(pod, container, volume_dirs, env=None):
+def _file_mounts(files, seen, staging_root):
+    """Preopens for subPaths that name files: WASI preopens only directories, so each guest folder
+    holding such files becomes a private directory of hard links to them (a copy across file
+    systems). Like the kubelet's subPath mounts they do not follow later updates of the volume;
+    a folder is read-only if any of its files is."""
+    by_parent = collections.defaultdict(list)
+    for host_file, guest, readonly in files:
+        by_parent[os.path.dirname(guest)].append((host_file, os.path.basename(guest), readonly))
+    if by_parent and staging_root is None:
+        raise ContainerConfigError("a subPath naming a file needs the pod directory", retry=False)
+    mounts = []
+    for index, (parent, entries) in enumerate(sorted(by_parent.items())):
+        if parent in seen:
+            raise ContainerConfigError(f"{parent!r} is both a mountPath and the folder of a file subPath",
+                                       retry=False)
+        staging = os.path.join(staging_root, str(index))
+        os.makedirs(staging, mode=0o700)
+        for host_file, base, _ in entries:
+            try:
+                os.link(host_file, os.path.join(staging, base))
+            except OSError:
+                shutil.copy2(host_file, os.path.join(staging, base))
+        mounts.append((staging, parent, any(readonly for _, _, readonly in entries)))
+    return mounts
+
+
+def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
     """The preopens [(host_dir, guest_dir, readonly)] of a container's volumeMounts.
 
     configMap, secret, downwardAPI and projected volumes are read-only whatever the mount says (as
-    in the kubelet); `subPathExpr` is expanded with the container's env ($(VAR) only)."""
+    in the kubelet); `subPathExpr` is expanded with the container's env ($(VAR) only). A subPath
+    naming a file is staged under `<pod_dir>/volumes/.subpaths/<container>/` (see _file_mounts)."""
     volumes = {v.get("name"): v for v in (pod.get("spec") or {}).get("volumes") or []}
     env_map = dict(env or ())
-    mounts, seen = [], set()
+    mounts, files, seen = [], [], set()
     for mount in container.get("volumeMounts") or []:
         name, mount_path = mount.get("name"), mount.get("mountPath") or ""
         if name not in volume_dirs or name not in volumes:
@@ -2964,9 +3154,20 @@ def container_mounts(pod, container, volume_dirs, env=None):
         if not sub_path and mount.get("subPathExpr"):
             sub_path = _expand_refs(mount["subPathExpr"], env_map)
         if sub_path:
-            host = _subpath_dir(host, sub_path, api_volume)
+            host = _subpath(host, sub_path, api_volume)
+            if os.path.isfile(host):
+                if guest == "/":
+                    raise ContainerConfigError(f"subPath {sub_path!r} is a file: it cannot be mounted at /",
+                                               retry=False)
+                files.append((host, guest, readonly))
+                continue
         mounts.append((host, guest, readonly))
-    return mounts
+    staging_root = None
+    if pod_dir is not None:
+        staging_root = os.path.join(pod_dir, "volumes", ".subpaths", container.get("name") or "container")
+        if os.path.lexists(staging_root):
+            shutil.rmtree(staging_root, onerror=_remove_tree_error)
+    return mounts + _file_mounts(files, seen, staging_root)
 
 
 def _remove_tree_error(func, path, exc_info):
@@ -3090,8 +3291,1129 @@ def container_argv(container, env):
 
 # --- Status: pod status computation, coalesced patches, events ---
 
+_TERMINAL_PHASES = ("Succeeded", "Failed")
+_CONDITION_ORDER = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", "PodScheduled")
+
+
+def _k8s_time(ts=None):
+    """A Kubernetes Time (RFC 3339, seconds, UTC) for a wall-clock timestamp (default now)."""
+    ts = time.time() if ts is None else ts
+    return datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def qos_class(pod):
+    """The pod's QoS class as the API server computes it: Guaranteed when every container has
+    equal cpu and memory requests and limits, BestEffort when none has any, else Burstable."""
+    containers = list((pod.get("spec") or {}).get("initContainers") or []) + list(pod["spec"].get("containers") or [])
+    any_set, guaranteed = False, True
+    for c in containers:
+        res = c.get("resources") or {}
+        limits, requests_ = res.get("limits") or {}, res.get("requests") or {}
+        if limits or requests_:
+            any_set = True
+        for name in ("cpu", "memory"):
+            if name not in limits or str(requests_.get(name, limits[name])) != str(limits[name]):
+                guaranteed = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def _waiting_after_failure(status):
+    """A container waiting to restart after it terminated (CrashLoopBackOff): counted as stopped."""
+    return "waiting" in status.get("state", {}) and "terminated" in (status.get("lastState") or {})
+
+
+def pod_phase(pod, init_statuses, statuses):
+    """The phase the kubelet derives from container states (kubelet_pods.go getPhase).
+
+    Init containers must all have exited 0 first (Pending until then; Failed when one failed
+    and restartPolicy is Never). Then: any waiting -> Pending, any running -> Running, all
+    stopped -> Succeeded if all exited 0, Running if they will restart, else Failed."""
+    policy = pod["spec"].get("restartPolicy", "Always")
+    by_name = {s["name"]: s for s in init_statuses}
+    for c in pod["spec"].get("initContainers") or []:
+        s = by_name.get(c["name"], {})
+        term = (s.get("state") or {}).get("terminated")
+        if term and term.get("exitCode") == 0:
+            continue
+        failed = (term and term.get("exitCode") != 0) or (
+            _waiting_after_failure(s) and s["lastState"]["terminated"].get("exitCode") != 0)
+        return "Failed" if failed and policy == "Never" else "Pending"
+    by_name = {s["name"]: s for s in statuses}
+    running = waiting = stopped = succeeded = unknown = 0
+    for c in pod["spec"]["containers"]:
+        s = by_name.get(c["name"])
+        state = (s or {}).get("state") or {}
+        if "running" in state:
+            running += 1
+        elif "terminated" in state:
+            stopped += 1
+            succeeded += state["terminated"].get("exitCode") == 0
+        elif s and _waiting_after_failure(s):
+            stopped += 1
+        elif "waiting" in state:
+            waiting += 1
+        else:
+            unknown += 1
+    if waiting:
+        return "Pending"
+    if running and not unknown:
+        return "Running"
+    if stopped and not running and not unknown:
+        if policy == "Always":
+            return "Running"
+        if stopped == succeeded:
+            return "Succeeded"
+        return "Failed" if policy == "Never" else "Running"
+    return "Pending"
+
+
+def _condition(type_, ok, prev, now, reason=None, message=None):
+    """One pod condition; keeps the previous lastTransitionTime while its status is unchanged."""
+    status = "True" if ok else "False"
+    old = prev.get(type_)
+    cond = {"type": type_, "status": status, "lastProbeTime": None,
+            "lastTransitionTime": old["lastTransitionTime"] if old and old.get("status") == status else now}
+    if reason:
+        cond["reason"] = reason
+    if message:
+        cond["message"] = message
+    return cond
+
+
+def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_conditions=(), now=None):
+    """The five pod conditions (status_manager/generate.go), in the order the kubelet writes them."""
+    now = now or _k8s_time()
+    prev = {c["type"]: c for c in prev_conditions or ()}
+    init_pending = [s["name"] for s in init_statuses if not s.get("ready")]
+    init_names = {c["name"] for c in pod["spec"].get("initContainers") or []}
+    init_pending += sorted(init_names - {s["name"] for s in init_statuses})
+    initialized = phase == "Succeeded" or not init_pending
+    unready = [c["name"] for c in pod["spec"]["containers"]
+               if not next((s.get("ready") for s in statuses if s["name"] == c["name"]), False)]
+    if phase == "Succeeded":
+        ready_reason, ready_msg = "PodCompleted", None
+    elif not initialized:
+        ready_reason, ready_msg = "ContainersNotInitialized", f"containers with incomplete status: [{' '.join(init_pending)}]"
+    else:
+        ready_reason, ready_msg = "ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]"
+    ready = not unready and initialized and phase not in _TERMINAL_PHASES
+    conds = [
+        _condition("PodReadyToStartContainers", ready_to_start, prev, now),
+        _condition("Initialized", initialized, prev, now,
+                   *(("PodCompleted", None) if phase == "Succeeded" and init_pending else
+                     (None, None) if initialized else ("ContainersNotInitialized", ready_msg))),
+        _condition("ContainersReady", ready, prev, now, *((None, None) if ready else (ready_reason, ready_msg))),
+        _condition("Ready", ready, prev, now, *((None, None) if ready else (ready_reason, ready_msg))),
+        _condition("PodScheduled", True, prev, prev.get("PodScheduled", {}).get("lastTransitionTime") or now),
+    ]
+    return conds
+
+
+def compute_pod_status(pod, init_statuses, statuses, *, host_ip, ready_to_start, start_time=None,
+                       phase=None, reason=None, message=None, prev=None, now=None):
+    """The complete status a kubelet reports for `pod` given its containers' statuses (dicts in
+    the API's ContainerStatus form). `phase`, `reason`, `message` override the derived phase for
+    pod-level outcomes (DeadlineExceeded, OutOfpods, a refused volume); a terminal phase in
+    `prev` is never left, as the kubelet never moves a pod out of Succeeded or Failed."""
+    prev = prev or {}
+    derived = pod_phase(pod, init_statuses, statuses)
+    phase = phase or derived
+    if prev.get("phase") in _TERMINAL_PHASES:
+        phase = prev["phase"]
+    status = {"phase": phase,
+              "conditions": pod_conditions(pod, phase, init_statuses, statuses, ready_to_start,
+                                           prev.get("conditions"), now)}
+    if reason:
+        status["reason"] = reason
+    if message:
+        status["message"] = message
+    if host_ip:
+        status.update(hostIP=host_ip, hostIPs=[{"ip": host_ip}], podIP=host_ip, podIPs=[{"ip": host_ip}])
+    if start_time:
+        status["startTime"] = start_time
+    if init_statuses:
+        status["initContainerStatuses"] = list(init_statuses)
+    status["containerStatuses"] = list(statuses)
+    status["qosClass"] = qos_class(pod)
+    return status
+
+
+def status_patch(old, new):
+    """The JSON merge patch that turns `old` into `new` at the top level of status; lists are
+    sent complete (contract lesson 12), removed fields as null. None when nothing changed."""
+    old = old or {}
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in ("reason", "message", "initContainerStatuses") if k in old and k not in new})
+    return {"status": patch} if patch else None
+
+
+@dataclass(frozen=True)
+class PodEvent:
+    """A core/v1 Event about a pod (Pulling, Pulled, Created, Started, Killing, BackOff, Failed)."""
+    namespace: str
+    pod_name: str
+    pod_uid: str
+    reason: str
+    message: str
+    type: str = "Normal"
+    field_path: str = None
+
+
+class StatusWriter:
+    """The one writer of pod statuses and events to the API server, on its own thread.
+
+    Statuses are coalesced per pod (only the newest is kept, so an older one is never sent after
+    a newer one) and patched only when they differ from what the server last acknowledged.
+    Errors other than 403/404/409 keep the write queued and retry with backoff: an unreachable
+    API server never stops a pod. Events repeated (same pod, reason, message) raise a count."""
+
+    def __init__(self, api, node_name, retry_max=10.0):
+        self.api = api
+        self.node_name = node_name
+        self.retry_max = retry_max
+        self._cond = threading.Condition()
+        self._statuses = {}          # uid -> (path, status, on_sent)
+        self._sent = {}              # uid -> status acknowledged by the server
+        self._events = collections.deque()
+        self._deletes = {}           # uid -> (path, uid); sent after the pod's last status
+        self._event_names = {}       # (uid, reason, message, field) -> (name, count, first)
+        self._thread = None
+        self._stopping = False
+        self.writes = 0
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="minikrust-status", daemon=True)
+        self._thread.start()
+
+    def stop(self, flush_timeout=2.0):
+        """Try to send what is queued for up to flush_timeout seconds, then stop."""
+        deadline = time.monotonic() + flush_timeout
+        with self._cond:
+            while self._pending() and time.monotonic() < deadline and self._thread and self._thread.is_alive():
+                self._cond.wait(0.05)
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(2.0)
+
+    def forget(self, uid):
+        with self._cond:
+            self._sent.pop(uid, None)
+            self._statuses.pop(uid, None)
+
+    def seed(self, uid, status):
+        """What the server already has for a pod (from a list), so an equal status is not resent."""
+        with self._cond:
+            self._sent.setdefault(uid, status or {})
+
+    def set_status(self, pod, status):
+        meta = pod["metadata"]
+        path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}/status"
+        with self._cond:
+            self._statuses[meta["uid"]] = (path, status)
+            self._cond.notify_all()
+
+    def record(self, event):
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def request(self, method, path, body=None, ok=(404, 409)):
+        """Any other write (mirror pods), sent in order with events; `ok` codes are not errors."""
+        with self._cond:
+            self._events.append((method, path, body, ok))
+            self._cond.notify_all()
+
+    def delete_pod(self, pod):
+        """Final delete (gracePeriodSeconds 0, uid precondition), after the pod's last status."""
+        meta = pod["metadata"]
+        path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
+        with self._cond:
+            self._deletes[meta["uid"]] = path
+            self._cond.notify_all()
+
+    def _pending(self):
+        return bool(self._statuses or self._events or self._deletes)
+
+    def _loop(self):
+        delay = 0.0
+        while True:
+            with self._cond:
+                while not self._stopping and (not self._pending() or delay):
+                    if delay:
+                        self._cond.wait(delay)
+                        delay = 0.0
+                    else:
+                        self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._flush()
+                delay = 0.0
+            except Exception as exc:     # the API is unreachable or failing: keep everything queued
+                log.debug("status writes deferred: %s", exc)
+                delay = min(self.retry_max, max(0.2, delay * 2 or 0.5))
+
+    def _flush(self):
+        while True:
+            with self._cond:
+                event = self._events[0] if self._events else None
+            if event is None:
+                break
+            if isinstance(event, PodEvent):
+                self._send_event(event)
+            else:
+                self._send_request(*event)
+            with self._cond:
+                self._events.popleft()
+        with self._cond:
+            uids = list(self._statuses)
+        for uid in uids:
+            with self._cond:
+                path, status = self._statuses[uid]
+                old = self._sent.get(uid)
+            self._send_status(uid, path, old, status)
+            with self._cond:
+                if self._statuses.get(uid, (None, None))[1] is status:
+                    del self._statuses[uid]
+                self._cond.notify_all()
+        with self._cond:
+            deletes = [(uid, p) for uid, p in self._deletes.items() if uid not in self._statuses]
+        for uid, path in deletes:
+            self._send_delete(uid, path)
+            with self._cond:
+                self._deletes.pop(uid, None)
+                self._sent.pop(uid, None)
+                self._cond.notify_all()
+
+    def _send_status(self, uid, path, old, status):
+        patch = status_patch(old, status)
+        if patch is None:
+            return
+        if (old or {}).get("phase") in _TERMINAL_PHASES and status.get("phase") not in _TERMINAL_PHASES:
+            return      # never move a pod out of a terminal phase (contract lesson 9)
+        try:
+            self.writes += 1
+            self.api.patch(path, patch, content_type="application/merge-patch+json")
+        except ApiError as exc:
+            if exc.code not in (403, 404, 409, 422):
+                raise
+            log.warning("status of %s not written: %s", path, exc)
+        with self._cond:
+            self._sent[uid] = status
+
+    def _send_request(self, method, path, body, ok):
+        try:
+            self.writes += 1
+            self.api.request(method, path, body=body)
+        except ApiError as exc:
+            if exc.code not in ok and exc.code not in (403, 422):
+                raise
+            log.debug("%s %s: %s", method, path, exc)
+
+    def _send_delete(self, uid, path):
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+                "preconditions": {"uid": uid}}
+        try:
+            self.writes += 1
+            self.api.delete(path, body=body)
+        except ApiError as exc:
+            if exc.code not in (403, 404, 409):
+                raise
+            log.info("final delete of %s: %s", path, exc)
+
+    def _send_event(self, ev):
+        now = _k8s_time()
+        key = (ev.pod_uid, ev.reason, ev.message, ev.field_path)
+        known = self._event_names.get(key)
+        base = f"/api/v1/namespaces/{ev.namespace}/events"
+        if known:
+            name, count, first = known
+            try:
+                self.writes += 1
+                self.api.patch(f"{base}/{name}", {"count": count + 1, "lastTimestamp": now},
+                               content_type="application/merge-patch+json")
+                self._event_names[key] = (name, count + 1, first)
+                return
+            except ApiError as exc:
+                if exc.code != 404:
+                    raise       # else the event expired: create it again
+        name = f"{ev.pod_name}.{uuid.uuid4().hex[:16]}"
+        involved = {"kind": "Pod", "namespace": ev.namespace, "name": ev.pod_name, "uid": ev.pod_uid,
+                    "apiVersion": "v1"}
+        if ev.field_path:
+            involved["fieldPath"] = ev.field_path
+        body = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": name, "namespace": ev.namespace},
+                "involvedObject": involved, "reason": ev.reason, "message": ev.message, "type": ev.type,
+                "source": {"component": "kubelet", "host": self.node_name},
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                "reportingComponent": "kubelet", "reportingInstance": self.node_name}
+        try:
+            self.writes += 1
+            self.api.post(base, body)
+        except ApiError as exc:
+            if exc.code not in (403, 404, 409, 422):
+                raise
+            log.debug("event %s not recorded: %s", ev.reason, exc)
+            return
+        self._event_names[key] = (name, 1, now)
+
 
 # --- Pods: one worker and state machine per pod ---
+
+_BACKOFF_RESET = 600.0          # seconds of good running that forgive a container's past crashes
+_CONFIG_RETRY = 2.0             # seconds between tries of a pod whose configMap/secret is missing
+_TERMINATION_MESSAGE_MAX = 4096
+_KILLED_EXIT = 137
+
+
+def _memory_limit(container):
+    """resources.limits.memory in bytes (the module's memory limit), or None."""
+    value = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    return int(parse_quantity(value)) if value is not None else None
+
+
+def _termination_reason(result):
+    """(exitCode, reason, message) of a finished run, as a container runtime reports them."""
+    if result.oom:
+        return _KILLED_EXIT, "OOMKilled", "memory limit reached"
+    if result.timed_out:
+        return _KILLED_EXIT, "DeadlineExceeded", None
+    if result.killed:
+        return _KILLED_EXIT, "Error", None
+    if result.exit_code is None:
+        return 134, "Error", f"wasm trap: {result.trap}"
+    return result.exit_code, ("Completed" if result.exit_code == 0 else "Error"), None
+
+
+def _guest_file(mounts, guest_path):
+    """The host path of a guest file under one of the container's preopens, or None."""
+    best = None
+    for host, guest, _ro in mounts:
+        prefix = guest.rstrip("/") + "/"
+        if guest_path.startswith(prefix) and (best is None or len(guest) > len(best[1])):
+            best = (host, guest)
+    if best is None:
+        return None
+    return os.path.join(best[0], guest_path[len(best[1].rstrip("/")) + 1:])
+
+
+def _log_tail(path, max_lines=80, max_bytes=2048):
+    """The last lines of a CRI log file, content only (FallbackToLogsOnError)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64 * 1024))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    content = [line.split(" ", 3)[3] if line.count(" ") >= 3 else line for line in lines[-max_lines:]]
+    return "\n".join(content)[-max_bytes:]
+
+
+def _write_json_atomic(path, doc):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+class _Container:
+    """What the worker knows of one container: its API status fields and its current run."""
+
+    def __init__(self, spec, init, waiting_reason):
+        self.spec, self.init, self.name = spec, init, spec["name"]
+        self.state = {"waiting": {"reason": waiting_reason}}
+        self.last_state = {}
+        self.restart_count = 0
+        self.image_id = self.container_id = ""
+        self.run = None
+        self.started_mono = 0.0
+        self.backoff = 0.0          # delay before the next restart; 0 = restart at once
+        self.not_before = 0.0       # monotonic time before which it must not start
+        self.mounts = []
+        self.log_path = None
+        self.ever_started = False
+
+    @property
+    def terminated(self):
+        return self.state.get("terminated")
+
+    def succeeded(self):
+        return bool(self.terminated) and self.terminated.get("exitCode") == 0
+
+    def restore(self, saved):
+        """Take over what a previous kubelet reported: counts, states; a run it lost is an exit."""
+        self.restart_count = saved.get("restartCount", 0)
+        self.last_state = saved.get("lastState") or {}
+        self.image_id, self.container_id = saved.get("imageID", ""), saved.get("containerID", "")
+        state = saved.get("state") or {}
+        if "running" in state:
+            self.last_state = {"terminated": {
+                "exitCode": _KILLED_EXIT, "reason": "ContainerStatusUnknown",
+                "message": "The container could not be located when the kubelet restarted",
+                "startedAt": state["running"].get("startedAt"), "finishedAt": _k8s_time(),
+                "containerID": self.container_id}}
+            self.state = {"waiting": {"reason": "ContainerCreating"}}
+            self.ever_started = True
+        elif "terminated" in state:
+            self.state, self.ever_started = state, True
+        elif self.last_state:
+            self.state, self.ever_started = {"waiting": {"reason": "ContainerCreating"}}, True
+
+    def status(self):
+        ready = self.succeeded() if self.init else "running" in self.state
+        status = {"name": self.name, "state": self.state, "lastState": self.last_state, "ready": ready,
+                  "restartCount": self.restart_count, "image": self.spec.get("image", ""),
+                  "imageID": self.image_id, "started": "running" in self.state}
+        if self.container_id:
+            status["containerID"] = self.container_id
+        return status
+
+
+class PodWorker:
+    """Runs one pod: a thread that moves the pod through its life and publishes its status.
+
+    States, each step taken by `_sync()` whenever something happens (a spec update, a container
+    exit, a timer):
+        admitted -> preparing volumes -> init containers one by one -> app containers in parallel
+        -> finished (Succeeded/Failed: volumes removed) -> finalized (deleted from the API)
+    Deletion (deletionTimestamp) kills running modules at the end of the grace period (a module
+    gets no signal), then finishes and finalizes. Every failure is a reason on the pod."""
+
+    def __init__(self, manager, pod, saved_status=None, rejected=None):
+        self.m = manager
+        self.pod = pod
+        self.uid = pod["metadata"]["uid"]
+        self.key = _pod_key(pod)
+        self.dir = os.path.join(manager.config.root_dir, "pods", self.uid)
+        self.rejected = rejected                        # (reason, message) of a pod not admitted
+        spec = pod["spec"]
+        has_init = bool(spec.get("initContainers"))
+        self.inits = [_Container(c, True, "PodInitializing") for c in spec.get("initContainers") or []]
+        self.apps = [_Container(c, False, "PodInitializing" if has_init else "ContainerCreating")
+                     for c in spec["containers"]]
+        self.phase = self.reason = self.message = None  # pod-level outcome, when decided
+        self.status = None
+        self.volume_dirs = None
+        self.start_time = None
+        self.deadline = None
+        self.kill_at = None         # monotonic time to kill running modules (deletion)
+        self.deleting = self.gone = self.finished = self.finalized = self.stopping = False
+        self._exits = []
+        self._dirty = True
+        self._cond = threading.Condition()
+        self._thread = None
+        if saved_status:
+            self._restore(saved_status)
+
+    def _restore(self, saved):
+        self.start_time = saved.get("startTime")
+        by_name = {s["name"]: s for s in (saved.get("initContainerStatuses") or []) + (saved.get("containerStatuses") or [])}
+        for c in self.inits + self.apps:
+            if c.name in by_name:
+                c.restore(by_name[c.name])
+        if self.pod["spec"].get("restartPolicy", "Always") == "Never":
+            for c in self.inits + self.apps:     # a run lost with the last kubelet is not run again
+                if c.ever_started and "waiting" in c.state and c.last_state.get("terminated"):
+                    c.state, c.last_state = c.last_state, {}
+        if saved.get("phase") in _TERMINAL_PHASES:
+            self.phase, self.reason, self.message = saved["phase"], saved.get("reason"), saved.get("message")
+            self.finished = True
+        self.status = saved
+
+    # -- events from outside (source thread, run waiters) --
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name=f"pod-{self.key}", daemon=True)
+        self._thread.start()
+
+    def update(self, pod):
+        with self._cond:
+            self.pod = pod
+            if pod["metadata"].get("deletionTimestamp") and not self.deleting:
+                grace = pod["metadata"].get("deletionGracePeriodSeconds")
+                if grace is None:
+                    grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+                self.deleting, self.kill_at = True, time.monotonic() + max(0, grace)
+            self._wake()
+
+    def remove(self, grace=0):
+        """The pod is gone from its source: stop its modules after `grace` seconds, no API writes."""
+        with self._cond:
+            if not self.deleting:
+                self.kill_at = time.monotonic() + max(0, grace)
+            self.deleting = self.gone = True
+            self._wake()
+
+    def stop(self):
+        """Kubelet shutdown: kill the modules, keep everything on disk for the next start."""
+        with self._cond:
+            self.stopping = True
+            self._wake()
+        for c in self.inits + self.apps:
+            if c.run is not None:
+                c.run.kill()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def _wake(self):
+        self._dirty = True
+        self._cond.notify_all()
+
+    def _on_exit(self, container, run):
+        result = run.wait()
+        with self._cond:
+            self._exits.append((container, run, result))
+            self._wake()
+
+    # -- the loop --
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                if self.stopping or self.finalized:
+                    return
+                self._dirty = False
+            try:
+                wait = self._sync()
+            except Exception as exc:    # a bug must not take the kubelet down: fail this pod only
+                log.exception("pod %s: internal error", self.key)
+                self._finish("Failed", "InternalError", f"minikrust: {exc}")
+                wait = None
+            self._publish()
+            with self._cond:
+                if not self._dirty and not self.stopping and not self.finalized:
+                    self._cond.wait(wait)
+
+    def _sync(self):
+        """One step of the state machine; returns seconds until it must run again (None: on event)."""
+        now = time.monotonic()
+        self._collect_exits(now)
+        if self.deleting:
+            return self._sync_deleting(now)
+        if self.finished:
+            return None
+        if self.rejected:
+            return self._finish("Failed", *self.rejected)
+        if self.start_time is None:
+            self.start_time = _k8s_time()
+        if self.deadline is None and self.pod["spec"].get("activeDeadlineSeconds") is not None:
+            started = datetime.datetime.strptime(self.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            self.deadline = now + started + self.pod["spec"]["activeDeadlineSeconds"] - time.time()
+        if self.deadline is not None and now >= self.deadline:
+            self._kill_all("Pod was active on the node longer than the specified deadline")
+            return self._finish("Failed", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline")
+        if self.volume_dirs is None and not self._prepare():
+            return self._until(now + _CONFIG_RETRY)
+        for c in self.inits:
+            if c.succeeded():
+                continue
+            if c.run is not None:
+                return self._until(None)
+            if c.terminated and self.pod["spec"].get("restartPolicy", "Always") == "Never":
+                return self._finish("Failed")
+            return self._until(self._maybe_start(c, now))
+        wakes = [self._maybe_start(c, now) for c in self.apps if c.run is None and self._wants_run(c)]
+        if all(c.run is None and not self._wants_run(c) for c in self.apps):
+            return self._finish(None)
+        return self._until(min((w for w in wakes if w), default=None))
+
+    def _until(self, when):
+        """Seconds from now until `when` or the active deadline, whichever comes first."""
+        times = [t for t in (when, self.deadline) if t is not None]
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def _wants_run(self, c):
+        """Whether an app container that is not running should be (re)started."""
+        if not c.ever_started:
+            return True
+        term = c.terminated or (c.last_state.get("terminated") if "waiting" in c.state else None)
+        if term is None:
+            return True
+        if c.terminated is None:
+            return True         # waiting to restart (back-off, lost run, config error)
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        return policy == "Always" or (policy == "OnFailure" and term.get("exitCode") != 0)
+
+    def _collect_exits(self, now):
+        with self._cond:
+            exits, self._exits = self._exits, []
+        for c, run, result in exits:
+            if c.run is not run:
+                continue
+            c.run = None
+            code, reason, message = _termination_reason(result)
+            message = self._termination_message(c, code) or message
+            term = {"exitCode": code, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt"),
+                    "finishedAt": _k8s_time(), "containerID": c.container_id}
+            if message:
+                term["message"] = message
+            c.state = {"terminated": term}
+            if now - c.started_mono >= _BACKOFF_RESET:
+                c.backoff = 0.0
+            c.not_before = now + c.backoff
+            c.backoff = min(self.m.backoff_max, c.backoff * 2 if c.backoff else self.m.backoff_base)
+            log.info("pod %s container %s exited: %s (%s)", self.key, c.name, code, reason)
+
+    def _termination_message(self, c, exit_code):
+        spec = c.spec
+        text = ""
+        path = _guest_file(c.mounts, spec.get("terminationMessagePath") or "/dev/termination-log")
+        if path:
+            with contextlib.suppress(OSError):
+                with open(path, "rb") as f:
+                    text = f.read(_TERMINATION_MESSAGE_MAX).decode("utf-8", "replace")
+        if not text and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            text = _log_tail(c.log_path) if c.log_path else ""
+        return text
+
+    def _prepare(self):
+        """Volumes ready (the kubelet's sandbox); False when the pod must wait or has failed."""
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.volume_dirs = prepare_volumes(self.pod, self.dir, self.m.config, api=self.m.api,
+                                               base_dir=self.m.base_dir(self.pod), node_ip=self.m.node_ip)
+            return True
+        except ContainerConfigError as exc:
+            for c in self.inits + self.apps:
+                if "waiting" in c.state:
+                    c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
+            self.m.event(self.pod, "Failed", f"Error: {exc.message}", "Warning")
+            if not exc.retry:
+                self._finish("Failed", exc.reason, exc.message)
+            return False
+
+    def _maybe_start(self, c, now):
+        """Start `c` unless it is backing off; returns the monotonic time to try again, or None."""
+        if now < c.not_before:
+            if c.terminated:        # it just exited: show the back-off until it may restart
+                name, ns = self.pod["metadata"]["name"], self.pod["metadata"].get("namespace", "")
+                c.last_state = {"terminated": c.terminated}
+                c.state = {"waiting": {"reason": "CrashLoopBackOff", "message":
+                           f"back-off {c.not_before - now:.0f}s restarting failed container={c.name} pod={name}_{ns}({self.uid})"}}
+                self.m.event(self.pod, "BackOff", f"Back-off restarting failed container {c.name} in pod "
+                             f"{name}_{ns}({self.uid})", "Warning", c)
+            return c.not_before
+        return self._start(c, now)
+
+    def _start(self, c, now):
+        spec, pod, m = c.spec, self.pod, self.m
+        try:
+            ref = m.ensure_image(pod, spec)
+        except ImageError as exc:
+            c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
+            m.event(pod, "Failed", exc.message, "Warning", c)
+            return now + _CONFIG_RETRY
+        try:
+            env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
+            argv = container_argv(spec, env)
+            c.mounts = container_mounts(pod, spec, self.volume_dirs, env)
+        except ContainerConfigError as exc:
+            c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
+            m.event(pod, "Failed", f"Error: {exc.message}", "Warning", c)
+            if not exc.retry:
+                self._finish("Failed", exc.reason, exc.message)
+            return now + _CONFIG_RETRY
+        restarted = c.ever_started
+        if restarted:
+            prior = c.terminated or c.last_state.get("terminated")
+            if prior:
+                c.last_state = {"terminated": prior}
+            c.restart_count += 1
+        c.ever_started, c.image_id = True, ref.image_id
+        c.container_id = f"wasm://{uuid.uuid4().hex}"
+        c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
+        os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
+        c.started_mono = time.monotonic()
+        try:
+            with module_errors():
+                module = m.host.load(ref.path, digest=ref.digest)
+                run = module.start(argv, env=env, preopens=c.mounts, stdout=c.log_path, stderr=c.log_path,
+                                   log_format="cri", memory_limit=_memory_limit(spec))
+        except (ModuleError, OSError) as exc:
+            now_s = _k8s_time()
+            c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
+                                      "startedAt": now_s, "finishedAt": now_s, "containerID": c.container_id}}
+            c.not_before = now + c.backoff
+            c.backoff = min(m.backoff_max, c.backoff * 2 if c.backoff else m.backoff_base)
+            m.event(pod, "Failed", f"Error: {exc}", "Warning", c)
+            log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
+            return None
+        c.run = run
+        c.state = {"running": {"startedAt": _k8s_time()}}
+        m.event(pod, "Created", f"Created container: {c.name}", "Normal", c)
+        m.event(pod, "Started", f"Started container {c.name}", "Normal", c)
+        m.follow_log(self, c)
+        log.info("pod %s container %s started%s", self.key, c.name, " (restart %d)" % c.restart_count if restarted else "")
+        threading.Thread(target=self._on_exit, args=(c, run), name=f"wait-{self.key}/{c.name}", daemon=True).start()
+        return None
+
+    def _kill_all(self, why):
+        for c in self.inits + self.apps:
+            if c.run is not None:
+                self.m.event(self.pod, "Killing", f"Stopping container {c.name}", "Normal", c)
+                log.info("pod %s: killing %s (%s)", self.key, c.name, why)
+                c.run.kill()
+        for c in self.inits + self.apps:    # runs stop within 100 ms; their exits become states
+            if c.run is not None:
+                c.run.wait(2.0)
+        deadline = time.monotonic() + 2.0
+        while any(c.run is not None for c in self.inits + self.apps) and time.monotonic() < deadline:
+            with self._cond:
+                if not self._exits:
+                    self._cond.wait(0.05)
+            self._collect_exits(time.monotonic())
+
+    def _sync_deleting(self, now):
+        running = any(c.run is not None for c in self.inits + self.apps)
+        if running and now < self.kill_at:
+            return self.kill_at - now
+        if running:
+            self._kill_all("pod deleted")
+        if not self.finished:
+            self._finish(None, deleted=True)
+        self.finalized = True
+        self._publish()             # the final status goes out before the final delete
+        self.m.finalize(self)
+        return None
+
+    def _finish(self, phase, reason=None, message=None, deleted=False):
+        """Move to a terminal phase: Failed/Succeeded from the containers unless `phase` says."""
+        if self.finished:
+            return None
+        if any(c.run is not None for c in self.inits + self.apps):
+            self._kill_all(reason or "pod finished")
+        if phase is None:
+            derived = pod_phase(self.pod, [c.status() for c in self.inits], [c.status() for c in self.apps])
+            phase = derived if derived in _TERMINAL_PHASES else "Failed"
+            if deleted and phase == "Failed" and all(c.succeeded() for c in self.apps):
+                phase = "Succeeded"
+        self.phase, self.reason, self.message = phase, reason, message
+        for c in self.apps + self.inits:
+            if "waiting" in c.state and c.last_state.get("terminated") and c.state["waiting"].get("reason") == "CrashLoopBackOff":
+                c.state = c.last_state
+                c.last_state = {}
+        self.finished = True
+        with contextlib.suppress(OSError):
+            cleanup_volumes(self.dir)
+        log.info("pod %s %s%s", self.key, phase, f" ({reason}: {message})" if reason else "")
+        return None
+
+    def _publish(self):
+        """Compute the status; when it changed, save it and hand it to the writer."""
+        status = compute_pod_status(
+            self.pod, [c.status() for c in self.inits], [c.status() for c in self.apps],
+            host_ip=self.m.node_ip, ready_to_start=self.volume_dirs is not None and not self.finished,
+            start_time=self.start_time, phase=self.phase, reason=self.reason, message=self.message,
+            prev=self.status)
+        if status == self.status:
+            return
+        old_phase = (self.status or {}).get("phase")
+        self.status = status
+        if not self.gone:
+            with contextlib.suppress(OSError):
+                os.makedirs(self.dir, exist_ok=True)
+                _write_json_atomic(os.path.join(self.dir, "status.json"), status)
+        self.m.status_changed(self, old_phase)
+
+
+class _LogEcho:
+    """Standalone terminal output: follows the CRI log files of running containers and prints
+    each line's content after a `pod/container` prefix."""
+
+    def __init__(self, write):
+        self.write = write
+        self._files = {}            # path -> [prefix, offset, partial]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="minikrust-echo", daemon=True)
+        self._thread.start()
+
+    def follow(self, prefix, path):
+        with self._lock:
+            self._files.setdefault(path, [prefix, 0, ""])
+
+    def drain(self):
+        """Print whatever the followed files gained since the last look."""
+        with self._lock:
+            for path, entry in list(self._files.items()):
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(entry[1])
+                        data = f.read()
+                except OSError:
+                    continue
+                complete = data[:data.rfind(b"\n") + 1]
+                entry[1] += len(complete)
+                for record in complete.decode("utf-8", "replace").splitlines():
+                    parts = record.split(" ", 3)
+                    if len(parts) < 4:
+                        continue
+                    entry[2] += parts[3]
+                    if parts[2] == "F":
+                        self.write(f"{entry[0]} {entry[2]}")
+                        entry[2] = ""
+
+    def _loop(self):
+        while not self._stop.wait(0.2):
+            self.drain()
+
+    def close(self):
+        self._stop.set()
+        self.drain()
+
+
+class PodManager:
+    """The kubelet's pod handler: admits the pods its sources report (max-pods), runs a PodWorker
+    for each, writes their statuses and events through one StatusWriter, and answers the server
+    (`pods()`, `container_log_path()`). Specs and statuses are kept under
+    `<root_dir>/pods/<uid>/` so that a restarted kubelet carries on where it stopped."""
+
+    def __init__(self, config, *, api=None, host=None, images=None, node_ip=None, echo=None):
+        self.config, self.api = config, api
+        self._host, self.images = host, images
+        self.node_ip = node_ip or config.node_ip or "127.0.0.1"
+        self.backoff_base = float(getattr(config, "backoff_base", 10.0))
+        self.backoff_max = float(getattr(config, "backoff_max", 300.0))
+        self.writer = StatusWriter(api, config.node_name) if api is not None else None
+        self.echo = _LogEcho(echo) if echo else None
+        self.workers = {}           # uid -> PodWorker
+        self.events = collections.deque(maxlen=1000)    # (pod key, reason, message), newest last
+        self._restored = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._started = False
+
+    @property
+    def host(self):
+        if self._host is None:
+            self._host = load_host(os.path.join(self.config.root_dir, "cache"))
+        return self._host
+
+    def start(self):
+        if self.writer is not None:
+            self.writer.start()
+        self._started = True
+        self.restore()
+        return self
+
+    def stop(self):
+        """Kill every module, keep pods on disk, flush queued writes briefly."""
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            worker.stop()
+        if self.echo is not None:
+            self.echo.close()
+        if self.writer is not None:
+            self.writer.stop()
+
+    # -- the handler face (called by the sources) --
+
+    def pod_added(self, pod):
+        meta = pod.get("metadata") or {}
+        if _is_mirror(pod):
+            return      # the API's copy of one of our static pods: the file source runs it
+        with self._lock:
+            worker = self.workers.get(meta.get("uid"))
+        if worker is not None:
+            self._restored.discard(worker.uid)
+            return worker.update(pod)
+        self._admit(pod)
+
+    def pod_updated(self, pod):
+        self.pod_added(pod)
+
+    def pod_deleted(self, pod):
+        if _is_mirror(pod):
+            return
+        with self._lock:
+            worker = self.workers.get((pod.get("metadata") or {}).get("uid"))
+        if worker is not None:
+            static = _is_static(worker.pod)
+            worker.remove(grace=pod["spec"].get("terminationGracePeriodSeconds", 30) if static else 0)
+            if static and self.writer is not None:
+                self.writer.request("DELETE", _pod_path(worker.pod))
+
+    def _admit(self, pod):
+        uid = pod["metadata"]["uid"]
+        saved = self._load_status(uid) or pod.get("status")
+        rejected = None
+        with self._lock:
+            active = sum(1 for w in self.workers.values() if not w.finished)
+            if (not saved or saved.get("phase") not in _TERMINAL_PHASES) and active >= self.config.max_pods:
+                rejected = ("OutOfpods", f"Pod was rejected: Node didn't have enough resource: pods, "
+                                         f"requested: 1, used: {active}, capacity: {self.config.max_pods}")
+            worker = PodWorker(self, pod, saved_status=saved, rejected=rejected)
+            self.workers[uid] = worker
+        self._save_spec(worker)
+        if self.writer is not None:
+            if _is_static(pod):
+                self.writer.request("POST", f"/api/v1/namespaces/{pod['metadata'].get('namespace', 'default')}/pods",
+                                    _mirror_pod(pod))
+            else:
+                self.writer.seed(uid, pod.get("status"))
+        log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
+        worker.start()
+
+    # -- what workers call --
+
+    def base_dir(self, pod):
+        manifest = ((pod.get("metadata") or {}).get("annotations") or {}).get(_MANIFEST_ANNOTATION)
+        return os.path.dirname(manifest) if manifest else None
+
+    def ensure_image(self, pod, container):
+        """The module of a container's image: through the ImageManager (file: and registries)."""
+        if self.images is None:
+            self.images = ImageManager(self.config, api=self.api)
+        secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
+        return self.images.ensure(container.get("image") or "", container.get("imagePullPolicy"), secrets,
+                                  namespace=pod["metadata"].get("namespace"), base_dir=self.base_dir(pod))
+
+    def event(self, pod, reason, message, type_="Normal", container=None):
+        field_path = None
+        if container is not None:
+            field_path = f"spec.{'initContainers' if container.init else 'containers'}{{{container.name}}}"
+        self.events.append((_pod_key(pod), reason, message))
+        if self.writer is not None:
+            meta = pod["metadata"]
+            self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
+                                        message, type_, field_path))
+
+    def follow_log(self, worker, container):
+        if self.echo is not None:
+            self.echo.follow(f"{worker.pod['metadata']['name']}/{container.name}", container.log_path)
+
+    def status_changed(self, worker, old_phase):
+        phase = worker.status["phase"]
+        if self.writer is not None and not worker.gone:
+            self.writer.set_status(worker.pod, worker.status)
+        if self.echo is not None and phase != old_phase:
+            self.echo.drain()
+            reason = worker.status.get("reason")
+            self.echo.write(f"{worker.pod['metadata']['name']}: {phase}" + (f" ({reason})" if reason else ""))
+        with self._changed:
+            self._changed.notify_all()
+
+    def finalize(self, worker):
+        """The pod's modules stopped and its volumes are gone: forget it, delete it from the API."""
+        with contextlib.suppress(OSError):
+            cleanup_volumes(worker.dir)
+        if self.writer is not None and not worker.gone and not _is_static(worker.pod):
+            self.writer.delete_pod(worker.pod)
+        with self._lock:
+            if self.workers.get(worker.uid) is worker:
+                del self.workers[worker.uid]
+            self._changed.notify_all()
+        shutil.rmtree(worker.dir, ignore_errors=True)
+        log.info("pod %s finalized", worker.key)
+
+    # -- disk: specs and statuses survive a kubelet restart --
+
+    def _save_spec(self, worker):
+        with contextlib.suppress(OSError):
+            os.makedirs(worker.dir, exist_ok=True)
+            _write_json_atomic(os.path.join(worker.dir, "pod.json"), worker.pod)
+
+    def _load_status(self, uid):
+        path = os.path.join(self.config.root_dir, "pods", uid, "status.json")
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                return json.load(f)
+        return None
+
+    def restore(self):
+        """Run again the pods a previous kubelet left on disk (the API may be unreachable now)."""
+        pods_dir = os.path.join(self.config.root_dir, "pods")
+        for uid in sorted(os.listdir(pods_dir)) if os.path.isdir(pods_dir) else ():
+            try:
+                with open(os.path.join(pods_dir, uid, "pod.json")) as f:
+                    pod = json.load(f)
+            except (OSError, ValueError):
+                continue
+            with self._lock:
+                known = uid in self.workers
+            if not known and not _is_static(pod):
+                self._restored.add(uid)
+                self._admit(pod)
+
+    def prune_restored(self):
+        """After the first full list: restored pods the API no longer has were deleted meanwhile."""
+        for uid in list(self._restored):
+            self._restored.discard(uid)
+            with self._lock:
+                worker = self.workers.get(uid)
+            if worker is not None:
+                worker.remove()
+
+    # -- what the server and the CLI read --
+
+    def pods(self):
+        with self._lock:
+            workers = list(self.workers.values())
+        return [dict(w.pod, status=w.status or {}) for w in workers]
+
+    def worker(self, namespace, name):
+        with self._lock:
+            return next((w for w in self.workers.values()
+                         if w.pod["metadata"]["name"] == name and w.pod["metadata"].get("namespace", "default") == namespace), None)
+
+    def container_log_path(self, namespace, pod, container, previous=False):
+        worker = self.worker(namespace, pod)
+        c = next((c for c in (worker.inits + worker.apps if worker else []) if c.name == container), None)
+        if c is None or not c.ever_started:
+            return None
+        if not previous:
+            return c.log_path
+        path = os.path.join(worker.dir, "logs", c.name, f"{c.restart_count - 1}.log")
+        return path if c.restart_count > 0 and os.path.exists(path) else None
+
+    def wait_all_finished(self, timeout=None):
+        """Block until every pod is finished (--once); True if they are."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while not all(w.finished for w in self.workers.values()):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(min(left, 1.0) if left is not None else 1.0)
+        return True
+
+    def all_succeeded(self):
+        with self._lock:
+            return all((w.status or {}).get("phase") == "Succeeded" for w in self.workers.values())
+
+
+
+def _annotations(pod):
+    return (pod.get("metadata") or {}).get("annotations") or {}
+
+
+def _is_static(pod):
+    """A pod read from a manifest file by this kubelet (not its mirror in the API)."""
+    return _MANIFEST_ANNOTATION in _annotations(pod)
+
+
+def _is_mirror(pod):
+    return "kubernetes.io/config.mirror" in _annotations(pod) and not _is_static(pod)
+
+
+def _pod_path(pod):
+    meta = pod["metadata"]
+    return f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
+
+
+def _mirror_pod(pod):
+    """The API copy of a static pod (the kubelet's mirror pod): same spec, annotated config.mirror."""
+    meta = pod["metadata"]
+    annotations = {k: v for k, v in _annotations(pod).items() if k != _MANIFEST_ANNOTATION}
+    annotations["kubernetes.io/config.mirror"] = annotations.get("kubernetes.io/config.hash", "")
+    mirror_meta = {"name": meta["name"], "namespace": meta.get("namespace", "default"),
+                   "labels": meta.get("labels") or {}, "annotations": annotations}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": mirror_meta, "spec": pod["spec"]}
 
 
 # --- Server: HTTPS logs, healthz, pods, metrics, stats ---

@@ -259,6 +259,41 @@ def test_sub_path_and_sub_path_expr(tmp_path):
     assert os.path.isdir(os.path.join(dirs["e"], "one/two"))
 
 
+def test_sub_path_naming_a_file_is_staged_in_its_folder(backend, wasm, tmp_path):
+    """The common `subPath: app.conf` mount of one configMap key as a file, and a writable one."""
+    api = FakeApi(configmaps={"cfg": {"app.conf": "setting=1", "other": "hidden"}})
+    pod = make_pod([{"name": "c", "configMap": {"name": "cfg"}}, {"name": "e", "emptyDir": {}}],
+                   [{"name": "c", "mountPath": "/etc/app.conf", "subPath": "app.conf"},
+                    {"name": "e", "mountPath": "/state/count", "subPath": "count"}])
+    pod_dir = str(tmp_path / "pod")
+    dirs = prepare_volumes(pod, pod_dir, Config(), api=api)
+    with open(os.path.join(dirs["e"], "count"), "w") as f:
+        f.write("0")
+    mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs, pod_dir=pod_dir)
+    assert [(guest, readonly) for _, guest, readonly in mounts] == [("/etc", True), ("/state", False)]
+    assert sorted(os.listdir(mounts[0][0])) == ["app.conf"]
+    result, output = run_module(backend, wasm.tool, ["tool", "cat", "/etc/app.conf"], mounts, tmp_path)
+    assert output == "setting=1"
+    result, output = run_module(backend, wasm.tool, ["tool", "cat", "/etc/other"], mounts, tmp_path)
+    assert result.exit_code == 2
+    result, output = run_module(backend, wasm.tool, ["tool", "write", "/state/count", "41"], mounts, tmp_path)
+    assert result.exit_code == 0, output
+    assert read(os.path.join(dirs["e"], "count")) == "41"  # written through to the emptyDir
+    # again (a restart): staging is rebuilt, and cleanup removes it with the volumes
+    assert container_mounts(pod, pod["spec"]["containers"][0], dirs, pod_dir=pod_dir) == mounts
+    cleanup_volumes(pod_dir)
+    assert not os.path.exists(os.path.join(pod_dir, "volumes"))
+
+
+def test_file_sub_path_in_a_mounted_folder_is_refused(tmp_path):
+    pod = make_pod([{"name": "e", "emptyDir": {}}],
+                   [{"name": "e", "mountPath": "/data"}, {"name": "e", "mountPath": "/data/f", "subPath": "f"}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
+    open(os.path.join(dirs["e"], "f"), "w").close()
+    with pytest.raises(ContainerConfigError) as err:
+        container_mounts(pod, pod["spec"]["containers"][0], dirs, pod_dir=str(tmp_path))
+    assert err.value.retry is False
+
 @pytest.mark.parametrize("sub_path", ["../x", "/etc", "a/../../x", "link", "link/deeper"])
 def test_sub_path_cannot_leave_its_volume(tmp_path, sub_path):
     pod = make_pod([{"name": "e", "emptyDir": {}}], [{"name": "e", "mountPath": "/a", "subPath": sub_path}])
