@@ -169,6 +169,8 @@ class Config:
     resync_interval: float = 300.0
     serve: bool = True
     address: str = "0.0.0.0"
+    backoff_base: float = 10.0      # CrashLoopBackOff: first delay, doubled up to backoff_max (tests shorten it)
+    backoff_max: float = 300.0
 
 
 def _parse_bool(text):
@@ -4340,6 +4342,15 @@ class PodManager:
                 self._restored.add(uid)
                 self._admit(pod)
 
+    def prune_after(self, synced):
+        """Prune restored pods once `synced` (the API source's first list) is set."""
+        def wait_then_prune():
+            while not synced.wait(1.0):
+                if not self._started:
+                    return
+            self.prune_restored()
+        threading.Thread(target=wait_then_prune, name="minikrust-prune", daemon=True).start()
+
     def prune_restored(self):
         """After the first full list: restored pods the API no longer has were deleted meanwhile."""
         for uid in list(self._restored):
@@ -4691,14 +4702,16 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
         yield from _emit(backlog, options, budget)
         finished, last_check = False, time.monotonic()
         while budget[0] != 0:
-            if handle is None or _replaced(path, handle):
-                if handle is not None:
-                    handle.close()
+            if handle is None:
                 handle, buffered = _open_log(path), bytearray()
             records = _records(handle, buffered) if handle is not None else []
             if records:
                 lines = [line for line in map(joiner.feed, records) if line]
                 yield from _emit(lines, options, budget)
+                continue
+            if handle is not None and _replaced(path, handle):  # drained the rotated file: on to the new one
+                handle.close()
+                handle, buffered = _open_log(path), bytearray()
                 continue
             if finished:
                 yield from _emit(joiner.flush(), options, budget)
@@ -5601,11 +5614,19 @@ class Kubelet:
     def __init__(self, config=None, *, handler=None):
         self.config = config if config is not None else Config()
         self.api = api_client_for(self.config)        # None: standalone
-        self.handler = handler if handler is not None else _LoggingPodHandler()
         self.node = None            # NodeAgent when there is an API server
         self.sources = []           # pod sources, started in order, stopped in reverse
         if self.api is not None:
             self.node = NodeAgent(self.api, self.config)
+        self.pod_manager = None     # runs the pods unless the caller brings its own handler
+        if handler is None:
+            node_ip = self.node.node_ip if self.node is not None else (self.config.node_ip or "127.0.0.1")
+            self.pod_manager = PodManager(self.config, api=self.api, node_ip=node_ip,
+                                          echo=print if self.api is None else None)
+        self.handler = handler if handler is not None else self.pod_manager
+        if self.config.pod_manifest_path:
+            self.sources.append(StaticPodSource(self.config.pod_manifest_path, self.config.node_name, self.handler))
+        if self.api is not None:
             self.sources.append(ApiPodSource(self.api, self.config.node_name, self.handler, self.config.sync,
                                              self.config.poll_interval, self.config.resync_interval))
         self._stop_requested = threading.Event()
@@ -5621,8 +5642,12 @@ class Kubelet:
             os.makedirs(self.config.root_dir, exist_ok=True)
             if self.node is not None:
                 self.node.start()
+            if self.pod_manager is not None:
+                self.pod_manager.start()
             for source in self.sources:
                 source.start()
+            if self.pod_manager is not None and self.api is not None:
+                self.pod_manager.prune_after(self.sources[-1].synced)
         log.info("kubelet %s started (%s)", self.config.node_name, "standalone" if self.api is None else "API")
         return self
 
@@ -5635,11 +5660,23 @@ class Kubelet:
             self._started = False
             for source in reversed(self.sources):
                 source.stop()
+            if self.pod_manager is not None:
+                self.pod_manager.stop()
             if self.node is not None:
                 self.node.stop()
             if self.api is not None:
                 self.api.close()
         log.info("kubelet %s stopped", self.config.node_name)
+
+    def pods(self):
+        """The pods this kubelet runs, each with its current status."""
+        return self.pod_manager.pods() if self.pod_manager is not None else []
+
+    def container_log_path(self, namespace, pod, container, previous=False):
+        """The CRI log file of a container's current (or previous) run, or None."""
+        if self.pod_manager is None:
+            return None
+        return self.pod_manager.container_log_path(namespace, pod, container, previous)
 
     def request_stop(self):
         """Ask `wait()` to return (safe from a signal handler)."""

@@ -104,6 +104,16 @@ def test_file_images_are_absolute_or_relative_to_base_dir(tmp_path):
     assert err.value.reason == "ErrImagePull" and "missing.wasm" in err.value.message
 
 
+def test_credentials_match_registry_hosts_and_globs():
+    matches = minikrust._registry_matches
+    assert matches("127.0.0.1:5000", "127.0.0.1:5000") and not matches("127.0.0.1:5000", "127.0.0.1:5001")
+    assert matches("*.example.com", "r.example.com") and not matches("*.example.com", "example.com")
+    assert not matches("*.example.com", "a.b.example.com")
+    doc = {"auths": {"https://index.docker.io/v1/": {"username": "u", "password": "p"}}}
+    (cred,) = minikrust.docker_config_credentials(doc)
+    assert cred.registry == "docker.io" and "p" not in repr(cred)
+
+
 # -- formats --
 
 def test_pulls_cncf_wasm_artifact_by_tag(tmp_path, registry):
@@ -413,7 +423,14 @@ def test_image_manager_gc_uses_the_kubelet_flags(tmp_path):
     images.in_use = lambda: {sha256(data)}
     assert images.gc(usage=lambda: (100, 60)) == []
     images.in_use = None
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    hexdigest = sha256(data).split(":")[1]
+    (cache / f"{hexdigest}.wasmtime-50.0.1-x86_64.cwasm").write_bytes(b"code")
+    (cache / "other.cwasm").write_bytes(b"code")
+    images.compiled_cache_dir = str(cache)
     assert images.gc(usage=lambda: (100, 60)) == [sha256(data)]
+    assert os.listdir(cache) == ["other.cwasm"]
 
 
 # -- push --
@@ -442,3 +459,46 @@ def test_push_with_credentials_from_the_environment(tmp_path, token_registry, ca
     assert minikrust.cmd_push(args, environ=env) == 0
     out = capsys.readouterr()
     assert_no_secret(out.out + out.err)
+
+
+def test_always_with_an_unchanged_tag_downloads_nothing_again(tmp_path, registry, registry_proxy):
+    module = fake_module(3000)
+    registry.push_cncf("pol/same", "v1", module)
+    metrics = FakeMetrics()
+    images = make_manager(tmp_path, [registry_proxy.host])
+    images.metrics = metrics
+    first = images.ensure(f"{registry_proxy.host}/pol/same:v1", "Always")
+    assert images.ensure(f"{registry_proxy.host}/pol/same:v1", "Always") == first
+    assert registry_proxy.blob_gets[sha256(module)] == 1
+    assert metrics.counts == {("minikrust_image_pulls_total", "success"): 2}
+
+
+def test_a_full_disk_leaves_nothing_in_the_store(tmp_path, registry, monkeypatch):
+    registry.push_cncf("int/full", "v1", fake_module(3000))
+
+    def full_disk(self, digest, size, path):
+        with open(path, "wb") as f:
+            f.write(b"\0asm half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(minikrust.RegistryClient, "download", full_disk)
+    images = make_manager(tmp_path, [registry.host])
+    with pytest.raises(ImageError) as err:
+        images.ensure(f"{registry.host}/int/full:v1", None)
+    assert err.value.reason == "ErrImagePull" and "No space left on device" in err.value.message
+    assert os.listdir(images.store.tmp_dir) == [] and images.store.modules() == {}
+
+
+def test_pull_secrets_without_an_api_pull_anonymously(tmp_path, registry):
+    registry.push_cncf("auth/none", "v1", fake_module(100))
+    ref = make_manager(tmp_path, [registry.host]).ensure(f"{registry.host}/auth/none:v1", None,
+                                                         pull_secrets=["regcred"], namespace="x")
+    assert ref.digest
+
+
+class FakeMetrics:
+    def __init__(self):
+        self.counts = {}
+
+    def inc(self, name, amount=1.0, **labels):
+        key = (name, labels["result"])
+        self.counts[key] = self.counts.get(key, 0) + amount
