@@ -4204,6 +4204,7 @@ class PodManager:
 
     def stop(self):
         """Kill every module, keep pods on disk, flush queued writes briefly."""
+        self._started = False
         with self._lock:
             workers = list(self.workers.values())
         for worker in workers:
