@@ -71,14 +71,29 @@ static wasmtime_linker_t *g_wasi_linker; /* WASI only: the originals we delegate
 static wasmtime_module_t *g_trampolines; /* see TRAMPOLINES_WAT */
 static char g_init_error[512];
 
+/* The ticker sleeps on a condition variable while no module runs, so an idle kubelet costs nothing. */
+static pthread_mutex_t g_tick_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_tick_cond = PTHREAD_COND_INITIALIZER;
+static long g_active_runs;
+
 static void *ticker_main(void *arg) {
   (void)arg;
   struct timespec ts = {0, TICK_NS};
   for (;;) {
+    pthread_mutex_lock(&g_tick_lock);
+    while (g_active_runs == 0) pthread_cond_wait(&g_tick_cond, &g_tick_lock);
+    pthread_mutex_unlock(&g_tick_lock);
     nanosleep(&ts, NULL);
     wasmtime_engine_increment_epoch(g_engine);
   }
   return NULL;
+}
+
+static void runs_add(long delta) {
+  pthread_mutex_lock(&g_tick_lock);
+  g_active_runs += delta;
+  if (g_active_runs == 1 && delta > 0) pthread_cond_signal(&g_tick_cond);
+  pthread_mutex_unlock(&g_tick_lock);
 }
 
 static wasm_engine_t *new_engine(int pooling) {
@@ -280,6 +295,7 @@ typedef struct {
   const char *name; /* "stdout" / "stderr" */
   char *line;   /* CRI: the current line not yet ended by '\n' */
   size_t line_len;
+  int64_t *clock; /* the run's last timestamp: both streams may share a file, never go back */
 } stream_t;
 
 struct wh_run {
@@ -290,6 +306,7 @@ struct wh_run {
   int has_deadline;
   int cri;
   stream_t streams[2];
+  int64_t clock;
   wasmtime_func_t orig[ORIG_COUNT];
   int have_orig;
 };
@@ -309,10 +326,17 @@ static void write_all(int fd, const char *p, size_t n) {
 }
 
 /* "2026-11-25T23:59:59.123456789Z" (30 chars) */
-static size_t rfc3339nano(char *buf) {
+static size_t rfc3339nano(char *buf, int64_t *clock) {
   struct timespec ts;
   struct tm tm;
   clock_gettime(CLOCK_REALTIME, &ts);
+  int64_t ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+  if (ns < *clock) {
+    ns = *clock;
+    ts.tv_sec = (time_t)(ns / 1000000000);
+    ts.tv_nsec = (long)(ns % 1000000000);
+  }
+  *clock = ns;
   gmtime_r(&ts.tv_sec, &tm);
   size_t n = strftime(buf, 32, "%Y-%m-%dT%H:%M:%S", &tm);
   n += (size_t)snprintf(buf + n, 32 - n, ".%09ldZ", (long)ts.tv_nsec);
@@ -368,7 +392,7 @@ static void ob_record(outbuf_t *ob, stream_t *s, char tag, const char *a, size_t
 static void cri_write(stream_t *s, const char *data, size_t len) {
   char stack[8192];
   outbuf_t ob = {stack, 0, sizeof stack, {0}, 0, 0};
-  ob.ts_len = rfc3339nano(ob.ts);
+  ob.ts_len = rfc3339nano(ob.ts, s->clock);
   while (len > 0) {
     const char *nl = memchr(data, '\n', len);
     size_t chunk = nl ? (size_t)(nl - data) : len; /* bytes before the newline */
@@ -408,7 +432,7 @@ static void stream_emit(wh_run *r, stream_t *s, const char *data, size_t len) {
 static void stream_finish(stream_t *s) {
   if (s->line_len && s->fd >= 0) {
     outbuf_t ob = {NULL, 0, 0, {0}, 0, 0};
-    ob.ts_len = rfc3339nano(ob.ts);
+    ob.ts_len = rfc3339nano(ob.ts, s->clock);
     ob_record(&ob, s, 'P', s->line, s->line_len, NULL, 0);
     ob_flush(&ob, s->fd);
     if (ob.heap) free(ob.buf);
@@ -543,7 +567,6 @@ static wasmtime_error_t *shadow_fd_close(void *env, wasmtime_caller_t *caller, w
   wasmtime_error_t *e = call_orig(caller, ORIG_FD_CLOSE, args, n);
   if (!e && args[0].i32 == WASI_ERRNO_SUCCESS && (fd == 1 || fd == 2)) {
     wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
-    stream_finish(&r->streams[fd - 1]);
     r->streams[fd - 1].ours = 0;
   }
   return e;
@@ -557,10 +580,7 @@ static wasmtime_error_t *shadow_fd_renumber(void *env, wasmtime_caller_t *caller
   if (!e && args[0].i32 == WASI_ERRNO_SUCCESS) {
     wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
     for (int fd = 1; fd <= 2; fd++)
-      if (fd == from || fd == to) {
-        stream_finish(&r->streams[fd - 1]);
-        r->streams[fd - 1].ours = 0;
-      }
+      if (fd == from || fd == to) r->streams[fd - 1].ours = 0;
   }
   return e;
 }
@@ -621,8 +641,24 @@ static double since(const struct timespec *t0, clockid_t clock) {
   return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
-static wasi_config_t *make_wasi(const wh_run_config *c, char *err, size_t errlen) {
+/* wasmtime's own stdout/stderr streams, used only once the guest moved fd 1 or 2 elsewhere
+ * (fd_renumber): the bytes still reach the same log, just by wasmtime's slower path. */
+static ptrdiff_t custom_stdout(void *data, const unsigned char *buf, size_t len) {
+  wh_run *r = data;
+  stream_emit(r, &r->streams[0], (const char *)buf, len);
+  return (ptrdiff_t)len;
+}
+
+static ptrdiff_t custom_stderr(void *data, const unsigned char *buf, size_t len) {
+  wh_run *r = data;
+  stream_emit(r, &r->streams[1], (const char *)buf, len);
+  return (ptrdiff_t)len;
+}
+
+static wasi_config_t *make_wasi(const wh_run_config *c, wh_run *r, char *err, size_t errlen) {
   wasi_config_t *w = wasi_config_new();
+  if (c->stdout_fd >= 0) wasi_config_set_stdout_custom(w, custom_stdout, r, NULL);
+  if (c->stderr_fd >= 0) wasi_config_set_stderr_custom(w, custom_stderr, r, NULL);
   if (!wasi_config_set_argv(w, c->argc, (const char **)c->argv) ||
       !wasi_config_set_env(w, c->envc, (const char **)c->env_names, (const char **)c->env_values)) {
     wasi_config_delete(w);
@@ -679,7 +715,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
     res->status = WH_KILLED;
     return 0;
   }
-  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
+  wasi_config_t *wasi = make_wasi(c, r, res->message, sizeof res->message);
   if (!wasi) return WH_ERR_RUN;
 
   r->timed_out = 0;
@@ -695,10 +731,12 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       r->deadline.tv_nsec -= 1000000000L;
     }
   }
-  r->streams[0] = (stream_t){c->stdout_fd, 1, "stdout", NULL, 0};
-  r->streams[1] = (stream_t){c->stderr_fd, 1, "stderr", NULL, 0};
+  r->clock = 0;
+  r->streams[0] = (stream_t){c->stdout_fd, 1, "stdout", NULL, 0, &r->clock};
+  r->streams[1] = (stream_t){c->stderr_fd, 1, "stderr", NULL, 0, &r->clock};
   r->have_orig = 0;
 
+  runs_add(1);
   wasmtime_store_t *store = wasmtime_store_new(g_engine, r, NULL);
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
@@ -708,6 +746,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   if (e) {
     take_error(e, "WASI setup: ", res->message, sizeof res->message);
     wasmtime_store_delete(store);
+    runs_add(-1);
     return WH_ERR_RUN;
   }
 
@@ -733,12 +772,9 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       wasmtime_extern_delete(&mem);
     }
   }
-  for (int i = 0; i < 2; i++) {
-    if (r->streams[i].ours) stream_finish(&r->streams[i]);
-    free(r->streams[i].line);
-    r->streams[i].line = NULL;
-  }
+  for (int i = 0; i < 2; i++) stream_finish(&r->streams[i]);
   wasmtime_store_delete(store);
+  runs_add(-1);
   res->duration = since(&t0, CLOCK_MONOTONIC);
   res->cpu_seconds = since(&c0, CLOCK_THREAD_CPUTIME_ID);
   return 0;
