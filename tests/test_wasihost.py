@@ -10,6 +10,7 @@ import time
 import pytest
 
 import minikrust
+from tests import wasm_modules
 from tests.helpers import wait_for
 
 CRI_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (stdout|stderr) ([FP]) (.*)$")
@@ -432,3 +433,69 @@ def test_native_and_fallback_agree(both_hosts, wasm, tmp_path, case):
         seen.append(((r1.exit_code, r1.trap is None, r2.exit_code), _normalised_log(shared),
                      out.read_bytes(), err.read_bytes()))
     assert seen[0] == seen[1]
+
+
+FDSTAT_IMPORTS = (f'(import "{wasm_modules.WASI}" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))'
+                  f'(import "{wasm_modules.WASI}" "fd_renumber" (func $renumber (param i32 i32) (result i32)))'
+                  f'(import "{wasm_modules.WASI}" "fd_close" (func $close (param i32) (result i32)))')
+HELLO_IOV = "(i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 6))"
+
+
+def _write(fd, nwritten=8):
+    return f"(call $fd_write (i32.const {fd}) (i32.const 0) (i32.const 1) (i32.const {nwritten}))"
+
+
+# Raw WASI calls with bad pointers and fd juggling: the module exits with the last errno
+FD_CASES = {
+    "buf-out-of-bounds": "(i32.store (i32.const 0) (i32.const 70000)) (i32.store (i32.const 4) (i32.const 6))"
+                         f"(call $proc_exit {_write(1)})",
+    "iovecs-out-of-bounds": "(call $proc_exit (call $fd_write (i32.const 1) (i32.const 65532) (i32.const 1) (i32.const 8)))",
+    "nwritten-out-of-bounds": f"{HELLO_IOV} (call $proc_exit {_write(1, 65534)})",
+    "len-out-of-bounds": "(i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 65000))"
+                         f"(call $proc_exit {_write(1)})",
+    "fdstat-out-of-bounds": "(call $proc_exit (call $fdstat (i32.const 1) (i32.const 65530)))",
+    "fdstat-bad-fd-out-of-bounds": "(call $proc_exit (call $fdstat (i32.const 77) (i32.const 65530)))",
+    "renumber-2-to-1": f"{HELLO_IOV} (drop (call $renumber (i32.const 2) (i32.const 1))) (drop {_write(1)})"
+                       f"(call $proc_exit {_write(2)})",
+    "renumber-1-to-5": f"{HELLO_IOV} (drop (call $renumber (i32.const 1) (i32.const 5))) (drop {_write(1)})"
+                       f"(call $proc_exit {_write(5)})",
+    "renumber-1-to-3-preopen": f"{HELLO_IOV} (drop (call $renumber (i32.const 1) (i32.const 3)))"
+                               f"(call $proc_exit {_write(3)})",
+    "close-2-write-1": f"{HELLO_IOV} (drop (call $close (i32.const 2))) (drop {_write(1)}) (call $proc_exit {_write(2)})",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FD_CASES))
+def test_native_and_fallback_agree_on_raw_fd_calls(both_hosts, tmp_path, case):
+    module = wasm_modules._write_module(FD_CASES[case], imports=FDSTAT_IMPORTS)
+    (tmp_path / "pre").mkdir()
+    seen = []
+    for host in both_hosts:
+        shared = tmp_path / f"{host.backend}.log"
+        result = run(host, module, stdout=str(shared), stderr=str(shared), preopens=[(str(tmp_path / "pre"), "/p", False)])
+        trap_tail = (result.trap or "").strip().splitlines()[-1:]
+        seen.append((result.exit_code, trap_tail, _normalised_log(shared)))
+    assert seen[0] == seen[1]
+
+
+def _rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_failing_runs_and_loads_do_not_leak(backend, wasm, tmp_path):
+    trap = backend.load(wasm.trap)
+    bad = [b"\0asm\x01\0\0\0garbage", wasm.no_start, wasm.unknown_import]
+
+    def churn(n):
+        for i in range(n):
+            trap.run(["m"], stdout=str(tmp_path / "log"), memory_limit=1 << 20)
+            with pytest.raises(minikrust.ModuleLoadError), minikrust.module_errors():
+                backend.load(bad[i % 3])
+            os.truncate(tmp_path / "log", 0)
+
+    churn(300)  # warm up caches and allocator pools
+    before = _rss_kb()
+    churn(1500)
+    grown = _rss_kb() - before
+    assert grown < 20 * 1024, f"RSS grew by {grown} KiB over 1500 failing runs and loads"
