@@ -24,6 +24,7 @@ __all__ = [
     "container_workdir", "parse_quantity", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
     "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "ContainerLogWriter",
     "bootstrap_client_certificate",
+    "PodManager", "PodWorker", "StatusWriter", "StaticPodSource", "compute_pod_status", "pod_phase", "qos_class", "static_pods_from_manifest",
     "ImageRef", "ModuleRef", "ModuleStore", "ImageManager", "RegistryClient", "RegistryCredential", "parse_image_ref", "default_pull_policy", "docker_config_credentials", "push_module", "cmd_push",
 ]
 
@@ -3008,6 +3009,32 @@ def _write_files(directory, files, private):
                 os.rmdir(os.path.join(root, entry))  # only the ones left empty
 
 
+_SHM_DIR = "/dev/shm"
+
+
+def _private_dir(target):
+    """The real directory of a secret or token volume linked at `target`: a fresh 0700 folder on
+    tmpfs (/dev/shm) when there is one, so secrets never reach the disk (the kubelet mounts a
+    tmpfs for them), else `target` itself. A link whose folder vanished (reboot) is remade."""
+    if os.path.islink(target):
+        real = os.path.realpath(target)
+        if os.path.isdir(real):
+            return real
+        os.unlink(target)
+    elif os.path.isdir(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK):
+        try:
+            real = tempfile.mkdtemp(prefix="minikrust-", dir=_SHM_DIR)  # random name, 0700
+            os.symlink(real, target)
+            return real
+        except OSError as exc:
+            log.debug("no tmpfs for %s (%s): using the pod directory", target, exc)
+    os.makedirs(target, mode=0o700, exist_ok=True)
+    return target
+
+
 def _host_path(volume, config, base_dir):
     """The resolved directory of a hostPath volume, refused unless under --allowed-host-paths.
 
@@ -3070,12 +3097,16 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None)
             ref_name = source.get("name") if kind == "configMap" else source.get("secretName")
             data = _api_object(api, api_kind, _namespace(pod), ref_name, source.get("optional"), cache)
             files = _keys_to_files(source, data, source.get("defaultMode", 0o644), what)
+            if kind == "secret":
+                target = _private_dir(target)
             _write_files(target, files, private=(kind == "secret"))
         elif kind == "downwardAPI":
             files = _downward_files(pod, source, source.get("defaultMode", 0o644), node_ip, what)
             _write_files(target, files, private=False)
         elif kind == "projected":
-            _write_files(target, _projected_files(pod, volume, api, node_ip, cache), private=True)
+            files = _projected_files(pod, volume, api, node_ip, cache)
+            target = _private_dir(target)
+            _write_files(target, files, private=True)
         else:
             raise ContainerConfigError(f"volume {name!r} has type {kind}, which minikrust does not support",
                                        retry=False)
@@ -3185,9 +3216,15 @@ def _remove_tree_error(func, path, exc_info):
 def cleanup_volumes(pod_dir):
     """Remove everything a pod's volumes wrote (emptyDirs, configMaps, secrets, tokens).
 
-    hostPath folders are never touched: only `<pod_dir>/volumes` is removed, and rmtree unlinks
-    symlinks a module may have left there without following them."""
+    hostPath folders are never touched: only `<pod_dir>/volumes` and the tmpfs folders it links to
+    are removed, and rmtree unlinks symlinks a module may have left without following them."""
     volumes_dir = os.path.join(pod_dir, "volumes")
+    if os.path.isdir(volumes_dir) and not os.path.islink(volumes_dir):
+        for entry in os.scandir(volumes_dir):
+            real = os.path.realpath(entry.path)
+            if (entry.is_symlink() and os.path.dirname(real) == os.path.realpath(_SHM_DIR)
+                    and os.path.basename(real).startswith("minikrust-")):
+                shutil.rmtree(real, onerror=_remove_tree_error)
     if os.path.lexists(volumes_dir):
         shutil.rmtree(volumes_dir, onerror=_remove_tree_error)
 
@@ -4012,7 +4049,7 @@ class PodWorker:
         try:
             env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
             argv = container_argv(spec, env)
-            c.mounts = container_mounts(pod, spec, self.volume_dirs, env)
+            c.mounts = container_mounts(pod, spec, self.volume_dirs, env, pod_dir=self.dir)
         except ContainerConfigError as exc:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             m.event(pod, "Failed", f"Error: {exc.message}", "Warning", c)

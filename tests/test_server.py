@@ -1,0 +1,708 @@
+"""The kubelet API server: endpoints, log parameters, follow, rotation, webhook auth, TLS bootstrap.
+
+Every HTTPS test uses real TLS with a CA made here with `cryptography`. The kubelet is a stub that
+offers only what the server reads (config, api, pods(), container_log_path(), metrics,
+container_stats()); the API server is a stub with the three review/CSR endpoints the server calls,
+so these tests do not depend on the pods or node parts.
+"""
+import base64
+import datetime
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+import types
+
+import pytest
+import requests
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import minikrust
+from tests.helpers import wait_for
+
+NODE = "node-1"
+UTC = datetime.timezone.utc
+
+
+# --- a test PKI --------------------------------------------------------------------------------
+
+class CA:
+    """A certificate authority that writes PEM files and signs certificates and CSRs."""
+
+    def __init__(self, folder, name):
+        self.folder = folder
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(minutes=5))
+                     .not_valid_after(now + datetime.timedelta(days=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.path = self.write(f"{name}-ca.pem", self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def write(self, name, data):
+        path = os.path.join(self.folder, name)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return path
+
+    def _sign(self, subject, public_key, sans, usage, seconds):
+        now = datetime.datetime.now(UTC)
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
+                   .public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(seconds=5))
+                   .not_valid_after(now + datetime.timedelta(seconds=seconds))
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, name, common_name, groups=(), server=False):
+        """(cert path, key path) of a new leaf: a server cert for 127.0.0.1/localhost or a client cert."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
+        subject = x509.Name(attributes + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        sans = [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        cert = self._sign(subject, key.public_key(), sans if server else None, usage, 86400)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return self.write(f"{name}.crt", cert), self.write(f"{name}.key", key_pem)
+
+    def sign_csr(self, csr_pem, seconds=86400):
+        """Sign a CSR as a kube-controller-manager signer would: its subject, SANs and public key."""
+        csr = x509.load_pem_x509_csr(csr_pem)
+        try:
+            sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            sans = None
+        return self._sign(csr.subject, csr.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH, seconds)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("pki"))
+    ca, other = CA(folder, "test"), CA(folder, "other")
+    return types.SimpleNamespace(
+        ca=ca, other=other,
+        server=ca.issue("server", "node-1", server=True),
+        alice=ca.issue("alice", "alice", groups=("team-a", "system:authenticated")),
+        mallory=other.issue("mallory", "mallory"),
+    )
+
+
+# --- stubs of the API server and the kubelet ---------------------------------------------------
+
+class StubApi:
+    """The API calls the server makes: TokenReview, SubjectAccessReview, CertificateSigningRequests."""
+
+    def __init__(self):
+        self.tokens = {}                      # token -> (user, groups)
+        self.allow = lambda spec: True        # SubjectAccessReview policy
+        self.reviews = []                     # every SubjectAccessReview spec
+        self.token_reviews = 0
+        self.csrs = {}
+        self.server = "https://127.0.0.1:6443"
+        self._lock = threading.Lock()
+
+    def post(self, path, body, **kw):
+        with self._lock:
+            if path.endswith("/tokenreviews"):
+                self.token_reviews += 1
+                found = self.tokens.get(body["spec"]["token"])
+                status = {"authenticated": bool(found)}
+                if found:
+                    status["user"] = {"username": found[0], "groups": list(found[1])}
+                return dict(body, status=status)
+            if path.endswith("/subjectaccessreviews"):
+                self.reviews.append(body["spec"])
+                return dict(body, status={"allowed": bool(self.allow(body["spec"]))})
+            if path == minikrust.CSR_PATH:
+                name = f"csr-{len(self.csrs) + 1}"
+                self.csrs[name] = dict(body, metadata={"name": name}, status={})
+                return self.csrs[name]
+        raise AssertionError(f"unexpected POST {path}")
+
+    def get(self, path, **kw):
+        name = path.rsplit("/", 1)[1]
+        with self._lock:
+            return json.loads(json.dumps(self.csrs[name]))
+
+    def close(self):
+        pass
+
+    def pending(self):
+        with self._lock:
+            return [name for name, csr in self.csrs.items() if not csr["status"]]
+
+    def issue(self, name, ca, seconds=86400):
+        """Approve a CSR and sign it with the test CA, as an approver and signer would."""
+        with self._lock:
+            csr = self.csrs[name]
+            cert = ca.sign_csr(base64.b64decode(csr["spec"]["request"]), seconds)
+            csr["status"] = {"conditions": [{"type": "Approved", "status": "True", "reason": "Test"}],
+                             "certificate": base64.b64encode(cert).decode()}
+
+    def deny(self, name):
+        with self._lock:
+            self.csrs[name]["status"] = {"conditions": [{"type": "Denied", "status": "True", "reason": "NoWay"}]}
+
+
+def cri(moment, stream, tag, content):
+    return f"{minikrust._format_rfc3339nano(int(moment * 1e9))} {stream} {tag} {content}\n"
+
+
+class StubKubelet:
+    """What the server reads from a Kubelet, with pods and log files a test controls."""
+
+    def __init__(self, root, api=None, **config):
+        config.setdefault("port", 0)
+        self.config = minikrust.Config(root_dir=str(root), node_name=NODE, **config)
+        self.api = api
+        self.metrics = minikrust.Metrics()
+        self.stats = []
+        self.logs = {}       # (ns, pod, container, previous) -> path
+        self.statuses = {}   # (ns, pod) -> {container: containerStatus}
+        self.root = str(root)
+
+    def pods(self):
+        return [{"metadata": {"namespace": ns, "name": name, "uid": f"uid-{name}"},
+                 "status": {"phase": "Running", "containerStatuses": list(containers.values())}}
+                for (ns, name), containers in list(self.statuses.items())]
+
+    def container_log_path(self, namespace, pod, container, previous=False):
+        return self.logs.get((namespace, pod, container, previous))
+
+    def container_stats(self):
+        return list(self.stats)
+
+    def add_container(self, pod, container, restart_count=0, lines=(), namespace="default"):
+        """A running container run with its `<restartCount>.log` holding `lines`."""
+        folder = os.path.join(self.root, "pods", f"uid-{pod}", "logs", container)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{restart_count}.log")
+        with open(path, "w") as handle:
+            handle.writelines(lines)
+        if restart_count:
+            self.logs[(namespace, pod, container, True)] = os.path.join(folder, f"{restart_count - 1}.log")
+        self.logs[(namespace, pod, container, False)] = path
+        self.set_state(pod, container, "running", restart_count, namespace)
+        return path
+
+    def set_state(self, pod, container, state, restart_count=0, namespace="default"):
+        self.statuses.setdefault((namespace, pod), {})[container] = {
+            "name": container, "restartCount": restart_count, "state": {state: {}}}
+
+
+@pytest.fixture
+def api():
+    return StubApi()
+
+
+@pytest.fixture
+def make_server(tmp_path, pki):
+    """Start a KubeletServer for a StubKubelet; stops every one at the end of the test."""
+    started = []
+
+    def make(api=None, tls=True, client_ca=True, **config):
+        if api is not None and tls:
+            config.setdefault("tls_cert_file", pki.server[0])
+            config.setdefault("tls_private_key_file", pki.server[1])
+        if client_ca:
+            config.setdefault("client_ca_file", pki.ca.path)
+        kubelet = StubKubelet(tmp_path / f"root{len(started)}", api=api, **config)
+        server = minikrust.KubeletServer(kubelet, csr_timeout=30).start()
+        started.append(server)
+        return kubelet, server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def url(server, path):
+    return f"{server.scheme}://127.0.0.1:{server.port}{path}"
+
+
+@pytest.fixture
+def secure(make_server, api, pki):
+    """An HTTPS server with webhook auth; `get(path)` calls it as alice (a client cert of the test CA)."""
+    kubelet, server = make_server(api=api)
+
+    def call(method, path, **kw):
+        # verify given on each call: REQUESTS_CA_BUNDLE in the environment would override a Session's
+        kw.setdefault("timeout", 10)
+        return requests.request(method, url(server, path), verify=pki.ca.path, cert=pki.alice, **kw)
+
+    yield types.SimpleNamespace(kubelet=kubelet, server=server, api=api, call=call,
+                                get=lambda path, **kw: call("GET", path, **kw))
+
+
+T0 = 1_795_000_000.0   # a fixed moment for log records
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+
+def test_healthz_is_open_without_credentials(secure, pki):
+    answer = requests.get(url(secure.server, "/healthz"), verify=pki.ca.path, timeout=10)
+    assert (answer.status_code, answer.text) == (200, "ok")
+
+
+def test_pods_is_a_podlist_of_the_kubelets_pods(secure):
+    secure.kubelet.add_container("web", "app")
+    document = secure.get("/pods").json()
+    assert document["kind"] == "PodList" and document["apiVersion"] == "v1"
+    assert [pod["metadata"]["name"] for pod in document["items"]] == ["web"]
+
+
+def test_metrics_renders_the_registry_running_pods_and_container_usage(secure):
+    secure.kubelet.add_container("web", "app")
+    secure.kubelet.metrics.inc("minikrust_module_starts_total", result="success")
+    secure.kubelet.metrics.observe("minikrust_module_start_duration_seconds", 0.03)
+    secure.kubelet.metrics.inc("minikrust_image_pulls_total", result="success")
+    secure.kubelet.metrics.inc("minikrust_api_errors_total", code="500")
+    secure.kubelet.stats = [{"namespace": "default", "pod": "web", "uid": "u", "container": "app",
+                             "cpu_seconds": 1.25, "memory_bytes": 65536, "start_time": T0}]
+    answer = secure.get("/metrics")
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = answer.text
+    assert 'minikrust_module_starts_total{result="success"} 1' in text
+    assert 'minikrust_module_start_duration_seconds_bucket{le="0.05"} 1' in text
+    assert 'minikrust_module_start_duration_seconds_bucket{le="0.025"} 0' in text
+    assert "minikrust_module_start_duration_seconds_count 1" in text
+    assert 'minikrust_image_pulls_total{result="success"} 1' in text
+    assert 'minikrust_api_errors_total{code="500"} 1' in text
+    assert "minikrust_running_pods 1" in text
+    assert 'minikrust_container_cpu_seconds_total{container="app",namespace="default",pod="web"} 1.25' in text
+    assert 'minikrust_container_memory_bytes{container="app",namespace="default",pod="web"} 65536' in text
+
+
+def test_metrics_resource_has_the_series_metrics_server_reads(secure):
+    secure.kubelet.stats = [{"namespace": "ns", "pod": "web", "uid": "u", "container": "app",
+                             "cpu_seconds": 2.5, "memory_bytes": 131072, "start_time": T0}]
+    lines = secure.get("/metrics/resource").text.splitlines()
+    samples = {line.rsplit(" ", 2)[0]: line.rsplit(" ", 2)[1:] for line in lines if not line.startswith("#")}
+    labels = '{container="app",namespace="ns",pod="web"}'
+    assert samples["container_cpu_usage_seconds_total" + labels][0] == "2.5"
+    assert samples["container_memory_working_set_bytes" + labels][0] == "131072"
+    assert samples["container_start_time_seconds" + labels][0] == str(int(T0))
+    assert samples['pod_cpu_usage_seconds_total{namespace="ns",pod="web"}'][0] == "2.5"
+    assert samples['pod_memory_working_set_bytes{namespace="ns",pod="web"}'][0] == "131072"
+    assert float(samples["node_cpu_usage_seconds_total"][0]) > 0
+    assert int(samples["node_memory_working_set_bytes"][0]) > 0
+    assert abs(int(samples["node_cpu_usage_seconds_total"][1]) / 1000 - time.time()) < 60  # ms timestamps
+    assert "# TYPE container_cpu_usage_seconds_total counter" in lines
+
+
+def test_stats_summary_has_the_v1alpha1_summary_shape_with_cpu_rates(secure):
+    item = {"namespace": "ns", "pod": "web", "uid": "u1", "container": "app",
+            "cpu_seconds": 1.0, "memory_bytes": 4096, "start_time": T0}
+    secure.kubelet.stats = [item]
+    first = secure.get("/stats/summary").json()
+    assert first["node"]["nodeName"] == NODE
+    assert first["node"]["cpu"]["usageCoreNanoSeconds"] > 0 and first["node"]["memory"]["workingSetBytes"] > 0
+    (pod,) = first["pods"]
+    assert pod["podRef"] == {"name": "web", "namespace": "ns", "uid": "u1"}
+    (container,) = pod["containers"]
+    assert container["name"] == "app"
+    assert container["cpu"]["usageCoreNanoSeconds"] == 1_000_000_000
+    assert container["memory"]["workingSetBytes"] == 4096
+    assert pod["memory"]["workingSetBytes"] == 4096
+    secure.kubelet.stats = [dict(item, cpu_seconds=1.5)]
+    second = secure.get("/stats/summary").json()
+    assert second["pods"][0]["containers"][0]["cpu"]["usageNanoCores"] > 0
+
+
+@pytest.mark.parametrize("path", ["/exec/default/web/app?command=sh", "/attach/default/web/app",
+                                  "/portForward/default/web", "/run/default/web/app"])
+def test_streaming_endpoints_answer_501_with_a_reason(secure, path):
+    answer = secure.call("POST", path)
+    assert answer.status_code == 501
+    assert "not supported" in answer.text and "WebAssembly" in answer.text
+
+
+def test_unknown_path_is_404_and_writes_are_405(secure):
+    assert secure.get("/nope").status_code == 404
+    assert secure.call("POST", "/pods").status_code == 405
+
+
+# --- container logs ----------------------------------------------------------------------------
+
+LINES = [cri(T0, "stdout", "F", "one"),
+         cri(T0 + 1, "stderr", "F", "two"),
+         cri(T0 + 2, "stdout", "P", "thr"),
+         cri(T0 + 2.5, "stdout", "F", "ee"),
+         cri(T0 + 3, "stdout", "F", "four")]
+
+
+def test_logs_join_partial_records_and_print_only_content(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    answer = secure.get("/containerLogs/default/web/app")
+    assert answer.status_code == 200
+    assert answer.text == "one\ntwo\nthree\nfour\n"
+
+
+def test_logs_timestamps_prefix_each_line_with_its_first_records_time(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    text = secure.get("/containerLogs/default/web/app?timestamps=true").text
+    stamp = minikrust._format_rfc3339nano(int((T0 + 2) * 1e9))
+    assert text.splitlines()[2] == f"{stamp} three"
+    assert len(stamp) == len("2026-11-25T23:59:59.123456789Z")
+
+
+def test_logs_tail_lines(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    assert secure.get("/containerLogs/default/web/app?tailLines=2").text == "three\nfour\n"
+    assert secure.get("/containerLogs/default/web/app?tailLines=0").text == ""
+    assert secure.get("/containerLogs/default/web/app?tailLines=99").text == "one\ntwo\nthree\nfour\n"
+
+
+def test_logs_since_time_and_since_seconds(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    since = minikrust._format_rfc3339nano(int((T0 + 1) * 1e9))
+    assert secure.get(f"/containerLogs/default/web/app?sinceTime={since}").text == "two\nthree\nfour\n"
+    now = time.time()
+    secure.kubelet.add_container("job", "app", lines=[cri(now - 600, "stdout", "F", "old"),
+                                                       cri(now - 1, "stdout", "F", "new")])
+    assert secure.get("/containerLogs/default/job/app?sinceSeconds=60").text == "new\n"
+
+
+def test_logs_limit_bytes_cuts_the_output(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    assert secure.get("/containerLogs/default/web/app?limitBytes=6").text == "one\ntw"
+
+
+def test_logs_previous_serves_the_run_before(secure):
+    folder = os.path.dirname(secure.kubelet.add_container("web", "app", restart_count=1, lines=[cri(T0, "stdout", "F", "now")]))
+    with open(os.path.join(folder, "0.log"), "w") as handle:
+        handle.write(cri(T0 - 10, "stdout", "F", "before the crash"))
+    assert secure.get("/containerLogs/default/web/app").text == "now\n"
+    assert secure.get("/containerLogs/default/web/app?previous=true").text == "before the crash\n"
+
+
+def test_logs_missing_container_is_404_and_missing_previous_is_400(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    assert secure.get("/containerLogs/default/web/other").status_code == 404
+    answer = secure.get("/containerLogs/default/web/app?previous=true")
+    assert answer.status_code == 400 and "previous terminated container" in answer.text
+
+
+@pytest.mark.parametrize("query", ["tailLines=-1", "limitBytes=0", "sinceSeconds=abc", "follow=maybe",
+                                   "sinceTime=yesterday", "sinceSeconds=5&sinceTime=2026-01-01T00:00:00Z"])
+def test_logs_bad_parameters_are_400(secure, query):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    assert secure.get(f"/containerLogs/default/web/app?{query}").status_code == 400
+
+
+def test_logs_a_trailing_fragment_is_printed_without_newline(secure):
+    secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "done"),
+                                                      cri(T0 + 1, "stdout", "P", "no newline")])
+    assert secure.get("/containerLogs/default/web/app").text == "done\nno newline"
+
+
+# --- rotation ----------------------------------------------------------------------------------
+
+def test_rotate_container_log_keeps_max_files_and_reads_them_in_order(tmp_path):
+    path = str(tmp_path / "0.log")
+    for index in range(6):
+        with open(path, "a") as handle:
+            handle.write(cri(T0 + index, "stdout", "F", f"line {index}"))
+        assert minikrust.rotate_container_log(path, max_size=10, max_files=3) is not None
+    assert minikrust.rotate_container_log(path, max_size=10, max_files=3) is None  # empty live file
+    assert len(minikrust.rotated_log_files(path)) == 2
+    text = b"".join(minikrust.read_container_log(path, minikrust.LogOptions())).decode()
+    assert text == "line 4\nline 5\n"
+
+
+def test_container_log_writer_rotates_and_the_server_reads_across_files(secure):
+    path = secure.kubelet.add_container("web", "app")
+    writer = minikrust.ContainerLogWriter(path, max_size=200, max_files=3)
+    for index in range(12):
+        writer(cri(T0 + index, "stdout", "F", f"record number {index:02d}").encode())
+    writer.close()
+    rotated = minikrust.rotated_log_files(path)
+    assert len(rotated) == 2 and all(os.path.getsize(name) <= 250 for name in rotated)
+    text = secure.get("/containerLogs/default/web/app").text
+    numbers = [int(line.split()[-1]) for line in text.splitlines()]
+    assert numbers == list(range(4, 12))  # 4 records a file; the oldest file was removed
+    assert secure.get("/containerLogs/default/web/app?tailLines=1").text == "record number 11\n"
+
+
+# --- follow ------------------------------------------------------------------------------------
+
+def test_follow_streams_lines_as_they_are_written_and_ends_with_the_container(secure):
+    path = secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "first")])
+    answer = secure.get("/containerLogs/default/web/app?follow=true&timestamps=false", stream=True)
+    assert answer.status_code == 200
+    lines = answer.iter_lines()
+    assert next(lines) == b"first"
+    for index in range(3):
+        with open(path, "a") as handle:
+            handle.write(cri(time.time(), "stdout", "P", f"par"))
+            handle.flush()
+            handle.write(cri(time.time(), "stdout", "F", f"t {index}"))
+        assert next(lines) == f"part {index}".encode()
+    with open(path, "a") as handle:
+        handle.write(cri(time.time(), "stdout", "F", "last words"))
+    secure.kubelet.set_state("web", "app", "terminated")
+    assert list(lines) == [b"last words"]   # the stream ends by itself
+
+
+def test_follow_continues_across_a_rotation(secure):
+    path = secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "before")])
+    answer = secure.get("/containerLogs/default/web/app?follow=true", stream=True)
+    lines = answer.iter_lines()
+    assert next(lines) == b"before"
+    with open(path, "a") as handle:
+        handle.write(cri(T0 + 1, "stdout", "F", "in the rotated file"))
+    minikrust.rotate_container_log(path, 1, 5)
+    with open(path, "a") as handle:
+        handle.write(cri(T0 + 2, "stdout", "F", "after"))
+    assert next(lines) == b"in the rotated file"
+    assert next(lines) == b"after"
+    secure.kubelet.set_state("web", "app", "terminated")
+    assert list(lines) == []
+
+
+def test_follow_with_tail_and_limit_bytes(secure):
+    path = secure.kubelet.add_container("web", "app", lines=LINES)
+    answer = secure.get("/containerLogs/default/web/app?follow=true&tailLines=1&limitBytes=12", stream=True)
+    lines = answer.iter_lines()
+    assert next(lines) == b"four"
+    with open(path, "a") as handle:
+        handle.write(cri(T0 + 9, "stdout", "F", "abcdefghij"))
+    assert list(lines) == [b"abcdefg"]   # 12 bytes in all: the stream ends at the limit
+
+
+def _open_follower(server, context, path):
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    connection = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    data = b""
+    while b"ready\n" not in data:
+        chunk = connection.recv(4096)
+        assert chunk, data
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data
+    return connection
+
+
+def test_100_concurrent_followers_free_their_threads_when_clients_leave(secure, pki):
+    secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "ready")])
+    context = ssl.create_default_context(cafile=pki.ca.path)
+    context.load_cert_chain(*pki.alice)
+    baseline = threading.active_count()
+    followers = [_open_follower(secure.server, context, "/containerLogs/default/web/app?follow=true")
+                 for _ in range(100)]
+    assert threading.active_count() >= baseline + 100
+    for connection in followers:
+        connection.close()
+    wait_for(lambda: threading.active_count() <= baseline, timeout=20,
+             what=f"threads back to {baseline} (now {threading.active_count()})")
+
+
+def test_followers_all_end_when_the_container_ends(secure, pki):
+    secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "ready")])
+    context = ssl.create_default_context(cafile=pki.ca.path)
+    context.load_cert_chain(*pki.alice)
+    baseline = threading.active_count()
+    followers = [_open_follower(secure.server, context, "/containerLogs/default/web/app?follow=true")
+                 for _ in range(20)]
+    secure.kubelet.set_state("web", "app", "terminated")
+    for connection in followers:
+        data = b""
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = connection.recv(4096)
+            assert chunk, data
+            data += chunk
+        connection.close()
+    wait_for(lambda: threading.active_count() <= baseline, timeout=20, what="follower threads gone")
+
+
+def test_follow_of_a_restarted_container_ends_when_a_later_run_starts(secure):
+    secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "run zero")])
+    lines = secure.get("/containerLogs/default/web/app?follow=true", stream=True).iter_lines()
+    assert next(lines) == b"run zero"
+    secure.kubelet.set_state("web", "app", "running", restart_count=1)
+    assert list(lines) == []
+
+
+# --- authentication and authorization ----------------------------------------------------------
+
+def test_no_credentials_is_401(secure, pki):
+    answer = requests.get(url(secure.server, "/pods"), verify=pki.ca.path, timeout=10)
+    assert answer.status_code == 401
+    assert secure.api.reviews == []
+
+
+def test_client_cert_from_another_ca_is_refused(secure, pki):
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(url(secure.server, "/pods"), verify=pki.ca.path, cert=pki.mallory, timeout=10)
+
+
+def test_token_that_tokenreview_rejects_is_401(secure, pki):
+    secure.api.tokens["good"] = ("bob", ["team-b"])
+    answer = requests.get(url(secure.server, "/pods"), verify=pki.ca.path, timeout=10,
+                          headers={"Authorization": "Bearer wrong"})
+    assert answer.status_code == 401
+    assert secure.api.token_reviews == 1
+
+
+def test_token_that_tokenreview_accepts_is_authorized_as_its_user(secure, pki):
+    secure.api.tokens["good"] = ("bob", ["team-b"])
+    answer = requests.get(url(secure.server, "/stats/summary"), verify=pki.ca.path, timeout=10,
+                          headers={"Authorization": "Bearer good"})
+    assert answer.status_code == 200
+    (spec,) = secure.api.reviews
+    assert (spec["user"], spec["groups"]) == ("bob", ["team-b"])
+    assert spec["resourceAttributes"] == {"verb": "get", "resource": "nodes", "subresource": "stats",
+                                          "name": NODE, "group": "", "version": "v1", "namespace": ""}
+
+
+def test_subject_access_review_denial_is_403(secure):
+    secure.api.allow = lambda spec: spec["resourceAttributes"]["subresource"] != "proxy"
+    answer = secure.get("/pods")
+    assert answer.status_code == 403
+    assert "user=alice" in answer.text and "subresource=proxy" in answer.text
+    assert secure.get("/metrics").status_code == 200
+
+
+def test_client_cert_caller_maps_cn_to_user_and_o_to_groups(secure):
+    assert secure.get("/pods").status_code == 200
+    (spec,) = secure.api.reviews
+    assert spec["user"] == "alice" and sorted(spec["groups"]) == ["system:authenticated", "team-a"]
+
+
+@pytest.mark.parametrize("path, subresource", [
+    ("/stats/summary", "stats"), ("/metrics", "metrics"), ("/metrics/resource", "metrics"),
+    ("/containerLogs/default/web/app", "proxy"), ("/pods", "proxy"), ("/logs/", "log"),
+])
+def test_paths_are_authorized_as_the_kubelets_node_subresources(secure, path, subresource):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    secure.get(path)
+    assert secure.api.reviews[-1]["resourceAttributes"]["subresource"] == subresource
+
+
+def test_authorization_decisions_are_cached(secure):
+    for _ in range(3):
+        assert secure.get("/pods").status_code == 200
+    secure.api.allow = lambda spec: False
+    for _ in range(3):
+        assert secure.get("/metrics").status_code == 403
+    assert len(secure.api.reviews) == 2
+
+
+def test_anonymous_requests_are_authorized_when_anonymous_auth_is_set(make_server, api, pki):
+    _, server = make_server(api=api, anonymous_auth=True)
+    api.allow = lambda spec: spec["user"] == "system:anonymous" and spec["resourceAttributes"]["subresource"] == "metrics"
+    assert requests.get(url(server, "/metrics"), verify=pki.ca.path, timeout=10).status_code == 200
+    assert requests.get(url(server, "/pods"), verify=pki.ca.path, timeout=10).status_code == 403
+    assert api.reviews[0]["groups"] == ["system:unauthenticated"]
+
+
+def test_standalone_serves_plain_http_on_loopback_only(make_server):
+    kubelet, server = make_server(api=None, client_ca=False, address="0.0.0.0")
+    assert server.scheme == "http"
+    assert server._httpd.server_address[0] == "127.0.0.1"
+    assert requests.get(url(server, "/pods"), timeout=10).json()["kind"] == "PodList"
+
+
+# --- TLS bootstrap -----------------------------------------------------------------------------
+
+def test_serving_certificate_is_bootstrapped_with_a_csr_and_reused(make_server, api, pki, tmp_path):
+    kubelet, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+    (name,) = wait_for(api.pending, timeout=20, what="a CertificateSigningRequest")
+    spec = api.csrs[name]["spec"]
+    assert spec["signerName"] == "kubernetes.io/kubelet-serving"
+    assert spec["usages"] == ["digital signature", "server auth"]
+    csr = x509.load_pem_x509_csr(base64.b64decode(spec["request"]))
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"system:node:{NODE}"
+    assert csr.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "system:nodes"
+    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert NODE in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    with pytest.raises(requests.exceptions.RequestException):  # no certificate yet: handshakes refused
+        requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5)
+    api.issue(name, pki.ca)
+    wait_for(lambda: requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5).ok,
+             timeout=20, what="HTTPS with the issued certificate")
+    stored = os.path.join(kubelet.config.root_dir, "pki", "kubelet-server-current.pem")
+    assert os.stat(stored).st_mode & 0o077 == 0
+    server.stop()
+    again = minikrust.KubeletServer(kubelet).start()   # a restart reuses the stored certificate
+    try:
+        assert requests.get(url(again, "/healthz"), verify=pki.ca.path, timeout=5).ok
+        assert len(api.csrs) == 1
+    finally:
+        again.stop()
+
+
+def test_serving_certificate_is_renewed_before_it_expires(make_server, api, pki):
+    make_server(api=api, tls=False, node_ip="127.0.0.1")
+    (first,) = wait_for(api.pending, timeout=20, what="a first CSR")
+    api.issue(first, pki.ca, seconds=4)    # renewed at 70-90% of its life
+    second = wait_for(api.pending, timeout=20, what="a renewal CSR")
+    assert second != [first]
+
+
+def test_request_certificate_raises_when_the_csr_is_denied(api):
+    _, csr = minikrust.new_key_and_csr("system:node:x", "system:nodes")
+    worker = threading.Thread(target=lambda: (wait_for(api.pending, timeout=10), api.deny("csr-1")))
+    worker.start()
+    with pytest.raises(minikrust.MinikrustError, match="denied"):
+        minikrust.request_certificate(api, csr, minikrust.SERVING_SIGNER, ["server auth"], timeout=10)
+    worker.join()
+
+
+def test_client_certificate_bootstrap_writes_the_kubeconfig_once(api, pki, tmp_path):
+    bootstrap = tmp_path / "bootstrap.kubeconfig"
+    bootstrap.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "boot",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443", "certificate-authority": pki.ca.path}}],
+        "users": [{"name": "u", "user": {"token": "abcdef.0123456789abcdef"}}],
+        "contexts": [{"name": "boot", "context": {"cluster": "c", "user": "u"}}]}))
+    config = minikrust.Config(root_dir=str(tmp_path / "root"), node_name=NODE, bootstrap_kubeconfig=str(bootstrap),
+                              kubeconfig=str(tmp_path / "kubelet.kubeconfig"))
+    signer = threading.Thread(target=lambda: api.issue(wait_for(api.pending, timeout=20)[0], pki.ca))
+    signer.start()
+    path = minikrust.bootstrap_client_certificate(config, api=api, timeout=20)
+    signer.join()
+    assert path == config.kubeconfig
+    spec = api.csrs["csr-1"]["spec"]
+    assert spec["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
+    assert spec["usages"] == ["digital signature", "client auth"]
+    written = yaml.safe_load(open(path))
+    assert written["clusters"][0]["cluster"] == {"server": "https://127.0.0.1:6443", "certificate-authority": pki.ca.path}
+    user = written["users"][0]["user"]
+    pem = open(user["client-certificate"], "rb").read()
+    cert = x509.load_pem_x509_certificate(pem)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"system:node:{NODE}"
+    assert b"PRIVATE KEY" in open(user["client-key"], "rb").read()
+    assert minikrust.bootstrap_client_certificate(config, api=api) == path
+    assert len(api.csrs) == 1   # a valid kubeconfig is kept: no second CSR
+
+
+# --- the Metrics registry ----------------------------------------------------------------------
+
+def test_metrics_registry_counts_sets_observes_and_escapes_labels():
+    metrics = minikrust.Metrics(standard=False)
+    metrics.inc("x_total", reason='a "quoted"\nvalue')
+    metrics.inc("x_total", 2, reason='a "quoted"\nvalue')
+    metrics.set("y", 7)
+    metrics.histogram("z_seconds", "Z.", buckets=(1, 5))
+    for value in (0.5, 3, 9):
+        metrics.observe("z_seconds", value)
+    text = metrics.render()
+    assert 'x_total{reason="a \\"quoted\\"\\nvalue"} 3' in text
+    assert "# TYPE y gauge\ny 7" in text
+    assert 'z_seconds_bucket{le="1"} 1\nz_seconds_bucket{le="5"} 2\nz_seconds_bucket{le="+Inf"} 3' in text
+    assert "z_seconds_sum 12.5\nz_seconds_count 3" in text
+    assert metrics.get("x_total", reason='a "quoted"\nvalue') == 3 and metrics.get("z_seconds") == 3
