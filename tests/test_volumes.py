@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import stat
 
 import pytest
@@ -24,6 +25,17 @@ class TokenApi(FakeApi):
         if self.refuse:
             raise ApiError(403, "Forbidden", "audience not found in pod spec volume")
         return {"kind": "TokenRequest", "status": {"token": self.token, "expirationTimestamp": "2026-11-26T00:00:00Z"}}
+
+
+@pytest.fixture(autouse=True)
+def no_tmpfs_leftovers(tmp_path):
+    """Secret folders live on /dev/shm, outside tmp_path: remove the ones a test did not clean."""
+    yield
+    for root, dirs, files in os.walk(tmp_path):
+        for entry in dirs + files:
+            path = os.path.join(root, entry)
+            if os.path.islink(path) and os.readlink(path).startswith("/dev/shm/minikrust-"):
+                shutil.rmtree(os.readlink(path), ignore_errors=True)
 
 
 def make_pod(volumes, mounts=(), **container):
@@ -85,8 +97,13 @@ def test_secret_volume_is_private_and_removed_with_the_pod(tmp_path, caplog):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(dirs["s"]).st_mode) == 0o700
     assert "hunter2" not in caplog.text
+    if os.access("/dev/shm", os.W_OK):  # on tmpfs, linked from the pod dir
+        assert os.path.dirname(dirs["s"]) == "/dev/shm"
+        assert os.path.realpath(tmp_path / "volumes" / "s") == dirs["s"]
+    assert prepare_volumes(pod, str(tmp_path), Config(), api=api) == dirs  # the same folder again
     cleanup_volumes(str(tmp_path))
     assert not os.path.exists(tmp_path / "volumes")
+    assert not os.path.exists(dirs["s"])
 
 
 @pytest.mark.parametrize("kind", ["configMap", "secret"])
