@@ -3088,7 +3088,9 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None)
         target = os.path.join(volumes_dir, name)
         what = f"volume {name!r}"
         source = volume[kind] or {}
-        if kind == "emptyDir":
+        if kind == "emptyDir" and source.get("medium") == "Memory":
+            target = _private_dir(target)  # tmpfs, as the kubelet mounts it (sizeLimit is not enforced)
+        elif kind == "emptyDir":
             os.makedirs(target, mode=0o755, exist_ok=True)
         elif kind == "hostPath":
             target = _host_path(volume, config, base_dir)
@@ -5670,6 +5672,8 @@ class Kubelet:
         self._stop_requested = threading.Event()
         self._started = False
         self._lock = threading.Lock()
+        self.metrics = Metrics()
+        self.server = KubeletServer(self) if self.config.serve else None
 
     def start(self):
         """Register the node (when there is an API server) and start the pod sources."""
@@ -5678,6 +5682,12 @@ class Kubelet:
                 return self
             self._started = True
             os.makedirs(self.config.root_dir, exist_ok=True)
+            if self.server is not None:
+                try:
+                    self.server.start()
+                except OSError as exc:  # pods keep running; only logs, metrics and stats are unreachable
+                    log.error("cannot serve the kubelet API on port %s: %s", self.config.port, exc)
+                    self.server = None
             if self.node is not None:
                 self.node.start()
             if self.pod_manager is not None:
@@ -5696,6 +5706,8 @@ class Kubelet:
             if not self._started:
                 return
             self._started = False
+            if self.server is not None:
+                self.server.stop()
             for source in reversed(self.sources):
                 source.stop()
             if self.pod_manager is not None:
@@ -5715,6 +5727,19 @@ class Kubelet:
         if self.pod_manager is None:
             return None
         return self.pod_manager.container_log_path(namespace, pod, container, previous)
+
+    def run_once(self):
+        """--once: wait until every static pod has finished; 0 if all succeeded, else 1."""
+        static = next((s for s in self.sources if isinstance(s, StaticPodSource)), None)
+        if static is None or self.pod_manager is None:
+            raise ConfigError("--once: needs --pod-manifest-path (static pods to run)")
+        while not static.synced.wait(0.5):
+            if self._stop_requested.is_set():
+                return 1
+        while not self.pod_manager.wait_all_finished(timeout=0.5):
+            if self._stop_requested.is_set():
+                return 1
+        return 0 if self.pod_manager.all_succeeded() and not static.errors else 1
 
     def request_stop(self):
         """Ask `wait()` to return (safe from a signal handler)."""
@@ -5775,6 +5800,8 @@ def main(argv=None):
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with kubelet:
+            if config.once:
+                return kubelet.run_once()
             while not kubelet.wait(1.0):
                 pass
             log.info("shutting down")
