@@ -63,6 +63,18 @@ def test_empty_dir_is_created_and_kept_across_prepares(tmp_path):
     assert container_mounts(pod, pod["spec"]["containers"][0], dirs) == [(dirs["e"], "/work", False)]
 
 
+def test_memory_empty_dir_is_on_tmpfs_and_removed(tmp_path):
+    pod = make_pod([{"name": "m", "emptyDir": {"medium": "Memory"}}])
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
+    with open(os.path.join(dirs["m"], "scratch"), "w") as f:
+        f.write("x")
+    assert prepare_volumes(pod, str(tmp_path), Config()) == dirs
+    assert read(os.path.join(dirs["m"], "scratch")) == "x"  # kept across container restarts
+    if os.access("/dev/shm", os.W_OK):
+        assert dirs["m"].startswith("/dev/shm/minikrust-")
+    cleanup_volumes(str(tmp_path))
+    assert not os.path.exists(dirs["m"])
+
 def test_config_map_volume_with_items_and_modes(tmp_path):
     api = FakeApi(configmaps={"cfg": {"greeting": "hi", "other": "o"}})
     pod = make_pod([{"name": "c", "configMap": {"name": "cfg", "defaultMode": 0o640,
