@@ -706,3 +706,68 @@ def test_metrics_registry_counts_sets_observes_and_escapes_labels():
     assert 'z_seconds_bucket{le="1"} 1\nz_seconds_bucket{le="5"} 2\nz_seconds_bucket{le="+Inf"} 3' in text
     assert "z_seconds_sum 12.5\nz_seconds_count 3" in text
     assert metrics.get("x_total", reason='a "quoted"\nvalue') == 3 and metrics.get("z_seconds") == 3
+
+
+# --- against the fake API server, with minikrust's own ApiClient ---------------------------------
+
+def _node_api(fake, tmp_path):
+    return minikrust.ApiClient(minikrust.load_kubeconfig(fake.write_kubeconfig(tmp_path / "node.kubeconfig", user=NODE)))
+
+
+def test_webhook_auth_through_the_fake_api_server(make_server, fake_api, pki, tmp_path):
+    api = _node_api(fake_api, tmp_path)
+    try:
+        kubelet, server = make_server(api=api)
+        fake_api.token_users = {"good-token": ("carol", ["ops"])}
+        fake_api.sar_policy = lambda spec: (spec["user"] == "carol", "only carol")
+
+        def get(path, token=None, cert=None):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return requests.get(url(server, path), headers=headers, cert=cert, verify=pki.ca.path, timeout=10)
+
+        assert get("/pods").status_code == 401
+        assert get("/pods", token="bad-token").status_code == 401
+        assert get("/stats/summary", token="good-token").status_code == 200
+        denied = get("/pods", cert=pki.alice)
+        assert denied.status_code == 403 and "only carol" in denied.text
+        sar = fake_api.subject_access_reviews[0]
+        assert sar["user"] == "carol" and sar["resourceAttributes"]["subresource"] == "stats"
+        assert sar["resourceAttributes"]["name"] == NODE
+    finally:
+        api.close()
+
+
+def test_serving_certificate_bootstrap_against_the_fake_api_server(make_server, fake_api, pki, tmp_path):
+    api = _node_api(fake_api, tmp_path)
+    try:
+        _, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+        (csr,) = wait_for(fake_api.csrs, timeout=20, what="a CSR in the fake API server")
+        assert csr["spec"]["signerName"] == "kubernetes.io/kubelet-serving"
+        assert csr["spec"]["username"] == f"system:node:{NODE}"
+        # the test approves it and signs it with its own CA
+        fake_api.approve_csr(csr["metadata"]["name"], certificate_pem=pki.ca.sign_csr(base64.b64decode(csr["spec"]["request"])))
+        wait_for(lambda: requests.get(url(server, "/metrics"), verify=pki.ca.path, cert=pki.alice, timeout=5).ok,
+                 timeout=20, what="HTTPS with the issued serving certificate")
+    finally:
+        api.close()
+
+
+def test_client_certificate_bootstrap_against_the_fake_api_server(fake_api_tls, tmp_path):
+    fake = fake_api_tls
+    token = fake.add_bootstrap_token()
+    bootstrap = fake.write_kubeconfig(tmp_path / "bootstrap.kubeconfig", token=token)
+    config = minikrust.Config(root_dir=str(tmp_path / "root"), node_name=NODE, bootstrap_kubeconfig=bootstrap)
+    fake.on_csr_created = lambda csr: threading.Timer(0.2, fake.approve_csr, [csr["metadata"]["name"]]).start()
+    path = minikrust.bootstrap_client_certificate(config, timeout=20)
+    assert path == os.path.join(config.root_dir, "kubelet.kubeconfig")
+    (csr,) = fake.csrs()
+    assert csr["spec"]["username"] == f"system:bootstrap:{token.split('.')[0]}"
+    assert csr["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
+    api = minikrust.ApiClient(minikrust.load_kubeconfig(path))
+    try:
+        api.get(f"/api/v1/nodes/{NODE}")
+    except minikrust.ApiError as exc:
+        assert exc.code == 404      # authenticated as the node: its own Node does not exist yet
+    finally:
+        api.close()
+    assert fake.requests[-1].user == f"system:node:{NODE}"
