@@ -9,6 +9,8 @@ Fixtures
 ``fake_api`` (alias ``fake_apiserver``), function scope: a started ``FakeApiServer`` over plain HTTP.
 ``fake_api_tls``: the same over HTTPS with a test CA (``.pki``); client certificates signed by the
 CA authenticate (CN = user, O = groups; CN ``system:node:<n>`` + O ``system:nodes`` is node <n>).
+kubectl (/usr/bin/kubectl) sends no bearer token over plain HTTP: run it against ``fake_api_tls``
+(``fake.write_kubeconfig(path)`` there names the CA; get/describe/delete/events work, tables included).
 ``test_pki`` (session): a ``TestPKI`` (CA + helpers) for tests that need certificates of their own.
 
 The FakeApiServer object
@@ -2788,8 +2790,8 @@ class Client:
         self.base = base
         self.session = requests.Session()
         self.session.headers.update(headers)
-        self.session.verify = verify
         self.session.cert = cert
+        self.verify = verify  # per request: REQUESTS_CA_BUNDLE in the environment beats session.verify
 
     def request(self, method, path, json=None, content_type=None, **kw):
         headers = kw.pop("headers", {})
@@ -2799,6 +2801,7 @@ class Client:
             headers["Content-Type"] = content_type or (
                 "application/merge-patch+json" if method == "PATCH" else "application/json")
         kw.setdefault("timeout", 30)
+        kw.setdefault("verify", self.verify)
         return self.session.request(method, self.base + path, headers=headers, **kw)
 
     def get(self, path, **kw):
@@ -2819,7 +2822,8 @@ class Client:
     def watch(self, path, params=None, timeout=30):
         params = dict(params or {})
         params["watch"] = "1"
-        with self.session.get(self.base + path, params=params, stream=True, timeout=timeout) as r:
+        with self.session.get(self.base + path, params=params, stream=True, timeout=timeout,
+                              verify=self.verify) as r:
             if r.status_code != 200:
                 yield "HTTP", r.json()
                 return
