@@ -947,7 +947,9 @@ class _FallbackRun:
         wt = host._wt
         self._host, self._module = host, module
         self._killed = False
+        self._stop_event = threading.Event()  # wakes a module sleeping in poll_oneoff
         self._stop_reason = None
+        self._poll_original = None
         self._deadline_at = None if deadline is None else time.monotonic() + deadline
         self._memory_limit = memory_limit
         self._done = threading.Event()
@@ -1001,6 +1003,7 @@ class _FallbackRun:
 
     def _main(self):
         wt = self._host._wt
+        self._host._local.run = self
         start, cpu0 = time.monotonic(), time.thread_time()
         exit_code = trap = None
         peak = 0
@@ -1041,6 +1044,17 @@ class _FallbackRun:
     def kill(self):
         """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
         self._killed = True
+        self._stop_event.set()
+
+    def _sleep(self, seconds):
+        """Sleep for a guest's poll_oneoff, cut short by kill() or the deadline; why we stopped, or None."""
+        if self._deadline_at is not None:
+            seconds = min(seconds, max(0.0, self._deadline_at - time.monotonic()))
+        self._stop_event.wait(seconds)
+        reason = self._should_stop()
+        if reason:
+            self._stop_reason = reason
+        return reason
 
     def wait(self, timeout=None):
         """The RunResult, or None if the run is still going after `timeout` seconds."""
@@ -1071,6 +1085,34 @@ class _FallbackModule:
         return f"<module {self.digest} on wasmtime-py>"
 
 
+_WASI = "wasi_snapshot_preview1"
+_POLL_TRAMPOLINE = (
+    '(module (import "guest" "memory" (memory 0))'
+    ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
+    ' (export "memory" (memory 0))'
+    ' (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)'
+    '  local.get 0 local.get 1 local.get 2 local.get 3 call $p))')
+
+
+def _relative_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr):
+    """[(userdata, timeout ns)] when a poll_oneoff is only relative realtime/monotonic clocks, all in
+    bounds and aligned (what sleep() asks); else None, and wasmtime's own poll_oneoff answers."""
+    size = memory.data_len(store)
+    if not 0 < nsubs <= 4096 or subs_ptr % 8 or events_ptr % 8 or nevents_ptr % 4:
+        return None
+    if subs_ptr + 48 * nsubs > size or events_ptr + 32 * nsubs > size or nevents_ptr + 4 > size:
+        return None
+    raw = memory.read(store, subs_ptr, subs_ptr + 48 * nsubs)
+    clocks = []
+    for i in range(0, len(raw), 48):
+        tag, clock_id = raw[i + 8], int.from_bytes(raw[i + 16:i + 20], "little")
+        flags = int.from_bytes(raw[i + 40:i + 42], "little")
+        if tag != 0 or clock_id not in (0, 1) or flags & 1:  # not a clock, a CPU clock, or absolute
+            return None
+        clocks.append((int.from_bytes(raw[i:i + 8], "little"), int.from_bytes(raw[i + 24:i + 32], "little")))
+    return clocks
+
+
 class FallbackHost:
     """The WASI host face of `_wasihost.Host`, on the `wasmtime` Python package (slower, same behaviour).
 
@@ -1096,6 +1138,15 @@ class FallbackHost:
         self._engine = wasmtime.Engine(config)
         self._linker = wasmtime.Linker(self._engine)
         self._linker.define_wasi()
+        # poll_oneoff is ours so that kill() and deadlines also stop a module that sleeps
+        self._wasi_linker = wasmtime.Linker(self._engine)
+        self._wasi_linker.define_wasi()
+        self._linker.allow_shadowing = True
+        i32 = wasmtime.ValType.i32()
+        self._linker.define_func(_WASI, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), self._poll_oneoff,
+                                 access_caller=True)
+        self._poll_trampoline = wasmtime.Module(self._engine, _POLL_TRAMPOLINE)
+        self._local = threading.local()
         self._modules = {}
         self._lock = threading.Lock()
         self._runs = {}
@@ -1210,6 +1261,42 @@ class FallbackHost:
             return None
         run._stop_reason = reason
         return ctypes.cast(self._wt._ffi.wasmtime_error_new(reason.encode()), ctypes.c_void_p).value
+
+    # -- poll_oneoff: clock-only polls sleep here, interruptibly; the rest goes to wasmtime's WASI --
+
+    def _poll_oneoff(self, caller, subs_ptr, events_ptr, nsubs, nevents_ptr):
+        run = getattr(self._local, "run", None)
+        memory = caller.get("memory")
+        clocks = None
+        if run is not None and isinstance(memory, self._wt.Memory):
+            clocks = _relative_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
+        if clocks is None:
+            return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
+        started = time.monotonic_ns()
+        shortest = min(timeout for _, timeout in clocks)
+        reason = run._sleep(shortest / 1e9)
+        if reason:
+            raise self._wt.Trap(reason)
+        waited = max(time.monotonic_ns() - started, shortest)
+        ready = [userdata for userdata, timeout in clocks if timeout <= waited]
+        events = b"".join(userdata.to_bytes(8, "little") + bytes(24) for userdata in ready)  # type clock, errno 0
+        memory.write(caller, events, events_ptr)
+        memory.write(caller, len(ready).to_bytes(4, "little"), nevents_ptr)
+        return 0
+
+    def _original_poll(self, caller, run, memory):
+        """wasmtime's poll_oneoff, called through a trampoline instance so it sees the guest's memory."""
+        if run is not None and run._poll_original is not None:
+            return run._poll_original
+        wt = self._wt
+        func = self._wasi_linker.get(caller, _WASI, "poll_oneoff")
+        if isinstance(memory, wt.Memory):
+            with contextlib.suppress(wt.WasmtimeError, wt.Trap):
+                trampoline = wt.Instance(caller, self._poll_trampoline, [memory, func])
+                func = trampoline.exports(caller)["poll_oneoff"]
+        if run is not None:
+            run._poll_original = func
+        return func
 
     def __repr__(self):
         return f"<FallbackHost wasmtime {self.wasmtime_version} cache={self.cache_dir}>"

@@ -83,3 +83,159 @@ def test_status_signature_ignores_heartbeats_but_not_changes():
     sig = minikrust._status_signature
     assert sig(make(FACTS, "T0")) == sig(make(dict(FACTS, memory_available=2 * 1024**3), "T1"))
     assert sig(make(FACTS, "T0")) != sig(make(dict(FACTS, memory_available=1), "T1"))
+
+
+# --- against the fake API server ---
+
+import signal  # noqa: E402
+import time  # noqa: E402
+
+from tests.helpers import wait_for  # noqa: E402
+
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
+
+
+def make_kubelet(fake, tmp_path, name="n1", handler=None, **overrides):
+    """A kubelet for node `name` against the fake, without its HTTPS server."""
+    directory = tmp_path / name
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = dict(kubeconfig=fake.kubeconfig(directory, node=name), node_name=name, root_dir=str(directory / "root"),
+                    serve=False, node_ip="10.1.2.3")
+    settings.update(overrides)
+    return minikrust.Kubelet(minikrust.Config(**settings), handler=handler)
+
+
+def _condition(node, kind):
+    return next((c for c in (node or {}).get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def _ready(fake, name):
+    return _condition(fake.get("nodes", name), "Ready").get("status") == "True"
+
+
+def test_registers_a_fresh_node_with_its_lease(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    with make_kubelet(fake, tmp_path, "n1", port=10777, node_labels={"zone": "z1"}):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node n1 Ready")
+        lease = wait_for(lambda: fake.get("leases", "n1", namespace="kube-node-lease"), 10, what="lease")
+        node = fake.get("nodes", "n1")
+    meta, status = node["metadata"], node["status"]
+    assert meta["labels"]["kubernetes.io/arch"] == "wasm32-wasi" and meta["labels"]["zone"] == "z1"
+    assert {"key": "kubernetes.io/arch", "value": "wasm32-wasi", "effect": "NoExecute"} in node["spec"]["taints"]
+    assert status["daemonEndpoints"]["kubeletEndpoint"]["Port"] == 10777
+    assert {"type": "InternalIP", "address": "10.1.2.3"} in status["addresses"]
+    assert status["nodeInfo"]["containerRuntimeVersion"].startswith("wasmtime://")
+    assert status["capacity"]["pods"] == "110"
+    assert lease["spec"]["holderIdentity"] == "n1" and lease["spec"]["leaseDurationSeconds"] == 40
+    assert lease["metadata"]["ownerReferences"][0]["uid"] == meta["uid"]
+    assert fake.count("POST", r"^/api/v1/nodes$") == 1
+
+
+def test_adopts_an_existing_node_and_sends_its_status(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    fake.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"keep": "me"}},
+                 "status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}})
+    with make_kubelet(fake, tmp_path, "n1"):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="adopted node Ready")
+    node = fake.get("nodes", "n1")
+    assert node["metadata"]["labels"]["keep"] == "me" and node["metadata"]["labels"]["type"] == "krustlet"
+    assert node["status"]["nodeInfo"]["kubeletVersion"].endswith("-minikrust")
+    assert any(r.status == 409 for r in fake.find_requests("POST", r"^/api/v1/nodes$"))
+
+
+def test_lease_is_renewed_and_a_conflict_is_recovered(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.2):
+        wait_for(lambda: fake.count("PUT", "leases/n1$") >= 2, 10, what="two lease renewals")
+        admin = fake.client()
+        lease = admin.get(f"{LEASES}/n1").json()
+        lease["spec"]["holderIdentity"] = "someone-else"                # bumps the resourceVersion
+        assert admin.put(f"{LEASES}/n1", json=lease).status_code == 200
+        wait_for(lambda: any(r.status == 409 for r in fake.find_requests("PUT", "leases/n1$")), 10, what="a 409")
+        wait_for(lambda: fake.get("leases", "n1", namespace="kube-node-lease")["spec"]["holderIdentity"] == "n1",
+                 10, what="lease taken back after the conflict")
+        renewed = fake.get("leases", "n1", namespace="kube-node-lease")["spec"]["renewTime"]
+        wait_for(lambda: fake.get("leases", "n1", namespace="kube-node-lease")["spec"]["renewTime"] != renewed,
+                 10, what="renewals go on after the conflict")
+
+
+def test_status_is_patched_when_due_and_not_between(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.1, node_status_report_frequency=0.6):
+        wait_for(lambda: fake.count("PATCH", "nodes/n1/status") >= 2, 10, what="periodic status reports")
+        patches = fake.find_requests("PATCH", "nodes/n1/status")
+        assert all(r.content_type.startswith("application/strategic-merge-patch+json") for r in patches)
+    fake.clear_requests()
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.1):
+        wait_for(lambda: fake.count("PUT", "leases/n1$") >= 5, 10, what="lease renewals")
+        # adoption sends the status once; an unchanged status is not sent again before 5 minutes
+        assert fake.count("PATCH", "nodes/n1/status") == 1
+
+
+def test_heartbeat_survives_api_errors(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    fake.fail_next(3, status=500, path="^/api/v1/nodes$")
+    fake.fail_next(2, status=429, path="leases", retry_after=0)
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.2):
+        wait_for(lambda: _ready(fake, "n1"), 20, what="node Ready despite 500s")
+        wait_for(lambda: fake.get("leases", "n1", namespace="kube-node-lease"), 20, what="lease despite 429s")
+
+
+def test_stop_marks_the_node_not_ready(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    kubelet = make_kubelet(fake, tmp_path, "n1").start()
+    wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
+    kubelet.stop()
+    ready = _condition(fake.get("nodes", "n1"), "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "KubeletNotReady"
+    kubelet.stop()                      # idempotent
+
+
+def test_fifty_kubelets_in_one_process(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    kubelets = [make_kubelet(fake, tmp_path, f"node-{i}") for i in range(50)]
+    try:
+        for kubelet in kubelets:
+            kubelet.start()
+        wait_for(lambda: all(_ready(fake, f"node-{i}") for i in range(50)), 60, what="50 Ready nodes")
+        fake.create_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p7"},
+                         "spec": {"containers": [{"name": "c", "image": "file:/nonexistent.wasm"}]}},
+                        node_name="node-7", namespace="default")
+        wait_for(lambda: kubelets[7].sources[0].known.pods, 10, what="node-7 sees its pod")
+        assert not any(k.sources[0].known.pods for i, k in enumerate(kubelets) if i != 7)
+        assert {k.api for k in kubelets}.__len__() == 50
+    finally:
+        for kubelet in kubelets:
+            kubelet.stop()
+    assert all(_condition(fake.get("nodes", f"node-{i}"), "Ready")["status"] == "False" for i in range(50))
+
+
+def test_sigterm_shuts_down_cleanly_with_exit_code_0(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    kubeconfig = fake.kubeconfig(tmp_path, node="n1")
+    proc = subprocess.Popen([sys.executable, "minikrust.py", "--kubeconfig", kubeconfig, "--node-name", "n1",
+                             "--root-dir", str(tmp_path / "root"), "--serve", "false"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _ready(fake, "n1"), 30, what="node registered by the CLI")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert _condition(fake.get("nodes", "n1"), "Ready")["status"] == "False"
+
+
+def test_kubectl_shows_the_ready_node(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    admin = fake.kubeconfig(tmp_path, admin=True)
+    with make_kubelet(fake, tmp_path, "n1"):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
+        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", admin, "get", "nodes"],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["NAME", "STATUS"]
+    row = next(line.split() for line in lines[1:] if line.split()[0] == "n1")
+    assert row[1] == "Ready" and row[-1].endswith("-minikrust")
