@@ -5,6 +5,9 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -502,3 +505,31 @@ class FakeMetrics:
     def inc(self, name, amount=1.0, **labels):
         key = (name, labels["result"])
         self.counts[key] = self.counts.get(key, 0) + amount
+
+
+# -- end to end: the CLI kubelet runs static pods whose images come from the registry --
+
+def run_static_pod(root, name, image, hosts):
+    manifests = root.parent / f"manifests-{name}"
+    manifests.mkdir()
+    (manifests / "pod.json").write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [
+            {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent"}]}}))
+    proc = subprocess.run([sys.executable, minikrust.__file__, "--pod-manifest-path", str(manifests), "--once",
+                           "--root-dir", str(root), "--serve=false", "--insecure-registries", ",".join(hosts)],
+                          capture_output=True, text=True, timeout=60)
+    logs = "".join(p.read_text() for p in root.glob("pods/*/logs/main/*.log"))
+    assert proc.returncode == 0 and "stdout F hello" in logs, (proc.returncode, logs, proc.stderr[-3000:])
+
+
+def test_static_pods_pull_from_the_registry_then_start_from_the_store(tmp_path, registry_factory, wasm):
+    reg = registry_factory()
+    (tmp_path / "hello.wasm").write_bytes(wasm.hello)
+    image = f"{reg.host}/e2e/hello:v1"
+    assert minikrust.main(["push", str(tmp_path / "hello.wasm"), image, "--insecure"]) == 0
+    run_static_pod(tmp_path / "node1", "first", image, [reg.host])
+    reg.stop()
+    # another node (no pod state) that has the module in its store: no registry needed
+    shutil.copytree(tmp_path / "node1" / "modules", tmp_path / "node2" / "modules")
+    run_static_pod(tmp_path / "node2", "second", image, [reg.host])
