@@ -509,18 +509,19 @@ class FakeMetrics:
 
 # -- end to end: the CLI kubelet runs static pods whose images come from the registry --
 
-def run_static_pod(root, name, image, hosts):
+def run_static_pod(root, name, image, hosts, pods=1):
     manifests = root.parent / f"manifests-{name}"
     manifests.mkdir()
-    (manifests / "pod.json").write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-        "spec": {"restartPolicy": "Never", "containers": [
-            {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent"}]}}))
+    for i in range(pods):
+        (manifests / f"pod{i}.json").write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}{i}"},
+            "spec": {"restartPolicy": "Never", "containers": [
+                {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent"}]}}))
     proc = subprocess.run([sys.executable, minikrust.__file__, "--pod-manifest-path", str(manifests), "--once",
                            "--root-dir", str(root), "--serve=false", "--insecure-registries", ",".join(hosts)],
                           capture_output=True, text=True, timeout=60)
     logs = "".join(p.read_text() for p in root.glob("pods/*/logs/main/*.log"))
-    assert proc.returncode == 0 and "stdout F hello" in logs, (proc.returncode, logs, proc.stderr[-3000:])
+    assert proc.returncode == 0 and logs.count("stdout F hello") == pods, (proc.returncode, logs, proc.stderr[-3000:])
 
 
 def test_static_pods_pull_from_the_registry_then_start_from_the_store(tmp_path, registry_factory, wasm):
@@ -533,3 +534,10 @@ def test_static_pods_pull_from_the_registry_then_start_from_the_store(tmp_path, 
     # another node (no pod state) that has the module in its store: no registry needed
     shutil.copytree(tmp_path / "node1" / "modules", tmp_path / "node2" / "modules")
     run_static_pod(tmp_path / "node2", "second", image, [reg.host])
+
+
+def test_two_static_pods_with_one_image_download_it_once(tmp_path, registry, registry_proxy, wasm):
+    registry.push_cncf("e2e/shared", "v1", wasm.hello)
+    registry_proxy.delay = 0.3      # both pods' pulls overlap
+    run_static_pod(tmp_path / "node", "pod", f"{registry_proxy.host}/e2e/shared:v1", [registry_proxy.host], pods=2)
+    assert registry_proxy.blob_gets[sha256(wasm.hello)] == 1
