@@ -4130,7 +4130,7 @@ class PodWorker:
     def _start(self, c, now):
         spec, pod, m = c.spec, self.pod, self.m
         try:
-            ref = m.ensure_image(pod, spec)
+            ref = m.ensure_image(pod, c)
         except ImageError as exc:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             m.event(pod, "Failed", exc.message, "Warning", c)
@@ -4254,7 +4254,7 @@ class _LogEcho:
 
     def __init__(self, write):
         self.write = write
-        self._files = {}            # path -> [prefix, offset, partial]
+        self._files = {}            # path -> [prefix, offset]
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="minikrust-echo", daemon=True)
@@ -4262,7 +4262,7 @@ class _LogEcho:
 
     def follow(self, prefix, path):
         with self._lock:
-            self._files.setdefault(path, [prefix, 0, ""])
+            self._files.setdefault(path, [prefix, 0])
 
     def drain(self):
         """Print whatever the followed files gained since the last look."""
@@ -4280,10 +4280,7 @@ class _LogEcho:
                     parts = record.split(" ", 3)
                     if len(parts) < 4:
                         continue
-                    entry[2] += parts[3]
-                    if parts[2] == "F":
-                        self.write(f"{entry[0]} {entry[2]}")
-                        entry[2] = ""
+                    self.write(f"{entry[0]} {parts[3]}")  # a partial (P) record too: it may be the last
 
     def _loop(self):
         while not self._stop.wait(0.2):
@@ -4395,12 +4392,22 @@ class PodManager:
         return os.path.dirname(manifest) if manifest else None
 
     def ensure_image(self, pod, container):
-        """The module of a container's image: through the ImageManager (file: and registries)."""
+        """The module of a container's image through the ImageManager (file: and registries),
+        with the kubelet's Pulling/Pulled events."""
         if self.images is None:
             self.images = ImageManager(self.config, api=self.api)
         secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
-        return self.images.ensure(container.get("image") or "", container.get("imagePullPolicy"), secrets,
-                                  namespace=pod["metadata"].get("namespace"), base_dir=self.base_dir(pod))
+        image = container.spec.get("image") or ""
+        downloads, started = sum(self.images.downloads.values()), time.monotonic()
+        ref = self.images.ensure(image, container.spec.get("imagePullPolicy"), secrets,
+                                 namespace=pod["metadata"].get("namespace"), base_dir=self.base_dir(pod))
+        if sum(self.images.downloads.values()) != downloads:
+            self.event(pod, "Pulling", f'Pulling image "{image}"', "Normal", container)
+            self.event(pod, "Pulled", f'Successfully pulled image "{image}" in {time.monotonic() - started:.3f}s',
+                       "Normal", container)
+        else:
+            self.event(pod, "Pulled", f'Container image "{image}" already present on machine', "Normal", container)
+        return ref
 
     def event(self, pod, reason, message, type_="Normal", container=None):
         field_path = None
@@ -5252,8 +5259,10 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
     `<root_dir>/pki/kubelet-client-current.pem` and a kubeconfig naming it is written.
     `api` (an ApiClient on the bootstrap credentials) is made from the bootstrap kubeconfig if not given.
     """
+    if not config.bootstrap_kubeconfig:
+        return config.kubeconfig
     target = config.kubeconfig or os.path.join(config.root_dir, "kubelet.kubeconfig")
-    if _kubeconfig_is_usable(target) or not config.bootstrap_kubeconfig:
+    if _kubeconfig_is_usable(target):
         return target
     cluster = _kubeconfig_cluster(config.bootstrap_kubeconfig)
     own_api = api is None
@@ -5533,9 +5542,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return user, None
 
     def _dispatch(self, method):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(min(length, 1 << 20))
+        try:
+            self._answer(method)
+        except OSError as exc:  # the client went away
+            log.debug("server: %s %s: %s", method, self.path, exc)
+            self.close_connection = True
+        except Exception:  # a bug must cost one answer, not the connection's thread silently
+            log.exception("server: %s %s failed", method, self.path)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._send(500, "internal error")
+
+    def _answer(self, method):
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            return self._send(400, "bad Content-Length")
+        if int(length):
+            self.rfile.read(min(int(length), 1 << 20))
         url = urllib.parse.urlsplit(self.path)
         parts = [urllib.parse.unquote(part) for part in url.path.split("/")[1:]]
         if url.path == "/healthz":
