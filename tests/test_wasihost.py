@@ -269,6 +269,30 @@ def test_kill_stops_an_infinite_loop_within_100ms(backend, wasm):
     assert result.killed and result.exit_code is None and not result.timed_out
 
 
+def test_kill_stops_a_sleeping_module_within_100ms(backend, wasm):
+    out = []
+    handle = backend.load(wasm.tool).start(["tool", "sleep", "3000"], stdout=out.append, log_format="plain")
+    wait_for(lambda: b"sleeping" in b"".join(out), timeout=5, what="the module to start sleeping")
+    killed_at = time.monotonic()
+    handle.kill()
+    wait_for(lambda: handle.done, timeout=5, interval=0.001, what="killed sleeper to finish")
+    assert time.monotonic() - killed_at < 0.1
+    assert handle.wait().killed
+
+
+def test_deadline_stops_a_sleeping_module(backend, wasm):
+    result = run(backend, wasm.tool, ["tool", "sleep", "3000"], deadline=0.2)
+    assert result.timed_out and result.duration < 2
+
+
+@pytest.mark.parametrize("command", ["sleep", "abssleep"])
+def test_sleep_returns_after_its_time(backend, wasm, command):
+    started = time.monotonic()
+    result, out, _ = capture(backend, wasm.tool, ["tool", command, "50"])
+    assert result.exit_code == 0 and out.splitlines()[-1] in (b"woke", b"woke 0")
+    assert time.monotonic() - started >= 0.05
+
+
 def test_kill_after_exit_is_harmless(backend, wasm):
     handle = backend.load(wasm.hello).start(["m"])
     result = handle.wait(timeout=5)
@@ -437,7 +461,8 @@ def test_native_and_fallback_agree(both_hosts, wasm, tmp_path, case):
 
 FDSTAT_IMPORTS = (f'(import "{wasm_modules.WASI}" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))'
                   f'(import "{wasm_modules.WASI}" "fd_renumber" (func $renumber (param i32 i32) (result i32)))'
-                  f'(import "{wasm_modules.WASI}" "fd_close" (func $close (param i32) (result i32)))')
+                  f'(import "{wasm_modules.WASI}" "fd_close" (func $close (param i32) (result i32)))'
+                  f'(import "{wasm_modules.WASI}" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))')
 HELLO_IOV = "(i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 6))"
 
 
@@ -461,6 +486,20 @@ FD_CASES = {
                        f"(call $proc_exit {_write(5)})",
     "renumber-1-to-3-preopen": f"{HELLO_IOV} (drop (call $renumber (i32.const 1) (i32.const 3)))"
                                f"(call $proc_exit {_write(3)})",
+    "poll-no-subscriptions": "(call $proc_exit (call $poll (i32.const 0) (i32.const 512) (i32.const 0) (i32.const 8)))",
+    "poll-misaligned": "(call $proc_exit (call $poll (i32.const 3) (i32.const 512) (i32.const 1) (i32.const 8)))",
+    "poll-out-of-bounds": "(call $proc_exit (call $poll (i32.const 65500) (i32.const 512) (i32.const 1) (i32.const 8)))",
+    # one relative monotonic clock of 1 ms: nevents and the event's userdata/type land in memory
+    "poll-clock": "(i64.store (i32.const 0) (i64.const 77)) (i32.store8 (i32.const 8) (i32.const 0))"
+                  "(i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 1000000))"
+                  "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 8)))"
+                  "(call $proc_exit (i32.add (i32.load (i32.const 8))"
+                  " (i32.add (i32.wrap_i64 (i64.load (i32.const 512))) (i32.load8_u (i32.const 522)))))",
+    "poll-bad-clock-id": "(i32.store8 (i32.const 8) (i32.const 0)) (i32.store (i32.const 16) (i32.const 9))"
+                         "(call $proc_exit (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 8)))",
+    "poll-stdin-read": "(i32.store8 (i32.const 8) (i32.const 1)) (i32.store (i32.const 16) (i32.const 0))"
+                       "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 8)))"
+                       "(call $proc_exit (i32.add (i32.load (i32.const 8)) (i32.load16_u (i32.const 520))))",
     "close-2-write-1": f"{HELLO_IOV} (drop (call $close (i32.const 2))) (drop {_write(1)}) (call $proc_exit {_write(2)})",
 }
 

@@ -126,6 +126,7 @@ TOOL_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -186,6 +187,23 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "spin")) { for (volatile unsigned i = 0;; i++) {} }
+    if (!strcmp(cmd, "sleep")) {                      /* sleep MS: relative sleep, then "woke" */
+        puts("sleeping");
+        fflush(stdout);
+        usleep(atoi(argv[2]) * 1000);
+        puts("woke");
+        return 0;
+    }
+    if (!strcmp(cmd, "abssleep")) {                   /* abssleep MS: sleep to an absolute deadline */
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        t.tv_nsec += (long)atoi(argv[2]) * 1000000L;
+        t.tv_sec += t.tv_nsec / 1000000000L;
+        t.tv_nsec %= 1000000000L;
+        int err = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL);
+        printf("woke %d\n", err);
+        return 0;
+    }
     if (!strcmp(cmd, "stdin")) {                      /* stdin: copy stdin to stdout */
         char buf[4096];
         size_t n;
