@@ -771,3 +771,28 @@ def test_client_certificate_bootstrap_against_the_fake_api_server(fake_api_tls, 
     finally:
         api.close()
     assert fake.requests[-1].user == f"system:node:{NODE}"
+
+
+def test_a_failing_kubelet_call_is_a_500_and_the_server_keeps_serving(secure):
+    def broken():
+        raise RuntimeError("boom")
+    secure.kubelet.pods = broken
+    answer = secure.get("/pods")
+    assert answer.status_code == 500
+    assert secure.get("/metrics/resource").status_code == 200
+
+
+def test_client_bootstrap_without_a_bootstrap_kubeconfig_keeps_the_kubeconfig(tmp_path):
+    config = minikrust.Config(root_dir=str(tmp_path), kubeconfig="/somewhere/kubeconfig")
+    assert minikrust.bootstrap_client_certificate(config) == "/somewhere/kubeconfig"
+
+
+def test_kubelet_serves_its_api_and_stops_it(tmp_path):
+    kubelet = minikrust.Kubelet(minikrust.Config(root_dir=str(tmp_path), port=0))
+    with kubelet:
+        answer = requests.get(f"http://127.0.0.1:{kubelet.server.port}/pods", timeout=10)
+        assert answer.json()["kind"] == "PodList"
+        assert "minikrust_module_starts_total" in requests.get(
+            f"http://127.0.0.1:{kubelet.server.port}/metrics", timeout=10).text
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{kubelet.server.port}/healthz", timeout=2)

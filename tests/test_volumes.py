@@ -579,3 +579,54 @@ def test_example_modules_rebuild_from_their_sources(wasm, tmp_path):
     for name in committed:
         with open(os.path.join(EXAMPLES, "modules", name), "rb") as a, open(tmp_path / name, "rb") as b:
             assert a.read() == b.read(), f"examples/modules/{name} is not what build.sh makes from its source"
+
+
+# --- Against the fake API server: what a module sees of an admitted pod ---
+
+def test_admitted_pod_reads_its_token_and_secret_and_they_vanish_with_it(kubelet_factory, fake_api, wasm, caplog,
+                                                                          monkeypatch):
+    """Admission adds the kube-api-access volume (contract 14): the token comes from a TokenRequest,
+    the secret volume is readable, and both tmpfs folders are removed when the pod is deleted."""
+    from tests.helpers import wait_for
+    tool = f"file:{wasm.tool}"
+    private = []
+    real_private_dir = minikrust._private_dir
+
+    def recording_private_dir(target):  # the tmpfs folders, to check they are gone at the end
+        private.append(real_private_dir(target))
+        return private[-1]
+    monkeypatch.setattr(minikrust, "_private_dir", recording_private_dir)
+    fake_api.create_secret("default", "creds", {"password": "s3cr3t-pw"})
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    mounts = [{"name": "creds", "mountPath": "/creds"}]
+    pod = {"metadata": {"name": "reader"}, "spec": {
+        "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+        "volumes": [{"name": "creds", "secret": {"secretName": "creds"}}],
+        "containers": [
+            {"name": "token", "image": tool, "args": ["cat", f"{sa}/token"], "volumeMounts": mounts},
+            {"name": "ns", "image": tool, "args": ["cat", f"{sa}/namespace"], "volumeMounts": mounts},
+            {"name": "secret", "image": tool, "args": ["cat", "/creds/password"], "volumeMounts": mounts}]}}
+    with caplog.at_level(logging.DEBUG, logger="minikrust"):
+        kubelet = kubelet_factory(fake_api)
+        fake_api.create_pod(pod, node_name="node-1")
+
+        def succeeded():
+            status = (fake_api.get("pods", "default", "reader") or {}).get("status") or {}
+            return status.get("phase") == "Succeeded" and status
+        wait_for(succeeded, timeout=15, what="reader Succeeded")
+        logs = {}
+        for name in ("token", "ns", "secret"):
+            with open(kubelet.container_log_path("default", "reader", name)) as f:
+                logs[name] = "".join(line.split(" ", 3)[3] for line in f if line.strip())
+        assert len(set(private)) == 2  # the secret and the kube-api-access volume
+        assert logs["ns"].strip() == "default"
+        assert logs["secret"].strip() == "s3cr3t-pw"
+        token = logs["token"].strip()
+        assert token, "the projected token is empty"
+        posts = [r for r in fake_api.requests if r.method == "POST" and r.path.startswith(
+            "/api/v1/namespaces/default/serviceaccounts/default/token")]
+        assert posts and posts[0].user == "system:node:node-1"
+        fake_api.delete_pod("default", "reader")
+        wait_for(lambda: fake_api.get("pods", "default", "reader") is None, timeout=10, what="pod gone")
+        wait_for(lambda: not any(os.path.exists(p) for p in private), timeout=5, what="volumes removed")
+    assert token not in caplog.text and "s3cr3t-pw" not in caplog.text
