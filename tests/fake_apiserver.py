@@ -1783,9 +1783,9 @@ class FakeApiServer:
                 result.setdefault("data", {})[k] = base64.b64encode(v.encode()).decode()
         if self.node_lifecycle and res.name == "nodes":
             self._node_lifecycle(result)
-        self._managed(result, params, subresource)
-        if result == old:
+        if _without_managed(result) == _without_managed(old):
             return copy.deepcopy(old)   # a no-op write does not bump resourceVersion
+        self._managed(result, params, subresource)
         stored = self._store("MODIFIED", res, ns, name, result, old)
         if res.name == "pods" and stored["metadata"].get("deletionTimestamp") and \
                 not stored["metadata"].get("finalizers") and old["metadata"].get("finalizers"):
@@ -2240,6 +2240,11 @@ class FakeApiServer:
                     return {"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [gv],
                             "preferredVersion": gv}
         return None
+
+
+def _without_managed(obj):
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    return {**obj, "metadata": meta}
 
 
 def _age(ts):
