@@ -21,7 +21,7 @@ __all__ = [
     "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError", "ContainerConfigError",
     "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config",
     "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
-    "container_workdir", "parse_quantity", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
+    "container_workdir", "parse_quantity", "guest_file_on_host", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
     "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "ContainerLogWriter",
     "bootstrap_client_certificate",
     "PodManager", "PodWorker", "StatusWriter", "StaticPodSource", "compute_pod_status", "pod_phase", "qos_class", "static_pods_from_manifest",
@@ -1327,10 +1327,11 @@ def load_host(cache_dir, backend=None):
         if choice != "wasmtime-py":
             try:
                 host = _native_host(key[0])
-            except ImportError as exc:
+            except Exception as exc:  # not built, ABI mismatch (ImportError), or no engine
                 if choice == "native":
                     raise ModuleError(f"native WASI host unavailable: {exc}") from exc
-                log.debug("native WASI host unavailable (%s); using the wasmtime package", exc)
+                level = logging.DEBUG if isinstance(exc, ImportError) else logging.WARNING
+                log.log(level, "native WASI host unavailable (%s); using the wasmtime package", exc)
         if host is None:
             host = FallbackHost(key[0])
         _HOSTS[key] = host
@@ -2411,13 +2412,14 @@ class ImageManager:
     through the API, node-level credentials from --registry-config, digest pinning. Concurrent
     ensures of one image share one pull; blobs are verified before they enter the store."""
 
-    def __init__(self, config=None, store=None, api=None, *, backoff=(10.0, 300.0), retries=3,
+    def __init__(self, config=None, store=None, api=None, *, backoff=None, retries=3,
                  retry_delay=0.2, in_use=None):
         self.config = config
         root_dir = os.path.expanduser(getattr(config, "root_dir", None) or "~/.minikrust")
         self.store = store if store is not None else ModuleStore(os.path.join(root_dir, "modules"))
         self.api = api
-        self.backoff = backoff
+        # the kubelet backs off image pulls as it does container restarts: 10 s doubling to 300 s
+        self.backoff = backoff or (self._setting("backoff_base", 10.0), self._setting("backoff_max", 300.0))
         self.retries = retries
         self.retry_delay = retry_delay
         self.in_use = in_use            # callable -> digests of modules running pods use (for GC)
@@ -3290,6 +3292,28 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
         if os.path.lexists(staging_root):
             shutil.rmtree(staging_root, onerror=_remove_tree_error)
     return mounts + _file_mounts(files, seen, staging_root)
+
+
+def guest_file_on_host(mounts, guest_path):
+    """The host path of the file a module sees at `guest_path` (e.g. its terminationMessagePath),
+    or None when no mount holds it or it leads out of its mount.
+
+    The kubelet reads such files on the host, where nothing confines it: a module could have left a
+    symlink there to /etc/shadow. So the path is resolved like the sandbox does: the longest mount
+    that holds it, symlinks followed only while they stay inside that mount."""
+    if not guest_path or not guest_path.startswith("/"):
+        return None
+    guest = os.path.normpath(guest_path)
+    best = None
+    for host, mount, _readonly in mounts:
+        prefix = mount.rstrip("/") + "/"
+        if guest.startswith(prefix) and (best is None or len(mount) > len(best[1])):
+            best = (host, mount)
+    if best is None:
+        return None
+    root = os.path.realpath(best[0])
+    real = os.path.realpath(os.path.join(root, guest[len(best[1].rstrip("/")) + 1:]))
+    return real if real != root and os.path.commonpath([real, root]) == root else None
 
 
 def _remove_tree_error(func, path, exc_info):
@@ -4428,9 +4452,11 @@ class PodManager:
         if self.writer is not None and not worker.gone:
             self.writer.set_status(worker.pod, worker.status)
         if self.echo is not None and phase != old_phase:
-            self.echo.drain()
             reason = worker.status.get("reason")
-            self.echo.write(f"{worker.pod['metadata']['name']}: {phase}" + (f" ({reason})" if reason else ""))
+            line = f"{worker.pod['metadata']['name']}: {phase}" + (f" ({reason})" if reason else "")
+            if phase in _TERMINAL_PHASES:
+                self.echo.drain()       # the last output lines before the pod's end
+            self.echo.write(line)
         with self._changed:
             self._changed.notify_all()
 
@@ -4715,6 +4741,12 @@ class LogOptions:
     tail_lines: int = None
     since_ns: int = None
     limit_bytes: int = None
+    stream: str = None      # "stdout" or "stderr" (PodLogOptions.stream Stdout|Stderr); None: both
+
+    def selects(self, line):
+        """Whether a line passes the sinceTime/sinceSeconds and stream filters."""
+        return ((self.since_ns is None or line.time_ns >= self.since_ns)
+                and (self.stream is None or line.stream == self.stream))
 
     @classmethod
     def from_query(cls, query, now=None):
@@ -4747,8 +4779,12 @@ class LogOptions:
             since_ns = int(((now or time.time()) - seconds) * 10**9)
         elif one("sinceTime") is not None:
             since_ns = _parse_rfc3339(one("sinceTime"))
+        stream = one("stream") or "All"
+        if stream not in ("All", "Stdout", "Stderr"):
+            raise ValueError(f"stream: must be All, Stdout or Stderr, got {stream!r}")
         return cls(follow=flag("follow"), previous=flag("previous"), timestamps=flag("timestamps"),
-                   tail_lines=number("tailLines", 0), since_ns=since_ns, limit_bytes=number("limitBytes", 1))
+                   tail_lines=number("tailLines", 0), since_ns=since_ns, limit_bytes=number("limitBytes", 1),
+                   stream=None if stream == "All" else stream.lower())
 
 
 def _records(handle, buffered):
@@ -4768,7 +4804,7 @@ def _records(handle, buffered):
 def _emit(lines, options, budget):
     """Render lines under the byte budget (a one-item list, None for no limit); yields bytes."""
     for line in lines:
-        if options.since_ns is not None and line.time_ns < options.since_ns:
+        if not options.selects(line):
             continue
         data = line.render(options.timestamps)
         if budget[0] is not None:
@@ -4789,10 +4825,9 @@ def read_container_log(path, options):
             buffered = bytearray()
             for record in _records(handle, buffered) + ([bytes(buffered)] if buffered else []):
                 line = joiner.feed(record)
-                if line is not None and (options.since_ns is None or line.time_ns >= options.since_ns):
+                if line is not None and options.selects(line):
                     lines.append(line)
-    lines.extend(line for line in joiner.flush()
-                 if options.since_ns is None or line.time_ns >= options.since_ns)
+    lines.extend(line for line in joiner.flush() if options.selects(line))
     yield from _emit(lines, options, [options.limit_bytes])
 
 
@@ -4829,12 +4864,14 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
     backlog = collections.deque(maxlen=options.tail_lines)
     for name in rotated_log_files(path):
         with contextlib.suppress(FileNotFoundError), open(name, "rb") as rotated:
-            backlog.extend(line for line in map(joiner.feed, _records(rotated, bytearray())) if line)
+            backlog.extend(line for line in map(joiner.feed, _records(rotated, bytearray()))
+                           if line and options.selects(line))
     try:
         if handle is not None:
-            backlog.extend(line for line in map(joiner.feed, _records(handle, buffered)) if line)
+            backlog.extend(line for line in map(joiner.feed, _records(handle, buffered))
+                           if line and options.selects(line))
         yield from _emit(backlog, options, budget)
-        finished, last_check = False, time.monotonic()
+        finished, last_check, idle = False, time.monotonic(), 0.05
         while budget[0] != 0:
             if handle is None:
                 handle, buffered = _open_log(path), bytearray()
@@ -4842,6 +4879,7 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
             if records:
                 lines = [line for line in map(joiner.feed, records) if line]
                 yield from _emit(lines, options, budget)
+                idle = 0.05
                 continue
             if handle is not None and _replaced(path, handle):  # drained the rotated file: on to the new one
                 handle.close()
@@ -4854,8 +4892,9 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
                 finished, last_check = bool(ended()), time.monotonic()
                 if finished:
                     continue  # read once more: the run may have written its last records just now
-            if wait(0.1):
+            if wait(idle):
                 return
+            idle = min(idle * 1.5, 0.25)  # a quiet log is polled less often
     finally:
         if handle is not None:
             handle.close()
