@@ -342,6 +342,22 @@ def test_mount_errors(tmp_path):
             container_mounts(pod, {"name": "c", "volumeMounts": mounts}, dirs)
 
 
+def test_guest_file_on_host_stays_inside_its_mount(tmp_path):
+    data, logs, outside = tmp_path / "data", tmp_path / "data" / "logs", tmp_path / "outside"
+    logs.mkdir(parents=True)
+    outside.mkdir()
+    (outside / "shadow").write_text("root:x")
+    (data / "msg").write_text("done")
+    os.symlink(outside / "shadow", data / "evil")
+    os.symlink("msg", data / "alias")
+    mounts = [(str(data), "/dev", False), (str(logs), "/dev/logs", True)]
+    on_host = minikrust.guest_file_on_host
+    assert on_host(mounts, "/dev/msg") == str(data / "msg")
+    assert on_host(mounts, "/dev/alias") == str(data / "msg")      # a link inside the mount is fine
+    assert on_host(mounts, "/dev/logs/x") == str(logs / "x")        # the longest mount wins
+    for bad in ("/dev/evil", "/dev/../outside/shadow", "/etc/passwd", "/dev", "dev/msg", "", None):
+        assert on_host(mounts, bad) is None, bad
+
 def test_cleanup_removes_everything_without_following_symlinks(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
