@@ -34,7 +34,8 @@ Addresses and identities:
 State (Python side, as admin, no HTTP):
   .get(resource, ns_or_name, name=None, namespace=None) -> dict or None   (resource: "pods", "Pod", "pod", ...)
   .list(resource, namespace=None) -> [dict]
-  .create(obj) -> stored dict (runs admission/defaulting like an admin POST; namespace auto-created)
+  .create(obj) or .create(kind, namespace, obj) -> stored dict (admission/defaulting as an admin POST;
+        the namespace is created if missing, with its default ServiceAccount and CA configmaps)
   .create_pod(manifest, node_name=None, namespace=None) -> stored pod
   .update(obj) / .patch(resource, ns, name, patch, patch_type="merge"|"strategic"|"json", subresource=None)
   .delete_pod(ns, name, grace=None) -> like kubectl delete (bound pod: only deletionTimestamp set, MODIFIED)
@@ -1310,7 +1311,12 @@ class FakeApiServer:
             return [copy.deepcopy(o) for (r, ns, _), o in sorted(self._objects.items())
                     if r == res.name and (namespace is None or ns == namespace)]
 
-    def create(self, obj, namespace=None):
+    def create(self, obj, namespace=None, body=None):
+        """create(obj) or create(kind, namespace, obj): an admin POST (kind/apiVersion filled in)."""
+        if isinstance(obj, str):
+            res = self._res(obj)
+            obj = dict(body, kind=res.kind, apiVersion=res.api_version)
+            namespace = namespace or (obj.get("metadata") or {}).get("namespace")
         res = self._res(obj["kind"])
         ns = (namespace or (obj.get("metadata") or {}).get("namespace") or "default") if res.namespaced else ""
         if ns:
