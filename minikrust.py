@@ -986,8 +986,6 @@ class _FallbackRun:
         except BaseException:
             self._close_writers()
             raise
-        self._thread = threading.Thread(target=self._main, name=f"wasm-{module.digest[7:19]}", daemon=True)
-        self._thread.start()
 
     def _close_writers(self):
         for writer in self._writers:
@@ -1074,12 +1072,18 @@ class _FallbackModule:
     def start(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
               memory_limit=None, deadline=None, stdin=None):
         """Start a run in a thread; raises ModuleRunError for setup errors."""
-        return _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
-                            memory_limit, deadline, stdin)
+        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
+                           memory_limit, deadline, stdin)
+        threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
+        return run
 
-    def run(self, argv, **kwargs):
-        """start() then wait(): the RunResult."""
-        return self.start(argv, **kwargs).wait()
+    def run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
+            memory_limit=None, deadline=None, stdin=None):
+        """Run to the end on the calling thread (no thread to start): the RunResult."""
+        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
+                           memory_limit, deadline, stdin)
+        run._main()
+        return run.wait()
 
     def __repr__(self):
         return f"<module {self.digest} on wasmtime-py>"

@@ -402,6 +402,13 @@ def test_logs_bad_parameters_are_400(secure, query):
     assert secure.get(f"/containerLogs/default/web/app?{query}").status_code == 400
 
 
+def test_logs_stream_selects_stdout_or_stderr_before_tail(secure):
+    secure.kubelet.add_container("web", "app", lines=LINES)
+    assert secure.get("/containerLogs/default/web/app?stream=Stderr").text == "two\n"
+    assert secure.get("/containerLogs/default/web/app?stream=Stdout&tailLines=3").text == "one\nthree\nfour\n"
+    assert secure.get("/containerLogs/default/web/app?stream=Both").status_code == 400
+
+
 def test_logs_a_trailing_fragment_is_printed_without_newline(secure):
     secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "done"),
                                                       cri(T0 + 1, "stdout", "P", "no newline")])
