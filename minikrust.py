@@ -1031,6 +1031,7 @@ class _FallbackRun:
             except OSError as exc:
                 log.warning("closing the logs of %s: %s", self._module.digest, exc)
             self._host._unregister(self._run_id)
+            self._host._local.run = None
             self._store.close()
         oom = _looks_oom(self._memory_limit, exit_code, self._stop_reason, instantiated, peak)
         self._result = RunResult(

@@ -227,8 +227,9 @@ def test_sigterm_shuts_down_cleanly_with_exit_code_0(fake_apiserver, tmp_path):
     assert _condition(fake.get("nodes", "n1"), "Ready")["status"] == "False"
 
 
-def test_kubectl_shows_the_ready_node(fake_apiserver, tmp_path):
-    fake = fake_apiserver
+def test_kubectl_shows_the_ready_node(fake_api_tls, tmp_path):
+    """kubectl sends no bearer token over plain HTTP, so this one runs against the HTTPS fake."""
+    fake = fake_api_tls
     admin = fake.kubeconfig(tmp_path, admin=True)
     with make_kubelet(fake, tmp_path, "n1"):
         wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
