@@ -646,3 +646,34 @@ def test_admitted_pod_reads_its_token_and_secret_and_they_vanish_with_it(kubelet
         wait_for(lambda: fake_api.get("pods", "default", "reader") is None, timeout=10, what="pod gone")
         wait_for(lambda: not any(os.path.exists(p) for p in private), timeout=5, what="volumes removed")
     assert token not in caplog.text and "s3cr3t-pw" not in caplog.text
+
+
+def test_host_path_allow_list_in_a_standalone_kubelet(kubelet_factory, wasm, tmp_path):
+    """One static pod writes through an allowed hostPath; one asking for /etc fails with a clear reason."""
+    import yaml
+    from tests.helpers import wait_for
+    allowed = tmp_path / "shared"
+    allowed.mkdir()
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+
+    def pod(name, host_path, args):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
+            "restartPolicy": "Never",
+            "volumes": [{"name": "h", "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}}],
+            "containers": [{"name": "main", "image": f"file:{wasm.tool}", "args": args,
+                            "volumeMounts": [{"name": "h", "mountPath": "/host"}]}]}}
+    (manifests / "ok.yaml").write_text(yaml.safe_dump(pod("ok", str(allowed / "out"), ["write", "/host/result", "42"])))
+    (manifests / "etc.yaml").write_text(yaml.safe_dump(pod("etc", "/etc", ["cat", "/host/passwd"])))
+    kubelet = kubelet_factory(manifests=str(manifests), allowed_host_paths=(str(allowed),))
+
+    def phase(prefix, wanted):
+        def check():
+            pods = [p for p in kubelet.pods() if p["metadata"]["name"].startswith(prefix + "-")]
+            return pods and pods[0].get("status", {}).get("phase") == wanted and pods[0]["status"]
+        return check
+    wait_for(phase("ok", "Succeeded"), timeout=15, what="ok Succeeded")
+    assert (allowed / "out" / "result").read_text() == "42"
+    refused = wait_for(phase("etc", "Failed"), timeout=15, what="etc Failed")
+    assert refused["reason"] == "CreateContainerConfigError"
+    assert "/etc" in refused["message"] and "allowed-host-paths" in refused["message"]
