@@ -3890,7 +3890,9 @@ class _Container:
         self.backoff = 0.0          # delay before the next restart; 0 = restart at once
         self.not_before = 0.0       # monotonic time before which it must not start
         self.mounts = []
-        self.log_path = None
+        self.log_path = self.sink = None    # the CRI log file, and what the run writes it through
+        self.result = None                  # the last run's Result
+        self.wall_start = 0.0
         self.ever_started = False
 
     @property
@@ -4101,7 +4103,9 @@ class PodWorker:
         for c, run, result in exits:
             if c.run is not run:
                 continue
-            c.run = None
+            c.run, c.result = None, result
+            if c.sink is not c.log_path:
+                c.sink.close()
             code, reason, message = _termination_reason(result)
             message = self._termination_message(c, code) or message
             term = {"exitCode": code, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt"),
@@ -4164,6 +4168,8 @@ class PodWorker:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             m.event(pod, "Failed", exc.message, "Warning", c)
             return now + _CONFIG_RETRY
+        if not self._prepare():
+            return now + _CONFIG_RETRY
         try:
             env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
             argv = container_argv(spec, env)
@@ -4185,12 +4191,16 @@ class PodWorker:
         c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
         os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
         c.started_mono = time.monotonic()
+        sink = m.log_writer(c.log_path) if m.log_writer else c.log_path
         try:
             with module_errors():
                 module = m.host.load(ref.path, digest=ref.digest)
-                run = module.start(argv, env=env, preopens=c.mounts, stdout=c.log_path, stderr=c.log_path,
+                run = module.start(argv, env=env, preopens=c.mounts, stdout=sink, stderr=sink,
                                    log_format="cri", memory_limit=_memory_limit(spec))
         except (ModuleError, OSError) as exc:
+            if sink is not c.log_path:
+                sink.close()
+            m.count_start("error", now)
             now_s = _k8s_time()
             c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
                                       "startedAt": now_s, "finishedAt": now_s, "containerID": c.container_id}}
@@ -4199,7 +4209,8 @@ class PodWorker:
             m.event(pod, "Failed", f"Error: {exc}", "Warning", c)
             log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
             return None
-        c.run = run
+        c.run, c.sink, c.wall_start = run, sink, time.time()
+        m.count_start("success", now)
         c.state = {"running": {"startedAt": _k8s_time()}}
         m.event(pod, "Created", f"Created container: {c.name}", "Normal", c)
         m.event(pod, "Started", f"Started container {c.name}", "Normal", c)
@@ -4298,6 +4309,8 @@ class _LogEcho:
         with self._lock:
             for path, entry in list(self._files.items()):
                 try:
+                    if os.path.getsize(path) < entry[1]:
+                        entry[1] = 0        # rotated: the live file starts again
                     with open(path, "rb") as f:
                         f.seek(entry[1])
                         data = f.read()
@@ -4334,6 +4347,8 @@ class PodManager:
         self.backoff_max = float(getattr(config, "backoff_max", 300.0))
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.echo = _LogEcho(echo) if echo else None
+        self.metrics = None         # the kubelet's Metrics, when it has one
+        self.log_writer = None      # path -> CRI sink with rotation (ContainerLogWriter), else a plain path
         self.workers = {}           # uid -> PodWorker
         self.events = collections.deque(maxlen=1000)    # (pod key, reason, message), newest last
         self._restored = set()
@@ -4403,6 +4418,7 @@ class PodManager:
                 rejected = ("OutOfpods", f"Pod was rejected: Node didn't have enough resource: pods, "
                                          f"requested: 1, used: {active}, capacity: {self.config.max_pods}")
             worker = PodWorker(self, pod, saved_status=saved, rejected=rejected)
+            worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
         self._save_spec(worker)
         if self.writer is not None:
@@ -4447,6 +4463,11 @@ class PodManager:
             meta = pod["metadata"]
             self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
                                         message, type_, field_path))
+
+    def count_start(self, result, began):
+        if self.metrics is not None:
+            self.metrics.inc("minikrust_module_starts_total", result=result)
+            self.metrics.observe("minikrust_module_start_duration_seconds", time.monotonic() - began)
 
     def follow_log(self, worker, container):
         if self.echo is not None:
@@ -4546,6 +4567,24 @@ class PodManager:
             return c.log_path
         path = os.path.join(worker.dir, "logs", c.name, f"{c.restart_count - 1}.log")
         return path if c.restart_count > 0 and os.path.exists(path) else None
+
+    def container_stats(self):
+        """One entry per container run (running, or its last finished run): CPU and memory."""
+        with self._lock:
+            workers = list(self.workers.values())
+        stats = []
+        for w in workers:
+            for c in w.inits + w.apps:
+                run, result = c.run, c.result
+                if run is None and result is None:
+                    continue
+                source = result if run is None else run
+                stats.append({"namespace": w.pod["metadata"].get("namespace", "default"),
+                              "pod": w.pod["metadata"]["name"], "uid": w.uid, "container": c.name,
+                              "running": run is not None, "start_time": c.wall_start,
+                              "cpu_seconds": float(getattr(source, "cpu_seconds", 0.0) or 0.0),
+                              "memory_bytes": int(getattr(source, "peak_memory", 0) or 0)})
+        return stats
 
     def wait_all_finished(self, timeout=None):
         """Block until every pod is finished (--once); True if they are."""
@@ -5827,6 +5866,10 @@ class Kubelet:
         self._started = False
         self._lock = threading.Lock()
         self.metrics = Metrics()
+        if self.pod_manager is not None:
+            self.pod_manager.metrics = self.metrics
+            self.pod_manager.log_writer = lambda path: ContainerLogWriter(
+                path, self.config.container_log_max_size, self.config.container_log_max_files)
         self.server = KubeletServer(self) if self.config.serve else None
 
     def start(self):
@@ -5875,6 +5918,10 @@ class Kubelet:
     def pods(self):
         """The pods this kubelet runs, each with its current status."""
         return self.pod_manager.pods() if self.pod_manager is not None else []
+
+    def container_stats(self):
+        """CPU and memory of each container run (for /metrics and /stats/summary)."""
+        return self.pod_manager.container_stats() if self.pod_manager is not None else []
 
     def container_log_path(self, namespace, pod, container, previous=False):
         """The CRI log file of a container's current (or previous) run, or None."""
