@@ -677,3 +677,22 @@ def test_host_path_allow_list_in_a_standalone_kubelet(kubelet_factory, wasm, tmp
     refused = wait_for(phase("etc", "Failed"), timeout=15, what="etc Failed")
     assert refused["reason"] == "CreateContainerConfigError"
     assert "/etc" in refused["message"] and "allowed-host-paths" in refused["message"]
+
+
+def test_cluster_example_job_runs_against_the_fake_api(kubelet_factory, fake_api, monkeypatch):
+    """examples/cluster/job-configmap.yaml as `kubectl apply` would send it, its image relative to the repo."""
+    from tests.helpers import wait_for
+    monkeypatch.chdir(os.path.dirname(EXAMPLES))
+    (pod,), (config_map,) = load_example("cluster/job-configmap.yaml")
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create({**config_map, "metadata": {**config_map["metadata"], "namespace": "default"}})
+    fake_api.create_pod(pod, node_name="node-1")
+    name = pod["metadata"]["name"]
+
+    def succeeded():
+        status = (fake_api.get("pods", "default", name) or {}).get("status") or {}
+        return status.get("phase") == "Succeeded" and status
+    wait_for(succeeded, timeout=15, what=f"{name} Succeeded")
+    with open(kubelet.container_log_path("default", name, "greet")) as f:
+        lines = [line.rstrip("\n").split(" ", 3)[3] for line in f]
+    assert lines == ["Hello, Ada!", "Hello, Grace!", "Hello, Barbara!", "wrote 3 greetings to greetings.txt"]
