@@ -538,3 +538,19 @@ def test_failing_runs_and_loads_do_not_leak(backend, wasm, tmp_path):
     churn(1500)
     grown = _rss_kb() - before
     assert grown < 20 * 1024, f"RSS grew by {grown} KiB over 1500 failing runs and loads"
+
+
+def test_import_minikrust_does_not_load_wasmtime():
+    code = "import sys, minikrust; print('wasmtime' in sys.modules, '_wasihost' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+
+
+def test_auto_backend_falls_back_when_native_is_missing(tmp_path, monkeypatch):
+    def missing(cache_dir):
+        raise ImportError("no _wasihost here")
+    monkeypatch.setattr(minikrust, "_native_host", missing)
+    assert minikrust.load_host(str(tmp_path / "auto"), backend="auto").backend == "wasmtime-py"
+    with pytest.raises(minikrust.ModuleError, match="no _wasihost here"):
+        minikrust.load_host(str(tmp_path / "native"), backend="native")
