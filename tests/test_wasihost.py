@@ -554,3 +554,20 @@ def test_auto_backend_falls_back_when_native_is_missing(tmp_path, monkeypatch):
     assert minikrust.load_host(str(tmp_path / "auto"), backend="auto").backend == "wasmtime-py"
     with pytest.raises(minikrust.ModuleError, match="no _wasihost here"):
         minikrust.load_host(str(tmp_path / "native"), backend="native")
+
+
+@pytest.mark.parametrize("mode", ["stdout-discarded", "stdout-to-fd", "stdout-to-callable"])
+def test_native_and_fallback_agree_whatever_stdout_is(both_hosts, wasm, tmp_path, mode):
+    seen = []
+    for host in both_hosts:
+        err = tmp_path / f"{host.backend}.err"
+        chunks = []
+        fd = os.open(str(tmp_path / f"{host.backend}.out"), os.O_WRONLY | os.O_CREAT)
+        try:
+            stdout = {"stdout-discarded": None, "stdout-to-fd": fd, "stdout-to-callable": chunks.append}[mode]
+            result = run(host, wasm.fdedge, ["fdedge"], stdout=stdout, stderr=str(err), log_format="plain")
+        finally:
+            os.close(fd)
+        seen.append((result.exit_code, err.read_bytes(), (tmp_path / f"{host.backend}.out").read_bytes(),
+                     b"".join(chunks)))
+    assert seen[0] == seen[1]
