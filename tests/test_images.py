@@ -541,3 +541,44 @@ def test_two_static_pods_with_one_image_download_it_once(tmp_path, registry, reg
     registry_proxy.delay = 0.3      # both pods' pulls overlap
     run_static_pod(tmp_path / "node", "pod", f"{registry_proxy.host}/e2e/shared:v1", [registry_proxy.host], pods=2)
     assert registry_proxy.blob_gets[sha256(wasm.hello)] == 1
+
+
+def test_api_pods_pull_with_their_image_pull_secrets_and_never_show_the_password(
+        tmp_path, fake_api, kubelet_factory, basic_registry, wasm):
+    from tests.helpers import wait_for
+    host = basic_registry.host
+    manifest_digest = basic_registry.push_cncf("api/hello", "v1", wasm.hello)
+    image = f"{host}/api/hello:v1"
+    for name, password in (("regcred", PASSWORD), ("badcred", "wrong-" + PASSWORD)):
+        fake_api.create_secret("default", name, {".dockerconfigjson": json.dumps(docker_config(host, password=password))},
+                               type="kubernetes.io/dockerconfigjson")
+    kubelet_factory(fake_api, insecure_registries=(host,))
+    # (another repository for the bad pod: with IfNotPresent the kubelet runs an image already on
+    # the node whatever the pod's secrets are, as the real one does without KubeletEnsureSecretPulledImages)
+    basic_registry.push_cncf("api/other", "v1", wasm.hello)
+    for name, secret, img in (("good", "regcred", image), ("bad", "badcred", f"{host}/api/other:v1")):
+        fake_api.create_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                             "spec": {"restartPolicy": "Never", "imagePullSecrets": [{"name": secret}],
+                                      "containers": [{"name": "main", "image": img}]}}, node_name="node-1")
+
+    def status(name):
+        return fake_api.get("pods", "default", name).get("status") or {}
+
+    good = wait_for(lambda: status("good").get("phase") == "Succeeded" and status("good"), 20, what="good pod Succeeded")
+    assert good["containerStatuses"][0]["imageID"] == f"{host}/api/hello@{manifest_digest}"
+    seen = set()
+
+    def messages():
+        return " ".join(e.get("message", "") for e in fake_api.events(namespace="default"))
+
+    def waiting():
+        state = ((status("bad").get("containerStatuses") or [{}])[0].get("state") or {}).get("waiting") or {}
+        seen.add(state.get("reason"))
+        assert_no_secret(json.dumps(state))
+        return seen & {"ErrImagePull", "ImagePullBackOff"} and "badcred" in messages()
+    try:
+        wait_for(waiting, 20, what="bad pod: waiting in ErrImagePull or ImagePullBackOff")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; reasons seen {seen}; status {status('bad')}") from None
+    assert "401" in messages() and 'pull secret "badcred"' in messages()
+    assert_no_secret(messages() + json.dumps(fake_api.get("pods", "default", "bad")))
