@@ -884,23 +884,30 @@ class _StreamWriter:
             self._emit(data)
             return len(data)
         self.buf += data
-        while True:
-            nl = self.buf.find(b"\n")
-            if nl < 0:
-                break
-            line, self.buf = self.buf[:nl], self.buf[nl + 1:]
-            while len(line) > _CRI_MAX_LINE:
-                self._record(b"P", line[:_CRI_MAX_LINE])
-                line = line[_CRI_MAX_LINE:]
-            self._record(b"F", line)
+        records = []
+        if b"\n" in data:
+            *lines, self.buf = self.buf.split(b"\n")
+            for line in lines:
+                while len(line) > _CRI_MAX_LINE:
+                    records.append((b"P", line[:_CRI_MAX_LINE]))
+                    line = line[_CRI_MAX_LINE:]
+                records.append((b"F", line))
         while len(self.buf) >= _CRI_MAX_LINE:
-            self._record(b"P", self.buf[:_CRI_MAX_LINE])
+            records.append((b"P", self.buf[:_CRI_MAX_LINE]))
             self.buf = self.buf[_CRI_MAX_LINE:]
+        if records:
+            self._records(records)
         return len(data)
 
-    def _record(self, tag, line):
+    def _records(self, records):
+        """Write (tag, line) records stamped with one time: one write() for a file or fd."""
         head = f"{self.clock.now()} {self.stream} ".encode()
-        self._emit(head + tag + b" " + line + b"\n")
+        out = [head + tag + b" " + line + b"\n" for tag, line in records]
+        if self.callback is not None:
+            for record in out:
+                self.callback(record)
+        else:
+            self._emit(b"".join(out))
 
     def _emit(self, data):
         if self.callback is not None:
@@ -913,7 +920,7 @@ class _StreamWriter:
         """Flush a trailing fragment without newline as a P record; close a file we opened."""
         try:
             if self.buf and self.cri:
-                self._record(b"P", self.buf)
+                self._records([(b"P", self.buf)])
             self.buf = b""
         finally:
             if self.own_fd:
@@ -3295,7 +3302,7 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
     if pod_dir is not None:
         staging_root = os.path.join(pod_dir, "volumes", ".subpaths", container.get("name") or "container")
         if os.path.lexists(staging_root):
-            shutil.rmtree(staging_root, onerror=_remove_tree_error)
+            _rmtree(staging_root)
     return mounts + _file_mounts(files, seen, staging_root)
 
 
@@ -3321,14 +3328,24 @@ def guest_file_on_host(mounts, guest_path):
     return real if real != root and os.path.commonpath([real, root]) == root else None
 
 
-def _remove_tree_error(func, path, exc_info):
-    """rmtree help: a directory a module made read-only is made writable, then removed."""
-    parent = os.path.dirname(path)
-    with contextlib.suppress(OSError):
-        os.chmod(parent, 0o700)
-    if func in (os.rmdir, os.unlink) or func is os.remove:
-        with contextlib.suppress(FileNotFoundError):
-            func(path)
+def _rmtree(path):
+    """Remove a tree without following its symlinks; a read-only folder in it is made writable
+    first, and what still cannot be removed is logged, never raised (cleanup is best effort)."""
+    def retry(func, failed, _exc):
+        for folder in (os.path.dirname(failed), failed):
+            with contextlib.suppress(OSError):
+                if os.path.isdir(folder) and not os.path.islink(folder):
+                    os.chmod(folder, 0o700)
+        try:
+            func(failed)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", failed, exc)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
 
 
 def cleanup_volumes(pod_dir):
@@ -3342,9 +3359,9 @@ def cleanup_volumes(pod_dir):
             real = os.path.realpath(entry.path)
             if (entry.is_symlink() and os.path.dirname(real) == os.path.realpath(_SHM_DIR)
                     and os.path.basename(real).startswith("minikrust-")):
-                shutil.rmtree(real, onerror=_remove_tree_error)
+                _rmtree(real)
     if os.path.lexists(volumes_dir):
-        shutil.rmtree(volumes_dir, onerror=_remove_tree_error)
+        _rmtree(volumes_dir)
 
 
 
@@ -3956,11 +3973,13 @@ class PodWorker:
         self.phase = self.reason = self.message = None  # pod-level outcome, when decided
         self.status = None
         self.volume_dirs = None
+        self._prepared_at = 0.0     # monotonic time volumes were last (re)written
         self.start_time = None
         self.deadline = None
         self.kill_at = None         # monotonic time to kill running modules (deletion)
         self.deleting = self.gone = self.finished = self.finalized = self.stopping = False
         self._exits = []
+        self._kill_announced = False
         self._dirty = True
         self._cond = threading.Condition()
         self._thread = None
@@ -4137,6 +4156,7 @@ class PodWorker:
             os.makedirs(self.dir, exist_ok=True)
             self.volume_dirs = prepare_volumes(self.pod, self.dir, self.m.config, api=self.m.api,
                                                base_dir=self.m.base_dir(self.pod), node_ip=self.m.node_ip)
+            self._prepared_at = time.monotonic()
             return True
         except ContainerConfigError as exc:
             for c in self.inits + self.apps:
@@ -4168,7 +4188,7 @@ class PodWorker:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             m.event(pod, "Failed", exc.message, "Warning", c)
             return now + _CONFIG_RETRY
-        if not self._prepare():
+        if now - self._prepared_at > 1.0 and not self._prepare():     # refresh configMaps, secrets
             return now + _CONFIG_RETRY
         try:
             env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
@@ -4219,10 +4239,18 @@ class PodWorker:
         threading.Thread(target=self._on_exit, args=(c, run), name=f"wait-{self.key}/{c.name}", daemon=True).start()
         return None
 
+    def _announce_kill(self):
+        """The Killing events, sent once when the pod's containers are to stop (as the kubelet does)."""
+        if not self._kill_announced:
+            self._kill_announced = True
+            for c in self.inits + self.apps:
+                if c.run is not None:
+                    self.m.event(self.pod, "Killing", f"Stopping container {c.name}", "Normal", c)
+
     def _kill_all(self, why):
+        self._announce_kill()
         for c in self.inits + self.apps:
             if c.run is not None:
-                self.m.event(self.pod, "Killing", f"Stopping container {c.name}", "Normal", c)
                 log.info("pod %s: killing %s (%s)", self.key, c.name, why)
                 c.run.kill()
         for c in self.inits + self.apps:    # runs stop within 100 ms; their exits become states
@@ -4237,6 +4265,8 @@ class PodWorker:
 
     def _sync_deleting(self, now):
         running = any(c.run is not None for c in self.inits + self.apps)
+        if running and not self.gone:
+            self._announce_kill()
         if running and now < self.kill_at:
             return self.kill_at - now
         if running:

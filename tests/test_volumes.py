@@ -366,7 +366,9 @@ def test_cleanup_removes_everything_without_following_symlinks(tmp_path):
     dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config())
     os.symlink(victim, os.path.join(dirs["e"], "link"))
     os.makedirs(os.path.join(dirs["e"], "deep/er"))
+    os.makedirs(os.path.join(dirs["e"], "locked/in"))
     os.chmod(os.path.join(dirs["e"], "deep"), 0o500)
+    os.chmod(os.path.join(dirs["e"], "locked"), 0)
     cleanup_volumes(str(tmp_path / "pod"))
     assert not (tmp_path / "pod" / "volumes").exists()
     assert (victim / "precious").read_text() == "keep"
