@@ -50,6 +50,10 @@ State (Python side, as admin, no HTTP):
   .sar_policy = callable(spec) -> bool or (bool, reason)   SubjectAccessReview answer (default: allow)
   .token_reviews / .subject_access_reviews  lists of the specs received
   .node_lifecycle = False   (True: a Ready=True condition removes the node.kubernetes.io/not-ready taint)
+  pods/log (`kubectl logs`, admin only) is proxied to the node's kubelet like the real API server does:
+        https://<InternalIP>:<daemonEndpoints.kubeletEndpoint.Port>/containerLogs/<ns>/<pod>/<container>?<params>
+        with client cert CN=kube-apiserver-kubelet-client O=system:masters from `.pki` (so the kubelet's
+        --client-ca-file must be `.pki.ca_path`); the kubelet's serving certificate is not verified.
 
 Watches and compaction:
   .compact(rv=None)         resourceVersions older than rv (default: now) expire: a watch from them gets 410
@@ -1553,6 +1557,13 @@ class FakeApiServer:
                     raise forbidden(res, meta["name"], f'node "{node}" can only create pods with spec.nodeName '
                                     "set to itself")
             self._admit_pod(res, ns, obj)
+            if node is not None:   # NodeRestriction: a mirror pod may use no API objects
+                cms, _, _, pvcs = pod_references(obj)
+                if cms:
+                    raise forbidden(res, meta["name"], f'node "{node}" can not create pods that use configmaps')
+                if pvcs:
+                    raise forbidden(res, meta["name"], f'node "{node}" can not create pods that use persistent '
+                                    "volumes")
         elif res.name == "leases":
             self._check_lease(user, res, ns, meta["name"])
         elif res.name == "secrets":
@@ -1616,11 +1627,20 @@ class FakeApiServer:
                                        f'Not found: "{m.get("name")}"'))
         if causes:
             raise invalid(res, name, causes)
-        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-        sa_obj = self._objects.get(("serviceaccounts", ns, sa))
-        if sa_obj is None:
-            raise forbidden(res, name, f'error looking up service account {ns}/{sa}: serviceaccount "{sa}" not found')
-        spec["serviceAccountName"] = spec["serviceAccount"] = sa
+        if "kubernetes.io/config.mirror" in (pod["metadata"].get("annotations") or {}):
+            # The ServiceAccount admission plugin gives mirror pods no account and no token volume.
+            if spec.get("serviceAccountName") or spec.get("serviceAccount"):
+                raise forbidden(res, name, "a mirror pod may not reference service accounts")
+            if pod_references(pod)[1]:
+                raise forbidden(res, name, "a mirror pod may not reference secrets")
+            sa_obj = {"automountServiceAccountToken": False}
+        else:
+            sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+            sa_obj = self._objects.get(("serviceaccounts", ns, sa))
+            if sa_obj is None:
+                raise forbidden(res, name, f'error looking up service account {ns}/{sa}: serviceaccount "{sa}" '
+                                "not found")
+            spec["serviceAccountName"] = spec["serviceAccount"] = sa
         for c in _each(spec.get("initContainers")) + _each(spec.get("containers")):
             _default_container(c)
         for v in _each(spec.get("volumes")):
@@ -2611,7 +2631,7 @@ def _serve(self, h, method, path, params, user, body):
                                  "items": items})
     if verb == "get":
         if sub == "log":
-            raise ApiStatusError(404, "NotFound", "the fake API server does not proxy container logs")
+            return self._proxy_log(h, ns, name, params)
         with self._lock:
             obj = copy.deepcopy(self._get_obj(res, ns, name))
         if "as=Table" in accept:
@@ -2659,6 +2679,67 @@ def _bind(self, ns, name, body):
             {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": now})
         self._store("MODIFIED", RESOURCES["pods"], ns, name, new, pod)
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+
+_LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes")
+
+
+def _proxy_log(self, h, ns, name, params):
+    """pods/log: what the API server does for `kubectl logs`: call the node's kubelet over HTTPS
+    (InternalIP, then Hostname; port daemonEndpoints.kubeletEndpoint.Port; its certificate is not
+    verified, as without --kubelet-certificate-authority) with the client certificate
+    CN=kube-apiserver-kubelet-client O=system:masters from the fake's CA, and stream the answer."""
+    import http.client
+    with self._lock:
+        pod = copy.deepcopy(self._get_obj(RESOURCES["pods"], ns, name))
+        node = copy.deepcopy(self._objects.get(("nodes", "", (pod.get("spec") or {}).get("nodeName") or "")))
+    names = [c.get("name") for c in _each(pod["spec"].get("containers"))]
+    container = params.get("container")
+    if not container:
+        if len(names) != 1:
+            raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
+                              f"[{' '.join(names)}]")
+        container = names[0]
+    if not pod["spec"].get("nodeName"):
+        raise bad_request(f"pod {name} does not have a host assigned")
+    if node is None:
+        raise not_found(RESOURCES["nodes"], pod["spec"]["nodeName"])
+    addrs = {a.get("type"): a.get("address") for a in _each(node.get("status", {}).get("addresses"))}
+    host = addrs.get("InternalIP") or addrs.get("Hostname")
+    port = ((node["status"].get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
+    query = urllib.parse.urlencode({k: params[k] for k in _LOG_PARAMS if k in params})
+    path = f"/containerLogs/{ns}/{name}/{container}" + (f"?{query}" if query else "")
+    if not hasattr(self, "_kubelet_client_cert"):
+        self._kubelet_client_cert = self.pki.issue("kube-apiserver-kubelet-client", ("system:masters",))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(*self._kubelet_client_cert)
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+    url = f"https://{host}:{port}{path}"
+    try:
+        conn.request("GET", path)
+        conn.sock.settimeout(None)   # a follow stream may be idle for long
+        resp = conn.getresponse()
+    except OSError as exc:
+        raise ApiStatusError(500, "InternalError", f'Get "{url}": {exc}') from None
+    try:
+        if resp.status != 200:
+            text = resp.read().decode(errors="replace").strip()
+            raise ApiStatusError(resp.status, {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden",
+                                               404: "NotFound"}.get(resp.status, "InternalError"), text)
+        h.send_response(200)
+        h.send_header("Content-Type", resp.getheader("Content-Type") or "text/plain")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        while True:
+            data = resp.read1(65536)
+            if not data:
+                break
+            h.write_chunk(data)
+        h.wfile.write(b"0\r\n\r\n")
+    finally:
+        conn.close()
 
 
 def _bookmark(res, rv):
@@ -2787,6 +2868,7 @@ FakeApiServer._fault = _fault
 FakeApiServer._serve = _serve
 FakeApiServer._serve_watch = _serve_watch
 FakeApiServer._bind = _bind
+FakeApiServer._proxy_log = _proxy_log
 
 
 ###############################################################################

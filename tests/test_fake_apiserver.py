@@ -339,3 +339,78 @@ def test_kubectl_get_describe_delete(fake_api_tls, tmp_path):
     assert "kube-api-access-" in kubectl("describe", "pod", "p")
     threading.Timer(1.0, lambda: fake.remove_pod("default", "p")).start()
     assert 'pod "p" deleted' in kubectl("delete", "pod", "p")
+
+
+def test_mirror_pods_get_no_service_account_and_may_not_use_api_objects(fake_api):
+    c = fake_api.client("n1")
+    mirror = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "static-n1", "annotations": {
+        "kubernetes.io/config.mirror": "abc", "kubernetes.io/config.source": "file"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]}}
+    r = c.post("/api/v1/namespaces/default/pods", json=mirror)
+    assert r.status_code == 201, r.text
+    assert "serviceAccountName" not in r.json()["spec"] and "volumes" not in r.json()["spec"]
+    with_cm = json.loads(json.dumps(mirror))
+    with_cm["metadata"]["name"] = "static2-n1"
+    with_cm["spec"]["volumes"] = [{"name": "v", "configMap": {"name": "cfg"}}]
+    assert c.post("/api/v1/namespaces/default/pods", json=with_cm).status_code == 403
+    plain = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": mirror["spec"]}
+    assert "mirror pods" in c.post("/api/v1/namespaces/default/pods", json=plain).json()["message"]
+
+
+class _FakeKubelet:
+    """An HTTPS /containerLogs endpoint that requires a client certificate from the fake's CA."""
+
+    def __init__(self, pki):
+        import http.server
+        import ssl
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.server.seen.append((self.path, self.connection.getpeercert()))
+                body = b"line 1\nline 2\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.seen = []
+        cert, key = pki.issue("kubelet-serving", (), server=True, sans=("127.0.0.1",))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(pki.ca_path)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_pod_log_is_proxied_to_the_kubelet_with_the_apiserver_client_cert(fake_api_tls, tmp_path):
+    fake = fake_api_tls
+    kubelet = _FakeKubelet(fake.pki)
+    try:
+        node = json.loads(json.dumps(NODE))
+        node["status"]["daemonEndpoints"] = {"kubeletEndpoint": {"Port": kubelet.port}}
+        fake.client("n1").post("/api/v1/nodes", json=node)
+        fake.create_pod(POD, node_name="n1")
+        r = fake.client().get("/api/v1/namespaces/default/pods/p/log?tailLines=5&timestamps=true")
+        assert r.status_code == 200 and r.text == "line 1\nline 2\n"
+        path, peer = kubelet.server.seen[-1]
+        assert path == "/containerLogs/default/p/c?timestamps=true&tailLines=5"
+        assert dict(x[0] for x in peer["subject"])["commonName"] == "kube-apiserver-kubelet-client"
+        assert fake.client("n1").get("/api/v1/namespaces/default/pods/p/log").status_code == 403
+        if os.path.exists("/usr/bin/kubectl"):
+            kc = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
+            p = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", kc, "logs", "p", "--tail=5"], capture_output=True,
+                               text=True, timeout=60)
+            assert p.returncode == 0 and p.stdout == "line 1\nline 2\n", p.stderr
+    finally:
+        kubelet.close()
