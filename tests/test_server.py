@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import socket
+import subprocess
 import ssl
 import threading
 import time
@@ -803,3 +804,113 @@ def test_kubelet_serves_its_api_and_stops_it(tmp_path):
             f"http://127.0.0.1:{kubelet.server.port}/metrics", timeout=10).text
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://127.0.0.1:{kubelet.server.port}/healthz", timeout=2)
+
+
+# --- kubectl logs, through an API server front that proxies pods/log to the kubelet -------------
+
+class _ApiFront:
+    """Forwards every request to the fake API server, except pods/log, which it proxies to the kubelet
+    as kube-apiserver does (GET /containerLogs/<ns>/<pod>/<container>?<the same log options>)."""
+
+    LOG_PATH = "/api/v1/namespaces/{ns}/pods/{pod}/log"
+
+    def __init__(self, fake, kubelet_url, verify, cert):
+        import http.server
+        import re
+        import urllib.parse
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                parts = urllib.parse.urlsplit(self.path)
+                match = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", parts.path)
+                if match:
+                    query = urllib.parse.parse_qs(parts.query)
+                    pod = fake.get("pods", match[1], match[2])
+                    container = query.pop("container", [pod["spec"]["containers"][0]["name"]])[0]
+                    target = (f"{kubelet_url}/containerLogs/{match[1]}/{match[2]}/{container}?"
+                              + urllib.parse.urlencode(query, doseq=True))
+                    upstream = requests.get(target, verify=verify, cert=cert, stream=True, timeout=60)
+                else:
+                    # kubectl sends no token over plain HTTP: the front speaks as admin
+                    headers = {"Accept": self.headers.get("Accept", "application/json"),
+                               "Authorization": f"Bearer {fake.admin_token}"}
+                    upstream = requests.get(fake.url + self.path, headers=headers, stream=True, timeout=60)
+                self.send_response(upstream.status_code)
+                self.send_header("Content-Type", upstream.headers.get("Content-Type", "text/plain"))
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for chunk in upstream.raw.stream(65536, decode_content=True):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                finally:
+                    upstream.close()
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def kubectl_logs(secure, fake_api, pki, tmp_path):
+    """`kubectl(*args)` against a fake API server whose pods/log reaches the secure kubelet server."""
+    if not os.path.exists("/usr/bin/kubectl"):
+        pytest.skip("kubectl is not installed")
+    fake_api.create_pod({"metadata": {"name": "web"}, "spec": {"containers": [{"name": "app", "image": "file:x.wasm"}]}},
+                        node_name=NODE, namespace="default")
+    front = _ApiFront(fake_api, url(secure.server, ""), pki.ca.path, pki.alice)
+    kubeconfig = fake_api.write_kubeconfig(tmp_path / "admin.kubeconfig")
+    document = yaml.safe_load(open(kubeconfig))
+    document["clusters"][0]["cluster"]["server"] = front.url
+    with open(kubeconfig, "w") as handle:
+        yaml.safe_dump(document, handle)
+
+    def kubectl(*args, wait=True):
+        command = ["/usr/bin/kubectl", "--kubeconfig", kubeconfig, *args]
+        if not wait:
+            return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    yield kubectl
+    front.close()
+
+
+def test_kubectl_logs_previous_timestamps_and_tail(secure, kubectl_logs):
+    folder = os.path.dirname(secure.kubelet.add_container("web", "app", restart_count=1, lines=LINES))
+    with open(os.path.join(folder, "0.log"), "w") as handle:
+        handle.write(cri(T0 - 60, "stdout", "F", "the first run"))
+    assert kubectl_logs("logs", "web") == "one\ntwo\nthree\nfour\n"
+    assert kubectl_logs("logs", "web", "-c", "app", "--previous") == "the first run\n"
+    stamped = kubectl_logs("logs", "web", "--timestamps", "--tail=2").splitlines()
+    assert stamped == [f"{minikrust._format_rfc3339nano(int((T0 + 2) * 1e9))} three",
+                       f"{minikrust._format_rfc3339nano(int((T0 + 3) * 1e9))} four"]
+    assert kubectl_logs("logs", "web", "--limit-bytes=5") == "one\nt"
+
+
+def test_kubectl_logs_follow_streams_until_the_container_ends(secure, kubectl_logs):
+    path = secure.kubelet.add_container("web", "app", lines=[cri(T0, "stdout", "F", "hello")])
+    follower = kubectl_logs("logs", "-f", "web", wait=False)
+    try:
+        assert follower.stdout.readline() == b"hello\n"
+        with open(path, "a") as handle:
+            handle.write(cri(time.time(), "stdout", "F", "written later"))
+        assert follower.stdout.readline() == b"written later\n"
+        secure.kubelet.set_state("web", "app", "terminated")
+        assert follower.wait(timeout=20) == 0
+    finally:
+        follower.kill()
+        follower.wait()
