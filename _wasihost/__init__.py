@@ -76,7 +76,7 @@ WASMTIME_VERSION = _load_libwasmtime()
 from ._native import ffi, lib  # noqa: E402  (needs the library loaded above)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Result:
     """How a run ended. exit_code is None when the module trapped, was killed or timed out."""
     exit_code: "int | None"
@@ -91,6 +91,7 @@ class Result:
 
 _ERRLEN = 2048
 _PAGE = 65536
+_EXITED, _TRAPPED, _KILLED, _TIMED_OUT = lib.WH_EXITED, lib.WH_TRAPPED, lib.WH_KILLED, lib.WH_TIMED_OUT
 
 
 def _err_text(buf):
@@ -152,11 +153,14 @@ class Host:
 class Module:
     """A compiled module, linked against WASI once; each run gets a fresh store and instance."""
 
+    _TEMPLATES_MAX = 64
+
     def __init__(self, host, ptr, digest, from_cache):
         self.host = host
         self.digest = digest
         self.from_cache = from_cache
         self._ptr = ptr
+        self._templates = {}  # (argv, env, preopens) -> (wh_run_config template, buffers it points to)
 
     def __repr__(self):
         return f"<_wasihost.Module {self.digest}>"
@@ -165,17 +169,47 @@ class Module:
               memory_limit=None, deadline=None, stdin=None):
         """Start a run in its own thread; returns a Run (kill(), wait(), done)."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin)
-        run._thread = threading.Thread(target=run._execute, name=f"wasihost-run-{argv[0] if argv else ''}",
-                                       daemon=True)
+        run._done = threading.Event()
+        run._thread = threading.Thread(target=run._execute, name=f"wasihost-run-{self.digest[7:19]}", daemon=True)
         run._thread.start()
         return run
 
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
             memory_limit=None, deadline=None, stdin=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
-        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin)
+        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
+                  paths_in_c=True)
         run._execute()
-        return run.wait()
+        if run._error is not None:
+            raise run._error
+        return run._result
+
+    def _config(self, argv, env, preopens):
+        """A fresh wh_run_config with argv/env/preopens filled in (their C arrays are cached)."""
+        pairs = tuple(env.items()) if isinstance(env, dict) else tuple(map(tuple, env))
+        key = (tuple(argv), pairs, tuple(map(tuple, preopens)))
+        entry = self._templates.get(key)
+        if entry is None:
+            entry = _template(*key)
+            if len(self._templates) >= self._TEMPLATES_MAX:
+                self._templates.clear()
+            self._templates[key] = entry
+        return ffi.new("wh_run_config *", entry[0][0]), entry[1]
+
+
+def _template(argv, pairs, preopens):
+    keep = []
+    c = ffi.new("wh_run_config *")
+    c.argv, c.argc = _cstrings(argv, keep), len(argv)
+    c.env_names = _cstrings([k for k, _ in pairs], keep)
+    c.env_values = _cstrings([v for _, v in pairs], keep)
+    c.envc = len(pairs)
+    c.preopen_host = _cstrings([os.fspath(h) for h, _, _ in preopens], keep)
+    c.preopen_guest = _cstrings([g for _, g, _ in preopens], keep)
+    readonly = ffi.new("int[]", [1 if ro else 0 for _, _, ro in preopens]) if preopens else ffi.NULL
+    keep.append(readonly)
+    c.preopen_readonly, c.npreopens = readonly, len(preopens)
+    return c, keep
 
 
 def _cstrings(values, keep):
@@ -190,6 +224,10 @@ def _cstrings(values, keep):
     array = ffi.new("char *[]", bufs) if bufs else ffi.NULL
     keep.append(array)
     return array
+
+
+def _is_path(target):
+    return target is None or isinstance(target, (str, bytes, os.PathLike))
 
 
 class _Output:
@@ -255,77 +293,64 @@ class Run:
     """One running (or finished) instance of a module."""
 
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                 deadline, stdin):
-        if log_format not in ("cri", "plain"):
+                 deadline, stdin, paths_in_c=False):
+        if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
-        self.module = module
-        self._memory_limit = memory_limit
-        self._ptr = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
-        self._result = None
-        self._error = None
-        self._done = threading.Event()
-        self._thread = None
-        self._keep = keep = []
-        c = self._config = ffi.new("wh_run_config *")
-        argv = list(argv)
-        c.argv, c.argc = _cstrings(argv, keep), len(argv)
-        pairs = list(env.items()) if isinstance(env, dict) else list(env)
-        c.env_names = _cstrings([k for k, _ in pairs], keep)
-        c.env_values = _cstrings([v for _, v in pairs], keep)
-        c.envc = len(pairs)
-        preopens = list(preopens)
         for host_dir, _, _ in preopens:
             if not os.path.isdir(host_dir):
                 raise RunError(f"preopen directory {host_dir} does not exist")
-        c.preopen_host = _cstrings([os.fspath(h) for h, _, _ in preopens], keep)
-        c.preopen_guest = _cstrings([g for _, g, _ in preopens], keep)
-        readonly = ffi.new("int[]", [1 if ro else 0 for _, _, ro in preopens]) if preopens else ffi.NULL
-        keep.append(readonly)
-        c.preopen_readonly, c.npreopens = readonly, len(preopens)
+        self.module = module
+        self._memory_limit = memory_limit
+        self._ptr = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
+        self._result = self._error = self._thread = self._done = None
+        c, self._keep = module._config(argv, env, preopens)
+        self._config = c
         c.log_format = lib.WH_LOG_CRI if log_format == "cri" else lib.WH_LOG_PLAIN
         c.memory_limit = -1 if memory_limit is None else int(memory_limit)
-        c.deadline = 0.0 if deadline is None else max(float(deadline), 1e-9)
+        if deadline is not None:
+            c.deadline = max(float(deadline), 1e-9)
         if stdin is not None:
-            data = ffi.from_buffer(bytes(stdin))
-            keep.append(data)
+            self._stdin = data = ffi.from_buffer(bytes(stdin))
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
-        self._output = _Output(stdout, stderr)
-        c.stdout_fd, c.stderr_fd = self._output.fds
+        c.stdout_fd = c.stderr_fd = -1
+        self._output = None
+        if paths_in_c and _is_path(stdout) and _is_path(stderr):
+            # run(): the C side opens and closes the log files, a few µs less per run; errors
+            # come back from wh_run_exec. (start() opens them here, to raise before returning.)
+            self._paths = [ffi.new("char[]", os.fsencode(t)) if t is not None else ffi.NULL
+                           for t in (stdout, stderr)]
+            c.stdout_path, c.stderr_path = self._paths
+        elif stdout is not None or stderr is not None:
+            self._output = _Output(stdout, stderr)
+            c.stdout_fd, c.stderr_fd = self._output.fds
 
     def _execute(self):
         res = ffi.new("wh_result *")
         try:
             rc = lib.wh_run_exec(self.module._ptr, self._config, self._ptr, res)
         finally:
-            self._output.close()
+            if self._output is not None:
+                self._output.close()
         if rc != 0:
             self._error = RunError(_err_text(res.message))
         else:
             self._result = self._to_result(res)
-        self._done.set()
+        if self._done is not None:
+            self._done.set()
 
     def _to_result(self, res):
-        status = res.status
-        exited = status == lib.WH_EXITED
-        message = _err_text(res.message) or None
+        status, code, peak = res.status, res.exit_code, res.peak_memory
+        exited = status == _EXITED
         limit = self._memory_limit
         # wasmtime's limiter only refuses memory.grow, silently: a run that failed on its own
         # (not exit 0, not stopped) is oom when it could not instantiate under the limit or
         # ended within 1/8 of it (a failed malloc asks for more than a page). Same rule as the
         # fallback host in minikrust.py.
-        oom = (limit is not None and status in (lib.WH_EXITED, lib.WH_TRAPPED)
-               and not (exited and res.exit_code == 0)
-               and (bool(res.instantiate_failed) or res.peak_memory > limit - max(_PAGE, limit // 8)))
-        return Result(
-            exit_code=res.exit_code if exited else None,
-            trap=message if status == lib.WH_TRAPPED else None,
-            duration=res.duration,
-            killed=status == lib.WH_KILLED,
-            timed_out=status == lib.WH_TIMED_OUT,
-            oom=oom,
-            cpu_seconds=res.cpu_seconds,
-            peak_memory=res.peak_memory,
-        )
+        oom = (limit is not None and (status == _TRAPPED or (exited and code != 0))
+               and (bool(res.instantiate_failed) or peak > limit - max(_PAGE, limit // 8)))
+        return Result(code if exited else None,
+                      _err_text(res.message) if status == _TRAPPED else None,
+                      res.duration, status == _KILLED, status == _TIMED_OUT, oom, res.cpu_seconds, peak)
 
     def kill(self):
         """Stop the module (from any thread); it stops within about two epoch ticks (10 ms)."""
@@ -333,11 +358,11 @@ class Run:
 
     @property
     def done(self):
-        return self._done.is_set()
+        return self._done.is_set() if self._done is not None else self._thread is None
 
     def wait(self, timeout=None):
         """The Result, or None if still running after `timeout` seconds; raises RunError."""
-        if not self._done.wait(timeout):
+        if self._done is not None and not self._done.wait(timeout):
             return None
         if self._error is not None:
             raise self._error

@@ -39,6 +39,8 @@ typedef struct {
   size_t npreopens;
   int stdout_fd;
   int stderr_fd;
+  const char *stdout_path; /* opened (append) by wh_run_exec when the fd is -1 */
+  const char *stderr_path;
   int log_format;
   int64_t memory_limit;
   double deadline;

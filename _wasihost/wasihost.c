@@ -2,7 +2,8 @@
  *
  * One engine per process (epoch interruption, pooling allocator, cranelift "speed"), one
  * ticker thread bumping its epoch, one linker holding wasmtime's WASI with our own fd_write
- * (plus fd_close/fd_renumber bookkeeping) shadowing it for fds 1 and 2, and a second linker
+ * (plus fd_close/fd_renumber bookkeeping) shadowing it for fds 1 and 2, our poll_oneoff for
+ * plain sleeps (so that kill() and deadlines stop a sleeping module too), and a second linker
  * holding only wasmtime's WASI, from which the originals are fetched to delegate everything
  * that is not a plain write to the container's stdout/stderr.
  *
@@ -127,11 +128,14 @@ static const char TRAMPOLINES_WAT[] =
     " (import \"wasi\" \"fd_write\" (func $w (param i32 i32 i32 i32) (result i32)))"
     " (import \"wasi\" \"fd_close\" (func $c (param i32) (result i32)))"
     " (import \"wasi\" \"fd_renumber\" (func $r (param i32 i32) (result i32)))"
+    " (import \"wasi\" \"poll_oneoff\" (func $p (param i32 i32 i32 i32) (result i32)))"
     " (export \"memory\" (memory 0))"
     " (func (export \"fd_write\") (param i32 i32 i32 i32) (result i32)"
     "  local.get 0 local.get 1 local.get 2 local.get 3 call $w)"
     " (func (export \"fd_close\") (param i32) (result i32) local.get 0 call $c)"
-    " (func (export \"fd_renumber\") (param i32 i32) (result i32) local.get 0 local.get 1 call $r))";
+    " (func (export \"fd_renumber\") (param i32 i32) (result i32) local.get 0 local.get 1 call $r)"
+    " (func (export \"poll_oneoff\") (param i32 i32 i32 i32) (result i32)"
+    "  local.get 0 local.get 1 local.get 2 local.get 3 call $p))";
 
 static void engine_init(void) {
   /* Address space may be too small for the pool (ulimit -v): fall back to on-demand memories. */
@@ -286,8 +290,8 @@ void wh_module_free(wh_module *m) {
 
 /* ---------------------------------------------------------------- output streams */
 
-enum { ORIG_FD_WRITE, ORIG_FD_CLOSE, ORIG_FD_RENUMBER, ORIG_COUNT };
-static const char *const ORIG_NAMES[ORIG_COUNT] = {"fd_write", "fd_close", "fd_renumber"};
+enum { ORIG_FD_WRITE, ORIG_FD_CLOSE, ORIG_FD_RENUMBER, ORIG_POLL_ONEOFF, ORIG_COUNT };
+static const char *const ORIG_NAMES[ORIG_COUNT] = {"fd_write", "fd_close", "fd_renumber", "poll_oneoff"};
 
 typedef struct {
   int fd;       /* where the bytes go; -1 discards them */
@@ -587,6 +591,82 @@ static wasmtime_error_t *shadow_fd_renumber(void *env, wasmtime_caller_t *caller
   return e;
 }
 
+static uint64_t load_u64(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+
+static int64_t now_ns(clockid_t clock) {
+  struct timespec ts;
+  clock_gettime(clock, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Sleeps `ns`, in slices, so that kill() or the deadline cut it short: NULL, or why we stopped. */
+static const char *interruptible_sleep(wh_run *r, int64_t ns) {
+  int64_t now = now_ns(CLOCK_MONOTONIC), end = now + ns;
+  int64_t deadline = r->has_deadline ? (int64_t)r->deadline.tv_sec * 1000000000 + r->deadline.tv_nsec : INT64_MAX;
+  for (;;) {
+    if (atomic_load(&r->killed)) return "killed";
+    if (now >= deadline) {
+      r->timed_out = 1;
+      return "deadline exceeded";
+    }
+    if (now >= end) return NULL;
+    int64_t slice = (end < deadline ? end : deadline) - now;
+    if (slice > TICK_NS) slice = TICK_NS;
+    struct timespec ts = {(time_t)(slice / 1000000000), (long)(slice % 1000000000)};
+    nanosleep(&ts, NULL);
+    now = now_ns(CLOCK_MONOTONIC);
+  }
+}
+
+/* poll_oneoff(subs, events, nsubs, nevents) -> errno. A poll of relative realtime/monotonic clocks
+ * only (what sleep() asks), all in bounds and aligned, sleeps here; anything else (fds, absolute
+ * or CPU clocks, bad pointers) is wasmtime's. Same rule as the fallback host in minikrust.py. */
+static wasmtime_error_t *shadow_poll_oneoff(void *env, wasmtime_caller_t *caller, wasmtime_val_raw_t *args,
+                                            size_t n) {
+  (void)env;
+  wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
+  uint8_t *mem;
+  size_t size;
+  if (!get_memory(caller, &mem, &size)) return call_orig(caller, ORIG_POLL_ONEOFF, args, n);
+  uint64_t subs = (uint32_t)args[0].i32, events = (uint32_t)args[1].i32, nsubs = (uint32_t)args[2].i32,
+           nevents = (uint32_t)args[3].i32;
+  if (nsubs == 0 || nsubs > 4096 || subs % 8 || events % 8 || nevents % 4 || subs + 48 * nsubs > size ||
+      events + 32 * nsubs > size || nevents + 4 > size)
+    return call_orig(caller, ORIG_POLL_ONEOFF, args, n);
+  uint64_t shortest = UINT64_MAX;
+  for (uint64_t i = 0; i < nsubs; i++) {
+    const uint8_t *sub = mem + subs + 48 * i;
+    uint32_t clock_id = load_u32(sub + 16);
+    uint16_t flags;
+    memcpy(&flags, sub + 40, 2);
+    if (sub[8] != 0 || clock_id > 1 || (flags & 1)) /* not a clock, a CPU clock, or absolute */
+      return call_orig(caller, ORIG_POLL_ONEOFF, args, n);
+    uint64_t timeout = load_u64(sub + 24);
+    if (timeout < shortest) shortest = timeout;
+  }
+  int64_t started = now_ns(CLOCK_MONOTONIC);
+  int64_t ns = shortest > (uint64_t)INT64_MAX / 2 ? INT64_MAX / 2 : (int64_t)shortest;
+  const char *stop = interruptible_sleep(r, ns);
+  if (stop) return wasmtime_error_new(stop);
+  uint64_t waited = (uint64_t)(now_ns(CLOCK_MONOTONIC) - started);
+  if (waited < shortest) waited = shortest;
+  uint32_t ready = 0;
+  for (uint64_t i = 0; i < nsubs; i++) {
+    const uint8_t *sub = mem + subs + 48 * i;
+    if (load_u64(sub + 24) > waited) continue;
+    uint8_t *ev = mem + events + 32 * (uint64_t)ready++;
+    memcpy(ev, sub, 8); /* userdata; errno 0, type clock, no fd_readwrite */
+    memset(ev + 8, 0, 24);
+  }
+  memcpy(mem + nevents, &ready, 4);
+  args[0].i32 = WASI_ERRNO_SUCCESS;
+  return NULL;
+}
+
 static int define_i32_func(wasmtime_linker_t *linker, const char *name, size_t nparams,
                            wasmtime_func_unchecked_callback_t cb) {
   wasm_valtype_t *params[4], *results[1];
@@ -610,6 +690,7 @@ static int define_shadows(wasmtime_linker_t *linker) {
   if (define_i32_func(linker, "fd_write", 4, shadow_fd_write)) return -1;
   if (define_i32_func(linker, "fd_close", 1, shadow_fd_close)) return -1;
   if (define_i32_func(linker, "fd_renumber", 2, shadow_fd_renumber)) return -1;
+  if (define_i32_func(linker, "poll_oneoff", 4, shadow_poll_oneoff)) return -1;
   return 0;
 }
 
@@ -707,6 +788,33 @@ static void classify(wh_run *r, wasmtime_error_t *e, wasm_trap_t *trap, wh_resul
   if (trap) take_trap(trap, "", res->message, sizeof res->message);
 }
 
+/* Paths given instead of fds are opened here (append; both streams share one fd for one path). */
+static int open_outputs(const wh_run_config *c, int fds[2], int opened[2], char *err, size_t errlen) {
+  const char *paths[2] = {c->stdout_path, c->stderr_path};
+  for (int i = 0; i < 2; i++) {
+    if (fds[i] >= 0 || !paths[i]) continue;
+    if (i == 1 && paths[0] && fds[0] >= 0 && opened[0] >= 0 && strcmp(paths[0], paths[1]) == 0) {
+      fds[1] = fds[0];
+      continue;
+    }
+    int fd = open(paths[i], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      char msg[4200];
+      snprintf(msg, sizeof msg, "cannot open output %s: %s", paths[i], strerror(errno));
+      set_msg(err, errlen, "", (const uint8_t *)msg, strlen(msg));
+      if (opened[0] >= 0) close(opened[0]);
+      return -1;
+    }
+    fds[i] = opened[i] = fd;
+  }
+  return 0;
+}
+
+static void close_outputs(const int opened[2]) {
+  for (int i = 0; i < 2; i++)
+    if (opened[i] >= 0) close(opened[i]);
+}
+
 int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
   memset(res, 0, sizeof *res);
   res->exit_code = -1;
@@ -717,8 +825,17 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
     res->status = WH_KILLED;
     return 0;
   }
+  int fds[2] = {c->stdout_fd, c->stderr_fd}, opened[2] = {-1, -1};
+  if (open_outputs(c, fds, opened, res->message, sizeof res->message) != 0) return WH_ERR_RUN;
+  wh_run_config cfg = *c;
+  cfg.stdout_fd = fds[0];
+  cfg.stderr_fd = fds[1];
+  c = &cfg;
   wasi_config_t *wasi = make_wasi(c, r, res->message, sizeof res->message);
-  if (!wasi) return WH_ERR_RUN;
+  if (!wasi) {
+    close_outputs(opened);
+    return WH_ERR_RUN;
+  }
 
   r->timed_out = 0;
   r->cri = c->log_format == WH_LOG_CRI;
@@ -749,6 +866,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
     take_error(e, "WASI setup: ", res->message, sizeof res->message);
     wasmtime_store_delete(store);
     runs_add(-1);
+    close_outputs(opened);
     return WH_ERR_RUN;
   }
 
@@ -777,6 +895,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   for (int i = 0; i < 2; i++) stream_finish(&r->streams[i]);
   wasmtime_store_delete(store);
   runs_add(-1);
+  close_outputs(opened);
   res->duration = since(&t0, CLOCK_MONOTONIC);
   res->cpu_seconds = since(&c0, CLOCK_THREAD_CPUTIME_ID);
   return 0;

@@ -34,6 +34,8 @@ typedef struct {
   size_t npreopens;
   int stdout_fd; /* -1 discards */
   int stderr_fd;
+  const char *stdout_path; /* opened (append) by wh_run_exec when the fd is -1 */
+  const char *stderr_path;
   int log_format;       /* WH_LOG_PLAIN or WH_LOG_CRI */
   int64_t memory_limit; /* bytes of linear memory, -1 for none */
   double deadline;      /* seconds from the start, <= 0 for none */
