@@ -54,6 +54,8 @@ State (Python side, as admin, no HTTP):
         https://<InternalIP>:<daemonEndpoints.kubeletEndpoint.Port>/containerLogs/<ns>/<pod>/<container>?<params>
         with client cert CN=kube-apiserver-kubelet-client O=system:masters from `.pki` (so the kubelet's
         --client-ca-file must be `.pki.ca_path`); the kubelet's serving certificate is not verified.
+        Overrides: .kubelet_address = {node: (host, port)}, .kubelet_ca_path (verify the kubelet),
+        .kubelet_client_token (send this bearer token instead of the client certificate).
 
 Watches and compaction:
   .compact(rv=None)         resourceVersions older than rv (default: now) expire: a watch from them gets 410
@@ -1063,6 +1065,9 @@ class FakeApiServer:
         self.watch_expired_as = "event"
         self.bookmark_interval = 2.0
         self.smp_set_element_order_crash = True
+        self.kubelet_address = {}
+        self.kubelet_ca_path = None
+        self.kubelet_client_token = None
         self.tls = tls
         self._pki = pki
         self._pki_dir = pki_dir
@@ -2707,18 +2712,26 @@ def _proxy_log(self, h, ns, name, params):
     addrs = {a.get("type"): a.get("address") for a in _each(node.get("status", {}).get("addresses"))}
     host = addrs.get("InternalIP") or addrs.get("Hostname")
     port = ((node["status"].get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
+    host, port = (self.kubelet_address or {}).get(node["metadata"]["name"], (host, port))
     query = urllib.parse.urlencode({k: params[k] for k in _LOG_PARAMS if k in params})
     path = f"/containerLogs/{ns}/{name}/{container}" + (f"?{query}" if query else "")
-    if not hasattr(self, "_kubelet_client_cert"):
-        self._kubelet_client_cert = self.pki.issue("kube-apiserver-kubelet-client", ("system:masters",))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.load_cert_chain(*self._kubelet_client_cert)
+    if self.kubelet_ca_path:
+        ctx.load_verify_locations(self.kubelet_ca_path)
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    headers = {}
+    if self.kubelet_client_token:
+        headers["Authorization"] = f"Bearer {self.kubelet_client_token}"
+    else:
+        if not hasattr(self, "_kubelet_client_cert"):
+            self._kubelet_client_cert = self.pki.issue("kube-apiserver-kubelet-client", ("system:masters",))
+        ctx.load_cert_chain(*self._kubelet_client_cert)
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
     url = f"https://{host}:{port}{path}"
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers)
         conn.sock.settimeout(None)   # a follow stream may be idle for long
         resp = conn.getresponse()
     except OSError as exc:
