@@ -914,3 +914,22 @@ def test_kubectl_logs_follow_streams_until_the_container_ends(secure, kubectl_lo
     finally:
         follower.kill()
         follower.wait()
+
+
+# --- a real Kubelet running a wasm pod ---------------------------------------------------------
+
+def test_a_real_kubelet_streams_the_log_of_a_running_wasm_pod(fake_api, kubelet_factory, wasm, pki):
+    kubelet = kubelet_factory(fake_api, node=NODE, serve=True, port=0, tls_cert_file=pki.server[0],
+                              tls_private_key_file=pki.server[1], client_ca_file=pki.ca.path)
+    fake_api.create_pod({"metadata": {"name": "sleeper"}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "app", "image": f"file:{wasm.tool}", "args": ["sleep", "1500"]}]}}, node_name=NODE, namespace="default")
+    wait_for(lambda: kubelet.container_log_path("default", "sleeper", "app"), timeout=30, what="the container's log")
+    answer = requests.get(url(kubelet.server, "/containerLogs/default/sleeper/app?follow=true&timestamps=true"),
+                          verify=pki.ca.path, cert=pki.alice, stream=True, timeout=30)
+    lines = [line.decode().split(" ", 1) for line in answer.iter_lines()]   # ends when the run ends
+    assert [text for _, text in lines] == ["sleeping", "woke"]
+    assert all(minikrust._parse_rfc3339(stamp) for stamp, _ in lines)
+    assert fake_api.subject_access_reviews[-1]["resourceAttributes"]["subresource"] == "proxy"
+    phase = wait_for(lambda: (fake_api.get("pods", "default", "sleeper").get("status") or {}).get("phase") == "Succeeded",
+                     timeout=30, what="the pod Succeeded")
+    assert phase
