@@ -2928,47 +2928,47 @@ def container_resource(pod, container_name, resource, divisor=None):
     return str(math.ceil(value / divide))
 
 
-def _api_object(api, kind, namespace, name, optional, cache):
+def _api_object(api, kind, namespace, name, optional, cache, binary=True):
     """A ConfigMap or Secret's data as {key: bytes}, None when it is optional and missing.
 
     The Node authorizer answers 403 for an object no pod of this node references yet (contract
-    25-27), so 403 counts as missing, like 404: the container waits and is retried."""
+    25-27), so 403 counts as missing, like 404: the container waits and is retried. A ConfigMap's
+    binaryData fills volumes only (`binary`): the kubelet's env reads `data` alone."""
     key = (kind, namespace, name)
-    if key in cache:
-        return cache[key]
+    if key not in cache:
+        cache[key] = _fetch_object(api, kind, namespace, name, optional)
+    obj = cache[key]
+    if obj is None:
+        return None
+    if kind == "Secret":
+        data = {k: base64.b64decode(v or "") for k, v in (obj.get("data") or {}).items()}
+        data.update((k, v.encode()) for k, v in (obj.get("stringData") or {}).items())
+        return data
+    data = {k: base64.b64decode(v or "") for k, v in (obj.get("binaryData") or {}).items()} if binary else {}
+    data.update((k, (v or "").encode()) for k, v in (obj.get("data") or {}).items())
+    return data
+
+
+def _fetch_object(api, kind, namespace, name, optional):
+    """GET a ConfigMap or Secret; None when optional and missing (404, or 403 from the Node authorizer)."""
     if not name:
         raise ContainerConfigError(f"a {kind} reference without a name", retry=False)
     if api is None:
         if optional:
-            cache[key] = None
             return None
         raise ContainerConfigError(f"{kind} {namespace}/{name} cannot be read: no API server in standalone mode",
                                    retry=False)
     try:
-        obj = api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}")
+        return api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}")
     except ApiError as exc:
         if exc.code in (403, 404):
             if optional:
-                cache[key] = None
                 return None
             raise ContainerConfigError(f'{kind.lower()} "{name}" not found', retry=True) from None
         raise ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc.code} {exc.reason}",
                                    retry=True) from None
     except (requests.RequestException, OSError) as exc:
         raise ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc}", retry=True) from None
-    data = {}
-    if kind == "Secret":
-        for k, v in (obj.get("data") or {}).items():
-            data[k] = base64.b64decode(v or "")
-        for k, v in (obj.get("stringData") or {}).items():
-            data[k] = v.encode()
-    else:
-        for k, v in (obj.get("binaryData") or {}).items():
-            data[k] = base64.b64decode(v or "")
-        for k, v in (obj.get("data") or {}).items():
-            data[k] = (v or "").encode()
-    cache[key] = data
-    return data
 
 
 def _check_relpath(path, what):
@@ -3379,7 +3379,7 @@ def _env_from(pod, container, api, cache):
         if kind is None:
             raise ContainerConfigError(f"envFrom source {sorted(source)} is not supported", retry=False)
         ref = source.get("configMapRef") or source.get("secretRef") or {}
-        data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
+        data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache, binary=False)
         invalid = []
         for key in sorted(data or {}):
             name = (source.get("prefix") or "") + key
@@ -3406,7 +3406,7 @@ def _env_value_from(pod, container, source, api, node_ip, cache):
     if kind is None:
         raise ContainerConfigError(f"valueFrom {sorted(source)} is not supported", retry=False)
     ref = source.get("configMapKeyRef") or source.get("secretKeyRef") or {}
-    data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
+    data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache, binary=False)
     if data is None:
         return None
     if ref.get("key") not in data:

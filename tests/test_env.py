@@ -145,6 +145,15 @@ def test_missing_config_map_is_retried(forbidden):
     assert 'configmap "cfg" not found' in err.value.message
 
 
+def test_binary_data_is_not_env(caplog):
+    api = FakeApi(configmaps={"cfg": {"text": "t"}})
+    api.objects["/api/v1/namespaces/default/configmaps/cfg"]["binaryData"] = {"blob": "AAE="}
+    container = {"name": "c", "envFrom": [{"configMapRef": {"name": "cfg"}}],
+                 "env": [{"name": "B", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "blob",
+                                                                          "optional": True}}}]}
+    assert container_env(make_pod(container), container, api=api) == [("text", "t")]
+
+
 def test_missing_key_is_retried_unless_optional():
     api = FakeApi(secrets={"sec": {"password": "p"}})
     container = {"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "nope"}}}]}

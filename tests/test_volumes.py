@@ -89,6 +89,15 @@ def test_config_map_volume_with_items_and_modes(tmp_path):
     assert container_mounts(pod, pod["spec"]["containers"][0], dirs) == [(dirs["c"], "/config", True)]
 
 
+def test_config_map_binary_data_becomes_files(tmp_path):
+    api = FakeApi(configmaps={"cfg": {"text": "t"}})
+    api.objects["/api/v1/namespaces/default/configmaps/cfg"]["binaryData"] = {"blob": "AAH/"}
+    dirs = prepare_volumes(make_pod([{"name": "c", "configMap": {"name": "cfg"}}]), str(tmp_path), Config(), api=api)
+    with open(os.path.join(dirs["c"], "blob"), "rb") as f:
+        assert f.read() == b"\x00\x01\xff"
+    assert read(os.path.join(dirs["c"], "text")) == "t"
+
+
 def test_config_map_update_rewrites_and_drops_stale_keys(tmp_path):
     api = FakeApi(configmaps={"cfg": {"a": "1", "b": "2"}})
     pod = make_pod([{"name": "c", "configMap": {"name": "cfg"}}])
