@@ -3371,7 +3371,7 @@ def cleanup_volumes(pod_dir):
 _ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
 
 
-def _env_from(pod, container, api, cache):
+def _env_from(pod, container, api, cache, warnings):
     """Variables of `envFrom` sources, in order; keys that are not valid names are skipped."""
     result = {}
     for source in container.get("envFrom") or []:
@@ -3387,10 +3387,13 @@ def _env_from(pod, container, api, cache):
                 invalid.append(name)
                 continue
             result[name] = data[key].decode(errors="replace")
-        if invalid:
-            log.warning("container %s: keys [%s] from the envFrom %s %s/%s were skipped since they are "
-                        "considered invalid environment variable names", container.get("name"),
-                        ", ".join(invalid), kind.lower(), _namespace(pod), ref.get("name"))
+        if invalid:  # the kubelet's Warning event, word for word
+            message = (f"Keys [{', '.join(invalid)}] from the EnvFrom {kind.lower()} {_namespace(pod)}/"
+                       f"{ref.get('name')} were skipped since they are considered invalid environment "
+                       "variable names.")
+            log.warning("container %s: %s", container.get("name"), message)
+            if warnings is not None:
+                warnings.append(("InvalidEnvironmentVariableNames", message))
     return result
 
 
@@ -3417,14 +3420,15 @@ def _env_value_from(pod, container, source, api, node_ip, cache):
     return data[ref["key"]].decode(errors="replace")
 
 
-def container_env(pod, container, api=None, node_ip=None):
+def container_env(pod, container, api=None, node_ip=None, warnings=None):
     """The environment [(name, value)] of a container, built as the kubelet's makeEnvironmentVariables.
 
     envFrom first, then env in order (a later name replaces an earlier one); only `value` is
     $(VAR)-expanded, against the variables defined before it. WASI has no working directory, so a
-    `workingDir` is passed as PWD (unless env sets PWD): a module honouring it can chdir($PWD)."""
+    `workingDir` is passed as PWD (unless env sets PWD): a module honouring it can chdir($PWD).
+    `warnings`, a list, receives (reason, message) of the Warning events the kubelet would record."""
     cache = {}
-    env = _env_from(pod, container, api, cache)
+    env = _env_from(pod, container, api, cache, warnings)
     for var in container.get("env") or []:
         name = var.get("name")
         if not name:

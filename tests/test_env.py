@@ -175,9 +175,12 @@ def test_env_from_with_prefix_skips_invalid_keys_and_env_overrides(caplog):
                  "envFrom": [{"configMapRef": {"name": "cfg"}}, {"prefix": "S_", "secretRef": {"name": "sec"}},
                              {"configMapRef": {"name": "gone", "optional": True}}],
                  "env": [{"name": "A", "value": "$(A)$(S_TOKEN)"}]}
+    warnings = []
     with caplog.at_level(logging.DEBUG, logger="minikrust"):
-        env = container_env(make_pod(container), container, api=api)
+        env = container_env(make_pod(container), container, api=api, warnings=warnings)
     assert env == [("A", "1s3cret-value"), ("b.c", "2"), ("S_TOKEN", "s3cret-value")]
+    assert warnings == [("InvalidEnvironmentVariableNames", "Keys [1bad] from the EnvFrom configmap default/cfg "
+                         "were skipped since they are considered invalid environment variable names.")]
     assert "1bad" in caplog.text
     assert "s3cret-value" not in caplog.text
 
