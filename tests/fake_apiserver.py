@@ -71,9 +71,11 @@ Fault injection:
   .fail_next(n=1, status=500, method=None, path=None, retry_after=None)   next n matching requests
         answer status (429: TooManyRequests with Retry-After); path: regex searched in the path
   .close_next(n=1, method=None, path=None)   next n matching requests: connection closed, no answer
+  .delay_next(n=1, seconds=1.0, method=None, path=None)   next n matching requests answered late
   .pause(method=None, path=None) / .resume()  hold matching requests until resume()
-  .stop() / .start() / .restart()  stop the server (connections refused, open connections cut) and
-        start it again on the same port with its state kept (an API server restart)
+  .stop() / .start() / .restart(expire_watches=False)  stop the server (connections refused, open
+        connections cut) and start it again on the same port with its state kept (an API server restart;
+        expire_watches=True also compacts, so watches resumed from before the restart get 410)
   .smp_set_element_order_crash = True   lesson 12: a strategic merge patch with $setElementOrder on a
         list that has no merge key (e.g. pods/status containerStatuses) closes the connection unanswered
 
@@ -1127,8 +1129,12 @@ class FakeApiServer:
         self.resume()
         self._thread.join(5)
 
-    def restart(self):
+    def restart(self, expire_watches=False):
+        """Stop and start on the same port. expire_watches: the new "watch cache" starts at the current
+        resourceVersion, so resuming a watch from an older one gets 410 Expired (as after a real restart)."""
         self.stop()
+        if expire_watches:
+            self.compact()
         self.start()
 
     def close(self):
@@ -1229,6 +1235,11 @@ class FakeApiServer:
     def close_next(self, n=1, method=None, path=None):
         with self._lock:
             self._rules.append(_Rule(n, method, path, action="close"))
+
+    def delay_next(self, n=1, seconds=1.0, method=None, path=None):
+        """The next n matching requests are answered normally, after `seconds`."""
+        with self._lock:
+            self._rules.append(_Rule(n, method, path, retry_after=seconds, action="delay"))
 
     def pause(self, method=None, path=None):
         with self._lock:
@@ -2562,12 +2573,16 @@ def _fault(self, method, path, h):
         return
     if rule.action == "close":
         raise CloseConnection("injected")
+    if rule.action == "delay":
+        time.sleep(rule.retry_after)
+        return
     if rule.status == 429:
         raise ApiStatusError(429, "TooManyRequests", "Too many requests, please try again later.",
                              {"retryAfterSeconds": int(rule.retry_after)}, {"Retry-After": rule.retry_after})
     headers = {"Retry-After": rule.retry_after} if rule.retry_after is not None else {}
-    reason = {500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout", 502: "InternalError"}.get(
-        rule.status, "InternalError")
+    reason = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+              410: "Expired", 422: "Invalid", 503: "ServiceUnavailable", 504: "Timeout"}.get(rule.status,
+                                                                                           "InternalError")
     raise ApiStatusError(rule.status, reason, f"injected failure ({rule.status})", None, headers)
 
 

@@ -414,3 +414,15 @@ def test_pod_log_is_proxied_to_the_kubelet_with_the_apiserver_client_cert(fake_a
             assert p.returncode == 0 and p.stdout == "line 1\nline 2\n", p.stderr
     finally:
         kubelet.close()
+
+
+def test_delay_and_restart_that_expires_old_resource_versions(fake_api):
+    c = fake_api.client("n1")
+    fake_api.delay_next(1, 0.5, path="/nodes/")
+    start = time.monotonic()
+    assert c.get("/api/v1/nodes/n1").status_code == 404 and time.monotonic() - start >= 0.5
+    fake_api.create_pod(POD, node_name="n1")
+    rv = fake_api.resource_version - 1
+    fake_api.restart(expire_watches=True)
+    events = list(c.watch("/api/v1/pods", {"fieldSelector": "spec.nodeName=n1", "resourceVersion": str(rv)}))
+    assert events[0][1]["code"] == 410
