@@ -2013,10 +2013,12 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ModuleRef:
-    """A module ready to load: its file, its content digest (the host's cache key), the pod's imageID."""
+    """A module ready to load: its file, its content digest (the host's cache key), the pod's imageID;
+    `pulled` is the seconds a registry pull took (None: the module was already on the node)."""
     path: str
     digest: str
     image_id: str
+    pulled: float = field(default=None, compare=False)
 
 
 def parse_image_ref(image):
@@ -2478,6 +2480,16 @@ class ImageManager:
         if self.metrics is not None:
             self.metrics.inc("minikrust_image_pulls_total", result=result)
 
+    def present(self, image):
+        """Whether `image` is on the node already (a `file:` image always is): no pull for IfNotPresent."""
+        if image.startswith("file:"):
+            return True
+        try:
+            ref = parse_image_ref(image)
+        except ImageError:
+            return False
+        return self.store.lookup(f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}") is not None
+
     def _stored(self, ref):
         key = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
         hit = self.store.lookup(key)
@@ -2576,9 +2588,10 @@ class ImageManager:
                 continue
             finally:
                 client.close()
-            log.info("pulled %s as %s in %.2fs", ref, module.digest, time.monotonic() - started)
+            took = time.monotonic() - started
+            log.info("pulled %s as %s in %.2fs", ref, module.digest, took)
             self._gc_quietly()
-            return module
+            return dataclasses.replace(module, pulled=took)
         raise ImageError(error.message)
 
     def _retrying(self, attempt):
@@ -2997,6 +3010,7 @@ def _keys_to_files(source, data, default_mode, what):
 
 
 def _downward_files(pod, source, default_mode, node_ip, what):
+    """Files {path: (bytes, mode)} of a downwardAPI source: pod fields and container resources."""
     files = {}
     for item in source.get("items") or []:
         path = _check_relpath(item.get("path"), what)
@@ -3146,7 +3160,8 @@ def _host_path(volume, config, base_dir):
     if not os.path.isabs(path) and base_dir:
         path = os.path.join(base_dir, path)
     real = os.path.realpath(path)
-    allowed = [os.path.realpath(prefix) for prefix in (getattr(config, "allowed_host_paths", None) or ())]
+    prefixes = getattr(config, "allowed_host_paths", None) or ()
+    allowed = [os.path.realpath(os.path.expanduser(p)) for p in prefixes if p and os.path.isabs(os.path.expanduser(p))]
     if not any(os.path.commonpath([real, prefix]) == prefix for prefix in allowed):
         raise ContainerConfigError(
             f"hostPath {source.get('path')!r} of volume {volume['name']!r} is not allowed: it is not under "
@@ -5427,6 +5442,7 @@ class _ServingTLS:
     def _install(self, path, keyfile=None):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])  # say so: Go clients (the API server) would otherwise try h2
         context.load_cert_chain(path, keyfile)
         if self.config.client_ca_file:
             context.verify_mode = ssl.CERT_OPTIONAL  # a client cert is verified when given, else token or anonymous
@@ -6055,7 +6071,10 @@ def _trim_heap():
     """Hand back to the OS the heap that compiling this large file used at start-up (about
     10 MB that glibc would otherwise keep); a no-op where malloc_trim does not exist."""
     try:
+        _r = lambda: [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
+        log.warning("DEBUGTRIM before %s", _r())
         ctypes.CDLL(None).malloc_trim(0)
+        log.warning("DEBUGTRIM after %s", _r())
     except (OSError, AttributeError):
         pass
 

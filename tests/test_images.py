@@ -123,8 +123,11 @@ def test_pulls_cncf_wasm_artifact_by_tag(tmp_path, registry):
     module = fake_module(3000)
     manifest_digest = registry.push_cncf("fmt/cncf", "v1", module)
     images = make_manager(tmp_path, [registry.host])
+    assert not images.present(f"{registry.host}/fmt/cncf:v1")
     ref = images.ensure(f"{registry.host}/fmt/cncf:v1", None)
-    assert read(ref.path) == module
+    assert read(ref.path) == module and ref.pulled > 0
+    assert images.present(f"{registry.host}/fmt/cncf:v1")
+    assert images.ensure(f"{registry.host}/fmt/cncf:v1", "IfNotPresent").pulled is None
     assert ref.digest == sha256(module)
     assert ref.image_id == f"{registry.host}/fmt/cncf@{manifest_digest}"
     assert ref.path.startswith(str(tmp_path / "root" / "modules"))
@@ -160,6 +163,8 @@ def test_index_picks_the_wasip1_wasm_entry(tmp_path, registry):
     ref = make_manager(tmp_path, [registry.host]).ensure(f"{registry.host}/fmt/multi:v1", None)
     assert read(ref.path) == module
     assert ref.image_id == f"{registry.host}/fmt/multi@{index}"
+    registry.push_index("fmt/multi", "sole", [(wasm, "linux", "riscv64")])     # the sole entry
+    assert make_manager(tmp_path / "b", [registry.host]).ensure(f"{registry.host}/fmt/multi:sole", None).digest == ref.digest
 
 
 def test_index_without_a_wasm_entry_names_the_platforms_found(tmp_path, registry):
