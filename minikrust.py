@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 import argparse
+import atexit
 import base64
 import collections
 import contextlib
@@ -1165,6 +1166,8 @@ class FallbackHost:
         self._next_id = 1
         self._ticking = threading.Condition(self._lock)
         self._ticker = None
+        self._closing = False
+        atexit.register(self._shutdown)
         proto = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
         self._callback = proto(self._on_epoch)  # kept alive as long as the host
@@ -1260,10 +1263,25 @@ class FallbackHost:
     def _tick(self):
         while True:
             with self._lock:
-                while not self._runs:
+                while not self._runs and not self._closing:
                     self._ticking.wait()
+                if self._closing and not self._runs:
+                    return
             self._engine.increment_epoch()
             time.sleep(_EPOCH_TICK)
+
+    def _shutdown(self):
+        """At interpreter exit: stop the runs, then the ticker, while wasmtime's threads still live.
+
+        A ticker inside wasmtime when the interpreter tears down aborts the process."""
+        with self._lock:
+            self._closing = True
+            runs = list(self._runs.values())
+            self._ticking.notify()
+        for run in runs:
+            run.kill()
+        if self._ticker is not None:
+            self._ticker.join(timeout=1.0)
 
     def _on_epoch(self, _context, data, delta, _kind):
         run = self._runs.get(data)
@@ -2165,9 +2183,10 @@ class RegistryClient:
                 self._authenticate(challenge, actions)
                 continue
             break
-        if resp.status_code == 401:
+        if resp.status_code in (401, 403):
             resp.close()
-            raise _AuthError(f"{self.ref.registry} refused {self._who()}: 401 unauthorized")
+            raise _AuthError(f"{self.ref.registry} refused {self._who()}: {resp.status_code} "
+                             f"{'unauthorized' if resp.status_code == 401 else 'denied'}")
         if resp.status_code >= 500 or resp.status_code == 429:
             resp.close()
             raise _Transient(f"{self.ref.registry} answered {resp.status_code} for {method} {path}")
@@ -2239,6 +2258,9 @@ class RegistryClient:
         with resp:
             if resp.status_code == 404:
                 raise ImageError(f"blob {digest} not found in {self.ref.name}")
+            if resp.status_code == 416:  # nothing left to resume from: start again
+                os.unlink(path)
+                raise _Transient(f"cannot resume the download of {digest}")
             if resp.status_code not in (200, 206):
                 raise ImageError(f"{self.ref.registry} answered {resp.status_code} for blob {digest}")
             resumed = resp.status_code == 206

@@ -268,6 +268,15 @@ def test_host_path_escapes_are_resolved_before_the_check(tmp_path, escape):
     assert err.value.retry is False
 
 
+def test_empty_or_relative_allowed_prefix_allows_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    pod = make_pod([{"name": "h", "hostPath": {"path": str(tmp_path / "data")}}])
+    for prefixes in (("",), (".",), ("data",)):
+        with pytest.raises(ContainerConfigError):
+            prepare_volumes(pod, str(tmp_path / "pod"), Config(allowed_host_paths=prefixes))
+
+
 def test_host_path_file_types_are_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     pod = make_pod([{"name": "h", "hostPath": {"path": str(tmp_path / "f")}}])
