@@ -2183,12 +2183,14 @@ class FakeApiServer:
                                         f"node '{node}' cannot read '{name}', only its own Node object")
             if verb in ("list", "watch") and fields.get("metadata.name") != node:
                 raise self._forbid_rbac(user, verb, res, sub, ns, name,
-                                        f"node '{node}' can only list/watch its own Node object with a "
-                                        "metadata.name field selector")
+                                        f"node '{node}' cannot read all nodes, only its own Node object")
             if verb in ("create", "get", "list", "watch", "update", "patch", "delete") and sub in (None, "status"):
                 return
         elif res.name == "pods":
             if verb in ("list", "watch") and sub is None:
+                single = self._objects.get(("pods", ns, fields.get("metadata.name"))) if ns else None
+                if single is not None and (single.get("spec") or {}).get("nodeName") == node:
+                    return   # a read of a single pod known to be bound to the node
                 if fields.get("spec.nodeName") != node:
                     raise self._forbid_rbac(user, verb, res, sub, ns, name,
                                             "can only list/watch pods with spec.nodeName field selector")
