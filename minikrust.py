@@ -5503,7 +5503,7 @@ class _ServingTLS:
                 self._install(store_certificate(self.pki_dir, "kubelet-server", cert, key))
                 log.info("serving certificate issued for %s", ", ".join(dns + ips))
                 backoff = 1.0
-            except (MinikrustError, ssl.SSLError, OSError) as exc:
+            except (MinikrustError, ssl.SSLError, OSError, requests.RequestException) as exc:
                 if self.stop.is_set():
                     return
                 log.warning("serving certificate request failed (retrying in %.0fs): %s", backoff, exc)
