@@ -63,6 +63,9 @@ void wasmtime_pooling_allocation_config_total_memories_set(wasmtime_pooling_allo
 void wasmtime_pooling_allocation_config_total_tables_set(wasmtime_pooling_allocation_config_t *pc, uint32_t n);
 void wasmtime_pooling_allocation_config_total_stacks_set(wasmtime_pooling_allocation_config_t *pc, uint32_t n);
 void wasmtime_pooling_allocation_config_max_memory_size_set(wasmtime_pooling_allocation_config_t *pc, size_t n);
+void wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(wasmtime_pooling_allocation_config_t *pc, size_t n);
+void wasmtime_pooling_allocation_config_table_keep_resident_set(wasmtime_pooling_allocation_config_t *pc, size_t n);
+void wasmtime_pooling_allocation_config_max_unused_warm_slots_set(wasmtime_pooling_allocation_config_t *pc, uint32_t n);
 void wasmtime_pooling_allocation_strategy_set(wasm_config_t *config, const wasmtime_pooling_allocation_config_t *pc);
 void wasmtime_engine_increment_epoch(wasm_engine_t *engine);
 
