@@ -661,6 +661,16 @@ def test_serving_certificate_is_renewed_before_it_expires(make_server, api, pki)
     assert second != [first]
 
 
+def test_serving_certificate_bootstrap_retries_after_a_denied_csr(make_server, api, pki):
+    _, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+    (first,) = wait_for(api.pending, timeout=20, what="a first CSR")
+    api.deny(first)
+    (second,) = wait_for(api.pending, timeout=20, what="a new CSR after the denial")
+    api.issue(second, pki.ca)
+    wait_for(lambda: requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5).ok,
+             timeout=20, what="HTTPS with the second CSR's certificate")
+
+
 def test_request_certificate_raises_when_the_csr_is_denied(api):
     _, csr = minikrust.new_key_and_csr("system:node:x", "system:nodes")
     worker = threading.Thread(target=lambda: (wait_for(api.pending, timeout=10), api.deny("csr-1")))
