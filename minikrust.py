@@ -2329,8 +2329,8 @@ class ModuleStore:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.tmp_dir = os.path.join(self.root, "tmp")
         os.makedirs(os.path.join(self.root, "sha256"), exist_ok=True)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # leftovers of an interrupted pull
         os.makedirs(self.tmp_dir, exist_ok=True)
+        self.remove_stale_temps()
         self._lock = threading.RLock()
         self._persisted = 0.0
         self._index = self._load()
@@ -2359,6 +2359,15 @@ class ModuleStore:
     def temp_path(self):
         """A fresh name in the store's temp dir (same filesystem: rename is atomic)."""
         return os.path.join(self.tmp_dir, uuid.uuid4().hex)
+
+    def remove_stale_temps(self, age=600.0):
+        """Delete temp files of interrupted pulls (untouched for `age` s: a live download writes)."""
+        limit = time.time() - age
+        for name in os.listdir(self.tmp_dir):
+            path = os.path.join(self.tmp_dir, name)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getmtime(path) < limit:
+                    os.unlink(path)
 
     def lookup(self, key):
         """(module digest, image_id) stored for an image key (`name:tag` or `name@digest`), or None."""
@@ -2408,6 +2417,7 @@ class ModuleStore:
         """Image GC as the kubelet does it: when disk use is at or above `high` percent, delete
         modules not in use and unused for `min_age` seconds, least recently used first, until use
         is at `low` percent. `usage()` returns (capacity, used) bytes. Returns the removed digests."""
+        self.remove_stale_temps()
         capacity, used = usage() if usage else _disk_usage(self.root)
         if capacity <= 0 or used * 100 < high * capacity:
             return []
@@ -4029,6 +4039,11 @@ class PodWorker:
 
     def _restore(self, saved):
         self.start_time = saved.get("startTime")
+        with contextlib.suppress(OSError, ValueError):     # volumes a previous kubelet prepared
+            with open(os.path.join(self.dir, "volumes.json")) as f:
+                dirs = json.load(f)
+            if all(os.path.isdir(d) for d in dirs.values()):
+                self.volume_dirs, self._prepared_at = dirs, time.monotonic()
         by_name = {s["name"]: s for s in (saved.get("initContainerStatuses") or []) + (saved.get("containerStatuses") or [])}
         for c in self.inits + self.apps:
             if c.name in by_name:
@@ -4198,8 +4213,12 @@ class PodWorker:
             self.volume_dirs = prepare_volumes(self.pod, self.dir, self.m.config, api=self.m.api,
                                                base_dir=self.m.base_dir(self.pod), node_ip=self.m.node_ip)
             self._prepared_at = time.monotonic()
+            _write_json_atomic(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
             return True
         except ContainerConfigError as exc:
+            if exc.retry and self.volume_dirs is not None:     # the API is away: keep what was written
+                log.warning("pod %s: volumes not refreshed, using their last contents: %s", self.key, exc.message)
+                return True
             for c in self.inits + self.apps:
                 if "waiting" in c.state:
                     c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
@@ -6071,6 +6090,7 @@ def main(argv=None):
         return 2
     previous = {sig: signal.signal(sig, lambda *_: kubelet.request_stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    _trim_heap()
     try:
         with kubelet:
             if config.once:
@@ -6093,13 +6113,17 @@ def _trim_heap():
     """Hand back to the OS the heap that compiling this large file used at start-up (about
     10 MB that glibc would otherwise keep); a no-op where malloc_trim does not exist."""
     try:
-        _r = lambda: [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
-        log.warning("DEBUGTRIM before %s", _r())
         ctypes.CDLL(None).malloc_trim(0)
-        log.warning("DEBUGTRIM after %s", _r())
     except (OSError, AttributeError):
         pass
 
 
 if __name__ == "__main__":
+    if __spec__ is None and sys.executable and not os.environ.get("MINIKRUST_NO_REEXEC"):
+        # CPython keeps a script's syntax tree alive for as long as the script runs: for this
+        # file about 15 MB of an idle kubelet's 47. Run as a module (same file, same pid), the
+        # tree is freed once compiled.
+        os.execv(sys.executable, [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                                  "runpy.run_module('minikrust', run_name='__main__', alter_sys=True)",
+                                  os.path.dirname(os.path.abspath(__file__)), *sys.argv[1:]])
     sys.exit(main())

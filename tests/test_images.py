@@ -420,6 +420,17 @@ def test_gc_removes_least_recently_used_modules_not_in_use(tmp_path):
     assert ModuleStore(str(tmp_path / "modules")).modules().keys() == store.modules().keys()
 
 
+def test_store_removes_stale_temp_files_of_interrupted_pulls_only(tmp_path):
+    store = ModuleStore(str(tmp_path / "modules"))
+    stale, live = os.path.join(store.tmp_dir, "stale"), os.path.join(store.tmp_dir, "live")
+    for path in (stale, live):
+        with open(path, "wb") as f:
+            f.write(b"half a module")
+    os.utime(stale, (1, 1))
+    ModuleStore(str(tmp_path / "modules"))     # a restarted kubelet
+    assert os.listdir(store.tmp_dir) == ["live"]
+
+
 def test_image_manager_gc_uses_the_kubelet_flags(tmp_path):
     images = make_manager(tmp_path, image_gc_high_threshold=50, image_gc_low_threshold=10,
                           image_minimum_gc_age=0.0)
