@@ -2644,7 +2644,8 @@ class ImageManager:
             doc, _, media_type = client.get_manifest(_pick_platform(doc)["digest"])
         if media_type not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST):
             raise ImageError(f"unsupported manifest type {media_type or '(none)'}")
-        keys = [f"{ref.name}@{digest}"] + ([f"{ref.name}:{ref.tag}"] if ref.tag else [])
+        # `name:tag@digest` pulls the digest; the tag says nothing about what it points to now
+        keys = [f"{ref.name}@{digest}"] + ([f"{ref.name}:{ref.tag}"] if ref.tag and not ref.digest else [])
         hit = self.store.lookup(keys[0])
         if hit:  # Always policy, same digest: nothing to download
             self.store.add(hit[0], keys, image_id)
@@ -3960,6 +3961,7 @@ class _Container:
         self.mounts = []
         self.log_path = self.sink = None    # the CRI log file, and what the run writes it through
         self.result = None                  # the last run's Result
+        self.digest = None                  # the module's sha256 (image GC keeps it while it runs)
         self.wall_start = 0.0
         self.ever_started = False
 
@@ -4266,7 +4268,7 @@ class PodWorker:
             if prior:
                 c.last_state = {"terminated": prior}
             c.restart_count += 1
-        c.ever_started, c.image_id = True, ref.image_id
+        c.ever_started, c.image_id, c.digest = True, ref.image_id, ref.digest
         c.container_id = f"wasm://{uuid.uuid4().hex}"
         c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
         os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
@@ -4531,15 +4533,17 @@ class PodManager:
         with the kubelet's Pulling/Pulled events."""
         if self.images is None:
             self.images = ImageManager(self.config, api=self.api)
+            self.images.metrics = self.metrics
+            self.images.compiled_cache_dir = os.path.join(self.config.root_dir, "cache")
+            self.images.in_use = self._digests_in_use
         secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
-        image = container.spec.get("image") or ""
-        downloads, started = sum(self.images.downloads.values()), time.monotonic()
-        ref = self.images.ensure(image, container.spec.get("imagePullPolicy"), secrets,
-                                 namespace=pod["metadata"].get("namespace"), base_dir=self.base_dir(pod))
-        if sum(self.images.downloads.values()) != downloads:
+        image, policy = container.spec.get("image") or "", container.spec.get("imagePullPolicy")
+        if policy == "Always" or not self.images.present(image):
             self.event(pod, "Pulling", f'Pulling image "{image}"', "Normal", container)
-            self.event(pod, "Pulled", f'Successfully pulled image "{image}" in {time.monotonic() - started:.3f}s',
-                       "Normal", container)
+        ref = self.images.ensure(image, policy, secrets,
+                                 namespace=pod["metadata"].get("namespace"), base_dir=self.base_dir(pod))
+        if getattr(ref, "pulled", None) is not None:
+            self.event(pod, "Pulled", f'Successfully pulled image "{image}" in {ref.pulled:.3f}s', "Normal", container)
         else:
             self.event(pod, "Pulled", f'Container image "{image}" already present on machine', "Normal", container)
         return ref
@@ -4553,6 +4557,11 @@ class PodManager:
             meta = pod["metadata"]
             self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
                                         message, type_, field_path))
+
+    def _digests_in_use(self):
+        with self._lock:
+            workers = list(self.workers.values())
+        return {c.digest for w in workers for c in w.inits + w.apps if c.run is not None and c.digest}
 
     def count_start(self, result, began):
         if self.metrics is not None:
