@@ -363,3 +363,18 @@ def test_api_unreachable_never_stops_pods_and_statuses_arrive_later(fake_api, ku
     assert _status(fake_api, "job")["phase"] == "Running"
     fake_api.resume()
     wait_for(_phase(fake_api, "job", "Succeeded"), timeout=15, what="Succeeded after resume")
+
+
+def test_kubelet_restarted_while_api_is_down_runs_its_pods_from_disk(fake_api, kubelet_factory, wasm, module_file):
+    first = kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("svc", [{"name": "main", "image": module_file(wasm.loop)}], policy="Always"),
+                        node_name="node-1")
+    wait_for(_phase(fake_api, "svc", "Running"), what="svc Running")
+    first.stop()
+    fake_api.stop()
+    second = kubelet_factory(fake_api, root_dir=first.config.root_dir)
+    wait_for(lambda: [c for p in second.pods() for c in p["status"].get("containerStatuses", [])
+                      if c["restartCount"] == 1 and "running" in c["state"]], timeout=10, what="running from disk")
+    fake_api.start()
+    wait_for(lambda: _cstatus(fake_api, "svc", "main").get("restartCount") == 1, timeout=20, what="status sent later")
+    assert "running" in _cstatus(fake_api, "svc", "main")["state"]
