@@ -202,6 +202,8 @@ def test_pull_by_digest_pins_the_module(tmp_path, registry):
     images = make_manager(tmp_path, [registry.host])
     ref = images.ensure(f"{registry.host}/ref/pin@{pinned}", None)
     assert read(ref.path) == old and ref.image_id == f"{registry.host}/ref/pin@{pinned}"
+    assert read(images.ensure(f"{registry.host}/ref/pin:v1@{pinned}", None).path) == old
+    assert not images.present(f"{registry.host}/ref/pin:v1")      # a pinned pull does not record the tag
     assert read(images.ensure(f"{registry.host}/ref/pin:v1", None).path) == new
 
 
