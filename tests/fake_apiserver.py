@@ -10,7 +10,11 @@ Fixtures
 ``fake_api_tls``: the same over HTTPS with a test CA (``.pki``); client certificates signed by the
 CA authenticate (CN = user, O = groups; CN ``system:node:<n>`` + O ``system:nodes`` is node <n>).
 kubectl (/usr/bin/kubectl) sends no bearer token over plain HTTP: run it against ``fake_api_tls``
-(``fake.write_kubeconfig(path)`` there names the CA; get/describe/delete/events work, tables included).
+(``fake.write_kubeconfig(path)`` there names the CA). Tried and working: get (tables, -o wide/yaml, -A,
+-w), describe pod (with events), delete pod (waits for the final delete), apply -f (a minimal
+/openapi/v3 tells kubectl the server validates fields), label, annotate, logs (see pods/log below).
+Not working: kubectl's typed generators (`kubectl create configmap ...`) send protobuf, which the
+fake refuses with 415; use `create -f`/`apply -f` instead.
 ``test_pki`` (session): a ``TestPKI`` (CA + helpers) for tests that need certificates of their own.
 
 The FakeApiServer object
@@ -2259,7 +2263,33 @@ class FakeApiServer:
         gv = f"{group}/{version}" if group else version
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}
 
+    def _openapi_v3(self, path):
+        """Just enough OpenAPI v3 for kubectl to see that the server validates fields itself."""
+        gvs = [("", "v1")] + list(GROUP_VERSIONS)
+        key = lambda g, v: f"api/{v}" if not g else f"apis/{g}/{v}"  # noqa: E731
+        if path == "/openapi/v3":
+            return {"paths": {key(g, v): {"serverRelativeURL": f"/openapi/v3/{key(g, v)}?hash=fake"}
+                              for g, v in gvs}}
+        for g, v in gvs:
+            if path != f"/openapi/v3/{key(g, v)}":
+                continue
+            paths = {}
+            for r in RESOURCES.values():
+                if (r.group, r.version) != (g, v) or "patch" not in r.verbs:
+                    continue
+                base = f"/{key(g, v)}" + ("/namespaces/{namespace}" if r.namespaced else "") + f"/{r.name}/{{name}}"
+                paths[base] = {"patch": {
+                    "x-kubernetes-group-version-kind": {"group": g, "version": v, "kind": r.kind},
+                    "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                                   {"name": "fieldManager", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "OK"}}}}
+            return {"openapi": "3.0.0", "info": {"title": "Kubernetes (fake)", "version": SERVER_VERSION["gitVersion"]},
+                    "paths": paths, "components": {"schemas": {}}}
+        return None
+
     def _discovery(self, path):
+        if path.startswith("/openapi/v3"):
+            return self._openapi_v3(path)
         if path == "/version":
             return SERVER_VERSION
         if path == "/api":
@@ -2476,6 +2506,12 @@ def _read_body(handler):
 def _parse_body(raw, ctype):
     if not raw:
         return None
+    if "protobuf" in (ctype or ""):
+        # client-go retries with JSON after a 415 (the fake speaks no protobuf)
+        raise ApiStatusError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
+                             f'accepted media types include: application/json, application/yaml, '
+                             f'application/json-patch+json, application/merge-patch+json, '
+                             f'application/strategic-merge-patch+json')
     try:
         return json.loads(raw)
     except ValueError:

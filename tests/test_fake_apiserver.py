@@ -334,8 +334,15 @@ def test_kubectl_get_describe_delete(fake_api_tls, tmp_path):
         assert p.returncode == 0, p.stderr
         return p.stdout
 
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: applied}\nspec:\n  nodeName: n1\n"
+                        "  containers: [{name: c, image: 'file:hello.wasm'}]\n")
+    assert "pod/applied created" in kubectl("apply", "-f", str(manifest))
+    assert "pod/applied unchanged" in kubectl("apply", "-f", str(manifest))
+    assert "pod/applied labeled" in kubectl("label", "pod", "applied", "x=y")
+    assert fake.get("pods", "default", "applied")["metadata"]["labels"] == {"x": "y"}
     assert "Ready" in kubectl("get", "nodes").splitlines()[1]
-    assert kubectl("get", "pods").split()[5:8] == ["p", "0/1", "Pending"]
+    assert kubectl("get", "pod", "p").split()[5:8] == ["p", "0/1", "Pending"]
     assert "kube-api-access-" in kubectl("describe", "pod", "p")
     threading.Timer(1.0, lambda: fake.remove_pod("default", "p")).start()
     assert 'pod "p" deleted' in kubectl("delete", "pod", "p")
