@@ -2240,6 +2240,367 @@ class FakeApiServer:
                     return True
         return False
 
+    # --- HTTP serving ---------------------------------------------------------
+
+    def _handle(self, h):
+        """Serve one request: authenticate, log, inject faults, route."""
+        url = urllib.parse.urlsplit(h.path)
+        path = url.path.rstrip("/") or "/"
+        params = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+        method = h.command
+        rec = RequestRecord(method, path, url.query, params, h.headers.get("Content-Type", ""), "", ())
+        try:
+            raw = _read_body(h)
+            try:
+                user = self.authenticate(h)
+            except ApiStatusError:
+                rec.user = "<invalid>"
+                raise
+            rec.user, rec.groups = user.name, user.groups
+            rec.body = _parse_body(raw, rec.content_type)
+            self._fault(method, path, h)
+            self._serve(h, method, path, params, user, rec.body)
+            rec.status = getattr(h, "_status", 200)
+        except CloseConnection:
+            rec.status = 0
+            h.close_connection = True
+            _abort(h.connection)
+        except ApiStatusError as exc:
+            rec.status = exc.code
+            h.send_json(exc.code, exc.status(), exc.headers)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
+            rec.status = rec.status or 0
+            h.close_connection = True
+        except Exception as exc:  # a bug in the fake: answer 500 so the test sees it
+            import traceback
+            traceback.print_exc()
+            rec.status = 500
+            try:
+                h.send_json(500, ApiStatusError(500, "InternalError", f"fake apiserver bug: {exc!r}").status())
+            except OSError:
+                pass
+        finally:
+            self.requests.append(rec)
+
+    def _fault(self, method, path, h):
+        with self._lock:
+            rule = next((r for r in self._rules if r.n > 0 and r.matches(method, path)), None)
+            if rule:
+                rule.n -= 1
+            self._rules = [r for r in self._rules if r.n > 0]
+            paused = any((m is None or m.upper() == method) and (p is None or re.search(p, path))
+                         for m, p in self._pauses)
+        while paused and self._running:
+            if self._paused.wait(0.05):
+                break
+        if not self._running:
+            raise CloseConnection("stopped")
+        if rule is None:
+            return
+        if rule.action == "close":
+            raise CloseConnection("injected")
+        if rule.action == "delay":
+            time.sleep(rule.retry_after)
+            return
+        if rule.status == 429:
+            raise ApiStatusError(429, "TooManyRequests", "Too many requests, please try again later.",
+                                 {"retryAfterSeconds": int(rule.retry_after)}, {"Retry-After": rule.retry_after})
+        headers = {"Retry-After": rule.retry_after} if rule.retry_after is not None else {}
+        reason = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+                  410: "Expired", 422: "Invalid", 503: "ServiceUnavailable", 504: "Timeout"}.get(rule.status,
+                                                                                               "InternalError")
+        raise ApiStatusError(rule.status, reason, f"injected failure ({rule.status})", None, headers)
+
+    def _serve(self, h, method, path, params, user, body):
+        if path in ("/healthz", "/livez", "/readyz"):
+            data = b"ok"
+            h.send_response(200)
+            h.send_header("Content-Type", "text/plain; charset=utf-8")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
+        route = _route(path)
+        disc = self._discovery(path) if method == "GET" and route is None else None
+        if route is None and user is ANONYMOUS and path not in _NONRESOURCE_OPEN:
+            raise ApiStatusError(403, "Forbidden", f'forbidden: User "system:anonymous" cannot {method.lower()} '
+                                 f'path "{path}"', {})
+        if disc is not None:
+            h.send_json(200, disc)
+            return
+        if route is None:
+            raise ApiStatusError(404, "NotFound", "the server could not find the requested resource",
+                                 {"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]})
+        res, ns, name, sub = route
+        watch = params.get("watch") in ("1", "true", "True")
+        verb = {"GET": "watch" if watch else ("get" if name else "list"), "HEAD": "get", "POST": "create",
+                "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
+        if method == "POST" and name and sub in ("token", "binding"):
+            verb = "create"
+        elif method == "POST" and name:
+            raise ApiStatusError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
+                                 "resource")
+        if sub == "log":
+            verb = "get"
+        fsel = parse_field_selector(params.get("fieldSelector"), res) if verb in ("list", "watch") else []
+        if verb not in res.verbs and sub is None:
+            raise ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
+                                 "resource", _details(res, name))
+        if watch and name:   # /pods/<name>?watch=1 (deprecated form): a watch on one name
+            fsel = fsel + [("metadata.name", "=", name)]
+            name = None
+        self.authorize(user, verb, res, sub, ns, name, fsel)
+        self._current_manager = (h.headers.get("User-Agent") or "unknown").split("/")[0]
+        accept = h.headers.get("Accept") or ""
+        if verb == "watch":
+            return self._serve_watch(h, res, ns, params, fsel)
+        if verb == "list":
+            lsel = parse_label_selector(params.get("labelSelector"))
+            with self._lock:
+                items = [copy.deepcopy(o) for (r, ons, _), o in sorted(self._objects.items())
+                         if r == res.name and (not ns or ons == ns) and match_fields(o, fsel) and match_labels(o, lsel)]
+                rv = self._rv
+            meta = {"resourceVersion": str(rv)}
+            limit = int(params.get("limit") or 0)
+            start = int(params.get("continue") or 0) if (params.get("continue") or "").isdigit() else 0
+            if limit and start + limit < len(items):
+                meta["continue"] = str(start + limit)
+                meta["remainingItemCount"] = len(items) - start - limit
+            items = items[start:start + limit] if limit else items[start:]
+            if "as=Table" in accept:
+                return h.send_json(200, as_table(res, items, rv))
+            for it in items:
+                it.pop("kind", None)
+                it.pop("apiVersion", None)
+            return h.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version, "metadata": meta,
+                                     "items": items})
+        if verb == "get":
+            if sub == "log":
+                return self._proxy_log(h, ns, name, params)
+            with self._lock:
+                obj = copy.deepcopy(self._get_obj(res, ns, name))
+            if "as=Table" in accept:
+                return h.send_json(200, as_table(res, [obj], obj["metadata"]["resourceVersion"]))
+            return h.send_json(200, obj)
+        if verb == "create":
+            if res.name == "tokenreviews":
+                return h.send_json(201, self._token_review(body))
+            if res.name == "subjectaccessreviews":
+                return h.send_json(201, self._sar(body))
+            if sub == "token":
+                with self._lock:
+                    return h.send_json(201, self._token_request(user, ns, name, body))
+            if sub == "binding":
+                return h.send_json(201, self._bind(ns, name, body))
+            if isinstance(body, dict) and (body.get("kind") not in (None, res.kind)):
+                raise bad_request(f'{body.get("kind")} in version "{res.version}" cannot be handled as a {res.kind}: '
+                                  f'the kind does not match')
+            return h.send_json(201, self._create(user, res, ns, body or {}, params))
+        if verb == "update":
+            return h.send_json(200, self._update(user, res, ns, name, sub, body, params))
+        if verb == "patch":
+            return h.send_json(200, self._patch(user, res, ns, name, sub, body, h.headers.get("Content-Type"),
+                                                params))
+        if verb == "delete":
+            opts = dict(body) if isinstance(body, dict) else {}
+            if "gracePeriodSeconds" in params:
+                opts["gracePeriodSeconds"] = int(params["gracePeriodSeconds"])
+            return h.send_json(200, self._delete(user, res, ns, name, opts))
+        raise ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def _proxy_log(self, h, ns, name, params):
+        """pods/log: what the API server does for `kubectl logs`: call the node's kubelet over HTTPS
+        (InternalIP, then Hostname; port daemonEndpoints.kubeletEndpoint.Port; its certificate is not
+        verified, as without --kubelet-certificate-authority) with the client certificate
+        CN=kube-apiserver-kubelet-client O=system:masters from the fake's CA, and stream the answer."""
+        import http.client
+        with self._lock:
+            pod = copy.deepcopy(self._get_obj(RESOURCES["pods"], ns, name))
+            node = copy.deepcopy(self._objects.get(("nodes", "", (pod.get("spec") or {}).get("nodeName") or "")))
+        names = [c.get("name") for c in _each(pod["spec"].get("containers"))]
+        container = params.get("container")
+        if not container:
+            if len(names) != 1:
+                raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
+                                  f"[{' '.join(names)}]")
+            container = names[0]
+        if not pod["spec"].get("nodeName"):
+            raise bad_request(f"pod {name} does not have a host assigned")
+        if node is None:
+            raise not_found(RESOURCES["nodes"], pod["spec"]["nodeName"])
+        addrs = {a.get("type"): a.get("address") for a in _each(node.get("status", {}).get("addresses"))}
+        host = addrs.get("InternalIP") or addrs.get("Hostname")
+        port = ((node["status"].get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
+        host, port = (self.kubelet_address or {}).get(node["metadata"]["name"], (host, port))
+        query = urllib.parse.urlencode({k: params[k] for k in _LOG_PARAMS if k in params})
+        path = f"/containerLogs/{ns}/{name}/{container}" + (f"?{query}" if query else "")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        if self.kubelet_ca_path:
+            ctx.load_verify_locations(self.kubelet_ca_path)
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+        headers = {}
+        if self.kubelet_client_token:
+            headers["Authorization"] = f"Bearer {self.kubelet_client_token}"
+        else:
+            if not hasattr(self, "_kubelet_client_cert"):
+                self._kubelet_client_cert = self.pki.issue("kube-apiserver-kubelet-client", ("system:masters",))
+            ctx.load_cert_chain(*self._kubelet_client_cert)
+        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+        url = f"https://{host}:{port}{path}"
+        try:
+            conn.request("GET", path, headers=headers)
+            conn.sock.settimeout(None)   # a follow stream may be idle for long
+            resp = conn.getresponse()
+        except OSError as exc:
+            raise ApiStatusError(500, "InternalError", f'Get "{url}": {exc}') from None
+        try:
+            if resp.status != 200:
+                text = resp.read().decode(errors="replace").strip()
+                raise ApiStatusError(resp.status, {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden",
+                                                   404: "NotFound"}.get(resp.status, "InternalError"), text)
+            h.send_response(200)
+            h.send_header("Content-Type", resp.getheader("Content-Type") or "text/plain")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            while True:
+                data = resp.read1(65536)
+                if not data:
+                    break
+                h.write_chunk(data)
+            h.wfile.write(b"0\r\n\r\n")
+        finally:
+            conn.close()
+
+    def _bind(self, ns, name, body):
+        target = ((body or {}).get("target") or {}).get("name")
+        with self._lock:
+            pod = self._get_obj(RESOURCES["pods"], ns, name)
+            if (pod.get("spec") or {}).get("nodeName"):
+                raise ApiStatusError(409, "Conflict", f'Operation cannot be fulfilled on pods/binding "{name}": pod '
+                                     f'{name} is already assigned to node "{pod["spec"]["nodeName"]}"',
+                                     {"name": name, "kind": "pods/binding"})
+            new = copy.deepcopy(pod)
+            new["spec"]["nodeName"] = target
+            now = fmt_time(utcnow())
+            new["status"].setdefault("conditions", []).append(
+                {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": now})
+            self._store("MODIFIED", RESOURCES["pods"], ns, name, new, pod)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+    def _serve_watch(self, h, res, ns, params, fsel):
+        lsel = parse_label_selector(params.get("labelSelector"))
+        bookmarks = params.get("allowWatchBookmarks") in ("true", "1", "True")
+        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
+        rv_param = params.get("resourceVersion") or ""
+
+        def matches(obj):
+            return obj is not None and (not ns or obj["metadata"].get("namespace") == ns) and \
+                match_fields(obj, fsel) and match_labels(obj, lsel)
+
+        with self._lock:
+            if rv_param in ("", "0"):
+                initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for (r, _, _), o in sorted(self._objects.items())
+                           if r == res.name and matches(o)]
+                cursor = self._rv
+            else:
+                try:
+                    cursor = int(rv_param)
+                except ValueError:
+                    raise bad_request(f'invalid resource version "{rv_param}"') from None
+                initial = []
+                if cursor < self._compacted:
+                    status = ApiStatusError(410, "Expired", f"too old resource version: {cursor} ({self._compacted})")
+                    if self.watch_expired_as == "http":
+                        raise status
+                    initial = [{"type": "ERROR", "object": status.status()}]
+            w = _Watch(h, bookmarks, self._watch_epoch)
+            w.bookmark_now = False
+            self._watches.append(w)
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Cache-Control", "no-cache, private")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        deadline = time.monotonic() + timeout if timeout else None
+        next_bookmark = time.monotonic() + self.bookmark_interval
+        abort = False
+        try:
+            for ev in initial:
+                h.write_chunk(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
+                if ev["type"] == "ERROR":
+                    return
+            while True:
+                out, end = [], None
+                with self._lock:
+                    i = bisect.bisect_right(self._history_rvs, cursor)
+                    if i >= len(self._history) and not (w.kick or w.expire or w.bookmark_now):
+                        now = time.monotonic()
+                        wait = min(0.5, next_bookmark - now if bookmarks else 0.5)
+                        if deadline is not None:
+                            wait = min(wait, deadline - now)
+                        self._cond.wait(max(wait, 0.0))
+                        i = bisect.bisect_right(self._history_rvs, cursor)
+                    for rv, etype, rname, obj, old in self._history[i:]:
+                        cursor = rv
+                        if rname != res.name:
+                            continue
+                        now_m, old_m = matches(obj), etype == "MODIFIED" and matches(old)
+                        if etype == "MODIFIED" and not now_m and old_m:
+                            out.append({"type": "DELETED", "object": obj})
+                        elif etype == "MODIFIED" and now_m and not old_m:
+                            out.append({"type": "ADDED", "object": obj})
+                        elif now_m:
+                            out.append({"type": etype, "object": obj})
+                    if w.epoch != self._watch_epoch or not self._running or w.kick == "abort":
+                        end = "abort"
+                    elif w.expire:
+                        end = "expire"
+                    elif w.kick == "end":
+                        end = "end"
+                    current = self._rv
+                    if w.bookmark_now:
+                        w.bookmark_now = False
+                        if bookmarks:
+                            out.append(_bookmark(res, current))
+                    payload = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in out)
+                if end == "abort":
+                    abort = True
+                    return
+                if payload:
+                    h.write_chunk(payload)
+                if end == "expire":
+                    h.write_chunk(json.dumps({"type": "ERROR", "object": ApiStatusError(
+                        410, "Expired", f"too old resource version: {cursor} ({self._compacted})").status()}).encode()
+                        + b"\n")
+                    return
+                if end == "end":
+                    return
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    if bookmarks:
+                        h.write_chunk(json.dumps(_bookmark(res, max(cursor, self._rv))).encode() + b"\n")
+                    return
+                if bookmarks and now >= next_bookmark:
+                    next_bookmark = now + self.bookmark_interval
+                    h.write_chunk(json.dumps(_bookmark(res, max(cursor, self._rv))).encode() + b"\n")
+        except OSError:
+            abort = True
+        finally:
+            with self._lock:
+                if w in self._watches:
+                    self._watches.remove(w)
+            h.close_connection = True
+            if abort:
+                _abort(h.connection)
+            else:
+                try:
+                    h.wfile.write(b"0\r\n\r\n")
+                    h.wfile.flush()
+                except OSError:
+                    pass
+
     # --- discovery and tables -------------------------------------------------
 
     def _resource_list(self, group, version):
@@ -2553,259 +2914,17 @@ def _route(path):
 _NONRESOURCE_OPEN = ("/version", "/healthz", "/livez", "/readyz")
 
 
-def _handle(self, h):
-    """Serve one request (bound onto FakeApiServer below)."""
-    url = urllib.parse.urlsplit(h.path)
-    path = url.path.rstrip("/") or "/"
-    params = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
-    method = h.command
-    rec = RequestRecord(method, path, url.query, params, h.headers.get("Content-Type", ""), "", ())
-    try:
-        raw = _read_body(h)
-        try:
-            user = self.authenticate(h)
-        except ApiStatusError:
-            rec.user = "<invalid>"
-            raise
-        rec.user, rec.groups = user.name, user.groups
-        rec.body = _parse_body(raw, rec.content_type)
-        self._fault(method, path, h)
-        self._serve(h, method, path, params, user, rec.body)
-        rec.status = getattr(h, "_status", 200)
-    except CloseConnection:
-        rec.status = 0
-        h.close_connection = True
-        _abort(h.connection)
-    except ApiStatusError as exc:
-        rec.status = exc.code
-        h.send_json(exc.code, exc.status(), exc.headers)
-    except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):
-        rec.status = rec.status or 0
-        h.close_connection = True
-    except Exception as exc:  # a bug in the fake: answer 500 so the test sees it
-        import traceback
-        traceback.print_exc()
-        rec.status = 500
-        try:
-            h.send_json(500, ApiStatusError(500, "InternalError", f"fake apiserver bug: {exc!r}").status())
-        except OSError:
-            pass
-    finally:
-        self.requests.append(rec)
 
 
-def _fault(self, method, path, h):
-    with self._lock:
-        rule = next((r for r in self._rules if r.n > 0 and r.matches(method, path)), None)
-        if rule:
-            rule.n -= 1
-        self._rules = [r for r in self._rules if r.n > 0]
-        paused = any((m is None or m.upper() == method) and (p is None or re.search(p, path))
-                     for m, p in self._pauses)
-    while paused and self._running:
-        if self._paused.wait(0.05):
-            break
-    if not self._running:
-        raise CloseConnection("stopped")
-    if rule is None:
-        return
-    if rule.action == "close":
-        raise CloseConnection("injected")
-    if rule.action == "delay":
-        time.sleep(rule.retry_after)
-        return
-    if rule.status == 429:
-        raise ApiStatusError(429, "TooManyRequests", "Too many requests, please try again later.",
-                             {"retryAfterSeconds": int(rule.retry_after)}, {"Retry-After": rule.retry_after})
-    headers = {"Retry-After": rule.retry_after} if rule.retry_after is not None else {}
-    reason = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
-              410: "Expired", 422: "Invalid", 503: "ServiceUnavailable", 504: "Timeout"}.get(rule.status,
-                                                                                           "InternalError")
-    raise ApiStatusError(rule.status, reason, f"injected failure ({rule.status})", None, headers)
 
 
-def _serve(self, h, method, path, params, user, body):
-    if path in ("/healthz", "/livez", "/readyz"):
-        data = b"ok"
-        h.send_response(200)
-        h.send_header("Content-Type", "text/plain; charset=utf-8")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-        return
-    route = _route(path)
-    disc = self._discovery(path) if method == "GET" and route is None else None
-    if route is None and user is ANONYMOUS and path not in _NONRESOURCE_OPEN:
-        raise ApiStatusError(403, "Forbidden", f'forbidden: User "system:anonymous" cannot {method.lower()} '
-                             f'path "{path}"', {})
-    if disc is not None:
-        h.send_json(200, disc)
-        return
-    if route is None:
-        raise ApiStatusError(404, "NotFound", "the server could not find the requested resource",
-                             {"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]})
-    res, ns, name, sub = route
-    watch = params.get("watch") in ("1", "true", "True")
-    verb = {"GET": "watch" if watch else ("get" if name else "list"), "HEAD": "get", "POST": "create",
-            "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
-    if method == "POST" and name and sub in ("token", "binding"):
-        verb = "create"
-    elif method == "POST" and name:
-        raise ApiStatusError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
-                             "resource")
-    if sub == "log":
-        verb = "get"
-    fsel = parse_field_selector(params.get("fieldSelector"), res) if verb in ("list", "watch") else []
-    if verb not in res.verbs and sub is None:
-        raise ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
-                             "resource", _details(res, name))
-    if watch and name:   # /pods/<name>?watch=1 (deprecated form): a watch on one name
-        fsel = fsel + [("metadata.name", "=", name)]
-        name = None
-    self.authorize(user, verb, res, sub, ns, name, fsel)
-    self._current_manager = (h.headers.get("User-Agent") or "unknown").split("/")[0]
-    accept = h.headers.get("Accept") or ""
-    if verb == "watch":
-        return self._serve_watch(h, res, ns, params, fsel)
-    if verb == "list":
-        lsel = parse_label_selector(params.get("labelSelector"))
-        with self._lock:
-            items = [copy.deepcopy(o) for (r, ons, _), o in sorted(self._objects.items())
-                     if r == res.name and (not ns or ons == ns) and match_fields(o, fsel) and match_labels(o, lsel)]
-            rv = self._rv
-        meta = {"resourceVersion": str(rv)}
-        limit = int(params.get("limit") or 0)
-        start = int(params.get("continue") or 0) if (params.get("continue") or "").isdigit() else 0
-        if limit and start + limit < len(items):
-            meta["continue"] = str(start + limit)
-            meta["remainingItemCount"] = len(items) - start - limit
-        items = items[start:start + limit] if limit else items[start:]
-        if "as=Table" in accept:
-            return h.send_json(200, as_table(res, items, rv))
-        for it in items:
-            it.pop("kind", None)
-            it.pop("apiVersion", None)
-        return h.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version, "metadata": meta,
-                                 "items": items})
-    if verb == "get":
-        if sub == "log":
-            return self._proxy_log(h, ns, name, params)
-        with self._lock:
-            obj = copy.deepcopy(self._get_obj(res, ns, name))
-        if "as=Table" in accept:
-            return h.send_json(200, as_table(res, [obj], obj["metadata"]["resourceVersion"]))
-        return h.send_json(200, obj)
-    if verb == "create":
-        if res.name == "tokenreviews":
-            return h.send_json(201, self._token_review(body))
-        if res.name == "subjectaccessreviews":
-            return h.send_json(201, self._sar(body))
-        if sub == "token":
-            with self._lock:
-                return h.send_json(201, self._token_request(user, ns, name, body))
-        if sub == "binding":
-            return h.send_json(201, self._bind(ns, name, body))
-        if isinstance(body, dict) and (body.get("kind") not in (None, res.kind)):
-            raise bad_request(f'{body.get("kind")} in version "{res.version}" cannot be handled as a {res.kind}: '
-                              f'the kind does not match')
-        return h.send_json(201, self._create(user, res, ns, body or {}, params))
-    if verb == "update":
-        return h.send_json(200, self._update(user, res, ns, name, sub, body, params))
-    if verb == "patch":
-        return h.send_json(200, self._patch(user, res, ns, name, sub, body, h.headers.get("Content-Type"),
-                                            params))
-    if verb == "delete":
-        opts = dict(body) if isinstance(body, dict) else {}
-        if "gracePeriodSeconds" in params:
-            opts["gracePeriodSeconds"] = int(params["gracePeriodSeconds"])
-        return h.send_json(200, self._delete(user, res, ns, name, opts))
-    raise ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
 
-def _bind(self, ns, name, body):
-    target = ((body or {}).get("target") or {}).get("name")
-    with self._lock:
-        pod = self._get_obj(RESOURCES["pods"], ns, name)
-        if (pod.get("spec") or {}).get("nodeName"):
-            raise ApiStatusError(409, "Conflict", f'Operation cannot be fulfilled on pods/binding "{name}": pod '
-                                 f'{name} is already assigned to node "{pod["spec"]["nodeName"]}"',
-                                 {"name": name, "kind": "pods/binding"})
-        new = copy.deepcopy(pod)
-        new["spec"]["nodeName"] = target
-        now = fmt_time(utcnow())
-        new["status"].setdefault("conditions", []).append(
-            {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": now})
-        self._store("MODIFIED", RESOURCES["pods"], ns, name, new, pod)
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
 
 _LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes")
 
 
-def _proxy_log(self, h, ns, name, params):
-    """pods/log: what the API server does for `kubectl logs`: call the node's kubelet over HTTPS
-    (InternalIP, then Hostname; port daemonEndpoints.kubeletEndpoint.Port; its certificate is not
-    verified, as without --kubelet-certificate-authority) with the client certificate
-    CN=kube-apiserver-kubelet-client O=system:masters from the fake's CA, and stream the answer."""
-    import http.client
-    with self._lock:
-        pod = copy.deepcopy(self._get_obj(RESOURCES["pods"], ns, name))
-        node = copy.deepcopy(self._objects.get(("nodes", "", (pod.get("spec") or {}).get("nodeName") or "")))
-    names = [c.get("name") for c in _each(pod["spec"].get("containers"))]
-    container = params.get("container")
-    if not container:
-        if len(names) != 1:
-            raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
-                              f"[{' '.join(names)}]")
-        container = names[0]
-    if not pod["spec"].get("nodeName"):
-        raise bad_request(f"pod {name} does not have a host assigned")
-    if node is None:
-        raise not_found(RESOURCES["nodes"], pod["spec"]["nodeName"])
-    addrs = {a.get("type"): a.get("address") for a in _each(node.get("status", {}).get("addresses"))}
-    host = addrs.get("InternalIP") or addrs.get("Hostname")
-    port = ((node["status"].get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
-    host, port = (self.kubelet_address or {}).get(node["metadata"]["name"], (host, port))
-    query = urllib.parse.urlencode({k: params[k] for k in _LOG_PARAMS if k in params})
-    path = f"/containerLogs/{ns}/{name}/{container}" + (f"?{query}" if query else "")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    if self.kubelet_ca_path:
-        ctx.load_verify_locations(self.kubelet_ca_path)
-    else:
-        ctx.verify_mode = ssl.CERT_NONE
-    headers = {}
-    if self.kubelet_client_token:
-        headers["Authorization"] = f"Bearer {self.kubelet_client_token}"
-    else:
-        if not hasattr(self, "_kubelet_client_cert"):
-            self._kubelet_client_cert = self.pki.issue("kube-apiserver-kubelet-client", ("system:masters",))
-        ctx.load_cert_chain(*self._kubelet_client_cert)
-    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
-    url = f"https://{host}:{port}{path}"
-    try:
-        conn.request("GET", path, headers=headers)
-        conn.sock.settimeout(None)   # a follow stream may be idle for long
-        resp = conn.getresponse()
-    except OSError as exc:
-        raise ApiStatusError(500, "InternalError", f'Get "{url}": {exc}') from None
-    try:
-        if resp.status != 200:
-            text = resp.read().decode(errors="replace").strip()
-            raise ApiStatusError(resp.status, {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden",
-                                               404: "NotFound"}.get(resp.status, "InternalError"), text)
-        h.send_response(200)
-        h.send_header("Content-Type", resp.getheader("Content-Type") or "text/plain")
-        h.send_header("Transfer-Encoding", "chunked")
-        h.end_headers()
-        while True:
-            data = resp.read1(65536)
-            if not data:
-                break
-            h.write_chunk(data)
-        h.wfile.write(b"0\r\n\r\n")
-    finally:
-        conn.close()
 
 
 def _bookmark(res, rv):
@@ -2816,125 +2935,8 @@ def _bookmark(res, rv):
     return {"type": "BOOKMARK", "object": obj}
 
 
-def _serve_watch(self, h, res, ns, params, fsel):
-    lsel = parse_label_selector(params.get("labelSelector"))
-    bookmarks = params.get("allowWatchBookmarks") in ("true", "1", "True")
-    timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
-    rv_param = params.get("resourceVersion") or ""
-
-    def matches(obj):
-        return obj is not None and (not ns or obj["metadata"].get("namespace") == ns) and \
-            match_fields(obj, fsel) and match_labels(obj, lsel)
-
-    with self._lock:
-        if rv_param in ("", "0"):
-            initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for (r, _, _), o in sorted(self._objects.items())
-                       if r == res.name and matches(o)]
-            cursor = self._rv
-        else:
-            try:
-                cursor = int(rv_param)
-            except ValueError:
-                raise bad_request(f'invalid resource version "{rv_param}"') from None
-            initial = []
-            if cursor < self._compacted:
-                status = ApiStatusError(410, "Expired", f"too old resource version: {cursor} ({self._compacted})")
-                if self.watch_expired_as == "http":
-                    raise status
-                initial = [{"type": "ERROR", "object": status.status()}]
-        w = _Watch(h, bookmarks, self._watch_epoch)
-        w.bookmark_now = False
-        self._watches.append(w)
-    h.send_response(200)
-    h.send_header("Content-Type", "application/json")
-    h.send_header("Cache-Control", "no-cache, private")
-    h.send_header("Transfer-Encoding", "chunked")
-    h.end_headers()
-    deadline = time.monotonic() + timeout if timeout else None
-    next_bookmark = time.monotonic() + self.bookmark_interval
-    abort = False
-    try:
-        for ev in initial:
-            h.write_chunk(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
-            if ev["type"] == "ERROR":
-                return
-        while True:
-            out, end = [], None
-            with self._lock:
-                i = bisect.bisect_right(self._history_rvs, cursor)
-                if i >= len(self._history) and not (w.kick or w.expire or w.bookmark_now):
-                    now = time.monotonic()
-                    wait = min(0.5, next_bookmark - now if bookmarks else 0.5)
-                    if deadline is not None:
-                        wait = min(wait, deadline - now)
-                    self._cond.wait(max(wait, 0.0))
-                    i = bisect.bisect_right(self._history_rvs, cursor)
-                for rv, etype, rname, obj, old in self._history[i:]:
-                    cursor = rv
-                    if rname != res.name:
-                        continue
-                    now_m, old_m = matches(obj), etype == "MODIFIED" and matches(old)
-                    if etype == "MODIFIED" and not now_m and old_m:
-                        out.append({"type": "DELETED", "object": obj})
-                    elif etype == "MODIFIED" and now_m and not old_m:
-                        out.append({"type": "ADDED", "object": obj})
-                    elif now_m:
-                        out.append({"type": etype, "object": obj})
-                if w.epoch != self._watch_epoch or not self._running or w.kick == "abort":
-                    end = "abort"
-                elif w.expire:
-                    end = "expire"
-                elif w.kick == "end":
-                    end = "end"
-                current = self._rv
-                if w.bookmark_now:
-                    w.bookmark_now = False
-                    if bookmarks:
-                        out.append(_bookmark(res, current))
-                payload = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in out)
-            if end == "abort":
-                abort = True
-                return
-            if payload:
-                h.write_chunk(payload)
-            if end == "expire":
-                h.write_chunk(json.dumps({"type": "ERROR", "object": ApiStatusError(
-                    410, "Expired", f"too old resource version: {cursor} ({self._compacted})").status()}).encode()
-                    + b"\n")
-                return
-            if end == "end":
-                return
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                if bookmarks:
-                    h.write_chunk(json.dumps(_bookmark(res, max(cursor, self._rv))).encode() + b"\n")
-                return
-            if bookmarks and now >= next_bookmark:
-                next_bookmark = now + self.bookmark_interval
-                h.write_chunk(json.dumps(_bookmark(res, max(cursor, self._rv))).encode() + b"\n")
-    except OSError:
-        abort = True
-    finally:
-        with self._lock:
-            if w in self._watches:
-                self._watches.remove(w)
-        h.close_connection = True
-        if abort:
-            _abort(h.connection)
-        else:
-            try:
-                h.wfile.write(b"0\r\n\r\n")
-                h.wfile.flush()
-            except OSError:
-                pass
 
 
-FakeApiServer._handle = _handle
-FakeApiServer._fault = _fault
-FakeApiServer._serve = _serve
-FakeApiServer._serve_watch = _serve_watch
-FakeApiServer._bind = _bind
-FakeApiServer._proxy_log = _proxy_log
 
 
 ###############################################################################
