@@ -655,6 +655,10 @@ class ApiClient:
             session.auth = (self.cluster.username, self.cluster.password)
         return session
 
+    def credential(self, refresh=False):
+        """The bearer token to send (None when authenticating otherwise); runs exec plugins."""
+        return self._token(refresh)
+
     def _token(self, refresh=False):
         cluster = self.cluster
         if self._exec is not None:
@@ -802,7 +806,10 @@ def api_client_for(config):
         return None
     if config.kubeconfig == "in-cluster":
         return ApiClient(in_cluster_config())
-    return ApiClient(load_kubeconfig(config.kubeconfig, config.context))
+    api = ApiClient(load_kubeconfig(config.kubeconfig, config.context))
+    if api.cluster.exec_config:
+        api.credential()            # a broken exec plugin is a configuration error, found now
+    return api
 
 
 # --- Runtime: the WASI host, native (_wasihost) or the wasmtime package fallback ---
@@ -1617,8 +1624,15 @@ class NodeAgent:
         due = time.monotonic() - self._sent_at >= self.config.node_status_report_frequency
         if not (force or due or signature != self._last_sent):
             return False
-        self.node = self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": status},
-                                   content_type="application/strategic-merge-patch+json")
+        try:
+            self.node = self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": status},
+                                       content_type="application/strategic-merge-patch+json")
+        except ApiError as exc:
+            if exc.code == 404:             # the Node was deleted: register it again next beat
+                log.warning("node %s is gone from the API server; registering again", self.name)
+                self.registered.clear()
+                self._last_status = self._last_sent = None
+            raise
         self._last_status, self._last_sent, self._sent_at = status, signature, time.monotonic()
         return True
 
@@ -2175,6 +2189,11 @@ class RegistryClient:
             try:
                 resp = self.session.request(method, url, headers=sent, data=data, stream=stream,
                                             timeout=self.timeout)
+            except requests.exceptions.SSLError as exc:  # retrying will not help
+                why = re.search(r"\] ([^\]]+?) \(_ssl", str(exc))
+                raise ImageError(f"TLS with {self.scheme}://{self.ref.api_host} failed: "
+                                 f"{why.group(1) if why else _short(exc)} "
+                                 "(trust its CA, or list it in --insecure-registries for plain HTTP)") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise _Transient(f"cannot reach {self.scheme}://{self.ref.api_host}: {_short(exc)}") from None
             if resp.status_code == 401 and attempt == 0:
@@ -4385,12 +4404,17 @@ class _LogEcho:
     each line's content after a `pod/container` prefix."""
 
     def __init__(self, write):
-        self.write = write
+        self._write = write
         self._files = {}            # path -> [prefix, offset]
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="minikrust-echo", daemon=True)
         self._thread.start()
+
+    def write(self, line):
+        """One whole line at a time, whichever thread writes (pod phases and module output)."""
+        with self._lock:
+            self._write(line)
 
     def follow(self, prefix, path):
         with self._lock:
@@ -4689,7 +4713,7 @@ class PodManager:
         """Block until every pod is finished (--once); True if they are."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            while not all(w.finished for w in self.workers.values()):
+            while not all((w.status or {}).get("phase") in _TERMINAL_PHASES for w in self.workers.values()):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -5656,7 +5680,9 @@ def _container_ended(kubelet, namespace, name, container, path):
             if run is not None and count > run:
                 return True  # a later run has started: this one is over
             # a terminated state reported for an earlier run is stale: this run just started
-            return "terminated" in (entry.get("state") or {}) and (run is None or count == run)
+            state, last = entry.get("state") or {}, entry.get("lastState") or {}
+            over = "terminated" in state or ("waiting" in state and "terminated" in last)  # or backing off
+            return over and (run is None or count == run)
         return False  # not reported yet: the container is starting
     return True  # the pod is gone
 

@@ -56,12 +56,13 @@ def _free_port():
 class Registry:
     """One docker-registry process; `host` is what image references use (127.0.0.1:port)."""
 
-    def __init__(self, workdir, auth=None):
+    def __init__(self, workdir, auth=None, tls=None):
         self.workdir = workdir
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.auth = auth or {}
+        self.tls = tls          # (cert path, key path): serve HTTPS
         self.proc = None
         self.push_auth = None   # requests auth for pushes (basic) or a callable giving headers
 
@@ -76,6 +77,8 @@ class Registry:
         }
         if self.auth:
             config["auth"] = self.auth
+        if self.tls:
+            config["http"]["tls"] = {"certificate": self.tls[0], "key": self.tls[1]}
         path = os.path.join(self.workdir, "config.yml")
         with open(path, "w") as f:
             json.dump(config, f)   # JSON is YAML
@@ -84,9 +87,9 @@ class Registry:
         deadline = time.monotonic() + 10
         while True:
             try:
-                requests.get(self.url + "/v2/", timeout=1)
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return self
-            except requests.ConnectionError:
+            except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"docker-registry did not start; see {self._log.name}")
                 time.sleep(0.05)
@@ -394,6 +397,16 @@ def token_registry(tmp_path_factory):
     yield reg.start()
     reg.stop()
     tokens.close()
+
+
+@pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory, test_pki):
+    """A registry without auth over HTTPS, its certificate signed by `test_pki`'s CA (127.0.0.1)."""
+    _need_registry()
+    reg = Registry(str(tmp_path_factory.mktemp("tls-registry")),
+                   tls=(test_pki.server_cert_path, test_pki.server_key_path)).start()
+    yield reg
+    reg.stop()
 
 
 @pytest.fixture

@@ -603,3 +603,17 @@ def test_api_pods_pull_with_their_image_pull_secrets_and_never_show_the_password
         raise AssertionError(f"{exc}; reasons seen {seen}; status {status('bad')}") from None
     assert "401" in messages() and 'pull secret "badcred"' in messages()
     assert_no_secret(messages() + json.dumps(fake_api.get("pods", "default", "bad")))
+
+
+def test_https_registry_is_verified_against_the_trusted_cas(tmp_path, tls_registry, test_pki, monkeypatch):
+    module = fake_module(500)
+    (tmp_path / "m.wasm").write_bytes(module)
+    image = f"{tls_registry.host}/tls/app:v1"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", test_pki.ca_path)     # how an operator adds a private CA
+    minikrust.push_module(str(tmp_path / "m.wasm"), image)
+    images = make_manager(tmp_path)                                # not in --insecure-registries
+    assert read(images.ensure(image, None).path) == module
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    with pytest.raises(ImageError) as err:
+        images.ensure(image, "Always")
+    assert err.value.reason == "ErrImagePull" and "certificate verify failed: " in err.value.message
