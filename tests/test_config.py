@@ -412,3 +412,24 @@ def test_exec_plugin_failure_names_the_field(tmp_path):
     with pytest.raises(minikrust.ConfigError, match=r"users\[u\]\.user\.exec: plugin .* exited 3"):
         api.get("/api")
     api.close()
+
+
+def test_exec_plugin_client_certificate(tmp_path, pki, tls_server):
+    script = tmp_path / "certplugin.py"
+    script.write_text(f"""import json
+print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "status": {{
+    "clientCertificateData": open({str(tmp_path / 'client.crt')!r}).read(),
+    "clientKeyData": open({str(tmp_path / 'client.key')!r}).read()}}}}))
+""")
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(script)]}}
+    path = _kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority": "ca.crt"}, user)
+    _get(path)
+    assert tls_server.seen[-1]["cn"] == "system:node:n1" and tls_server.seen[-1]["auth"] is None
+
+
+def test_a_failing_exec_plugin_stops_the_cli_with_exit_code_2(tmp_path, capsys):
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(tmp_path / "missing-plugin")}}
+    path = _kubeconfig(tmp_path, {"server": "http://127.0.0.1:1"}, user)
+    assert minikrust.main(["--kubeconfig", path, "--root-dir", str(tmp_path / "root"), "--serve", "false"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "users[u].user.exec.command: cannot run" in lines[0]
