@@ -2313,100 +2313,103 @@ class FakeApiServer:
 
     def _serve(self, h, method, path, params, user, body):
         if path in ("/healthz", "/livez", "/readyz"):
-            data = b"ok"
-            h.send_response(200)
-            h.send_header("Content-Type", "text/plain; charset=utf-8")
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            h.wfile.write(data)
-            return
+            return h.send_text(200, "ok")
         route = _route(path)
-        disc = self._discovery(path) if method == "GET" and route is None else None
-        if route is None and user is ANONYMOUS and path not in _NONRESOURCE_OPEN:
-            raise ApiStatusError(403, "Forbidden", f'forbidden: User "system:anonymous" cannot {method.lower()} '
-                                 f'path "{path}"', {})
-        if disc is not None:
-            h.send_json(200, disc)
-            return
         if route is None:
-            raise ApiStatusError(404, "NotFound", "the server could not find the requested resource",
-                                 {"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]})
+            return self._serve_nonresource(h, method, path, user)
         res, ns, name, sub = route
-        watch = params.get("watch") in ("1", "true", "True")
-        verb = {"GET": "watch" if watch else ("get" if name else "list"), "HEAD": "get", "POST": "create",
-                "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
-        if method == "POST" and name and sub in ("token", "binding"):
-            verb = "create"
-        elif method == "POST" and name:
-            raise ApiStatusError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
-                                 "resource")
-        if sub == "log":
-            verb = "get"
-        fsel = parse_field_selector(params.get("fieldSelector"), res) if verb in ("list", "watch") else []
-        if verb not in res.verbs and sub is None:
-            raise ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
-                                 "resource", _details(res, name))
-        if watch and name:   # /pods/<name>?watch=1 (deprecated form): a watch on one name
-            fsel = fsel + [("metadata.name", "=", name)]
-            name = None
+        verb, fsel, name = self._verb(method, params, res, name, sub)
         self.authorize(user, verb, res, sub, ns, name, fsel)
         self._current_manager = (h.headers.get("User-Agent") or "unknown").split("/")[0]
-        accept = h.headers.get("Accept") or ""
+        table = "as=Table" in (h.headers.get("Accept") or "")
         if verb == "watch":
             return self._serve_watch(h, res, ns, params, fsel)
         if verb == "list":
-            lsel = parse_label_selector(params.get("labelSelector"))
-            with self._lock:
-                items = [copy.deepcopy(o) for (r, ons, _), o in sorted(self._objects.items())
-                         if r == res.name and (not ns or ons == ns) and match_fields(o, fsel) and match_labels(o, lsel)]
-                rv = self._rv
-            meta = {"resourceVersion": str(rv)}
-            limit = int(params.get("limit") or 0)
-            start = int(params.get("continue") or 0) if (params.get("continue") or "").isdigit() else 0
-            if limit and start + limit < len(items):
-                meta["continue"] = str(start + limit)
-                meta["remainingItemCount"] = len(items) - start - limit
-            items = items[start:start + limit] if limit else items[start:]
-            if "as=Table" in accept:
-                return h.send_json(200, as_table(res, items, rv))
-            for it in items:
-                it.pop("kind", None)
-                it.pop("apiVersion", None)
-            return h.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version, "metadata": meta,
-                                     "items": items})
+            return h.send_json(200, self._list(res, ns, params, fsel, table))
+        if verb == "get" and sub == "log":
+            return self._proxy_log(h, ns, name, params)
         if verb == "get":
-            if sub == "log":
-                return self._proxy_log(h, ns, name, params)
             with self._lock:
                 obj = copy.deepcopy(self._get_obj(res, ns, name))
-            if "as=Table" in accept:
-                return h.send_json(200, as_table(res, [obj], obj["metadata"]["resourceVersion"]))
-            return h.send_json(200, obj)
+            return h.send_json(200, as_table(res, [obj], obj["metadata"]["resourceVersion"]) if table else obj)
         if verb == "create":
-            if res.name == "tokenreviews":
-                return h.send_json(201, self._token_review(body))
-            if res.name == "subjectaccessreviews":
-                return h.send_json(201, self._sar(body))
-            if sub == "token":
-                with self._lock:
-                    return h.send_json(201, self._token_request(user, ns, name, body))
-            if sub == "binding":
-                return h.send_json(201, self._bind(ns, name, body))
-            if isinstance(body, dict) and (body.get("kind") not in (None, res.kind)):
-                raise bad_request(f'{body.get("kind")} in version "{res.version}" cannot be handled as a {res.kind}: '
-                                  f'the kind does not match')
-            return h.send_json(201, self._create(user, res, ns, body or {}, params))
+            return h.send_json(201, self._serve_create(user, res, ns, name, sub, body, params))
         if verb == "update":
             return h.send_json(200, self._update(user, res, ns, name, sub, body, params))
         if verb == "patch":
             return h.send_json(200, self._patch(user, res, ns, name, sub, body, h.headers.get("Content-Type"),
                                                 params))
-        if verb == "delete":
-            opts = dict(body) if isinstance(body, dict) else {}
-            if "gracePeriodSeconds" in params:
-                opts["gracePeriodSeconds"] = int(params["gracePeriodSeconds"])
-            return h.send_json(200, self._delete(user, res, ns, name, opts))
-        raise ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        opts = dict(body) if isinstance(body, dict) else {}
+        if "gracePeriodSeconds" in params:
+            opts["gracePeriodSeconds"] = int(params["gracePeriodSeconds"])
+        return h.send_json(200, self._delete(user, res, ns, name, opts))
+
+    def _serve_nonresource(self, h, method, path, user):
+        """Discovery and /version; anything else is a 404 (or a 403 for anonymous, as RBAC answers first)."""
+        disc = self._discovery(path) if method == "GET" else None
+        if user is ANONYMOUS and path not in _NONRESOURCE_OPEN:
+            raise ApiStatusError(403, "Forbidden", f'forbidden: User "system:anonymous" cannot {method.lower()} '
+                                 f'path "{path}"', {})
+        if disc is None:
+            raise ApiStatusError(404, "NotFound", "the server could not find the requested resource",
+                                 {"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]})
+        h.send_json(200, disc)
+
+    @staticmethod
+    def _verb(method, params, res, name, sub):
+        """-> (authorization verb, field selector requirements, name) for a resource request."""
+        not_allowed = ApiStatusError(405, "MethodNotAllowed", "the server does not allow this method on the "
+                                     "requested resource", _details(res, name))
+        watch = params.get("watch") in ("1", "true", "True")
+        verb = {"GET": "watch" if watch else ("get" if name else "list"), "HEAD": "get", "POST": "create",
+                "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
+        if method == "POST" and name and sub not in ("token", "binding"):
+            raise not_allowed
+        if sub == "log":
+            if method != "GET":
+                raise not_allowed
+            verb = "get"
+        if verb not in res.verbs and sub is None:
+            raise not_allowed
+        fsel = parse_field_selector(params.get("fieldSelector"), res) if verb in ("list", "watch") else []
+        if watch and name:   # /pods/<name>?watch=1 (the deprecated form): a watch on one name
+            fsel, name = fsel + [("metadata.name", "=", name)], None
+        return verb, fsel, name
+
+    def _list(self, res, ns, params, fsel, table):
+        lsel = parse_label_selector(params.get("labelSelector"))
+        with self._lock:
+            items = [copy.deepcopy(o) for (r, ons, _), o in sorted(self._objects.items())
+                     if r == res.name and (not ns or ons == ns) and match_fields(o, fsel) and match_labels(o, lsel)]
+            rv = self._rv
+        meta = {"resourceVersion": str(rv)}
+        limit = int(params.get("limit") or 0)
+        start = int(params["continue"]) if (params.get("continue") or "").isdigit() else 0
+        if limit and start + limit < len(items):
+            meta["continue"] = str(start + limit)
+            meta["remainingItemCount"] = len(items) - start - limit
+        items = items[start:start + limit] if limit else items[start:]
+        if table:
+            return as_table(res, items, rv)
+        for it in items:     # list items carry no kind/apiVersion (contract 15)
+            it.pop("kind", None)
+            it.pop("apiVersion", None)
+        return {"kind": res.kind + "List", "apiVersion": res.api_version, "metadata": meta, "items": items}
+
+    def _serve_create(self, user, res, ns, name, sub, body, params):
+        if res.name == "tokenreviews":
+            return self._token_review(body)
+        if res.name == "subjectaccessreviews":
+            return self._sar(body)
+        if sub == "token":
+            with self._lock:
+                return self._token_request(user, ns, name, body)
+        if sub == "binding":
+            return self._bind(ns, name, body)
+        if isinstance(body, dict) and body.get("kind") not in (None, res.kind):
+            raise bad_request(f'{body.get("kind")} in version "{res.version}" cannot be handled as a {res.kind}: '
+                              "the kind does not match")
+        return self._create(user, res, ns, body or {}, params)
 
     def _proxy_log(self, h, ns, name, params):
         """pods/log: what the API server does for `kubectl logs`: call the node's kubelet over HTTPS
@@ -2843,6 +2846,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def send_text(self, code, text):
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def write_chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
