@@ -108,6 +108,7 @@ class Host:
         os.makedirs(self.cache_dir, exist_ok=True)
         self.wasmtime_version = WASMTIME_VERSION
         self._modules = {}
+        self._loading = {}  # digest -> lock held while that module compiles
         self._lock = threading.Lock()
         err = ffi.new("char[]", _ERRLEN)
         if lib.wh_init(err, _ERRLEN) != 0:
@@ -136,8 +137,16 @@ class Host:
             raise LoadError(f"module digest is {actual}, expected {digest}")
         with self._lock:
             module = self._modules.get(actual)
+            if module is not None:
+                return module
+            loading = self._loading.setdefault(actual, threading.Lock())
+        with loading:  # one compile per digest; other modules load meanwhile
+            module = self._modules.get(actual)
             if module is None:
-                module = self._modules[actual] = self._compile(data, actual)
+                module = self._compile(data, actual)
+                with self._lock:
+                    self._modules[actual] = module
+                    self._loading.pop(actual, None)
         return module
 
     def _compile(self, data, digest):
@@ -177,12 +186,34 @@ class Module:
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
             memory_limit=None, deadline=None, stdin=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
-        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  paths_in_c=True)
-        run._execute()
-        if run._error is not None:
-            raise run._error
-        return run._result
+        if preopens or stdin is not None or not (_is_path(stdout) and _is_path(stderr)):
+            run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
+                      paths_in_c=True)
+            run._execute()
+            if run._error is not None:
+                raise run._error
+            return run._result
+        # The hot path (what a pod restart does): no Run object, no thread, no Python file I/O.
+        c, keep = self._config(argv, env or (), ())
+        if log_format != "cri":
+            if log_format != "plain":
+                raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
+            c.log_format = lib.WH_LOG_PLAIN
+        if memory_limit is not None:
+            c.memory_limit = int(memory_limit)
+        if deadline is not None:
+            c.deadline = max(float(deadline), 1e-9)
+        paths = None
+        if stdout is not None or stderr is not None:
+            paths = [ffi.new("char[]", os.fsencode(t)) if t is not None else ffi.NULL for t in (stdout, stderr)]
+            c.stdout_path, c.stderr_path = paths
+        res = ffi.new("wh_result *")
+        handle = getattr(_local, "run", None)
+        if handle is None:  # a run() cannot be killed, so each thread reuses one handle
+            handle = _local.run = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
+        if lib.wh_run_exec(self._ptr, c, handle, res) != 0:
+            raise RunError(_err_text(res.message))
+        return _to_result(res, memory_limit)
 
     def _config(self, argv, env, preopens):
         """A fresh wh_run_config with argv/env/preopens filled in (their C arrays are cached)."""
@@ -209,6 +240,9 @@ def _template(argv, pairs, preopens):
     readonly = ffi.new("int[]", [1 if ro else 0 for _, _, ro in preopens]) if preopens else ffi.NULL
     keep.append(readonly)
     c.preopen_readonly, c.npreopens = readonly, len(preopens)
+    c.stdout_fd = c.stderr_fd = -1
+    c.log_format = lib.WH_LOG_CRI
+    c.memory_limit = -1
     return c, keep
 
 
@@ -237,7 +271,11 @@ class _Output:
         self._close = []
         self._readers = []
         opened = {}
-        self.fds = [self._open(target, opened) for target in (stdout, stderr)]
+        try:
+            self.fds = [self._open(target, opened) for target in (stdout, stderr)]
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self, target, opened):
         if target is None:
@@ -289,6 +327,24 @@ def _pump(fd, callback):
         os.close(fd)
 
 
+_local = threading.local()
+
+
+def _to_result(res, limit):
+    """The Result of a finished wh_run_exec."""
+    status, code, peak = res.status, res.exit_code, res.peak_memory
+    exited = status == _EXITED
+    # wasmtime's limiter only refuses memory.grow, silently: a run that failed on its own
+    # (not exit 0, not stopped) is oom when it could not instantiate under the limit or ended
+    # within 1/8 of it (a failed malloc asks for more than a page). Same rule as the fallback
+    # host in minikrust.py.
+    oom = (limit is not None and (status == _TRAPPED or (exited and code != 0))
+           and (bool(res.instantiate_failed) or peak > limit - max(_PAGE, limit // 8)))
+    return Result(code if exited else None,
+                  _err_text(res.message) if status == _TRAPPED else None,
+                  res.duration, status == _KILLED, status == _TIMED_OUT, oom, res.cpu_seconds, peak)
+
+
 class Run:
     """One running (or finished) instance of a module."""
 
@@ -296,6 +352,7 @@ class Run:
                  deadline, stdin, paths_in_c=False):
         if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
+        preopens = preopens or ()
         for host_dir, _, _ in preopens:
             if not os.path.isdir(host_dir):
                 raise RunError(f"preopen directory {host_dir} does not exist")
@@ -303,7 +360,7 @@ class Run:
         self._memory_limit = memory_limit
         self._ptr = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
         self._result = self._error = self._thread = self._done = None
-        c, self._keep = module._config(argv, env, preopens)
+        c, self._keep = module._config(argv, env or (), preopens)
         self._config = c
         c.log_format = lib.WH_LOG_CRI if log_format == "cri" else lib.WH_LOG_PLAIN
         c.memory_limit = -1 if memory_limit is None else int(memory_limit)
@@ -334,23 +391,9 @@ class Run:
         if rc != 0:
             self._error = RunError(_err_text(res.message))
         else:
-            self._result = self._to_result(res)
+            self._result = _to_result(res, self._memory_limit)
         if self._done is not None:
             self._done.set()
-
-    def _to_result(self, res):
-        status, code, peak = res.status, res.exit_code, res.peak_memory
-        exited = status == _EXITED
-        limit = self._memory_limit
-        # wasmtime's limiter only refuses memory.grow, silently: a run that failed on its own
-        # (not exit 0, not stopped) is oom when it could not instantiate under the limit or
-        # ended within 1/8 of it (a failed malloc asks for more than a page). Same rule as the
-        # fallback host in minikrust.py.
-        oom = (limit is not None and (status == _TRAPPED or (exited and code != 0))
-               and (bool(res.instantiate_failed) or peak > limit - max(_PAGE, limit // 8)))
-        return Result(code if exited else None,
-                      _err_text(res.message) if status == _TRAPPED else None,
-                      res.duration, status == _KILLED, status == _TIMED_OUT, oom, res.cpu_seconds, peak)
 
     def kill(self):
         """Stop the module (from any thread); it stops within about two epoch ticks (10 ms)."""
