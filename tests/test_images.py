@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import requests
 
 import minikrust
 from minikrust import ImageError, ImageManager, ModuleStore, parse_image_ref
+from tests.helpers import wait_for
 from tests.registry import PASSWORD, USER, fake_module, sha256
 
 
@@ -236,22 +238,27 @@ def test_pull_policies(tmp_path, registry):
 
 def test_failed_pulls_back_off_like_the_kubelet(tmp_path, registry):
     image = f"{registry.host}/pol/missing:v1"
-    images = make_manager(tmp_path, [registry.host])
+    images = make_manager(tmp_path, [registry.host])            # backoff 0.3 s doubling to 1 s
+
+    def outcome():
+        try:
+            return images.ensure(image, None), time.monotonic()
+        except ImageError as exc:
+            return exc.reason, time.monotonic()
+    assert outcome()[0] == "ErrImagePull"
+    reason, failed_at = outcome()
+    assert reason == "ImagePullBackOff"
     with pytest.raises(ImageError) as err:
         images.ensure(image, None)
-    assert err.value.reason == "ErrImagePull"
-    with pytest.raises(ImageError) as err:
-        images.ensure(image, None)
-    assert err.value.reason == "ImagePullBackOff"
     assert err.value.message == f'Back-off pulling image "{image}"'
-    minikrust_time = __import__("time")
-    minikrust_time.sleep(0.35)          # the test backoff is 0.3 s
-    with pytest.raises(ImageError) as err:
-        images.ensure(image, None)
-    assert err.value.reason == "ErrImagePull"
+    reason, retried_at = wait_for(lambda: (lambda r: r[0] != "ImagePullBackOff" and r)(outcome()), 5,
+                                  what="a retry after the backoff")
+    assert reason == "ErrImagePull" and retried_at - failed_at >= 0.25
+    assert outcome()[0] == "ImagePullBackOff"                   # backing off again (0.6 s now)
     registry.push_cncf("pol/missing", "v1", fake_module(100))
-    minikrust_time.sleep(0.65)          # doubled to 0.6 s
-    assert images.ensure(image, None).digest
+    ref, _ = wait_for(lambda: (lambda r: isinstance(r[0], minikrust.ModuleRef) and r)(outcome()), 5,
+                      what="a pull after the image appeared")
+    assert ref.digest and outcome()[0] == ref                    # success resets the backoff
 
 
 def test_insecure_registries_is_off_by_default(tmp_path, registry):
@@ -566,7 +573,6 @@ def test_two_static_pods_with_one_image_download_it_once(tmp_path, registry, reg
 
 def test_api_pods_pull_with_their_image_pull_secrets_and_never_show_the_password(
         tmp_path, fake_api, kubelet_factory, basic_registry, wasm):
-    from tests.helpers import wait_for
     host = basic_registry.host
     manifest_digest = basic_registry.push_cncf("api/hello", "v1", wasm.hello)
     image = f"{host}/api/hello:v1"
