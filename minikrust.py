@@ -926,6 +926,7 @@ class _StreamWriter:
 
     def close(self):
         """Flush a trailing fragment without newline as a P record; close a file we opened."""
+        _OUTPUTS.pop(id(self), None)
         try:
             if self.buf and self.cri:
                 self._records([(b"P", self.buf)])
@@ -945,6 +946,33 @@ def _looks_oom(memory_limit, exit_code, stop_reason, instantiated, peak):
     if memory_limit is None or exit_code == 0 or stop_reason:
         return False
     return not instantiated or peak > memory_limit - max(_WASM_PAGE, memory_limit // 8)
+
+
+_OUTPUTS = {}  # id(writer) -> _StreamWriter, for the one custom-output callback below
+_OUTPUT_CALLBACK = None
+
+
+def _on_output(key, buf, size):
+    writer = _OUTPUTS.get(key)
+    if writer is None:  # the run is over: wasmtime flushes nothing we still want
+        return size
+    try:
+        return writer.write(ctypes.string_at(buf, size))
+    except Exception:  # an exception must not cross into wasmtime
+        log.exception("writing the output of a module failed")
+        return -errno.EIO
+
+
+def _set_custom_output(wt, wasi, stream, writer):
+    """Send a WASI stream to `writer`, with no finalizer: wasmtime may drop the stream on one of its
+    own threads late, even during interpreter exit, where a Python callback aborts the process."""
+    global _OUTPUT_CALLBACK
+    if _OUTPUT_CALLBACK is None:
+        proto = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
+        _OUTPUT_CALLBACK = proto(_on_output)
+    _OUTPUTS[id(writer)] = writer
+    setter = wt._ffi.wasi_config_set_stdout_custom if stream == "stdout" else wt._ffi.wasi_config_set_stderr_custom
+    setter(wasi.ptr(), _OUTPUT_CALLBACK, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
 
 
 def _env_pairs(env):
@@ -982,8 +1010,8 @@ class _FallbackRun:
             wasi.env = _env_pairs(env)
             for host_dir, guest_dir, readonly in preopens or ():
                 wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
-            wasi.stdout_custom = self._writers[0].write
-            wasi.stderr_custom = self._writers[1].write
+            _set_custom_output(wt, wasi, "stdout", self._writers[0])
+            _set_custom_output(wt, wasi, "stderr", self._writers[1])
             if stdin is not None:
                 data = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(bytes(stdin))
                 vec = wt._ffi.wasm_byte_vec_t()  # filled with a copy that WASI then owns
@@ -1569,6 +1597,18 @@ def node_object(config, status):
             "status": status}
 
 
+def node_event(node_name, reason, message, kind="Normal"):
+    """A core/v1 Event about the Node, worded as the kubelet records them (`kubectl describe node`)."""
+    now = _now_rfc3339()
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{node_name}.{uuid.uuid4().hex[:16]}", "namespace": "default"},
+            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_name},
+            "reason": reason, "message": message, "type": kind, "count": 1,
+            "firstTimestamp": now, "lastTimestamp": now,
+            "source": {"component": "kubelet", "host": node_name},
+            "reportingComponent": "kubelet", "reportingInstance": node_name}
+
+
 class NodeAgent:
     """Keeps this kubelet's Node: registers (or adopts) it, renews its Lease every
     `lease_renew_interval`, patches its status when it changes and at least every
@@ -1615,7 +1655,16 @@ class NodeAgent:
             self.update_status(force=True)
             log.info("adopted existing node %s", self.name)
         self.registered.set()
+        self._event("Starting", "Starting kubelet.")
+        self._event("NodeReady", f"Node {self.name} status is now: NodeReady")
         return self.node
+
+    def _event(self, reason, message, kind="Normal"):
+        """Record a Node event; best effort (an event never stops the node)."""
+        try:
+            self.api.post("/api/v1/namespaces/default/events", node_event(self.name, reason, message, kind), timeout=5)
+        except ApiError as exc:
+            log.debug("event %s for node %s not recorded: %s", reason, self.name, exc)
 
     def update_status(self, force=False, ready=True):
         """Patch the node status if it changed, if the report frequency is due, or when forced."""
@@ -1710,6 +1759,7 @@ class NodeAgent:
                 self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": {"conditions": status["conditions"]}},
                                content_type="application/strategic-merge-patch+json", timeout=5)
                 log.info("node %s marked NotReady", self.name)
+                self._event("NodeNotReady", f"Node {self.name} status is now: NodeNotReady")
             except ApiError as exc:
                 log.warning("could not mark node %s NotReady: %s", self.name, exc)
 
@@ -4399,6 +4449,10 @@ class PodWorker:
         self.m.status_changed(self, old_phase)
 
 
+def _echo_line(line):
+    print(line, flush=True)
+
+
 class _LogEcho:
     """Standalone terminal output: follows the CRI log files of running containers and prints
     each line's content after a `pod/container` prefix."""
@@ -5981,7 +6035,7 @@ class Kubelet:
         if handler is None:
             node_ip = self.node.node_ip if self.node is not None else (self.config.node_ip or "127.0.0.1")
             self.pod_manager = PodManager(self.config, api=self.api, node_ip=node_ip,
-                                          echo=print if self.api is None else None)
+                                          echo=_echo_line if self.api is None else None)
         self.handler = handler if handler is not None else self.pod_manager
         if self.config.pod_manifest_path:
             self.sources.append(StaticPodSource(self.config.pod_manifest_path, self.config.node_name, self.handler))
