@@ -543,6 +543,15 @@ def test_follow_of_a_restarted_container_ends_when_a_later_run_starts(secure):
     assert list(lines) == []
 
 
+def test_follow_ends_when_the_container_backs_off_after_its_run(secure):
+    secure.kubelet.add_container("web", "app", restart_count=2, lines=[cri(T0, "stdout", "F", "run two")])
+    lines = secure.get("/containerLogs/default/web/app?follow=true", stream=True).iter_lines()
+    assert next(lines) == b"run two"
+    status = secure.kubelet.statuses[("default", "web")]["app"]
+    status.update(state={"waiting": {"reason": "CrashLoopBackOff"}}, lastState={"terminated": {"exitCode": 1}})
+    assert list(lines) == []
+
+
 # --- authentication and authorization ----------------------------------------------------------
 
 def test_no_credentials_is_401(secure, pki):
