@@ -129,6 +129,7 @@ def test_registers_a_fresh_node_with_its_lease(fake_apiserver, tmp_path):
     assert lease["spec"]["holderIdentity"] == "n1" and lease["spec"]["leaseDurationSeconds"] == 40
     assert lease["metadata"]["ownerReferences"][0]["uid"] == meta["uid"]
     assert fake.count("POST", r"^/api/v1/nodes$") == 1
+    assert {"Starting", "NodeReady", "NodeNotReady"} <= {e["reason"] for e in fake.events(involved_name="n1")}
 
 
 def test_adopts_an_existing_node_and_sends_its_status(fake_apiserver, tmp_path):
@@ -210,20 +211,23 @@ def test_fifty_kubelets_in_one_process(fake_apiserver, tmp_path):
     assert all(_condition(fake.get("nodes", f"node-{i}"), "Ready")["status"] == "False" for i in range(50))
 
 
-def test_sigterm_shuts_down_cleanly_with_exit_code_0(fake_apiserver, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_shuts_down_cleanly_with_exit_code_0(fake_apiserver, tmp_path, sig):
+    """`python minikrust.py`, configured here through MINIKRUST_* variables only."""
     fake = fake_apiserver
-    kubeconfig = fake.kubeconfig(tmp_path, node="n1")
-    proc = subprocess.Popen([sys.executable, "minikrust.py", "--kubeconfig", kubeconfig, "--node-name", "n1",
-                             "--root-dir", str(tmp_path / "root"), "--serve", "false"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, MINIKRUST_KUBECONFIG=fake.kubeconfig(tmp_path, node="n1"), MINIKRUST_NODE_NAME="n1",
+               MINIKRUST_ROOT_DIR=str(tmp_path / "root"), MINIKRUST_SERVE="false")
+    proc = subprocess.Popen([sys.executable, "minikrust.py"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _ready(fake, "n1"), 30, what="node registered by the CLI")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
+    assert "Traceback" not in err
     assert _condition(fake.get("nodes", "n1"), "Ready")["status"] == "False"
 
 
@@ -240,3 +244,28 @@ def test_kubectl_shows_the_ready_node(fake_api_tls, tmp_path):
     assert lines[0].split()[:2] == ["NAME", "STATUS"]
     row = next(line.split() for line in lines[1:] if line.split()[0] == "n1")
     assert row[1] == "Ready" and row[-1].endswith("-minikrust")
+
+
+def test_a_changed_condition_is_reported_at_once(fake_apiserver, tmp_path, monkeypatch):
+    fake = fake_apiserver
+    facts = minikrust.host_facts(str(tmp_path))
+    monkeypatch.setattr(minikrust, "host_facts", lambda root: dict(facts))
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.1):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
+        facts["memory_available"] = 1024                      # below the 100Mi eviction threshold
+        wait_for(lambda: _condition(fake.get("nodes", "n1"), "MemoryPressure").get("status") == "True", 10,
+                 what="MemoryPressure reported")
+        pressure = _condition(fake.get("nodes", "n1"), "MemoryPressure")
+        assert pressure["reason"] == "KubeletHasInsufficientMemory"
+        assert _condition(fake.get("nodes", "n1"), "Ready")["status"] == "True"
+
+
+def test_a_deleted_node_is_registered_again(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.1, node_status_report_frequency=0.3):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
+        uid = fake.get("nodes", "n1")["metadata"]["uid"]
+        fake.remove("nodes", None, "n1")
+        wait_for(lambda: (fake.get("nodes", "n1") or {}).get("metadata", {}).get("uid") not in (None, uid), 10,
+                 what="node registered again")
+        wait_for(lambda: _ready(fake, "n1"), 10, what="re-registered node Ready")
