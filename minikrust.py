@@ -1555,7 +1555,7 @@ def node_conditions(states, previous, now):
     conditions = []
     for kind, (status, reason, message) in states.items():
         old = before.get(kind)
-        since = old["lastTransitionTime"] if old and old.get("status") == status else now
+        since = (old.get("lastTransitionTime") or now) if old and old.get("status") == status else now
         conditions.append({"type": kind, "status": status, "reason": reason, "message": message,
                            "lastHeartbeatTime": now, "lastTransitionTime": since})
     return conditions
@@ -4826,11 +4826,16 @@ def _parse_rfc3339(text):
     if not match:
         raise ValueError(f"not an RFC 3339 time: {text!r}")
     base, fraction, zone = match.groups()
-    moment = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
     offset = 0
     if zone != "Z":
         offset = (int(zone[1:3]) * 60 + int(zone[4:6])) * 60 * (1 if zone[0] == "+" else -1)
-    return (int(moment.timestamp()) - offset) * 10**9 + int((fraction or "0").ljust(9, "0"))
+    return (_epoch_seconds(base) - offset) * 10**9 + int((fraction or "0").ljust(9, "0"))
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_seconds(base):
+    """`YYYY-MM-DDTHH:MM:SS` (UTC) as epoch seconds; cached, as a log's records share their seconds."""
+    return int(datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
 def _format_rfc3339nano(ns):

@@ -269,3 +269,9 @@ def test_a_deleted_node_is_registered_again(fake_apiserver, tmp_path):
         wait_for(lambda: (fake.get("nodes", "n1") or {}).get("metadata", {}).get("uid") not in (None, uid), 10,
                  what="node registered again")
         wait_for(lambda: _ready(fake, "n1"), 10, what="re-registered node Ready")
+
+
+def test_conditions_adopted_without_times_get_one():
+    previous = [{"type": "Ready", "status": "True"}]
+    conditions = minikrust.node_conditions(minikrust.node_condition_states(FACTS), previous, "T1")
+    assert next(c for c in conditions if c["type"] == "Ready")["lastTransitionTime"] == "T1"
