@@ -165,6 +165,7 @@ class Config:
     image_gc_high_threshold: int = 85
     image_gc_low_threshold: int = 80
     image_minimum_gc_age: float = 120.0
+    image_pull_credentials_verification_policy: str = "NeverVerifyPreloadedImages"   # KEP-2535 (images section)
     lease_duration: int = 40
     lease_renew_interval: float = 10.0
     node_status_report_frequency: float = 300.0
@@ -238,6 +239,7 @@ _FLAGS = [
     ("--image-gc-high-threshold", int, "disk usage percent that starts module garbage collection"),
     ("--image-gc-low-threshold", int, "disk usage percent module garbage collection frees down to"),
     ("--image-minimum-gc-age", float, "seconds an unused module is kept"),
+    ("--image-pull-credentials-verification-policy", str, "NeverVerify, NeverVerifyPreloadedImages or AlwaysVerify"),
     ("--lease-duration", int, "seconds of the node Lease"),
     ("--lease-renew-interval", float, "seconds between Lease renewals"),
     ("--node-status-report-frequency", float, "seconds between unchanged node status reports"),
@@ -3794,9 +3796,12 @@ class StatusWriter:
             self._thread.join(2.0)
 
     def forget(self, uid):
+        """A pod gone from the API: drop what is queued or remembered for it."""
         with self._cond:
             self._sent.pop(uid, None)
             self._statuses.pop(uid, None)
+            for key in [k for k in self._event_names if k[0] == uid]:
+                del self._event_names[key]
 
     def seed(self, uid, status):
         """What the server already has for a pod (from a list), so an equal status is not resent."""
@@ -4669,6 +4674,8 @@ class PodManager:
             cleanup_volumes(worker.dir)
         if self.writer is not None and not worker.gone and not _is_static(worker.pod):
             self.writer.delete_pod(worker.pod)
+        elif self.writer is not None:
+            self.writer.forget(worker.uid)
         with self._lock:
             if self.workers.get(worker.uid) is worker:
                 del self.workers[worker.uid]
@@ -6082,7 +6089,9 @@ class Kubelet:
         return self
 
     def stop(self):
-        """Stop taking pods, stop the pod sources, then report the node NotReady; idempotent."""
+        """Shut down as on SIGTERM: stop taking pods (sources), stop the pods' modules within their
+        grace periods, then report the node NotReady. The node is not cordoned or drained: its
+        pods stay bound and run again when it comes back. Idempotent."""
         self._stop_requested.set()
         with self._lock:
             if not self._started:

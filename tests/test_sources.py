@@ -214,3 +214,13 @@ def test_stop_ends_the_watch_promptly(fake_apiserver, source_for):
     started = time.monotonic()
     source.stop()
     assert time.monotonic() - started < 2 and not source._thread.is_alive()
+
+
+def test_an_api_server_restart_is_ridden_out(fake_apiserver, source_for):
+    fake = fake_apiserver
+    source, handler = source_for()
+    wait_for(lambda: fake.open_watches() == 1, 10, what="watch open")
+    fake.stop()
+    fake.start()
+    fake.create_pod(_manifest("after"), node_name="n1", namespace="default")
+    wait_for(lambda: handler.kinds("after") == ["added"], 20, what="pod created after the restart")
