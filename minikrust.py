@@ -44,6 +44,7 @@ import hashlib
 import http.server
 import importlib.metadata
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -266,6 +267,26 @@ def _build_parser():
     return parser
 
 
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _check_value(dest, value):
+    """Why a flag's value cannot be used, or None (values the API server would refuse later)."""
+    if dest == "node_name" and (len(value) > 253 or not _NODE_NAME.fullmatch(value)):
+        return "is not a valid node name (lowercase DNS subdomain)"
+    if dest == "node_ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return "is not an IP address"
+    if dest == "port" and not 0 <= value <= 65535:
+        return "is not a port number"
+    if dest in ("max_pods", "poll_interval", "lease_duration", "lease_renew_interval", "resync_interval",
+                "node_status_report_frequency", "container_log_max_files") and value <= 0:
+        return "must be positive"
+    return None
+
+
 def parse_args(argv=None, environ=None):
     """Config from command-line flags, then MINIKRUST_* environment variables, then defaults.
 
@@ -287,6 +308,9 @@ def parse_args(argv=None, environ=None):
             raise ConfigError(f"{source}: {exc}") from None
         if dest in _CHOICES and value not in _CHOICES[dest]:
             raise ConfigError(f"{source}: {value!r} is not one of {', '.join(_CHOICES[dest])}")
+        problem = _check_value(dest, value)
+        if problem:
+            raise ConfigError(f"{source}: {value!r} {problem}")
         values[dest] = value
     if "root_dir" in values:
         values["root_dir"] = os.path.expanduser(values["root_dir"])
@@ -2448,18 +2472,47 @@ class ModuleStore:
             return entry["module"], entry["image_id"]
         return None
 
-    def add(self, digest, keys, image_id, temp=None):
-        """Move a verified temp file into place (if given) and record the keys pointing to it."""
+    def add(self, digest, keys, image_id, temp=None, auth=None):
+        """Move a verified temp file into place (if given) and record the keys pointing to it;
+        `auth` labels the credential the pull used (kept per key, see ImageManager._may_use)."""
         if temp is not None:
             os.replace(temp, self.path(digest))
         now = time.time()
         with self._lock:
             for key in keys:
                 if key:
-                    self._index["refs"][key] = {"module": digest, "image_id": image_id}
+                    old = self._index["refs"].get(key) or {}
+                    labels = set(old.get("auth") or ()) if old.get("module") == digest else set()
+                    entry = self._index["refs"][key] = {"module": digest, "image_id": image_id}
+                    if auth or labels:
+                        entry["auth"] = sorted(labels | ({auth} if auth else set()))
             entry = self._index["modules"].setdefault(digest, {"added": now})
             entry.update(size=os.path.getsize(self.path(digest)), last_used=now)
             self._save()
+
+    def auth(self, key):
+        """The credential labels recorded for an image key; None when it was stored without them."""
+        with self._lock:
+            entry = self._index["refs"].get(key) or {}
+        return entry.get("auth")
+
+    def credential_id(self, cred):
+        """A label for the credential of a pull: anonymous, node, or a keyed hash of a pod's secret."""
+        if cred is None:
+            return "anonymous"
+        if cred.source == "--registry-config":
+            return "node"
+        path = os.path.join(self.root, "credential-key")
+        with self._lock:
+            if not os.path.exists(path):
+                fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(os.urandom(32))
+                os.replace(path + ".tmp", path)
+            with open(path, "rb") as f:
+                key = f.read()
+        text = f"{cred.registry}\0{cred.username}\0{cred.password}".encode()
+        return "hmac:" + hmac.new(key, text, hashlib.sha256).hexdigest()
 
     def touch(self, digest):
         """Mark a module used now (kept in memory, written at most every 30 s)."""
@@ -2561,14 +2614,18 @@ class ImageManager:
         policy = pull_policy or default_pull_policy(image)
         if policy != "Always":
             hit = self._stored(ref)
-            if hit:
+            if hit and self._may_use(ref, pull_secrets, namespace):
                 return hit
             if policy == "Never":
-                raise ImageError(f'Container image "{image}" is not present with pull policy of Never',
+                raise ImageError(f'Container image "{image}" is not present with pull policy of Never'
+                                 if not hit else f'Container image "{image}" was pulled with credentials '
+                                 "this pod does not have, and pull policy Never cannot check them",
                                  "ErrImageNeverPull")
         self._check_backoff(image)
+        secret_names = sorted(s.get("name", "") if isinstance(s, dict) else s for s in pull_secrets or ())
+        flight = f"{ref} {namespace} {','.join(secret_names)}"  # other credentials: their own check
         try:
-            result = self._single_flight(str(ref), lambda: self._pull(ref, pull_secrets, namespace))
+            result = self._single_flight(flight, lambda: self._pull(ref, pull_secrets, namespace))
         except ImageError as exc:
             self._record_failure(image)
             self._count("error")
@@ -2591,10 +2648,26 @@ class ImageManager:
             ref = parse_image_ref(image)
         except ImageError:
             return False
-        return self.store.lookup(f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}") is not None
+        return self.store.lookup(_store_key(ref)) is not None
+
+    def _may_use(self, ref, pull_secrets, namespace):
+        """KEP-2535 (KubeletEnsureSecretPulledImages): a module pulled with a pod's secret serves
+        another pod without a pull only if that pod has the same credential; one pulled anonymously
+        or with node credentials serves every pod. Modules stored without a record ("preloaded")
+        pass under NeverVerifyPreloadedImages (the default), not under AlwaysVerify."""
+        policy = self._setting("image_pull_credentials_verification_policy", "NeverVerifyPreloadedImages")
+        if policy == "NeverVerify":
+            return True
+        labels = self.store.auth(_store_key(ref))
+        if labels is None:
+            return policy != "AlwaysVerify"
+        if "anonymous" in labels or "node" in labels:
+            return True
+        creds = [c for c in self.credentials(ref.registry, pull_secrets, namespace) if c.source != "--registry-config"]
+        return any(self.store.credential_id(c) in labels for c in creds)
 
     def _stored(self, ref):
-        key = f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
+        key = _store_key(ref)
         hit = self.store.lookup(key)
         if not hit:
             return None
@@ -2685,7 +2758,7 @@ class ImageManager:
         for cred in creds:
             client = RegistryClient(ref, cred, insecure=insecure)
             try:
-                module = self._retrying(lambda: self._pull_with(client, ref))
+                module = self._retrying(lambda: self._pull_with(client, ref, self.store.credential_id(cred)))
             except _AuthError as exc:
                 error = exc
                 continue
@@ -2708,7 +2781,7 @@ class ImageManager:
                     time.sleep(self.retry_delay * (2 ** n) * (1 + random.random() / 2))
         raise ImageError(str(last))
 
-    def _pull_with(self, client, ref):
+    def _pull_with(self, client, ref, auth=None):
         doc, digest, media_type = client.get_manifest(ref.reference)
         image_id = f"{ref.name}@{digest}"
         if media_type in _INDEX_TYPES:
@@ -2718,8 +2791,8 @@ class ImageManager:
         # `name:tag@digest` pulls the digest; the tag says nothing about what it points to now
         keys = [f"{ref.name}@{digest}"] + ([f"{ref.name}:{ref.tag}"] if ref.tag and not ref.digest else [])
         hit = self.store.lookup(keys[0])
-        if hit:  # Always policy, same digest: nothing to download
-            self.store.add(hit[0], keys, image_id)
+        if hit:  # same digest as stored (Always, or a pod proving its credentials): nothing to download
+            self.store.add(hit[0], keys, image_id, auth=auth)
             return ModuleRef(self.store.path(hit[0]), hit[0], image_id)
         kind, layers, entrypoint = self._module_layers(client, doc)
         if kind == "wasm":
@@ -2730,7 +2803,7 @@ class ImageManager:
                     self.store.add(module_digest, keys, image_id, temp=temp)
         else:
             module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id)
-        self.store.add(module_digest, keys, image_id)
+        self.store.add(module_digest, keys, image_id, auth=auth)
         return ModuleRef(self.store.path(module_digest), module_digest, image_id)
 
     def _fetch_blob(self, client, desc):
@@ -2837,6 +2910,11 @@ class ImageManager:
             self.gc()
         except OSError as exc:
             log.warning("image GC failed: %s", exc)
+
+
+def _store_key(ref):
+    """The store's key for a reference: `name@digest` when pinned, else `name:tag`."""
+    return f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
 
 
 def _pick_platform(index):

@@ -248,7 +248,8 @@ def test_deleted_pod_in_infinite_loop_is_finalised_within_grace(fake_api, kubele
     started = time.monotonic()
     fake_api.delete_pod("default", "loop")
     wait_for(lambda: fake_api.get("pods", "default", "loop") is None, timeout=5, what="pod gone")
-    assert time.monotonic() - started < 2.0
+    took = time.monotonic() - started
+    assert took < 2.0, f"pod gone {took:.2f}s after its delete (grace 1 s)"
     final = [r for r in fake_api.requests if r.method == "DELETE" and r.user == "system:node:node-1"]
     assert len(final) == 1 and final[0].body["gracePeriodSeconds"] == 0
     assert final[0].body["preconditions"] == {"uid": uid}
