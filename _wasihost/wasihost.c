@@ -476,7 +476,9 @@ static wasmtime_error_t *bind_originals(wasmtime_caller_t *caller, wh_run *r) {
   if (e) return e;
   int bound = 0;
   if (wasmtime_caller_export_get(caller, "memory", 6, &imports[0])) {
-    if (imports[0].kind == WH_WASMTIME_EXTERN_MEMORY) {
+    if (imports[0].kind != WH_WASMTIME_EXTERN_MEMORY) {
+      wasmtime_extern_delete(&imports[0]); /* e.g. a shared memory: the originals will refuse it */
+    } else {
       wasmtime_instance_t inst;
       wasm_trap_t *trap = NULL;
       e = wasmtime_instance_new(ctx, g_trampolines, imports, 1 + ORIG_COUNT, &inst, &trap);
