@@ -41,6 +41,7 @@ import errno
 import fractions
 import functools
 import hashlib
+import hmac
 import http.server
 import importlib.metadata
 import io
