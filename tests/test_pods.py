@@ -382,3 +382,23 @@ def test_kubelet_restarted_while_api_is_down_runs_its_pods_from_disk(fake_api, k
     fake_api.start()
     wait_for(lambda: _cstatus(fake_api, "svc", "main").get("restartCount") == 1, timeout=20, what="status sent later")
     assert "running" in _cstatus(fake_api, "svc", "main")["state"]
+
+
+def test_status_while_initializing_shows_pod_initializing(fake_api, kubelet_factory, module_file):
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("init", [{"name": "app", "image": module_file(sleeper(10, 0))}],
+                                  inits=[{"name": "slow", "image": module_file(sleeper(1500, 0))}]),
+                        node_name="node-1")
+    pending = wait_for(lambda: "running" in _cstatus(fake_api, "init", "slow", init=True).get("state", {})
+                       and _status(fake_api, "init"), what="init running")
+    assert pending["phase"] == "Pending"
+    conds = {c["type"]: c for c in pending["conditions"]}
+    assert conds["Initialized"]["status"] == "False" and conds["Initialized"]["reason"] == "ContainersNotInitialized"
+    assert conds["PodReadyToStartContainers"]["status"] == "True"
+    app = pending["containerStatuses"][0]
+    assert app["state"] == {"waiting": {"reason": "PodInitializing"}} and app["ready"] is False
+    assert pending["initContainerStatuses"][0]["started"] is True
+    done = wait_for(_phase(fake_api, "init", "Succeeded"), what="Succeeded")
+    assert done["initContainerStatuses"][0]["ready"] is True and done["initContainerStatuses"][0]["started"] is False
+    stats = {s["container"]: s for s in kubelet.container_stats()}
+    assert set(stats) == {"slow", "app"} and stats["app"]["memory_bytes"] > 0
