@@ -2591,6 +2591,10 @@ class ImageManager:
         self.api = api
         # the kubelet backs off image pulls as it does container restarts: 10 s doubling to 300 s
         self.backoff = backoff or (self._setting("backoff_base", 10.0), self._setting("backoff_max", 300.0))
+        verification = self._setting("image_pull_credentials_verification_policy", "NeverVerifyPreloadedImages")
+        if verification not in ("NeverVerify", "NeverVerifyPreloadedImages", "AlwaysVerify"):
+            raise ConfigError(f"--image-pull-credentials-verification-policy: {verification!r} is not one of "
+                              "NeverVerify, NeverVerifyPreloadedImages, AlwaysVerify")
         self.retries = retries
         self.retry_delay = retry_delay
         self.in_use = in_use            # callable -> digests of modules running pods use (for GC)
@@ -4639,8 +4643,8 @@ class PodManager:
 
     def pod_added(self, pod):
         meta = pod.get("metadata") or {}
-        if _is_mirror(pod):
-            return      # the API's copy of one of our static pods: the file source runs it
+        if _is_mirror(pod):     # the API's copy of one of our static pods: the file source runs it
+            return self._mirror_changed(pod, deleted=False)
         with self._lock:
             worker = self.workers.get(meta.get("uid"))
         if worker is not None:
@@ -4653,7 +4657,7 @@ class PodManager:
 
     def pod_deleted(self, pod):
         if _is_mirror(pod):
-            return
+            return self._mirror_changed(pod, deleted=True)
         with self._lock:
             worker = self.workers.get((pod.get("metadata") or {}).get("uid"))
         if worker is not None:
@@ -4661,6 +4665,24 @@ class PodManager:
             worker.remove(grace=pod["spec"].get("terminationGracePeriodSeconds", 30) if static else 0)
             if static and self.writer is not None:
                 self.writer.request("DELETE", _pod_path(worker.pod))
+
+    def _mirror_changed(self, mirror, deleted):
+        """Keep one mirror pod per static pod, as the kubelet does: one being deleted is finalized
+        at once, and a deleted one is created again, with the static pod's status."""
+        meta = mirror["metadata"]
+        with self._lock:
+            static = next((w for w in self.workers.values() if _is_static(w.pod) and not w.gone
+                           and _pod_path(w.pod) == _pod_path(mirror)), None)
+        if static is None or self.writer is None:
+            return
+        if deleted:
+            self.writer.forget(static.uid)
+            self.writer.request("POST", _pod_path(static.pod).rsplit("/", 1)[0], _mirror_pod(static.pod))
+            if static.status:
+                self.writer.set_status(static.pod, static.status)
+        elif meta.get("deletionTimestamp"):
+            self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
+                                "gracePeriodSeconds": 0, "preconditions": {"uid": meta.get("uid")}})
 
     def _admit(self, pod):
         uid = pod["metadata"]["uid"]
@@ -5128,19 +5150,42 @@ def _emit(lines, options, budget):
             return
 
 
+def _file_records(name, block=1 << 20):
+    """Every record of a log file, read a block at a time; a last record without newline included."""
+    with contextlib.suppress(FileNotFoundError), open(name, "rb") as handle:
+        buffered = bytearray()
+        while True:
+            data = handle.read(block)
+            if not data:
+                break
+            buffered.extend(data)
+            end = buffered.rfind(b"\n")
+            if end >= 0:
+                chunk = bytes(buffered[:end + 1])
+                del buffered[:end + 1]
+                yield from chunk.splitlines(keepends=True)
+        if buffered:
+            yield bytes(buffered)
+
+
 def read_container_log(path, options):
-    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks."""
+    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks.
+
+    Streams: only tailLines keeps lines in memory (that many)."""
     joiner = _LineJoiner()
-    lines = collections.deque(maxlen=options.tail_lines)
-    for name in rotated_log_files(path) + [path]:
-        with contextlib.suppress(FileNotFoundError), open(name, "rb") as handle:
-            buffered = bytearray()
-            for record in _records(handle, buffered) + ([bytes(buffered)] if buffered else []):
+
+    def lines():
+        for name in rotated_log_files(path) + [path]:
+            for record in _file_records(name):
                 line = joiner.feed(record)
                 if line is not None and options.selects(line):
-                    lines.append(line)
-    lines.extend(line for line in joiner.flush() if options.selects(line))
-    yield from _emit(lines, options, [options.limit_bytes])
+                    yield line
+        yield from (line for line in joiner.flush() if options.selects(line))
+
+    selected = lines()
+    if options.tail_lines is not None:
+        selected = collections.deque(selected, maxlen=options.tail_lines)
+    yield from _emit(selected, options, [options.limit_bytes])
 
 
 def _open_log(path):
@@ -5955,20 +6000,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if options.previous:
                 return self._send(400, f'previous terminated container "{container}" in pod "{name}" not found')
             return self._send(404, f'container "{container}" in pod "{namespace}/{name}" is not available')
-        if not options.follow or options.previous:
-            return self._send(200, b"".join(read_container_log(path, options)))
+        if self.command == "HEAD":
+            return self._send(200, b"")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if not options.follow or options.previous:
+            return self._write_chunked(read_container_log(path, options), batch=1 << 16)
         self.close_connection = True
         ended = functools.partial(_container_ended, kubelet, namespace, name, container, path)
         try:
-            for chunk in follow_container_log(path, options, ended, self._client_gone):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
+            self._write_chunked(follow_container_log(path, options, ended, self._client_gone))
         except OSError as exc:  # the client went away mid-write
             log.debug("server: log follower for %s/%s/%s ended: %s", namespace, name, container, exc)
+
+    def _write_chunked(self, chunks, batch=0):
+        """Send a body in HTTP/1.1 chunks, gathering small pieces up to `batch` bytes (0: send each now)."""
+        pending = bytearray()
+        for chunk in chunks:
+            pending += chunk
+            if len(pending) >= batch:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(pending), bytes(pending)))
+                pending.clear()
+        if pending:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(pending), bytes(pending)))
+        self.wfile.write(b"0\r\n\r\n")
 
     def _client_gone(self, seconds):
         """Wait up to `seconds`; True when the server stops or the client closed its connection."""

@@ -38,7 +38,8 @@ def test_every_flag_can_come_from_its_environment_variable():
                minikrust._parse_labels: "a=b,c=d", minikrust._parse_size: "1Mi"}
     for flag, convert, _help in minikrust._FLAGS:
         field = flag[2:].replace("-", "_")
-        raw = {"sync": "poll", "log_level": "debug", "log_format": "json"}.get(field, samples.get(convert, "x"))
+        raw = {"sync": "poll", "log_level": "debug", "log_format": "json", "node_ip": "10.0.0.1"}.get(
+            field, samples.get(convert, "x"))
         config = minikrust.parse_args([], {"MINIKRUST_" + field.upper(): raw})
         assert getattr(config, field) == convert(raw), flag
 
@@ -433,3 +434,20 @@ def test_a_failing_exec_plugin_stops_the_cli_with_exit_code_2(tmp_path, capsys):
     assert minikrust.main(["--kubeconfig", path, "--root-dir", str(tmp_path / "root"), "--serve", "false"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "users[u].user.exec.command: cannot run" in lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--node-name", "Bad_Name"], "--node-name: 'Bad_Name' is not a valid node name (lowercase DNS subdomain)"),
+    (["--node-ip", "10.0.0.300"], "--node-ip: '10.0.0.300' is not an IP address"),
+    (["--port", "70000"], "--port: 70000 is not a port number"),
+    (["--max-pods", "0"], "--max-pods: 0 must be positive"),
+    (["--sync", "push"], "--sync: 'push' is not one of watch, poll"),
+])
+def test_unusable_flag_values_are_one_clear_error(argv, expected, capsys):
+    assert minikrust.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"minikrust: error: {expected}"
+
+
+def test_an_unknown_flag_exits_2():
+    done = subprocess.run([sys.executable, "minikrust.py", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "--no-such-flag" in done.stderr
