@@ -571,3 +571,22 @@ def test_native_and_fallback_agree_whatever_stdout_is(both_hosts, wasm, tmp_path
         seen.append((result.exit_code, err.read_bytes(), (tmp_path / f"{host.backend}.out").read_bytes(),
                      b"".join(chunks)))
     assert seen[0] == seen[1]
+
+
+EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import minikrust
+host = minikrust.load_host({cache!r}, backend={backend!r})
+assert host.load({hello!r}).run(["m"], stdout={log!r}).exit_code == 0
+host.load({loop!r}).start(["loop"])  # still running when the interpreter exits
+print("bye")
+"""
+
+
+def test_process_exits_cleanly_with_runs_done_and_running(backend, wasm, tmp_path):
+    script = EXIT_SCRIPT.format(root=ROOT, cache=str(tmp_path / "cache"), backend=backend.backend, hello=wasm.hello,
+                                loop=wasm.loop, log=str(tmp_path / "log"))
+    for _ in range(6):  # wasmtime's threads used to abort ~1 exit in 15 (a Python callback at teardown)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout) == (0, "bye\n"), proc.stderr[-2000:]
