@@ -275,3 +275,12 @@ def test_conditions_adopted_without_times_get_one():
     previous = [{"type": "Ready", "status": "True"}]
     conditions = minikrust.node_conditions(minikrust.node_condition_states(FACTS), previous, "T1")
     assert next(c for c in conditions if c["type"] == "Ready")["lastTransitionTime"] == "T1"
+
+
+def test_registers_over_https_with_a_client_certificate_identity(fake_api_tls, tmp_path):
+    fake = fake_api_tls
+    kubeconfig = fake.write_kubeconfig(str(tmp_path / "kc"), user="n1", client_cert=True)
+    config = minikrust.Config(kubeconfig=kubeconfig, node_name="n1", root_dir=str(tmp_path / "root"), serve=False)
+    with minikrust.Kubelet(config, handler=object()):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
+    assert {r.user for r in fake.find_requests(path="nodes")} == {"system:node:n1"}
