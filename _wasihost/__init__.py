@@ -170,6 +170,7 @@ class Module:
         self.from_cache = from_cache
         self._ptr = ptr
         self._templates = {}  # (argv, env, preopens) -> (wh_run_config template, buffers it points to)
+        self._cpaths = {}
 
     def __repr__(self):
         return f"<_wasihost.Module {self.digest}>"
@@ -203,17 +204,30 @@ class Module:
             c.memory_limit = int(memory_limit)
         if deadline is not None:
             c.deadline = max(float(deadline), 1e-9)
-        paths = None
-        if stdout is not None or stderr is not None:
-            paths = [ffi.new("char[]", os.fsencode(t)) if t is not None else ffi.NULL for t in (stdout, stderr)]
-            c.stdout_path, c.stderr_path = paths
+        # (locals keep the cached C strings alive through the call, even if the cache is cleared)
+        out_path = err_path = ffi.NULL
+        if stdout is not None:
+            c.stdout_path = out_path = self._cpath(stdout)
+        if stderr is not None:
+            c.stderr_path = err_path = self._cpath(stderr)
         res = ffi.new("wh_result *")
         handle = getattr(_local, "run", None)
         if handle is None:  # a run() cannot be killed, so each thread reuses one handle
             handle = _local.run = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
-        if lib.wh_run_exec(self._ptr, c, handle, res) != 0:
+        rc = lib.wh_run_exec(self._ptr, c, handle, res)
+        del keep, out_path, err_path
+        if rc != 0:
             raise RunError(_err_text(res.message))
         return _to_result(res, memory_limit)
+
+    def _cpath(self, path):
+        """A C string for a log path, cached: a pod's log path repeats on every restart."""
+        cpath = self._cpaths.get(path)
+        if cpath is None:
+            if len(self._cpaths) >= self._TEMPLATES_MAX:
+                self._cpaths.clear()
+            cpath = self._cpaths[path] = ffi.new("char[]", os.fsencode(path))
+        return cpath
 
     def _config(self, argv, env, preopens):
         """A fresh wh_run_config with argv/env/preopens filled in (their C arrays are cached)."""
