@@ -293,6 +293,7 @@ class RegistryProxy:
         self.corrupt = False
         self.cut = 0            # cut this many blob downloads (of blobs over 1 KiB) halfway
         self.ranges = []        # the Range header of each blob GET (None for whole blobs)
+        self.requests = []      # (method, path) of every request
         self.delay = 0.0        # seconds to wait before answering a blob GET
         self._lock = threading.Lock()
         proxy = self
@@ -313,6 +314,7 @@ class RegistryProxy:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def _forward(self, h):
+        self.requests.append((h.command, h.path))
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "connection")}
         resp = requests.request(h.command, self.upstream.url + h.path, headers=headers, allow_redirects=False)
         body = resp.content

@@ -580,10 +580,8 @@ def test_api_pods_pull_with_their_image_pull_secrets_and_never_show_the_password
         fake_api.create_secret("default", name, {".dockerconfigjson": json.dumps(docker_config(host, password=password))},
                                type="kubernetes.io/dockerconfigjson")
     kubelet_factory(fake_api, insecure_registries=(host,))
-    # (another repository for the bad pod: with IfNotPresent the kubelet runs an image already on
-    # the node whatever the pod's secrets are, as the real one does without KubeletEnsureSecretPulledImages)
-    basic_registry.push_cncf("api/other", "v1", wasm.hello)
-    for name, secret, img in (("good", "regcred", image), ("bad", "badcred", f"{host}/api/other:v1")):
+    # one image: once "good" pulled it, "bad" (IfNotPresent) must still prove its credential (KEP-2535)
+    for name, secret, img in (("good", "regcred", image), ("bad", "badcred", image)):
         fake_api.create_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
                              "spec": {"restartPolicy": "Never", "imagePullSecrets": [{"name": secret}],
                                       "containers": [{"name": "main", "image": img}]}}, node_name="node-1")
@@ -623,3 +621,62 @@ def test_https_registry_is_verified_against_the_trusted_cas(tmp_path, tls_regist
     with pytest.raises(ImageError) as err:
         images.ensure(image, "Always")
     assert err.value.reason == "ErrImagePull" and "certificate verify failed: " in err.value.message
+
+
+# -- KEP-2535: a module pulled with a pod's secret serves other pods only with the same credential --
+
+@pytest.fixture
+def basic_proxy(basic_registry):
+    from tests.registry import RegistryProxy
+    proxy = RegistryProxy(basic_registry)
+    yield proxy
+    proxy.close()
+
+
+def test_secret_pulled_modules_serve_only_pods_with_the_credential(tmp_path, basic_registry, basic_proxy, caplog):
+    caplog.set_level(logging.DEBUG, logger="minikrust")
+    basic_registry.push_cncf("kep/private", "v1", fake_module(700))
+    image = f"{basic_proxy.host}/kep/private:v1"
+    api = FakeApi({"/api/v1/namespaces/a/secrets/cred": pull_secret("cred", basic_proxy.host),
+                   "/api/v1/namespaces/c/secrets/copy": pull_secret("copy", basic_proxy.host)})
+    images = make_manager(tmp_path, [basic_proxy.host], api)
+    pulled = images.ensure(image, "IfNotPresent", ["cred"], namespace="a")
+    # the same credential in another secret: served from the store, no registry request
+    before = len(basic_proxy.requests)
+    assert images.ensure(image, "IfNotPresent", ["copy"], namespace="c") == pulled
+    assert basic_proxy.requests[before:] == []
+    # no credential: the kubelet must pull to check, and the registry says no
+    with pytest.raises(ImageError) as err:
+        images.ensure(image, "IfNotPresent", [], namespace="b")
+    assert err.value.reason == "ErrImagePull" and "requires authentication" in err.value.message
+    with pytest.raises(ImageError) as err:
+        images.ensure(image, "Never", [], namespace="b")
+    assert err.value.reason == "ErrImageNeverPull" and "credentials this pod does not have" in err.value.message
+    assert_no_secret(caplog.text + json.dumps(images.store._index))
+    # node-wide credentials serve every pod once a pull used them
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(docker_config(basic_proxy.host)))
+    node = make_manager(tmp_path, [basic_proxy.host], api, registry_config=str(config))
+    assert node.ensure(image, "IfNotPresent", [], namespace="b") == pulled
+    before = len(basic_proxy.requests)
+    assert make_manager(tmp_path, [basic_proxy.host]).ensure(image, "IfNotPresent", namespace="d") == pulled
+    assert basic_proxy.requests[before:] == []
+
+
+@pytest.mark.parametrize("policy, pulls", [("NeverVerify", 0), ("NeverVerifyPreloadedImages", 0), ("AlwaysVerify", 1)])
+def test_credential_verification_policies_for_preloaded_modules(tmp_path, registry, registry_proxy, policy, pulls):
+    module = fake_module(300)
+    registry.push_cncf("kep/preloaded", "v1", module)
+    image = f"{registry_proxy.host}/kep/preloaded:v1"
+    images = make_manager(tmp_path, [registry_proxy.host], image_pull_credentials_verification_policy=policy)
+    temp = images.store.temp_path()
+    with open(temp, "wb") as f:
+        f.write(module)
+    images.store.add(sha256(module), [f"{registry_proxy.host}/kep/preloaded:v1"], "preloaded", temp=temp)
+    images.ensure(image, "IfNotPresent")
+    assert sum(method == "GET" and "/manifests/" in path for method, path in registry_proxy.requests) == pulls
+
+
+def test_unknown_verification_policy_is_a_config_error(tmp_path):
+    with pytest.raises(minikrust.ConfigError):
+        make_manager(tmp_path, image_pull_credentials_verification_policy="Sometimes")
