@@ -1028,13 +1028,101 @@ class _Rule:
             self.path is None or re.search(self.path, path) is not None)
 
 
-@dataclass
+def _lines(events):
+    return b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in events)
+
+
 class _Watch:
-    handler: object
-    bookmarks: bool
-    epoch: int
-    kick: bool = False
-    expire: bool = False
+    """One open watch: its filter, its position in the event history, and the signals tests send it."""
+
+    def __init__(self, fake, handler, res, ns, params, fsel):
+        self.fake, self.handler, self.res, self.ns, self.fsel = fake, handler, res, ns, fsel
+        self.lsel = parse_label_selector(params.get("labelSelector"))
+        self.bookmarks = params.get("allowWatchBookmarks") in ("true", "1", "True")
+        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.rv_param = params.get("resourceVersion") or ""
+        self.epoch = fake._watch_epoch
+        self.kick = None            # "abort" | "end"
+        self.expire = False
+        self.bookmark_now = False
+        self.cursor = 0
+
+    def matches(self, obj):
+        return obj is not None and (not self.ns or obj["metadata"].get("namespace") == self.ns) and \
+            match_fields(obj, self.fsel) and match_labels(obj, self.lsel)
+
+    def start(self):
+        """Under the fake's lock: the initial events (ADDED for rv unset/0, or an ERROR 410)."""
+        fake = self.fake
+        if self.rv_param in ("", "0"):
+            self.cursor = fake._rv
+            return [{"type": "ADDED", "object": copy.deepcopy(o)} for (r, _, _), o in sorted(fake._objects.items())
+                    if r == self.res.name and self.matches(o)]
+        try:
+            self.cursor = int(self.rv_param)
+        except ValueError:
+            raise bad_request(f'invalid resource version "{self.rv_param}"') from None
+        if self.cursor < fake._compacted:
+            status = ApiStatusError(410, "Expired", f"too old resource version: {self.cursor} ({fake._compacted})")
+            if fake.watch_expired_as == "http":
+                raise status
+            return [{"type": "ERROR", "object": status.status()}]
+        return []
+
+    def _translate(self, etype, obj, old):
+        """A MODIFIED that moves an object into or out of the filter is an ADDED or DELETED for this watch."""
+        now_m, old_m = self.matches(obj), etype == "MODIFIED" and self.matches(old)
+        if etype == "MODIFIED" and now_m != old_m:
+            return {"type": "ADDED" if now_m else "DELETED", "object": obj}
+        return {"type": etype, "object": obj} if now_m else None
+
+    def collect(self, wait):
+        """Under the lock: wait for news, then -> (events, end) where end is None|"abort"|"expire"|"end"."""
+        fake = self.fake
+        i = bisect.bisect_right(fake._history_rvs, self.cursor)
+        if i >= len(fake._history) and not (self.kick or self.expire or self.bookmark_now):
+            fake._cond.wait(max(wait, 0.0))
+            i = bisect.bisect_right(fake._history_rvs, self.cursor)
+        out = []
+        for rv, etype, rname, obj, old in fake._history[i:]:
+            self.cursor = rv
+            ev = self._translate(etype, obj, old) if rname == self.res.name else None
+            if ev:
+                out.append(ev)
+        if self.bookmark_now and self.bookmarks:
+            out.append(_bookmark(self.res, self.cursor))
+        self.bookmark_now = False
+        if self.epoch != fake._watch_epoch or not fake._running or self.kick == "abort":
+            return out, "abort"
+        if self.expire:
+            out.append({"type": "ERROR", "object": ApiStatusError(
+                410, "Expired", f"too old resource version: {self.cursor} ({fake._compacted})").status()})
+            return out, "expire"
+        return out, self.kick
+
+    def stream(self):
+        """Send events until the watch ends; -> True when the connection must be cut (a drop)."""
+        h, fake = self.handler, self.fake
+        next_bookmark = time.monotonic() + fake.bookmark_interval
+        while True:
+            now = time.monotonic()
+            wait = min(0.5, next_bookmark - now if self.bookmarks else 0.5,
+                       self.deadline - now if self.deadline else 0.5)
+            with fake._lock:
+                events, end = self.collect(wait)
+            if end == "abort":
+                return True
+            now = time.monotonic()
+            timed_out = self.deadline is not None and now >= self.deadline
+            if self.bookmarks and (timed_out or now >= next_bookmark):
+                # the real server sends one right before a timeout closes the watch (contract 17)
+                next_bookmark = now + fake.bookmark_interval
+                events.append(_bookmark(self.res, self.cursor))
+            if events:
+                h.write_chunk(_lines(events))
+            if end or timed_out:
+                return False
 
 
 class FakeApiServer:
@@ -2493,116 +2581,37 @@ class FakeApiServer:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
     def _serve_watch(self, h, res, ns, params, fsel):
-        lsel = parse_label_selector(params.get("labelSelector"))
-        bookmarks = params.get("allowWatchBookmarks") in ("true", "1", "True")
-        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
-        rv_param = params.get("resourceVersion") or ""
-
-        def matches(obj):
-            return obj is not None and (not ns or obj["metadata"].get("namespace") == ns) and \
-                match_fields(obj, fsel) and match_labels(obj, lsel)
-
+        """A watch: one JSON event per line, chunked, until timeoutSeconds, a drop, or the client leaves."""
+        w = _Watch(self, h, res, ns, params, fsel)
         with self._lock:
-            if rv_param in ("", "0"):
-                initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for (r, _, _), o in sorted(self._objects.items())
-                           if r == res.name and matches(o)]
-                cursor = self._rv
-            else:
-                try:
-                    cursor = int(rv_param)
-                except ValueError:
-                    raise bad_request(f'invalid resource version "{rv_param}"') from None
-                initial = []
-                if cursor < self._compacted:
-                    status = ApiStatusError(410, "Expired", f"too old resource version: {cursor} ({self._compacted})")
-                    if self.watch_expired_as == "http":
-                        raise status
-                    initial = [{"type": "ERROR", "object": status.status()}]
-            w = _Watch(h, bookmarks, self._watch_epoch)
-            w.bookmark_now = False
+            initial = w.start()
             self._watches.append(w)
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Cache-Control", "no-cache, private")
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
-        deadline = time.monotonic() + timeout if timeout else None
-        next_bookmark = time.monotonic() + self.bookmark_interval
         abort = False
         try:
-            for ev in initial:
-                h.write_chunk(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
-                if ev["type"] == "ERROR":
-                    return
-            while True:
-                out, end = [], None
-                with self._lock:
-                    i = bisect.bisect_right(self._history_rvs, cursor)
-                    if i >= len(self._history) and not (w.kick or w.expire or w.bookmark_now):
-                        now = time.monotonic()
-                        wait = min(0.5, next_bookmark - now if bookmarks else 0.5)
-                        if deadline is not None:
-                            wait = min(wait, deadline - now)
-                        self._cond.wait(max(wait, 0.0))
-                        i = bisect.bisect_right(self._history_rvs, cursor)
-                    for rv, etype, rname, obj, old in self._history[i:]:
-                        cursor = rv
-                        if rname != res.name:
-                            continue
-                        now_m, old_m = matches(obj), etype == "MODIFIED" and matches(old)
-                        if etype == "MODIFIED" and not now_m and old_m:
-                            out.append({"type": "DELETED", "object": obj})
-                        elif etype == "MODIFIED" and now_m and not old_m:
-                            out.append({"type": "ADDED", "object": obj})
-                        elif now_m:
-                            out.append({"type": etype, "object": obj})
-                    if w.epoch != self._watch_epoch or not self._running or w.kick == "abort":
-                        end = "abort"
-                    elif w.expire:
-                        end = "expire"
-                    elif w.kick == "end":
-                        end = "end"
-                    current = self._rv
-                    if w.bookmark_now:
-                        w.bookmark_now = False
-                        if bookmarks:
-                            out.append(_bookmark(res, current))
-                    payload = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in out)
-                if end == "abort":
-                    abort = True
-                    return
-                if payload:
-                    h.write_chunk(payload)
-                if end == "expire":
-                    h.write_chunk(json.dumps({"type": "ERROR", "object": ApiStatusError(
-                        410, "Expired", f"too old resource version: {cursor} ({self._compacted})").status()}).encode()
-                        + b"\n")
-                    return
-                if end == "end":
-                    return
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    if bookmarks:
-                        h.write_chunk(json.dumps(_bookmark(res, max(cursor, self._rv))).encode() + b"\n")
-                    return
-                if bookmarks and now >= next_bookmark:
-                    next_bookmark = now + self.bookmark_interval
-                    h.write_chunk(json.dumps(_bookmark(res, max(cursor, self._rv))).encode() + b"\n")
+            if initial:
+                h.write_chunk(_lines(initial))
+            if not (initial and initial[-1]["type"] == "ERROR"):
+                abort = w.stream()
         except OSError:
             abort = True
         finally:
             with self._lock:
                 if w in self._watches:
                     self._watches.remove(w)
-            h.close_connection = True
             if abort:
+                h.close_connection = True
                 _abort(h.connection)
-            else:
+            else:   # a clean end keeps the connection for the next request, as the real server does
                 try:
                     h.wfile.write(b"0\r\n\r\n")
                     h.wfile.flush()
                 except OSError:
-                    pass
+                    h.close_connection = True
 
     # --- discovery and tables -------------------------------------------------
 
