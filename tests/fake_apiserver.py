@@ -32,7 +32,8 @@ Addresses and identities:
   .kubeconfig(dir_or_path, node=None, admin=False) -> path   (convenience alias)
   .client(user="admin") -> Client with .get/.post/.put/.patch/.delete(path, json=..., content_type=..., **requests kw)
         returning requests.Response; .watch(path, params) yields (type, object).  user=None: anonymous.
-  .pki (TLS only): TestPKI with .ca_path, .ca_pem, .server_cert_path, .server_key_path,
+  .ca_path, .client_cert(user="admin"|<node>, directory=None) -> (cert_path, key_path)
+  .pki (made on demand; always used by TLS fakes): TestPKI with .ca_path, .ca_pem, .server_cert_path, .server_key_path,
         .client_cert(cn, orgs=(), directory=None) -> (cert_path, key_path), .sign_csr(pem, usages) -> cert PEM
 
 State (Python side, as admin, no HTTP):
@@ -1186,6 +1187,18 @@ class FakeApiServer:
             self._pki = TestPKI(self._pki_dir or _tempdir())
         return self._pki
 
+    @property
+    def ca_path(self):
+        """The CA file that signs the server's certificate and trusted client certificates."""
+        return self.pki.ca_path
+
+    def client_cert(self, user="admin", directory=None):
+        """(cert_path, key_path) for `user`: "admin" (O=system:masters) or a node name (O=system:nodes)."""
+        if user == "admin":
+            return self.pki.client_cert("admin", ("system:masters",), directory)
+        return self.pki.node_cert(user[len("system:node:"):] if user.startswith("system:node:") else user,
+                                  directory)
+
     def start(self):
         if self._running:
             return self
@@ -1283,10 +1296,7 @@ class FakeApiServer:
         if self.tls:
             cluster["certificate-authority"] = self.pki.ca_path
         if client_cert:
-            if user == "admin":
-                cert, key = self.pki.client_cert("admin", ("system:masters",), os.path.dirname(path) or ".")
-            else:
-                cert, key = self.pki.node_cert(user, os.path.dirname(path) or ".")
+            cert, key = self.client_cert(user, os.path.dirname(path) or ".")
             auth = {"client-certificate": cert, "client-key": key}
         else:
             auth = {"token": token or self._token_for(user)}

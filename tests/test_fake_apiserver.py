@@ -433,3 +433,17 @@ def test_delay_and_restart_that_expires_old_resource_versions(fake_api):
     fake_api.restart(expire_watches=True)
     events = list(c.watch("/api/v1/pods", {"fieldSelector": "spec.nodeName=n1", "resourceVersion": str(rv)}))
     assert events[0][1]["code"] == 410
+
+
+def test_kubeconfig_with_a_client_certificate(fake_api_tls, tmp_path):
+    import yaml
+    path = fake_api_tls.write_kubeconfig(tmp_path / "n1.kubeconfig", "n1", client_cert=True)
+    cfg = yaml.safe_load(open(path))
+    user = cfg["users"][0]["user"]
+    assert cfg["clusters"][0]["cluster"]["certificate-authority"] == fake_api_tls.ca_path
+    r = requests.get(fake_api_tls.url + "/api/v1/nodes/n1", cert=(user["client-certificate"], user["client-key"]),
+                     verify=fake_api_tls.ca_path, timeout=10)
+    assert r.status_code == 404 and fake_api_tls.requests[-1].user == "system:node:n1"
+    r = requests.get(fake_api_tls.url + "/api/v1/nodes/n1", headers={"Authorization": "Bearer nope"},
+                     verify=fake_api_tls.ca_path, timeout=10)
+    assert r.status_code == 401
