@@ -2645,15 +2645,15 @@ class ImageManager:
         if self.metrics is not None:
             self.metrics.inc("minikrust_image_pulls_total", result=result)
 
-    def present(self, image):
-        """Whether `image` is on the node already (a `file:` image always is): no pull for IfNotPresent."""
+    def present(self, image, pull_secrets=(), namespace=None):
+        """Whether `image` is on the node for this pod (a `file:` image always is): no pull for IfNotPresent."""
         if image.startswith("file:"):
             return True
         try:
             ref = parse_image_ref(image)
         except ImageError:
             return False
-        return self.store.lookup(_store_key(ref)) is not None
+        return self.store.lookup(_store_key(ref)) is not None and self._may_use(ref, pull_secrets, namespace)
 
     def _may_use(self, ref, pull_secrets, namespace):
         """KEP-2535 (KubeletEnsureSecretPulledImages): a module pulled with a pod's secret serves
@@ -5220,9 +5220,7 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
     handle = _open_log(path)
     backlog = collections.deque(maxlen=options.tail_lines)
     for name in rotated_log_files(path):
-        with contextlib.suppress(FileNotFoundError), open(name, "rb") as rotated:
-            backlog.extend(line for line in map(joiner.feed, _records(rotated, bytearray()))
-                           if line and options.selects(line))
+        backlog.extend(line for line in map(joiner.feed, _file_records(name)) if line and options.selects(line))
     try:
         if handle is not None:
             backlog.extend(line for line in map(joiner.feed, _records(handle, buffered))

@@ -652,6 +652,7 @@ def test_secret_pulled_modules_serve_only_pods_with_the_credential(tmp_path, bas
     with pytest.raises(ImageError) as err:
         images.ensure(image, "Never", [], namespace="b")
     assert err.value.reason == "ErrImageNeverPull" and "credentials this pod does not have" in err.value.message
+    assert images.present(image, ["copy"], namespace="c") and not images.present(image, [], namespace="b")
     assert_no_secret(caplog.text + json.dumps(images.store._index))
     # node-wide credentials serve every pod once a pull used them
     config = tmp_path / "config.json"
