@@ -6356,7 +6356,8 @@ def _trim_heap():
 
 
 if __name__ == "__main__":
-    if __spec__ is None and sys.executable and not os.environ.get("MINIKRUST_NO_REEXEC"):
+    if (__spec__ is None and sys.executable and os.path.basename(__file__) == "minikrust.py"
+            and not os.environ.get("MINIKRUST_NO_REEXEC")):
         # CPython keeps a script's syntax tree alive for as long as the script runs: for this
         # file about 15 MB of an idle kubelet's 47. Run as a module (same file, same pid), the
         # tree is freed once compiled.
