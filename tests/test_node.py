@@ -284,3 +284,9 @@ def test_registers_over_https_with_a_client_certificate_identity(fake_api_tls, t
     with minikrust.Kubelet(config, handler=object()):
         wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
     assert {r.user for r in fake.find_requests(path="nodes")} == {"system:node:n1"}
+
+
+def test_without_a_kubeconfig_the_kubelet_runs_standalone(tmp_path):
+    with minikrust.Kubelet(minikrust.Config(root_dir=str(tmp_path / "root"), serve=False)) as kubelet:
+        assert kubelet.api is None and kubelet.node is None
+        assert not any(isinstance(s, minikrust.ApiPodSource) for s in kubelet.sources)
