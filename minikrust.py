@@ -2626,18 +2626,20 @@ class ImageManager:
                                  if not hit else f'Container image "{image}" was pulled with credentials '
                                  "this pod does not have, and pull policy Never cannot check them",
                                  "ErrImageNeverPull")
-        self._check_backoff(image)
+        # pulls with other credentials are checked on their own, and back off on their own (the
+        # kubelet keys its image backoff by pod and image)
         secret_names = sorted(s.get("name", "") if isinstance(s, dict) else s for s in pull_secrets or ())
-        flight = f"{ref} {namespace} {','.join(secret_names)}"  # other credentials: their own check
+        flight = f"{ref} {namespace} {','.join(secret_names)}"
+        self._check_backoff(flight, image)
         try:
             result = self._single_flight(flight, lambda: self._pull(ref, pull_secrets, namespace))
         except ImageError as exc:
-            self._record_failure(image)
+            self._record_failure(flight)
             self._count("error")
             log.warning('failed to pull image "%s": %s', image, exc.message)
             raise ImageError(f'Failed to pull image "{image}": {exc.message}', exc.reason) from None
         with self._lock:
-            self._failures.pop(image, None)
+            self._failures.pop(flight, None)
         self._count("success")
         return result
 
@@ -2691,20 +2693,20 @@ class ImageManager:
             digest = self._file_digests[key] = _file_digest(path)
         return ModuleRef(path, digest, f"file:{path}@{digest}")
 
-    def _check_backoff(self, image):
+    def _check_backoff(self, key, image):
         with self._lock:
-            until, _ = self._failures.get(image, (0, 0))
+            until, _ = self._failures.get(key, (0, 0))
         if time.monotonic() < until:
             raise ImageError(f'Back-off pulling image "{image}"', "ImagePullBackOff")
 
-    def _record_failure(self, image):
+    def _record_failure(self, key):
         initial, cap = self.backoff
         with self._lock:
-            until, delay = self._failures.get(image, (0, 0))
+            until, delay = self._failures.get(key, (0, 0))
             if time.monotonic() < until:  # callers that shared one failed pull count once
                 return
             delay = min(cap, delay * 2) if delay else initial
-            self._failures[image] = (time.monotonic() + delay, delay)
+            self._failures[key] = (time.monotonic() + delay, delay)
 
     def _single_flight(self, key, pull):
         with self._lock:
