@@ -19,7 +19,7 @@ through the `wasmtime` Python package (slower, same behaviour).
 __version__ = "0.1.0"
 __all__ = [
     "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError", "ContainerConfigError",
-    "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config",
+    "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config", "ApiClient", "api_client_for", "NodeAgent", "ApiPodSource",
     "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
     "container_workdir", "parse_quantity", "guest_file_on_host", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
     "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "ContainerLogWriter",
