@@ -2297,7 +2297,7 @@ class FakeApiServer:
                     raise self._forbid_rbac(user, verb, res, sub, ns, name,
                                             "can only list/watch pods with spec.nodeName field selector")
                 return
-            if verb == "get" and sub in (None, "status"):
+            if verb == "get" and sub is None:
                 pod = self._objects.get(("pods", ns, name))
                 if pod is None or (pod.get("spec") or {}).get("nodeName") != node:
                     raise self._forbid_rbac(user, verb, res, sub, ns, name,
