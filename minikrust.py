@@ -5123,9 +5123,9 @@ class LogOptions:
                    stream=None if stream == "All" else stream.lower())
 
 
-def _records(handle, buffered):
-    """Complete records (ending in a newline) readable now from `handle`; a half-written one waits in `buffered`."""
-    data = handle.read()
+def _records(handle, buffered, block=1 << 20):
+    """Complete records (ending in a newline) in the next block of `handle`; a half-written one waits in `buffered`."""
+    data = handle.read(block)
     if not data:
         return []
     buffered.extend(data)
@@ -5220,13 +5220,20 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
     """
     budget, joiner, buffered = [options.limit_bytes], _LineJoiner(), bytearray()
     handle = _open_log(path)
-    backlog = collections.deque(maxlen=options.tail_lines)
-    for name in rotated_log_files(path):
-        backlog.extend(line for line in map(joiner.feed, _file_records(name)) if line and options.selects(line))
+
+    def written():  # what the log holds now: rotated files, then the live file up to its end
+        for name in rotated_log_files(path):
+            yield from (line for line in map(joiner.feed, _file_records(name)) if line and options.selects(line))
+        while handle is not None:
+            records = _records(handle, buffered)
+            if not records:
+                return
+            yield from (line for line in map(joiner.feed, records) if line and options.selects(line))
+
     try:
-        if handle is not None:
-            backlog.extend(line for line in map(joiner.feed, _records(handle, buffered))
-                           if line and options.selects(line))
+        backlog = written()
+        if options.tail_lines is not None:
+            backlog = collections.deque(backlog, maxlen=options.tail_lines)
         yield from _emit(backlog, options, budget)
         finished, last_check, idle = False, time.monotonic(), 0.05
         while budget[0] != 0:

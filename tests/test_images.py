@@ -261,6 +261,18 @@ def test_failed_pulls_back_off_like_the_kubelet(tmp_path, registry):
     assert ref.digest and outcome()[0] == ref                    # success resets the backoff
 
 
+def test_backoff_is_per_pod_credentials_not_per_image(tmp_path, basic_registry):
+    basic_registry.push_cncf("pol/perpod", "v1", fake_module(100))
+    image = f"{basic_registry.host}/pol/perpod:v1"
+    api = FakeApi({"/api/v1/namespaces/a/secrets/cred": pull_secret("cred", basic_registry.host)})
+    images = make_manager(tmp_path, [basic_registry.host], api)
+    for reason in ("ErrImagePull", "ImagePullBackOff"):
+        with pytest.raises(ImageError) as err:
+            images.ensure(image, "Always", [], namespace="b")
+        assert err.value.reason == reason
+    assert images.ensure(image, "Always", ["cred"], namespace="a").digest   # not held back by pod b
+
+
 def test_insecure_registries_is_off_by_default(tmp_path, registry):
     registry.push_cncf("pol/https", "v1", fake_module(100))
     with pytest.raises(ImageError) as err:
