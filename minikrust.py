@@ -1087,7 +1087,7 @@ class _FallbackRun:
             except wt.ExitTrap as exc:
                 exit_code = exc.code
             except (wt.Trap, wt.WasmtimeError) as exc:
-                trap = self._stop_reason or str(exc)
+                trap = None if self._stop_reason else str(exc)  # killed/timed_out say it, as native does
             if isinstance(memory, wt.Memory):
                 peak = memory.data_len(self._store)
         except (wt.Trap, wt.WasmtimeError) as exc:
@@ -2932,8 +2932,10 @@ def _pick_platform(index):
             platform_ = entry.get("platform") or {}
             if platform_.get("os") == os_name and platform_.get("architecture") == arch:
                 return entry
-    if len(entries) == 1:
-        return entries[0]
+    # buildx adds attestation manifests as unknown/unknown entries: they are not candidates
+    images = [e for e in entries if (e.get("platform") or {}).get("os") != "unknown"]
+    if len(images) == 1:
+        return images[0]
     found = ", ".join(f"{(e.get('platform') or {}).get('os')}/{(e.get('platform') or {}).get('architecture')}"
                       for e in entries)
     raise ImageError(f"no wasip1/wasm or wasi/wasm entry in the image index (found: {found or 'none'})")

@@ -165,7 +165,7 @@ def test_index_picks_the_wasip1_wasm_entry(tmp_path, registry):
     ref = make_manager(tmp_path, [registry.host]).ensure(f"{registry.host}/fmt/multi:v1", None)
     assert read(ref.path) == module
     assert ref.image_id == f"{registry.host}/fmt/multi@{index}"
-    registry.push_index("fmt/multi", "sole", [(wasm, "linux", "riscv64")])     # the sole entry
+    registry.push_index("fmt/multi", "sole", [(wasm, "linux", "riscv64"), (linux, "unknown", "unknown")])
     assert make_manager(tmp_path / "b", [registry.host]).ensure(f"{registry.host}/fmt/multi:sole", None).digest == ref.digest
 
 
