@@ -266,7 +266,7 @@ def test_kill_stops_an_infinite_loop_within_100ms(backend, wasm):
     wait_for(lambda: handle.done, timeout=5, interval=0.001, what="killed run to finish")
     assert time.monotonic() - killed_at < 0.1
     result = handle.wait()
-    assert result.killed and result.exit_code is None and not result.timed_out
+    assert result.killed and result.exit_code is None and not result.timed_out and result.trap is None
 
 
 def test_kill_stops_a_sleeping_module_within_100ms(backend, wasm):
@@ -302,7 +302,7 @@ def test_kill_after_exit_is_harmless(backend, wasm):
 
 def test_deadline_stops_a_loop(backend, wasm):
     result = run(backend, wasm.loop, deadline=0.2)
-    assert result.timed_out and not result.killed and result.exit_code is None
+    assert result.timed_out and not result.killed and result.exit_code is None and result.trap is None
     assert 0.15 < result.duration < 2
 
 
