@@ -1033,8 +1033,11 @@ class _FallbackRun:
             self._writers.append(_StreamWriter(stdout, "stdout", log_format, clock))
             self._writers.append(_StreamWriter(stderr, "stderr", log_format, clock))
             wasi = wt.WasiConfig()
-            wasi.argv = [str(a) for a in argv]
-            wasi.env = _env_pairs(env)
+            argv, pairs = [str(a) for a in argv], _env_pairs(env)
+            if any("\0" in text for text in argv + [t for pair in pairs for t in pair]):
+                raise ModuleRunError("an argument or environment string contains a NUL byte")
+            wasi.argv = argv
+            wasi.env = pairs
             for host_dir, guest_dir, readonly in preopens or ():
                 wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
             _set_custom_output(wt, wasi, "stdout", self._writers[0])

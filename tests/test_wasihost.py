@@ -591,3 +591,19 @@ def test_process_exits_cleanly_with_runs_done_and_running(backend, wasm, tmp_pat
     for _ in range(6):  # wasmtime's threads used to abort ~1 exit in 15 (a Python callback at teardown)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         assert (proc.returncode, proc.stdout) == (0, "bye\n"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", ["argv", "env-name", "env-value"])
+def test_nul_bytes_in_argv_or_env_are_refused(backend, wasm, where):
+    argv, env = ["m"], {"A": "1"}
+    if where == "argv":
+        argv = ["m", "a\0b"]
+    else:
+        env = {"A\0B": "1"} if where == "env-name" else {"A": "1\0"}
+    with pytest.raises(minikrust.ModuleRunError, match="NUL"), minikrust.module_errors():
+        backend.load(wasm.hello).run(argv, env=env)
+
+
+def test_empty_stdin_reads_as_end_of_file(backend, wasm):
+    result, out, _ = capture(backend, wasm.tool, ["tool", "stdin"], stdin=b"")
+    assert (result.exit_code, out) == (0, b"")
