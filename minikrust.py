@@ -5711,6 +5711,7 @@ class _ServingTLS:
         self.pki_dir = os.path.join(self.config.root_dir, "pki")
         self._context = None
         self._thread = None
+        self._renew_at = {}  # (notBefore, notAfter) -> when to renew: the jitter is drawn once per certificate
 
     def context(self):
         return self._context
@@ -5744,7 +5745,7 @@ class _ServingTLS:
         while not self.stop.is_set():
             current = _current_certificate(self.pki_dir, "kubelet-server")
             if current:
-                renew_at = _rotation_time(current[1], current[2])
+                renew_at = self._renew_at.setdefault(current[1:], _rotation_time(*current[1:]))
                 if time.time() < renew_at:
                     if self.stop.wait(min(renew_at - time.time(), 3600.0)):
                         return
