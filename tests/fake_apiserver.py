@@ -739,6 +739,79 @@ def type_error(obj, kind):
             f"of type {_go_type(sch)}")
 
 
+_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _qualified_name_errors(key):
+    prefix, _, name = key.rpartition("/")
+    errs = []
+    if prefix and (len(prefix) > 253 or not _SUBDOMAIN_RE.match(prefix)):
+        errs.append("prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+                    "characters, '-' or '.', and must start and end with an alphanumeric character")
+    if not name or len(name) > 63 or not _LABEL_RE.match(name):
+        errs.append("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+                    "with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for "
+                    "validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')")
+    return errs
+
+
+def validate_meta(res, meta):
+    """ObjectMeta validation: the name's form, label keys and values, annotation keys -> causes."""
+    causes = []
+    name = meta.get("name") or ""
+    regex, what = (_DNS_LABEL_RE, "RFC 1123 label") if res.name == "namespaces" else (_SUBDOMAIN_RE,
+                                                                                      "RFC 1123 subdomain")
+    if name and res.name not in ("tokenreviews", "subjectaccessreviews") and (
+            len(name) > 253 or not regex.match(name)):
+        causes.append(("metadata.name", "FieldValueInvalid",
+                       f'Invalid value: "{name}": a lowercase {what} must consist of lower case alphanumeric '
+                       "characters, '-' or '.', and must start and end with an alphanumeric character"))
+    for key, value in (meta.get("labels") or {}).items():
+        for err in _qualified_name_errors(key):
+            causes.append(("metadata.labels", "FieldValueInvalid", f'Invalid value: "{key}": {err}'))
+        if value and (len(value) > 63 or not _LABEL_RE.match(value)):
+            causes.append((f"metadata.labels", "FieldValueInvalid",
+                           f'Invalid value: "{value}": a valid label must be an empty string or consist of '
+                           "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric "
+                           "character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is "
+                           "'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"))
+    for key in (meta.get("annotations") or {}):
+        for err in _qualified_name_errors(key):
+            causes.append(("metadata.annotations", "FieldValueInvalid", f'Invalid value: "{key}": {err}'))
+    return causes
+
+
+def _ip_errors(path, value):
+    import ipaddress
+    try:
+        ipaddress.ip_address(value)
+        return []
+    except ValueError:
+        return [(path, "FieldValueInvalid", f'Invalid value: "{value}": must be a valid IP address, (e.g. 10.9.8.7 '
+                 "or 2001:db8::ffff)")]
+
+
+def validate_fields(res, obj):
+    """The few field validations a kubelet can run into (pod IPs, lease duration)."""
+    causes = []
+    if res.name == "pods":
+        st = obj.get("status") or {}
+        for key in ("podIP", "hostIP"):
+            if st.get(key):
+                causes += _ip_errors(f"status.{key}", st[key])
+        for key in ("podIPs", "hostIPs"):
+            for i, item in enumerate(_each(st.get(key))):
+                causes += _ip_errors(f"status.{key}[{i}].ip", item.get("ip") or "")
+    elif res.name == "leases":
+        dur = (obj.get("spec") or {}).get("leaseDurationSeconds")
+        if dur is not None and dur <= 0:
+            causes.append(("spec.leaseDurationSeconds", "FieldValueInvalid",
+                           f"Invalid value: {dur}: must be greater than 0"))
+    return causes
+
+
 _IMAGE_RE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
                        r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::([\w][\w.-]{0,127}))?(@[a-z0-9]+:[a-f0-9]{32,})?$")
 
@@ -1624,6 +1697,11 @@ class FakeApiServer:
                                      {"name": ns, "kind": "namespaces"})
             meta = self._new_meta(res, ns, obj)
             name = meta["name"]
+            try:
+                shape(obj)
+            except ValueError as exc:
+                raise bad_request(f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: '
+                                  f"{exc}") from None
             self._admit_create(user, res, ns, obj)
             self._validate(res, obj, None)
             if (res.name, ns, name) in self._objects:
@@ -1847,6 +1925,9 @@ class FakeApiServer:
             raise invalid(res, name, causes)
 
     def _validate(self, res, obj, old):
+        causes = validate_meta(res, obj["metadata"]) + validate_fields(res, obj)
+        if causes:
+            raise invalid(res, obj["metadata"].get("name"), causes)
         if res.name == "nodes":
             causes = []
             for i, c in enumerate(_each(obj.get("status", {}).get("conditions"))):

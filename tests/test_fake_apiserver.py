@@ -447,3 +447,18 @@ def test_kubeconfig_with_a_client_certificate(fake_api_tls, tmp_path):
     r = requests.get(fake_api_tls.url + "/api/v1/nodes/n1", headers={"Authorization": "Bearer nope"},
                      verify=fake_api_tls.ca_path, timeout=10)
     assert r.status_code == 401
+
+
+def test_names_labels_and_ips_are_validated_like_the_real_server(fake_api):
+    c = fake_api.client("MyHost")
+    bad = dict(NODE, metadata={"name": "MyHost"})
+    r = c.post("/api/v1/nodes", json=bad)
+    assert r.status_code == 422 and r.json()["details"]["causes"][0]["field"] == "metadata.name"
+    bad = dict(NODE, metadata={"name": "n1", "labels": {"kubernetes.io/arch": "wasm32/wasi"}})
+    assert fake_api.client("n1").post("/api/v1/nodes", json=bad).status_code == 422
+    fake_api.create_pod(POD, node_name="n1")
+    r = fake_api.client("n1").patch("/api/v1/namespaces/default/pods/p/status", {"status": {"podIP": "localhost"}})
+    assert r.status_code == 422 and "valid IP" in r.json()["message"]
+    r = fake_api.client("n1").patch("/api/v1/namespaces/default/pods/p/status",
+                                    {"status": {"startTime": "yesterday"}})
+    assert r.status_code == 422
