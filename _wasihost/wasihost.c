@@ -301,13 +301,27 @@ void wh_module_free(wh_module *m) {
 enum { ORIG_FD_WRITE, ORIG_FD_CLOSE, ORIG_FD_RENUMBER, ORIG_POLL_ONEOFF, ORIG_COUNT };
 static const char *const ORIG_NAMES[ORIG_COUNT] = {"fd_write", "fd_close", "fd_renumber", "poll_oneoff"};
 
+/* Where a run's output goes: one buffer per distinct fd (stdout and stderr sharing a log file
+ * share a sink, so their records stay in order). Output is written when the buffer fills, at
+ * each epoch tick (every TICK_NS of guest execution), before a call that may block, and at the
+ * end of the run: a chatty module costs a few write(2)s, and a log is never more than a tick
+ * behind the module. */
 typedef struct {
-  int fd;       /* where the bytes go; -1 discards them */
-  int ours;     /* 0 once the guest closed or renumbered this fd: wasmtime owns it from then on */
+  int fd; /* -1 discards */
+  char *buf;
+  size_t len, cap;
+} sink_t;
+
+#define SINK_FLUSH_AT (64 * 1024)
+
+typedef struct {
+  sink_t *sink;
+  int ours;         /* 0 once the guest closed or renumbered this fd: wasmtime owns it from then on */
   const char *name; /* "stdout" / "stderr" */
-  char *line;   /* CRI: the current line not yet ended by '\n' */
+  size_t name_len;
+  char *line;       /* CRI: the current line not yet ended by '\n' */
   size_t line_len;
-  int64_t *clock; /* the run's last timestamp: both streams may share a file, never go back */
+  int64_t *clock;   /* the run's last timestamp: both streams may share a file, never go back */
 } stream_t;
 
 struct wh_run {
@@ -317,6 +331,7 @@ struct wh_run {
   struct timespec deadline;
   int has_deadline;
   int cri;
+  sink_t sinks[2];
   stream_t streams[2];
   int64_t clock;
   wasmtime_func_t orig[ORIG_COUNT];
@@ -337,6 +352,29 @@ static void write_all(int fd, const char *p, size_t n) {
   }
 }
 
+static void sink_flush(sink_t *k) {
+  if (k->len && k->fd >= 0) write_all(k->fd, k->buf, k->len);
+  k->len = 0;
+}
+
+static void flush_all(wh_run *r) {
+  sink_flush(&r->sinks[0]);
+  sink_flush(&r->sinks[1]);
+}
+
+/* Room for `need` more bytes at the end of the buffer, or NULL (then the bytes are dropped). */
+static char *sink_reserve(sink_t *k, size_t need) {
+  if (k->len + need > SINK_FLUSH_AT) sink_flush(k);
+  if (k->len + need > k->cap) {
+    size_t cap = k->len + need > SINK_FLUSH_AT ? k->len + need : SINK_FLUSH_AT;
+    char *nb = realloc(k->buf, cap);
+    if (!nb) return NULL;
+    k->buf = nb;
+    k->cap = cap;
+  }
+  return k->buf + k->len;
+}
+
 /* "2026-11-25T23:59:59.123456789Z" (30 chars) */
 static size_t rfc3339nano(char *buf, int64_t *clock) {
   struct timespec ts;
@@ -355,41 +393,17 @@ static size_t rfc3339nano(char *buf, int64_t *clock) {
   return n;
 }
 
-/* Output buffer for CRI records: many lines of one fd_write leave in one write(2). */
-typedef struct {
-  char *buf;
-  size_t len, cap;
-  char ts[40];
-  size_t ts_len;
-  int heap; /* buf was malloc'ed (it starts on the caller's stack) */
-} outbuf_t;
-
-static void ob_flush(outbuf_t *ob, int fd) {
-  if (ob->len && fd >= 0) write_all(fd, ob->buf, ob->len);
-  ob->len = 0;
-}
-
-static void ob_record(outbuf_t *ob, stream_t *s, char tag, const char *a, size_t alen, const char *b,
-                      size_t blen) {
-  size_t need = ob->ts_len + 10 + alen + blen;
-  if (ob->len + need > ob->cap) {
-    ob_flush(ob, s->fd);
-    if (need > ob->cap) {
-      char *nb = malloc(need + 4096);
-      if (!nb) return;
-      if (ob->heap) free(ob->buf);
-      ob->buf = nb;
-      ob->cap = need + 4096;
-      ob->heap = 1;
-    }
-  }
-  char *p = ob->buf + ob->len;
-  memcpy(p, ob->ts, ob->ts_len);
-  p += ob->ts_len;
+/* One CRI record: "<ts> <stream> <tag> <a><b>\n". */
+static void cri_record(stream_t *s, const char *ts, size_t ts_len, char tag, const char *a, size_t alen,
+                       const char *b, size_t blen) {
+  char *p = sink_reserve(s->sink, ts_len + s->name_len + 5 + alen + blen);
+  if (!p) return;
+  char *start = p;
+  memcpy(p, ts, ts_len);
+  p += ts_len;
   *p++ = ' ';
-  size_t nl = strlen(s->name);
-  memcpy(p, s->name, nl);
-  p += nl;
+  memcpy(p, s->name, s->name_len);
+  p += s->name_len;
   *p++ = ' ';
   *p++ = tag;
   *p++ = ' ';
@@ -398,24 +412,23 @@ static void ob_record(outbuf_t *ob, stream_t *s, char tag, const char *a, size_t
   if (blen) memcpy(p, b, blen);
   p += blen;
   *p++ = '\n';
-  ob->len = (size_t)(p - ob->buf);
+  s->sink->len += (size_t)(p - start);
 }
 
 static void cri_write(stream_t *s, const char *data, size_t len) {
-  char stack[8192];
-  outbuf_t ob = {stack, 0, sizeof stack, {0}, 0, 0};
-  ob.ts_len = rfc3339nano(ob.ts, s->clock);
+  char ts[40];
+  size_t ts_len = rfc3339nano(ts, s->clock); /* one timestamp for the lines of one write */
   while (len > 0) {
     const char *nl = memchr(data, '\n', len);
     size_t chunk = nl ? (size_t)(nl - data) : len; /* bytes before the newline */
     if (nl && s->line_len + chunk <= CRI_MAX_LINE) { /* a complete line */
-      ob_record(&ob, s, 'F', s->line, s->line_len, data, chunk);
+      cri_record(s, ts, ts_len, 'F', s->line, s->line_len, data, chunk);
       s->line_len = 0;
       data += chunk + 1;
       len -= chunk + 1;
     } else if (s->line_len + chunk >= CRI_MAX_LINE) { /* an overlong line: cut it */
       size_t take = CRI_MAX_LINE - s->line_len;
-      ob_record(&ob, s, 'P', s->line, s->line_len, data, take);
+      cri_record(s, ts, ts_len, 'P', s->line, s->line_len, data, take);
       s->line_len = 0;
       data += take;
       len -= take;
@@ -428,30 +441,53 @@ static void cri_write(stream_t *s, const char *data, size_t len) {
       len -= chunk;
     }
   }
-  ob_flush(&ob, s->fd);
-  if (ob.heap) free(ob.buf);
 }
 
 static void stream_emit(wh_run *r, stream_t *s, const char *data, size_t len) {
-  if (s->fd < 0 || len == 0) return;
-  if (r->cri)
+  if (s->sink->fd < 0 || len == 0) return;
+  if (r->cri) {
     cri_write(s, data, len);
-  else
-    write_all(s->fd, data, len);
+  } else if (len >= SINK_FLUSH_AT) {
+    sink_flush(s->sink);
+    write_all(s->sink->fd, data, len);
+  } else {
+    char *p = sink_reserve(s->sink, len);
+    if (!p) return;
+    memcpy(p, data, len);
+    s->sink->len += len;
+  }
 }
 
 /* End of run: a trailing fragment without its newline becomes a P record. */
 static void stream_finish(stream_t *s) {
-  if (s->line_len && s->fd >= 0) {
-    outbuf_t ob = {NULL, 0, 0, {0}, 0, 0};
-    ob.ts_len = rfc3339nano(ob.ts, s->clock);
-    ob_record(&ob, s, 'P', s->line, s->line_len, NULL, 0);
-    ob_flush(&ob, s->fd);
-    if (ob.heap) free(ob.buf);
+  if (s->line_len && s->sink->fd >= 0) {
+    char ts[40];
+    size_t ts_len = rfc3339nano(ts, s->clock);
+    cri_record(s, ts, ts_len, 'P', s->line, s->line_len, NULL, 0);
   }
   free(s->line);
   s->line = NULL;
   s->line_len = 0;
+}
+
+static void streams_begin(wh_run *r, int stdout_fd, int stderr_fd) {
+  r->clock = 0;
+  r->sinks[0] = (sink_t){stdout_fd, NULL, 0, 0};
+  r->sinks[1] = (sink_t){stderr_fd, NULL, 0, 0};
+  sink_t *err_sink = stderr_fd >= 0 && stderr_fd == stdout_fd ? &r->sinks[0] : &r->sinks[1];
+  r->streams[0] = (stream_t){&r->sinks[0], 1, "stdout", 6, NULL, 0, &r->clock};
+  r->streams[1] = (stream_t){err_sink, 1, "stderr", 6, NULL, 0, &r->clock};
+}
+
+static void streams_end(wh_run *r) {
+  stream_finish(&r->streams[0]);
+  stream_finish(&r->streams[1]);
+  for (int i = 0; i < 2; i++) {
+    sink_flush(&r->sinks[i]);
+    free(r->sinks[i].buf);
+    r->sinks[i].buf = NULL;
+    r->sinks[i].cap = 0;
+  }
 }
 
 /* ---------------------------------------------------------------- shadowed WASI calls */
@@ -512,6 +548,7 @@ static wasmtime_error_t *call_orig(wasmtime_caller_t *caller, int which, wasmtim
     wasmtime_error_t *e = bind_originals(caller, r);
     if (e) return e;
   }
+  flush_all(r); /* wasmtime's call may block (poll_oneoff on fds): the log must not lag behind */
   wasm_trap_t *trap = NULL;
   wasmtime_error_t *e = wasmtime_func_call_unchecked(ctx, &r->orig[which], args, n, &trap);
   if (trap) {
@@ -615,6 +652,7 @@ static int64_t now_ns(clockid_t clock) {
 
 /* Sleeps `ns`, in slices, so that kill() or the deadline cut it short: NULL, or why we stopped. */
 static const char *interruptible_sleep(wh_run *r, int64_t ns) {
+  flush_all(r);
   int64_t now = now_ns(CLOCK_MONOTONIC), end = now + ns;
   int64_t deadline = r->has_deadline ? (int64_t)r->deadline.tv_sec * 1000000000 + r->deadline.tv_nsec : INT64_MAX;
   for (;;) {
@@ -714,6 +752,7 @@ static wasmtime_error_t *on_epoch(wasmtime_context_t *ctx, void *data, uint64_t 
                                   wasmtime_update_deadline_kind_t *kind) {
   (void)ctx;
   wh_run *r = data;
+  flush_all(r);
   if (atomic_load(&r->killed)) return wasmtime_error_new("killed");
   if (r->has_deadline) {
     struct timespec now;
@@ -861,9 +900,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       r->deadline.tv_nsec -= 1000000000L;
     }
   }
-  r->clock = 0;
-  r->streams[0] = (stream_t){c->stdout_fd, 1, "stdout", NULL, 0, &r->clock};
-  r->streams[1] = (stream_t){c->stderr_fd, 1, "stderr", NULL, 0, &r->clock};
+  streams_begin(r, c->stdout_fd, c->stderr_fd);
   r->have_orig = 0;
 
   runs_add(1);
@@ -875,6 +912,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   wasmtime_error_t *e = wasmtime_context_set_wasi(ctx, wasi); /* takes ownership */
   if (e) {
     take_error(e, "WASI setup: ", res->message, sizeof res->message);
+    streams_end(r);
     wasmtime_store_delete(store);
     runs_add(-1);
     close_outputs(opened);
@@ -903,7 +941,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       wasmtime_extern_delete(&mem);
     }
   }
-  for (int i = 0; i < 2; i++) stream_finish(&r->streams[i]);
+  streams_end(r);
   wasmtime_store_delete(store);
   runs_add(-1);
   close_outputs(opened);

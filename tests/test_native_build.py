@@ -174,6 +174,20 @@ def test_runs_release_the_gil(host, wasm):
     assert run.wait(timeout=5).killed
 
 
+def test_buffered_log_reaches_the_file_while_the_module_still_runs(host, tmp_path):
+    from tests.helpers import wait_for
+    from tests.wasm_modules import HELLO_BODY, _write_module
+    log = tmp_path / "c.log"
+    run = host.load(_write_module(HELLO_BODY + " (loop $l (br $l))")).start(["m"], stdout=str(log))
+    try:
+        wait_for(lambda: log.exists() and log.read_bytes().endswith(b" stdout F hello\n"), timeout=5,
+                 what="the line written before the loop to be in the log")
+        assert not run.done
+    finally:
+        run.kill()
+    assert run.wait(timeout=5).killed
+
+
 def test_kill_before_the_thread_runs_the_module_still_kills(host, wasm):
     from _wasihost import Run
     run = Run(host.load(wasm.loop), ["loop"], (), (), None, None, "cri", None, None, None)
