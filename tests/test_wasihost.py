@@ -488,19 +488,62 @@ FD_CASES = {
                                f"(call $proc_exit {_write(3)})",
     "poll-no-subscriptions": "(call $proc_exit (call $poll (i32.const 0) (i32.const 512) (i32.const 0) (i32.const 8)))",
     "poll-misaligned": "(call $proc_exit (call $poll (i32.const 3) (i32.const 512) (i32.const 1) (i32.const 8)))",
+    "poll-subs-out-of-bounds": "(call $proc_exit (call $poll (i32.const 65528) (i32.const 512) (i32.const 1) (i32.const 8)))",
+    "poll-events-out-of-bounds": "(i32.store (i32.const 16) (i32.const 1))"
+                                 "(call $proc_exit (call $poll (i32.const 0) (i32.const 65528) (i32.const 1) (i32.const 1000)))",
     "poll-out-of-bounds": "(call $proc_exit (call $poll (i32.const 65500) (i32.const 512) (i32.const 1) (i32.const 8)))",
     # one relative monotonic clock of 1 ms: nevents and the event's userdata/type land in memory
     "poll-clock": "(i64.store (i32.const 0) (i64.const 77)) (i32.store8 (i32.const 8) (i32.const 0))"
                   "(i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 1000000))"
-                  "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 8)))"
-                  "(call $proc_exit (i32.add (i32.load (i32.const 8))"
+                  "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                  "(call $proc_exit (i32.add (i32.load (i32.const 1000))"
                   " (i32.add (i32.wrap_i64 (i64.load (i32.const 512))) (i32.load8_u (i32.const 522)))))",
     "poll-bad-clock-id": "(i32.store8 (i32.const 8) (i32.const 0)) (i32.store (i32.const 16) (i32.const 9))"
-                         "(call $proc_exit (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 8)))",
+                         "(call $proc_exit (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))",
     "poll-stdin-read": "(i32.store8 (i32.const 8) (i32.const 1)) (i32.store (i32.const 16) (i32.const 0))"
-                       "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 8)))"
-                       "(call $proc_exit (i32.add (i32.load (i32.const 8)) (i32.load16_u (i32.const 520))))",
+                       "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                       "(call $proc_exit (i32.add (i32.load (i32.const 1000)) (i32.load16_u (i32.const 520))))",
     "close-2-write-1": f"{HELLO_IOV} (drop (call $close (i32.const 2))) (drop {_write(1)}) (call $proc_exit {_write(2)})",
+    "renumber-1-to-1": f"{HELLO_IOV} (drop (call $renumber (i32.const 1) (i32.const 1))) (call $proc_exit {_write(1)})",
+    "renumber-99-to-1": f"{HELLO_IOV} (drop (call $renumber (i32.const 99) (i32.const 1))) (call $proc_exit {_write(1)})",
+    "renumber-1-to-2": f"{HELLO_IOV} (drop (call $renumber (i32.const 1) (i32.const 2))) (drop {_write(2)})"
+                       f"(call $proc_exit {_write(1)})",
+    "renumber-preopen-to-1": f"{HELLO_IOV} (drop (call $renumber (i32.const 3) (i32.const 1))) (call $proc_exit {_write(1)})",
+    "renumber-returns": f"(call $proc_exit (i32.add (i32.mul (call $renumber (i32.const 1) (i32.const 77)) (i32.const 10))"
+                        " (call $renumber (i32.const 1) (i32.const 2))))",
+    "close-1-renumber-2-to-1": f"{HELLO_IOV} (drop (call $close (i32.const 1))) (drop (call $renumber (i32.const 2) (i32.const 1)))"
+                               f"(drop {_write(1)}) (call $proc_exit {_write(2)})",
+    "close-2-fdstat-2": "(drop (call $close (i32.const 2))) (call $proc_exit (call $fdstat (i32.const 2) (i32.const 64)))",
+    "renumber-1-to-5-fdstat": "(drop (call $renumber (i32.const 1) (i32.const 5)))"
+                              "(drop (call $fdstat (i32.const 5) (i32.const 64)))"
+                              "(call $proc_exit (i32.add (i32.load8_u (i32.const 64)) (i32.load8_u (i32.const 80))))",
+    "empty-iovec-out-of-bounds": "(i32.store (i32.const 0) (i32.const 70000)) (i32.store (i32.const 4) (i32.const 0))"
+                                 f"(call $proc_exit {_write(1)})",
+    "2000-empty-iovecs": f"(call $proc_exit (call $fd_write (i32.const 1) (i32.const 16384) (i32.const 2000) (i32.const 8)))",
+    "iovec-count-overflow": "(call $proc_exit (call $fd_write (i32.const 1) (i32.const 0) (i32.const 0x20000000) (i32.const 8)))",
+    "poll-two-clocks": "(i64.store (i32.const 0) (i64.const 5)) (i32.store (i32.const 16) (i32.const 1))"
+                       "(i64.store (i32.const 24) (i64.const 1000000))"
+                       "(i64.store (i32.const 48) (i64.const 6)) (i32.store (i32.const 64) (i32.const 0))"
+                       "(i64.store (i32.const 72) (i64.const 300000000))"
+                       "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 2) (i32.const 1000)))"
+                       "(call $proc_exit (i32.add (i32.mul (i32.load (i32.const 1000)) (i32.const 10))"
+                       " (i32.wrap_i64 (i64.load (i32.const 512)))))",
+    "poll-zero-timeout": "(i32.store (i32.const 16) (i32.const 1))"
+                         "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                         "(call $proc_exit (i32.load (i32.const 1000)))",
+    "poll-realtime-abstime-past": "(i32.store (i32.const 16) (i32.const 0)) (i64.store (i32.const 24) (i64.const 1))"
+                                  "(i32.store16 (i32.const 40) (i32.const 1))"
+                                  "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                                  "(call $proc_exit (i32.load (i32.const 1000)))",
+    "poll-stdout-writable": "(i32.store8 (i32.const 8) (i32.const 2)) (i32.store (i32.const 16) (i32.const 1))"
+                            "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                            "(call $proc_exit (i32.add (i32.load (i32.const 1000)) (i32.mul (i32.load16_u (i32.const 520))"
+                            " (i32.const 10))))",
+    "poll-closed-fd": "(drop (call $close (i32.const 1))) (i32.store8 (i32.const 8) (i32.const 2))"
+                      "(i32.store (i32.const 16) (i32.const 1))"
+                      "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                      "(call $proc_exit (i32.add (i32.load (i32.const 1000)) (i32.mul (i32.load16_u (i32.const 520))"
+                      " (i32.const 10))))",
 }
 
 
