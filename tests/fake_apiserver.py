@@ -1692,7 +1692,7 @@ class FakeApiServer:
         if err:
             raise bad_request(f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: {err}')
         with self._lock:
-            if res.namespaced and ("namespaces", "", ns) not in self._objects and res.name != "events":
+            if res.namespaced and ("namespaces", "", ns) not in self._objects:
                 raise ApiStatusError(404, "NotFound", f'namespaces "{ns}" not found',
                                      {"name": ns, "kind": "namespaces"})
             meta = self._new_meta(res, ns, obj)
@@ -1912,7 +1912,7 @@ class FakeApiServer:
     def _check_event(self, res, ns, ev):
         io = ev.get("involvedObject") or {}
         name = ev["metadata"]["name"]
-        if io.get("namespace") and io.get("namespace") != ns:
+        if (io.get("namespace") or "") not in (ns, "") or (not io.get("namespace") and ns != "default"):
             raise invalid(res, name, [("involvedObject.namespace", "FieldValueInvalid",
                                        f'Invalid value: "{io.get("namespace")}": does not match event.namespace')])
         causes = []
