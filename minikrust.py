@@ -2810,9 +2810,9 @@ class ImageManager:
             with self._blob_locks[module_digest]:
                 if not self.store.has(module_digest):
                     temp = self._fetch_blob(client, layers[0])
-                    self.store.add(module_digest, keys, image_id, temp=temp)
+                    self.store.add(module_digest, keys, image_id, temp=temp, auth=auth)
         else:
-            module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id)
+            module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id, auth)
         self.store.add(module_digest, keys, image_id, auth=auth)
         return ModuleRef(self.store.path(module_digest), module_digest, image_id)
 
@@ -2870,7 +2870,7 @@ class ImageManager:
         raise ImageError(f"no WebAssembly module in the image: config {config_type or '(none)'}, "
                          f"layers [{', '.join(types) or 'none'}]")
 
-    def _extract_entrypoint(self, client, layers, entrypoint, keys, image_id):
+    def _extract_entrypoint(self, client, layers, entrypoint, keys, image_id, auth=None):
         """Find the Entrypoint file in the topmost layer holding it; store it; return its digest."""
         wanted = os.path.normpath("/" + entrypoint).lstrip("/")
         for layer in reversed(layers):
@@ -2896,7 +2896,7 @@ class ImageManager:
                 os.unlink(module)
                 raise ImageError(f"Entrypoint {entrypoint} is not a WebAssembly module")
             digest = _file_digest(module)
-            self.store.add(digest, keys, image_id, temp=module)
+            self.store.add(digest, keys, image_id, temp=module, auth=auth)
             return digest
         raise ImageError(f"Entrypoint {entrypoint} is not in any layer of the image")
 
@@ -3866,6 +3866,7 @@ class StatusWriter:
         self._events = collections.deque()
         self._deletes = {}           # uid -> (path, uid); sent after the pod's last status
         self._event_names = {}       # (uid, reason, message, field) -> (name, count, first)
+        self._forgotten = collections.Counter()     # uid -> times forget() was called
         self._thread = None
         self._stopping = False
         self.writes = 0
@@ -3888,6 +3889,7 @@ class StatusWriter:
     def forget(self, uid):
         """A pod gone from the API: drop what is queued or remembered for it."""
         with self._cond:
+            self._forgotten[uid] += 1   # a write in flight must not be remembered as sent
             self._sent.pop(uid, None)
             self._statuses.pop(uid, None)
             for key in [k for k in self._event_names if k[0] == uid]:
@@ -3962,9 +3964,11 @@ class StatusWriter:
             uids = list(self._statuses)
         for uid in uids:
             with self._cond:
+                if uid not in self._statuses:
+                    continue
                 path, status = self._statuses[uid]
-                old = self._sent.get(uid)
-            self._send_status(uid, path, old, status)
+                old, generation = self._sent.get(uid), self._forgotten[uid]
+            self._send_status(uid, path, old, status, generation)
             with self._cond:
                 if self._statuses.get(uid, (None, None))[1] is status:
                     del self._statuses[uid]
@@ -3978,7 +3982,7 @@ class StatusWriter:
                 self._sent.pop(uid, None)
                 self._cond.notify_all()
 
-    def _send_status(self, uid, path, old, status):
+    def _send_status(self, uid, path, old, status, generation=0):
         patch = status_patch(old, status)
         if patch is None:
             return
@@ -3992,7 +3996,8 @@ class StatusWriter:
                 raise
             log.warning("status of %s not written: %s", path, exc)
         with self._cond:
-            self._sent[uid] = status
+            if self._forgotten[uid] == generation:
+                self._sent[uid] = status
 
     def _send_request(self, method, path, body, ok):
         try:
@@ -5808,8 +5813,9 @@ class _Authorizer:
         if peer_cert:
             subject = [pair for rdn in peer_cert.get("subject", ()) for pair in rdn]
             names = [value for key, value in subject if key == "commonName"]
-            if names:
-                return _User(names[0], tuple(value for key, value in subject if key == "organizationName"))
+            if names:  # as the API server's x509 authenticator: CN user, O groups, plus system:authenticated
+                groups = [value for key, value in subject if key == "organizationName"] + ["system:authenticated"]
+                return _User(names[0], tuple(dict.fromkeys(groups)))
         if authorization and authorization.lower().startswith("bearer "):
             token = authorization[7:].strip()
             if not token or self.api is None:
