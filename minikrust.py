@@ -3970,7 +3970,7 @@ class StatusWriter:
                 old, generation = self._sent.get(uid), self._forgotten[uid]
             self._send_status(uid, path, old, status, generation)
             with self._cond:
-                if self._statuses.get(uid, (None, None))[1] is status:
+                if self._statuses.get(uid, (None, None))[1] is status and self._forgotten[uid] == generation:
                     del self._statuses[uid]
                 self._cond.notify_all()
         with self._cond:
