@@ -95,7 +95,7 @@ def pki(tmp_path_factory):
     return types.SimpleNamespace(
         ca=ca, other=other,
         server=ca.issue("server", "node-1", server=True),
-        alice=ca.issue("alice", "alice", groups=("team-a", "system:authenticated")),
+        alice=ca.issue("alice", "alice", groups=("team-a",)),
         mallory=other.issue("mallory", "mallory"),
     )
 
