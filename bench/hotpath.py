@@ -140,7 +140,11 @@ def rss_kb():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (200 runs per contender)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile (a) on the WAT hello: where the time over the C floor goes")
     args = parser.parse_args(argv)
+    if args.profile:
+        return profile()
     runs = 200 if args.quick else 2000
     batches = 4 if args.quick else 10
     rss_runs = 1000 if args.quick else 10000
@@ -152,6 +156,28 @@ def main(argv=None):
         return _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile(runs=5000):
+    """cProfile of (a) on the WAT hello: the Python face's share is what (a) costs over (c)."""
+    import cProfile
+    import pstats
+    import _wasihost
+    tmp = tempfile.mkdtemp(prefix="hotpath-")
+    try:
+        module = _wasihost.Host(os.path.join(tmp, "cache")).load(wasm_modules._write_module(wasm_modules.HELLO_BODY))
+        log = os.path.join(tmp, "bench.log")
+        for _ in range(200):
+            module.run(["hello"], stdout=log, stderr=log)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(runs):
+            module.run(["hello"], stdout=log, stderr=log)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):

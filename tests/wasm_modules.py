@@ -5,7 +5,10 @@ Use from any test:
         wasm.hello                    # bytes: WAT, one fd_write of b"hello\\n" to stdout
         wasm.exit(3)                  # bytes: proc_exit(3)
         wasm.tool                     # path of the C "tool" module (skips when clang is missing):
-                                      #   argv[1] picks a command, see TOOL_C below
+                                      #   tool hello|args|env|exit N|stderr TEXT|lines N|cat PATH|
+                                      #   write PATH TEXT|open PATH|alloc MB|spin|sleep MS|abssleep MS|stdin
+        wasm.loop, wasm.trap, wasm.grow, wasm.no_start, wasm.unknown_import, wasm.big, wasm.fdedge
+        wasm.c(source, name)          # any C source -> path of its .wasm (cached for the session)
     def test_y(backend): ...          # a WASI host of each kind: "native" and "wasmtime-py"
 """
 import hashlib
