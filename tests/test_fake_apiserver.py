@@ -462,3 +462,15 @@ def test_names_labels_and_ips_are_validated_like_the_real_server(fake_api):
     r = fake_api.client("n1").patch("/api/v1/namespaces/default/pods/p/status",
                                     {"status": {"startTime": "yesterday"}})
     assert r.status_code == 422
+
+
+def test_rbac_grants_for_other_users(fake_api):
+    fake_api.add_token("viewer-token", "viewer", ("viewers",))
+    fake_api.create_pod(POD, node_name="n1")
+    c = fake_api.client(None)
+    c.session.headers["Authorization"] = "Bearer viewer-token"
+    r = c.get("/api/v1/namespaces/default/pods")
+    assert r.status_code == 403 and r.json()["message"].startswith('pods is forbidden: User "viewer" cannot list')
+    fake_api.allow("viewers", ("get", "list"), ("pods",), namespace="default")
+    assert c.get("/api/v1/namespaces/default/pods").status_code == 200
+    assert c.delete("/api/v1/namespaces/default/pods/p").status_code == 403
