@@ -2532,6 +2532,17 @@ class ModuleStore:
         with self._lock:
             return {d: dict(m) for d, m in self._index["modules"].items() if self.has(d)}
 
+    def node_images(self, limit=50):
+        """The Node's `status.images`: names (repo@digest ids and repo:tag) and sizes of stored
+        modules, largest first, at most `limit` (the kubelet's --node-status-max-images default)."""
+        with self._lock:
+            names = collections.defaultdict(set)
+            for key, entry in self._index["refs"].items():
+                names[entry["module"]].update((entry["image_id"], key))
+            sizes = {d: m.get("size", 0) for d, m in self._index["modules"].items()}
+        images = [{"names": sorted(names[d]), "sizeBytes": sizes.get(d, 0)} for d in names if self.has(d)]
+        return sorted(images, key=lambda image: (-image["sizeBytes"], image["names"]))[:limit]
+
     def remove(self, digest):
         with self._lock:
             with contextlib.suppress(FileNotFoundError):

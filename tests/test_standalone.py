@@ -123,3 +123,19 @@ def test_static_pods_appear_in_the_api_as_mirror_pods(fake_api, kubelet_factory,
     assert len(kubelet.pods()) == 1     # the mirror is not run a second time
     os.unlink(folder / "hello.yaml")
     wait_for(lambda: fake_api.get("pods", "default", "hello-node-1") is None, timeout=10, what="mirror deleted")
+
+
+def test_a_deleted_mirror_pod_is_created_again(fake_api, kubelet_factory, tmp_path):
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    _write_manifest(folder, "tick.yaml", _pod("tick", _module(folder, "tick.wasm", sleeper(100, 0, repeat=0)),
+                                              policy="Always"))
+    kubelet_factory(fake_api, manifests=folder)
+    first = wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("status", {}).get("phase")
+                     == "Running" and fake_api.get("pods", "default", "tick-node-1"), what="mirror Running")
+    fake_api.delete_pod("default", "tick-node-1")
+    again = wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("metadata", {}).get("uid")
+                     not in (None, first["metadata"]["uid"]) and fake_api.get("pods", "default", "tick-node-1"),
+                     timeout=10, what="a new mirror")
+    wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("status", {}).get("phase")
+             == "Running", what="its status")
