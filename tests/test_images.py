@@ -128,6 +128,8 @@ def test_pulls_cncf_wasm_artifact_by_tag(tmp_path, registry):
     assert not images.present(f"{registry.host}/fmt/cncf:v1")
     ref = images.ensure(f"{registry.host}/fmt/cncf:v1", None)
     assert read(ref.path) == module and ref.pulled > 0
+    assert images.store.node_images() == [{"names": sorted([ref.image_id, f"{registry.host}/fmt/cncf:v1"]),
+                                           "sizeBytes": len(module)}]
     assert images.present(f"{registry.host}/fmt/cncf:v1")
     assert images.ensure(f"{registry.host}/fmt/cncf:v1", "IfNotPresent").pulled is None
     assert ref.digest == sha256(module)
