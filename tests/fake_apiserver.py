@@ -54,7 +54,8 @@ State (Python side, as admin, no HTTP):
         (generated on demand) and emits MODIFIED;  .deny_csr(name);  .csr_auto_approve = True approves+signs on create
   .on_csr_created = callable(csr) (called after a CSR is stored)
   .token_users = {token: (user, [groups])}  answers for TokenReview (plus every token the fake knows)
-  .sar_policy = callable(spec) -> bool or (bool, reason)   SubjectAccessReview answer (default: allow)
+  .sar_policy = callable(spec) -> bool or (bool, reason)   SubjectAccessReview answer (default: allow;
+        `fake.sar_policy = fake.authorizer_sar` answers with the fake's own authorizer and grants)
   .token_reviews / .subject_access_reviews  lists of the specs received
   .node_lifecycle = False   (True: a Ready=True condition removes the node.kubernetes.io/not-ready taint)
   pods/log (`kubectl logs`, admin only) is proxied to the node's kubelet like the real API server does:
@@ -2292,6 +2293,22 @@ class FakeApiServer:
             status["error"] = "invalid bearer token"
         return {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
                 "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+
+    def authorizer_sar(self, spec):
+        """A sar_policy that answers with the fake's own authorizer (admins yes, nodes per Node rules, grants)."""
+        user = User(spec.get("user", ""), tuple(spec.get("groups") or ()))
+        ra = spec.get("resourceAttributes")
+        if not ra:
+            return user.admin, "" if user.admin else "non-resource requests need system:masters here"
+        res = RESOURCES.get(ra.get("resource", ""))
+        if res is None:
+            res = Resource(ra.get("resource", ""), ra.get("group", ""), ra.get("version", "v1"), "", False)
+        try:
+            self.authorize(user, ra.get("verb", "get"), res, ra.get("subresource") or None,
+                           ra.get("namespace", ""), ra.get("name") or None, [])
+            return True, ""
+        except ApiStatusError as exc:
+            return False, exc.message
 
     def _sar(self, body):
         spec = (body or {}).get("spec") or {}

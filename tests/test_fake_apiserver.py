@@ -474,3 +474,16 @@ def test_rbac_grants_for_other_users(fake_api):
     fake_api.allow("viewers", ("get", "list"), ("pods",), namespace="default")
     assert c.get("/api/v1/namespaces/default/pods").status_code == 200
     assert c.delete("/api/v1/namespaces/default/pods/p").status_code == 403
+
+
+def test_subject_access_review_with_the_fakes_own_authorizer(fake_api):
+    fake_api.sar_policy = fake_api.authorizer_sar
+    fake_api.allow("log-readers", ("get",), ("nodes/log",))
+    url = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+    mk = lambda user, groups, sub: {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",  # noqa
+                                    "spec": {"user": user, "groups": groups, "resourceAttributes": {
+                                        "verb": "get", "resource": "nodes", "subresource": sub, "name": "n1"}}}
+    c = fake_api.client()
+    assert c.post(url, json=mk("admin", ["system:masters"], "proxy")).json()["status"]["allowed"] is True
+    assert c.post(url, json=mk("bob", ["log-readers"], "log")).json()["status"]["allowed"] is True
+    assert c.post(url, json=mk("bob", ["log-readers"], "metrics")).json()["status"]["allowed"] is False
