@@ -261,10 +261,10 @@ def _template(argv, pairs, preopens):
 
 
 def _cstrings(values, keep):
-    """A `const char *[]` for `values` (str), its buffers kept alive in `keep`."""
+    """A `const char *[]` for `values` (str, or bytes as they are), its buffers kept alive in `keep`."""
     bufs = []
     for value in values:
-        raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        raw = bytes(value) if isinstance(value, (bytes, bytearray)) else str(value).encode("utf-8")
         if b"\0" in raw:
             raise RunError(f"argument or environment string contains a NUL byte: {value!r}")
         bufs.append(ffi.new("char[]", raw))
