@@ -1,6 +1,5 @@
 """Images: references, pulls from a real registry in each module format, auth, policies, the store."""
 import base64
-import hashlib
 import json
 import logging
 import os
