@@ -92,16 +92,28 @@ Request log:
         (record.path_with_query, record.user); .count(method=None, path=None, user=None) -> int
         (path: regex searched in the path);  .clear_requests()
 
-Documented deviations: see test_contract.py's docstring and README lessons; notably list pagination
-(limit/continue) is honoured with an offset token, managedFields are a single simplified entry, no
-protobuf, no server-side apply (415), and an untrusted client certificate fails the TLS handshake
-(the real server answers 401).
+What it enforces (each as recorded from the real server, see tests/test_contract.py):
+  authentication (unknown token 401, no credentials = system:anonymous -> 403); the Node authorizer (a
+  node reads only its own Node, lists/watches pods only with fieldSelector spec.nodeName=<itself>, reads
+  only the configmaps/secrets/serviceaccounts its pods reference, requests tokens only for audiences
+  its pods' projected volumes name); NodeRestriction (own Node/Lease/pod status only, kubelet label
+  set, no taint changes, mirror pods only); admission (pod defaults, DefaultTolerationSeconds, the
+  kube-api-access-* projected volume, not-ready taint on new Nodes, QoS class); validation (names,
+  labels, wrong JSON types 400 on create / 422 on patch, pod IPs, container state transitions);
+  optimistic concurrency (409 on a stale resourceVersion or a wrong uid precondition; no-op writes keep
+  the resourceVersion); graceful pod deletion (bound pods get deletionTimestamp + a MODIFIED event, the
+  final delete with grace 0 emits MODIFIED then DELETED); strategic merge patch with the merge keys the
+  kubelet touches, JSON merge patch replacing lists, JSON patch; Go's output shape (times rounded,
+  MicroTime to microseconds, containerStatuses' lastState {} etc., list items without kind).
+Deviations: no protobuf (415), no server-side apply (415), strict field validation is not enforced,
+managedFields are a single simplified entry per manager, list pagination uses an offset token, and an
+untrusted client certificate fails the TLS handshake (the real server answers 401). Also: .find_requests(
+method=None, path=None, user=None) -> [RequestRecord] with the same filters as .count.
 """
 import base64
 import bisect
 import copy
 import datetime
-import hashlib
 import http.server
 import json
 import os

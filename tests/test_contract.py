@@ -28,7 +28,6 @@ import os
 import re
 import threading
 import time
-import urllib.parse
 
 import pytest
 import requests
