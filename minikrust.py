@@ -4213,6 +4213,7 @@ class PodWorker:
         self.deleting = self.gone = self.finished = self.finalized = self.stopping = False
         self._exits = []
         self._kill_announced = False
+        self._launched = False
         self._dirty = True
         self._cond = threading.Condition()
         self._thread = None
@@ -4242,8 +4243,14 @@ class PodWorker:
     # -- events from outside (source thread, run waiters) --
 
     def start(self):
+        self._launched = True
         self._thread = threading.Thread(target=self._loop, name=f"pod-{self.key}", daemon=True)
         self._thread.start()
+
+    def _ensure_thread(self):
+        """Called with _cond held: a finished pod's thread ended; start one for what came."""
+        if self._launched and self._thread is None and not (self.stopping or self.finalized):
+            self.start()
 
     def update(self, pod):
         with self._cond:
@@ -4268,15 +4275,17 @@ class PodWorker:
         with self._cond:
             self.stopping = True
             self._wake()
+            thread = self._thread
         for c in self.inits + self.apps:
             if c.run is not None:
                 c.run.kill()
-        if self._thread is not None:
-            self._thread.join(5.0)
+        if thread is not None:
+            thread.join(5.0)
 
     def _wake(self):
         self._dirty = True
         self._cond.notify_all()
+        self._ensure_thread()
 
     def _on_exit(self, container, run):
         result = run.wait()
@@ -4301,6 +4310,9 @@ class PodWorker:
             self._publish()
             with self._cond:
                 if not self._dirty and not self.stopping and not self.finalized:
+                    if self.finished and not self.deleting:
+                        self._thread = None     # nothing to do until it is deleted: no idle thread
+                        return
                     self._cond.wait(wait)
 
     def _sync(self):
@@ -4707,7 +4719,7 @@ class PodManager:
             self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
                                 "gracePeriodSeconds": 0, "preconditions": {"uid": meta.get("uid")}})
 
-    def _admit(self, pod):
+    def _admit(self, pod, restored=False):
         uid = pod["metadata"]["uid"]
         saved = self._load_status(uid) or pod.get("status")
         rejected = None
@@ -4724,7 +4736,7 @@ class PodManager:
             if _is_static(pod):
                 self.writer.request("POST", f"/api/v1/namespaces/{pod['metadata'].get('namespace', 'default')}/pods",
                                     _mirror_pod(pod))
-            else:
+            elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
         worker.start()
@@ -4834,7 +4846,7 @@ class PodManager:
                 known = uid in self.workers
             if not known and not _is_static(pod):
                 self._restored.add(uid)
-                self._admit(pod)
+                self._admit(pod, restored=True)
 
     def prune_after(self, synced):
         """Prune restored pods once `synced` (the API source's first list) is set."""

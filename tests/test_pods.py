@@ -1,6 +1,7 @@
 """Pods: the status computation (pure, with dicts) and pod workers against the fake API server."""
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -232,6 +233,10 @@ def test_restart_policy_decides_the_terminal_phase(fake_api, kubelet_factory, mo
     status = wait_for(_phase(fake_api, "p", phase), what=phase)
     assert status["containerStatuses"][0]["restartCount"] == 0
     assert status["containerStatuses"][0]["state"]["terminated"]["exitCode"] == code
+    # a finished pod keeps no thread, and is still finalized when deleted
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name == "pod-default/p"], what="idle thread gone")
+    fake_api.delete_pod("default", "p")
+    wait_for(lambda: fake_api.get("pods", "default", "p") is None, timeout=3, what="finished pod deleted")
 
 
 def test_always_restarts_even_after_success(fake_api, kubelet_factory, module_file):
