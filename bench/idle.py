@@ -50,6 +50,7 @@ def main():
     parser.add_argument("--serve", action="store_true", help="also run the kubelet HTTPS server (random port)")
     args = parser.parse_args()
     fake = FakeApiServer().start()
+    fake.csr_auto_approve = True        # a cluster that approves kubelet serving certificates
     with tempfile.TemporaryDirectory(prefix="minikrust-bench-") as tmp:
         kubeconfig = fake.kubeconfig(tmp, node="bench")
         command = [sys.executable, os.path.join(ROOT, "minikrust.py"), "--kubeconfig", kubeconfig,
