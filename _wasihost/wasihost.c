@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,6 +33,7 @@ _Static_assert(sizeof(wasmtime_func_t) == 16, "wasmtime_func_t layout");
 #define TICK_NS (5 * 1000 * 1000) /* epoch period: kill/deadline latency is about two ticks */
 #define CRI_MAX_LINE 16384        /* the kubelet's CRI log line limit; longer lines become P records */
 #define WASI_ERRNO_SUCCESS 0
+#define POOL_SLOTS 256 /* concurrent runs with the pooling allocator */
 #ifndef KEEP_RESIDENT
 #define KEEP_RESIDENT (1 << 20)
 #endif
@@ -107,10 +109,10 @@ static wasm_engine_t *new_engine(int pooling) {
   if (pooling) {
     /* Modest pool: 256 concurrent instances, each memory up to 4 GiB (wasm32's whole space). */
     wasmtime_pooling_allocation_config_t *pc = wasmtime_pooling_allocation_config_new();
-    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 512); /* + trampolines */
-    wasmtime_pooling_allocation_config_total_memories_set(pc, 256);
-    wasmtime_pooling_allocation_config_total_tables_set(pc, 256);
-    wasmtime_pooling_allocation_config_total_stacks_set(pc, 256);
+    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 2 * POOL_SLOTS); /* + trampolines */
+    wasmtime_pooling_allocation_config_total_memories_set(pc, POOL_SLOTS);
+    wasmtime_pooling_allocation_config_total_tables_set(pc, POOL_SLOTS);
+    wasmtime_pooling_allocation_config_total_stacks_set(pc, POOL_SLOTS);
     wasmtime_pooling_allocation_config_max_memory_size_set(pc, (size_t)4 << 30);
     /* Reset a slot's first pages with memset, not madvise: cheaper for the small memories of
      * most modules (the rest of a slot is still given back to the kernel). */
@@ -145,10 +147,19 @@ static const char TRAMPOLINES_WAT[] =
     " (func (export \"poll_oneoff\") (param i32 i32 i32 i32) (result i32)"
     "  local.get 0 local.get 1 local.get 2 local.get 3 call $p))";
 
+/* wasm_engine_new_with_config aborts the process when the pool's address space cannot be
+ * reserved (ulimit -v, a 32-bit-ish VA): so reserve as much ourselves first, and on failure run
+ * without the pool (memories allocated per instance, a little slower). */
+static int pool_fits(void) {
+  size_t size = (size_t)POOL_SLOTS * ((size_t)8 << 30); /* 4 GiB memory + guards, generously */
+  void *p = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return 0;
+  munmap(p, size);
+  return 1;
+}
+
 static void engine_init(void) {
-  /* Address space may be too small for the pool (ulimit -v): fall back to on-demand memories. */
-  g_engine = new_engine(getenv("WASIHOST_NO_POOLING") == NULL);
-  if (!g_engine) g_engine = new_engine(0);
+  g_engine = new_engine(getenv("WASIHOST_NO_POOLING") == NULL && pool_fits());
   if (!g_engine) {
     snprintf(g_init_error, sizeof g_init_error, "cannot create the wasmtime engine");
     return;

@@ -163,6 +163,19 @@ def test_compiled_module_is_loaded_from_the_cache_by_a_new_process(wasm, tmp_pat
     print(f"compile {compile_s * 1e3:.1f} ms, cache load {load_s * 1e3:.1f} ms: x{compile_s / load_s:.0f}")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is enforced on Linux only")
+def test_small_address_space_runs_without_the_pool_instead_of_aborting(wasm, tmp_path):
+    (tmp_path / "hello.wasm").write_bytes(wasm.hello)
+    out = python(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # far below the pool's reservation
+        import _wasihost
+        result = _wasihost.Host({str(tmp_path / "cache")!r}).load({str(tmp_path / "hello.wasm")!r}).run(["m"])
+        print(result.exit_code)
+    """)
+    assert (out.returncode, out.stdout.strip()) == (0, "0"), out.stderr[-2000:]
+
+
 def test_runs_release_the_gil(host, wasm):
     run = host.load(wasm.loop).start(["loop"], deadline=2.0)
     try:
