@@ -56,6 +56,7 @@ class Replay:
         self.fake = fake
         self.map = {}           # recorded uid/resourceVersion -> the fake's
         self.results = {}
+        self.content_types = []
 
     def token(self, placeholder):
         return {"<node token>": self.fake.node_token("fake-node"), "<admin token>": self.fake.admin_token,
@@ -97,6 +98,7 @@ class Replay:
                                  stream="watch=" in url)
         except requests.ConnectionError:
             return 0, None
+        self.content_types.append((req["method"], req["path"], r.headers.get("Content-Type")))
         if "watch=" in url and r.status_code == 200:
             return r.status_code, [json.loads(line) for line in r.iter_lines() if line]
         return r.status_code, r.json() if r.content else None
@@ -255,6 +257,15 @@ def test_recorded_exchange_is_reproduced(replay, name):
 def test_every_recorded_exchange_was_replayed(replay):
     assert len(FILES) >= 32
     assert set(replay.results) == set(NAMES)
+
+
+def test_every_answer_is_json_as_recorded(replay):
+    recorded = {(load(n)["request"]["method"], load(n)["request"]["path"]): load(n)["response"]["headers"]
+                for n in NAMES}
+    for method, path, ctype in replay.content_types:
+        want = recorded.get((method, path), {}).get("Content-Type")
+        if want:
+            assert ctype == want, (method, path, ctype)
 
 
 def test_watch_from_compacted_resource_version_gets_410_expired(replay):
