@@ -304,3 +304,26 @@ def test_shadowed_fd_write_answers_like_wasmtime(both_hosts, case):
         last_line = (result.trap or "").strip().splitlines()[-1:]
         seen.append((result.exit_code, last_line, b"".join(out), b"".join(err)))
     assert seen[0] == seen[1]
+
+
+def test_run_opens_logs_in_c_and_reports_an_unwritable_one(host, wasm, tmp_path):
+    import _wasihost
+    with pytest.raises(_wasihost.RunError, match="no/such/dir"):
+        host.load(wasm.hello).run(["m"], stdout=str(tmp_path / "no" / "such" / "dir" / "x.log"))
+
+
+def test_streams_sharing_a_log_keep_their_order(host, tmp_path):
+    writes = "".join(HELLO_IOV.replace("1024", str(1024 + 2 * i)).replace("(i32.const 6)", "(i32.const 2)")
+                     + f"(drop (call $w (i32.const {fd}) (i32.const 0) (i32.const 1) (i32.const 8)))"
+                     for i, fd in enumerate([1, 2, 1, 2, 1]))
+    module = wat(f"""(module
+  (import "{WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "a\\nb\\nc\\nd\\ne\\n")
+  (func $iov (param $at i32) (param $buf i32) (param $len i32)
+    (i32.store (local.get $at) (local.get $buf)) (i32.store (i32.add (local.get $at) (i32.const 4)) (local.get $len)))
+  (func (export "_start") {writes}))""")
+    log = tmp_path / "shared.log"
+    assert host.load(module).run(["m"], stdout=str(log), stderr=str(log)).exit_code == 0
+    records = [line.split(b" ", 1)[1] for line in log.read_bytes().splitlines()]
+    assert records == [b"stdout F a", b"stderr F b", b"stdout F c", b"stderr F d", b"stdout F e"]
