@@ -952,3 +952,33 @@ def test_a_real_kubelet_streams_the_log_of_a_running_wasm_pod(fake_api, kubelet_
     phase = wait_for(lambda: (fake_api.get("pods", "default", "sleeper").get("status") or {}).get("phase") == "Succeeded",
                      timeout=30, what="the pod Succeeded")
     assert phase
+
+
+def test_kubectl_logs_end_to_end_with_a_bootstrapped_serving_certificate(fake_api_tls, kubelet_factory, wasm, tmp_path):
+    """The whole path a user takes: the kubelet gets its serving certificate by CSR, the API server
+    proxies pods/log to it with its kubelet-client certificate, the kubelet authorizes that by SAR."""
+    if not os.path.exists("/usr/bin/kubectl"):
+        pytest.skip("kubectl is not installed")
+    fake = fake_api_tls
+    fake.on_csr_created = lambda csr: threading.Timer(0.1, fake.approve_csr, [csr["metadata"]["name"]]).start()
+    kubelet = kubelet_factory(fake, node=NODE, serve=True, port=0, client_ca_file=fake.pki.ca_path)
+    fake.kubelet_address = {NODE: ("127.0.0.1", kubelet.server.port)}
+    fake.kubelet_ca_path = fake.pki.ca_path      # the API server verifies the bootstrapped certificate
+    fake.create_pod({"metadata": {"name": "sleeper"}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "app", "image": f"file:{wasm.tool}", "args": ["sleep", "1500"]}]}}, node_name=NODE, namespace="default")
+    wait_for(lambda: kubelet.container_log_path("default", "sleeper", "app"), timeout=30, what="the container's log")
+    wait_for(kubelet.server.tls.context, timeout=20, what="the serving certificate")
+    kubeconfig = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
+
+    def kubectl(*args):
+        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", kubeconfig, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert kubectl("logs", "-f", "sleeper") == "sleeping\nwoke\n"    # ends when the module exits
+    stamp, text = kubectl("logs", "sleeper", "--timestamps", "--tail=1").split()
+    assert text == "woke" and minikrust._parse_rfc3339(stamp)
+    (csr,) = [c for c in fake.csrs() if c["spec"]["signerName"] == "kubernetes.io/kubelet-serving"]
+    assert csr["spec"]["username"] == f"system:node:{NODE}"
+    assert fake.subject_access_reviews[-1]["user"] == "kube-apiserver-kubelet-client"
