@@ -139,3 +139,12 @@ def test_a_deleted_mirror_pod_is_created_again(fake_api, kubelet_factory, tmp_pa
                      timeout=10, what="a new mirror")
     wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("status", {}).get("phase")
              == "Running", what="its status")
+
+
+def test_once_with_a_bad_manifest_names_it_and_exits_one(tmp_path, wasm):
+    _write_manifest(tmp_path, "ok.yaml", _pod("ok", _module(tmp_path, "ok.wasm", wasm.hello)))
+    _write_manifest(tmp_path, "deploy.yaml", {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}})
+    proc = _run_once(tmp_path, tmp_path / "root")
+    assert proc.returncode == 1
+    assert "ok-demo: Succeeded" in proc.stdout
+    assert "deploy.yaml: document 1: kind 'Deployment' is not a v1 Pod" in proc.stderr
