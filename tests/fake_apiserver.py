@@ -2026,9 +2026,10 @@ class FakeApiServer:
             return copy.deepcopy(old)   # a no-op write does not bump resourceVersion
         self._managed(result, params, subresource)
         stored = self._store("MODIFIED", res, ns, name, result, old)
-        if res.name == "pods" and stored["metadata"].get("deletionTimestamp") and \
-                not stored["metadata"].get("finalizers") and old["metadata"].get("finalizers"):
-            stored = self._finish_delete(res, ns, name)
+        smeta = stored["metadata"]
+        if smeta.get("deletionTimestamp") and not smeta.get("finalizers") and old["metadata"].get("finalizers") \
+                and (res.name != "pods" or smeta.get("deletionGracePeriodSeconds") == 0):
+            stored = self._finish_delete(res, ns, name)   # the last finalizer is gone
         return stored
 
     def _node_lifecycle(self, node):
