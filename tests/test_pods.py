@@ -274,8 +274,16 @@ def test_missing_configmap_waits_then_runs_once_created(fake_api, kubelet_factor
              == "CreateContainerConfigError", what="CreateContainerConfigError")
     assert "settings" in _cstatus(fake_api, "cfg", "main")["state"]["waiting"]["message"]
     assert _status(fake_api, "cfg")["phase"] == "Pending"
+    fake_api.create_pod(_manifest("sec", [{"name": "main", "image": tool, "args": ["env"], "env": [
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}]}]),
+        node_name="node-1")
+    wait_for(lambda: _cstatus(fake_api, "sec", "main").get("state", {}).get("waiting", {}).get("reason")
+             == "CreateContainerConfigError", what="secret missing")
     fake_api.create_configmap("default", "settings", {"greeting": "hi there"})
+    fake_api.create_secret("default", "creds", {"password": "s3cret"})
     wait_for(_phase(fake_api, "cfg", "Succeeded"), timeout=10, what="Succeeded")
+    wait_for(_phase(fake_api, "sec", "Succeeded"), timeout=10, what="Succeeded with the secret")
+    assert "s3cret" not in json.dumps(_status(fake_api, "sec"))
 
 
 def test_unrunnable_pods_fail_clearly_while_others_run(fake_api, kubelet_factory, module_file, tmp_path):
@@ -287,12 +295,16 @@ def test_unrunnable_pods_fail_clearly_while_others_run(fake_api, kubelet_factory
     fake_api.create_pod(_manifest("noimage", [{"name": "main", "image": f"file:{tmp_path}/missing.wasm"}]),
                         node_name="node-1")
     fake_api.create_pod(_manifest("badwasm", [{"name": "main", "image": bad_wasm}]), node_name="node-1")
+    fake_api.create_pod(_manifest("hostpath", [{"name": "main", "image": good}],
+                                  volumes=[{"name": "h", "hostPath": {"path": "/etc"}}]), node_name="node-1")
     fake_api.create_pod(_manifest("good", [{"name": "main", "image": good}]), node_name="node-1")
     wait_for(_phase(fake_api, "good", "Succeeded"), what="the healthy pod")
     novol = wait_for(_phase(fake_api, "novol", "Failed"), what="novol Failed")
     assert novol["reason"] == "CreateContainerConfigError" and "flocker" in novol["message"]
     waiting = wait_for(lambda: _cstatus(fake_api, "noimage", "main").get("state", {}).get("waiting"), what="waiting")
     assert waiting["reason"] in ("ErrImagePull", "ImagePullBackOff") and "missing.wasm" in waiting["message"]
+    refused = wait_for(_phase(fake_api, "hostpath", "Failed"), what="hostPath refused")
+    assert refused["reason"] == "CreateContainerConfigError" and "/etc" in refused["message"]
     bad = wait_for(_phase(fake_api, "badwasm", "Failed"), what="badwasm Failed")
     term = bad["containerStatuses"][0]["state"]["terminated"]
     assert term["reason"] == "StartError" and term["message"]
