@@ -487,3 +487,35 @@ def test_subject_access_review_with_the_fakes_own_authorizer(fake_api):
     assert c.post(url, json=mk("admin", ["system:masters"], "proxy")).json()["status"]["allowed"] is True
     assert c.post(url, json=mk("bob", ["log-readers"], "log")).json()["status"]["allowed"] is True
     assert c.post(url, json=mk("bob", ["log-readers"], "metrics")).json()["status"]["allowed"] is False
+
+
+def test_patch_functions():
+    from tests.fake_apiserver import CloseConnection, json_merge_patch, json_patch, strategic_merge_patch
+    node = {"status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "DiskPressure", "status": "False"}],
+                       "addresses": [{"type": "InternalIP", "address": "1.1.1.1"}]}}
+    smp = strategic_merge_patch(node, {"status": {
+        "conditions": [{"type": "DiskPressure", "$patch": "delete"}, {"type": "PIDPressure", "status": "False"}],
+        "$setElementOrder/conditions": [{"type": "PIDPressure"}, {"type": "Ready"}]}}, "Node")
+    assert [c["type"] for c in smp["status"]["conditions"]] == ["PIDPressure", "Ready"]
+    assert smp["status"]["addresses"] == node["status"]["addresses"]
+    assert json_merge_patch(node, {"status": {"addresses": None}}) == {"status": {"conditions": node["status"][
+        "conditions"]}}
+    assert json_patch(node, [{"op": "replace", "path": "/status/conditions/0/status", "value": "False"}])[
+        "status"]["conditions"][0]["status"] == "False"
+    pod = {"status": {"containerStatuses": [{"name": "a"}, {"name": "b"}]}}
+    with pytest.raises(CloseConnection):
+        strategic_merge_patch(pod, {"status": {"containerStatuses": [{"name": "b", "ready": True}],
+                                               "$setElementOrder/containerStatuses": [{"name": "a"}, {"name": "b"}]}},
+                              "Pod")
+    assert strategic_merge_patch(pod, {"status": {"containerStatuses": [{"name": "b"}]}}, "Pod")[
+        "status"]["containerStatuses"] == [{"name": "b"}]
+
+
+def test_finalizers_hold_a_deletion_until_removed(fake_api):
+    fake_api.create_configmap("default", "held", {"a": "b"}, )
+    fake_api.patch("configmaps", "default", "held", {"metadata": {"finalizers": ["test/hold"]}})
+    r = fake_api.client().delete("/api/v1/namespaces/default/configmaps/held")
+    assert r.status_code == 200 and r.json()["metadata"]["deletionTimestamp"]
+    assert fake_api.get("configmaps", "default", "held") is not None
+    fake_api.patch("configmaps", "default", "held", {"metadata": {"finalizers": None}})
+    assert fake_api.get("configmaps", "default", "held") is None
