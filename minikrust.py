@@ -250,7 +250,8 @@ _FLAGS = [
     ("--address", str, "address the kubelet server binds"),
 ]
 _CHOICES = {"sync": ("watch", "poll"), "log_level": ("debug", "info", "warning", "error"),
-            "log_format": ("text", "json")}
+            "log_format": ("text", "json"),
+            "image_pull_credentials_verification_policy": ("NeverVerify", "NeverVerifyPreloadedImages", "AlwaysVerify")}
 
 
 def _build_parser():
@@ -666,6 +667,7 @@ class ApiClient:
         self._exec = _ExecCredentials(cluster.exec_config, cluster.server) if cluster.exec_config else None
         self._token_file_state = (None, None)      # (mtime, token) of cluster.token_file
         self._exec_cert = None
+        self.on_error = None        # callable(code) told of every error answer (0: no answer), for metrics
         self.session = self._new_session()
         self.session.headers["User-Agent"] = user_agent or f"minikrust/{__version__}"
 
@@ -735,6 +737,7 @@ class ApiClient:
                 response = self.session.request(method, url, params=params, data=data, headers=headers,
                                                 timeout=(10, timeout), stream=stream)
             except requests.RequestException as exc:
+                self._note_error(0)
                 if last:
                     raise ApiError(0, "ConnectionError", f"{method} {path}: {exc}") from None
                 log.debug("%s %s: %s; retrying", method, path, exc)
@@ -745,6 +748,7 @@ class ApiClient:
                 return response if stream else (response.json() if response.content else {})
             error = _api_error(response)
             response.close()
+            self._note_error(code)
             if code == 401 and self._exec is not None and not refreshed:
                 refreshed, attempt = True, attempt - 1      # a revoked plugin credential: ask again
                 self._token(refresh=True)
@@ -755,6 +759,11 @@ class ApiClient:
             wait = _retry_after(response) if code in (429, 503) else None
             log.debug("%s %s: %s; retrying", method, path, error)
             self._sleep(wait if wait is not None else self._delay(attempt))
+
+    def _note_error(self, code):
+        if self.on_error is not None:
+            with contextlib.suppress(Exception):
+                self.on_error(code)
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)
@@ -1591,8 +1600,9 @@ def node_conditions(states, previous, now):
     return conditions
 
 
-def node_status(config, node_ip, facts, conditions):
-    """The Node's status (without volatile fields it is compared by: see _status_signature)."""
+def node_status(config, node_ip, facts, conditions, port=None, images=None):
+    """The Node's status; `port` is the kubelet server's real port when it differs from
+    config.port (port 0), `images` the stored modules as the kubelet's status.images."""
     capacity = {"cpu": str(facts["cpus"]), "memory": _ki(facts["memory_total"]),
                 "ephemeral-storage": _ki(facts["disk_total"]), "pods": str(config.max_pods)}
     allocatable = dict(capacity, memory=_ki(max(0, facts["memory_total"] - _MEMORY_EVICTION_HARD)),
@@ -1601,21 +1611,21 @@ def node_status(config, node_ip, facts, conditions):
         "capacity": capacity, "allocatable": allocatable, "conditions": conditions,
         "addresses": [{"type": "InternalIP", "address": node_ip},
                       {"type": "Hostname", "address": config.node_name}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": config.port}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": config.port if port is None else port}},
         "nodeInfo": {"machineID": facts["machine_id"], "systemUUID": facts["machine_id"],
                      "bootID": facts["boot_id"], "kernelVersion": facts["kernel"],
                      "osImage": facts["os_image"], "operatingSystem": "linux",
                      "architecture": "wasm-wasi",
                      "containerRuntimeVersion": f"wasmtime://{runtime_version()}",
                      "kubeletVersion": f"{KUBE_VERSION}-minikrust", "kubeProxyVersion": ""},
-    }
+    } | ({"images": images} if images is not None else {})
 
 
 def _status_signature(status):
     """What makes a status worth sending: everything but heartbeat times and volatile numbers."""
     conditions = [(c["type"], c["status"], c["reason"]) for c in status["conditions"]]
-    return json.dumps([status["capacity"], status["allocatable"], status["addresses"],
-                       status["nodeInfo"], status["daemonEndpoints"], conditions], sort_keys=True)
+    return json.dumps([status["capacity"], status["allocatable"], status["addresses"], status["nodeInfo"],
+                       status["daemonEndpoints"], conditions, status.get("images")], sort_keys=True)
 
 
 def node_object(config, status):
@@ -1645,9 +1655,11 @@ class NodeAgent:
     `node_status_report_frequency` (the kubelet's nodeStatusReportFrequency), and marks it
     NotReady on stop()."""
 
-    def __init__(self, api, config, *, node_ip=None):
+    def __init__(self, api, config, *, node_ip=None, images=None):
         self.api, self.config = api, config
         self.name = config.node_name
+        self.port = config.port            # the server's real port once it listens (Kubelet.start)
+        self.images = images               # callable -> status.images, or None
         self.node_ip = node_ip or config.node_ip or detect_node_ip(api.server)
         self.node = None                   # the Node as last read or written
         self.lease = None
@@ -1661,7 +1673,14 @@ class NodeAgent:
         now = _now_rfc3339()
         previous = self._last_status["conditions"] if self._last_status else None
         states = node_condition_states(facts, ready=ready)
-        return node_status(self.config, self.node_ip, facts, node_conditions(states, previous, now))
+        images = None
+        if self.images is not None:
+            try:
+                images = self.images()
+            except (OSError, ValueError, MinikrustError) as exc:
+                log.debug("node images unavailable: %s", exc)
+        return node_status(self.config, self.node_ip, facts, node_conditions(states, previous, now),
+                           port=self.port, images=images)
 
     def register(self):
         """Create the Node; if it exists (409 AlreadyExists), adopt it: fix its labels and send
@@ -4078,7 +4097,7 @@ _KILLED_EXIT = 137
 def _memory_limit(container):
     """resources.limits.memory in bytes (the module's memory limit), or None."""
     value = ((container.get("resources") or {}).get("limits") or {}).get("memory")
-    return int(parse_quantity(value)) if value is not None else None
+    return int(parse_quantity(value)) if value is not None else None     # ContainerConfigError if invalid
 
 
 def _termination_reason(result):
@@ -4448,6 +4467,7 @@ class PodWorker:
             env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
             argv = container_argv(spec, env)
             c.mounts = container_mounts(pod, spec, self.volume_dirs, env, pod_dir=self.dir)
+            memory_limit = _memory_limit(spec)
         except ContainerConfigError as exc:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             m.event(pod, "Failed", f"Error: {exc.message}", "Warning", c)
@@ -4470,7 +4490,7 @@ class PodWorker:
             with module_errors():
                 module = m.host.load(ref.path, digest=ref.digest)
                 run = module.start(argv, env=env, preopens=c.mounts, stdout=sink, stderr=sink,
-                                   log_format="cri", memory_limit=_memory_limit(spec))
+                                   log_format="cri", memory_limit=memory_limit)
         except (ModuleError, OSError) as exc:
             if sink is not c.log_path:
                 sink.close()
@@ -5998,8 +6018,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length") or "0"
         if not length.isdigit():
             return self._send(400, "bad Content-Length")
-        if int(length):
+        if int(length):  # no endpoint takes a body: skip it (a huge one ends the connection instead)
             self.rfile.read(min(int(length), 1 << 20))
+            self.close_connection = self.close_connection or int(length) > 1 << 20
         url = urllib.parse.urlsplit(self.path)
         parts = [urllib.parse.unquote(part) for part in url.path.split("/")[1:]]
         if url.path == "/healthz":
@@ -6216,11 +6237,14 @@ class Kubelet:
 
     def __init__(self, config=None, *, handler=None):
         self.config = config if config is not None else Config()
+        if self.config.bootstrap_kubeconfig:      # TLS bootstrap: a client certificate for the node first
+            self.config = dataclasses.replace(self.config, kubeconfig=bootstrap_client_certificate(self.config))
         self.api = api_client_for(self.config)        # None: standalone
         self.node = None            # NodeAgent when there is an API server
         self.sources = []           # pod sources, started in order, stopped in reverse
+        self._store = None          # a ModuleStore for status.images until the pods make their own
         if self.api is not None:
-            self.node = NodeAgent(self.api, self.config)
+            self.node = NodeAgent(self.api, self.config, images=self._node_images)
         self.pod_manager = None     # runs the pods unless the caller brings its own handler
         if handler is None:
             node_ip = self.node.node_ip if self.node is not None else (self.config.node_ip or "127.0.0.1")
@@ -6236,6 +6260,8 @@ class Kubelet:
         self._started = False
         self._lock = threading.Lock()
         self.metrics = Metrics()
+        if self.api is not None:
+            self.api.on_error = lambda code: self.metrics.inc("minikrust_api_errors_total", code=str(code))
         if self.pod_manager is not None:
             self.pod_manager.metrics = self.metrics
             self.pod_manager.log_writer = lambda path: ContainerLogWriter(
@@ -6256,6 +6282,8 @@ class Kubelet:
                     log.error("cannot serve the kubelet API on port %s: %s", self.config.port, exc)
                     self.server = None
             if self.node is not None:
+                if self.server is not None:
+                    self.node.port = self.server.port
                 self.node.start()
             if self.pod_manager is not None:
                 self.pod_manager.start()
@@ -6286,6 +6314,15 @@ class Kubelet:
             if self.api is not None:
                 self.api.close()
         log.info("kubelet %s stopped", self.config.node_name)
+
+    def _node_images(self):
+        """status.images: the modules in the store, from the pods' ImageManager once it exists."""
+        manager = getattr(self.pod_manager, "images", None)
+        if manager is not None:
+            return manager.store.node_images()
+        if self._store is None:
+            self._store = ModuleStore(os.path.join(self.config.root_dir, "modules"))
+        return self._store.node_images()
 
     def pods(self):
         """The pods this kubelet runs, each with its current status."""
