@@ -281,7 +281,8 @@ def _is_path(target):
 class _Output:
     """The fds a run writes stdout/stderr to: opened files, pipes to callables, or given fds."""
 
-    def __init__(self, stdout, stderr):
+    def __init__(self, stdout, stderr, cri):
+        self._cri = cri
         self._close = []
         self._readers = []
         opened = {}
@@ -305,7 +306,7 @@ class _Output:
             r, w = os.pipe()
             os.set_inheritable(w, False)
             self._close.append(w)
-            reader = threading.Thread(target=_pump, args=(r, target), daemon=True, name="wasihost-output")
+            reader = threading.Thread(target=_pump, args=(r, target, self._cri), daemon=True, name="wasihost-output")
             reader.start()
             self._readers.append(reader)
             opened[id(target)] = w
@@ -327,18 +328,33 @@ class _Output:
         self._readers = []
 
 
-def _pump(fd, callback):
+def _pump(fd, callback, cri):
+    """Feed what the C side writes into a pipe to a callable: one call per CRI record (as the
+    fallback host does, so a consumer that rotates files never cuts a record), raw chunks in
+    plain mode."""
+    pending = b""
     try:
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            try:
-                callback(chunk)
-            except Exception:  # a broken log consumer must not stall the module
-                log.exception("stdout/stderr callback failed")
+            if cri:
+                *records, pending = (pending + chunk).split(b"\n")
+                _deliver(callback, [record + b"\n" for record in records])
+            else:
+                _deliver(callback, [chunk])
+        if pending:
+            _deliver(callback, [pending])
     finally:
         os.close(fd)
+
+
+def _deliver(callback, pieces):
+    for piece in pieces:
+        try:
+            callback(piece)
+        except Exception:  # a broken log consumer must not stall the module
+            log.exception("stdout/stderr callback failed")
 
 
 _local = threading.local()
@@ -392,7 +408,7 @@ class Run:
                            for t in (stdout, stderr)]
             c.stdout_path, c.stderr_path = self._paths
         elif stdout is not None or stderr is not None:
-            self._output = _Output(stdout, stderr)
+            self._output = _Output(stdout, stderr, log_format == "cri")
             c.stdout_fd, c.stderr_fd = self._output.fds
 
     def _execute(self):

@@ -327,3 +327,11 @@ def test_streams_sharing_a_log_keep_their_order(host, tmp_path):
     assert host.load(module).run(["m"], stdout=str(log), stderr=str(log)).exit_code == 0
     records = [line.split(b" ", 1)[1] for line in log.read_bytes().splitlines()]
     assert records == [b"stdout F a", b"stderr F b", b"stdout F c", b"stderr F d", b"stdout F e"]
+
+
+def test_callable_gets_one_whole_record_per_call_even_when_c_writes_in_bulk(host, wasm):
+    got = []
+    result = host.load(wasm.tool).run(["tool", "lines", "3000"], stdout=got.append)
+    assert result.exit_code == 0 and len(got) == 3000
+    assert all(record.endswith(b"\n") and record.count(b"\n") == 1 for record in got)
+    assert got[-1].endswith(b" stdout F line 2999 of 3000\n")
