@@ -1238,6 +1238,7 @@ class FakeApiServer:
         self._thread = None
         self._running = False
         self.requests = []
+        self._local = threading.local()   # per request: the field manager named by the User-Agent
         self._grants = []
         self.token_reviews = []
         self.subject_access_reviews = []
@@ -1734,7 +1735,7 @@ class FakeApiServer:
         return stored
 
     def _managed(self, obj, params, subresource, user_agent="python-requests"):
-        manager = params.get("fieldManager") or getattr(self, "_current_manager", None) or user_agent
+        manager = params.get("fieldManager") or getattr(self._local, "manager", None) or user_agent
         entry = {"manager": manager, "operation": "Update", "apiVersion": obj.get("apiVersion"),
                  "time": fmt_time(utcnow()), "fieldsType": "FieldsV1", "fieldsV1": {}}
         if subresource:
@@ -2541,7 +2542,7 @@ class FakeApiServer:
         res, ns, name, sub = route
         verb, fsel, name = self._verb(method, params, res, name, sub)
         self.authorize(user, verb, res, sub, ns, name, fsel)
-        self._current_manager = (h.headers.get("User-Agent") or "unknown").split("/")[0]
+        self._local.manager = (h.headers.get("User-Agent") or "unknown").split("/")[0]
         table = "as=Table" in (h.headers.get("Accept") or "")
         if verb == "watch":
             return self._serve_watch(h, res, ns, params, fsel)
