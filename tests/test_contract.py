@@ -3,7 +3,9 @@
 The exchanges run in file order against one fake (each builds on the state the previous ones left,
 as in the recording), with what the recording had in place beforehand created by an admin: the
 configmaps `cfg` and `unrelated`, the secret `sec`, and a pod `other` bound to `other-node`.
-Identities: `<node token>` is `system:node:fake-node`, `<admin token>` the fake's admin.
+Identities: `<node token>` is `system:node:fake-node`, `<admin token>` the fake's admin. The replay
+runs twice: with bearer tokens over HTTP, and over HTTPS with the node presenting a client
+certificate (CN system:node:fake-node, O system:nodes) instead of its token.
 uids and resourceVersions the recording shows are mapped to the fake's own as they appear, so a
 later request naming a recorded uid (a delete precondition, a TokenRequest's boundObjectRef, an
 Event's involvedObject) carries the fake's uid for the same object.
@@ -52,8 +54,9 @@ def load(name):
 class Replay:
     """Runs every exchange once, in order; keeps (status, body) per file."""
 
-    def __init__(self, fake):
+    def __init__(self, fake, node_cert=None):
         self.fake = fake
+        self.node_cert = node_cert
         self.map = {}           # recorded uid/resourceVersion -> the fake's
         self.results = {}
         self.content_types = []
@@ -88,14 +91,17 @@ class Replay:
     def send(self, req, path=None):
         headers = {k: v for k, v in req["headers"].items() if k != "Authorization"}
         auth = req["headers"].get("Authorization")
-        if auth:
+        cert = None
+        if auth and self.node_cert and auth.endswith("<node token>"):
+            cert = self.node_cert           # the node authenticates with its client certificate instead
+        elif auth:
             headers["Authorization"] = "Bearer " + self.token(auth.split(" ", 1)[1])
         body = self.subst(req["body"])
         data = json.dumps(body) if body is not None else None
         url = self.fake.url + (path or req["path"])
         try:
-            r = requests.request(req["method"], url, data=data, headers=headers, timeout=30,
-                                 stream="watch=" in url)
+            r = requests.request(req["method"], url, data=data, headers=headers, timeout=30, cert=cert,
+                                 verify=self.fake.ca_path if self.fake.tls else True, stream="watch=" in url)
         except requests.ConnectionError:
             return 0, None
         self.content_types.append((req["method"], req["path"], r.headers.get("Content-Type")))
@@ -146,11 +152,16 @@ class Replay:
         return out["r"]
 
 
-@pytest.fixture(scope="module")
-def replay():
-    fake = FakeApiServer().start()
+@pytest.fixture(scope="module", params=["http+token", "https+client-cert"])
+def replay(request, tmp_path_factory):
+    """The whole replay, once with bearer tokens over HTTP and once with the node's client certificate."""
+    if request.param == "http+token":
+        fake, cert = FakeApiServer().start(), None
+    else:
+        fake = FakeApiServer(tls=True, pki_dir=str(tmp_path_factory.mktemp("contract-pki"))).start()
+        cert = fake.client_cert("fake-node")
     try:
-        r = Replay(fake)
+        r = Replay(fake, cert)
         r.run()
         yield r
     finally:
