@@ -38,7 +38,8 @@ def test_every_flag_can_come_from_its_environment_variable():
                minikrust._parse_labels: "a=b,c=d", minikrust._parse_size: "1Mi"}
     for flag, convert, _help in minikrust._FLAGS:
         field = flag[2:].replace("-", "_")
-        raw = {"sync": "poll", "log_level": "debug", "log_format": "json", "node_ip": "10.0.0.1"}.get(
+        raw = {"sync": "poll", "log_level": "debug", "log_format": "json", "node_ip": "10.0.0.1",
+               "image_pull_credentials_verification_policy": "AlwaysVerify"}.get(
             field, samples.get(convert, "x"))
         config = minikrust.parse_args([], {"MINIKRUST_" + field.upper(): raw})
         assert getattr(config, field) == convert(raw), flag

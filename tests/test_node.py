@@ -290,3 +290,39 @@ def test_without_a_kubeconfig_the_kubelet_runs_standalone(tmp_path):
     with minikrust.Kubelet(minikrust.Config(root_dir=str(tmp_path / "root"), serve=False)) as kubelet:
         assert kubelet.api is None and kubelet.node is None
         assert not any(isinstance(s, minikrust.ApiPodSource) for s in kubelet.sources)
+
+
+def test_status_reports_the_server_port_and_stored_modules(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    store = minikrust.ModuleStore(str(tmp_path / "n1" / "root" / "modules"))
+    temp = store.temp_path()
+    with open(temp, "wb") as f:
+        f.write(b"\0asm\1\0\0\0")
+    digest = "sha256:" + "ab" * 32
+    store.add(digest, ["registry.test/hello:v1"], f"registry.test/hello@{digest}", temp=temp)
+    with make_kubelet(fake, tmp_path, "n1", serve=True, port=0, address="127.0.0.1") as kubelet:
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
+        status = fake.get("nodes", "n1")["status"]
+        assert status["daemonEndpoints"]["kubeletEndpoint"]["Port"] == kubelet.server.port != 0
+        assert status["images"] == [{"names": sorted([f"registry.test/hello@{digest}", "registry.test/hello:v1"]),
+                                     "sizeBytes": 8}]
+
+
+def test_api_errors_are_counted_in_the_metrics(fake_apiserver, tmp_path):
+    fake = fake_apiserver
+    fake.fail_next(2, status=500, path="leases")
+    with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.2) as kubelet:
+        wait_for(lambda: kubelet.metrics.get("minikrust_api_errors_total", code="500") >= 2, 10,
+                 what="two counted 500s")
+
+
+def test_tls_bootstrap_gives_the_kubelet_its_node_identity(fake_api_tls, tmp_path):
+    fake = fake_api_tls
+    fake.csr_auto_approve = True
+    bootstrap = fake.write_kubeconfig(str(tmp_path / "bootstrap.kubeconfig"), token=fake.add_bootstrap_token())
+    config = minikrust.Config(bootstrap_kubeconfig=bootstrap, node_name="n1", root_dir=str(tmp_path / "root"),
+                              serve=False)
+    with minikrust.Kubelet(config) as kubelet:
+        assert kubelet.config.kubeconfig == str(tmp_path / "root" / "kubelet.kubeconfig")
+        wait_for(lambda: _ready(fake, "n1"), 20, what="node Ready with the bootstrapped identity")
+    assert {r.user for r in fake.find_requests(path="^/api/v1/nodes")} == {"system:node:n1"}
