@@ -7,14 +7,18 @@ so these tests do not depend on the pods or node parts.
 """
 import base64
 import datetime
+import http.server
+import ipaddress
 import json
 import os
+import re
 import socket
-import subprocess
 import ssl
+import subprocess
 import threading
 import time
 import types
+import urllib.parse
 
 import pytest
 import requests
@@ -71,7 +75,7 @@ class CA:
         key = ec.generate_private_key(ec.SECP256R1())
         attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
         subject = x509.Name(attributes + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        sans = [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         cert = self._sign(subject, key.public_key(), sans if server else None, usage, 86400)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -834,11 +838,6 @@ class _ApiFront:
     LOG_PATH = "/api/v1/namespaces/{ns}/pods/{pod}/log"
 
     def __init__(self, fake, kubelet_url, verify, cert):
-        import http.server
-        import re
-        import urllib.parse
-        front = self
-
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
