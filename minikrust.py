@@ -272,8 +272,36 @@ def _build_parser():
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+# --node-labels a kubelet may set in the kubernetes.io and k8s.io namespaces (NodeRestriction refuses others)
+_ALLOWED_KUBE_LABELS = frozenset({
+    "kubernetes.io/hostname", "kubernetes.io/instance-type", "kubernetes.io/os", "kubernetes.io/arch",
+    "beta.kubernetes.io/instance-type", "beta.kubernetes.io/os", "beta.kubernetes.io/arch",
+    "failure-domain.beta.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/region",
+    "topology.kubernetes.io/zone", "topology.kubernetes.io/region", "node.kubernetes.io/instance-type"})
+
+
+def _label_problem(key, value):
+    prefix, _, name = key.rpartition("/")
+    if not _LABEL_NAME.fullmatch(name) or (prefix and not _NODE_NAME.fullmatch(prefix)):
+        return f"label key {key!r} is not valid"
+    if value and not _LABEL_NAME.fullmatch(value):
+        return f"label value {value!r} of {key} is not valid"
+    domain = prefix.lower()
+    if any(domain == d or domain.endswith("." + d) for d in ("kubernetes.io", "k8s.io")):
+        kubelet_owned = any(domain == d or domain.endswith("." + d)
+                            for d in ("kubelet.kubernetes.io", "node.kubernetes.io"))
+        if not kubelet_owned and key not in _ALLOWED_KUBE_LABELS:
+            return f"label {key} is in a namespace a kubelet may not set (use kubelet.kubernetes.io/ or node.kubernetes.io/)"
+    return None
+
+
 def _check_value(dest, value):
     """Why a flag's value cannot be used, or None (values the API server would refuse later)."""
+    if dest == "node_labels":
+        problems = [p for p in (_label_problem(k, v) for k, v in value.items()) if p]
+        if problems:
+            return problems[0]
     if dest == "node_name" and (len(value) > 253 or not _NODE_NAME.fullmatch(value)):
         return "is not a valid node name (lowercase DNS subdomain)"
     if dest == "node_ip":
@@ -551,7 +579,7 @@ class _TLSAdapter(requests.adapters.HTTPAdapter):
 
     def __init__(self, ssl_context, server_name=None):
         self._ssl_context, self._server_name = ssl_context, server_name
-        super().__init__(pool_connections=1, pool_maxsize=4)
+        super().__init__(pool_connections=1, pool_maxsize=10)
 
     def _tls_kwargs(self, kwargs):
         kwargs["ssl_context"] = self._ssl_context
@@ -6144,11 +6172,11 @@ class KubeletServer:
     """
 
     def __init__(self, kubelet, csr_timeout=900.0):
-        self.kubelet, self.config = kubelet, kubelet.config
+        self.kubelet, self.config, self.csr_timeout = kubelet, kubelet.config, csr_timeout
         self.stopping = threading.Event()
         self.standalone = kubelet.api is None
-        self.tls = None if self.standalone else _ServingTLS(kubelet, self.stopping, csr_timeout)
-        self.auth = _Authorizer(kubelet.api, self.config.node_name, getattr(self.config, "anonymous_auth", False))
+        self.tls = None
+        self.auth = None
         self.stats = _ResourceStats(kubelet)
         self._httpd = None
         self._thread = None
@@ -6162,6 +6190,10 @@ class KubeletServer:
         return "http" if self.standalone else "https"
 
     def start(self):
+        api = self.kubelet.api  # read now: a kubelet may make its client after this server (TLS bootstrap)
+        self.standalone = api is None
+        self.tls = None if self.standalone else _ServingTLS(self.kubelet, self.stopping, self.csr_timeout)
+        self.auth = _Authorizer(api, self.config.node_name, getattr(self.config, "anonymous_auth", False))
         host = "127.0.0.1" if self.standalone else (getattr(self.config, "address", None) or "0.0.0.0")
         self._httpd = _HTTPServer((host, self.config.port), self)
         if self.tls is not None:

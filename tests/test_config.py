@@ -452,3 +452,17 @@ def test_unusable_flag_values_are_one_clear_error(argv, expected, capsys):
 def test_an_unknown_flag_exits_2():
     done = subprocess.run([sys.executable, "minikrust.py", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "--no-such-flag" in done.stderr
+
+
+@pytest.mark.parametrize("labels, ok", [
+    ("zone=a,example.com/tier=wasm,kubelet.kubernetes.io/role=edge,node.kubernetes.io/pool=x", True),
+    ("topology.kubernetes.io/zone=z1,node-role.kubernetes.io/worker=", False),
+    ("bad key=x", False),
+    ("k=bad value", False),
+])
+def test_node_labels_the_node_may_not_set_are_refused(labels, ok):
+    if ok:
+        assert minikrust.parse_args(["--node-labels", labels], {}).node_labels
+    else:
+        with pytest.raises(minikrust.ConfigError, match="--node-labels"):
+            minikrust.parse_args(["--node-labels", labels], {})
