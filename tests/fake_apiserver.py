@@ -754,6 +754,41 @@ def type_error(obj, kind):
             f"of type {_go_type(sch)}")
 
 
+KEY_USAGES = {"signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+              "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+              "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+              "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"}
+
+
+def _csr_causes(spec):
+    """CertificateSigningRequest create validation: a PEM CSR, a signer name, known usages."""
+    causes = []
+    signer = spec.get("signerName") or ""
+    if not signer:
+        causes.append(("spec.signerName", "FieldValueRequired", "Required value"))
+    elif "/" not in signer:
+        causes.append(("spec.signerName", "FieldValueInvalid", f'Invalid value: "{signer}": must be a fully '
+                       "qualified domain and path of the form 'example.com/signer-name'"))
+    try:
+        pem = base64.b64decode(spec.get("request") or "", validate=True)
+        from cryptography import x509
+        x509.load_pem_x509_csr(pem)
+    except Exception:
+        causes.append(("spec.request", "FieldValueInvalid",
+                       "Invalid value: []byte{...}: PEM block type must be CERTIFICATE REQUEST"))
+    usages = spec.get("usages") or []
+    if not usages:
+        causes.append(("spec.usages", "FieldValueRequired", "Required value"))
+    for i, u in enumerate(usages):
+        if u not in KEY_USAGES:
+            causes.append((f"spec.usages[{i}]", "FieldValueNotSupported", f'Unsupported value: "{u}"'))
+    exp = spec.get("expirationSeconds")
+    if exp is not None and exp < 600:
+        causes.append(("spec.expirationSeconds", "FieldValueInvalid",
+                       f"Invalid value: {exp}: may not specify a duration less than 600 seconds (10 minutes)"))
+    return causes
+
+
 _SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -1793,18 +1828,7 @@ class FakeApiServer:
             spec["groups"] = list(user.groups)
             if user.uid:
                 spec["uid"] = user.uid
-            causes = []
-            if not spec.get("signerName"):
-                causes.append(("spec.signerName", "FieldValueRequired", "Required value"))
-            if not spec.get("request"):
-                causes.append(("spec.request", "FieldValueRequired", "Required value"))
-            else:
-                try:
-                    base64.b64decode(spec["request"], validate=True)
-                except Exception:
-                    causes.append(("spec.request", "FieldValueInvalid", "Invalid value: base64 expected"))
-            if not spec.get("usages"):
-                causes.append(("spec.usages", "FieldValueRequired", "Required value"))
+            causes = _csr_causes(spec)
             if causes:
                 raise invalid(res, meta["name"], causes)
             obj["status"] = {}
