@@ -4487,7 +4487,11 @@ class PodWorker:
             ref = m.ensure_image(pod, c)
         except ImageError as exc:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
-            m.event(pod, "Failed", exc.message, "Warning", c)
+            if exc.reason == "ImagePullBackOff":
+                m.event(pod, "BackOff", exc.message, "Normal", c)
+            else:
+                m.event(pod, "Failed", exc.message, "Warning", c)
+                m.event(pod, "Failed", f"Error: {exc.reason}", "Warning", c)
             return now + _CONFIG_RETRY
         if now - self._prepared_at > 1.0 and not self._prepare():     # refresh configMaps, secrets
             return now + _CONFIG_RETRY
