@@ -327,7 +327,7 @@ typedef struct {
 
 typedef struct {
   sink_t *sink;
-  int ours;         /* 0 once the guest closed or renumbered this fd: wasmtime owns it from then on */
+  int64_t guest_fd; /* the guest's fd for this stream: 1/2, moved by fd_renumber, -1 once closed */
   const char *name; /* "stdout" / "stderr" */
   size_t name_len;
   char *line;       /* CRI: the current line not yet ended by '\n' */
@@ -487,7 +487,7 @@ static void streams_begin(wh_run *r, int stdout_fd, int stderr_fd) {
   r->sinks[1] = (sink_t){stderr_fd, NULL, 0, 0};
   sink_t *err_sink = stderr_fd >= 0 && stderr_fd == stdout_fd ? &r->sinks[0] : &r->sinks[1];
   r->streams[0] = (stream_t){&r->sinks[0], 1, "stdout", 6, NULL, 0, &r->clock};
-  r->streams[1] = (stream_t){err_sink, 1, "stderr", 6, NULL, 0, &r->clock};
+  r->streams[1] = (stream_t){err_sink, 2, "stderr", 6, NULL, 0, &r->clock};
 }
 
 static void streams_end(wh_run *r) {
@@ -598,7 +598,8 @@ static wasmtime_error_t *shadow_fd_write(void *env, wasmtime_caller_t *caller, w
   (void)env;
   wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
   int32_t fd = args[0].i32;
-  if ((fd != 1 && fd != 2) || !r->streams[fd - 1].ours) return call_orig(caller, ORIG_FD_WRITE, args, n);
+  stream_t *s = r->streams[0].guest_fd == fd ? &r->streams[0] : r->streams[1].guest_fd == fd ? &r->streams[1] : NULL;
+  if (!s) return call_orig(caller, ORIG_FD_WRITE, args, n);
   uint8_t *mem;
   size_t size;
   if (!get_memory(caller, &mem, &size)) return call_orig(caller, ORIG_FD_WRITE, args, n);
@@ -615,23 +616,26 @@ static wasmtime_error_t *shadow_fd_write(void *env, wasmtime_caller_t *caller, w
     if (buf + len > size) return call_orig(caller, ORIG_FD_WRITE, args, n);
     break;
   }
+  stream_emit(r, s, (const char *)mem + buf, (size_t)len);
+  /* wasmtime writes, then traps on a bad nwritten pointer: the bytes are logged either way */
   if (out % 4 || out + 4 > size) return call_orig(caller, ORIG_FD_WRITE, args, n);
-  stream_emit(r, &r->streams[fd - 1], (const char *)mem + buf, (size_t)len);
   uint32_t written = (uint32_t)len;
   memcpy(mem + out, &written, 4);
   args[0].i32 = WASI_ERRNO_SUCCESS;
   return NULL;
 }
 
-/* fd_close / fd_renumber: wasmtime does the work; we only stop intercepting fds 1/2 it changed. */
+/* fd_close / fd_renumber: wasmtime does the work (and answers); we follow where the guest's
+ * stdout/stderr descriptors went, so that fd_write keeps finding them. */
 static wasmtime_error_t *shadow_fd_close(void *env, wasmtime_caller_t *caller, wasmtime_val_raw_t *args,
                                          size_t n) {
   (void)env;
   int32_t fd = args[0].i32;
   wasmtime_error_t *e = call_orig(caller, ORIG_FD_CLOSE, args, n);
-  if (!e && args[0].i32 == WASI_ERRNO_SUCCESS && (fd == 1 || fd == 2)) {
+  if (!e && args[0].i32 == WASI_ERRNO_SUCCESS) {
     wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
-    r->streams[fd - 1].ours = 0;
+    for (int i = 0; i < 2; i++)
+      if (r->streams[i].guest_fd == fd) r->streams[i].guest_fd = -1;
   }
   return e;
 }
@@ -641,10 +645,12 @@ static wasmtime_error_t *shadow_fd_renumber(void *env, wasmtime_caller_t *caller
   (void)env;
   int32_t from = args[0].i32, to = args[1].i32;
   wasmtime_error_t *e = call_orig(caller, ORIG_FD_RENUMBER, args, n);
-  if (!e && args[0].i32 == WASI_ERRNO_SUCCESS) {
+  if (!e && args[0].i32 == WASI_ERRNO_SUCCESS && from != to) {
     wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
-    for (int fd = 1; fd <= 2; fd++)
-      if (fd == from || fd == to) r->streams[fd - 1].ours = 0;
+    for (int i = 0; i < 2; i++) /* `to` is replaced (closed), then `from` moves there */
+      if (r->streams[i].guest_fd == to) r->streams[i].guest_fd = -1;
+    for (int i = 0; i < 2; i++)
+      if (r->streams[i].guest_fd == from) r->streams[i].guest_fd = to;
   }
   return e;
 }
@@ -784,25 +790,10 @@ static double since(const struct timespec *t0, clockid_t clock) {
   return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
-/* wasmtime's own stdout/stderr streams, used only once the guest moved fd 1 or 2 elsewhere
- * (fd_renumber): the bytes still reach the same log, just by wasmtime's slower path. */
-static ptrdiff_t custom_stdout(void *data, const unsigned char *buf, size_t len) {
-  wh_run *r = data;
-  stream_emit(r, &r->streams[0], (const char *)buf, len);
-  return (ptrdiff_t)len;
-}
-
-static ptrdiff_t custom_stderr(void *data, const unsigned char *buf, size_t len) {
-  wh_run *r = data;
-  stream_emit(r, &r->streams[1], (const char *)buf, len);
-  return (ptrdiff_t)len;
-}
-
-static wasi_config_t *make_wasi(const wh_run_config *c, wh_run *r, char *err, size_t errlen) {
+static wasi_config_t *make_wasi(const wh_run_config *c, char *err, size_t errlen) {
+  /* wasmtime's own stdout/stderr stay its default sinks: every byte written to them comes
+   * through our fd_write, and a custom stream would cost ~10 us per run (tokio tasks). */
   wasi_config_t *w = wasi_config_new();
-  /* always ours, even when discarding: fd 1/2 then look the same to the guest (fdstat) either way */
-  wasi_config_set_stdout_custom(w, custom_stdout, r, NULL);
-  wasi_config_set_stderr_custom(w, custom_stderr, r, NULL);
   if (!wasi_config_set_argv(w, c->argc, (const char **)c->argv) ||
       !wasi_config_set_env(w, c->envc, (const char **)c->env_names, (const char **)c->env_values)) {
     wasi_config_delete(w);
@@ -892,7 +883,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   cfg.stdout_fd = fds[0];
   cfg.stderr_fd = fds[1];
   c = &cfg;
-  wasi_config_t *wasi = make_wasi(c, r, res->message, sizeof res->message);
+  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
   if (!wasi) {
     close_outputs(opened);
     return WH_ERR_RUN;

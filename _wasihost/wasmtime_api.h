@@ -173,10 +173,6 @@ void wasi_config_delete(wasi_config_t *config);
 bool wasi_config_set_argv(wasi_config_t *config, size_t argc, const char *argv[]);
 bool wasi_config_set_env(wasi_config_t *config, size_t envc, const char *names[], const char *values[]);
 void wasi_config_set_stdin_bytes(wasi_config_t *config, wasm_byte_vec_t *binary);
-void wasi_config_set_stdout_custom(wasi_config_t *config, ptrdiff_t (*callback)(void *, const unsigned char *, size_t),
-                                   void *data, void (*finalizer)(void *));
-void wasi_config_set_stderr_custom(wasi_config_t *config, ptrdiff_t (*callback)(void *, const unsigned char *, size_t),
-                                   void *data, void (*finalizer)(void *));
 bool wasi_config_preopen_dir(wasi_config_t *config, const char *host_path, const char *guest_path, bool fs_mutable);
 wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *context, wasi_config_t *wasi);
 
