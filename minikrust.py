@@ -2061,8 +2061,8 @@ class StaticPodSource:
             except OSError:
                 continue
             stamp = (st.st_mtime_ns, st.st_size)
-            if path in self._files and self._files[path][0] == stamp:
-                continue
+            if path in self._files and self._files[path][0] == stamp and path not in self.errors:
+                continue        # unchanged (a file with an error is looked at again: its twin may be gone)
             try:
                 pods = static_pods_from_manifest(path, self.node_name)
                 self.errors.pop(path, None)
@@ -2085,9 +2085,18 @@ class StaticPodSource:
             if uid not in new_uids:
                 self._call("pod_deleted", self._pods.pop(uid))
         for pod in pods:
-            if pod["metadata"]["uid"] not in self._pods:
-                self._pods[pod["metadata"]["uid"]] = pod
-                self._call("pod_added", pod)
+            if pod["metadata"]["uid"] in self._pods:
+                continue
+            twin = next((p for p in self._pods.values() if _pod_key(p) == _pod_key(pod)), None)
+            if twin is not None:    # one pod per name, as the kubelet's file source keeps the first
+                error = f"{path}: pod {_pod_key(pod)} is already defined in {twin['metadata']['annotations'][_MANIFEST_ANNOTATION]}"
+                if self.errors.get(path) != error:
+                    log.error("static pod skipped: %s", error)
+                self.errors[path] = error
+                self._files[path] = (stamp, [u for u in self._files[path][1] if u != pod["metadata"]["uid"]])
+                continue
+            self._pods[pod["metadata"]["uid"]] = pod
+            self._call("pod_added", pod)
 
     def _call(self, method, pod):
         try:
