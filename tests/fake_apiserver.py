@@ -72,6 +72,8 @@ Watches and compaction:
   .expire_watches()         compact now and send ERROR 410 into every open watch, then end it
   .bookmark_interval = 2.0  seconds between BOOKMARKs on watches with allowWatchBookmarks (one also ends a timeout)
   .send_bookmarks()         a BOOKMARK now on every open bookmark-enabled watch
+  A watch from a resourceVersion newer than the fake's waits .too_large_rv_wait (3.0 s) and then gets an
+  ERROR event: 504 Timeout "Too large resource version" (e.g. a kubelet resuming against a fresh fake).
   .open_watches() -> int
 
 Fault injection:
@@ -1192,6 +1194,15 @@ class _Watch:
             if fake.watch_expired_as == "http":
                 raise status
             return [{"type": "ERROR", "object": status.status()}]
+        if self.cursor > fake._rv:
+            # a resourceVersion from the future (another server's): the watch cache waits, then gives up
+            fake._cond.wait_for(lambda: fake._rv >= self.cursor, fake.too_large_rv_wait)
+            if self.cursor > fake._rv:
+                status = ApiStatusError(504, "Timeout", f"Too large resource version: {self.cursor}, current: "
+                                        f"{fake._rv}", {"causes": [{"reason": "ResourceVersionTooLarge",
+                                                                    "message": "Too large resource version"}],
+                                                        "retryAfterSeconds": 1})
+                return [{"type": "ERROR", "object": status.status()}]
         return []
 
     def _translate(self, etype, obj, old):
@@ -1284,6 +1295,7 @@ class FakeApiServer:
         self.node_lifecycle = False
         self.watch_expired_as = "event"
         self.bookmark_interval = 2.0
+        self.too_large_rv_wait = 3.0
         self.smp_set_element_order_crash = True
         self.kubelet_address = {}
         self.kubelet_ca_path = None

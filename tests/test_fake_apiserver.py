@@ -519,3 +519,11 @@ def test_finalizers_hold_a_deletion_until_removed(fake_api):
     assert fake_api.get("configmaps", "default", "held") is not None
     fake_api.patch("configmaps", "default", "held", {"metadata": {"finalizers": None}})
     assert fake_api.get("configmaps", "default", "held") is None
+
+
+def test_watch_from_a_future_resource_version_times_out_with_504(fake_api):
+    fake_api.too_large_rv_wait = 0.2
+    events = list(fake_api.client("n1").watch("/api/v1/pods", {"fieldSelector": "spec.nodeName=n1",
+                                                              "resourceVersion": str(fake_api.resource_version + 50)}))
+    assert [e for e, _ in events] == ["ERROR"] and events[0][1]["code"] == 504
+    assert events[0][1]["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
