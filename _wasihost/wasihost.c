@@ -77,17 +77,27 @@ static wasmtime_linker_t *g_wasi_linker; /* WASI only: the originals we delegate
 static wasmtime_module_t *g_trampolines; /* see TRAMPOLINES_WAT */
 static char g_init_error[512];
 
-/* The ticker sleeps on a condition variable while no module runs, so an idle kubelet costs nothing. */
+/* The ticker sleeps on a condition variable once no module has run for a second, so an idle
+ * kubelet costs nothing, and back-to-back runs do not pay a thread wake-up each. */
 static pthread_mutex_t g_tick_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_tick_cond = PTHREAD_COND_INITIALIZER;
 static long g_active_runs;
+static int g_ticker_asleep;
+#define IDLE_TICKS_BEFORE_SLEEP (1000 * 1000 * 1000 / TICK_NS)
 
 static void *ticker_main(void *arg) {
   (void)arg;
   struct timespec ts = {0, TICK_NS};
+  long idle = 0;
   for (;;) {
     pthread_mutex_lock(&g_tick_lock);
-    while (g_active_runs == 0) pthread_cond_wait(&g_tick_cond, &g_tick_lock);
+    idle = g_active_runs ? 0 : idle + 1;
+    if (idle > IDLE_TICKS_BEFORE_SLEEP) {
+      g_ticker_asleep = 1;
+      while (g_active_runs == 0) pthread_cond_wait(&g_tick_cond, &g_tick_lock);
+      g_ticker_asleep = 0;
+      idle = 0;
+    }
     pthread_mutex_unlock(&g_tick_lock);
     nanosleep(&ts, NULL);
     wasmtime_engine_increment_epoch(g_engine);
@@ -98,7 +108,7 @@ static void *ticker_main(void *arg) {
 static void runs_add(long delta) {
   pthread_mutex_lock(&g_tick_lock);
   g_active_runs += delta;
-  if (g_active_runs == 1 && delta > 0) pthread_cond_signal(&g_tick_cond);
+  if (delta > 0 && g_ticker_asleep) pthread_cond_signal(&g_tick_cond);
   pthread_mutex_unlock(&g_tick_lock);
 }
 
