@@ -931,6 +931,47 @@ def _default_volume(v):
                 it["fieldRef"].setdefault("apiVersion", "v1")
 
 
+def pod_spec_causes(spec):
+    """The pod validations a hand-written manifest most often fails -> [(field, reason, message)]."""
+    causes = []
+    if not _each(spec.get("containers")):
+        causes.append(("spec.containers", "FieldValueRequired", "Required value"))
+    seen = set()
+    vols = [v.get("name") for v in _each(spec.get("volumes"))]
+    for kind in ("initContainers", "containers"):
+        for i, c in enumerate(_each(spec.get(kind))):
+            if not c.get("name"):
+                causes.append((f"spec.{kind}[{i}].name", "FieldValueRequired", "Required value"))
+            elif c["name"] in seen:
+                causes.append((f"spec.{kind}[{i}].name", "FieldValueDuplicate", f'Duplicate value: "{c["name"]}"'))
+            seen.add(c.get("name"))
+            if not c.get("image"):
+                causes.append((f"spec.{kind}[{i}].image", "FieldValueRequired", "Required value"))
+            for j, m in enumerate(_each(c.get("volumeMounts"))):
+                if m.get("name") not in vols:
+                    causes.append((f"spec.{kind}[{i}].volumeMounts[{j}].name", "FieldValueNotFound",
+                                   f'Not found: "{m.get("name")}"'))
+    if spec.get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):
+        causes.append(("spec.restartPolicy", "FieldValueNotSupported", f'Unsupported value: "{spec["restartPolicy"]}"'
+                       ': supported values: "Always", "OnFailure", "Never"'))
+    return causes
+
+
+def _add_token_volume(spec):
+    """The kube-api-access-* projected volume and its mount in every container (contract 14)."""
+    vname = "kube-api-access-" + rand_suffix()
+    spec["volumes"] = _each(spec.get("volumes")) + [{"name": vname, "projected": {"sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
+                                                                    "fieldPath": "metadata.namespace"}}]}},
+        {"configMap": {"name": "openshift-service-ca.crt",
+                       "items": [{"key": "service-ca.crt", "path": "service-ca.crt"}]}}],
+        "defaultMode": 420}}]
+    for c in _each(spec.get("initContainers")) + _each(spec.get("containers")):
+        c["volumeMounts"] = _each(c.get("volumeMounts")) + [{"name": vname, "readOnly": True, "mountPath": SA_MOUNT}]
+
+
 def _tolerates(tols, key):
     for t in _each(tols):
         if t.get("effect") not in (None, "", "NoExecute"):
@@ -1749,7 +1790,7 @@ class FakeApiServer:
         obj["kind"], obj["apiVersion"] = res.kind, res.api_version
         return meta
 
-    def _create(self, user, res, ns, obj, params, subject_name=None):
+    def _create(self, user, res, ns, obj, params):
         if not isinstance(obj, dict):
             raise bad_request(f"the body of the request was in an unknown format")
         err = type_error(obj, res.kind)
@@ -1846,90 +1887,54 @@ class FakeApiServer:
             obj["status"] = {}
 
     def _admit_pod(self, res, ns, pod):
+        """Pod create: validation, the ServiceAccount plugin, defaults, DefaultTolerationSeconds (contract 14)."""
         spec = pod.setdefault("spec", {})
         name = pod["metadata"]["name"]
         if not isinstance(spec, dict):
             raise bad_request("spec must be an object")
-        causes = []
-        if not _each(spec.get("containers")):
-            causes.append(("spec.containers", "FieldValueRequired", "Required value"))
-        seen = set()
-        for kind in ("initContainers", "containers"):
-            for i, c in enumerate(_each(spec.get(kind))):
-                if not c.get("name"):
-                    causes.append((f"spec.{kind}[{i}].name", "FieldValueRequired", "Required value"))
-                elif c["name"] in seen:
-                    causes.append((f"spec.{kind}[{i}].name", "FieldValueDuplicate", f'Duplicate value: "{c["name"]}"'))
-                seen.add(c.get("name"))
-                if not c.get("image"):
-                    causes.append((f"spec.{kind}[{i}].image", "FieldValueRequired", "Required value"))
-        if spec.get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):
-            causes.append(("spec.restartPolicy", "FieldValueNotSupported",
-                           f'Unsupported value: "{spec["restartPolicy"]}": supported values: "Always", "OnFailure", '
-                           '"Never"'))
-        vols = [v.get("name") for v in _each(spec.get("volumes"))]
-        for kind in ("initContainers", "containers"):
-            for i, c in enumerate(_each(spec.get(kind))):
-                for j, m in enumerate(_each(c.get("volumeMounts"))):
-                    if m.get("name") not in vols:
-                        causes.append((f"spec.{kind}[{i}].volumeMounts[{j}].name", "FieldValueNotFound",
-                                       f'Not found: "{m.get("name")}"'))
+        causes = pod_spec_causes(spec)
         if causes:
             raise invalid(res, name, causes)
-        if "kubernetes.io/config.mirror" in (pod["metadata"].get("annotations") or {}):
-            # The ServiceAccount admission plugin gives mirror pods no account and no token volume.
-            if spec.get("serviceAccountName") or spec.get("serviceAccount"):
-                raise forbidden(res, name, "a mirror pod may not reference service accounts")
-            if pod_references(pod)[1]:
-                raise forbidden(res, name, "a mirror pod may not reference secrets")
-            sa_obj = {"automountServiceAccountToken": False}
-        else:
-            sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-            sa_obj = self._objects.get(("serviceaccounts", ns, sa))
-            if sa_obj is None:
-                raise forbidden(res, name, f'error looking up service account {ns}/{sa}: serviceaccount "{sa}" '
-                                "not found")
-            spec["serviceAccountName"] = spec["serviceAccount"] = sa
+        sa_obj = self._admit_service_account(res, ns, name, pod)
         for c in _each(spec.get("initContainers")) + _each(spec.get("containers")):
             _default_container(c)
         for v in _each(spec.get("volumes")):
             _default_volume(v)
-        spec.setdefault("restartPolicy", "Always")
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        spec.setdefault("dnsPolicy", "ClusterFirst")
-        spec.setdefault("securityContext", {})
-        spec.setdefault("schedulerName", "default-scheduler")
+        for k, v in (("restartPolicy", "Always"), ("terminationGracePeriodSeconds", 30), ("dnsPolicy", "ClusterFirst"),
+                     ("securityContext", {}), ("schedulerName", "default-scheduler")):
+            spec.setdefault(k, v)
         tols = spec.get("tolerations") if isinstance(spec.get("tolerations"), list) else []
         for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
-            if not _tolerates(tols, key):   # DefaultTolerationSeconds
+            if not _tolerates(tols, key):
                 tols = tols + [{"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
         spec["tolerations"] = tols
-        spec.setdefault("priority", 0)
-        spec.setdefault("enableServiceLinks", True)
-        spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
+        for k, v in (("priority", 0), ("enableServiceLinks", True), ("preemptionPolicy", "PreemptLowerPriority")):
+            spec.setdefault(k, v)
         automount = spec.get("automountServiceAccountToken", sa_obj.get("automountServiceAccountToken", True))
         mounted = any(m.get("mountPath") == SA_MOUNT for c in _each(spec.get("containers")) +
                       _each(spec.get("initContainers")) for m in _each(c.get("volumeMounts")))
         if automount is not False and not mounted:
-            vname = "kube-api-access-" + rand_suffix()
-            spec["volumes"] = _each(spec.get("volumes")) + [{"name": vname, "projected": {"sources": [
-                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
-                                                                            "fieldPath": "metadata.namespace"}}]}},
-                {"configMap": {"name": "openshift-service-ca.crt",
-                               "items": [{"key": "service-ca.crt", "path": "service-ca.crt"}]}}],
-                "defaultMode": 420}}]
-            for c in _each(spec.get("initContainers")) + _each(spec.get("containers")):
-                c["volumeMounts"] = _each(c.get("volumeMounts")) + [
-                    {"name": vname, "readOnly": True, "mountPath": SA_MOUNT}]
-        ordered = {}
-        for k in ("volumes", "initContainers", "containers"):
-            if k in spec:
-                ordered[k] = spec.pop(k)
+            _add_token_volume(spec)
+        ordered = {k: spec.pop(k) for k in ("volumes", "initContainers", "containers") if k in spec}
         ordered.update(spec)
         pod["spec"] = ordered
         pod["status"] = {"phase": "Pending", "qosClass": qos_class(ordered)}
+
+    def _admit_service_account(self, res, ns, name, pod):
+        """The ServiceAccount plugin: the pod's account must exist; mirror pods get none -> the account."""
+        spec = pod["spec"]
+        if "kubernetes.io/config.mirror" in (pod["metadata"].get("annotations") or {}):
+            if spec.get("serviceAccountName") or spec.get("serviceAccount"):
+                raise forbidden(res, name, "a mirror pod may not reference service accounts")
+            if pod_references(pod)[1]:
+                raise forbidden(res, name, "a mirror pod may not reference secrets")
+            return {"automountServiceAccountToken": False}
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        sa_obj = self._objects.get(("serviceaccounts", ns, sa))
+        if sa_obj is None:
+            raise forbidden(res, name, f'error looking up service account {ns}/{sa}: serviceaccount "{sa}" not found')
+        spec["serviceAccountName"] = spec["serviceAccount"] = sa
+        return sa_obj
 
     _ALLOWED_NODE_LABELS = {"kubernetes.io/hostname", "kubernetes.io/arch", "kubernetes.io/os",
                             "beta.kubernetes.io/arch", "beta.kubernetes.io/os", "beta.kubernetes.io/instance-type",
