@@ -745,8 +745,11 @@ class ApiClient:
         return random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * (2 ** attempt))
 
     def request(self, method, path, *, params=None, body=None, content_type="application/json",
-                timeout=30, retry_conflict=False, stream=False):
-        """Send one API request; the parsed JSON answer, or the open response when `stream`."""
+                timeout=30, retry_conflict=False, stream=False, retries=None):
+        """Send one API request; the parsed JSON answer, or the open response when `stream`.
+
+        `retries` overrides the client's retry count (heartbeats prefer a fresh try next beat)."""
+        retries = self.retries if retries is None else retries
         url = self.server + path
         data = None if body is None else json.dumps(body)
         refreshed, attempt = False, -1
@@ -760,7 +763,7 @@ class ApiClient:
             token = self._token()
             if token:
                 headers["Authorization"] = f"Bearer {token}"
-            last = attempt == self.retries
+            last = attempt >= retries
             try:
                 response = self.session.request(method, url, params=params, data=data, headers=headers,
                                                 timeout=(10, timeout), stream=stream)
@@ -1502,6 +1505,9 @@ _MANAGED_LABELS = ("beta.kubernetes.io/arch", "beta.kubernetes.io/os", "kubernet
 _MEMORY_EVICTION_HARD = 100 * 1024 * 1024       # memory.available<100Mi, the kubelet's default
 _DISK_EVICTION_FRACTION = 0.10                  # nodefs.available<10%
 _PID_PRESSURE_FRACTION = 0.90
+# A heartbeat that hangs is worse than one that fails: the next beat (or a quick retry) comes soon,
+# while a 30 s timeout retried five times would outlast the 40 s Lease.
+_HEARTBEAT = {"timeout": 10, "retries": 1}
 
 
 def node_labels(config):
@@ -1752,7 +1758,7 @@ class NodeAgent:
             return False
         try:
             self.node = self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": status},
-                                       content_type="application/strategic-merge-patch+json")
+                                       content_type="application/strategic-merge-patch+json", **_HEARTBEAT)
         except ApiError as exc:
             if exc.code == 404:             # the Node was deleted: register it again next beat
                 log.warning("node %s is gone from the API server; registering again", self.name)
@@ -1779,14 +1785,14 @@ class NodeAgent:
         for _attempt in range(3):
             try:
                 if self.lease is None:
-                    self.lease = self.api.get(f"{base}/{self.name}")
-                self.lease = self.api.put(f"{base}/{self.name}", self._lease_body())
+                    self.lease = self.api.get(f"{base}/{self.name}", **_HEARTBEAT)
+                self.lease = self.api.put(f"{base}/{self.name}", self._lease_body(), **_HEARTBEAT)
                 return self.lease
             except ApiError as exc:
                 if exc.code == 404:
                     self.lease = None
                     try:
-                        self.lease = self.api.post(base, self._lease_body())
+                        self.lease = self.api.post(base, self._lease_body(), **_HEARTBEAT)
                         return self.lease
                     except ApiError as create_exc:
                         if create_exc.code != 409:
@@ -2053,9 +2059,11 @@ class StaticPodSource:
 
     def scan(self):
         """One look at the folder: report added, changed and removed pods to the handler."""
-        seen = set()
-        for path in self._manifests():
-            seen.add(path)
+        manifests = self._manifests()
+        for path in [p for p in list(self._files) + list(self.errors) if p not in manifests]:
+            self.errors.pop(path, None)
+            self._replace(path, None, [])       # removed first: a pod of the same name may follow
+        for path in manifests:
             try:
                 st = os.stat(path)
             except OSError:
@@ -2063,20 +2071,18 @@ class StaticPodSource:
             stamp = (st.st_mtime_ns, st.st_size)
             if path in self._files and self._files[path][0] == stamp and path not in self.errors:
                 continue        # unchanged (a file with an error is looked at again: its twin may be gone)
+            previous = self.errors.pop(path, None)
             try:
                 pods = static_pods_from_manifest(path, self.node_name)
-                self.errors.pop(path, None)
             except ConfigError as exc:
-                if self.errors.get(path) != str(exc):
+                if previous != str(exc):
                     log.error("static pod manifest skipped: %s", exc)
                 self.errors[path] = str(exc)
                 pods = []
-            self._replace(path, stamp, pods)
-        for path in [p for p in self._files if p not in seen]:
-            self._replace(path, None, [])
+            self._replace(path, stamp, pods, previous)
         self.synced.set()
 
-    def _replace(self, path, stamp, pods):
+    def _replace(self, path, stamp, pods, previous_error=None):
         old = self._files.pop(path, (None, []))[1]
         if stamp is not None:
             self._files[path] = (stamp, [p["metadata"]["uid"] for p in pods])
@@ -2090,7 +2096,7 @@ class StaticPodSource:
             twin = next((p for p in self._pods.values() if _pod_key(p) == _pod_key(pod)), None)
             if twin is not None:    # one pod per name, as the kubelet's file source keeps the first
                 error = f"{path}: pod {_pod_key(pod)} is already defined in {twin['metadata']['annotations'][_MANIFEST_ANNOTATION]}"
-                if self.errors.get(path) != error:
+                if previous_error != error:
                     log.error("static pod skipped: %s", error)
                 self.errors[path] = error
                 self._files[path] = (stamp, [u for u in self._files[path][1] if u != pod["metadata"]["uid"]])

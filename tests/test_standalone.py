@@ -148,3 +148,33 @@ def test_once_with_a_bad_manifest_names_it_and_exits_one(tmp_path, wasm):
     assert proc.returncode == 1
     assert "ok-demo: Succeeded" in proc.stdout
     assert "deploy.yaml: document 1: kind 'Deployment' is not a v1 Pod" in proc.stderr
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def pod_added(self, pod):
+        self.calls.append(("added", pod["metadata"]["name"]))
+
+    def pod_updated(self, pod):
+        self.calls.append(("updated", pod["metadata"]["name"]))
+
+    def pod_deleted(self, pod):
+        self.calls.append(("deleted", pod["metadata"]["name"]))
+
+
+def test_static_source_reports_changes_once_and_one_pod_per_name(tmp_path):
+    handler = _Recorder()
+    source = minikrust.StaticPodSource(str(tmp_path), "n1", handler)
+    _write_manifest(tmp_path, "a.yaml", _pod("web", "file:x.wasm"))
+    _write_manifest(tmp_path, "b.yaml", _pod("web", "file:y.wasm"))
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    source.scan()
+    source.scan()
+    assert handler.calls == [("added", "web-n1")]
+    assert "already defined in" in source.errors[str(tmp_path / "b.yaml")]
+    os.unlink(tmp_path / "a.yaml")
+    source.scan()
+    assert handler.calls[1:] == [("deleted", "web-n1"), ("added", "web-n1")]   # b.yaml's pod now
+    assert not source.errors
