@@ -2419,70 +2419,54 @@ class FakeApiServer:
                   + (f": {why}" if why else ""))
         return forbidden(res, name, reason)
 
+    # What the system:node role grants beyond the Node authorizer's graph rules (no subresources).
+    _NODE_RULES = {"events": {"create", "patch", "update"}, "leases": {"get", "create", "update", "patch", "delete"},
+                   "services": {"get", "list", "watch"},
+                   "certificatesigningrequests": {"create", "get", "list", "watch"},
+                   "tokenreviews": {"create"}, "subjectaccessreviews": {"create"}}
+
     def authorize(self, user, verb, res, sub, ns, name, fsel):
-        """Node authorizer + a tiny RBAC (system:masters is root, anyone else gets what the kubelet role has)."""
+        """The Node authorizer, then a small RBAC: system:masters may do anything, bootstrappers may make
+        CSRs, others have the grants `allow` gave them. Raises the 403 the real chain answers."""
         if user.admin:
             return
-        node = user.node
-        rs = res.name + ("/" + sub if sub else "")
-        if node is None:
-            if "system:bootstrappers" in user.groups and res.name == "certificatesigningrequests" and \
-                    sub is None and verb in ("create", "get", "list", "watch"):
-                return
-            if self._rbac_allows(user, verb, rs, ns):
-                return
-            raise self._forbid_rbac(user, verb, res, sub, ns, name)
+        if user.node is not None:
+            allowed, why = self._authorize_node(user.node, verb, res, sub, ns, name, fsel)
+        else:
+            bootstrap = "system:bootstrappers" in user.groups and res.name == "certificatesigningrequests" and \
+                sub is None and verb in ("create", "get", "list", "watch")
+            allowed, why = bootstrap or self._rbac_allows(user, verb, res.name + ("/" + sub if sub else ""), ns), None
+        if not allowed:
+            raise self._forbid_rbac(user, verb, res, sub, ns, name, why)
+
+    def _authorize_node(self, node, verb, res, sub, ns, name, fsel):
+        """-> (allowed, reason) for system:node:<node>, as the Node authorizer with AuthorizeNodeWithSelectors."""
         fields = {f: v for f, op, v in fsel if op == "="}
         if res.name == "nodes":
             if verb == "get" and name != node:
-                raise self._forbid_rbac(user, verb, res, sub, ns, name,
-                                        f"node '{node}' cannot read '{name}', only its own Node object")
+                return False, f"node '{node}' cannot read '{name}', only its own Node object"
             if verb in ("list", "watch") and fields.get("metadata.name") != node:
-                raise self._forbid_rbac(user, verb, res, sub, ns, name,
-                                        f"node '{node}' cannot read all nodes, only its own Node object")
-            if verb in ("create", "get", "list", "watch", "update", "patch", "delete") and sub in (None, "status"):
-                return
-        elif res.name == "pods":
+                return False, f"node '{node}' cannot read all nodes, only its own Node object"
+            return sub in (None, "status") and verb != "deletecollection", None
+        no_relation = f"no relationship found between node '{node}' and this object"
+        if res.name == "pods":
             if verb in ("list", "watch") and sub is None:
                 single = self._objects.get(("pods", ns, fields.get("metadata.name"))) if ns else None
                 if single is not None and (single.get("spec") or {}).get("nodeName") == node:
-                    return   # a read of a single pod known to be bound to the node
-                if fields.get("spec.nodeName") != node:
-                    raise self._forbid_rbac(user, verb, res, sub, ns, name,
-                                            "can only list/watch pods with spec.nodeName field selector")
-                return
+                    return True, None   # a read of a single pod known to be bound to the node
+                return fields.get("spec.nodeName") == node, "can only list/watch pods with spec.nodeName field selector"
             if verb == "get" and sub is None:
                 pod = self._objects.get(("pods", ns, name))
-                if pod is None or (pod.get("spec") or {}).get("nodeName") != node:
-                    raise self._forbid_rbac(user, verb, res, sub, ns, name,
-                                            f"no relationship found between node '{node}' and this object")
-                return
-            if (verb in ("create", "delete") and sub is None) or (verb in ("update", "patch") and sub == "status"):
-                return
-        elif res.name in ("configmaps", "secrets", "serviceaccounts"):
-            if verb in ("get", "list", "watch") and sub is None or (verb == "create" and sub == "token"
-                                                                    and res.name == "serviceaccounts"):
-                target = name if verb in ("get", "create") else fields.get("metadata.name")
-                if target and self._related(node, res.name, ns, target):
-                    return
-                raise self._forbid_rbac(user, verb, res, sub, ns, name,
-                                        f"no relationship found between node '{node}' and this object")
-        elif res.name == "events":
-            if verb in ("create", "patch", "update"):
-                return
-        elif res.name == "leases":
-            if verb in ("get", "create", "update", "patch", "delete"):
-                return
-        elif res.name == "services":
-            if verb in ("get", "list", "watch"):
-                return
-        elif res.name == "certificatesigningrequests":
-            if verb in ("create", "get", "list", "watch") and sub is None:
-                return
-        elif res.name in ("tokenreviews", "subjectaccessreviews"):
-            if verb == "create":
-                return
-        raise self._forbid_rbac(user, verb, res, sub, ns, name)
+                return pod is not None and (pod.get("spec") or {}).get("nodeName") == node, no_relation
+            return (verb in ("create", "delete") and sub is None) or (verb in ("update", "patch") and sub == "status"), \
+                None
+        if res.name in ("configmaps", "secrets", "serviceaccounts"):
+            token = res.name == "serviceaccounts" and verb == "create" and sub == "token"
+            if not token and not (verb in ("get", "list", "watch") and sub is None):
+                return False, None
+            target = name if verb in ("get", "create") else fields.get("metadata.name")
+            return bool(target) and self._related(node, res.name, ns, target), no_relation
+        return sub is None and verb in self._NODE_RULES.get(res.name, ()), None
 
     def allow(self, subject, verbs=("*",), resources=("*",), namespace=None):
         """An RBAC grant for a user or group name (resources like "pods", "pods/log", "*")."""
