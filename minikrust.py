@@ -4723,6 +4723,11 @@ class PodManager:
         return self._host
 
     def start(self):
+        if self.images is None:     # made here, before any worker thread can race to make it
+            self.images = ImageManager(self.config, api=self.api)
+            self.images.metrics = self.metrics
+            self.images.compiled_cache_dir = os.path.join(self.config.root_dir, "cache")
+            self.images.in_use = self._digests_in_use
         if self.writer is not None:
             self.writer.start()
         self._started = True
@@ -4817,11 +4822,6 @@ class PodManager:
     def ensure_image(self, pod, container):
         """The module of a container's image through the ImageManager (file: and registries),
         with the kubelet's Pulling/Pulled events."""
-        if self.images is None:
-            self.images = ImageManager(self.config, api=self.api)
-            self.images.metrics = self.metrics
-            self.images.compiled_cache_dir = os.path.join(self.config.root_dir, "cache")
-            self.images.in_use = self._digests_in_use
         secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
         image, policy = container.spec.get("image") or "", container.spec.get("imagePullPolicy")
         if policy == "Always" or not self.images.present(image):
