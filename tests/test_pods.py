@@ -154,7 +154,7 @@ def _cstatus(fake, name, container, init=False):
 
 
 def test_run_to_completion_pod_reports_every_field_with_exactly_five_writes(fake_api, kubelet_factory, module_file):
-    image = module_file(sleeper(400, 0))
+    image = module_file(sleeper(1000, 0))     # long enough for Running to be written on a busy machine
     kubelet = kubelet_factory(fake_api)
     wait_for(lambda: fake_api.get("nodes", "node-1"), what="node registered")
     fake_api.create_pod(_manifest("job", [{"name": "main", "image": image}]), node_name="node-1")
