@@ -191,3 +191,12 @@ def test_close_interrupts_an_open_watch_and_retry_sleeps(scripted):
     t.join(3)
     assert not t.is_alive() and time.monotonic() - started < 2
     api.close()
+
+
+def test_a_call_may_ask_for_fewer_retries(scripted):
+    scripted.script = [_status(500, "InternalError")] * 3
+    api = _client(scripted)
+    with pytest.raises(minikrust.ApiError):
+        api.get("/x", retries=1)
+    assert len(scripted.seen) == 2
+    api.close()

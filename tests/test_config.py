@@ -207,6 +207,7 @@ def test_client_certificate_data_leaves_no_key_file_behind(tmp_path, pki, tls_se
     assert not [n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("minikrust-tls-")]
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_unknown_ca_is_refused_and_insecure_skip_verify_accepts(tmp_path, tls_server):
     path = _kubeconfig(tmp_path, {"server": _url(tls_server)}, {"token": "x"})
     with pytest.raises(minikrust.ApiError) as err:
