@@ -1209,11 +1209,18 @@ class _Watch:
         timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
         self.deadline = time.monotonic() + timeout if timeout else None
         self.rv_param = params.get("resourceVersion") or ""
+        self.table = "as=Table" in (handler.headers.get("Accept") or "")   # kubectl get -w
         self.epoch = fake._watch_epoch
         self.kick = None            # "abort" | "end"
         self.expire = False
         self.bookmark_now = False
         self.cursor = 0
+
+    def render(self, events):
+        if self.table:
+            events = [dict(e, object=as_table(self.res, [e["object"]], e["object"]["metadata"]["resourceVersion"]))
+                      if e["type"] in ("ADDED", "MODIFIED", "DELETED") else e for e in events]
+        return _lines(events)
 
     def matches(self, obj):
         return obj is not None and (not self.ns or obj["metadata"].get("namespace") == self.ns) and \
@@ -1296,7 +1303,7 @@ class _Watch:
                 next_bookmark = now + fake.bookmark_interval
                 events.append(_bookmark(self.res, self.cursor))
             if events:
-                h.write_chunk(_lines(events))
+                h.write_chunk(self.render(events))
             if end or timed_out:
                 return False
 
@@ -2753,7 +2760,7 @@ class FakeApiServer:
         abort = False
         try:
             if initial:
-                h.write_chunk(_lines(initial))
+                h.write_chunk(w.render(initial))
             if not (initial and initial[-1]["type"] == "ERROR"):
                 abort = w.stream()
         except OSError:
