@@ -1290,8 +1290,9 @@ class _Watch:
         next_bookmark = time.monotonic() + fake.bookmark_interval
         while True:
             now = time.monotonic()
-            wait = min(0.5, next_bookmark - now if self.bookmarks else 0.5,
-                       self.deadline - now if self.deadline else 0.5)
+            # every write, drop, expiry, bookmark request and stop() notifies: an idle watch need not poll
+            wait = min(5.0, next_bookmark - now if self.bookmarks else 5.0,
+                       self.deadline - now if self.deadline else 5.0)
             with fake._lock:
                 events, end = self.collect(wait)
             if end == "abort":
@@ -1398,7 +1399,7 @@ class FakeApiServer:
         self.port = server.server_address[1]
         self._server = server
         self._running = True
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"fake-apiserver-{self.port}", daemon=True)
         self._thread.start()
         return self
