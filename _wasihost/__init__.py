@@ -5,8 +5,13 @@
     result = module.run(["hello"], stdout="/tmp/hello.log")   # CRI log lines, GIL released
     run = module.start(["loop"]); run.kill(); run.wait()      # from any thread
 
+Output: stdout/stderr go to a path (appended; one shared file keeps the two streams' records in
+order), an fd, or a callable (called with one CRI record per call, or raw chunks in "plain"
+mode). The C side buffers them and writes at least every epoch tick (5 ms of guest execution),
+before any call that may block, and at the end of the run.
+
 The extension is built against wasmtime's C API as shipped by the `wasmtime` wheel (pinned in
-setup.py). At import we check that wheel's version and dlopen its `_libwasmtime` with RTLD_GLOBAL,
+pyproject.toml). At import we check that wheel's version and dlopen its `_libwasmtime` with RTLD_GLOBAL,
 so `_native` finds the symbols without LD_LIBRARY_PATH or an rpath (see `_build.py`). A mismatch
 raises `WasmtimeVersionError` (an ImportError), so callers fall back to the pure-Python host.
 """
