@@ -58,6 +58,8 @@ State (Python side, as admin, no HTTP):
         `fake.sar_policy = fake.authorizer_sar` answers with the fake's own authorizer and grants)
   .token_reviews / .subject_access_reviews  lists of the specs received
   .node_lifecycle = False   (True: a Ready=True condition removes the node.kubernetes.io/not-ready taint)
+  pods/exec, pods/attach, pods/portforward (`kubectl exec` ...) are proxied to the kubelet's /exec, /attach,
+        /portForward the same way: a 101 upgrade is piped both ways, any other answer (e.g. 501) relayed.
   pods/log (`kubectl logs`, admin only) is proxied to the node's kubelet like the real API server does:
         https://<InternalIP>:<daemonEndpoints.kubeletEndpoint.Port>/containerLogs/<ns>/<pod>/<container>?<params>
         with client cert CN=kube-apiserver-kubelet-client O=system:masters from `.pki` (so the kubelet's
@@ -166,7 +168,8 @@ _CREATE_ONLY = ("create",)
 RESOURCES = {r.name: r for r in [
     Resource("namespaces", "", "v1", "Namespace", False, ("ns",)),
     Resource("nodes", "", "v1", "Node", False, ("no",), subresources=("status",)),
-    Resource("pods", "", "v1", "Pod", True, ("po",), subresources=("status", "binding", "log")),
+    Resource("pods", "", "v1", "Pod", True, ("po",),
+             subresources=("status", "binding", "log", "exec", "attach", "portforward")),
     Resource("events", "", "v1", "Event", True, ("ev",)),
     Resource("configmaps", "", "v1", "ConfigMap", True, ("cm",)),
     Resource("secrets", "", "v1", "Secret", True),
@@ -2583,6 +2586,8 @@ class FakeApiServer:
             return h.send_json(200, self._list(res, ns, params, fsel, table))
         if verb == "get" and sub == "log":
             return self._proxy_log(h, ns, name, params)
+        if sub in _STREAM_SUBRESOURCES:
+            return self._proxy_stream(h, method, ns, name, sub, params)
         if verb == "get":
             with self._lock:
                 obj = copy.deepcopy(self._get_obj(res, ns, name))
@@ -2618,12 +2623,16 @@ class FakeApiServer:
         watch = params.get("watch") in ("1", "true", "True")
         verb = {"GET": "watch" if watch else ("get" if name else "list"), "HEAD": "get", "POST": "create",
                 "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
-        if method == "POST" and name and sub not in ("token", "binding"):
+        if method == "POST" and name and sub not in ("token", "binding") + _STREAM_SUBRESOURCES:
             raise not_allowed
         if sub == "log":
             if method != "GET":
                 raise not_allowed
             verb = "get"
+        if sub in _STREAM_SUBRESOURCES:
+            if method not in ("GET", "POST"):
+                raise not_allowed
+            verb = "create" if method == "POST" else "get"
         if verb not in res.verbs and sub is None:
             raise not_allowed
         fsel = parse_field_selector(params.get("fieldSelector"), res) if verb in ("list", "watch") else []
@@ -2666,18 +2675,18 @@ class FakeApiServer:
                               "the kind does not match")
         return self._create(user, res, ns, body or {}, params)
 
-    def _proxy_log(self, h, ns, name, params):
-        """pods/log: what the API server does for `kubectl logs`: call the node's kubelet over HTTPS
-        (InternalIP, then Hostname; port daemonEndpoints.kubeletEndpoint.Port; its certificate is not
-        verified, as without --kubelet-certificate-authority) with the client certificate
-        CN=kube-apiserver-kubelet-client O=system:masters from the fake's CA, and stream the answer."""
-        import http.client
+    def _kubelet_target(self, ns, name, params, container_needed=True):
+        """Where and how the API server reaches the kubelet of a pod's node: (host, port, ssl context,
+        headers, container). InternalIP, then Hostname; port daemonEndpoints.kubeletEndpoint.Port; the
+        kubelet's certificate is not verified (no --kubelet-certificate-authority) unless
+        .kubelet_ca_path is set; the client certificate is CN=kube-apiserver-kubelet-client,
+        O=system:masters from the fake's CA, or the bearer token .kubelet_client_token."""
         with self._lock:
             pod = copy.deepcopy(self._get_obj(RESOURCES["pods"], ns, name))
             node = copy.deepcopy(self._objects.get(("nodes", "", (pod.get("spec") or {}).get("nodeName") or "")))
         names = [c.get("name") for c in _each(pod["spec"].get("containers"))]
         container = params.get("container")
-        if not container:
+        if not container and container_needed:
             if len(names) != 1:
                 raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
                                   f"[{' '.join(names)}]")
@@ -2690,8 +2699,6 @@ class FakeApiServer:
         host = addrs.get("InternalIP") or addrs.get("Hostname")
         port = ((node["status"].get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
         host, port = (self.kubelet_address or {}).get(node["metadata"]["name"], (host, port))
-        query = urllib.parse.urlencode({k: params[k] for k in _LOG_PARAMS if k in params})
-        path = f"/containerLogs/{ns}/{name}/{container}" + (f"?{query}" if query else "")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         if self.kubelet_ca_path:
@@ -2705,19 +2712,24 @@ class FakeApiServer:
             if not hasattr(self, "_kubelet_client_cert"):
                 self._kubelet_client_cert = self.pki.issue("kube-apiserver-kubelet-client", ("system:masters",))
             ctx.load_cert_chain(*self._kubelet_client_cert)
+        return host, port, ctx, headers, container
+
+    def _proxy_log(self, h, ns, name, params):
+        """pods/log, what `kubectl logs` reads: the kubelet's /containerLogs, streamed back."""
+        import http.client
+        host, port, ctx, headers, container = self._kubelet_target(ns, name, params)
+        query = urllib.parse.urlencode({k: params[k] for k in _LOG_PARAMS if k in params})
+        path = f"/containerLogs/{ns}/{name}/{container}" + (f"?{query}" if query else "")
         conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
-        url = f"https://{host}:{port}{path}"
         try:
             conn.request("GET", path, headers=headers)
             conn.sock.settimeout(None)   # a follow stream may be idle for long
             resp = conn.getresponse()
         except OSError as exc:
-            raise ApiStatusError(500, "InternalError", f'Get "{url}": {exc}') from None
+            raise ApiStatusError(500, "InternalError", f'Get "https://{host}:{port}{path}": {exc}') from None
         try:
             if resp.status != 200:
-                text = resp.read().decode(errors="replace").strip()
-                raise ApiStatusError(resp.status, {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden",
-                                                   404: "NotFound"}.get(resp.status, "InternalError"), text)
+                raise _kubelet_error(resp.status, resp.read())
             h.send_response(200)
             h.send_header("Content-Type", resp.getheader("Content-Type") or "text/plain")
             h.send_header("Transfer-Encoding", "chunked")
@@ -2730,6 +2742,39 @@ class FakeApiServer:
             h.wfile.write(b"0\r\n\r\n")
         finally:
             conn.close()
+
+    def _proxy_stream(self, h, method, ns, name, sub, params):
+        """pods/exec, attach, portforward (`kubectl exec` ...): the upgrade request goes to the kubelet's
+        /exec, /attach or /portForward; a 101 answer is then piped both ways, any other answer relayed."""
+        host, port, ctx, headers, container = self._kubelet_target(ns, name, params, sub != "portforward")
+        query = "&".join(p for p in urllib.parse.urlsplit(h.path).query.split("&") if not p.startswith("container="))
+        path = {"exec": f"/exec/{ns}/{name}/{container}", "attach": f"/attach/{ns}/{name}/{container}",
+                "portforward": f"/portForward/{ns}/{name}"}[sub] + (f"?{query}" if query else "")
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 0"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        for key in ("Connection", "Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
+                    "X-Stream-Protocol-Version"):
+            lines += [f"{key}: {v}" for v in h.headers.get_all(key) or ()]
+        try:
+            upstream = ctx.wrap_socket(socket.create_connection((host, port), timeout=30))
+            upstream.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            reader = upstream.makefile("rb")
+            head = [reader.readline()]
+            while head[-1] not in (b"\r\n", b"\n", b""):
+                head.append(reader.readline())
+        except OSError as exc:
+            raise ApiStatusError(500, "InternalError", f"error dialing backend: {exc}") from None
+        status = int(head[0].split()[1]) if len(head[0].split()) > 1 else 502
+        if status != 101:
+            length = next((int(x.split(b":", 1)[1]) for x in head if x.lower().startswith(b"content-length:")), None)
+            body = reader.read(length) if length is not None else reader.read()
+            upstream.close()
+            raise _kubelet_error(status, body)
+        h.close_connection = True
+        h.wfile.write(b"".join(head))
+        h.wfile.flush()
+        upstream.settimeout(None)
+        _pipe(h.rfile, upstream, reader, h.wfile)
 
     def _bind(self, ns, name, body):
         target = ((body or {}).get("target") or {}).get("name")
@@ -2796,8 +2841,10 @@ class FakeApiServer:
             out.append(item)
             for s in r.subresources:
                 verbs = {"status": ["get", "patch", "update"], "token": ["create"], "binding": ["create"],
-                         "log": ["get"], "approval": ["get", "patch", "update"]}[s]
-                kind = {"token": "TokenRequest", "binding": "Binding"}.get(s, r.kind)
+                         "log": ["get"], "approval": ["get", "patch", "update"], "exec": ["create", "get"],
+                         "attach": ["create", "get"], "portforward": ["create", "get"]}[s]
+                kind = {"token": "TokenRequest", "binding": "Binding", "exec": "PodExecOptions",
+                        "attach": "PodAttachOptions", "portforward": "PodPortForwardOptions"}.get(s, r.kind)
                 out.append({"name": f"{r.name}/{s}", "singularName": "", "namespaced": r.namespaced,
                             "kind": kind, "verbs": verbs})
         gv = f"{group}/{version}" if group else version
@@ -3109,9 +3156,49 @@ _NONRESOURCE_OPEN = ("/version", "/healthz", "/livez", "/readyz")
 
 
 
+_STREAM_SUBRESOURCES = ("exec", "attach", "portforward")
 _LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes")
 
 
+
+
+def _kubelet_error(status, body):
+    text = body.decode(errors="replace").strip()
+    reason = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+              501: "NotImplemented"}.get(status, "InternalError")
+    return ApiStatusError(status, reason, text)
+
+
+def _pipe(client_in, upstream, upstream_in, client_out):
+    """Copy bytes both ways until either side closes (an upgraded exec/attach/port-forward stream)."""
+    def up():
+        try:
+            while True:
+                data = client_in.read1(65536)
+                if not data:
+                    break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                upstream.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=up, daemon=True)
+    t.start()
+    try:
+        while True:
+            data = upstream_in.read1(65536)
+            if not data:
+                break
+            client_out.write(data)
+            client_out.flush()
+    except OSError:
+        pass
+    finally:
+        upstream.close()
 
 
 def _bookmark(res, rv):
