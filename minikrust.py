@@ -545,7 +545,7 @@ def _exec_fields(spec, where):
     return {"apiVersion": spec["apiVersion"], "command": str(spec["command"]),
             "args": [str(a) for a in spec.get("args") or []],
             "env": [(str(e["name"]), str(e.get("value", ""))) for e in env],
-            "where": where}
+            "install_hint": " ".join(str(spec.get("installHint") or "").split()), "where": where}
 
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -632,7 +632,8 @@ class _ExecCredentials:
             done = subprocess.run([spec["command"], *spec["args"]], env=env, capture_output=True,
                                   stdin=subprocess.DEVNULL, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ConfigError(f"{spec['where']}.command: cannot run {spec['command']!r}: {exc}") from None
+            hint = f" ({spec['install_hint']})" if spec.get("install_hint") else ""
+            raise ConfigError(f"{spec['where']}.command: cannot run {spec['command']!r}: {exc}{hint}") from None
         if done.returncode != 0:
             raise ConfigError(f"{spec['where']}: plugin {spec['command']!r} exited {done.returncode}: "
                               f"{done.stderr.decode(errors='replace').strip()[:200]}")
@@ -4276,6 +4277,7 @@ class PodWorker:
         self._exits = []
         self._kill_announced = False
         self._launched = False
+        self.echoed = set()         # container notes already printed (standalone)
         self._dirty = True
         self._cond = threading.Condition()
         self._thread = None
@@ -4868,8 +4870,27 @@ class PodManager:
             if phase in _TERMINAL_PHASES:
                 self.echo.drain()       # the last output lines before the pod's end
             self.echo.write(line)
+        if self.echo is not None:
+            self._echo_containers(worker)
         with self._changed:
             self._changed.notify_all()
+
+    def _echo_containers(self, worker):
+        """Standalone: a line when a container exits or waits for a reason worth knowing."""
+        statuses = (worker.status.get("initContainerStatuses") or []) + worker.status.get("containerStatuses", [])
+        for cs in statuses:
+            state = cs.get("state") or {}
+            if "terminated" in state:
+                term = state["terminated"]
+                note = f"exited {term.get('exitCode')} ({term.get('reason')})"
+            elif state.get("waiting", {}).get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+                note = f"{state['waiting']['reason']}: {state['waiting'].get('message', '')}".rstrip(": ")
+            else:
+                continue
+            key = (cs["name"], cs.get("restartCount"), note)
+            if key not in worker.echoed:
+                worker.echoed.add(key)
+                self.echo.write(f"{worker.pod['metadata']['name']}/{cs['name']}: {note}")
 
     def finalize(self, worker):
         """The pod's modules stopped and its volumes are gone: forget it, delete it from the API."""

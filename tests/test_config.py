@@ -431,11 +431,13 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1", "kind": "Exe
 
 
 def test_a_failing_exec_plugin_stops_the_cli_with_exit_code_2(tmp_path, capsys):
-    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(tmp_path / "missing-plugin")}}
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": str(tmp_path / "missing-plugin"),
+                     "installHint": "get the plugin\nfrom your admin"}}
     path = _kubeconfig(tmp_path, {"server": "http://127.0.0.1:1"}, user)
     assert minikrust.main(["--kubeconfig", path, "--root-dir", str(tmp_path / "root"), "--serve", "false"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "users[u].user.exec.command: cannot run" in lines[0]
+    assert lines[0].endswith("(get the plugin from your admin)")
 
 
 @pytest.mark.parametrize("argv, expected", [
