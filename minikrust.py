@@ -721,11 +721,12 @@ class ApiClient:
         cluster = self.cluster
         if self._exec is not None:
             token, cert, key = self._exec.get(force=refresh)
-            if cert and (cert, key) != self._exec_cert:       # a new client cert: new TLS pools
-                self._exec_cert = (cert, key)
-                old, self.session = self.session, self._new_session(cert, key)
-                self.session.headers.update(old.headers)
-                old.close()
+            with self._lock:
+                if cert and (cert, key) != self._exec_cert:       # a new client cert: new TLS pools
+                    self._exec_cert = (cert, key)
+                    old, self.session = self.session, self._new_session(cert, key)
+                    self.session.headers.update(old.headers)
+                    old.close()
             return token
         if cluster.token_file:
             try:
