@@ -1,6 +1,6 @@
 """An in-process fake kube-apiserver for minikrust's tests (a pytest plugin module).
 
-It follows the real API server's behaviour as recorded in ../shared/k8s-contract/ (Node and RBAC
+It follows the real API server's behaviour as recorded in tests/k8s-contract/ (Node and RBAC
 authorizers, NodeRestriction, pod admission defaults, watch semantics); tests/test_contract.py
 replays every recorded exchange against it. Standard library HTTP server in a thread, JSON only.
 
