@@ -691,7 +691,7 @@ class ApiClient:
         self.server = cluster.server
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._closed = threading.Event()
-        self._streams = set()
+        self._streams = {}              # open watch response -> its path
         self._lock = threading.Lock()
         self._exec = _ExecCredentials(cluster.exec_config, cluster.server) if cluster.exec_config else None
         self._token_file_state = (None, None)      # (mtime, token) of cluster.token_file
@@ -821,7 +821,7 @@ class ApiClient:
         read_timeout = timeout or float(params.get("timeoutSeconds", 300)) + 30
         response = self.request("GET", path, params=params, timeout=read_timeout, stream=True)
         with self._lock:
-            self._streams.add(response)
+            self._streams[response] = path
         try:
             for line in response.iter_lines(chunk_size=None):
                 if not line:
@@ -836,13 +836,14 @@ class ApiClient:
                 log.debug("watch %s ended: %s", path, exc)
         finally:
             with self._lock:
-                self._streams.discard(response)
+                self._streams.pop(response, None)
             response.close()
 
-    def interrupt_watches(self):
-        """End every open watch now (its iterator returns); the client stays usable."""
+    def interrupt_watches(self, path=None):
+        """End every open watch (of `path` only, if given) now: its iterator returns; the client
+        stays usable."""
         with self._lock:
-            streams = list(self._streams)
+            streams = [r for r, p in self._streams.items() if path is None or p == path]
         for response in streams:
             _shutdown_response(response)
 
@@ -1978,7 +1979,7 @@ class ApiPodSource:
     def stop(self, timeout=5.0):
         """Stop reporting pods; an open watch is interrupted."""
         self._stop.set()
-        self.api.interrupt_watches()
+        self.api.interrupt_watches("/api/v1/pods")
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
