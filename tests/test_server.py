@@ -981,3 +981,19 @@ def test_kubectl_logs_end_to_end_with_a_bootstrapped_serving_certificate(fake_ap
     (csr,) = [c for c in fake.csrs() if c["spec"]["signerName"] == "kubernetes.io/kubelet-serving"]
     assert csr["spec"]["username"] == f"system:node:{NODE}"
     assert fake.subject_access_reviews[-1]["user"] == "kube-apiserver-kubelet-client"
+
+
+def test_a_kubelet_with_only_a_bootstrap_token_joins_with_its_bootstrapped_client_certificate(fake_api_tls, tmp_path):
+    fake = fake_api_tls
+    bootstrap = fake.write_kubeconfig(tmp_path / "bootstrap.kubeconfig", token=fake.add_bootstrap_token())
+    fake.on_csr_created = lambda csr: threading.Timer(0.1, fake.approve_csr, [csr["metadata"]["name"]]).start()
+    config = minikrust.Config(root_dir=str(tmp_path / "root"), node_name=NODE, node_ip="127.0.0.1", serve=False,
+                              bootstrap_kubeconfig=bootstrap, kubeconfig=str(tmp_path / "kubelet.kubeconfig"))
+    kubelet = minikrust.Kubelet(config)
+    try:
+        kubelet.start()
+        wait_for(lambda: fake.get("nodes", NODE), timeout=20, what="the Node registered")
+        assert fake.count(method="POST", path="/api/v1/nodes$", user=f"system:node:{NODE}") == 1
+    finally:
+        kubelet.stop()
+    assert os.path.exists(os.path.join(config.root_dir, "pki", "kubelet-client-current.pem"))
