@@ -58,6 +58,9 @@ State (Python side, as admin, no HTTP):
         `fake.sar_policy = fake.authorizer_sar` answers with the fake's own authorizer and grants)
   .token_reviews / .subject_access_reviews  lists of the specs received
   .node_lifecycle = False   (True: a Ready=True condition removes the node.kubernetes.io/not-ready taint)
+  .scheduler = False        (True: pods without spec.nodeName are bound to a fitting node: Ready, schedulable,
+        nodeSelector, required node affinity, taints vs tolerations, pod capacity; else PodScheduled=False
+        Unschedulable. Turn node_lifecycle on too, or the not-ready taint keeps every pod away.)
   pods/exec, pods/attach, pods/portforward (`kubectl exec` ...) are proxied to the kubelet's /exec, /attach,
         /portForward the same way: a 101 upgrade is piped both ways, any other answer (e.g. 501) relayed.
   pods/log (`kubectl logs`, admin only) is proxied to the node's kubelet like the real API server does:
@@ -934,6 +937,31 @@ def _default_volume(v):
                 it["fieldRef"].setdefault("apiVersion", "v1")
 
 
+def _toleration_matches(tol, taint):
+    if tol.get("effect") and tol.get("effect") != taint.get("effect"):
+        return False
+    if tol.get("operator") == "Exists":
+        return not tol.get("key") or tol.get("key") == taint.get("key")
+    return tol.get("key") == taint.get("key") and (tol.get("value") or "") == (taint.get("value") or "")
+
+
+def _affinity_matches(spec, labels):
+    """requiredDuringSchedulingIgnoredDuringExecution node affinity: any term whose expressions all hold."""
+    req = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+           .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = _each(req.get("nodeSelectorTerms"))
+    if not terms:
+        return True
+
+    def holds(e):
+        op, key, values = e.get("operator"), e.get("key"), e.get("values") or []
+        return {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
+                "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels,
+                "Gt": lambda: key in labels and int(labels[key]) > int(values[0]),
+                "Lt": lambda: key in labels and int(labels[key]) < int(values[0])}.get(op, lambda: False)()
+    return any(all(holds(e) for e in _each(t.get("matchExpressions"))) for t in terms)
+
+
 def pod_spec_causes(spec):
     """The pod validations a hand-written manifest most often fails -> [(field, reason, message)]."""
     causes = []
@@ -1345,6 +1373,7 @@ class FakeApiServer:
         self.csr_auto_approve = False
         self.on_csr_created = None
         self.node_lifecycle = False
+        self.scheduler = False
         self.watch_expired_as = "event"
         self.bookmark_interval = 2.0
         self.too_large_rv_wait = 3.0
@@ -1826,6 +1855,8 @@ class FakeApiServer:
             stored = self._store("ADDED", res, ns, name, shape(obj))
             if res.name == "namespaces":
                 self._namespace_children(name)
+            if res.name in ("pods", "nodes") and self.scheduler:
+                self._schedule_pending()
         if res.name == "certificatesigningrequests":
             if self.csr_auto_approve:
                 stored = self.approve_csr(name)
@@ -1859,6 +1890,8 @@ class FakeApiServer:
                 # TaintNodesByCondition: every new Node starts not-ready for scheduling.
                 spec["taints"] = taints + [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]
             obj.setdefault("status", {})
+            if self.node_lifecycle:
+                self._node_lifecycle(obj)
         elif res.name == "pods":
             if node is not None:
                 anns = meta.get("annotations") or {}
@@ -2079,11 +2112,70 @@ class FakeApiServer:
             return copy.deepcopy(old)   # a no-op write does not bump resourceVersion
         self._managed(result, params, subresource)
         stored = self._store("MODIFIED", res, ns, name, result, old)
+        if res.name == "nodes" and self.scheduler:
+            self._schedule_pending()
         smeta = stored["metadata"]
         if smeta.get("deletionTimestamp") and not smeta.get("finalizers") and old["metadata"].get("finalizers") \
                 and (res.name != "pods" or smeta.get("deletionGracePeriodSeconds") == 0):
             stored = self._finish_delete(res, ns, name)   # the last finalizer is gone
         return stored
+
+    def _schedule_pending(self):
+        """The default scheduler, reduced to what decides where a wasm pod may go: Ready and schedulable
+        nodes, nodeSelector, required node affinity, NoSchedule/NoExecute taints against tolerations,
+        and the node's pod capacity. A pod that fits nowhere gets PodScheduled=False/Unschedulable."""
+        with self._lock:
+            nodes = [n for (r, _, _), n in sorted(self._objects.items()) if r == "nodes"]
+            pending = [p for (r, _, _), p in sorted(self._objects.items()) if r == "pods"
+                       and not (p.get("spec") or {}).get("nodeName") and not p["metadata"].get("deletionTimestamp")]
+            for pod in pending:
+                reasons = {}
+                fit = next((n for n in nodes if self._fits(pod, n, reasons)), None)
+                now = fmt_time(utcnow())
+                new = copy.deepcopy(pod)
+                conds = [c for c in _each(new["status"].get("conditions")) if c.get("type") != "PodScheduled"]
+                if fit is not None:
+                    new["spec"]["nodeName"] = fit["metadata"]["name"]
+                    conds.append({"type": "PodScheduled", "status": "True", "lastProbeTime": None,
+                                  "lastTransitionTime": now})
+                else:
+                    why = ", ".join(f"{n} node(s) {r}" for r, n in sorted(reasons.items()))
+                    conds.append({"type": "PodScheduled", "status": "False", "lastProbeTime": None,
+                                  "lastTransitionTime": now, "reason": "Unschedulable",
+                                  "message": f"0/{len(nodes)} nodes are available" + (f": {why}." if why else ".")})
+                    old_cond = next((c for c in _each(pod["status"].get("conditions"))
+                                     if c.get("type") == "PodScheduled"), None)
+                    if old_cond and old_cond.get("message") == conds[-1]["message"]:
+                        continue
+                new["status"]["conditions"] = conds
+                self._store("MODIFIED", RESOURCES["pods"], pod["metadata"]["namespace"], pod["metadata"]["name"],
+                            new, pod)
+
+    def _fits(self, pod, node, reasons):
+        spec, labels = pod.get("spec") or {}, node["metadata"].get("labels") or {}
+        ready = next((c for c in _each(node.get("status", {}).get("conditions")) if c.get("type") == "Ready"), {})
+        problems = []
+        if ready.get("status") != "True":
+            problems.append("were not ready")
+        if (node.get("spec") or {}).get("unschedulable"):
+            problems.append("were unschedulable")
+        if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()) or \
+                not _affinity_matches(spec, labels):
+            problems.append("didn't match Pod's node affinity/selector")
+        for t in _each((node.get("spec") or {}).get("taints")):
+            if t.get("effect") in ("NoSchedule", "NoExecute") and not any(
+                    _toleration_matches(tol, t) for tol in _each(spec.get("tolerations"))):
+                value = f": {t['value']}" if t.get("value") else ""
+                problems.append(f"had untolerated taint {{{t.get('key')}{value}}}")
+                break
+        capacity = int(str(((node.get("status") or {}).get("allocatable") or {}).get("pods", "110")) or 110)
+        bound = sum(1 for (r, _, _), p in self._objects.items() if r == "pods"
+                    and (p.get("spec") or {}).get("nodeName") == node["metadata"]["name"])
+        if bound >= capacity:
+            problems.append("Too many pods")
+        for p in problems[:1]:
+            reasons[p] = reasons.get(p, 0) + 1
+        return not problems
 
     def _node_lifecycle(self, node):
         ready = next((c for c in _each(node.get("status", {}).get("conditions")) if c.get("type") == "Ready"), None)

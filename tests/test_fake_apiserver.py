@@ -588,3 +588,27 @@ def test_exec_is_proxied_to_the_kubelet_upgrades_piped_errors_relayed(fake_api_t
             assert p.returncode != 0 and "no shell" in p.stderr, p.stderr
     finally:
         kubelet.close()
+
+
+def test_scheduler_binds_pods_that_tolerate_the_wasm_taints(fake_api):
+    fake_api.scheduler = fake_api.node_lifecycle = True
+    node = json.loads(json.dumps(NODE))
+    node["metadata"]["labels"]["kubernetes.io/arch"] = "wasm32-wasi"
+    node["spec"] = {"taints": [{"key": "kubernetes.io/arch", "value": "wasm32-wasi", "effect": "NoExecute"},
+                               {"key": "kubernetes.io/arch", "value": "wasm32-wasi", "effect": "NoSchedule"}]}
+    plain = fake_api.create_pod({"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    assert plain["spec"].get("nodeName") is None
+    assert fake_api.client("n1").post("/api/v1/nodes", json=node).status_code == 201
+    assert not any(t["key"] == "node.kubernetes.io/not-ready" for t in fake_api.get("nodes", "n1")["spec"]["taints"])
+    wasm = {"metadata": {"name": "wasm"}, "spec": {
+        "containers": [{"name": "c", "image": "x"}], "nodeSelector": {"kubernetes.io/arch": "wasm32-wasi"},
+        "tolerations": [{"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wasi",
+                         "effect": "NoExecute"},
+                        {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wasi",
+                         "effect": "NoSchedule"}]}}
+    fake_api.create_pod(wasm)
+    assert fake_api.get("pods", "default", "wasm")["spec"]["nodeName"] == "n1"
+    pending = fake_api.get("pods", "default", "plain")
+    assert pending["spec"].get("nodeName") is None
+    cond = pending["status"]["conditions"][0]
+    assert cond["reason"] == "Unschedulable" and "untolerated taint {kubernetes.io/arch: wasm32-wasi}" in cond["message"]
