@@ -6451,7 +6451,11 @@ class _JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _setup_logging(config):
+@contextlib.contextmanager
+def _logging_to_stderr(config):
+    """Log to stderr at --log-level in --log-format while the kubelet runs; the logger is
+    restored afterwards, so main() can run inside a test process too."""
+    saved = log.handlers[:], log.level, log.propagate
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(_JsonLogFormatter())
@@ -6460,6 +6464,10 @@ def _setup_logging(config):
     log.handlers[:] = [handler]
     log.setLevel(config.log_level.upper())
     log.propagate = False
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def main(argv=None):
@@ -6475,11 +6483,16 @@ def main(argv=None):
         return command(argv[1:])
     try:
         config = parse_args(argv)
-        _setup_logging(config)
-        kubelet = Kubelet(config)
+        with _logging_to_stderr(config):
+            return _run(config)
     except ConfigError as exc:
         print(f"minikrust: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run(config):
+    """The kubelet's life in the CLI: signals ask it to stop; --once returns the pods' verdict."""
+    kubelet = Kubelet(config)
     previous = {sig: signal.signal(sig, lambda *_: kubelet.request_stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     _trim_heap()
@@ -6492,9 +6505,6 @@ def main(argv=None):
             while not kubelet.wait(1.0):
                 pass
             log.info("shutting down")
-    except ConfigError as exc:
-        print(f"minikrust: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
