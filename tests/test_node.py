@@ -232,18 +232,26 @@ def test_a_signal_shuts_down_cleanly_with_exit_code_0(fake_apiserver, tmp_path, 
 
 
 def test_kubectl_shows_the_ready_node(fake_api_tls, tmp_path):
-    """kubectl sends no bearer token over plain HTTP, so this one runs against the HTTPS fake."""
+    """`python minikrust.py --kubeconfig K` registers a node `kubectl get nodes` shows Ready. kubectl
+    sends no bearer token over plain HTTP, so this one runs against the HTTPS fake."""
     fake = fake_api_tls
     admin = fake.kubeconfig(tmp_path, admin=True)
-    with make_kubelet(fake, tmp_path, "n1"):
-        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready")
-        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", admin, "get", "nodes"],
+    proc = subprocess.Popen([sys.executable, "minikrust.py", "--kubeconfig", fake.kubeconfig(tmp_path, node="n1"),
+                             "--node-name", "n1", "--root-dir", str(tmp_path / "root"), "--serve", "false"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _ready(fake, "n1"), 30, what="node registered by the CLI")
+        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", admin, "get", "nodes", "-o", "wide"],
                               capture_output=True, text=True, timeout=60)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split()[:2] == ["NAME", "STATUS"]
     row = next(line.split() for line in lines[1:] if line.split()[0] == "n1")
-    assert row[1] == "Ready" and row[-1].endswith("-minikrust")
+    assert row[1] == "Ready" and row[4].endswith("-minikrust") and row[-1].startswith("wasmtime://")
+    assert proc.returncode == 0
 
 
 def test_a_changed_condition_is_reported_at_once(fake_apiserver, tmp_path, monkeypatch):
