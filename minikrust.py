@@ -1852,6 +1852,12 @@ class NodeAgent:
 
 # --- Sources: API watch or poll, static manifests ---
 
+def _pod_key(pod):
+    """`namespace/name` of a pod, for logs and lookups."""
+    meta = pod.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
 def _pod_uid(pod):
     meta = pod.get("metadata") or {}
     return meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
@@ -6292,11 +6298,6 @@ class _LoggingPodHandler:
 
     def pod_deleted(self, pod):
         log.info("pod deleted: %s", _pod_key(pod))
-
-
-def _pod_key(pod):
-    meta = pod.get("metadata") or {}
-    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
 class Kubelet:
