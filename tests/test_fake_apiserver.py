@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 
+from tests.fake_apiserver import TestPKI
 from tests.helpers import wait_for
 
 NODE = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1"}},
@@ -438,6 +439,13 @@ def test_pod_log_is_proxied_to_the_kubelet_with_the_apiserver_client_cert(fake_a
         assert path == "/containerLogs/default/p/c?timestamps=true&tailLines=5"
         assert dict(x[0] for x in peer["subject"])["commonName"] == "kube-apiserver-kubelet-client"
         assert fake.client("n1").get("/api/v1/namespaces/default/pods/p/log").status_code == 403
+        fake.kubelet_ca_path = fake.ca_path          # verify the kubelet's serving certificate too
+        assert fake.client().get("/api/v1/namespaces/default/pods/p/log").text == "line 1\nline 2\n"
+        fake.kubelet_ca_path = str(tmp_path / "other-ca.crt")
+        with open(fake.kubelet_ca_path, "wb") as f:
+            f.write(TestPKI(tmp_path / "other").ca_pem)
+        assert fake.client().get("/api/v1/namespaces/default/pods/p/log").status_code == 500
+        fake.kubelet_ca_path = None
         if os.path.exists("/usr/bin/kubectl"):
             kc = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
             p = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", kc, "logs", "p", "--tail=5"], capture_output=True,
