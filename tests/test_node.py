@@ -334,3 +334,17 @@ def test_tls_bootstrap_gives_the_kubelet_its_node_identity(fake_api_tls, tmp_pat
         assert kubelet.config.kubeconfig == str(tmp_path / "root" / "kubelet.kubeconfig")
         wait_for(lambda: _ready(fake, "n1"), 20, what="node Ready with the bootstrapped identity")
     assert {r.user for r in fake.find_requests(path="^/api/v1/nodes")} == {"system:node:n1"}
+
+
+def test_in_cluster_config_registers_with_the_service_account(fake_api_tls, tmp_path, monkeypatch):
+    fake = fake_api_tls
+    sa_dir = tmp_path / "serviceaccount"
+    sa_dir.mkdir()
+    (sa_dir / "token").write_text(fake.node_token("n1"))
+    (sa_dir / "ca.crt").write_bytes(open(fake.pki.ca_path, "rb").read())
+    monkeypatch.setattr(minikrust, "SERVICE_ACCOUNT_DIR", str(sa_dir))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(fake.port))
+    config = minikrust.Config(kubeconfig="in-cluster", node_name="n1", root_dir=str(tmp_path / "root"), serve=False)
+    with minikrust.Kubelet(config, handler=object()):
+        wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready through in-cluster config")
