@@ -2684,6 +2684,18 @@ class FakeApiServer:
             with self._lock:
                 obj = copy.deepcopy(self._get_obj(res, ns, name))
             return h.send_json(200, as_table(res, [obj], obj["metadata"]["resourceVersion"]) if table else obj)
+        if "dryRun" not in params:
+            return self._serve_write(h, verb, user, res, ns, name, sub, body, params)
+        if params["dryRun"] != "All":
+            raise bad_request(f'Invalid dry run value: "{params["dryRun"]}"')
+        with self._lock:   # a dry run: the write happens, answers, and is undone before anyone can see it
+            saved = dict(self._objects), list(self._history), list(self._history_rvs), self._rv
+            try:
+                return self._serve_write(h, verb, user, res, ns, name, sub, body, params)
+            finally:
+                self._objects, self._history, self._history_rvs, self._rv = saved
+
+    def _serve_write(self, h, verb, user, res, ns, name, sub, body, params):
         if verb == "create":
             return h.send_json(201, self._serve_create(user, res, ns, name, sub, body, params))
         if verb == "update":

@@ -620,3 +620,11 @@ def test_scheduler_binds_pods_that_tolerate_the_wasm_taints(fake_api):
     assert pending["spec"].get("nodeName") is None
     cond = pending["status"]["conditions"][0]
     assert cond["reason"] == "Unschedulable" and "untolerated taint {kubernetes.io/arch: wasm32-wasi}" in cond["message"]
+
+
+def test_dry_run_answers_without_writing(fake_api):
+    rv = fake_api.resource_version
+    r = fake_api.client().post("/api/v1/namespaces/default/pods?dryRun=All",
+                               json={"apiVersion": "v1", "kind": "Pod", **POD})
+    assert r.status_code == 201 and r.json()["spec"]["volumes"][0]["name"].startswith("kube-api-access-")
+    assert fake_api.get("pods", "default", "p") is None and fake_api.resource_version == rv
