@@ -609,7 +609,18 @@ def _container_state(state):
     return state
 
 
+def _sync_ips(status, one, many):
+    """podIP/podIPs (hostIP/hostIPs) after the v1 <-> internal round trip: the single field wins."""
+    ips = _each(status.get(many))
+    if status.get(one) and (not ips or ips[0].get("ip") != status[one]):
+        status[many] = [{"ip": status[one]}]
+    elif ips and not status.get(one) and ips[0].get("ip"):
+        status[one] = ips[0]["ip"]
+
+
 def shape_pod_status(status):
+    _sync_ips(status, "podIP", "podIPs")
+    _sync_ips(status, "hostIP", "hostIPs")
     for c in _each(status.get("conditions")):
         _set_default(c, "lastProbeTime", None)
         _set_default(c, "lastTransitionTime", None)

@@ -628,3 +628,13 @@ def test_dry_run_answers_without_writing(fake_api):
                                json={"apiVersion": "v1", "kind": "Pod", **POD})
     assert r.status_code == 201 and r.json()["spec"]["volumes"][0]["name"].startswith("kube-api-access-")
     assert fake_api.get("pods", "default", "p") is None and fake_api.resource_version == rv
+
+
+def test_pod_ip_fields_round_trip_like_the_v1_conversion(fake_api):
+    fake_api.create_pod(POD, node_name="n1")
+    c = fake_api.client("n1")
+    st = c.patch("/api/v1/namespaces/default/pods/p/status", {"status": {"podIP": "10.0.0.1",
+                                                                         "hostIP": "10.0.0.2"}}).json()["status"]
+    assert st["podIPs"] == [{"ip": "10.0.0.1"}] and st["hostIPs"] == [{"ip": "10.0.0.2"}]
+    st = c.patch("/api/v1/namespaces/default/pods/p/status", {"status": {"podIP": "10.0.0.3"}}).json()["status"]
+    assert st["podIPs"] == [{"ip": "10.0.0.3"}]
