@@ -6528,7 +6528,8 @@ if __name__ == "__main__":
         # CPython keeps a script's syntax tree alive for as long as the script runs: for this
         # file about 15 MB of an idle kubelet's 47. Run as a module (same file, same pid), the
         # tree is freed once compiled.
-        os.execv(sys.executable, [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+        options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]       # -X, -W, ... kept
+        os.execv(sys.executable, [sys.executable, *options, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
                                   "runpy.run_module('minikrust', run_name='__main__', alter_sys=True)",
                                   os.path.dirname(os.path.abspath(__file__)), *sys.argv[1:]])
     sys.exit(main())
