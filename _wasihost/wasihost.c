@@ -335,9 +335,12 @@ typedef struct {
 
 #define SINK_FLUSH_AT (64 * 1024)
 
+/* Outside the range of a guest fd (a u32): fd_write(-1) after close(1) must not find the stream. */
+#define FD_CLOSED INT64_MIN
+
 typedef struct {
   sink_t *sink;
-  int64_t guest_fd; /* the guest's fd for this stream: 1/2, moved by fd_renumber, -1 once closed */
+  int64_t guest_fd; /* the guest's fd for this stream: 1/2, moved by fd_renumber, FD_CLOSED once closed */
   const char *name; /* "stdout" / "stderr" */
   size_t name_len;
   char *line;       /* CRI: the current line not yet ended by '\n' */
@@ -645,7 +648,7 @@ static wasmtime_error_t *shadow_fd_close(void *env, wasmtime_caller_t *caller, w
   if (!e && args[0].i32 == WASI_ERRNO_SUCCESS) {
     wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
     for (int i = 0; i < 2; i++)
-      if (r->streams[i].guest_fd == fd) r->streams[i].guest_fd = -1;
+      if (r->streams[i].guest_fd == fd) r->streams[i].guest_fd = FD_CLOSED;
   }
   return e;
 }
@@ -658,7 +661,7 @@ static wasmtime_error_t *shadow_fd_renumber(void *env, wasmtime_caller_t *caller
   if (!e && args[0].i32 == WASI_ERRNO_SUCCESS && from != to) {
     wh_run *r = wasmtime_context_get_data(wasmtime_caller_context(caller));
     for (int i = 0; i < 2; i++) /* `to` is replaced (closed), then `from` moves there */
-      if (r->streams[i].guest_fd == to) r->streams[i].guest_fd = -1;
+      if (r->streams[i].guest_fd == to) r->streams[i].guest_fd = FD_CLOSED;
     for (int i = 0; i < 2; i++)
       if (r->streams[i].guest_fd == from) r->streams[i].guest_fd = to;
   }
