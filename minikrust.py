@@ -4899,6 +4899,7 @@ class PodManager:
             key = (cs["name"], cs.get("restartCount"), note)
             if key not in worker.echoed:
                 worker.echoed.add(key)
+                self.echo.drain()       # the output that led to it comes first
                 self.echo.write(f"{worker.pod['metadata']['name']}/{cs['name']}: {note}")
 
     def finalize(self, worker):
