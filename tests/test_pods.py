@@ -419,3 +419,17 @@ def test_status_while_initializing_shows_pod_initializing(fake_api, kubelet_fact
     assert done["initContainerStatuses"][0]["ready"] is True and done["initContainerStatuses"][0]["started"] is False
     stats = {s["container"]: s for s in kubelet.container_stats()}
     assert set(stats) == {"slow", "app"} and stats["app"]["memory_bytes"] > 0
+
+
+def test_pod_deleted_while_the_kubelet_was_down_is_cleaned_up(fake_api, kubelet_factory, wasm, module_file):
+    first = kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("old", [{"name": "main", "image": module_file(wasm.loop)}], policy="Always",
+                                  volumes=[{"name": "scratch", "emptyDir": {}}]), node_name="node-1")
+    wait_for(_phase(fake_api, "old", "Running"), what="Running")
+    uid = fake_api.get("pods", "default", "old")["metadata"]["uid"]
+    first.stop()
+    fake_api.remove_pod("default", "old")
+    second = kubelet_factory(fake_api, root_dir=first.config.root_dir)
+    pod_dir = os.path.join(first.config.root_dir, "pods", uid)
+    wait_for(lambda: not second.pods() and not os.path.exists(pod_dir), timeout=10, what="pod forgotten and removed")
+    assert fake_api.count(method="POST", path="/pods$", user="system:node:node-1") == 0
