@@ -1,7 +1,7 @@
 /* wasihost.c: the hot path of minikrust's WASI host, in C over wasmtime's C API.
  *
- * One engine per process (epoch interruption, pooling allocator, cranelift "speed"), one
- * ticker thread bumping its epoch, one linker holding wasmtime's WASI with our own fd_write
+ * One engine per process (epoch interruption, pooling allocator, cranelift "speed"; a second one
+ * without the pool for the rare module the pool cannot hold), one ticker thread bumping their epochs, one linker holding wasmtime's WASI with our own fd_write
  * (plus fd_close/fd_renumber bookkeeping) shadowing it for fds 1 and 2, our poll_oneoff for
  * plain sleeps (so that kill() and deadlines stop a sleeping module too), and a second linker
  * holding only wasmtime's WASI, from which the originals are fetched to delegate everything
@@ -70,12 +70,25 @@ static void take_trap(wasm_trap_t *t, const char *prefix, char *dst, size_t cap)
 
 /* ---------------------------------------------------------------- engine */
 
+/* An engine with what runs need on it. The main engine uses the pooling allocator (when the
+ * address space allows); a module the pool cannot hold (a table over 20,000 elements, two
+ * memories, a large instance...), which wasmtime itself runs, goes to a second engine without
+ * the pool, made the first time one is needed. */
+typedef struct {
+  wasm_engine_t *engine;
+  wasmtime_linker_t *linker;      /* WASI + our shadows: modules link against this */
+  wasmtime_linker_t *wasi_linker; /* WASI only: the originals we delegate to */
+  wasmtime_module_t *trampolines; /* see TRAMPOLINES_WAT */
+  int pooling;
+} engine_ctx_t;
+
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
-static wasm_engine_t *g_engine;
-static wasmtime_linker_t *g_linker;      /* WASI + our shadows: modules link against this */
-static wasmtime_linker_t *g_wasi_linker; /* WASI only: the originals we delegate to */
-static wasmtime_module_t *g_trampolines; /* see TRAMPOLINES_WAT */
+static engine_ctx_t g_main;
+static pthread_once_t g_unpooled_once = PTHREAD_ONCE_INIT;
+static engine_ctx_t g_unpooled;
+static _Atomic(wasm_engine_t *) g_unpooled_engine; /* for the ticker, once g_unpooled is ready */
 static char g_init_error[512];
+static char g_unpooled_error[512];
 
 /* The ticker sleeps on a condition variable once no module has run for a second, so an idle
  * kubelet costs nothing, and back-to-back runs do not pay a thread wake-up each. */
@@ -100,7 +113,9 @@ static void *ticker_main(void *arg) {
     }
     pthread_mutex_unlock(&g_tick_lock);
     nanosleep(&ts, NULL);
-    wasmtime_engine_increment_epoch(g_engine);
+    wasmtime_engine_increment_epoch(g_main.engine);
+    wasm_engine_t *other = atomic_load(&g_unpooled_engine);
+    if (other) wasmtime_engine_increment_epoch(other);
   }
   return NULL;
 }
@@ -135,7 +150,7 @@ static wasm_engine_t *new_engine(int pooling) {
   return wasm_engine_new_with_config(config); /* takes ownership of config */
 }
 
-static int define_shadows(wasmtime_linker_t *linker);
+static int define_shadows(wasmtime_linker_t *linker, char *err, size_t errlen);
 
 /* Delegating to wasmtime's WASI from our host functions: calling the original function directly
  * would run it with no calling instance, and wasmtime's WASI reads and writes the *caller's*
@@ -168,32 +183,40 @@ static int pool_fits(void) {
   return 1;
 }
 
-static void engine_init(void) {
-  g_engine = new_engine(getenv("WASIHOST_NO_POOLING") == NULL && pool_fits());
-  if (!g_engine) {
-    snprintf(g_init_error, sizeof g_init_error, "cannot create the wasmtime engine");
-    return;
+/* Fills `ec` for a new engine; 0, or -1 with the reason in err. */
+static int engine_ctx_init(engine_ctx_t *ec, int pooling, char *err, size_t errlen) {
+  ec->pooling = pooling;
+  ec->engine = new_engine(pooling);
+  if (!ec->engine) {
+    snprintf(err, errlen, "cannot create the wasmtime engine");
+    return -1;
   }
   wasmtime_error_t *e;
-  g_wasi_linker = wasmtime_linker_new(g_engine);
-  g_linker = wasmtime_linker_new(g_engine);
-  if ((e = wasmtime_linker_define_wasi(g_wasi_linker)) || (e = wasmtime_linker_define_wasi(g_linker))) {
-    take_error(e, "define WASI: ", g_init_error, sizeof g_init_error);
-    return;
+  ec->wasi_linker = wasmtime_linker_new(ec->engine);
+  ec->linker = wasmtime_linker_new(ec->engine);
+  if ((e = wasmtime_linker_define_wasi(ec->wasi_linker)) || (e = wasmtime_linker_define_wasi(ec->linker))) {
+    take_error(e, "define WASI: ", err, errlen);
+    return -1;
   }
-  wasmtime_linker_allow_shadowing(g_linker, true);
-  if (define_shadows(g_linker) != 0) return;
+  wasmtime_linker_allow_shadowing(ec->linker, true);
+  if (define_shadows(ec->linker, err, errlen) != 0) return -1;
   wasm_byte_vec_t wasm;
   if ((e = wasmtime_wat2wasm(TRAMPOLINES_WAT, strlen(TRAMPOLINES_WAT), &wasm))) {
-    take_error(e, "trampolines: ", g_init_error, sizeof g_init_error);
-    return;
+    take_error(e, "trampolines: ", err, errlen);
+    return -1;
   }
-  e = wasmtime_module_new(g_engine, wasm.data, wasm.size, &g_trampolines);
+  e = wasmtime_module_new(ec->engine, wasm.data, wasm.size, &ec->trampolines);
   wasm_byte_vec_delete(&wasm);
   if (e) {
-    take_error(e, "trampolines: ", g_init_error, sizeof g_init_error);
-    return;
+    take_error(e, "trampolines: ", err, errlen);
+    return -1;
   }
+  return 0;
+}
+
+static void engine_init(void) {
+  int pooling = getenv("WASIHOST_NO_POOLING") == NULL && pool_fits();
+  if (engine_ctx_init(&g_main, pooling, g_init_error, sizeof g_init_error) != 0) return;
   pthread_t t;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
@@ -202,6 +225,21 @@ static void engine_init(void) {
   if (pthread_create(&t, &attr, ticker_main, NULL) != 0)
     snprintf(g_init_error, sizeof g_init_error, "cannot start the epoch ticker thread");
   pthread_attr_destroy(&attr);
+}
+
+static void unpooled_init(void) {
+  if (engine_ctx_init(&g_unpooled, 0, g_unpooled_error, sizeof g_unpooled_error) == 0)
+    atomic_store(&g_unpooled_engine, g_unpooled.engine);
+}
+
+/* The engine without the pool, or NULL (with the reason in err). */
+static engine_ctx_t *unpooled_engine(char *err, size_t errlen) {
+  pthread_once(&g_unpooled_once, unpooled_init);
+  if (g_unpooled_error[0]) {
+    set_msg(err, errlen, "", (const uint8_t *)g_unpooled_error, strlen(g_unpooled_error));
+    return NULL;
+  }
+  return &g_unpooled;
 }
 
 int wh_init(char *err, size_t errlen) {
@@ -218,6 +256,7 @@ int wh_init(char *err, size_t errlen) {
 struct wh_module {
   wasmtime_module_t *module;
   wasmtime_instance_pre_t *pre;
+  engine_ctx_t *ec; /* the engine it was compiled for */
 };
 
 static int has_start(const wasmtime_module_t *m) {
@@ -259,32 +298,66 @@ static void write_cache(wasmtime_module_t *m, const char *path) {
   wasm_byte_vec_delete(&bytes);
 }
 
+/* The module compiled for `ec`: from the cache at `path` when it is there and usable, else from
+ * the bytes (then cached). NULL with *e set, or with *e NULL when the bytes were needed. */
+static wasmtime_module_t *compile_for(engine_ctx_t *ec, const uint8_t *wasm, size_t len, const char *path,
+                                      int *from_cache, wasmtime_error_t **e) {
+  wasmtime_module_t *m = NULL;
+  *e = NULL;
+  if (path && path[0] && access(path, R_OK) == 0) {
+    wasmtime_error_t *de = wasmtime_module_deserialize_file(ec->engine, path, &m);
+    if (!de) {
+      *from_cache = 1;
+      return m;
+    }
+    wasmtime_error_delete(de); /* stale or corrupt cache entry: compile again and overwrite it */
+    m = NULL;
+  }
+  if (!wasm) return NULL;
+  if ((*e = wasmtime_module_new(ec->engine, wasm, len, &m))) return NULL;
+  if (path && path[0]) write_cache(m, path);
+  return m;
+}
+
+/* Whether wasmtime refused the module for the pooling allocator's limits only. */
+static int pool_refused(wasmtime_error_t *e) {
+  wasm_name_t msg;
+  wasmtime_error_message(e, &msg);
+  int found = memmem(msg.data, msg.size, "pooling allocator", 17) != NULL;
+  wasm_byte_vec_delete(&msg);
+  return found;
+}
+
 int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
                    int *from_cache, char *err, size_t errlen) {
   *out = NULL;
   *from_cache = 0;
   if (wh_init(err, errlen) != 0) return WH_ERR_LOAD;
+  char unpooled_path[4200] = "";
+  if (cache_path && cache_path[0]) snprintf(unpooled_path, sizeof unpooled_path, "%s.unpooled", cache_path);
+  engine_ctx_t *ec = NULL;
   wasmtime_module_t *m = NULL;
-  wasmtime_error_t *e;
-  if (cache_path && cache_path[0] && access(cache_path, R_OK) == 0) {
-    e = wasmtime_module_deserialize_file(g_engine, cache_path, &m);
-    if (e) { /* stale or corrupt cache entry: compile again and overwrite it */
-      wasmtime_error_delete(e);
-      m = NULL;
-    } else {
-      *from_cache = 1;
-    }
+  wasmtime_error_t *e = NULL;
+  /* a module that did not fit the pool before goes straight to the engine without it */
+  if (g_main.pooling && unpooled_path[0] && access(unpooled_path, R_OK) == 0 && (ec = unpooled_engine(err, errlen)))
+    m = compile_for(ec, wasm, len, unpooled_path, from_cache, &e);
+  if (!m && !e) {
+    ec = &g_main;
+    m = compile_for(ec, wasm, len, cache_path, from_cache, &e);
+  }
+  if (!m && e && ec == &g_main && g_main.pooling && pool_refused(e)) {
+    wasmtime_error_delete(e);
+    e = NULL;
+    if (!(ec = unpooled_engine(err, errlen))) return WH_ERR_LOAD;
+    m = compile_for(ec, wasm, len, unpooled_path, from_cache, &e);
   }
   if (!m) {
-    if (!wasm) {
+    if (!e) {
       set_msg(err, errlen, "", (const uint8_t *)"module bytes needed", 19);
       return WH_ERR_NEED_BYTES;
     }
-    if ((e = wasmtime_module_new(g_engine, wasm, len, &m))) {
-      take_error(e, "invalid module: ", err, errlen);
-      return WH_ERR_LOAD;
-    }
-    if (cache_path && cache_path[0]) write_cache(m, cache_path);
+    take_error(e, "invalid module: ", err, errlen);
+    return WH_ERR_LOAD;
   }
   if (!has_start(m)) {
     wasmtime_module_delete(m);
@@ -292,7 +365,7 @@ int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_m
     return WH_ERR_LOAD;
   }
   wasmtime_instance_pre_t *pre = NULL;
-  if ((e = wasmtime_linker_instantiate_pre(g_linker, m, &pre))) {
+  if ((e = wasmtime_linker_instantiate_pre(ec->linker, m, &pre))) {
     wasmtime_module_delete(m);
     take_error(e, "cannot link module: ", err, errlen);
     return WH_ERR_LOAD;
@@ -306,6 +379,7 @@ int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_m
   }
   wm->module = m;
   wm->pre = pre;
+  wm->ec = ec;
   *out = wm;
   return 0;
 }
@@ -360,6 +434,7 @@ struct wh_run {
   int64_t clock;
   wasmtime_func_t orig[ORIG_COUNT];
   int have_orig;
+  engine_ctx_t *ec; /* the engine of the module being run */
 };
 
 wh_run *wh_run_new(void) { return calloc(1, sizeof(wh_run)); }
@@ -517,10 +592,10 @@ static void streams_end(wh_run *r) {
 /* ---------------------------------------------------------------- shadowed WASI calls */
 
 /* The originals of this run's store, straight from the WASI-only linker. */
-static wasmtime_error_t *get_originals(wasmtime_context_t *ctx, wasmtime_extern_t out[ORIG_COUNT]) {
+static wasmtime_error_t *get_originals(engine_ctx_t *ec, wasmtime_context_t *ctx, wasmtime_extern_t out[ORIG_COUNT]) {
   for (int i = 0; i < ORIG_COUNT; i++) {
     const char *name = ORIG_NAMES[i];
-    if (!wasmtime_linker_get(g_wasi_linker, ctx, WASI_MODULE, strlen(WASI_MODULE), name, strlen(name), &out[i]) ||
+    if (!wasmtime_linker_get(ec->wasi_linker, ctx, WASI_MODULE, strlen(WASI_MODULE), name, strlen(name), &out[i]) ||
         out[i].kind != WH_WASMTIME_EXTERN_FUNC)
       return wasmtime_error_new("wasihost: wasmtime's WASI function is missing");
   }
@@ -532,7 +607,7 @@ static wasmtime_error_t *get_originals(wasmtime_context_t *ctx, wasmtime_extern_
 static wasmtime_error_t *bind_originals(wasmtime_caller_t *caller, wh_run *r) {
   wasmtime_context_t *ctx = wasmtime_caller_context(caller);
   wasmtime_extern_t imports[1 + ORIG_COUNT];
-  wasmtime_error_t *e = get_originals(ctx, imports + 1);
+  wasmtime_error_t *e = get_originals(r->ec, ctx, imports + 1);
   if (e) return e;
   int bound = 0;
   if (wasmtime_caller_export_get(caller, "memory", 6, &imports[0])) {
@@ -541,7 +616,7 @@ static wasmtime_error_t *bind_originals(wasmtime_caller_t *caller, wh_run *r) {
     } else {
       wasmtime_instance_t inst;
       wasm_trap_t *trap = NULL;
-      e = wasmtime_instance_new(ctx, g_trampolines, imports, 1 + ORIG_COUNT, &inst, &trap);
+      e = wasmtime_instance_new(ctx, r->ec->trampolines, imports, 1 + ORIG_COUNT, &inst, &trap);
       if (trap) wasm_trap_delete(trap);
       if (e) wasmtime_error_delete(e);
       if (!e && !trap) {
@@ -746,7 +821,7 @@ static wasmtime_error_t *shadow_poll_oneoff(void *env, wasmtime_caller_t *caller
 }
 
 static int define_i32_func(wasmtime_linker_t *linker, const char *name, size_t nparams,
-                           wasmtime_func_unchecked_callback_t cb) {
+                           wasmtime_func_unchecked_callback_t cb, char *err, size_t errlen) {
   wasm_valtype_t *params[4], *results[1];
   for (size_t i = 0; i < nparams; i++) params[i] = wasm_valtype_new(WH_WASM_I32);
   results[0] = wasm_valtype_new(WH_WASM_I32);
@@ -758,17 +833,17 @@ static int define_i32_func(wasmtime_linker_t *linker, const char *name, size_t n
                                                               strlen(name), ty, cb, NULL, NULL);
   wasm_functype_delete(ty);
   if (e) {
-    take_error(e, "define shadow: ", g_init_error, sizeof g_init_error);
+    take_error(e, "define shadow: ", err, errlen);
     return -1;
   }
   return 0;
 }
 
-static int define_shadows(wasmtime_linker_t *linker) {
-  if (define_i32_func(linker, "fd_write", 4, shadow_fd_write)) return -1;
-  if (define_i32_func(linker, "fd_close", 1, shadow_fd_close)) return -1;
-  if (define_i32_func(linker, "fd_renumber", 2, shadow_fd_renumber)) return -1;
-  if (define_i32_func(linker, "poll_oneoff", 4, shadow_poll_oneoff)) return -1;
+static int define_shadows(wasmtime_linker_t *linker, char *err, size_t errlen) {
+  if (define_i32_func(linker, "fd_write", 4, shadow_fd_write, err, errlen)) return -1;
+  if (define_i32_func(linker, "fd_close", 1, shadow_fd_close, err, errlen)) return -1;
+  if (define_i32_func(linker, "fd_renumber", 2, shadow_fd_renumber, err, errlen)) return -1;
+  if (define_i32_func(linker, "poll_oneoff", 4, shadow_poll_oneoff, err, errlen)) return -1;
   return 0;
 }
 
@@ -919,7 +994,8 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   r->have_orig = 0;
 
   runs_add(1);
-  wasmtime_store_t *store = wasmtime_store_new(g_engine, r, NULL);
+  r->ec = m->ec;
+  wasmtime_store_t *store = wasmtime_store_new(m->ec->engine, r, NULL);
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
   wasmtime_store_epoch_deadline_callback(store, on_epoch, r, NULL);

@@ -440,3 +440,48 @@ def test_native_cri_log_shared_by_both_streams_matches_wasmtime(both_hosts, prob
     native, fallback = (run_probe(host, probe, name, str(tmp_path / host.backend), log_format="cri", shared_log=True)
                         for host in both_hosts)
     assert native == fallback
+
+
+# -- modules that wasmtime runs but the native host's instance pool cannot hold --
+
+def _hello_with(extra, body=""):
+    return wat(f"""(module
+  (import "{WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  {extra}
+  (data (i32.const 16) "hello\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))) {body}))""")
+
+
+BEYOND_THE_POOL = {
+    "table_of_30000_elements": "(table 30000 funcref)",
+    "two_memories": "(memory 1)",
+    "two_tables": "(table 1 funcref) (table 1 externref)",
+    "instance_over_1_mib": " ".join(f"(global (mut i64) (i64.const {i}))" for i in range(70000)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BEYOND_THE_POOL))
+def test_module_beyond_the_pool_limits_runs_as_on_wasmtime(backend, kind):
+    out = []
+    result = backend.load(_hello_with(BEYOND_THE_POOL[kind])).run(["m"], stdout=out.append, log_format="plain")
+    assert (result.exit_code, result.trap, b"".join(out)) == (0, None, b"hello\n")
+
+
+def test_module_beyond_the_pool_is_stopped_and_cached_like_any(tmp_path):
+    from tests.wasm_modules import native_available
+    if native_available():
+        pytest.skip(native_available())
+    import _wasihost
+    module_bytes = _hello_with(BEYOND_THE_POOL["table_of_30000_elements"], "(loop (br 0))")
+    module = _wasihost.Host(cache_dir=str(tmp_path)).load(module_bytes)
+    out = []
+    timed = module.run(["m"], stdout=out.append, log_format="plain", deadline=0.1)
+    assert timed.timed_out and out == [b"hello\n"]
+    run = module.start(["m"])
+    run.kill()
+    assert run.wait(2).killed
+    assert not module.from_cache
+    assert _wasihost.Host(cache_dir=str(tmp_path)).load(module_bytes).from_cache  # a new host, as after a restart
