@@ -4243,6 +4243,14 @@ class _Container:
         elif self.last_state:
             self.state, self.ever_started = {"waiting": {"reason": "ContainerCreating"}}, True
 
+    def schedule_restart(self, now, base, maximum):
+        """CrashLoopBackOff: the first restart at once, then base doubling up to maximum; a run
+        of _BACKOFF_RESET seconds forgives the past (the kubelet's per-container back-off)."""
+        if now - self.started_mono >= _BACKOFF_RESET:
+            self.backoff = 0.0
+        self.not_before = now + self.backoff
+        self.backoff = min(maximum, self.backoff * 2 if self.backoff else base)
+
     def status(self):
         ready = self.succeeded() if self.init else "running" in self.state
         status = {"name": self.name, "state": self.state, "lastState": self.last_state, "ready": ready,
@@ -4455,10 +4463,7 @@ class PodWorker:
             if message:
                 term["message"] = message
             c.state = {"terminated": term}
-            if now - c.started_mono >= _BACKOFF_RESET:
-                c.backoff = 0.0
-            c.not_before = now + c.backoff
-            c.backoff = min(self.m.backoff_max, c.backoff * 2 if c.backoff else self.m.backoff_base)
+            c.schedule_restart(now, self.m.backoff_base, self.m.backoff_max)
             log.info("pod %s container %s exited: %s (%s)", self.key, c.name, code, reason)
 
     def _termination_message(self, c, exit_code):
@@ -4508,6 +4513,52 @@ class PodWorker:
         return self._start(c, now)
 
     def _start(self, c, now):
+        """Start a run of `c`; returns the monotonic time to try again, or None when it runs."""
+        setup = self._container_setup(c, now)
+        if not isinstance(setup, tuple):
+            return setup
+        ref, argv, env, memory_limit = setup
+        m, restarted = self.m, c.ever_started
+        if restarted:
+            prior = c.terminated or c.last_state.get("terminated")
+            if prior:
+                c.last_state = {"terminated": prior}
+            c.restart_count += 1
+        c.ever_started, c.image_id, c.digest = True, ref.image_id, ref.digest
+        c.container_id = f"wasm://{uuid.uuid4().hex}"
+        c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
+        os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
+        c.started_mono = time.monotonic()
+        sink = m.log_writer(c.log_path) if m.log_writer else c.log_path
+        try:
+            with module_errors():
+                module = m.host.load(ref.path, digest=ref.digest)
+                run = module.start(argv, env=env, preopens=c.mounts, stdout=sink, stderr=sink,
+                                   log_format="cri", memory_limit=memory_limit)
+        except (ModuleError, OSError) as exc:     # invalid wasm, no _start, a preopen gone: as an exit
+            if sink is not c.log_path:
+                sink.close()
+            m.count_start("error", now)
+            started = _k8s_time()
+            c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
+                                      "startedAt": started, "finishedAt": started, "containerID": c.container_id}}
+            c.schedule_restart(now, m.backoff_base, m.backoff_max)
+            m.event(self.pod, "Failed", f"Error: {exc}", "Warning", c)
+            log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
+            return c.not_before
+        c.run, c.sink, c.wall_start = run, sink, time.time()
+        m.count_start("success", now)
+        c.state = {"running": {"startedAt": _k8s_time()}}
+        m.event(self.pod, "Created", f"Created container: {c.name}", "Normal", c)
+        m.event(self.pod, "Started", f"Started container {c.name}", "Normal", c)
+        m.follow_log(self, c)
+        log.info("pod %s container %s started%s", self.key, c.name, f" (restart {c.restart_count})" if restarted else "")
+        threading.Thread(target=self._on_exit, args=(c, run), name=f"wait-{self.key}/{c.name}", daemon=True).start()
+        return None
+
+    def _container_setup(self, c, now):
+        """(module ref, argv, env, memory limit) of `c`, or the time to try again (image or config
+        not there yet); a config that can never work fails the pod."""
         spec, pod, m = c.spec, self.pod, self.m
         try:
             ref = m.ensure_image(pod, c)
@@ -4525,51 +4576,13 @@ class PodWorker:
             env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
             argv = container_argv(spec, env)
             c.mounts = container_mounts(pod, spec, self.volume_dirs, env, pod_dir=self.dir)
-            memory_limit = _memory_limit(spec)
+            return ref, argv, env, _memory_limit(spec)
         except ContainerConfigError as exc:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             m.event(pod, "Failed", f"Error: {exc.message}", "Warning", c)
             if not exc.retry:
                 self._finish("Failed", exc.reason, exc.message)
             return now + _CONFIG_RETRY
-        restarted = c.ever_started
-        if restarted:
-            prior = c.terminated or c.last_state.get("terminated")
-            if prior:
-                c.last_state = {"terminated": prior}
-            c.restart_count += 1
-        c.ever_started, c.image_id, c.digest = True, ref.image_id, ref.digest
-        c.container_id = f"wasm://{uuid.uuid4().hex}"
-        c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
-        os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
-        c.started_mono = time.monotonic()
-        sink = m.log_writer(c.log_path) if m.log_writer else c.log_path
-        try:
-            with module_errors():
-                module = m.host.load(ref.path, digest=ref.digest)
-                run = module.start(argv, env=env, preopens=c.mounts, stdout=sink, stderr=sink,
-                                   log_format="cri", memory_limit=memory_limit)
-        except (ModuleError, OSError) as exc:
-            if sink is not c.log_path:
-                sink.close()
-            m.count_start("error", now)
-            now_s = _k8s_time()
-            c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
-                                      "startedAt": now_s, "finishedAt": now_s, "containerID": c.container_id}}
-            c.not_before = now + c.backoff
-            c.backoff = min(m.backoff_max, c.backoff * 2 if c.backoff else m.backoff_base)
-            m.event(pod, "Failed", f"Error: {exc}", "Warning", c)
-            log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
-            return None
-        c.run, c.sink, c.wall_start = run, sink, time.time()
-        m.count_start("success", now)
-        c.state = {"running": {"startedAt": _k8s_time()}}
-        m.event(pod, "Created", f"Created container: {c.name}", "Normal", c)
-        m.event(pod, "Started", f"Started container {c.name}", "Normal", c)
-        m.follow_log(self, c)
-        log.info("pod %s container %s started%s", self.key, c.name, " (restart %d)" % c.restart_count if restarted else "")
-        threading.Thread(target=self._on_exit, args=(c, run), name=f"wait-{self.key}/{c.name}", daemon=True).start()
-        return None
 
     def _announce_kill(self):
         """The Killing events, sent once when the pod's containers are to stop (as the kubelet does)."""

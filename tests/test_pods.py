@@ -433,3 +433,13 @@ def test_pod_deleted_while_the_kubelet_was_down_is_cleaned_up(fake_api, kubelet_
     pod_dir = os.path.join(first.config.root_dir, "pods", uid)
     wait_for(lambda: not second.pods() and not os.path.exists(pod_dir), timeout=10, what="pod forgotten and removed")
     assert fake_api.count(method="POST", path="/pods$", user="system:node:node-1") == 0
+
+
+def test_a_module_that_cannot_start_is_retried_with_backoff_under_on_failure(fake_api, kubelet_factory, module_file):
+    kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("nostart", [{"name": "main", "image": module_file(b"\0asm\x01\0\0\0junk")}],
+                                  policy="OnFailure"), node_name="node-1")
+    status = wait_for(lambda: _cstatus(fake_api, "nostart", "main").get("restartCount", 0) >= 2
+                      and _cstatus(fake_api, "nostart", "main"), what="restarts")
+    last = status["lastState"].get("terminated") or status["state"].get("terminated")
+    assert last["reason"] == "StartError" and last["exitCode"] == 128
