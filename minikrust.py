@@ -3853,32 +3853,38 @@ def _condition(type_, ok, prev, now, reason=None, message=None):
 
 
 def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_conditions=(), now=None):
-    """The five pod conditions (status_manager/generate.go), in the order the kubelet writes them."""
+    """The five pod conditions (status_manager/generate.go), in the order the kubelet writes them.
+
+    Initialized: every init container exited 0 (reason PodCompleted once the pod Succeeded).
+    ContainersReady and Ready: every app container running (no probes), False with PodCompleted
+    once Succeeded. PodReadyToStartContainers: the volumes (the "sandbox") are in place."""
     now = now or _k8s_time()
     prev = {c["type"]: c for c in prev_conditions or ()}
-    init_pending = [s["name"] for s in init_statuses if not s.get("ready")]
-    init_names = {c["name"] for c in pod["spec"].get("initContainers") or []}
-    init_pending += sorted(init_names - {s["name"] for s in init_statuses})
+    init_done = {s["name"] for s in init_statuses if s.get("ready")}
+    init_pending = [c["name"] for c in pod["spec"].get("initContainers") or [] if c["name"] not in init_done]
+    app_ready = {s["name"] for s in statuses if s.get("ready")}
+    unready = [c["name"] for c in pod["spec"]["containers"] if c["name"] not in app_ready]
     initialized = phase == "Succeeded" or not init_pending
-    unready = [c["name"] for c in pod["spec"]["containers"]
-               if not next((s.get("ready") for s in statuses if s["name"] == c["name"]), False)]
+    ready = initialized and not unready and phase not in _TERMINAL_PHASES
+    init_msg = f"containers with incomplete status: [{' '.join(init_pending)}]"
     if phase == "Succeeded":
-        ready_reason, ready_msg = "PodCompleted", None
+        why_init = ("PodCompleted", None) if init_pending else (None, None)
+        why_unready = ("PodCompleted", None)
     elif not initialized:
-        ready_reason, ready_msg = "ContainersNotInitialized", f"containers with incomplete status: [{' '.join(init_pending)}]"
+        why_init = why_unready = ("ContainersNotInitialized", init_msg)
     else:
-        ready_reason, ready_msg = "ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]"
-    ready = not unready and initialized and phase not in _TERMINAL_PHASES
-    conds = [
+        why_init = (None, None)
+        why_unready = ("ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]")
+    if ready:
+        why_unready = (None, None)
+    scheduled_at = prev.get("PodScheduled", {}).get("lastTransitionTime") or now
+    return [
         _condition("PodReadyToStartContainers", ready_to_start, prev, now),
-        _condition("Initialized", initialized, prev, now,
-                   *(("PodCompleted", None) if phase == "Succeeded" and init_pending else
-                     (None, None) if initialized else ("ContainersNotInitialized", ready_msg))),
-        _condition("ContainersReady", ready, prev, now, *((None, None) if ready else (ready_reason, ready_msg))),
-        _condition("Ready", ready, prev, now, *((None, None) if ready else (ready_reason, ready_msg))),
-        _condition("PodScheduled", True, prev, prev.get("PodScheduled", {}).get("lastTransitionTime") or now),
+        _condition("Initialized", initialized, prev, now, *why_init),
+        _condition("ContainersReady", ready, prev, now, *why_unready),
+        _condition("Ready", ready, prev, now, *why_unready),
+        _condition("PodScheduled", True, prev, scheduled_at),
     ]
-    return conds
 
 
 def compute_pod_status(pod, init_statuses, statuses, *, host_ip, ready_to_start, start_time=None,
