@@ -650,3 +650,19 @@ def test_nul_bytes_in_argv_or_env_are_refused(backend, wasm, where):
 def test_empty_stdin_reads_as_end_of_file(backend, wasm):
     result, out, _ = capture(backend, wasm.tool, ["tool", "stdin"], stdin=b"")
     assert (result.exit_code, out) == (0, b"")
+
+
+def test_callable_gets_one_cri_record_per_call_from_both_streams(backend, wasm):
+    got = []
+    lock = threading.Lock()
+
+    def sink(record):
+        with lock:
+            got.append(record)
+
+    result = run(backend, wasm.fdedge, ["fdedge"], stdout=sink, stderr=sink)
+    assert result.exit_code == 0
+    assert all(r.endswith(b"\n") and r.count(b"\n") == 1 and CRI_LINE.match(r[:-1]) for r in got), got[:3]
+    streams = {CRI_LINE.match(r[:-1]).group(2) for r in got}
+    assert streams == {b"stdout", b"stderr"}
+    assert len(got) > 30
