@@ -4414,7 +4414,7 @@ class PodWorker:
             return self._finish("Failed", *self.rejected)
         if self.start_time is None:
             self.start_time = _k8s_time()
-        if self.deadline is None and self.pod["spec"].get("activeDeadlineSeconds") is not None:
+        if self.pod["spec"].get("activeDeadlineSeconds") is not None:     # may be updated: read each time
             started = datetime.datetime.strptime(self.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(
                 tzinfo=datetime.timezone.utc).timestamp()
             self.deadline = now + started + self.pod["spec"]["activeDeadlineSeconds"] - time.time()
