@@ -1,8 +1,9 @@
 /* wasihost.c: the hot path of minikrust's WASI host, in C over wasmtime's C API.
  *
  * One engine per process (epoch interruption, pooling allocator, cranelift "speed"; a second one
- * without the pool for the rare module the pool cannot hold), one ticker thread bumping their epochs, one linker holding wasmtime's WASI with our own fd_write
- * (plus fd_close/fd_renumber bookkeeping) shadowing it for fds 1 and 2, our poll_oneoff for
+ * without the pool for the rare module the pool cannot hold), one ticker thread bumping their
+ * epochs, one linker holding wasmtime's WASI with our own fd_write (plus fd_close/fd_renumber
+ * bookkeeping) shadowing it for fds 1 and 2, our poll_oneoff for
  * plain sleeps (so that kill() and deadlines stop a sleeping module too), and a second linker
  * holding only wasmtime's WASI, from which the originals are fetched to delegate everything
  * that is not a plain write to the container's stdout/stderr.
@@ -257,6 +258,10 @@ struct wh_module {
   wasmtime_module_t *module;
   wasmtime_instance_pre_t *pre;
   engine_ctx_t *ec; /* the engine it was compiled for */
+  /* the same code on the engine without the pool, made when a run finds the pool full */
+  pthread_mutex_t twin_lock;
+  wasmtime_module_t *twin;
+  wasmtime_instance_pre_t *twin_pre;
 };
 
 static int has_start(const wasmtime_module_t *m) {
@@ -319,14 +324,19 @@ static wasmtime_module_t *compile_for(engine_ctx_t *ec, const uint8_t *wasm, siz
   return m;
 }
 
-/* Whether wasmtime refused the module for the pooling allocator's limits only. */
-static int pool_refused(wasmtime_error_t *e) {
+static int error_mentions(wasmtime_error_t *e, const char *a, const char *b) {
   wasm_name_t msg;
   wasmtime_error_message(e, &msg);
-  int found = memmem(msg.data, msg.size, "pooling allocator", 17) != NULL;
+  int found = memmem(msg.data, msg.size, a, strlen(a)) && (!b || memmem(msg.data, msg.size, b, strlen(b)));
   wasm_byte_vec_delete(&msg);
   return found;
 }
+
+/* Whether wasmtime refused the module for the pooling allocator's limits only. */
+static int pool_refused(wasmtime_error_t *e) { return error_mentions(e, "pooling allocator", NULL); }
+
+/* Whether an instantiation failed only because every slot of the pool is taken. */
+static int pool_full(wasmtime_error_t *e) { return error_mentions(e, "concurrent", "limit"); }
 
 int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
                    int *from_cache, char *err, size_t errlen) {
@@ -380,15 +390,42 @@ int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_m
   wm->module = m;
   wm->pre = pre;
   wm->ec = ec;
+  pthread_mutex_init(&wm->twin_lock, NULL);
   *out = wm;
   return 0;
 }
 
 void wh_module_free(wh_module *m) {
   if (!m) return;
+  if (m->twin_pre) wasmtime_instance_pre_delete(m->twin_pre);
+  if (m->twin) wasmtime_module_delete(m->twin);
+  pthread_mutex_destroy(&m->twin_lock);
   wasmtime_instance_pre_delete(m->pre);
   wasmtime_module_delete(m->module);
   free(m);
+}
+
+/* The module's twin on the engine without the pool (its compiled code, moved over), or NULL
+ * with the reason in err. */
+static wasmtime_instance_pre_t *unpooled_twin(wh_module *m, char *err, size_t errlen) {
+  pthread_mutex_lock(&m->twin_lock);
+  engine_ctx_t *ec = m->twin_pre ? NULL : unpooled_engine(err, errlen);
+  if (ec) {
+    wasm_byte_vec_t code;
+    wasmtime_module_t *twin = NULL;
+    wasmtime_error_t *e = wasmtime_module_serialize(m->module, &code);
+    if (!e) {
+      e = wasmtime_module_deserialize(ec->engine, code.data, code.size, &twin);
+      wasm_byte_vec_delete(&code);
+    }
+    if (!e && (e = wasmtime_linker_instantiate_pre(ec->linker, twin, &m->twin_pre))) wasmtime_module_delete(twin);
+    if (e)
+      take_error(e, "the instance pool is full, and the engine without it failed: ", err, errlen);
+    else
+      m->twin = twin;
+  }
+  pthread_mutex_unlock(&m->twin_lock);
+  return m->twin_pre;
 }
 
 /* ---------------------------------------------------------------- output streams */
@@ -955,47 +992,15 @@ static void close_outputs(const int opened[2]) {
     if (opened[i] >= 0) close(opened[i]);
 }
 
-int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
-  memset(res, 0, sizeof *res);
-  res->exit_code = -1;
-  struct timespec t0, c0;
-  clock_gettime(CLOCK_MONOTONIC, &t0);
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-  if (atomic_load(&r->killed)) {
-    res->status = WH_KILLED;
-    return 0;
-  }
-  int fds[2] = {c->stdout_fd, c->stderr_fd}, opened[2] = {-1, -1};
-  if (open_outputs(c, fds, opened, res->message, sizeof res->message) != 0) return WH_ERR_RUN;
-  wh_run_config cfg = *c;
-  cfg.stdout_fd = fds[0];
-  cfg.stderr_fd = fds[1];
-  c = &cfg;
+#define POOL_FULL (-2)
+
+/* One instance of `pre` (compiled for r->ec) in a new store, and its _start called: 0, WH_ERR_RUN
+ * for a setup error, or POOL_FULL when every slot of the pool was taken (then nothing ran). */
+static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_run *r, wh_result *res) {
   wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
-  if (!wasi) {
-    close_outputs(opened);
-    return WH_ERR_RUN;
-  }
-
-  r->timed_out = 0;
-  r->cri = c->log_format == WH_LOG_CRI;
-  r->has_deadline = c->deadline > 0;
-  if (r->has_deadline) {
-    r->deadline = t0;
-    double whole = (double)(long)c->deadline;
-    r->deadline.tv_sec += (time_t)whole;
-    r->deadline.tv_nsec += (long)((c->deadline - whole) * 1e9);
-    if (r->deadline.tv_nsec >= 1000000000L) {
-      r->deadline.tv_sec++;
-      r->deadline.tv_nsec -= 1000000000L;
-    }
-  }
-  streams_begin(r, c->stdout_fd, c->stderr_fd);
+  if (!wasi) return WH_ERR_RUN;
   r->have_orig = 0;
-
-  runs_add(1);
-  r->ec = m->ec;
-  wasmtime_store_t *store = wasmtime_store_new(m->ec->engine, r, NULL);
+  wasmtime_store_t *store = wasmtime_store_new(r->ec->engine, r, NULL);
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
   wasmtime_store_epoch_deadline_callback(store, on_epoch, r, NULL);
@@ -1003,16 +1008,18 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   wasmtime_error_t *e = wasmtime_context_set_wasi(ctx, wasi); /* takes ownership */
   if (e) {
     take_error(e, "WASI setup: ", res->message, sizeof res->message);
-    streams_end(r);
     wasmtime_store_delete(store);
-    runs_add(-1);
-    close_outputs(opened);
     return WH_ERR_RUN;
   }
 
   wasmtime_instance_t inst;
   wasm_trap_t *trap = NULL;
-  e = wasmtime_instance_pre_instantiate(m->pre, ctx, &inst, &trap);
+  e = wasmtime_instance_pre_instantiate(pre, ctx, &inst, &trap);
+  if (e && !trap && r->ec->pooling && pool_full(e)) {
+    wasmtime_error_delete(e);
+    wasmtime_store_delete(store);
+    return POOL_FULL;
+  }
   if (e || trap) {
     classify(r, e, trap, res);
     res->instantiate_failed = 1;
@@ -1032,10 +1039,53 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       wasmtime_extern_delete(&mem);
     }
   }
-  streams_end(r);
   wasmtime_store_delete(store);
+  return 0;
+}
+
+int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
+  memset(res, 0, sizeof *res);
+  res->exit_code = -1;
+  struct timespec t0, c0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+  if (atomic_load(&r->killed)) {
+    res->status = WH_KILLED;
+    return 0;
+  }
+  int fds[2] = {c->stdout_fd, c->stderr_fd}, opened[2] = {-1, -1};
+  if (open_outputs(c, fds, opened, res->message, sizeof res->message) != 0) return WH_ERR_RUN;
+  wh_run_config cfg = *c;
+  cfg.stdout_fd = fds[0];
+  cfg.stderr_fd = fds[1];
+  c = &cfg;
+
+  r->timed_out = 0;
+  r->cri = c->log_format == WH_LOG_CRI;
+  r->has_deadline = c->deadline > 0;
+  if (r->has_deadline) {
+    r->deadline = t0;
+    double whole = (double)(long)c->deadline;
+    r->deadline.tv_sec += (time_t)whole;
+    r->deadline.tv_nsec += (long)((c->deadline - whole) * 1e9);
+    if (r->deadline.tv_nsec >= 1000000000L) {
+      r->deadline.tv_sec++;
+      r->deadline.tv_nsec -= 1000000000L;
+    }
+  }
+  streams_begin(r, c->stdout_fd, c->stderr_fd);
+  runs_add(1);
+  r->ec = m->ec;
+  int rc = exec_once(m->pre, c, r, res);
+  if (rc == POOL_FULL) { /* wasmtime alone has no such limit: run on the engine without the pool */
+    wasmtime_instance_pre_t *twin = unpooled_twin(m, res->message, sizeof res->message);
+    r->ec = &g_unpooled;
+    rc = twin ? exec_once(twin, c, r, res) : WH_ERR_RUN;
+  }
+  streams_end(r);
   runs_add(-1);
   close_outputs(opened);
+  if (rc != 0) return rc;
   res->duration = since(&t0, CLOCK_MONOTONIC);
   res->cpu_seconds = since(&c0, CLOCK_THREAD_CPUTIME_ID);
   return 0;

@@ -82,6 +82,8 @@ wasmtime_error_t *wasmtime_module_new(wasm_engine_t *engine, const uint8_t *wasm
 void wasmtime_module_delete(wasmtime_module_t *m);
 void wasmtime_module_exports(const wasmtime_module_t *m, wasm_exporttype_vec_t *out);
 wasmtime_error_t *wasmtime_module_serialize(wasmtime_module_t *m, wasm_byte_vec_t *out);
+wasmtime_error_t *wasmtime_module_deserialize(wasm_engine_t *engine, const uint8_t *bytes, size_t len,
+                                              wasmtime_module_t **out);
 wasmtime_error_t *wasmtime_module_deserialize_file(wasm_engine_t *engine, const char *path, wasmtime_module_t **out);
 
 /* --- wasmtime/store.h --- */

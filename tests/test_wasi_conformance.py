@@ -485,3 +485,23 @@ def test_module_beyond_the_pool_is_stopped_and_cached_like_any(tmp_path):
     assert run.wait(2).killed
     assert not module.from_cache
     assert _wasihost.Host(cache_dir=str(tmp_path)).load(module_bytes).from_cache  # a new host, as after a restart
+
+
+def test_more_concurrent_runs_than_the_pool_has_slots_all_run(backend):
+    """The native pool has 256 slots; wasmtime alone has no such limit, so run 300 at once."""
+    module = backend.load(wat(f"""(module
+  (import "{WASI}" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "{WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 200) "hello\\n")
+  (func (export "_start")
+    (i64.store (i32.const 0) (i64.const 1)) (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 300000000))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
+    (i32.store (i32.const 300) (i32.const 200)) (i32.store (i32.const 304) (i32.const 6))
+    (drop (call $w (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 400)))))"""))
+    outputs = [[] for _ in range(300)]
+    runs = [module.start(["m"], stdout=out.append, log_format="plain") for out in outputs]
+    results = [run.wait(30) for run in runs]
+    assert [(r.exit_code, r.trap) for r in results] == [(0, None)] * 300
+    assert {b"".join(out) for out in outputs} == {b"hello\n"}
