@@ -471,7 +471,8 @@ struct wh_run {
   int64_t clock;
   wasmtime_func_t orig[ORIG_COUNT];
   int have_orig;
-  engine_ctx_t *ec; /* the engine of the module being run */
+  engine_ctx_t *ec;   /* the engine of the module being run */
+  int64_t wasi_start; /* CLOCK_MONOTONIC ns just after the WASI context was made: its clock's zero */
 };
 
 wh_run *wh_run_new(void) { return calloc(1, sizeof(wh_run)); }
@@ -812,9 +813,22 @@ static const char *interruptible_sleep(wh_run *r, int64_t ns) {
   }
 }
 
-/* poll_oneoff(subs, events, nsubs, nevents) -> errno. A poll of relative realtime/monotonic clocks
- * only (what sleep() asks), all in bounds and aligned, sleeps here; anything else (fds, absolute
- * or CPU clocks, bad pointers) is wasmtime's. Same rule as the fallback host in minikrust.py. */
+/* How long until a clock subscription fires, from `mono`/`real` (CLOCK_MONOTONIC/REALTIME ns). An
+ * absolute timeout is on wasmtime's clocks: realtime is the host's, monotonic counts from the
+ * WASI context's creation, which is at or before r->wasi_start (so we never wake early). */
+static uint64_t clock_remaining(const wh_run *r, const uint8_t *sub, int64_t mono, int64_t real) {
+  uint64_t timeout = load_u64(sub + 24);
+  uint16_t flags;
+  memcpy(&flags, sub + 40, 2);
+  if (!(flags & 1)) return timeout;
+  int64_t now = load_u32(sub + 16) == 1 ? mono - r->wasi_start : real;
+  return now < 0 || timeout > (uint64_t)now ? timeout - (uint64_t)(now < 0 ? 0 : now) : 0;
+}
+
+/* poll_oneoff(subs, events, nsubs, nevents) -> errno. A poll of realtime/monotonic clocks only,
+ * relative (what sleep() asks) or absolute (clock_nanosleep), all in bounds and aligned, sleeps
+ * here, so that kill() and the deadline cut it short; anything else (fds, CPU clocks, bad
+ * pointers) is wasmtime's. Events are what wasmtime writes: the ready clocks, in order. */
 static wasmtime_error_t *shadow_poll_oneoff(void *env, wasmtime_caller_t *caller, wasmtime_val_raw_t *args,
                                             size_t n) {
   (void)env;
@@ -827,18 +841,17 @@ static wasmtime_error_t *shadow_poll_oneoff(void *env, wasmtime_caller_t *caller
   if (nsubs == 0 || nsubs > 4096 || subs % 8 || events % 8 || nevents % 4 || subs + 48 * nsubs > size ||
       events + 32 * nsubs > size || nevents + 4 > size)
     return call_orig(caller, ORIG_POLL_ONEOFF, args, n);
-  uint64_t shortest = UINT64_MAX;
   for (uint64_t i = 0; i < nsubs; i++) {
     const uint8_t *sub = mem + subs + 48 * i;
-    uint32_t clock_id = load_u32(sub + 16);
-    uint16_t flags;
-    memcpy(&flags, sub + 40, 2);
-    if (sub[8] != 0 || clock_id > 1 || (flags & 1)) /* not a clock, a CPU clock, or absolute */
+    if (sub[8] != 0 || load_u32(sub + 16) > 1) /* not a clock, or a CPU clock */
       return call_orig(caller, ORIG_POLL_ONEOFF, args, n);
-    uint64_t timeout = load_u64(sub + 24);
-    if (timeout < shortest) shortest = timeout;
   }
-  int64_t started = now_ns(CLOCK_MONOTONIC);
+  int64_t started = now_ns(CLOCK_MONOTONIC), real = now_ns(CLOCK_REALTIME);
+  uint64_t shortest = UINT64_MAX;
+  for (uint64_t i = 0; i < nsubs; i++) {
+    uint64_t left = clock_remaining(r, mem + subs + 48 * i, started, real);
+    if (left < shortest) shortest = left;
+  }
   int64_t ns = shortest > (uint64_t)INT64_MAX / 2 ? INT64_MAX / 2 : (int64_t)shortest;
   const char *stop = interruptible_sleep(r, ns);
   if (stop) return wasmtime_error_new(stop);
@@ -847,7 +860,7 @@ static wasmtime_error_t *shadow_poll_oneoff(void *env, wasmtime_caller_t *caller
   uint32_t ready = 0;
   for (uint64_t i = 0; i < nsubs; i++) {
     const uint8_t *sub = mem + subs + 48 * i;
-    if (load_u64(sub + 24) > waited) continue;
+    if (clock_remaining(r, sub, started, real) > waited) continue;
     uint8_t *ev = mem + events + 32 * (uint64_t)ready++;
     memcpy(ev, sub, 8); /* userdata; errno 0, type clock, no fd_readwrite */
     memset(ev + 8, 0, 24);
@@ -1011,6 +1024,7 @@ static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_ru
     wasmtime_store_delete(store);
     return WH_ERR_RUN;
   }
+  r->wasi_start = now_ns(CLOCK_MONOTONIC);
 
   wasmtime_instance_t inst;
   wasm_trap_t *trap = NULL;

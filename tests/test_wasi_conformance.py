@@ -285,6 +285,33 @@ int main(int argc, char **argv) {
     P("nanosleep: %d\n", nanosleep(&ts, 0));
     __wasi_clock_time_get(__WASI_CLOCKID_MONOTONIC, 1, &t1);
     P("nanosleep >= 10ms: %d\n", t1 - t0 >= 10000000);
+  } else if (!strcmp(w, "abs-sleeps")) {
+    int early = 0;
+    for (int i = 0; i < 20; i++) { /* an absolute deadline is never reported before the clock reaches it */
+      __wasi_timestamp_t now, after;
+      int id = i & 1 ? __WASI_CLOCKID_REALTIME : __WASI_CLOCKID_MONOTONIC;
+      __wasi_clock_time_get(id, 1, &now);
+      __wasi_subscription_t s = clk(i, id, now + 1000000, 1);
+      __wasi_event_t ev; __wasi_size_t got;
+      e = __wasi_poll_oneoff(&s, &ev, 1, &got);
+      __wasi_clock_time_get(id, 1, &after);
+      early += e != 0 || got != 1 || ev.userdata != (uint64_t)i || after < now + 1000000;
+    }
+    P("early or wrong: %d\n", early);
+    __wasi_timestamp_t m0;
+    __wasi_clock_time_get(__WASI_CLOCKID_MONOTONIC, 1, &m0);
+    __wasi_subscription_t s[3] = {clk(1, __WASI_CLOCKID_MONOTONIC, m0 + 300000000, 1),
+                                  clk(2, __WASI_CLOCKID_MONOTONIC, 5000000, 0),
+                                  clk(3, __WASI_CLOCKID_MONOTONIC, m0 - 1, 1)};
+    poll_show("abs 300ms + rel 5ms + abs past", s, 3);
+    s[0] = clk(4, __WASI_CLOCKID_MONOTONIC, m0 + 300000000, 1); s[1] = clk(5, __WASI_CLOCKID_MONOTONIC, 2000000, 0);
+    poll_show("abs 300ms + rel 2ms", s, 2);
+  } else if (!strcmp(w, "abs-sleep-long")) {
+    __wasi_timestamp_t now;
+    __wasi_clock_time_get(__WASI_CLOCKID_MONOTONIC, 1, &now);
+    __wasi_subscription_t s = clk(1, __WASI_CLOCKID_MONOTONIC, now + 30000000000ull, 1);
+    __wasi_event_t ev; __wasi_size_t got;
+    P("e=%d\n", __wasi_poll_oneoff(&s, &ev, 1, &got));
   } else if (!strcmp(w, "mixed")) {
     for (int i = 0; i < 5; i++) { printf("out %d\n", i); fprintf(stderr, "err %d\n", i); }
     printf("no newline at end");
@@ -295,7 +322,7 @@ int main(int argc, char **argv) {
 }
 """
 
-# "sleeps" is left out: its timings are checked per backend above
+# "sleeps", "abs-sleeps" and "abs-sleep-long" are left out: timings are checked per backend above
 PROBES = ["stdio-calls", "iovecs", "nwritten-misaligned", "nwritten-oob", "close-stdout", "renumber", "poll",
           "poll-nevents-oob", "poll-nevents-misaligned", "poll-misaligned-events", "poll-events-oob",
           "poll-subs-oob", "poll-subs-misaligned", "poll-many", "big-writes", "files", "poll-files", "mixed"]
@@ -418,6 +445,30 @@ def test_clock_sleeps_last_as_asked(backend, probe, tmp_path):
     assert "poll mono 20ms + real 60ms: e=0 n=1 [ud=1 err=0 type=0" in text
     assert "slept relative >= 20ms: 1" in text and "absolute >= 20ms: 1" in text
     assert "real abs slept >= 15ms: 1" in text and "nanosleep >= 10ms: 1" in text
+
+
+def test_absolute_clock_sleeps_never_wake_early(backend, probe, tmp_path):
+    text = answers(run_probe(backend, probe, "abs-sleeps", str(tmp_path / "w")))
+    assert "early or wrong: 0" in text
+    assert "poll abs 300ms + rel 5ms + abs past: e=0 n=1 [ud=3 err=0 type=0" in text  # the past one only
+    assert "poll abs 300ms + rel 2ms: e=0 n=1 [ud=5 err=0 type=0" in text
+
+
+def test_kill_and_deadline_cut_an_absolute_clock_sleep_short(tmp_path, probe):
+    """clock_nanosleep(TIMER_ABSTIME) of 30 s: the native host sleeps it itself, interruptibly."""
+    from tests.wasm_modules import native_available
+    if native_available():
+        pytest.skip(native_available())
+    import _wasihost
+    module = _wasihost.Host(cache_dir=str(tmp_path / "cache")).load(probe)
+    os.makedirs(tmp_path / "w")
+    run = module.start(["probe", "abs-sleep-long"], preopens=[(str(tmp_path / "w"), "/", False)])
+    assert run.wait(0.2) is None
+    run.kill()
+    result = run.wait(1)
+    assert result is not None and result.killed
+    timed = module.run(["probe", "abs-sleep-long"], preopens=[(str(tmp_path / "w"), "/", False)], deadline=0.2)
+    assert timed.timed_out and timed.duration < 1
 
 
 def test_poll_of_file_fds_and_closed_stdio(backend, probe, tmp_path):
