@@ -159,18 +159,18 @@ static int define_shadows(wasmtime_linker_t *linker, char *err, size_t errlen);
  * guest's memory and the originals as imports: it re-exports the memory and calls the originals
  * from wasm, where the caller is an instance whose "memory" is the guest's. */
 static const char TRAMPOLINES_WAT[] =
-    "(module"
+    "(module $wasihost" /* named, so a trap's backtrace reads wasihost!fd_write, not <wasm function 4> */
     " (import \"guest\" \"memory\" (memory 0))"
     " (import \"wasi\" \"fd_write\" (func $w (param i32 i32 i32 i32) (result i32)))"
     " (import \"wasi\" \"fd_close\" (func $c (param i32) (result i32)))"
     " (import \"wasi\" \"fd_renumber\" (func $r (param i32 i32) (result i32)))"
     " (import \"wasi\" \"poll_oneoff\" (func $p (param i32 i32 i32 i32) (result i32)))"
     " (export \"memory\" (memory 0))"
-    " (func (export \"fd_write\") (param i32 i32 i32 i32) (result i32)"
+    " (func $fd_write (export \"fd_write\") (param i32 i32 i32 i32) (result i32)"
     "  local.get 0 local.get 1 local.get 2 local.get 3 call $w)"
-    " (func (export \"fd_close\") (param i32) (result i32) local.get 0 call $c)"
-    " (func (export \"fd_renumber\") (param i32 i32) (result i32) local.get 0 local.get 1 call $r)"
-    " (func (export \"poll_oneoff\") (param i32 i32 i32 i32) (result i32)"
+    " (func $fd_close (export \"fd_close\") (param i32) (result i32) local.get 0 call $c)"
+    " (func $fd_renumber (export \"fd_renumber\") (param i32 i32) (result i32) local.get 0 local.get 1 call $r)"
+    " (func $poll_oneoff (export \"poll_oneoff\") (param i32 i32 i32 i32) (result i32)"
     "  local.get 0 local.get 1 local.get 2 local.get 3 call $p))";
 
 /* wasm_engine_new_with_config aborts the process when the pool's address space cannot be
