@@ -312,6 +312,10 @@ int main(int argc, char **argv) {
     __wasi_subscription_t s = clk(1, __WASI_CLOCKID_MONOTONIC, now + 30000000000ull, 1);
     __wasi_event_t ev; __wasi_size_t got;
     P("e=%d\n", __wasi_poll_oneoff(&s, &ev, 1, &got));
+  } else if (!strcmp(w, "close-mid-line")) {
+    wr(1, "fragment", &n); wr(2, "e1\n", &n); wr(1, " more", &n);
+    P("close 1: e=%d\n", __wasi_fd_close(1));
+    wr(2, "e2 no newline", &n);
   } else if (!strcmp(w, "mixed")) {
     for (int i = 0; i < 5; i++) { printf("out %d\n", i); fprintf(stderr, "err %d\n", i); }
     printf("no newline at end");
@@ -325,7 +329,8 @@ int main(int argc, char **argv) {
 # "sleeps", "abs-sleeps" and "abs-sleep-long" are left out: timings are checked per backend above
 PROBES = ["stdio-calls", "iovecs", "nwritten-misaligned", "nwritten-oob", "close-stdout", "renumber", "poll",
           "poll-nevents-oob", "poll-nevents-misaligned", "poll-misaligned-events", "poll-events-oob",
-          "poll-subs-oob", "poll-subs-misaligned", "poll-many", "big-writes", "files", "poll-files", "mixed"]
+          "poll-subs-oob", "poll-subs-misaligned", "poll-many", "big-writes", "files", "poll-files", "close-mid-line",
+          "mixed"]
 
 
 @pytest.fixture(scope="module")
@@ -488,7 +493,7 @@ def test_native_answers_every_probe_like_wasmtime(both_hosts, probe, tmp_path, n
     assert native == fallback
 
 
-@pytest.mark.parametrize("name", ["mixed", "renumber", "close-stdout", "files", "big-writes"])
+@pytest.mark.parametrize("name", ["mixed", "renumber", "close-stdout", "close-mid-line", "files", "big-writes"])
 def test_native_cri_log_shared_by_both_streams_matches_wasmtime(both_hosts, probe, tmp_path, name):
     native, fallback = (run_probe(host, probe, name, str(tmp_path / host.backend), log_format="cri", shared_log=True)
                         for host in both_hosts)
