@@ -1093,6 +1093,7 @@ class _FallbackRun:
                 wt._ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
             self._store = wt.Store(host._engine)
             self._store.set_wasi(wasi)
+            self._wasi_start = time.monotonic_ns()  # WASI's monotonic clock starts at or before this
             if memory_limit is not None:
                 self._store.set_limits(memory_size=int(memory_limit))
             self._store.set_epoch_deadline(1)
@@ -1166,8 +1167,12 @@ class _FallbackRun:
         """Sleep for a guest's poll_oneoff, cut short by kill() or the deadline; why we stopped, or None."""
         if self._deadline_at is not None:
             seconds = min(seconds, max(0.0, self._deadline_at - time.monotonic()))
-        self._stop_event.wait(seconds)
-        reason = self._should_stop()
+        end = time.monotonic() + seconds
+        while True:  # in slices: Event.wait refuses timeouts of centuries (a u64 of nanoseconds)
+            self._stop_event.wait(min(max(0.0, end - time.monotonic()), 3600.0))
+            reason = self._should_stop()
+            if reason or time.monotonic() >= end:
+                break
         if reason:
             self._stop_reason = reason
         return reason
@@ -1216,22 +1221,28 @@ _POLL_TRAMPOLINE = (
     '  local.get 0 local.get 1 local.get 2 local.get 3 call $p))')
 
 
-def _relative_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr):
-    """[(userdata, timeout ns)] when a poll_oneoff is only relative realtime/monotonic clocks, all in
-    bounds and aligned (what sleep() asks); else None, and wasmtime's own poll_oneoff answers."""
+def _poll_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr, wasi_start):
+    """[(userdata, ns until it fires)] when a poll_oneoff is only realtime/monotonic clocks, all in
+    bounds and aligned (sleep, clock_nanosleep); else None, and wasmtime's own poll_oneoff answers.
+
+    An absolute monotonic time counts from the WASI context's creation, at or before `wasi_start`,
+    so the sleep never ends early."""
     size = memory.data_len(store)
     if not 0 < nsubs <= 4096 or subs_ptr % 8 or events_ptr % 8 or nevents_ptr % 4:
         return None
     if subs_ptr + 48 * nsubs > size or events_ptr + 32 * nsubs > size or nevents_ptr + 4 > size:
         return None
     raw = memory.read(store, subs_ptr, subs_ptr + 48 * nsubs)
+    mono, real = time.monotonic_ns() - wasi_start, time.time_ns()
     clocks = []
     for i in range(0, len(raw), 48):
         tag, clock_id = raw[i + 8], int.from_bytes(raw[i + 16:i + 20], "little")
-        flags = int.from_bytes(raw[i + 40:i + 42], "little")
-        if tag != 0 or clock_id not in (0, 1) or flags & 1:  # not a clock, a CPU clock, or absolute
+        if tag != 0 or clock_id not in (0, 1):  # not a clock, or a CPU clock
             return None
-        clocks.append((int.from_bytes(raw[i:i + 8], "little"), int.from_bytes(raw[i + 24:i + 32], "little")))
+        timeout = int.from_bytes(raw[i + 24:i + 32], "little")
+        if int.from_bytes(raw[i + 40:i + 42], "little") & 1:  # absolute
+            timeout = max(0, timeout - (mono if clock_id == 1 else real))
+        clocks.append((int.from_bytes(raw[i:i + 8], "little"), timeout))
     return clocks
 
 
@@ -1408,7 +1419,7 @@ class FallbackHost:
         memory = caller.get("memory")
         clocks = None
         if run is not None and isinstance(memory, self._wt.Memory):
-            clocks = _relative_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
+            clocks = _poll_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr, run._wasi_start)
         if clocks is None:
             return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
         started = time.monotonic_ns()

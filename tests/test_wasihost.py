@@ -269,9 +269,10 @@ def test_kill_stops_an_infinite_loop_within_100ms(backend, wasm):
     assert result.killed and result.exit_code is None and not result.timed_out and result.trap is None
 
 
-def test_kill_stops_a_sleeping_module_within_100ms(backend, wasm):
+@pytest.mark.parametrize("command", ["sleep", "abssleep"])
+def test_kill_stops_a_sleeping_module_within_100ms(backend, wasm, command):
     out = []
-    handle = backend.load(wasm.tool).start(["tool", "sleep", "3000"], stdout=out.append, log_format="plain")
+    handle = backend.load(wasm.tool).start(["tool", command, "3000"], stdout=out.append, log_format="plain")
     wait_for(lambda: b"sleeping" in b"".join(out), timeout=5, what="the module to start sleeping")
     killed_at = time.monotonic()
     handle.kill()
@@ -528,6 +529,17 @@ FD_CASES = {
                        "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 2) (i32.const 1000)))"
                        "(call $proc_exit (i32.add (i32.mul (i32.load (i32.const 1000)) (i32.const 10))"
                        " (i32.wrap_i64 (i64.load (i32.const 512)))))",
+    "poll-huge-timeout-and-short": "(i64.store (i32.const 0) (i64.const 5)) (i32.store (i32.const 16) (i32.const 1))"
+                                   "(i64.store (i32.const 24) (i64.const -1))"
+                                   "(i64.store (i32.const 48) (i64.const 6)) (i32.store (i32.const 64) (i32.const 1))"
+                                   "(i64.store (i32.const 72) (i64.const 2000000))"
+                                   "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 2) (i32.const 1000)))"
+                                   "(call $proc_exit (i32.add (i32.mul (i32.load (i32.const 1000)) (i32.const 10))"
+                                   " (i32.wrap_i64 (i64.load (i32.const 512)))))",
+    "poll-monotonic-abstime-past": "(i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 1))"
+                                   "(i32.store16 (i32.const 40) (i32.const 1))"
+                                   "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
+                                   "(call $proc_exit (i32.load (i32.const 1000)))",
     "poll-zero-timeout": "(i32.store (i32.const 16) (i32.const 1))"
                          "(drop (call $poll (i32.const 0) (i32.const 512) (i32.const 1) (i32.const 1000)))"
                          "(call $proc_exit (i32.load (i32.const 1000)))",

@@ -199,10 +199,12 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(cmd, "abssleep")) {                   /* abssleep MS: sleep to an absolute deadline */
         struct timespec t;
+        puts("sleeping");
+        fflush(stdout);
         clock_gettime(CLOCK_MONOTONIC, &t);
-        t.tv_nsec += (long)atoi(argv[2]) * 1000000L;
-        t.tv_sec += t.tv_nsec / 1000000000L;
-        t.tv_nsec %= 1000000000L;
+        long long ns = (long long)t.tv_nsec + atoi(argv[2]) * 1000000LL;  /* long is 32 bits here */
+        t.tv_sec += ns / 1000000000LL;
+        t.tv_nsec = ns % 1000000000LL;
         int err = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL);
         printf("woke %d\n", err);
         return 0;
