@@ -678,3 +678,17 @@ def test_callable_gets_one_cri_record_per_call_from_both_streams(backend, wasm):
     streams = {CRI_LINE.match(r[:-1]).group(2) for r in got}
     assert streams == {b"stdout", b"stderr"}
     assert len(got) > 30
+
+
+@pytest.mark.parametrize("extra", ["(table 30000 funcref)", "(memory $second 1)"])
+def test_unusual_module_shapes_still_run(backend, wasm, extra):
+    body = HELLO_IOV + " " + _write(1)
+    module = wasm_modules.wat(f"""(module
+      (import "{wasm_modules.WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 300)
+      {extra}
+      (data (i32.const 1024) "hello\\n")
+      (func (export "_start") (drop {body})))""")
+    result, out, _ = capture(backend, module)
+    assert (result.exit_code, out) == (0, b"hello\n")
+    assert result.peak_memory == 300 * 65536
