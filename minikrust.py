@@ -931,8 +931,79 @@ class _LogClock:
         return _rfc3339nano(self.last)
 
 
+_ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}\.\d{6}$")  # `<log>.<UTC %Y%m%d-%H%M%S.%f>`, sorting by age
+
+
+def _rotate_log(path, max_files):
+    """Rename the log `path` to `<path>.<UTC stamp>` (names strictly increasing) and remove the
+    oldest rotated files beyond `max_files - 1` (the live file counts as one); the rotated path.
+    The native host does the same in C (sink_rotate in _wasihost/wasihost.c)."""
+    folder, base = os.path.split(path)
+    stamps = sorted(name[len(base) + 1:] for name in os.listdir(folder or ".")
+                    if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:]))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if stamps:  # two rotations within one microsecond, or a clock stepping back: one past the newest
+        newest = datetime.datetime.strptime(stamps[-1], "%Y%m%d-%H%M%S.%f").replace(tzinfo=datetime.timezone.utc)
+        now = max(now, newest + datetime.timedelta(microseconds=1))
+    stamps.append(now.strftime("%Y%m%d-%H%M%S.%f"))
+    target = f"{path}.{stamps[-1]}"
+    os.rename(path, target)
+    for stamp in stamps[:max(0, len(stamps) - max(1, max_files) + 1)]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{path}.{stamp}")
+    return target
+
+
+class _LogFile:
+    """An output path of a run, shared by its two streams: appended, and with `max_size` rotated
+    (see _rotate_log) after the record that fills it, then reopened."""
+
+    def __init__(self, path, max_size=None, max_files=None):
+        self.path, self.max_size, self.max_files = os.fspath(path), max_size, max_files
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ModuleRunError(f"cannot open log {self.path}: {exc.strerror}") from exc
+        self.size = os.fstat(self.fd).st_size
+        self._lock = threading.Lock()
+
+    def write(self, pieces):
+        """Append `pieces` (whole CRI records, or raw chunks), rotating between them when full."""
+        with self._lock:
+            batch = []
+            for piece in pieces:
+                batch.append(piece)
+                self.size += len(piece)
+                if self.max_size and self.size >= self.max_size:
+                    self._write(b"".join(batch))
+                    batch = []
+                    self._rotate()
+            if batch:
+                self._write(b"".join(batch))
+
+    def _write(self, data):
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def _rotate(self):
+        self.size = 0  # also when it fails: tried again after another max_size bytes
+        try:
+            _rotate_log(self.path, self.max_files)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot rotate log %s: %s", self.path, exc)
+                return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.dup2(fd, self.fd, inheritable=False)
+        os.close(fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
 class _StreamWriter:
-    """Where one WASI output stream goes: a path (appended), an fd, a callable, or nowhere.
+    """Where one WASI output stream goes: a _LogFile (a path, which both streams may share), an
+    fd, a callable, or nowhere.
 
     log_format "cri" writes `<timestamp> <stream> <F|P> <line>` records; "plain" the raw bytes.
     A callable receives each record (or raw chunk) as bytes."""
@@ -942,25 +1013,20 @@ class _StreamWriter:
             raise ModuleRunError(f"unknown log_format {log_format!r} (want 'cri' or 'plain')")
         self.stream, self.cri, self.clock = stream, log_format == "cri", clock
         self.buf = b""
-        self.fd = self.callback = None
-        self.own_fd = False
-        if isinstance(target, int) and not isinstance(target, bool):
+        self.fd = self.callback = self.file = None
+        if isinstance(target, _LogFile):
+            self.file = target
+        elif isinstance(target, int) and not isinstance(target, bool):
             self.fd = target
         elif callable(target):
             self.callback = target
-        elif target is not None:
-            try:
-                self.fd = os.open(os.fspath(target), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise ModuleRunError(f"cannot open {stream} log {target}: {exc.strerror}") from exc
-            self.own_fd = True
 
     def write(self, data):
         """The WASI custom-output callback: consume all of `data`, return its length."""
-        if self.fd is None and self.callback is None:
+        if self.fd is None and self.callback is None and self.file is None:
             return len(data)
         if not self.cri:
-            self._emit(data)
+            self._emit([data])
             return len(data)
         self.buf += data
         records = []
@@ -979,33 +1045,28 @@ class _StreamWriter:
         return len(data)
 
     def _records(self, records):
-        """Write (tag, line) records stamped with one time: one write() for a file or fd."""
+        """Write (tag, line) records stamped with one time."""
         head = f"{self.clock.now()} {self.stream} ".encode()
-        out = [head + tag + b" " + line + b"\n" for tag, line in records]
-        if self.callback is not None:
-            for record in out:
-                self.callback(record)
-        else:
-            self._emit(b"".join(out))
+        self._emit([head + tag + b" " + line + b"\n" for tag, line in records])
 
-    def _emit(self, data):
+    def _emit(self, pieces):
+        """One call of a callable per piece; one write() for an fd; a _LogFile rotates between them."""
         if self.callback is not None:
-            self.callback(data)
-            return
-        while data:
-            data = data[os.write(self.fd, data):]
+            for piece in pieces:
+                self.callback(piece)
+        elif self.file is not None:
+            self.file.write(pieces)
+        else:
+            data = b"".join(pieces)
+            while data:
+                data = data[os.write(self.fd, data):]
 
     def close(self):
-        """Flush a trailing fragment without newline as a P record; close a file we opened."""
+        """Flush a trailing fragment without newline as a P record (the run closes its files)."""
         _OUTPUTS.pop(id(self), None)
-        try:
-            if self.buf and self.cri:
-                self._records([(b"P", self.buf)])
-            self.buf = b""
-        finally:
-            if self.own_fd:
-                os.close(self.fd)
-                self.own_fd = False
+        if self.buf and self.cri:
+            self._records([(b"P", self.buf)])
+        self.buf = b""
 
 
 def _looks_oom(memory_limit, exit_code, stop_reason, instantiated, peak):
@@ -1057,7 +1118,7 @@ class _FallbackRun:
     """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
 
     def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
-                 memory_limit, deadline, stdin):
+                 memory_limit, deadline, stdin, rotation=(None, None)):
         wt = host._wt
         self._host, self._module = host, module
         self._killed = False
@@ -1072,10 +1133,10 @@ class _FallbackRun:
             if not os.path.isdir(host_dir):
                 raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
         clock = _LogClock()
-        self._writers = []
+        self._writers, self._files = [], {}
         try:
-            self._writers.append(_StreamWriter(stdout, "stdout", log_format, clock))
-            self._writers.append(_StreamWriter(stderr, "stderr", log_format, clock))
+            for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
+                self._writers.append(_StreamWriter(self._log_file(target, *rotation), stream, log_format, clock))
             wasi = wt.WasiConfig()
             argv, pairs = [str(a) for a in argv], _env_pairs(env)
             if any("\0" in text for text in argv + [t for pair in pairs for t in pair]):
@@ -1105,9 +1166,23 @@ class _FallbackRun:
             self._close_writers()
             raise
 
+    def _log_file(self, target, max_size, max_files):
+        """A path target as the run's _LogFile for it (one per path: both streams share it)."""
+        if target is None or callable(target) or isinstance(target, int):
+            return target
+        path = os.fsdecode(target)
+        if path not in self._files:
+            self._files[path] = _LogFile(path, max_size, max_files)
+        return self._files[path]
+
     def _close_writers(self):
-        for writer in self._writers:
-            writer.close()
+        try:
+            for writer in self._writers:
+                writer.close()
+        finally:
+            for file in self._files.values():
+                file.close()
+            self._files = {}
 
     def _should_stop(self):
         """Called from the epoch callback on the run's thread: why to stop, or None to go on."""
@@ -1186,6 +1261,19 @@ class _FallbackRun:
         return self._done.is_set()
 
 
+def _log_rotation(max_size, max_files):
+    """(max_size, max_files) of output rotation, checked as the native host does; max_files
+    defaults to the kubelet's 5, and no max_size means no rotation."""
+    if max_size is None:
+        return None, None
+    max_files = 5 if max_files is None else max_files
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ModuleRunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
+    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
+        raise ModuleRunError(f"log_max_files must be at least 1, not {max_files!r}")
+    return max_size, max_files
+
+
 class _FallbackModule:
     """A compiled module with its imports resolved once (an InstancePre)."""
 
@@ -1193,18 +1281,19 @@ class _FallbackModule:
         self._host, self.digest, self._wasm_module, self._pre = host, digest, module, pre
 
     def start(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
-              memory_limit=None, deadline=None, stdin=None):
-        """Start a run in a thread; raises ModuleRunError for setup errors."""
+              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
+        """Start a run in a thread; raises ModuleRunError for setup errors. With `log_max_size`, an
+        output path is rotated at that size keeping `log_max_files` files (see _LogFile)."""
         run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
-                           memory_limit, deadline, stdin)
+                           memory_limit, deadline, stdin, _log_rotation(log_max_size, log_max_files))
         threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
         return run
 
     def run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
-            memory_limit=None, deadline=None, stdin=None):
+            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
         """Run to the end on the calling thread (no thread to start): the RunResult."""
         run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
-                           memory_limit, deadline, stdin)
+                           memory_limit, deadline, stdin, _log_rotation(log_max_size, log_max_files))
         run._main()
         return run.wait()
 
@@ -4228,7 +4317,7 @@ class _Container:
         self.backoff = 0.0          # delay before the next restart; 0 = restart at once
         self.not_before = 0.0       # monotonic time before which it must not start
         self.mounts = []
-        self.log_path = self.sink = None    # the CRI log file, and what the run writes it through
+        self.log_path = None    # the CRI log file the WASI host writes (and rotates)
         self.result = None                  # the last run's Result
         self.digest = None                  # the module's sha256 (image GC keeps it while it runs)
         self.wall_start = 0.0
@@ -4471,8 +4560,6 @@ class PodWorker:
             if c.run is not run:
                 continue
             c.run, c.result = None, result
-            if c.sink is not c.log_path:
-                c.sink.close()
             code, reason, message = _termination_reason(result)
             message = self._termination_message(c, code) or message
             term = {"exitCode": code, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt"),
@@ -4545,16 +4632,17 @@ class PodWorker:
         c.container_id = f"wasm://{uuid.uuid4().hex}"
         c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
         os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
+        open(c.log_path, "ab").close()      # there (empty) as soon as the server may be asked for it
         c.started_mono = time.monotonic()
-        sink = m.log_writer(c.log_path) if m.log_writer else c.log_path
         try:
             with module_errors():
                 module = m.host.load(ref.path, digest=ref.digest)
-                run = module.start(argv, env=env, preopens=c.mounts, stdout=sink, stderr=sink,
-                                   log_format="cri", memory_limit=memory_limit)
+                # the host writes both streams to the log and rotates it (--container-log-max-size/-files)
+                run = module.start(argv, env=env, preopens=c.mounts, stdout=c.log_path, stderr=c.log_path,
+                                   log_format="cri", memory_limit=memory_limit,
+                                   log_max_size=m.config.container_log_max_size or None,
+                                   log_max_files=m.config.container_log_max_files)
         except (ModuleError, OSError) as exc:     # invalid wasm, no _start, a preopen gone: as an exit
-            if sink is not c.log_path:
-                sink.close()
             m.count_start("error", now)
             started = _k8s_time()
             c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
@@ -4563,7 +4651,7 @@ class PodWorker:
             m.event(self.pod, "Failed", f"Error: {exc}", "Warning", c)
             log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
             return c.not_before
-        c.run, c.sink, c.wall_start = run, sink, time.time()
+        c.run, c.wall_start = run, time.time()
         m.count_start("success", now)
         c.state = {"running": {"startedAt": _k8s_time()}}
         m.event(self.pod, "Created", f"Created container: {c.name}", "Normal", c)
@@ -4703,27 +4791,57 @@ class _LogEcho:
 
     def follow(self, prefix, path):
         with self._lock:
-            self._files.setdefault(path, [prefix, 0])
+            self._files.setdefault(path, [prefix, 0, None])     # prefix, offset, inode being read
 
     def drain(self):
-        """Print whatever the followed files gained since the last look."""
+        """Print whatever the followed files gained since the last look, across rotations."""
         with self._lock:
             for path, entry in list(self._files.items()):
-                try:
-                    if os.path.getsize(path) < entry[1]:
-                        entry[1] = 0        # rotated: the live file starts again
-                    with open(path, "rb") as f:
-                        f.seek(entry[1])
-                        data = f.read()
-                except OSError:
-                    continue
-                complete = data[:data.rfind(b"\n") + 1]
-                entry[1] += len(complete)
-                for record in complete.decode("utf-8", "replace").splitlines():
-                    parts = record.split(" ", 3)
-                    if len(parts) < 4:
-                        continue
-                    self.write(f"{entry[0]} {parts[3]}")  # a partial (P) record too: it may be the last
+                for name, offset in self._unread(path, entry):
+                    self._print(name, offset, entry)
+
+    @staticmethod
+    def _unread(path, entry):
+        """[(file, offset)] to print, in order: when the host rotated the file being read away
+        (`<path>.<stamp>`, see _rotate_log), the rest of it and any later rotated files first (all
+        of them at the first look: a fast module may have rotated before it)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return []
+        if entry[2] == st.st_ino:
+            entry[1], entry[2] = entry[1] if st.st_size >= entry[1] else 0, st.st_ino  # (truncated: again)
+            return [(path, entry[1])]
+        folder, base = os.path.split(path)
+        rotated = [os.path.join(folder, name) for name in sorted(os.listdir(folder or "."))
+                   if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
+        inodes = []
+        for name in rotated:
+            try:
+                inodes.append(os.stat(name).st_ino)
+            except OSError:
+                inodes.append(-1)
+        # the file being read, if still there (older ones are removed first, so the rest are newer)
+        pieces = [(rotated[inodes.index(entry[2])], entry[1])] if entry[2] in inodes else []
+        later = rotated[inodes.index(entry[2]) + 1:] if entry[2] in inodes else rotated
+        entry[1], entry[2] = 0, st.st_ino
+        return pieces + [(name, 0) for name in later] + [(path, 0)]
+
+    def _print(self, name, offset, entry):
+        entry[1] = offset
+        try:
+            with open(name, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return
+        complete = data[:data.rfind(b"\n") + 1]
+        entry[1] = offset + len(complete)
+        for record in complete.decode("utf-8", "replace").splitlines():
+            parts = record.split(" ", 3)
+            if len(parts) < 4:
+                continue
+            self.write(f"{entry[0]} {parts[3]}")  # a partial (P) record too: it may be the last
 
     def _loop(self):
         while not self._stop.wait(0.2):
@@ -4749,7 +4867,6 @@ class PodManager:
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.echo = _LogEcho(echo) if echo else None
         self.metrics = None         # the kubelet's Metrics, when it has one
-        self.log_writer = None      # path -> CRI sink with rotation (ContainerLogWriter), else a plain path
         self.workers = {}           # uid -> PodWorker
         self.events = collections.deque(maxlen=1000)    # (pod key, reason, message), newest last
         self._restored = set()
@@ -5183,50 +5300,29 @@ def rotate_container_log(path, max_size, max_files):
             return None
     except FileNotFoundError:
         return None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S.%f")
-    existing = rotated_log_files(path)
-    while existing and os.path.basename(existing[-1]) >= os.path.basename(path) + "." + stamp:
-        time.sleep(0.000001)  # two rotations within one microsecond: keep names strictly increasing
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S.%f")
-    target = f"{path}.{stamp}"
-    os.rename(path, target)
+    target = _rotate_log(path, max_files)   # the naming the WASI hosts use when they rotate
     with open(path, "ab"):
         pass
-    existing.append(target)
-    for old in existing[:max(0, len(existing) - max(1, max_files) + 1)]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(old)
     return target
 
 
 class ContainerLogWriter:
-    """A CRI log sink for the runtime's stdout/stderr callables: appends each record to `path` and
-    rotates it at `max_size` bytes keeping `max_files` (the kubelet's container log manager and the
-    runtime's ReopenContainerLog in one). One writer serves both streams of a container run."""
+    """A CRI log sink as a callable (one record per call) for a stdout/stderr callable: appends to
+    `path`, rotated at `max_size` keeping `max_files` exactly as the WASI hosts rotate a log path
+    (the kubelet passes the path and limits to the host itself; this is for other callers)."""
 
     def __init__(self, path, max_size, max_files):
         self.path, self.max_size, self.max_files = path, max_size, max_files
-        self._lock = threading.Lock()
-        self._file = open(path, "ab", buffering=0)
-        self._size = os.fstat(self._file.fileno()).st_size
+        self._file = _LogFile(path, max_size, max_files)
 
     def __call__(self, record):
-        with self._lock:
-            if self._file is None:
-                return
-            self._file.write(record)
-            self._size += len(record)
-            if self._size >= self.max_size:
-                self._file.close()
-                rotate_container_log(self.path, self.max_size, self.max_files)
-                self._file = open(self.path, "ab", buffering=0)
-                self._size = os.fstat(self._file.fileno()).st_size
+        if self._file is not None:
+            self._file.write([record])
 
     def close(self):
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 @dataclass(frozen=True)
@@ -6371,8 +6467,6 @@ class Kubelet:
             self.api.on_error = lambda code: self.metrics.inc("minikrust_api_errors_total", code=str(code))
         if self.pod_manager is not None:
             self.pod_manager.metrics = self.metrics
-            self.pod_manager.log_writer = lambda path: ContainerLogWriter(
-                path, self.config.container_log_max_size, self.config.container_log_max_files)
         self.server = KubeletServer(self) if self.config.serve else None
 
     def start(self):

@@ -8,7 +8,10 @@
 Output: stdout/stderr go to a path (appended; one shared file keeps the two streams' records in
 order), an fd, or a callable (called with one CRI record per call, or raw chunks in "plain"
 mode). The C side buffers them and writes at least every epoch tick (5 ms of guest execution),
-before any call that may block, and at the end of the run.
+before any call that may block, and at the end of the run. With `log_max_size=`, C rotates an
+output path once it reaches that size, as the kubelet rotates container logs: it is renamed to
+`<path>.<UTC %Y%m%d-%H%M%S.%f>`, rotated files beyond `log_max_files - 1` are removed oldest
+first, and the path is reopened; a CRI record never straddles two files.
 
 The extension is built against wasmtime's C API as shipped by the `wasmtime` wheel (pinned in
 pyproject.toml). At import we check that wheel's version and dlopen its `_libwasmtime` with RTLD_GLOBAL,
@@ -181,20 +184,22 @@ class Module:
         return f"<_wasihost.Module {self.digest}>"
 
     def start(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
-              memory_limit=None, deadline=None, stdin=None):
+              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
         """Start a run in its own thread; returns a Run (kill(), wait(), done)."""
-        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin)
+        run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
+                  rotation=_rotation(log_max_size, log_max_files))
         run._done = threading.Event()
         run._thread = threading.Thread(target=run._execute, name=f"wasihost-run-{self.digest[7:19]}", daemon=True)
         run._thread.start()
         return run
 
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
-            memory_limit=None, deadline=None, stdin=None):
+            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
+        rotation = _rotation(log_max_size, log_max_files)
         if preopens or stdin is not None or not (_is_path(stdout) and _is_path(stderr)):
             run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                      paths_in_c=True)
+                      paths_in_c=True, rotation=rotation)
             run._execute()
             if run._error is not None:
                 raise run._error
@@ -209,6 +214,7 @@ class Module:
             c.memory_limit = int(memory_limit)
         if deadline is not None:
             c.deadline = max(float(deadline), 1e-9)
+        c.log_max_size, c.log_max_files = rotation
         # (locals keep the cached C strings alive through the call, even if the cache is cleared)
         out_path = err_path = ffi.NULL
         if stdout is not None:
@@ -281,6 +287,19 @@ def _cstrings(values, keep):
 
 def _is_path(target):
     return target is None or isinstance(target, (str, bytes, os.PathLike))
+
+
+def _rotation(max_size, max_files):
+    """(log_max_size, log_max_files) for wh_run_config: (0, 0) without rotation; max_files defaults
+    to the kubelet's 5."""
+    if max_size is None:
+        return 0, 0
+    max_files = 5 if max_files is None else max_files
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise RunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
+    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
+        raise RunError(f"log_max_files must be at least 1, not {max_files!r}")
+    return max_size, max_files
 
 
 class _Output:
@@ -384,7 +403,7 @@ class Run:
     """One running (or finished) instance of a module."""
 
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                 deadline, stdin, paths_in_c=False):
+                 deadline, stdin, paths_in_c=False, rotation=(0, 0)):
         if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
         preopens = preopens or ()
@@ -405,14 +424,15 @@ class Run:
             self._stdin = data = ffi.from_buffer(bytes(stdin))
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
         c.stdout_fd = c.stderr_fd = -1
+        c.log_max_size, c.log_max_files = rotation
         self._output = None
-        if paths_in_c and _is_path(stdout) and _is_path(stderr):
-            # run(): the C side opens and closes the log files, a few µs less per run; errors
-            # come back from wh_run_exec. (start() opens them here, to raise before returning.)
-            self._paths = [ffi.new("char[]", os.fsencode(t)) if t is not None else ffi.NULL
-                           for t in (stdout, stderr)]
-            c.stdout_path, c.stderr_path = self._paths
-        elif stdout is not None or stderr is not None:
+        # Paths: run() lets C open them (a few µs less per run; errors come back from
+        # wh_run_exec), start() opens them here to raise before returning; C rotates them either way.
+        self._paths = [ffi.new("char[]", os.fsencode(t)) if t is not None and _is_path(t) else ffi.NULL
+                       for t in (stdout, stderr)]
+        c.stdout_path, c.stderr_path = self._paths
+        in_c = paths_in_c and _is_path(stdout) and _is_path(stderr)
+        if not in_c and (stdout is not None or stderr is not None):
             self._output = _Output(stdout, stderr, log_format == "cri")
             c.stdout_fd, c.stderr_fd = self._output.fds
 

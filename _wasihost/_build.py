@@ -42,6 +42,8 @@ typedef struct {
   const char *stdout_path; /* opened (append) by wh_run_exec when the fd is -1 */
   const char *stderr_path;
   int log_format;
+  int64_t log_max_size; /* rotate an output path at this size, <= 0 for never */
+  int log_max_files;
   int64_t memory_limit;
   double deadline;
   int has_stdin;

@@ -11,6 +11,7 @@
  * Every error becomes a code and a message returned to Python; C never calls into Python.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -442,6 +443,10 @@ typedef struct {
   int fd; /* -1 discards */
   char *buf;
   size_t len, cap;
+  /* rotation (see wh_run_config): the file's path, its size, the limits; max_size 0 for none */
+  const char *path;
+  int64_t size, max_size;
+  int max_files;
 } sink_t;
 
 #define SINK_FLUSH_AT (64 * 1024)
@@ -479,24 +484,132 @@ wh_run *wh_run_new(void) { return calloc(1, sizeof(wh_run)); }
 void wh_run_free(wh_run *r) { free(r); }
 void wh_kill(wh_run *r) { atomic_store(&r->killed, 1); }
 
-static void write_all(int fd, const char *p, size_t n) {
+/* The number of bytes written. */
+static size_t write_all(int fd, const char *p, size_t n) {
+  size_t done = 0;
   while (n > 0) {
     ssize_t w = write(fd, p, n);
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return; /* a full disk or a closed reader must not kill the module */
+    if (w <= 0) break; /* a full disk or a closed reader must not kill the module */
     p += w;
     n -= (size_t)w;
+    done += (size_t)w;
   }
+  return done;
+}
+
+static void sink_rotate(sink_t *k);
+
+/* Counts bytes that reached a rotated file, and rotates it once it is full: the sink's buffer
+ * only ever holds whole records, so a record never straddles two files. */
+static void sink_wrote(sink_t *k, size_t n) {
+  if (!k->max_size) return;
+  k->size += (int64_t)n;
+  if (k->size >= k->max_size) sink_rotate(k);
 }
 
 static void sink_flush(sink_t *k) {
-  if (k->len && k->fd >= 0) write_all(k->fd, k->buf, k->len);
+  if (k->len && k->fd >= 0) sink_wrote(k, write_all(k->fd, k->buf, k->len));
   k->len = 0;
+}
+
+/* After appending to the buffer: a file to rotate is flushed as soon as it would be full. */
+static void sink_check(sink_t *k) {
+  if (k->max_size && k->size + (int64_t)k->len >= k->max_size) sink_flush(k);
 }
 
 static void flush_all(wh_run *r) {
   sink_flush(&r->sinks[0]);
   sink_flush(&r->sinks[1]);
+}
+
+/* Log rotation, named as minikrust's server reads it (rotate_container_log): "<path>.<stamp>", the
+ * stamp the UTC time "%Y%m%d-%H%M%S.%06d" (microseconds), so names sort by age and two rotations
+ * within one microsecond still get increasing names. The live file counts as one of max_files. */
+#define STAMP_LEN 22
+
+static int is_stamp(const char *s) {
+  static const char shape[] = "dddddddd-dddddd.dddddd";
+  for (int i = 0; i < STAMP_LEN; i++)
+    if (shape[i] == 'd' ? s[i] < '0' || s[i] > '9' : s[i] != shape[i]) return 0;
+  return s[STAMP_LEN] == '\0';
+}
+
+static int64_t stamp_us(const char *s) {
+  struct tm tm = {0};
+  long us = 0;
+  if (sscanf(s, "%4d%2d%2d-%2d%2d%2d.%6ld", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
+             &tm.tm_sec, &us) != 7)
+    return 0;
+  tm.tm_year -= 1900;
+  tm.tm_mon -= 1;
+  return (int64_t)timegm(&tm) * 1000000 + us;
+}
+
+static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* The stamps of `base`'s rotated files in `dir`, oldest first (a malloc'd array, *n of them). */
+static char **rotated_stamps(const char *dir, const char *base, size_t *n) {
+  *n = 0;
+  DIR *d = opendir(dir);
+  if (!d) return NULL;
+  size_t cap = 0, blen = strlen(base);
+  char **out = NULL;
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    const char *name = e->d_name;
+    if (strncmp(name, base, blen) != 0 || name[blen] != '.' || !is_stamp(name + blen + 1)) continue;
+    if (*n == cap) {
+      char **grown = realloc(out, (cap = cap ? 2 * cap : 8) * sizeof *out);
+      if (!grown) break;
+      out = grown;
+    }
+    if (!(out[*n] = strdup(name + blen + 1))) break;
+    (*n)++;
+  }
+  closedir(d);
+  if (*n) qsort(out, *n, sizeof *out, by_name);
+  return out;
+}
+
+static void sink_rotate(sink_t *k) {
+  k->size = 0; /* also when it fails: tried again after another max_size bytes */
+  const char *slash = strrchr(k->path, '/');
+  char dir[4096], target[4200], stamp[40];
+  if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - k->path > 0 ? slash - k->path : 1), k->path);
+  else snprintf(dir, sizeof dir, ".");
+  size_t n;
+  char **old = rotated_stamps(dir, slash ? slash + 1 : k->path, &n);
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  int64_t us = (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000;
+  if (n && us <= stamp_us(old[n - 1])) us = stamp_us(old[n - 1]) + 1;
+  time_t secs = (time_t)(us / 1000000);
+  struct tm tm;
+  gmtime_r(&secs, &tm);
+  size_t len = strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &tm);
+  snprintf(stamp + len, sizeof stamp - len, ".%06ld", (long)(us % 1000000));
+  snprintf(target, sizeof target, "%s.%s", k->path, stamp);
+  int renamed = rename(k->path, target) == 0;
+  if (renamed || errno == ENOENT) { /* reopen the path; the fd keeps its number (others hold it) */
+    int fd = open(k->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (fd >= 0 && fd != k->fd) {
+      if (dup2(fd, k->fd) >= 0) fcntl(k->fd, F_SETFD, FD_CLOEXEC);
+      close(fd);
+    }
+  }
+  size_t kept = n + (size_t)renamed, keep = (size_t)(k->max_files - 1);
+  for (size_t i = 0; i < n; i++) {
+    if (kept > keep && snprintf(target, sizeof target, "%s.%s", k->path, old[i]) < (int)sizeof target &&
+        (unlink(target) == 0 || errno == ENOENT))
+      kept--;
+    free(old[i]);
+  }
+  if (renamed && kept > keep) { /* max_files 1: the live file alone */
+    snprintf(target, sizeof target, "%s.%s", k->path, stamp);
+    unlink(target);
+  }
+  free(old);
 }
 
 /* Room for `need` more bytes at the end of the buffer, or NULL (then the bytes are dropped). */
@@ -550,6 +663,7 @@ static void cri_record(stream_t *s, const char *ts, size_t ts_len, char tag, con
   p += blen;
   *p++ = '\n';
   s->sink->len += (size_t)(p - start);
+  sink_check(s->sink);
 }
 
 static void cri_write(stream_t *s, const char *data, size_t len) {
@@ -586,12 +700,13 @@ static void stream_emit(wh_run *r, stream_t *s, const char *data, size_t len) {
     cri_write(s, data, len);
   } else if (len >= SINK_FLUSH_AT) {
     sink_flush(s->sink);
-    write_all(s->sink->fd, data, len);
+    sink_wrote(s->sink, write_all(s->sink->fd, data, len));
   } else {
     char *p = sink_reserve(s->sink, len);
     if (!p) return;
     memcpy(p, data, len);
     s->sink->len += len;
+    sink_check(s->sink);
   }
 }
 
@@ -607,11 +722,26 @@ static void stream_finish(stream_t *s) {
   s->line_len = 0;
 }
 
-static void streams_begin(wh_run *r, int stdout_fd, int stderr_fd) {
+/* A sink for `fd`, rotating `path` (when given, with a size limit) as the config says. */
+static sink_t sink_for(int fd, const char *path, const wh_run_config *c) {
+  sink_t k = {fd, NULL, 0, 0, NULL, 0, 0, 0};
+  struct stat st;
+  if (fd >= 0 && path && path[0] && c->log_max_size > 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+    k.path = path;
+    k.size = st.st_size;
+    k.max_size = c->log_max_size;
+    k.max_files = c->log_max_files > 0 ? c->log_max_files : 1;
+  }
+  return k;
+}
+
+static void streams_begin(wh_run *r, const wh_run_config *c) {
+  int stdout_fd = c->stdout_fd, stderr_fd = c->stderr_fd, shared = stderr_fd >= 0 && stderr_fd == stdout_fd;
   r->clock = 0;
-  r->sinks[0] = (sink_t){stdout_fd, NULL, 0, 0};
-  r->sinks[1] = (sink_t){stderr_fd, NULL, 0, 0};
-  sink_t *err_sink = stderr_fd >= 0 && stderr_fd == stdout_fd ? &r->sinks[0] : &r->sinks[1];
+  r->sinks[0] = sink_for(stdout_fd, c->stdout_path, c);
+  r->sinks[1] = sink_for(shared ? -1 : stderr_fd, c->stderr_path, c); /* shared: both streams use sinks[0] */
+  r->sinks[1].fd = stderr_fd;
+  sink_t *err_sink = shared ? &r->sinks[0] : &r->sinks[1];
   r->streams[0] = (stream_t){&r->sinks[0], 1, "stdout", 6, NULL, 0, &r->clock};
   r->streams[1] = (stream_t){err_sink, 2, "stderr", 6, NULL, 0, &r->clock};
 }
@@ -1087,7 +1217,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       r->deadline.tv_nsec -= 1000000000L;
     }
   }
-  streams_begin(r, c->stdout_fd, c->stderr_fd);
+  streams_begin(r, c);
   runs_add(1);
   r->ec = m->ec;
   int rc = exec_once(m->pre, c, r, res);

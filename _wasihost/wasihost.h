@@ -37,6 +37,11 @@ typedef struct {
   const char *stdout_path; /* opened (append) by wh_run_exec when the fd is -1 */
   const char *stderr_path;
   int log_format;       /* WH_LOG_PLAIN or WH_LOG_CRI */
+  /* Rotation of an output given by path (also when its fd is given): once the file reaches
+   * log_max_size bytes (<= 0: never) it is renamed to "<path>.<UTC %Y%m%d-%H%M%S.%06d>", the
+   * oldest rotated files beyond log_max_files - 1 are removed, and the path is reopened. */
+  int64_t log_max_size;
+  int log_max_files;
   int64_t memory_limit; /* bytes of linear memory, -1 for none */
   double deadline;      /* seconds from the start, <= 0 for none */
   int has_stdin;
