@@ -605,7 +605,7 @@ static void sink_rotate(sink_t *k) {
       kept--;
     free(old[i]);
   }
-  if (renamed && kept > keep) { /* max_files 1: the live file alone */
+  if (renamed && keep == 0) { /* max_files 1: the live file alone */
     snprintf(target, sizeof target, "%s.%s", k->path, stamp);
     unlink(target);
   }
