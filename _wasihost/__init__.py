@@ -249,20 +249,23 @@ class Module:
             if prepared is None:  # outputs that are not paths: Python opens them
                 return self._run_slow(argv, env, preopens, stdout, stderr, log_format, memory_limit,
                                       deadline, stdin, log_max_size, log_max_files)
-        # A run() cannot be killed, so each thread reuses one handle and one result; taken out of
-        # the thread's slot while in use, so a run from a signal handler gets its own.
-        state = _local.__dict__.pop("state", None) or _thread_state()
+        # A run() cannot be killed, so it borrows a handle and a result from a free list: list.pop()
+        # gives each thread (or a signal handler's nested run) its own, without a lock.
+        try:
+            state = _spare.pop()
+        except IndexError:
+            state = _new_state()
         rc = lib.wh_run_exec(self._ptr, prepared[0], state[0], state[1])
         status, code, instantiate_failed, duration, cpu, peak = _unpack_result(state[2])
         if rc == 0 and status == _EXITED and (memory_limit is None or code == 0):
-            _local.state = state
+            _spare.append(state)
             return _new_result(Result, (code, None, duration, False, False, False, cpu, peak))
         try:
             if rc != 0:
                 raise RunError(_err_text(state[1].message))
             return _to_result(state[1], memory_limit)
         finally:
-            _local.state = state
+            _spare.append(state)
 
     def _run_slow(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
                   log_max_size, log_max_files):
@@ -448,8 +451,6 @@ def _deliver(callback, pieces):
             log.exception("stdout/stderr callback failed")
 
 
-_local = threading.local()
-
 # wh_result's leading fields (status, exit_code, instantiate_failed, duration, cpu_seconds,
 # peak_memory) in one unpack instead of six cdata attribute reads.
 _RESULT = struct.Struct("@iiiddQ")
@@ -459,8 +460,11 @@ if [ffi.offsetof("wh_result", f) for f in ("status", "exit_code", "instantiate_f
 _unpack_result = _RESULT.unpack_from
 
 
-def _thread_state():
-    """A thread's (wh_run handle, wh_result, buffer over the result) for run()."""
+_spare = []  # (wh_run handle, wh_result, buffer over it) not in use by a run()
+
+
+def _new_state():
+    """A (wh_run handle, wh_result, buffer over the result) for run(); at most one per concurrent run()."""
     res = ffi.new("wh_result *")
     return ffi.gc(lib.wh_run_new(), lib.wh_run_free), res, ffi.buffer(res)
 
