@@ -113,10 +113,13 @@ class Result(tuple):
         return "Result(" + ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)) + ")"
 
     def __eq__(self, other):
-        return tuple.__eq__(self, other) if other.__class__ is self.__class__ else NotImplemented
+        if other.__class__ is self.__class__:
+            return tuple.__eq__(self, other)
+        return False if isinstance(other, tuple) else NotImplemented  # tuple's own == would say True
 
     def __ne__(self, other):
-        return tuple.__ne__(self, other) if other.__class__ is self.__class__ else NotImplemented
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
 
     def __lt__(self, other):
         return NotImplemented

@@ -335,3 +335,48 @@ def test_callable_gets_one_whole_record_per_call_even_when_c_writes_in_bulk(host
     assert result.exit_code == 0 and len(got) == 3000
     assert all(record.endswith(b"\n") and record.count(b"\n") == 1 for record in got)
     assert got[-1].endswith(b" stdout F line 2999 of 3000\n")
+
+
+def test_result_is_an_immutable_record_equal_only_to_results():
+    import pickle
+
+    import _wasihost
+    r = _wasihost.Result(3, None, 0.5, peak_memory=65536)
+    assert (r.exit_code, r.trap, r.duration, r.killed, r.timed_out, r.oom, r.cpu_seconds, r.peak_memory) == \
+        (3, None, 0.5, False, False, False, 0.0, 65536)
+    assert repr(r) == ("Result(exit_code=3, trap=None, duration=0.5, killed=False, timed_out=False, oom=False, "
+                       "cpu_seconds=0.0, peak_memory=65536)")
+    with pytest.raises(AttributeError):
+        r.exit_code = 0
+    assert r == _wasihost.Result(3, None, 0.5, peak_memory=65536) and hash(r) == hash(_wasihost.Result(3, None, 0.5, peak_memory=65536))
+    assert r != tuple(r) and r != _wasihost.Result(4, None, 0.5, peak_memory=65536)
+    with pytest.raises(TypeError):
+        r < r  # noqa: B015 (no ordering, as a dataclass without order=True)
+    assert pickle.loads(pickle.dumps(r)) == r and r._replace(exit_code=0).exit_code == 0
+
+
+def test_run_prepares_each_set_of_arguments_apart(host, wasm, tmp_path):
+    import _wasihost
+    tool = host.load(wasm.tool)
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    for env in ([("X", "1")], {"X": "2"}, (("X", "3"),), None, [["X", "4"]], [("X", "1")]):
+        assert tool.run(["tool", "env"], env=env, stdout=str(a)).exit_code == 0
+    assert [fields[3] for fields in _cri(a)] == [b"X=1", b"X=2", b"X=3", b"X=4", b"X=1"]
+    assert tool.run(["tool", "exit", "7"], stdout=str(a), stderr=str(b)).exit_code == 7
+    assert tool.run(["tool", "hello"], stdout=str(b), log_format="plain").exit_code == 0
+    assert tool.run(["tool", "hello"], stdout=str(b)).exit_code == 0
+    plain, cri = b.read_bytes().split(b"\n")[-3:-1]
+    assert not plain[:4].isdigit() and cri.endswith(b" stdout F " + plain)
+    assert tool.run(["tool", "hello"], stdout=str(b), log_max_size=1 << 20).exit_code == 0
+    for bad in (True, 1.0 * (1 << 20)):  # equal to a cached 1 << 20 or 1, still refused
+        with pytest.raises(_wasihost.RunError, match="log_max_size"):
+            tool.run(["tool", "hello"], stdout=str(b), log_max_size=bad)
+    with pytest.raises(_wasihost.RunError, match="log_format"):
+        tool.run(["tool", "hello"], stdout=str(b), log_format="json")
+    grow = host.load(wasm.grow)
+    assert grow.run(["grow"], memory_limit=1 << 20).oom and grow.run(["grow"], memory_limit=1 << 20).oom
+    assert tool.run(["tool", "hello"], stdout=str(b), memory_limit=1 << 20).oom is False
+
+
+def _cri(path):
+    return [line.split(b" ", 3) for line in path.read_bytes().splitlines()]
