@@ -456,11 +456,14 @@ def _deliver(callback, pieces):
 
 # wh_result's leading fields (status, exit_code, instantiate_failed, duration, cpu_seconds,
 # peak_memory) in one unpack instead of six cdata attribute reads.
-_RESULT = struct.Struct("@iiiddQ")
-if [ffi.offsetof("wh_result", f) for f in ("status", "exit_code", "instantiate_failed", "duration",
-                                             "cpu_seconds", "peak_memory", "message")] != [0, 4, 8, 16, 24, 32, 40]:
-    raise ImportError("_wasihost: wh_result's layout does not match _RESULT")
-_unpack_result = _RESULT.unpack_from
+_RESULT_FIELDS = (("status", "i"), ("exit_code", "i"), ("instantiate_failed", "i"), ("duration", "d"),
+                  ("cpu_seconds", "d"), ("peak_memory", "Q"))
+_FORMAT = "".join(code for _, code in _RESULT_FIELDS)
+# (native "@" alignment is the C compiler's; a field's offset is the size up to it, less its own)
+if [ffi.offsetof("wh_result", name) for name, _ in _RESULT_FIELDS] != \
+        [struct.calcsize("@" + _FORMAT[:i + 1]) - struct.calcsize(code) for i, code in enumerate(_FORMAT)]:
+    raise ImportError("_wasihost: wh_result's layout does not match its struct format")
+_unpack_result = struct.Struct("@" + _FORMAT).unpack_from
 
 
 _spare = []  # (wh_run handle, wh_result, buffer over it) not in use by a run()
@@ -482,9 +485,8 @@ def _to_result(res, limit):
     # host in minikrust.py.
     oom = (limit is not None and (status == _TRAPPED or (exited and code != 0))
            and (bool(res.instantiate_failed) or peak > limit - max(_PAGE, limit // 8)))
-    return Result(code if exited else None,
-                  _err_text(res.message) if status == _TRAPPED else None,
-                  res.duration, status == _KILLED, status == _TIMED_OUT, oom, res.cpu_seconds, peak)
+    return _new_result(Result, (code if exited else None, _err_text(res.message) if status == _TRAPPED else None,
+                                res.duration, status == _KILLED, status == _TIMED_OUT, oom, res.cpu_seconds, peak))
 
 
 class Run:
