@@ -9,7 +9,7 @@
 and then the same from a pod event (`pod_added`) to the kubelet's `container started`, through a
 standalone Kubelet (its pod worker, volumes, log files and status included).
 
-Usage: /work/venv/bin/python bench/pull.py [--runs N]
+Usage: python bench/pull.py [--runs N]
 """
 import argparse
 import logging

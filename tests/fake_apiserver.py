@@ -1,6 +1,6 @@
 """An in-process fake kube-apiserver for minikrust's tests (a pytest plugin module).
 
-It follows the real API server's behaviour as recorded in tests/k8s-contract/ (Node and RBAC
+It follows the real API server's behaviour as recorded in ../shared/k8s-contract/ (Node and RBAC
 authorizers, NodeRestriction, pod admission defaults, watch semantics); tests/test_contract.py
 replays every recorded exchange against it. Standard library HTTP server in a thread, JSON only.
 
@@ -9,7 +9,7 @@ Fixtures
 ``fake_api`` (alias ``fake_apiserver``), function scope: a started ``FakeApiServer`` over plain HTTP.
 ``fake_api_tls``: the same over HTTPS with a test CA (``.pki``); client certificates signed by the
 CA authenticate (CN = user, O = groups; CN ``system:node:<n>`` + O ``system:nodes`` is node <n>).
-kubectl (/usr/bin/kubectl) sends no bearer token over plain HTTP: run it against ``fake_api_tls``
+kubectl sends no bearer token over plain HTTP: run it against ``fake_api_tls``
 (``fake.write_kubeconfig(path)`` there names the CA). Tried and working: get (tables, -o wide/yaml, -A,
 -w), describe pod (with events), delete pod (waits for the final delete), apply -f (a minimal
 /openapi/v3 tells kubectl the server validates fields), label, annotate, logs (see pods/log below).

@@ -17,3 +17,36 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what=None):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last saw: {last!r}")
         time.sleep(interval)
+
+
+def kubectl_binary():
+    """The kubectl the tests use as an independent client: $KUBECTL, else the one on PATH.
+
+    CI installs Debian's kubernetes-client when no kubectl is on the machine, so there these tests
+    never skip; elsewhere they skip with this reason."""
+    import os
+    import shutil
+    import pytest
+
+    found = os.environ.get("KUBECTL") or shutil.which("kubectl")
+    if not found:
+        pytest.skip("kubectl is not installed (Debian: apt-get install kubernetes-client)")
+    return found
+
+
+def contract_dir():
+    """The recordings of a real kube-apiserver: ../shared/k8s-contract beside the checkout (as in CI),
+    or $K8S_CONTRACT_DIR."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("K8S_CONTRACT_DIR") or os.path.join(os.path.dirname(root), "shared", "k8s-contract")
+
+
+def contract(name):
+    """The body of one recorded exchange's response, e.g. contract("14-pod-create-admitted")."""
+    import json
+    import os
+
+    with open(os.path.join(contract_dir(), name + ".json")) as f:
+        return json.load(f)["response"]["body"]

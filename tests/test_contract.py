@@ -1,5 +1,4 @@
-"""Replay every recorded exchange of ../shared/k8s-contract/ (copied to tests/k8s-contract/) against
-the fake API server.
+"""Replay every recorded exchange of ../shared/k8s-contract/ against the fake API server.
 
 The exchanges run in file order against one fake (each builds on the state the previous ones left,
 as in the recording), with what the recording had in place beforehand created by an admin: the
@@ -36,10 +35,9 @@ import pytest
 import requests
 
 from tests.fake_apiserver import FakeApiServer
+from tests.helpers import contract_dir
 
-# A copy of the recordings travels with the tests (CI has no ../shared); the original is checked against it.
-CONTRACT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "k8s-contract")
-SHARED = os.environ.get("K8S_CONTRACT_DIR") or "/work/shared/k8s-contract"
+CONTRACT = contract_dir()
 FILES = sorted(glob.glob(os.path.join(CONTRACT, "[0-9][0-9]-*.json")))
 NAMES = [os.path.basename(f)[:-5] for f in FILES]
 
@@ -263,15 +261,6 @@ def test_recorded_exchange_is_reproduced(replay, name):
         compare_status(rbody, body)
     else:
         compare_object(rbody, body)
-
-
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the shared recordings are not on this machine")
-def test_the_copy_of_the_recordings_is_the_shared_one():
-    shared = sorted(os.path.basename(f) for f in glob.glob(os.path.join(SHARED, "*")))
-    assert shared == sorted(os.path.basename(f) for f in glob.glob(os.path.join(CONTRACT, "*")))
-    for name in shared:
-        with open(os.path.join(SHARED, name), "rb") as a, open(os.path.join(CONTRACT, name), "rb") as b:
-            assert a.read() == b.read(), name
 
 
 def test_every_recorded_exchange_was_replayed(replay):

@@ -221,12 +221,8 @@ def test_argv_from_command_and_args_with_expansion():
 
 def test_admitted_pod_from_the_contract_gets_its_env():
     """The pod of contract 14 with the configMap and secret of 25 and 27."""
-    import json
-    import os
-    here = "/work/shared/k8s-contract"
-    if not os.path.isdir(here):
-        pytest.skip("contract recordings not available")
-    pod = json.load(open(f"{here}/14-pod-create-admitted.json"))["response"]["body"]
+    from tests.helpers import contract
+    pod = contract("14-pod-create-admitted")
     api = FakeApi(configmaps={"cfg": {"greeting": "hi"}}, secrets={"sec": {"password": "p"}})
     main = pod["spec"]["containers"][0]
     assert container_env(pod, main, api=api) == [("G", "hi"), ("P", "p")]

@@ -90,7 +90,7 @@ def test_status_signature_ignores_heartbeats_but_not_changes():
 import signal  # noqa: E402
 import time  # noqa: E402
 
-from tests.helpers import wait_for  # noqa: E402
+from tests.helpers import kubectl_binary, wait_for  # noqa: E402
 
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
 
@@ -241,7 +241,7 @@ def test_kubectl_shows_the_ready_node(fake_api_tls, tmp_path):
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _ready(fake, "n1"), 30, what="node registered by the CLI")
-        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", admin, "get", "nodes", "-o", "wide"],
+        done = subprocess.run([kubectl_binary(), "--kubeconfig", admin, "get", "nodes", "-o", "wide"],
                               capture_output=True, text=True, timeout=60)
     finally:
         proc.terminate()

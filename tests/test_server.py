@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import minikrust
-from tests.helpers import wait_for
+from tests.helpers import kubectl_binary, wait_for
 
 NODE = "node-1"
 UTC = datetime.timezone.utc
@@ -884,8 +884,7 @@ class _ApiFront:
 @pytest.fixture
 def kubectl_logs(secure, fake_api, pki, tmp_path):
     """`kubectl(*args)` against a fake API server whose pods/log reaches the secure kubelet server."""
-    if not os.path.exists("/usr/bin/kubectl"):
-        pytest.skip("kubectl is not installed")
+    binary = kubectl_binary()
     fake_api.create_pod({"metadata": {"name": "web"}, "spec": {"containers": [{"name": "app", "image": "file:x.wasm"}]}},
                         node_name=NODE, namespace="default")
     front = _ApiFront(fake_api, url(secure.server, ""), pki.ca.path, pki.alice)
@@ -896,7 +895,7 @@ def kubectl_logs(secure, fake_api, pki, tmp_path):
         yaml.safe_dump(document, handle)
 
     def kubectl(*args, wait=True):
-        command = ["/usr/bin/kubectl", "--kubeconfig", kubeconfig, *args]
+        command = [binary, "--kubeconfig", kubeconfig, *args]
         if not wait:
             return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -956,8 +955,7 @@ def test_a_real_kubelet_streams_the_log_of_a_running_wasm_pod(fake_api, kubelet_
 def test_kubectl_logs_end_to_end_with_a_bootstrapped_serving_certificate(fake_api_tls, kubelet_factory, wasm, tmp_path):
     """The whole path a user takes: the kubelet gets its serving certificate by CSR, the API server
     proxies pods/log to it with its kubelet-client certificate, the kubelet authorizes that by SAR."""
-    if not os.path.exists("/usr/bin/kubectl"):
-        pytest.skip("kubectl is not installed")
+    binary = kubectl_binary()
     fake = fake_api_tls
     fake.on_csr_created = lambda csr: threading.Timer(0.1, fake.approve_csr, [csr["metadata"]["name"]]).start()
     kubelet = kubelet_factory(fake, node=NODE, serve=True, port=0, client_ca_file=fake.pki.ca_path)
@@ -970,7 +968,7 @@ def test_kubectl_logs_end_to_end_with_a_bootstrapped_serving_certificate(fake_ap
     kubeconfig = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
 
     def kubectl(*args):
-        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", kubeconfig, *args],
+        done = subprocess.run([binary, "--kubeconfig", kubeconfig, *args],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout

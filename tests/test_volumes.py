@@ -10,6 +10,7 @@ import pytest
 import minikrust
 from minikrust import (ApiError, Config, ContainerConfigError, cleanup_volumes, container_mounts,
                        prepare_volumes)
+from tests.helpers import contract
 from tests.test_env import FakeApi
 
 
@@ -183,7 +184,7 @@ def test_downward_api_volume(tmp_path):
 
 def test_admitted_service_account_volume_projects_token_and_tolerates_missing_sources(tmp_path):
     """The kube-api-access volume admission adds (contract 14) with only kube-root-ca.crt existing."""
-    pod = json.load(open("/work/shared/k8s-contract/14-pod-create-admitted.json"))["response"]["body"]
+    pod = contract("14-pod-create-admitted")
     api = TokenApi(configmaps={"cfg": {"greeting": "hi"}, "kube-root-ca.crt": {"ca.crt": "CA"}},
                    secrets={"sec": {"password": "p"}})
     dirs = prepare_volumes(pod, str(tmp_path), Config(allowed_host_paths=("/tmp",)), api=api)
