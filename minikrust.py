@@ -5814,7 +5814,8 @@ def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=N
             raise MinikrustError(f"CertificateSigningRequest {name}: no certificate issued within {timeout:.0f}s")
         if stop.wait(interval):
             raise MinikrustError(f"CertificateSigningRequest {name}: stopped while waiting")
-        interval = min(interval * 2, 2.0)
+        # Approval may take a human: back off to one look every 10 s (6 requests a minute).
+        interval = min(interval * 2, 10.0)
 
 
 def _write_private(path, data):
