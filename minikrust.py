@@ -4102,7 +4102,8 @@ class StatusWriter:
             self._cond.notify_all()
 
     def request(self, method, path, body=None, ok=(404, 409)):
-        """Any other write (mirror pods), sent in order with events; `ok` codes are not errors."""
+        """Any other write (mirror pods), sent in order with events; `ok` codes are not errors.
+        `body` may be a callable, called when the write is sent (it raises to keep the write queued)."""
         with self._cond:
             self._events.append((method, path, body, ok))
             self._cond.notify_all()
@@ -4189,6 +4190,8 @@ class StatusWriter:
                 self._sent[uid] = status
 
     def _send_request(self, method, path, body, ok):
+        if callable(body):
+            body = body()
         try:
             self.writes += 1
             self.api.request(method, path, body=body)
@@ -4867,6 +4870,7 @@ class PodManager:
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.echo = _LogEcho(echo) if echo else None
         self.metrics = None         # the kubelet's Metrics, when it has one
+        self.node_uid = None        # callable -> the registered Node's uid (mirror pods' owner)
         self.workers = {}           # uid -> PodWorker
         self.events = collections.deque(maxlen=1000)    # (pod key, reason, message), newest last
         self._restored = set()
@@ -4942,12 +4946,21 @@ class PodManager:
             return
         if deleted:
             self.writer.forget(static.uid)
-            self.writer.request("POST", _pod_path(static.pod).rsplit("/", 1)[0], _mirror_pod(static.pod))
+            self.writer.request("POST", _pod_path(static.pod).rsplit("/", 1)[0], self._mirror_body(static.pod))
             if static.status:
                 self.writer.set_status(static.pod, static.status)
         elif meta.get("deletionTimestamp"):
             self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
                                 "gracePeriodSeconds": 0, "preconditions": {"uid": meta.get("uid")}})
+
+    def _mirror_body(self, pod):
+        """The mirror pod's body, made when it is sent: it names the Node's uid, known once registered."""
+        def body():
+            uid = self.node_uid() if self.node_uid is not None else None
+            if not uid:
+                raise MinikrustError("mirror pod waits for the Node to be registered")
+            return _mirror_pod(pod, uid)
+        return body
 
     def _admit(self, pod, restored=False):
         uid = pod["metadata"]["uid"]
@@ -4965,7 +4978,7 @@ class PodManager:
         if self.writer is not None:
             if _is_static(pod):
                 self.writer.request("POST", f"/api/v1/namespaces/{pod['metadata'].get('namespace', 'default')}/pods",
-                                    _mirror_pod(pod))
+                                    self._mirror_body(pod))
             elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
@@ -5186,13 +5199,16 @@ def _pod_path(pod):
     return f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
 
 
-def _mirror_pod(pod):
-    """The API copy of a static pod (the kubelet's mirror pod): same spec, annotated config.mirror."""
+def _mirror_pod(pod, node_uid):
+    """The API copy of a static pod (the kubelet's mirror pod): same spec, annotated config.mirror,
+    owned by its Node as controller (NodeRestriction refuses a node's pod without that reference)."""
     meta = pod["metadata"]
     annotations = {k: v for k, v in _annotations(pod).items() if k != _MANIFEST_ANNOTATION}
     annotations["kubernetes.io/config.mirror"] = annotations.get("kubernetes.io/config.hash", "")
+    owner = {"apiVersion": "v1", "kind": "Node", "name": pod["spec"]["nodeName"], "uid": node_uid,
+             "controller": True}
     mirror_meta = {"name": meta["name"], "namespace": meta.get("namespace", "default"),
-                   "labels": meta.get("labels") or {}, "annotations": annotations}
+                   "labels": meta.get("labels") or {}, "annotations": annotations, "ownerReferences": [owner]}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": mirror_meta, "spec": pod["spec"]}
 
 
@@ -6468,6 +6484,8 @@ class Kubelet:
             self.api.on_error = lambda code: self.metrics.inc("minikrust_api_errors_total", code=str(code))
         if self.pod_manager is not None:
             self.pod_manager.metrics = self.metrics
+            if self.node is not None:
+                self.pod_manager.node_uid = lambda: ((self.node.node or {}).get("metadata") or {}).get("uid")
         self.server = KubeletServer(self) if self.config.serve else None
 
     def start(self):

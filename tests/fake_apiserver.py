@@ -1912,6 +1912,7 @@ class FakeApiServer:
                 if (obj.get("spec") or {}).get("nodeName") != node:
                     raise forbidden(res, meta["name"], f'node "{node}" can only create pods with spec.nodeName '
                                     "set to itself")
+                self._check_mirror_owner(res, meta, node)
             self._admit_pod(res, ns, obj)
             if node is not None:   # NodeRestriction: a mirror pod may use no API objects
                 cms, _, _, pvcs = pod_references(obj)
@@ -1996,6 +1997,30 @@ class FakeApiServer:
                             "node.kubernetes.io/instance-type", "failure-domain.beta.kubernetes.io/region",
                             "failure-domain.beta.kubernetes.io/zone", "topology.kubernetes.io/region",
                             "topology.kubernetes.io/zone"}
+
+    def _check_mirror_owner(self, res, meta, node):
+        """NodeRestriction: a mirror pod has exactly one owner reference, to its own Node (v1, the
+        Node's uid), as controller, without blockOwnerDeletion."""
+        owners = meta.get("ownerReferences") or []
+        if len(owners) > 1:
+            raise forbidden(res, meta["name"], f'node "{node}" can only create pods with a single owner '
+                            "reference set to itself")
+        owner = owners[0] if owners else {}
+        if (owner.get("apiVersion"), owner.get("kind"), owner.get("name")) != ("v1", "Node", node):
+            raise forbidden(res, meta["name"], f'node "{node}" can only create pods with an owner reference '
+                            "set to itself")
+        if owner.get("controller") is not True:
+            raise forbidden(res, meta["name"], f'node "{node}" can only create pods with a controller owner '
+                            "reference set to itself")
+        if owner.get("blockOwnerDeletion") is True:
+            raise forbidden(res, meta["name"], f'node "{node}" must not set blockOwnerDeletion on an owner '
+                            "reference")
+        registered = self._objects.get(("nodes", "", node))
+        if registered is None:
+            raise forbidden(res, meta["name"], f'node "{node}" not found')
+        if owner.get("uid") != registered["metadata"].get("uid"):
+            raise forbidden(res, meta["name"], f'the UID in the owner reference ({owner.get("uid")}) does not '
+                            f'match the node "{node}" UID ({registered["metadata"].get("uid")})')
 
     def _check_node_labels(self, res, name, old, new):
         """NodeRestriction: a node may not set labels under kubernetes.io/k8s.io outside the kubelet's set."""

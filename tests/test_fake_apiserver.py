@@ -352,9 +352,19 @@ def test_kubectl_get_describe_delete(fake_api_tls, tmp_path):
 
 def test_mirror_pods_get_no_service_account_and_may_not_use_api_objects(fake_api):
     c = fake_api.client("n1")
+    node_uid = c.post("/api/v1/nodes", json=NODE).json()["metadata"]["uid"]
+    owner = {"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": node_uid, "controller": True}
     mirror = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "static-n1", "annotations": {
-        "kubernetes.io/config.mirror": "abc", "kubernetes.io/config.source": "file"}},
+        "kubernetes.io/config.mirror": "abc", "kubernetes.io/config.source": "file"}, "ownerReferences": [owner]},
         "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]}}
+    for owners, message in (([], "an owner reference set to itself"),
+                            ([dict(owner, controller=False)], "a controller owner reference"),
+                            ([dict(owner, uid="0000")], "does not match"),
+                            ([owner, owner], "a single owner reference")):
+        bad = json.loads(json.dumps(mirror))
+        bad["metadata"]["ownerReferences"] = owners
+        r = c.post("/api/v1/namespaces/default/pods", json=bad)
+        assert r.status_code == 403 and message in r.json()["message"], r.text
     r = c.post("/api/v1/namespaces/default/pods", json=mirror)
     assert r.status_code == 201, r.text
     assert "serviceAccountName" not in r.json()["spec"] and "volumes" not in r.json()["spec"]

@@ -120,6 +120,9 @@ def test_static_pods_appear_in_the_api_as_mirror_pods(fake_api, kubelet_factory,
     mirror = wait_for(lambda: (fake_api.get("pods", "default", "hello-node-1") or {}).get("status", {}).get("phase")
                       == "Succeeded" and fake_api.get("pods", "default", "hello-node-1"), what="mirror Succeeded")
     assert "kubernetes.io/config.mirror" in mirror["metadata"]["annotations"]
+    node = fake_api.get("nodes", None, "node-1")
+    assert mirror["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Node", "name": "node-1",
+                                                      "uid": node["metadata"]["uid"], "controller": True}]
     assert len(kubelet.pods()) == 1     # the mirror is not run a second time
     os.unlink(folder / "hello.yaml")
     wait_for(lambda: fake_api.get("pods", "default", "hello-node-1") is None, timeout=10, what="mirror deleted")
