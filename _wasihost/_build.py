@@ -13,63 +13,23 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CDEF = """
-#define WH_ERR_LOAD ...
-#define WH_ERR_NEED_BYTES ...
-#define WH_ERR_RUN ...
-#define WH_EXITED ...
-#define WH_TRAPPED ...
-#define WH_KILLED ...
-#define WH_TIMED_OUT ...
-#define WH_LOG_PLAIN ...
-#define WH_LOG_CRI ...
 
-typedef struct wh_module wh_module;
-typedef struct wh_run wh_run;
+def _cdef_from_header(path):
+    """The declarations cffi needs, read from our own header so the interface is written once:
+    preprocessor lines dropped, each `#define NAME value` given as `#define NAME ...` (API mode
+    lets the compiler fill the value in and checks every declaration against the real code)."""
+    lines = []
+    with open(path) as header:
+        for line in header:
+            words = line.split()
+            if words[:1] == ["#define"] and len(words) >= 3:
+                lines.append(f"#define {words[1]} ...")
+            elif not line.lstrip().startswith("#"):
+                lines.append(line.rstrip("\n"))
+    return "\n".join(lines)
 
-typedef struct {
-  const char *const *argv;
-  size_t argc;
-  const char *const *env_names;
-  const char *const *env_values;
-  size_t envc;
-  const char *const *preopen_host;
-  const char *const *preopen_guest;
-  const int *preopen_readonly;
-  size_t npreopens;
-  int stdout_fd;
-  int stderr_fd;
-  const char *stdout_path; /* opened (append) by wh_run_exec when the fd is -1 */
-  const char *stderr_path;
-  int log_format;
-  int64_t log_max_size; /* rotate an output path at this size, <= 0 for never */
-  int log_max_files;
-  int64_t memory_limit;
-  double deadline;
-  int has_stdin;
-  const uint8_t *stdin_data;
-  size_t stdin_len;
-} wh_run_config;
 
-typedef struct {
-  int status;
-  int exit_code;
-  int instantiate_failed;
-  double duration;
-  double cpu_seconds;
-  uint64_t peak_memory;
-  char message[2048];
-} wh_result;
-
-int wh_init(char *err, size_t errlen);
-int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
-                   int *from_cache, char *err, size_t errlen);
-void wh_module_free(wh_module *m);
-wh_run *wh_run_new(void);
-void wh_run_free(wh_run *r);
-void wh_kill(wh_run *r);
-int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res);
-"""
+CDEF = _cdef_from_header(os.path.join(HERE, "wasihost.h"))
 
 if sys.platform == "darwin":
     link_args = ["-undefined", "dynamic_lookup"]
