@@ -954,6 +954,12 @@ def _rotate_log(path, max_files):
     return target
 
 
+def _write_all(fd, data):
+    """os.write until all of `data` is written (a write may take only part of it)."""
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class _LogFile:
     """An output path of a run, shared by its two streams: appended, and with `max_size` rotated
     (see _rotate_log) after the record that fills it, then reopened."""
@@ -975,15 +981,11 @@ class _LogFile:
                 batch.append(piece)
                 self.size += len(piece)
                 if self.max_size and self.size >= self.max_size:
-                    self._write(b"".join(batch))
+                    _write_all(self.fd, b"".join(batch))
                     batch = []
                     self._rotate()
             if batch:
-                self._write(b"".join(batch))
-
-    def _write(self, data):
-        while data:
-            data = data[os.write(self.fd, data):]
+                _write_all(self.fd, b"".join(batch))
 
     def _rotate(self):
         self.size = 0  # also when it fails: tried again after another max_size bytes
@@ -1057,9 +1059,7 @@ class _StreamWriter:
         elif self.file is not None:
             self.file.write(pieces)
         else:
-            data = b"".join(pieces)
-            while data:
-                data = data[os.write(self.fd, data):]
+            _write_all(self.fd, b"".join(pieces))
 
     def close(self):
         """Flush a trailing fragment without newline as a P record (the run closes its files)."""
@@ -1968,19 +1968,24 @@ def _pod_rv(pod):
     return (pod.get("metadata") or {}).get("resourceVersion")
 
 
+def _deliver(handler, method, pod):
+    """Call handler.<method>(pod); a handler error is logged, never fatal to the source."""
+    try:
+        getattr(handler, method)(pod)
+    except Exception:
+        log.exception("pod handler %s(%s) failed", method, _pod_key(pod))
+
+
 class _PodSet:
     """The pods a source has reported, by uid: turns raw events into de-duplicated
-    added/updated/deleted calls on the handler. A handler error is logged, never fatal."""
+    added/updated/deleted calls on the handler."""
 
     def __init__(self, handler):
         self.handler = handler
         self.pods = {}
 
     def _call(self, method, pod):
-        try:
-            getattr(self.handler, method)(pod)
-        except Exception:
-            log.exception("pod handler %s(%s) failed", method, _pod_key(pod))
+        _deliver(self.handler, method, pod)
 
     def upsert(self, pod):
         uid = _pod_uid(pod)
@@ -2215,10 +2220,7 @@ class StaticPodSource:
             self._call("pod_added", pod)
 
     def _call(self, method, pod):
-        try:
-            getattr(self.handler, method)(pod)
-        except Exception:
-            log.exception("pod handler %s(%s) failed", method, _pod_key(pod))
+        _deliver(self.handler, method, pod)
 
     def _run(self):
         while not self._stop.is_set():
@@ -2991,12 +2993,10 @@ class ImageManager:
         if kind == "wasm":
             module_digest = layers[0]["digest"]
             with self._blob_locks[module_digest]:
-                if not self.store.has(module_digest):
-                    temp = self._fetch_blob(client, layers[0])
-                    self.store.add(module_digest, keys, image_id, temp=temp, auth=auth)
-        else:
+                temp = None if self.store.has(module_digest) else self._fetch_blob(client, layers[0])
+                self.store.add(module_digest, keys, image_id, temp=temp, auth=auth)
+        else:  # stores the module and its keys itself
             module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id, auth)
-        self.store.add(module_digest, keys, image_id, auth=auth)
         return ModuleRef(self.store.path(module_digest), module_digest, image_id)
 
     def _fetch_blob(self, client, desc):
