@@ -2606,6 +2606,7 @@ class ModuleStore:
         self.remove_stale_temps()
         self._lock = threading.RLock()
         self._persisted = 0.0
+        self._hmac_key = None           # see _credential_key
         self._index = self._load()
 
     def _load(self):
@@ -2680,17 +2681,22 @@ class ModuleStore:
             return "anonymous"
         if cred.source == "--registry-config":
             return "node"
-        path = os.path.join(self.root, "credential-key")
-        with self._lock:
-            if not os.path.exists(path):
-                fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(os.urandom(32))
-                os.replace(path + ".tmp", path)
-            with open(path, "rb") as f:
-                key = f.read()
         text = f"{cred.registry}\0{cred.username}\0{cred.password}".encode()
-        return "hmac:" + hmac.new(key, text, hashlib.sha256).hexdigest()
+        return "hmac:" + hmac.new(self._credential_key(), text, hashlib.sha256).hexdigest()
+
+    def _credential_key(self):
+        """The store's secret HMAC key, made on first use and read once: pod starts check labels."""
+        with self._lock:
+            if self._hmac_key is None:
+                path = os.path.join(self.root, "credential-key")
+                if not os.path.exists(path):
+                    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(os.urandom(32))
+                    os.replace(path + ".tmp", path)
+                with open(path, "rb") as f:
+                    self._hmac_key = f.read()
+            return self._hmac_key
 
     def touch(self, digest):
         """Mark a module used now (kept in memory, written at most every 30 s)."""
@@ -5221,7 +5227,6 @@ def _mirror_pod(pod, node_uid):
 # manager; the writer must reopen `<n>.log` afterwards (the kubelet asks the runtime to ReopenContainerLog).
 
 _RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
-_ROTATED_SUFFIX = re.compile(r"^\d{8}-\d{6}\.\d{6}$")
 
 
 def _parse_rfc3339(text):
@@ -5300,7 +5305,7 @@ def rotated_log_files(path):
     except FileNotFoundError:
         return []
     rotated = [name for name in names
-               if name.startswith(base + ".") and _ROTATED_SUFFIX.match(name[len(base) + 1:])]
+               if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
     return [os.path.join(folder, name) for name in sorted(rotated)]
 
 
