@@ -2864,7 +2864,7 @@ class ImageManager:
             return policy != "AlwaysVerify"
         if "anonymous" in labels or "node" in labels:
             return True
-        creds = [c for c in self.credentials(ref.registry, pull_secrets, namespace) if c.source != "--registry-config"]
+        creds = self.credentials(ref.registry, pull_secrets, namespace, node=False)
         return any(self.store.credential_id(c) in labels for c in creds)
 
     def _stored(self, ref):
@@ -2924,8 +2924,8 @@ class ImageManager:
                 del self._inflight[key]
             flight.done.set()
 
-    def credentials(self, registry, pull_secrets=(), namespace=None):
-        """Credentials for `registry`: the pod's imagePullSecrets first, then --registry-config."""
+    def credentials(self, registry, pull_secrets=(), namespace=None, node=True):
+        """Credentials for `registry`: the pod's imagePullSecrets first, then (`node`) --registry-config."""
         creds = []
         for secret_ref in pull_secrets or ():
             name = secret_ref.get("name") if isinstance(secret_ref, dict) else secret_ref
@@ -2939,7 +2939,7 @@ class ImageManager:
                             ns, name, getattr(exc, "code", exc.__class__.__name__))
                 continue
             creds += [c for c in _secret_credentials(secret) if _registry_matches(c.registry, registry)]
-        path = self._setting("registry_config", None)
+        path = self._setting("registry_config", None) if node else None
         if path:
             try:
                 with open(os.path.expanduser(path)) as f:
