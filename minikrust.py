@@ -5672,10 +5672,6 @@ def _node_usage():
     return cpu, working_set, available
 
 
-def _rfc3339(epoch):
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class _ResourceStats:
     """Samples node and container usage; remembers the last sample to report CPU as a rate (nano cores)."""
 
