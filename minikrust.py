@@ -3455,9 +3455,7 @@ def _projected_files(pod, volume, api, node_ip, cache):
                 kind = "ConfigMap" if "configMap" in source else "Secret"
                 ref = source.get("configMap") or source.get("secret") or {}
                 data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
-                new = _keys_to_files(ref, data, default_mode, what)
-                if kind == "Secret":
-                    new = {path: (content, 0o600) for path, (content, _) in new.items()}
+                new = _keys_to_files(ref, data, default_mode, what)  # modes: all 0600 (private)
             elif "downwardAPI" in source:
                 new = _downward_files(pod, source["downwardAPI"], default_mode, node_ip, what)
             elif "serviceAccountToken" in source:
@@ -5683,7 +5681,7 @@ class _ResourceStats:
 
     def _cpu(self, key, seconds, now_ns):
         used = int(seconds * 1e9)
-        sample = {"time": _rfc3339(time.time()), "usageCoreNanoSeconds": used}
+        sample = {"time": _k8s_time(), "usageCoreNanoSeconds": used}
         with self._lock:
             before = self._last.get(key)
             self._last[key] = (now_ns, used)
@@ -5697,22 +5695,22 @@ class _ResourceStats:
 
     def summary(self):
         """A stats/v1alpha1 Summary: the node, then each pod with its containers."""
-        now_ns, stamp = time.monotonic_ns(), _rfc3339(time.time())
+        now_ns, stamp = time.monotonic_ns(), _k8s_time()
         cpu, working_set, available = _node_usage()
         memory = {"time": stamp, "workingSetBytes": working_set, "usageBytes": working_set,
                   "availableBytes": available}
-        node = {"nodeName": self.kubelet.config.node_name, "startTime": _rfc3339(self._started),
+        node = {"nodeName": self.kubelet.config.node_name, "startTime": _k8s_time(self._started),
                 "systemContainers": [], "cpu": self._cpu(("node",), cpu, now_ns),
                 "memory": {k: v for k, v in memory.items() if v is not None}}
         pods = {}
         for item in self.containers():
             ref = {"name": item["pod"], "namespace": item["namespace"], "uid": item.get("uid", "")}
             pod = pods.setdefault((ref["namespace"], ref["name"]), {
-                "podRef": ref, "startTime": _rfc3339(item.get("start_time") or self._started), "containers": [],
+                "podRef": ref, "startTime": _k8s_time(item.get("start_time") or self._started), "containers": [],
                 "cpu": {"time": stamp, "usageCoreNanoSeconds": 0}, "memory": {"time": stamp, "workingSetBytes": 0}})
             key = (ref["namespace"], ref["name"], item["container"])
             pod["containers"].append({
-                "name": item["container"], "startTime": _rfc3339(item.get("start_time") or self._started),
+                "name": item["container"], "startTime": _k8s_time(item.get("start_time") or self._started),
                 "cpu": self._cpu(key, item.get("cpu_seconds", 0.0), now_ns),
                 "memory": {"time": stamp, "workingSetBytes": int(item.get("memory_bytes", 0)),
                            "usageBytes": int(item.get("memory_bytes", 0))}})
