@@ -2387,6 +2387,13 @@ def docker_config_credentials(doc, source=""):
     return creds
 
 
+def _registry_config_credentials(path, registry):
+    """The credentials for `registry` in a --registry-config file; raises OSError, ValueError."""
+    with open(os.path.expanduser(path)) as f:
+        doc = json.load(f)
+    return [c for c in docker_config_credentials(doc, "--registry-config") if _registry_matches(c.registry, registry)]
+
+
 def _secret_credentials(secret):
     """Credentials in a kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg Secret."""
     key = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson",
@@ -2942,13 +2949,9 @@ class ImageManager:
         path = self._setting("registry_config", None) if node else None
         if path:
             try:
-                with open(os.path.expanduser(path)) as f:
-                    doc = json.load(f)
+                creds += _registry_config_credentials(path, registry)
             except (OSError, ValueError) as exc:
                 log.warning("registry config %s unreadable: %s", path, exc.__class__.__name__)
-            else:
-                creds += [c for c in docker_config_credentials(doc, "--registry-config")
-                          if _registry_matches(c.registry, registry)]
         return creds
 
     def _pull(self, ref, pull_secrets, namespace):
@@ -3176,9 +3179,7 @@ def cmd_push(argv, environ=None):
             credential = RegistryCredential(ref.registry, environ["MINIKRUST_REGISTRY_USERNAME"],
                                             environ.get("MINIKRUST_REGISTRY_PASSWORD", ""), "the environment")
         elif args.registry_config:
-            with open(os.path.expanduser(args.registry_config)) as f:
-                found = [c for c in docker_config_credentials(json.load(f), "--registry-config")
-                         if _registry_matches(c.registry, ref.registry)]
+            found = _registry_config_credentials(args.registry_config, ref.registry)
             credential = found[0] if found else None
         digest = push_module(args.module, args.image, credential=credential, insecure=args.insecure)
     except (ImageError, OSError, ValueError) as exc:
@@ -4550,15 +4551,10 @@ class PodWorker:
 
     def _wants_run(self, c):
         """Whether an app container that is not running should be (re)started."""
-        if not c.ever_started:
-            return True
-        term = c.terminated or (c.last_state.get("terminated") if "waiting" in c.state else None)
-        if term is None:
-            return True
-        if c.terminated is None:
-            return True         # waiting to restart (back-off, lost run, config error)
+        if not c.ever_started or not c.terminated:
+            return True         # never run, or waiting to restart (back-off, lost run, config error)
         policy = self.pod["spec"].get("restartPolicy", "Always")
-        return policy == "Always" or (policy == "OnFailure" and term.get("exitCode") != 0)
+        return policy == "Always" or (policy == "OnFailure" and c.terminated.get("exitCode") != 0)
 
     def _collect_exits(self, now):
         with self._cond:
