@@ -4030,6 +4030,11 @@ def status_patch(old, new):
     return {"status": patch} if patch else None
 
 
+def _pod_path(pod):
+    meta = pod["metadata"]
+    return f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
+
+
 @dataclass(frozen=True)
 class PodEvent:
     """A core/v1 Event about a pod (Pulling, Pulled, Created, Started, Killing, BackOff, Failed)."""
@@ -4095,10 +4100,8 @@ class StatusWriter:
             self._sent.setdefault(uid, status or {})
 
     def set_status(self, pod, status):
-        meta = pod["metadata"]
-        path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}/status"
         with self._cond:
-            self._statuses[meta["uid"]] = (path, status)
+            self._statuses[pod["metadata"]["uid"]] = (f"{_pod_path(pod)}/status", status)
             self._cond.notify_all()
 
     def record(self, event):
@@ -4115,10 +4118,8 @@ class StatusWriter:
 
     def delete_pod(self, pod):
         """Final delete (gracePeriodSeconds 0, uid precondition), after the pod's last status."""
-        meta = pod["metadata"]
-        path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
         with self._cond:
-            self._deletes[meta["uid"]] = path
+            self._deletes[pod["metadata"]["uid"]] = _pod_path(pod)
             self._cond.notify_all()
 
     def _pending(self):
@@ -4977,8 +4978,7 @@ class PodManager:
         self._save_spec(worker)
         if self.writer is not None:
             if _is_static(pod):
-                self.writer.request("POST", f"/api/v1/namespaces/{pod['metadata'].get('namespace', 'default')}/pods",
-                                    self._mirror_body(pod))
+                self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], self._mirror_body(pod))
             elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
@@ -5192,11 +5192,6 @@ def _is_static(pod):
 
 def _is_mirror(pod):
     return "kubernetes.io/config.mirror" in _annotations(pod) and not _is_static(pod)
-
-
-def _pod_path(pod):
-    meta = pod["metadata"]
-    return f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
 
 
 def _mirror_pod(pod, node_uid):
