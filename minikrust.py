@@ -446,6 +446,12 @@ def _file_field(entry, key, where, base_dir):
     return path
 
 
+def _yaml_error(path, exc):
+    """ConfigError for a YAML file that does not parse, naming the line when yaml knows it."""
+    mark = getattr(exc, "problem_mark", None)
+    return ConfigError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else ""))
+
+
 def load_kubeconfig(path, context=None):
     """ClusterConfig from a kubeconfig file, for `context` or the file's current-context.
 
@@ -458,9 +464,7 @@ def load_kubeconfig(path, context=None):
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read kubeconfig: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raise _yaml_error(path, exc) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: not a kubeconfig (expected a mapping with clusters, users, contexts)")
     name = context or doc.get("current-context")
@@ -2110,8 +2114,7 @@ def static_pods_from_manifest(path, node_name):
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+        raise _yaml_error(path, exc) from None
     pods = []
     for index, doc in enumerate(d for d in docs if d is not None):
         where = f"{path}: document {index + 1}"
@@ -4772,6 +4775,18 @@ class PodWorker:
         self.m.status_changed(self, old_phase)
 
 
+def rotated_log_files(path):
+    """The rotated files of a container log, oldest first (the live file `path` not included)."""
+    folder, base = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except FileNotFoundError:
+        return []
+    rotated = [name for name in names
+               if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
+    return [os.path.join(folder, name) for name in sorted(rotated)]
+
+
 def _echo_line(line):
     print(line, flush=True)
 
@@ -4816,9 +4831,7 @@ class _LogEcho:
         if entry[2] == st.st_ino:
             entry[1], entry[2] = entry[1] if st.st_size >= entry[1] else 0, st.st_ino  # (truncated: again)
             return [(path, entry[1])]
-        folder, base = os.path.split(path)
-        rotated = [os.path.join(folder, name) for name in sorted(os.listdir(folder or "."))
-                   if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
+        rotated = rotated_log_files(path)
         inodes = []
         for name in rotated:
             try:
@@ -5284,18 +5297,6 @@ class _LineJoiner:
                  for stream, (first, fragments) in self._pending.items()]
         self._pending.clear()
         return sorted(lines, key=lambda line: line.time_ns)
-
-
-def rotated_log_files(path):
-    """The rotated files of a container log, oldest first (the live file `path` not included)."""
-    folder, base = os.path.split(path)
-    try:
-        names = os.listdir(folder or ".")
-    except FileNotFoundError:
-        return []
-    rotated = [name for name in names
-               if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
-    return [os.path.join(folder, name) for name in sorted(rotated)]
 
 
 def rotate_container_log(path, max_size, max_files):
