@@ -720,9 +720,6 @@ class ApiClient:
 
     def credential(self, refresh=False):
         """The bearer token to send (None when authenticating otherwise); runs exec plugins."""
-        return self._token(refresh)
-
-    def _token(self, refresh=False):
         cluster = self.cluster
         if self._exec is not None:
             token, cert, key = self._exec.get(force=refresh)
@@ -767,7 +764,7 @@ class ApiClient:
             headers = {"Accept": "application/json"}
             if data is not None:
                 headers["Content-Type"] = content_type
-            token = self._token()
+            token = self.credential()
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             last = attempt >= retries
@@ -789,7 +786,7 @@ class ApiClient:
             self._note_error(code)
             if code == 401 and self._exec is not None and not refreshed:
                 refreshed, attempt = True, attempt - 1      # a revoked plugin credential: ask again
-                self._token(refresh=True)
+                self.credential(refresh=True)
                 continue
             retryable = code in _RETRY_STATUSES or (code == 409 and retry_conflict)
             if not retryable or last:
@@ -6144,8 +6141,7 @@ def _container_ended(kubelet, namespace, name, container, path):
             if run is not None and count > run:
                 return True  # a later run has started: this one is over
             # a terminated state reported for an earlier run is stale: this run just started
-            state, last = entry.get("state") or {}, entry.get("lastState") or {}
-            over = "terminated" in state or ("waiting" in state and "terminated" in last)  # or backing off
+            over = "terminated" in (entry.get("state") or {}) or _waiting_after_failure(entry)
             return over and (run is None or count == run)
         return False  # not reported yet: the container is starting
     return True  # the pod is gone
