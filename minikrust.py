@@ -516,12 +516,11 @@ def _user_fields(user, where, base_dir):
         values["token"] = str(user["token"])
     if user.get("tokenFile"):
         values["token_file"] = _file_field(user, "tokenFile", where, base_dir)
-    for kind in ("certificate", "key"):
-        key = f"client-{kind}"
+    for key, dest in (("client-certificate", "client_cert"), ("client-key", "client_key")):
         if f"{key}-data" in user:
-            values[f"client_{'cert' if kind == 'certificate' else 'key'}_data"] = _b64_field(user, f"{key}-data", where)
+            values[f"{dest}_data"] = _b64_field(user, f"{key}-data", where)
         elif key in user:
-            values[f"client_{'cert' if kind == 'certificate' else 'key'}_file"] = _file_field(user, key, where, base_dir)
+            values[f"{dest}_file"] = _file_field(user, key, where, base_dir)
     has_cert = "client_cert_data" in values or "client_cert_file" in values
     has_key = "client_key_data" in values or "client_key_file" in values
     if has_cert != has_key:
