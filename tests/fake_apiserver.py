@@ -57,12 +57,6 @@ State (Python side, as admin, no HTTP):
   .sar_policy = callable(spec) -> bool or (bool, reason)   SubjectAccessReview answer (default: allow;
         `fake.sar_policy = fake.authorizer_sar` answers with the fake's own authorizer and grants)
   .token_reviews / .subject_access_reviews  lists of the specs received
-  .node_lifecycle = False   (True: a Ready=True condition removes the node.kubernetes.io/not-ready taint)
-  .scheduler = False        (True: pods without spec.nodeName are bound to a fitting node: Ready, schedulable,
-        nodeSelector, required node affinity, taints vs tolerations, pod capacity; else PodScheduled=False
-        Unschedulable. Turn node_lifecycle on too, or the not-ready taint keeps every pod away.)
-  pods/exec, pods/attach, pods/portforward (`kubectl exec` ...) are proxied to the kubelet's /exec, /attach,
-        /portForward the same way: a 101 upgrade is piped both ways, any other answer (e.g. 501) relayed.
   pods/log (`kubectl logs`, admin only) is proxied to the node's kubelet like the real API server does:
         https://<InternalIP>:<daemonEndpoints.kubeletEndpoint.Port>/containerLogs/<ns>/<pod>/<container>?<params>
         with client cert CN=kube-apiserver-kubelet-client O=system:masters from `.pki` (so the kubelet's
@@ -172,7 +166,7 @@ RESOURCES = {r.name: r for r in [
     Resource("namespaces", "", "v1", "Namespace", False, ("ns",)),
     Resource("nodes", "", "v1", "Node", False, ("no",), subresources=("status",)),
     Resource("pods", "", "v1", "Pod", True, ("po",),
-             subresources=("status", "binding", "log", "exec", "attach", "portforward")),
+             subresources=("status", "log")),
     Resource("events", "", "v1", "Event", True, ("ev",)),
     Resource("configmaps", "", "v1", "ConfigMap", True, ("cm",)),
     Resource("secrets", "", "v1", "Secret", True),
@@ -948,31 +942,6 @@ def _default_volume(v):
                 it["fieldRef"].setdefault("apiVersion", "v1")
 
 
-def _toleration_matches(tol, taint):
-    if tol.get("effect") and tol.get("effect") != taint.get("effect"):
-        return False
-    if tol.get("operator") == "Exists":
-        return not tol.get("key") or tol.get("key") == taint.get("key")
-    return tol.get("key") == taint.get("key") and (tol.get("value") or "") == (taint.get("value") or "")
-
-
-def _affinity_matches(spec, labels):
-    """requiredDuringSchedulingIgnoredDuringExecution node affinity: any term whose expressions all hold."""
-    req = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-           .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
-    terms = _each(req.get("nodeSelectorTerms"))
-    if not terms:
-        return True
-
-    def holds(e):
-        op, key, values = e.get("operator"), e.get("key"), e.get("values") or []
-        return {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
-                "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels,
-                "Gt": lambda: key in labels and int(labels[key]) > int(values[0]),
-                "Lt": lambda: key in labels and int(labels[key]) < int(values[0])}.get(op, lambda: False)()
-    return any(all(holds(e) for e in _each(t.get("matchExpressions"))) for t in terms)
-
-
 def pod_spec_causes(spec):
     """The pod validations a hand-written manifest most often fails -> [(field, reason, message)]."""
     causes = []
@@ -1383,8 +1352,6 @@ class FakeApiServer:
         self.sar_policy = None
         self.csr_auto_approve = False
         self.on_csr_created = None
-        self.node_lifecycle = False
-        self.scheduler = False
         self.watch_expired_as = "event"
         self.bookmark_interval = 2.0
         self.too_large_rv_wait = 3.0
@@ -1866,8 +1833,6 @@ class FakeApiServer:
             stored = self._store("ADDED", res, ns, name, shape(obj))
             if res.name == "namespaces":
                 self._namespace_children(name)
-            if res.name in ("pods", "nodes") and self.scheduler:
-                self._schedule_pending()
         if res.name == "certificatesigningrequests":
             if self.csr_auto_approve:
                 stored = self.approve_csr(name)
@@ -1901,8 +1866,6 @@ class FakeApiServer:
                 # TaintNodesByCondition: every new Node starts not-ready for scheduling.
                 spec["taints"] = taints + [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]
             obj.setdefault("status", {})
-            if self.node_lifecycle:
-                self._node_lifecycle(obj)
         elif res.name == "pods":
             if node is not None:
                 anns = meta.get("annotations") or {}
@@ -2142,84 +2105,15 @@ class FakeApiServer:
         if res.name == "secrets" and "stringData" in result:
             for k, v in (result.pop("stringData") or {}).items():
                 result.setdefault("data", {})[k] = base64.b64encode(v.encode()).decode()
-        if self.node_lifecycle and res.name == "nodes":
-            self._node_lifecycle(result)
         if _without_managed(result) == _without_managed(old):
             return copy.deepcopy(old)   # a no-op write does not bump resourceVersion
         self._managed(result, params, subresource)
         stored = self._store("MODIFIED", res, ns, name, result, old)
-        if res.name == "nodes" and self.scheduler:
-            self._schedule_pending()
         smeta = stored["metadata"]
         if smeta.get("deletionTimestamp") and not smeta.get("finalizers") and old["metadata"].get("finalizers") \
                 and (res.name != "pods" or smeta.get("deletionGracePeriodSeconds") == 0):
             stored = self._finish_delete(res, ns, name)   # the last finalizer is gone
         return stored
-
-    def _schedule_pending(self):
-        """The default scheduler, reduced to what decides where a wasm pod may go: Ready and schedulable
-        nodes, nodeSelector, required node affinity, NoSchedule/NoExecute taints against tolerations,
-        and the node's pod capacity. A pod that fits nowhere gets PodScheduled=False/Unschedulable."""
-        with self._lock:
-            nodes = [n for (r, _, _), n in sorted(self._objects.items()) if r == "nodes"]
-            pending = [p for (r, _, _), p in sorted(self._objects.items()) if r == "pods"
-                       and not (p.get("spec") or {}).get("nodeName") and not p["metadata"].get("deletionTimestamp")]
-            for pod in pending:
-                reasons = {}
-                fit = next((n for n in nodes if self._fits(pod, n, reasons)), None)
-                now = fmt_time(utcnow())
-                new = copy.deepcopy(pod)
-                conds = [c for c in _each(new["status"].get("conditions")) if c.get("type") != "PodScheduled"]
-                if fit is not None:
-                    new["spec"]["nodeName"] = fit["metadata"]["name"]
-                    conds.append({"type": "PodScheduled", "status": "True", "lastProbeTime": None,
-                                  "lastTransitionTime": now})
-                else:
-                    why = ", ".join(f"{n} node(s) {r}" for r, n in sorted(reasons.items()))
-                    conds.append({"type": "PodScheduled", "status": "False", "lastProbeTime": None,
-                                  "lastTransitionTime": now, "reason": "Unschedulable",
-                                  "message": f"0/{len(nodes)} nodes are available" + (f": {why}." if why else ".")})
-                    old_cond = next((c for c in _each(pod["status"].get("conditions"))
-                                     if c.get("type") == "PodScheduled"), None)
-                    if old_cond and old_cond.get("message") == conds[-1]["message"]:
-                        continue
-                new["status"]["conditions"] = conds
-                self._store("MODIFIED", RESOURCES["pods"], pod["metadata"]["namespace"], pod["metadata"]["name"],
-                            new, pod)
-
-    def _fits(self, pod, node, reasons):
-        spec, labels = pod.get("spec") or {}, node["metadata"].get("labels") or {}
-        ready = next((c for c in _each(node.get("status", {}).get("conditions")) if c.get("type") == "Ready"), {})
-        problems = []
-        if ready.get("status") != "True":
-            problems.append("were not ready")
-        if (node.get("spec") or {}).get("unschedulable"):
-            problems.append("were unschedulable")
-        if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()) or \
-                not _affinity_matches(spec, labels):
-            problems.append("didn't match Pod's node affinity/selector")
-        for t in _each((node.get("spec") or {}).get("taints")):
-            if t.get("effect") in ("NoSchedule", "NoExecute") and not any(
-                    _toleration_matches(tol, t) for tol in _each(spec.get("tolerations"))):
-                value = f": {t['value']}" if t.get("value") else ""
-                problems.append(f"had untolerated taint {{{t.get('key')}{value}}}")
-                break
-        capacity = int(str(((node.get("status") or {}).get("allocatable") or {}).get("pods", "110")) or 110)
-        bound = sum(1 for (r, _, _), p in self._objects.items() if r == "pods"
-                    and (p.get("spec") or {}).get("nodeName") == node["metadata"]["name"])
-        if bound >= capacity:
-            problems.append("Too many pods")
-        for p in problems[:1]:
-            reasons[p] = reasons.get(p, 0) + 1
-        return not problems
-
-    def _node_lifecycle(self, node):
-        ready = next((c for c in _each(node.get("status", {}).get("conditions")) if c.get("type") == "Ready"), None)
-        taints = [t for t in _each(node.get("spec", {}).get("taints"))
-                  if t.get("key") != "node.kubernetes.io/not-ready"]
-        if not (ready and ready.get("status") == "True"):
-            taints.append({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"})
-        node["spec"]["taints"] = taints
 
     def _admit_update(self, user, res, ns, name, subresource, new, old):
         node = user.node
@@ -2714,8 +2608,6 @@ class FakeApiServer:
             return h.send_json(200, self._list(res, ns, params, fsel, table))
         if verb == "get" and sub == "log":
             return self._proxy_log(h, ns, name, params)
-        if sub in _STREAM_SUBRESOURCES:
-            return self._proxy_stream(h, method, ns, name, sub, params)
         if verb == "get":
             with self._lock:
                 obj = copy.deepcopy(self._get_obj(res, ns, name))
@@ -2763,16 +2655,12 @@ class FakeApiServer:
         watch = params.get("watch") in ("1", "true", "True")
         verb = {"GET": "watch" if watch else ("get" if name else "list"), "HEAD": "get", "POST": "create",
                 "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
-        if method == "POST" and name and sub not in ("token", "binding") + _STREAM_SUBRESOURCES:
+        if method == "POST" and name and sub != "token":
             raise not_allowed
         if sub == "log":
             if method != "GET":
                 raise not_allowed
             verb = "get"
-        if sub in _STREAM_SUBRESOURCES:
-            if method not in ("GET", "POST"):
-                raise not_allowed
-            verb = "create" if method == "POST" else "get"
         if verb not in res.verbs and sub is None:
             raise not_allowed
         fsel = parse_field_selector(params.get("fieldSelector"), res) if verb in ("list", "watch") else []
@@ -2808,14 +2696,12 @@ class FakeApiServer:
         if sub == "token":
             with self._lock:
                 return self._token_request(user, ns, name, body)
-        if sub == "binding":
-            return self._bind(ns, name, body)
         if isinstance(body, dict) and body.get("kind") not in (None, res.kind):
             raise bad_request(f'{body.get("kind")} in version "{res.version}" cannot be handled as a {res.kind}: '
                               "the kind does not match")
         return self._create(user, res, ns, body or {}, params)
 
-    def _kubelet_target(self, ns, name, params, container_needed=True):
+    def _kubelet_target(self, ns, name, params):
         """Where and how the API server reaches the kubelet of a pod's node: (host, port, ssl context,
         headers, container). InternalIP, then Hostname; port daemonEndpoints.kubeletEndpoint.Port; the
         kubelet's certificate is not verified (no --kubelet-certificate-authority) unless
@@ -2826,7 +2712,7 @@ class FakeApiServer:
             node = copy.deepcopy(self._objects.get(("nodes", "", (pod.get("spec") or {}).get("nodeName") or "")))
         names = [c.get("name") for c in _each(pod["spec"].get("containers"))]
         container = params.get("container")
-        if not container and container_needed:
+        if not container:
             if len(names) != 1:
                 raise bad_request(f"a container name must be specified for pod {name}, choose one of: "
                                   f"[{' '.join(names)}]")
@@ -2883,55 +2769,6 @@ class FakeApiServer:
         finally:
             conn.close()
 
-    def _proxy_stream(self, h, method, ns, name, sub, params):
-        """pods/exec, attach, portforward (`kubectl exec` ...): the upgrade request goes to the kubelet's
-        /exec, /attach or /portForward; a 101 answer is then piped both ways, any other answer relayed."""
-        host, port, ctx, headers, container = self._kubelet_target(ns, name, params, sub != "portforward")
-        query = "&".join(p for p in urllib.parse.urlsplit(h.path).query.split("&") if not p.startswith("container="))
-        path = {"exec": f"/exec/{ns}/{name}/{container}", "attach": f"/attach/{ns}/{name}/{container}",
-                "portforward": f"/portForward/{ns}/{name}"}[sub] + (f"?{query}" if query else "")
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Length: 0"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        for key in ("Connection", "Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
-                    "X-Stream-Protocol-Version"):
-            lines += [f"{key}: {v}" for v in h.headers.get_all(key) or ()]
-        try:
-            upstream = ctx.wrap_socket(socket.create_connection((host, port), timeout=30))
-            upstream.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-            reader = upstream.makefile("rb")
-            head = [reader.readline()]
-            while head[-1] not in (b"\r\n", b"\n", b""):
-                head.append(reader.readline())
-        except OSError as exc:
-            raise ApiStatusError(500, "InternalError", f"error dialing backend: {exc}") from None
-        status = int(head[0].split()[1]) if len(head[0].split()) > 1 else 502
-        if status != 101:
-            length = next((int(x.split(b":", 1)[1]) for x in head if x.lower().startswith(b"content-length:")), None)
-            body = reader.read(length) if length is not None else reader.read()
-            upstream.close()
-            raise _kubelet_error(status, body)
-        h.close_connection = True
-        h.wfile.write(b"".join(head))
-        h.wfile.flush()
-        upstream.settimeout(None)
-        _pipe(h.rfile, upstream, reader, h.wfile)
-
-    def _bind(self, ns, name, body):
-        target = ((body or {}).get("target") or {}).get("name")
-        with self._lock:
-            pod = self._get_obj(RESOURCES["pods"], ns, name)
-            if (pod.get("spec") or {}).get("nodeName"):
-                raise ApiStatusError(409, "Conflict", f'Operation cannot be fulfilled on pods/binding "{name}": pod '
-                                     f'{name} is already assigned to node "{pod["spec"]["nodeName"]}"',
-                                     {"name": name, "kind": "pods/binding"})
-            new = copy.deepcopy(pod)
-            new["spec"]["nodeName"] = target
-            now = fmt_time(utcnow())
-            new["status"].setdefault("conditions", []).append(
-                {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": now})
-            self._store("MODIFIED", RESOURCES["pods"], ns, name, new, pod)
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
-
     def _serve_watch(self, h, res, ns, params, fsel):
         """A watch: one JSON event per line, chunked, until timeoutSeconds, a drop, or the client leaves."""
         w = _Watch(self, h, res, ns, params, fsel)
@@ -2980,11 +2817,9 @@ class FakeApiServer:
                 item["categories"] = ["all"]
             out.append(item)
             for s in r.subresources:
-                verbs = {"status": ["get", "patch", "update"], "token": ["create"], "binding": ["create"],
-                         "log": ["get"], "approval": ["get", "patch", "update"], "exec": ["create", "get"],
-                         "attach": ["create", "get"], "portforward": ["create", "get"]}[s]
-                kind = {"token": "TokenRequest", "binding": "Binding", "exec": "PodExecOptions",
-                        "attach": "PodAttachOptions", "portforward": "PodPortForwardOptions"}.get(s, r.kind)
+                verbs = {"status": ["get", "patch", "update"], "token": ["create"], "log": ["get"],
+                         "approval": ["get", "patch", "update"]}[s]
+                kind = {"token": "TokenRequest"}.get(s, r.kind)
                 out.append({"name": f"{r.name}/{s}", "singularName": "", "namespaced": r.namespaced,
                             "kind": kind, "verbs": verbs})
         gv = f"{group}/{version}" if group else version
@@ -3288,18 +3123,7 @@ def _route(path):
 _NONRESOURCE_OPEN = ("/version", "/healthz", "/livez", "/readyz")
 
 
-
-
-
-
-
-
-
-
-_STREAM_SUBRESOURCES = ("exec", "attach", "portforward")
 _LOG_PARAMS = ("follow", "previous", "timestamps", "tailLines", "sinceSeconds", "sinceTime", "limitBytes")
-
-
 
 
 def _kubelet_error(status, body):
@@ -3309,48 +3133,12 @@ def _kubelet_error(status, body):
     return ApiStatusError(status, reason, text)
 
 
-def _pipe(client_in, upstream, upstream_in, client_out):
-    """Copy bytes both ways until either side closes (an upgraded exec/attach/port-forward stream)."""
-    def up():
-        try:
-            while True:
-                data = client_in.read1(65536)
-                if not data:
-                    break
-                upstream.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                upstream.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    t = threading.Thread(target=up, daemon=True)
-    t.start()
-    try:
-        while True:
-            data = upstream_in.read1(65536)
-            if not data:
-                break
-            client_out.write(data)
-            client_out.flush()
-    except OSError:
-        pass
-    finally:
-        upstream.close()
-
-
 def _bookmark(res, rv):
     obj = {"kind": res.kind, "apiVersion": res.api_version, "metadata": {"resourceVersion": str(rv)}}
     if res.name == "pods":
         obj["spec"] = {"containers": None}
         obj["status"] = {}
     return {"type": "BOOKMARK", "object": obj}
-
-
-
-
 
 
 ###############################################################################

@@ -386,28 +386,6 @@ class _FakeKubelet:
         class H(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self):
-                self.server.seen.append((self.path, self.connection.getpeercert()))
-                if self.headers.get("Upgrade") and "command=cat" in self.path:
-                    self.send_response(101)
-                    self.send_header("Connection", "Upgrade")
-                    self.send_header("Upgrade", self.headers["Upgrade"])
-                    self.end_headers()
-                    self.wfile.flush()
-                    while True:          # echo until the client closes
-                        data = self.connection.recv(4096)
-                        if not data:
-                            break
-                        self.connection.sendall(data)
-                    self.close_connection = True
-                    return
-                body = b"exec is not supported by minikrust: wasm modules have no shell"
-                self.send_response(501)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
             def do_GET(self):
                 self.server.seen.append((self.path, self.connection.getpeercert()))
                 body = b"line 1\nline 2\n"
@@ -570,67 +548,6 @@ def test_watch_from_a_future_resource_version_times_out_with_504(fake_api):
                                                               "resourceVersion": str(fake_api.resource_version + 50)}))
     assert [e for e, _ in events] == ["ERROR"] and events[0][1]["code"] == 504
     assert events[0][1]["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
-
-
-def test_exec_is_proxied_to_the_kubelet_upgrades_piped_errors_relayed(fake_api_tls, tmp_path):
-    import socket
-    import ssl
-    fake = fake_api_tls
-    kubelet = _FakeKubelet(fake.pki)
-    try:
-        node = json.loads(json.dumps(NODE))
-        node["status"]["daemonEndpoints"] = {"kubeletEndpoint": {"Port": kubelet.port}}
-        fake.client("n1").post("/api/v1/nodes", json=node)
-        fake.create_pod(POD, node_name="n1")
-        r = fake.client().post("/api/v1/namespaces/default/pods/p/exec?command=sh&command=-c&stdout=true")
-        assert r.status_code == 501 and "no shell" in r.json()["message"]
-        assert kubelet.server.seen[-1][0] == "/exec/default/p/c?command=sh&command=-c&stdout=true"
-        ctx = ssl.create_default_context(cafile=fake.ca_path)
-        with ctx.wrap_socket(socket.create_connection((fake.host, fake.port), timeout=10),
-                             server_hostname="127.0.0.1") as s:
-            s.sendall(("POST /api/v1/namespaces/default/pods/p/exec?command=cat&stdin=true HTTP/1.1\r\n"
-                       f"Host: x\r\nAuthorization: Bearer {fake.admin_token}\r\nConnection: Upgrade\r\n"
-                       "Upgrade: SPDY/3.1\r\nContent-Length: 0\r\n\r\n").encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += s.recv(1)
-            assert head.startswith(b"HTTP/1.1 101")
-            s.sendall(b"ping")
-            got = b""
-            while len(got) < 4:
-                got += s.recv(4)
-            assert got == b"ping"
-        # kubectl, an independent client, through the same proxy
-        kc = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
-        p = subprocess.run([kubectl_binary(), "--kubeconfig", kc, "exec", "p", "--", "sh"], capture_output=True,
-                           text=True, timeout=60)
-        assert p.returncode != 0 and "no shell" in p.stderr, p.stderr
-    finally:
-        kubelet.close()
-
-
-def test_scheduler_binds_pods_that_tolerate_the_wasm_taints(fake_api):
-    fake_api.scheduler = fake_api.node_lifecycle = True
-    node = json.loads(json.dumps(NODE))
-    node["metadata"]["labels"]["kubernetes.io/arch"] = "wasm32-wasi"
-    node["spec"] = {"taints": [{"key": "kubernetes.io/arch", "value": "wasm32-wasi", "effect": "NoExecute"},
-                               {"key": "kubernetes.io/arch", "value": "wasm32-wasi", "effect": "NoSchedule"}]}
-    plain = fake_api.create_pod({"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "c", "image": "x"}]}})
-    assert plain["spec"].get("nodeName") is None
-    assert fake_api.client("n1").post("/api/v1/nodes", json=node).status_code == 201
-    assert not any(t["key"] == "node.kubernetes.io/not-ready" for t in fake_api.get("nodes", "n1")["spec"]["taints"])
-    wasm = {"metadata": {"name": "wasm"}, "spec": {
-        "containers": [{"name": "c", "image": "x"}], "nodeSelector": {"kubernetes.io/arch": "wasm32-wasi"},
-        "tolerations": [{"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wasi",
-                         "effect": "NoExecute"},
-                        {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wasi",
-                         "effect": "NoSchedule"}]}}
-    fake_api.create_pod(wasm)
-    assert fake_api.get("pods", "default", "wasm")["spec"]["nodeName"] == "n1"
-    pending = fake_api.get("pods", "default", "plain")
-    assert pending["spec"].get("nodeName") is None
-    cond = pending["status"]["conditions"][0]
-    assert cond["reason"] == "Unschedulable" and "untolerated taint {kubernetes.io/arch: wasm32-wasi}" in cond["message"]
 
 
 def test_dry_run_answers_without_writing(fake_api):
