@@ -22,7 +22,7 @@ __all__ = [
     "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config", "ApiClient", "api_client_for", "NodeAgent", "ApiPodSource",
     "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
     "container_workdir", "parse_quantity", "guest_file_on_host", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
-    "KubeletServer", "Metrics", "LogOptions", "rotate_container_log", "ContainerLogWriter",
+    "KubeletServer", "Metrics", "LogOptions",
     "bootstrap_client_certificate",
     "PodManager", "PodWorker", "StatusWriter", "StaticPodSource", "compute_pod_status", "pod_phase", "qos_class", "static_pods_from_manifest",
     "ImageRef", "ModuleRef", "ModuleStore", "ImageManager", "RegistryClient", "RegistryCredential", "parse_image_ref", "default_pull_policy", "docker_config_credentials", "push_module", "cmd_push",
@@ -2254,7 +2254,6 @@ MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_WASM_CONFIG = "application/vnd.wasm.config.v0+json"
 MT_WASM_LAYER = "application/wasm"
-MT_WASM_TO_OCI_CONFIG = "application/vnd.wasm.config.v1+json"
 MT_WASM_TO_OCI_LAYER = "application/vnd.wasm.content.layer.v1+wasm"
 _TAR_LAYERS = {
     "application/vnd.oci.image.layer.v1.tar": "r:",
@@ -3866,7 +3865,6 @@ def container_argv(container, env):
 # --- Status: pod status computation, coalesced patches, events ---
 
 _TERMINAL_PHASES = ("Succeeded", "Failed")
-_CONDITION_ORDER = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", "PodScheduled")
 
 
 def _k8s_time(ts=None):
@@ -5295,43 +5293,6 @@ class _LineJoiner:
         return sorted(lines, key=lambda line: line.time_ns)
 
 
-def rotate_container_log(path, max_size, max_files):
-    """Rotate a container log once it reaches `max_size` bytes, keeping at most `max_files` files.
-
-    Mirrors the kubelet's --container-log-max-size/--container-log-max-files: the live file counts
-    as one of the `max_files`. Returns the rotated file's path, or None when nothing was rotated.
-    The writer must reopen `path` afterwards (an O_APPEND writer keeps writing the rotated file).
-    """
-    try:
-        if os.path.getsize(path) < max_size:
-            return None
-    except FileNotFoundError:
-        return None
-    target = _rotate_log(path, max_files)   # the naming the WASI hosts use when they rotate
-    with open(path, "ab"):
-        pass
-    return target
-
-
-class ContainerLogWriter:
-    """A CRI log sink as a callable (one record per call) for a stdout/stderr callable: appends to
-    `path`, rotated at `max_size` keeping `max_files` exactly as the WASI hosts rotate a log path
-    (the kubelet passes the path and limits to the host itself; this is for other callers)."""
-
-    def __init__(self, path, max_size, max_files):
-        self.path, self.max_size, self.max_files = path, max_size, max_files
-        self._file = _LogFile(path, max_size, max_files)
-
-    def __call__(self, record):
-        if self._file is not None:
-            self._file.write([record])
-
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 @dataclass(frozen=True)
 class LogOptions:
     """The query of GET /containerLogs (PodLogOptions as the kubelet reads them)."""
@@ -6417,19 +6378,6 @@ class KubeletServer:
 
 
 # --- Kubelet: wires the above; start()/stop(); embeddable ---
-
-class _LoggingPodHandler:
-    """The pod handler of a kubelet that runs no pods: it only logs what the sources report."""
-
-    def pod_added(self, pod):
-        log.info("pod added: %s", _pod_key(pod))
-
-    def pod_updated(self, pod):
-        log.debug("pod updated: %s", _pod_key(pod))
-
-    def pod_deleted(self, pod):
-        log.info("pod deleted: %s", _pod_key(pod))
-
 
 class Kubelet:
     """One node: registers it, keeps its Lease and status fresh, and feeds its pods to a handler.

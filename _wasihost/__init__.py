@@ -26,7 +26,6 @@ import logging
 import operator
 import os
 import platform
-import struct
 import threading
 
 __all__ = ["Host", "Module", "Run", "Result", "WasiHostError", "LoadError", "RunError",
@@ -219,7 +218,6 @@ class Module:
         self.from_cache = from_cache
         self._ptr = ptr
         self._templates = {}  # (argv, env, preopens) -> (wh_run_config template, buffers it points to)
-        self._prepared = {}  # run()'s arguments -> (wh_run_config, buffers it points to, paths)
 
     def __repr__(self):
         return f"<_wasihost.Module {self.digest}>"
@@ -237,81 +235,12 @@ class Module:
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
             memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
-        if preopens or stdin is not None:
-            return self._run_slow(argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline,
-                                  stdin, log_max_size, log_max_files)
-        # The hot path (what a pod restart does): no Run object, no thread, no Python file I/O, and
-        # the whole wh_run_config prepared once per set of arguments (C only reads it).
-        if log_max_size is not None:
-            _rotation(log_max_size, log_max_files)  # a cached 1 must not let True or 1.0 through
-        key = (tuple(argv), env, stdout, stderr, log_format, memory_limit, deadline, log_max_size, log_max_files)
-        try:
-            prepared = self._prepared[key]
-        except (KeyError, TypeError):  # TypeError: env given as a dict or a list of lists
-            prepared = self._prepare(key)
-            if prepared is None:  # outputs that are not paths: Python opens them
-                return self._run_slow(argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                                      deadline, stdin, log_max_size, log_max_files)
-        # A run() cannot be killed, so it borrows a handle and a result from a free list: list.pop()
-        # gives each thread (or a signal handler's nested run) its own, without a lock.
-        try:
-            state = _spare.pop()
-        except IndexError:
-            state = _new_state()
-        rc = lib.wh_run_exec(self._ptr, prepared[0], state[0], state[1])
-        status, code, instantiate_failed, duration, cpu, peak = _unpack_result(state[2])
-        if rc == 0 and status == _EXITED and (memory_limit is None or code == 0):
-            _spare.append(state)
-            return _new_result(Result, (code, None, duration, False, False, False, cpu, peak))
-        try:
-            if rc != 0:
-                raise RunError(_err_text(state[1].message))
-            return _to_result(state[1], memory_limit)
-        finally:
-            _spare.append(state)
-
-    def _run_slow(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  log_max_size, log_max_files):
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
                   paths_in_c=True, rotation=_rotation(log_max_size, log_max_files))
         run._execute()
         if run._error is not None:
             raise run._error
         return run._result
-
-    def _prepare(self, key):
-        """The (wh_run_config, buffers it points to) for run()'s arguments in `key`, cached; None
-        when an output is not a path."""
-        argv, env, stdout, stderr, log_format, memory_limit, deadline, log_max_size, log_max_files = key
-        if not (_is_path(stdout) and _is_path(stderr)):
-            return None
-        pairs = tuple(env.items()) if isinstance(env, dict) else tuple(map(tuple, env or ()))
-        original, key = key, (argv, pairs) + key[2:]
-        prepared = self._prepared.get(key) or self._prepare_new(argv, pairs, *key[2:])
-        if len(self._prepared) >= self._TEMPLATES_MAX:
-            self._prepared.clear()
-        self._prepared[key] = prepared
-        try:  # env=None, a dict, a tuple of pairs...: found at once next time when hashable
-            self._prepared[original] = prepared
-        except TypeError:
-            pass
-        return prepared
-
-    def _prepare_new(self, argv, pairs, stdout, stderr, log_format, memory_limit, deadline, log_max_size,
-                     log_max_files):
-        c, keep = self._config(argv, pairs, ())
-        if log_format != "cri":
-            if log_format != "plain":
-                raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
-            c.log_format = lib.WH_LOG_PLAIN
-        if memory_limit is not None:
-            c.memory_limit = int(memory_limit)
-        if deadline is not None:
-            c.deadline = max(float(deadline), 1e-9)
-        c.log_max_size, c.log_max_files = _rotation(log_max_size, log_max_files)
-        paths = [ffi.new("char[]", os.fsencode(t)) if t is not None else ffi.NULL for t in (stdout, stderr)]
-        c.stdout_path, c.stderr_path = paths
-        return c, keep, paths
 
     def _config(self, argv, env, preopens):
         """A fresh wh_run_config with argv/env/preopens filled in (their C arrays are cached)."""
@@ -452,27 +381,6 @@ def _deliver(callback, pieces):
             callback(piece)
         except Exception:  # a broken log consumer must not stall the module
             log.exception("stdout/stderr callback failed")
-
-
-# wh_result's leading fields (status, exit_code, instantiate_failed, duration, cpu_seconds,
-# peak_memory) in one unpack instead of six cdata attribute reads.
-_RESULT_FIELDS = (("status", "i"), ("exit_code", "i"), ("instantiate_failed", "i"), ("duration", "d"),
-                  ("cpu_seconds", "d"), ("peak_memory", "Q"))
-_FORMAT = "".join(code for _, code in _RESULT_FIELDS)
-# (native "@" alignment is the C compiler's; a field's offset is the size up to it, less its own)
-if [ffi.offsetof("wh_result", name) for name, _ in _RESULT_FIELDS] != \
-        [struct.calcsize("@" + _FORMAT[:i + 1]) - struct.calcsize(code) for i, code in enumerate(_FORMAT)]:
-    raise ImportError("_wasihost: wh_result's layout does not match its struct format")
-_unpack_result = struct.Struct("@" + _FORMAT).unpack_from
-
-
-_spare = []  # (wh_run handle, wh_result, buffer over it) not in use by a run()
-
-
-def _new_state():
-    """A (wh_run handle, wh_result, buffer over the result) for run(); at most one per concurrent run()."""
-    res = ffi.new("wh_result *")
-    return ffi.gc(lib.wh_run_new(), lib.wh_run_free), res, ffi.buffer(res)
 
 
 def _to_result(res, limit):

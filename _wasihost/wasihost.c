@@ -523,7 +523,7 @@ static void flush_all(wh_run *r) {
   sink_flush(&r->sinks[1]);
 }
 
-/* Log rotation, named as minikrust's server reads it (rotate_container_log): "<path>.<stamp>", the
+/* Log rotation, named as minikrust's server reads it (_rotate_log): "<path>.<stamp>", the
  * stamp the UTC time "%Y%m%d-%H%M%S.%06d" (microseconds), so names sort by age and two rotations
  * within one microsecond still get increasing names. The live file counts as one of max_files. */
 #define STAMP_LEN 22

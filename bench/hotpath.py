@@ -4,16 +4,15 @@
     python bench/hotpath.py --quick   # a short run, to check that it works
 
 Contenders, interleaved in batches so machine noise hits them alike, stdout to a CRI log file:
-  (a) the native host (`_wasihost`) through its Python face
+  (a) the native host (`_wasihost`) through its Python face, as the kubelet calls it: start() + wait()
   (b) the wasmtime Python package doing the same work as well as it can (engine, linker and
       InstancePre reused; per run a store, a WASI config and stdout to a log): CRI through a
       custom output, and raw stdout_file; the faster of the two is (b)
   (c) bench/floor.c: a C program driving the native host's own C functions in a loop
 Also: compile vs cache-load of a >= 1 MB module, a 10,000-line log through (a) and (b), the
-kubelet's way of running that module (start() + wait(), the container log rotated) with the log
-path and limits given to the host against the former Python callable sink (ContainerLogWriter,
-fed through a pipe and a reader thread), and RSS after 10,000 runs. The last line is
-machine-readable.
+kubelet's way of running that module (start() + wait(), the container log path and rotation
+limits given to the host) on the native host against minikrust's wasmtime-py fallback host, and
+RSS after 10,000 runs. The last line is machine-readable.
 """
 import argparse
 import os
@@ -171,11 +170,11 @@ def profile(runs=5000):
         module = _wasihost.Host(os.path.join(tmp, "cache")).load(wasm_modules._write_module(wasm_modules.HELLO_BODY))
         log = os.path.join(tmp, "bench.log")
         for _ in range(200):
-            module.run(["hello"], stdout=log, stderr=log)
+            module.start(["hello"], stdout=log, stderr=log).wait()
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(runs):
-            module.run(["hello"], stdout=log, stderr=log)
+            module.start(["hello"], stdout=log, stderr=log).wait()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     finally:
@@ -184,40 +183,23 @@ def profile(runs=5000):
 
 
 def kubelet_log_path(native, tool_wasm, tmp, n):
-    """The 10,000-line module as the pod worker runs it, per host: the log path and rotation limits
-    given to the host vs a ContainerLogWriter callable; interleaved. The speedup of native at 64 KiB."""
+    """The 10,000-line module as the pod worker runs it (start() + wait(), the log path and rotation
+    limits given to the host), native vs minikrust's fallback host, interleaved. Native's speedup at 64 KiB."""
     import minikrust
-    hosts = [("native", native), ("wasmtime-py", minikrust.FallbackHost(os.path.join(tmp, "cache-py")))]
-    argv = ["tool", "lines", "10000"]
-    speedup = float("nan")
-    for name, host in hosts:
-        module = host.load(tool_wasm)
-        times = {}
-        for size in (10 * 1024 * 1024, 64 * 1024):
-            path = os.path.join(tmp, "logs", name, f"{size}", "0.log")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-
-            def by_path(path=path, size=size):
-                module.start(argv, stdout=path, stderr=path, log_max_size=size, log_max_files=5).wait()
-
-            def by_callable(path=path, size=size):
-                writer = minikrust.ContainerLogWriter(path, size, 5)
-                module.start(argv, stdout=writer, stderr=writer).wait()
-                writer.close()
-
-            for label, fn in (("path, host rotates", by_path), ("callable ContainerLogWriter", by_callable)):
-                times.setdefault((size, label), [])
-            for _ in range(n):
-                for label, fn in (("path, host rotates", by_path), ("callable ContainerLogWriter", by_callable)):
-                    times[(size, label)] += timed(fn, 1)
-            shutil.rmtree(os.path.dirname(path))
-        for (size, label), ns in times.items():
-            print(f"kubelet path, {name}, 10,000 lines, max size {size // 1024} KiB: {label} "
-                  f"{statistics.median(ns) / 1e6:.2f} ms")
-        if name == "native":
-            speedup = (statistics.median(times[(64 * 1024, "callable ContainerLogWriter")])
-                       / statistics.median(times[(64 * 1024, "path, host rotates")]))
-    return speedup
+    hosts = {"native": native, "wasmtime-py": minikrust.FallbackHost(os.path.join(tmp, "cache-py"))}
+    modules = {name: host.load(tool_wasm) for name, host in hosts.items()}
+    times = {}
+    for size in (10 * 1024 * 1024, 64 * 1024):
+        for _ in range(n):
+            for name, module in modules.items():
+                path = os.path.join(tmp, "logs", name, f"{size}", "0.log")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                times.setdefault((size, name), []).extend(timed(lambda: module.start(
+                    ["tool", "lines", "10000"], stdout=path, stderr=path, log_max_size=size, log_max_files=5).wait(), 1))
+                shutil.rmtree(os.path.dirname(path))
+    for (size, name), ns in times.items():
+        print(f"kubelet path, 10,000 lines, max size {size // 1024} KiB: {name} {statistics.median(ns) / 1e6:.2f} ms")
+    return statistics.median(times[(64 * 1024, "wasmtime-py")]) / statistics.median(times[(64 * 1024, "native")])
 
 
 def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
@@ -245,7 +227,7 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
         module = host.load(wasm)
         py = WasmtimePy(wasm)
         contenders = {
-            "(a) native host, Python face": lambda: module.run(["hello"], stdout=log, stderr=log),
+            "(a) native host, Python face": lambda: module.start(["hello"], stdout=log, stderr=log).wait(),
             "(b) wasmtime-py, CRI custom output": lambda: py.run_cri(["hello"], log),
             "(b) wasmtime-py, raw stdout_file": lambda: py.run_file(["hello"], log),
         }
@@ -295,7 +277,7 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
         tool_py = WasmtimePy(tool_wasm)
         ta, tb = [], []
         for _ in range(log_runs):
-            ta += timed(lambda: tool_module.run(["tool", "lines", "10000"], stdout=log, stderr=log), 1)
+            ta += timed(lambda: tool_module.start(["tool", "lines", "10000"], stdout=log, stderr=log).wait(), 1)
             os.truncate(log, 0)
             tb += timed(lambda: tool_py.run_cri(["tool", "lines", "10000"], log), 1)
             os.truncate(log, 0)
@@ -309,11 +291,11 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
     trap = host.load(mods.trap)
     before = rss_kb()
     for _ in range(rss_runs):
-        hello.run(["hello"], stdout=log)
+        hello.start(["hello"], stdout=log).wait()
     os.truncate(log, 0)
     after_ok = rss_kb()
     for _ in range(rss_runs):
-        trap.run(["trap"], stdout=log)
+        trap.start(["trap"], stdout=log).wait()
     os.truncate(log, 0)
     after_trap = rss_kb()
     print(f"RSS: {before / 1024:.1f} MB before, {after_ok / 1024:.1f} MB after {rss_runs} runs, "
