@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import http.server
 import importlib.metadata
+import importlib.util
 import io
 import ipaddress
 import json
@@ -1546,15 +1547,54 @@ _HOSTS_LOCK = threading.Lock()
 
 
 def _native_host(cache_dir):
-    """The compiled `_wasihost.Host`; ImportError when the extension is missing or its ABI check failed."""
-    import _wasihost
+    """The compiled `_wasihost.Host`; ImportError when the extension is missing or its ABI check failed.
+
+    A source checkout first on sys.path (`python minikrust.py` puts the script's folder there) whose
+    `_wasihost/` has no built extension would hide an installed wheel's: then the installed one is
+    imported instead, and the log says so."""
+    try:
+        import _wasihost
+    except ImportError as exc:
+        shadowed = _wasihost_dir_of(exc)
+        installed = _installed_wasihost(shadowed)
+        if installed is None:
+            raise
+        log.warning("the _wasihost at %s is not built (%s); using the installed one at %s", shadowed, exc, installed)
+        spec = importlib.util.spec_from_file_location("_wasihost", os.path.join(installed, "__init__.py"),
+                                                      submodule_search_locations=[installed])
+        _wasihost = sys.modules["_wasihost"] = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(_wasihost)
+        except BaseException:
+            del sys.modules["_wasihost"]
+            raise
     return _wasihost.Host(cache_dir=cache_dir)
+
+
+def _wasihost_dir_of(exc):
+    """The folder of the `_wasihost` package an ImportError came from (None: not found at all)."""
+    spec = importlib.util.find_spec("_wasihost") if exc.name != "_wasihost" else None
+    return os.path.dirname(spec.origin) if spec and spec.origin else None
+
+
+def _installed_wasihost(shadowed):
+    """Another `_wasihost` package folder on sys.path with a built `_native` extension, or None."""
+    for entry in sys.path:
+        folder = os.path.join(os.path.abspath(entry or "."), "_wasihost")
+        if shadowed and os.path.realpath(folder) == os.path.realpath(shadowed):
+            continue
+        with contextlib.suppress(OSError):
+            if any(name.startswith("_native.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+                   for name in os.listdir(folder)):
+                return folder
+    return None
 
 
 def load_host(cache_dir, backend=None):
     """The process's WASI host for `cache_dir`: native when it imports, else the wasmtime-py fallback.
 
-    `backend` (or MINIKRUST_WASM_BACKEND) is "native", "wasmtime-py" or "auto" (the default)."""
+    `backend` (or MINIKRUST_WASM_BACKEND) is "native", "wasmtime-py" or "auto" (the default). The
+    first host of a process logs which backend runs and why."""
     choice = backend or os.environ.get("MINIKRUST_WASM_BACKEND") or "auto"
     if choice not in ("auto", "native", "wasmtime-py"):
         raise ConfigError(f"MINIKRUST_WASM_BACKEND={choice!r}: want native, wasmtime-py or auto")
@@ -1563,16 +1603,19 @@ def load_host(cache_dir, backend=None):
         host = _HOSTS.get(key)
         if host is not None:
             return host
+        why = "MINIKRUST_WASM_BACKEND=wasmtime-py" if choice == "wasmtime-py" else None
         if choice != "wasmtime-py":
             try:
                 host = _native_host(key[0])
+                why = f"_wasihost from {os.path.dirname(sys.modules['_wasihost'].__file__)}"
             except Exception as exc:  # not built, ABI mismatch (ImportError), or no engine
                 if choice == "native":
                     raise ModuleError(f"native WASI host unavailable: {exc}") from exc
-                level = logging.DEBUG if isinstance(exc, ImportError) else logging.WARNING
-                log.log(level, "native WASI host unavailable (%s); using the wasmtime package", exc)
+                why = f"native WASI host unavailable: {exc}"
         if host is None:
             host = FallbackHost(key[0])
+        level = logging.INFO if not _HOSTS else logging.DEBUG
+        log.log(level, "WASI host: %s, wasmtime %s (%s)", host.backend, host.wasmtime_version, why)
         _HOSTS[key] = host
         return host
 

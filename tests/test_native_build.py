@@ -117,6 +117,29 @@ def test_extension_loads_without_ld_library_path_or_rpath(wasm, tmp_path):
     assert out.stdout.split() == ["native", "0", "b'hello\\n'"]
 
 
+def test_unbuilt_checkout_does_not_hide_the_installed_extension(tmp_path):
+    # `python minikrust.py` from a checkout whose _wasihost/ has no .so, with a built one (this
+    # test's, standing for a wheel's) later on sys.path: the built one runs, and the log says why.
+    import _wasihost
+    checkout = tmp_path / "checkout"
+    (checkout / "_wasihost").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "minikrust.py"), checkout)
+    for name in ("__init__.py", "_build.py"):
+        shutil.copy(os.path.join(os.path.dirname(_wasihost.__file__), name), checkout / "_wasihost")
+    installed = os.path.dirname(os.path.dirname(_wasihost.__file__))
+    out = python(f"""
+        import logging, sys
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        sys.path[:0] = [{str(checkout)!r}]
+        import minikrust
+        print(minikrust.load_host({str(tmp_path / "cache")!r}).backend, sys.modules["_wasihost"].__file__)
+    """, env=dict(os.environ, PYTHONPATH=installed), cwd=str(checkout))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["native", _wasihost.__file__], out.stderr
+    assert f"the _wasihost at {checkout / '_wasihost'} is not built" in out.stderr
+    assert "WASI host: native" in out.stderr
+
+
 @needs_checkout
 def test_wheel_builds_and_runs_a_module_in_a_fresh_venv(wasm, tmp_path):
     dist = tmp_path / "dist"
