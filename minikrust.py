@@ -5015,6 +5015,8 @@ class PodManager:
 
     def _admit(self, pod, restored=False):
         uid = pod["metadata"]["uid"]
+        if self.config.once and _is_static(pod):   # --once runs it anew: what is kept is for restarts
+            shutil.rmtree(os.path.join(self.config.root_dir, "pods", uid), ignore_errors=True)
         saved = self._load_status(uid) or pod.get("status")
         rejected = None
         with self._lock:

@@ -62,13 +62,16 @@ def _run_once(folder, root, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_once_runs_the_examples_and_exits_zero(tmp_path):
-    proc = _run_once(os.path.join(ROOT, "examples"), tmp_path / "root")
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout.splitlines()
-    assert "hello-demo: Succeeded" in out and "greeter-demo: Succeeded" in out
-    assert any(line.startswith("hello-demo/hello ") and "minikrust" in line for line in out)
-    assert "greeter-demo/greet Hello, Ada!" in out
+def test_once_runs_the_examples_each_time_and_exits_zero(tmp_path):
+    """The README's demo twice in a row with one root dir: --once runs every manifest anew each time,
+    as the kubelet's --runonce did; what the first run kept on disk changes nothing."""
+    for run in (1, 2):
+        proc = _run_once(os.path.join(ROOT, "examples"), tmp_path / "root")
+        assert proc.returncode == 0, (run, proc.stderr)
+        out = proc.stdout.splitlines()
+        assert "hello-demo: Succeeded" in out and "greeter-demo: Succeeded" in out, (run, out)
+        assert len([line for line in out if line.startswith("hello-demo/hello ") and "minikrust" in line]) == 1, out
+        assert out.count("greeter-demo/greet Hello, Ada!") == 1, (run, out)
 
 
 def test_once_exits_one_when_a_pod_fails(tmp_path, wasm):
