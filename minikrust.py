@@ -162,6 +162,7 @@ class Config:
     tls_private_key_file: str = None
     client_ca_file: str = None
     anonymous_auth: bool = False
+    rotate_server_certificates: bool = False
     bootstrap_kubeconfig: str = None
     container_log_max_size: int = 10 * 1024 * 1024
     container_log_max_files: int = 5
@@ -236,6 +237,7 @@ _FLAGS = [
     ("--tls-private-key-file", str, "private key of the kubelet server"),
     ("--client-ca-file", str, "CA that signs client certificates accepted by the kubelet server"),
     ("--anonymous-auth", _parse_bool, "allow anonymous requests to the kubelet server"),
+    ("--rotate-server-certificates", _parse_bool, "also request a kubelet-serving certificate by CSR and serve it once approved"),
     ("--bootstrap-kubeconfig", str, "kubeconfig used to obtain a node identity"),
     ("--container-log-max-size", _parse_size, "size at which a container log is rotated"),
     ("--container-log-max-files", int, "container log files kept per container"),
@@ -5776,12 +5778,16 @@ def _openssl(*args, stdin=None):
     return done.stdout
 
 
-def new_key_and_csr(common_name, organization, dns_names=(), ip_addresses=()):
-    """A new ECDSA P-256 private key and a CSR for it, both PEM bytes."""
+def new_key_and_csr(common_name, organization, dns_names=(), ip_addresses=(), self_signed_days=None):
+    """A new ECDSA P-256 private key and a CSR for it (a self-signed certificate valid for
+    `self_signed_days` when given), both PEM bytes."""
     with tempfile.TemporaryDirectory(prefix="minikrust-csr-") as scratch:
         key_path = os.path.join(scratch, "key.pem")
+        subject = (f"/O={organization}" if organization else "") + f"/CN={common_name}"
         args = ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", key_path, "-subj", f"/O={organization}/CN={common_name}"]
+                "-keyout", key_path, "-subj", subject]
+        if self_signed_days:
+            args += ["-x509", "-days", str(self_signed_days)]
         names = [f"DNS:{name}" for name in dns_names] + [f"IP:{ip}" for ip in ip_addresses]
         if names:
             args += ["-addext", "subjectAltName=" + ",".join(names)]
@@ -5854,16 +5860,14 @@ def store_certificate(pki_dir, prefix, cert_pem, key_pem):
     return current
 
 
-def _current_certificate(pki_dir, prefix):
-    """(path, notBefore, notAfter) of `<prefix>-current.pem` if it holds a certificate still valid now."""
-    path = os.path.join(pki_dir, f"{prefix}-current.pem")
+def _valid_certificate(path):
+    """(notBefore, notAfter) of the certificate in a PEM file if it is valid now, else None."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
-        begin, end = certificate_validity(data)
+            begin, end = certificate_validity(handle.read())
     except (OSError, MinikrustError, KeyError, ValueError):
         return None
-    return (path, begin, end) if begin <= time.time() < end else None
+    return (begin, end) if begin <= time.time() < end else None
 
 
 def _rotation_time(begin, end):
@@ -5959,18 +5963,24 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
 
 
 class _ServingTLS:
-    """The server's TLS context: from --tls-cert-file/--tls-private-key-file, or bootstrapped.
+    """The server's TLS context: from --tls-cert-file/--tls-private-key-file, else made here.
 
-    Without the files, a CSR to the kubernetes.io/kubelet-serving signer (CN=system:node:<node>,
-    O=system:nodes, node names and IPs as SANs) gets the certificate, kept under <root_dir>/pki as
-    kubelet-server-current.pem and renewed at 70-90% of its lifetime. Until one is issued, TLS
-    handshakes are refused (the kubelet's server does the same while its CSR waits for approval).
+    As the kubelet does without serverTLSBootstrap, it serves at once with a self-signed certificate
+    for the node's names and addresses, kept in <root_dir>/pki/kubelet-self-signed.pem and made anew
+    at 70-90% of its life. With --rotate-server-certificates it also asks the kubernetes.io/kubelet-
+    serving signer for one by CSR (CN=system:node:<node>, O=system:nodes), in the background; while
+    that waits for approval the self-signed one is served, once issued (kept as
+    kubelet-server-current.pem, renewed the same way) new connections get it, without a restart.
     """
+
+    SELF_SIGNED_DAYS = 365      # the kubelet's self-signed serving certificate lasts a year
 
     def __init__(self, kubelet, stop, csr_timeout=900.0):
         self.kubelet, self.config, self.stop = kubelet, kubelet.config, stop
         self.csr_timeout = csr_timeout
         self.pki_dir = os.path.join(self.config.root_dir, "pki")
+        self.issued = os.path.join(self.pki_dir, "kubelet-server-current.pem")
+        self.self_signed = os.path.join(self.pki_dir, "kubelet-self-signed.pem")
         self._context = None
         self._thread = None
         self._renew_at = {}  # (notBefore, notAfter) -> when to renew: the jitter is drawn once per certificate
@@ -5986,15 +5996,13 @@ class _ServingTLS:
         if self.config.client_ca_file:
             context.verify_mode = ssl.CERT_OPTIONAL  # a client cert is verified when given, else token or anonymous
             context.load_verify_locations(cafile=self.config.client_ca_file)
-        self._context = context
+        self._context = context     # new connections take it; open ones keep theirs
 
     def start(self):
         if self.config.tls_cert_file:
             self._install(self.config.tls_cert_file, self.config.tls_private_key_file)
             return
-        current = _current_certificate(self.pki_dir, "kubelet-server")
-        if current:
-            self._install(current[0])
+        self._refresh()
         self._thread = threading.Thread(target=self._rotate, name="minikrust-serving-cert", daemon=True)
         self._thread.start()
 
@@ -6002,28 +6010,45 @@ class _ServingTLS:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _due(self, validity):
+        return self._renew_at.setdefault(validity, _rotation_time(*validity))
+
+    def _refresh(self):
+        """Install the issued certificate if one is valid, else the self-signed one (made anew when
+        missing or due); returns (issued?, when the installed one is due for renewal)."""
+        validity = self.config.rotate_server_certificates and _valid_certificate(self.issued)
+        if validity:
+            self._install(self.issued)
+            return True, self._due(validity)
+        validity = _valid_certificate(self.self_signed)
+        if not validity or time.time() >= self._due(validity):
+            dns, ips = _node_addresses(self.kubelet)
+            key, cert = new_key_and_csr(f"{dns[0]}@{int(time.time())}", None, dns, ips, self.SELF_SIGNED_DAYS)
+            _write_private(self.self_signed, cert + key)
+            validity = certificate_validity(cert)
+            log.info("serving a self-signed certificate for %s (%s)", ", ".join(dns + ips), self.self_signed)
+        self._install(self.self_signed)
+        return False, self._due(validity)
+
     def _rotate(self):
         backoff = 1.0
         while not self.stop.is_set():
-            current = _current_certificate(self.pki_dir, "kubelet-server")
-            if current:
-                renew_at = self._renew_at.setdefault(current[1:], _rotation_time(*current[1:]))
-                if time.time() < renew_at:
-                    if self.stop.wait(min(renew_at - time.time(), 3600.0)):
-                        return
-                    continue
             try:
+                issued, due = self._refresh()
+                if not self.config.rotate_server_certificates or (issued and time.time() < due):
+                    self.stop.wait(min(max(due - time.time(), 1.0), 3600.0))
+                    continue
                 dns, ips = _node_addresses(self.kubelet)
                 key, csr = new_key_and_csr(f"system:node:{self.config.node_name}", "system:nodes", dns, ips)
                 cert = request_certificate(self.kubelet.api, csr, SERVING_SIGNER,
                                            ["digital signature", "server auth"], self.csr_timeout, self.stop)
                 self._install(store_certificate(self.pki_dir, "kubelet-server", cert, key))
-                log.info("serving certificate issued for %s", ", ".join(dns + ips))
+                log.info("serving the certificate issued for %s", ", ".join(dns + ips))
                 backoff = 1.0
             except (MinikrustError, ssl.SSLError, OSError, requests.RequestException) as exc:
                 if self.stop.is_set():
                     return
-                log.warning("serving certificate request failed (retrying in %.0fs): %s", backoff, exc)
+                log.warning("serving certificate: %s (retrying in %.0fs)", exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
 
@@ -6332,12 +6357,9 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     def finish_request(self, request, client_address):
         if self.kube.tls is None:
             return super().finish_request(request, client_address)
-        context = self.kube.tls.context()
-        if context is None:
-            return None  # no serving certificate yet
         request.settimeout(10)
         try:
-            connection = context.wrap_socket(request, server_side=True)
+            connection = self.kube.tls.context().wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.debug("server: TLS handshake with %s failed: %s", client_address[0], exc)
             return None
@@ -6380,9 +6402,20 @@ class KubeletServer:
         self.tls = None if self.standalone else _ServingTLS(self.kubelet, self.stopping, self.csr_timeout)
         self.auth = _Authorizer(api, self.config.node_name, getattr(self.config, "anonymous_auth", False))
         host = "127.0.0.1" if self.standalone else (getattr(self.config, "address", None) or "0.0.0.0")
-        self._httpd = _HTTPServer((host, self.config.port), self)
+        try:
+            self._httpd = _HTTPServer((host, self.config.port), self)
+        except OSError as exc:      # fatal, as in the kubelet: a node whose API is unreachable fails later, silently
+            raise MinikrustError(f"cannot serve the kubelet API on {host}:{self.config.port}: "
+                                 f"{exc.strerror or exc} (choose another --port, or --serve=false)") from exc
         if self.tls is not None:
-            self.tls.start()
+            try:
+                self.tls.start()
+            except BaseException:
+                self._httpd.server_close()
+                raise
+            if not (self.config.client_ca_file or self.config.anonymous_auth):
+                log.warning("the kubelet API will refuse the API server's client certificate (kubectl logs "
+                            "gets 401): set --client-ca-file to the cluster's CA (kubeadm: /etc/kubernetes/pki/ca.crt)")
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="minikrust-server", daemon=True)
         self._thread.start()
@@ -6477,9 +6510,9 @@ class Kubelet:
             if self.server is not None:
                 try:
                     self.server.start()
-                except OSError as exc:  # pods keep running; only logs, metrics and stats are unreachable
-                    log.error("cannot serve the kubelet API on port %s: %s", self.config.port, exc)
-                    self.server = None
+                except BaseException:
+                    self._started = False
+                    raise
             if self.node is not None:
                 if self.server is not None:
                     self.node.port = self.server.port
@@ -6596,7 +6629,8 @@ def _logging_to_stderr(config):
 
 
 def main(argv=None):
-    """Run a kubelet until SIGTERM or SIGINT; exit 0 after a clean shutdown, 2 on a bad config.
+    """Run a kubelet until SIGTERM or SIGINT; exit 0 after a clean shutdown, 2 on a bad config,
+    1 when it cannot start (its port is taken, ...).
 
     A first argument naming a subcommand (`push`) runs the function `cmd_<name>(argv)`."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -6613,6 +6647,9 @@ def main(argv=None):
     except ConfigError as exc:
         print(f"minikrust: error: {exc}", file=sys.stderr)
         return 2
+    except MinikrustError as exc:   # a kubelet that cannot start (its port is taken, ...)
+        print(f"minikrust: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(config):

@@ -630,6 +630,33 @@ def test_anonymous_requests_are_authorized_when_anonymous_auth_is_set(make_serve
     assert api.reviews[0]["groups"] == ["system:unauthenticated"]
 
 
+def test_a_port_that_cannot_be_bound_stops_the_start_with_a_clear_error(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        kubelet = minikrust.Kubelet(minikrust.Config(root_dir=str(tmp_path), port=port))
+        with pytest.raises(minikrust.MinikrustError, match=f"cannot serve the kubelet API on 127.0.0.1:{port}: "
+                                                           "Address already in use"):
+            kubelet.start()
+        kubelet.stop()
+        assert minikrust.main(["--root-dir", str(tmp_path), "--port", str(port)]) == 1
+        assert f"minikrust: error: cannot serve the kubelet API on 127.0.0.1:{port}" in capsys.readouterr().err
+        with minikrust.Kubelet(minikrust.Config(root_dir=str(tmp_path), port=port, serve=False)) as unserved:
+            assert unserved.server is None      # the server disabled: the port does not matter
+
+
+@pytest.mark.parametrize("settings, warned", [({}, True), ({"client_ca": True}, False),
+                                              ({"anonymous_auth": True}, False)])
+def test_one_warning_at_start_when_the_api_server_would_be_refused(make_server, api, caplog, settings, warned):
+    caplog.set_level("WARNING", logger="minikrust")
+    make_server(api=api, client_ca=settings.pop("client_ca", False), **settings)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert "--client-ca-file" in lines[0] and "401" in lines[0]
+
+
 def test_standalone_serves_plain_http_on_loopback_only(make_server):
     kubelet, server = make_server(api=None, client_ca=False, address="0.0.0.0")
     assert server.scheme == "http"
@@ -639,8 +666,78 @@ def test_standalone_serves_plain_http_on_loopback_only(make_server):
 
 # --- TLS bootstrap -----------------------------------------------------------------------------
 
-def test_serving_certificate_is_bootstrapped_with_a_csr_and_reused(make_server, api, pki, tmp_path):
+def served_certificate(server):
+    """The certificate the server presents to a new connection (not verified)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with context.wrap_socket(raw) as conn:
+            return x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+
+
+def test_without_tls_files_the_server_serves_at_once_a_self_signed_certificate_kept_for_restarts(make_server, api, pki):
+    """The kubelet's default (serverTLSBootstrap off): a self-signed certificate for the node's names
+    and addresses, made at start; no CertificateSigningRequest is sent."""
     kubelet, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+    stored = os.path.join(kubelet.config.root_dir, "pki", "kubelet-self-signed.pem")
+    assert os.stat(stored).st_mode & 0o077 == 0
+    assert requests.get(url(server, "/healthz"), verify=stored, timeout=5).ok     # at once, no wait
+    cert = served_certificate(server)
+    assert cert.issuer == cert.subject
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert NODE in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert 364 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 366
+    assert requests.get(url(server, "/pods"), verify=stored, timeout=5).status_code == 401  # anonymous: refused
+    assert requests.get(url(server, "/pods"), verify=stored, cert=pki.alice, timeout=5).ok
+    server.stop()
+    again = minikrust.KubeletServer(kubelet).start()   # a restart serves the same certificate
+    try:
+        assert served_certificate(again) == cert
+        assert api.csrs == {}
+    finally:
+        again.stop()
+
+
+def test_a_self_signed_certificate_is_made_anew_before_it_expires(make_server, api, pki, tmp_path):
+    root = tmp_path / "root0"        # make_server's first root dir: a short-lived certificate is there
+    os.makedirs(root / "pki")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "short-lived")])
+    now = datetime.datetime.now(UTC)
+    short = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(seconds=1))
+             .not_valid_after(now + datetime.timedelta(seconds=4)).sign(key, hashes.SHA256()))
+    (root / "pki" / "kubelet-self-signed.pem").write_bytes(
+        short.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+    assert served_certificate(server) == short
+    renewed = wait_for(lambda: (lambda c: c if c != short else None)(served_certificate(server)),
+                       timeout=20, what="a new self-signed certificate")
+    assert renewed.not_valid_after_utc - now > datetime.timedelta(days=300)
+
+
+def test_rotate_server_certificates_serves_self_signed_while_the_csr_waits_then_swaps_without_restart(
+        make_server, api, pki):
+    kubelet, server = make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
+    self_signed = os.path.join(kubelet.config.root_dir, "pki", "kubelet-self-signed.pem")
+    (name,) = wait_for(api.pending, timeout=20, what="a CertificateSigningRequest")
+    assert requests.get(url(server, "/healthz"), verify=self_signed, timeout=5).ok   # served while pending
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5)
+    session = requests.Session()    # an open connection keeps its certificate; new ones get the issued one
+    assert session.get(url(server, "/healthz"), verify=self_signed, timeout=5).ok
+    api.issue(name, pki.ca)
+    wait_for(lambda: requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5).ok,
+             timeout=20, what="HTTPS with the issued certificate")
+    assert session.get(url(server, "/healthz"), verify=self_signed, timeout=5).ok
+    session.close()
+    assert served_certificate(server).issuer == pki.ca.cert.subject
+
+
+def test_serving_certificate_is_bootstrapped_with_a_csr_and_reused(make_server, api, pki, tmp_path):
+    kubelet, server = make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
     (name,) = wait_for(api.pending, timeout=20, what="a CertificateSigningRequest")
     spec = api.csrs[name]["spec"]
     assert spec["signerName"] == "kubernetes.io/kubelet-serving"
@@ -651,7 +748,7 @@ def test_serving_certificate_is_bootstrapped_with_a_csr_and_reused(make_server, 
     sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert NODE in sans.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    with pytest.raises(requests.exceptions.RequestException):  # no certificate yet: handshakes refused
+    with pytest.raises(requests.exceptions.SSLError):  # not issued yet: the self-signed one is served
         requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5)
     api.issue(name, pki.ca)
     wait_for(lambda: requests.get(url(server, "/healthz"), verify=pki.ca.path, timeout=5).ok,
@@ -668,7 +765,7 @@ def test_serving_certificate_is_bootstrapped_with_a_csr_and_reused(make_server, 
 
 
 def test_serving_certificate_is_renewed_before_it_expires(make_server, api, pki):
-    make_server(api=api, tls=False, node_ip="127.0.0.1")
+    make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
     (first,) = wait_for(api.pending, timeout=20, what="a first CSR")
     api.issue(first, pki.ca, seconds=4)    # renewed at 70-90% of its life
     second = wait_for(api.pending, timeout=20, what="a renewal CSR")
@@ -676,7 +773,7 @@ def test_serving_certificate_is_renewed_before_it_expires(make_server, api, pki)
 
 
 def test_serving_certificate_bootstrap_retries_after_a_denied_csr(make_server, api, pki):
-    _, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+    _, server = make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
     (first,) = wait_for(api.pending, timeout=20, what="a first CSR")
     api.deny(first)
     (second,) = wait_for(api.pending, timeout=20, what="a new CSR after the denial")
@@ -772,7 +869,7 @@ def test_webhook_auth_through_the_fake_api_server(make_server, fake_api, pki, tm
 def test_serving_certificate_bootstrap_against_the_fake_api_server(make_server, fake_api, pki, tmp_path):
     api = _node_api(fake_api, tmp_path)
     try:
-        _, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
+        _, server = make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
         (csr,) = wait_for(fake_api.csrs, timeout=20, what="a CSR in the fake API server")
         assert csr["spec"]["signerName"] == "kubernetes.io/kubelet-serving"
         assert csr["spec"]["username"] == f"system:node:{NODE}"
@@ -953,19 +1050,51 @@ def test_a_real_kubelet_streams_the_log_of_a_running_wasm_pod(fake_api, kubelet_
     assert phase
 
 
+def test_kubectl_logs_at_once_on_a_cluster_that_approves_nothing(fake_api_tls, kubelet_factory, wasm, tmp_path):
+    """A kubelet with only --kubeconfig and --client-ca-file, on a cluster where nobody approves CSRs:
+    it serves its self-signed certificate at once, which kube-apiserver accepts as it does by default
+    (no --kubelet-certificate-authority), so kubectl logs, --tail, --timestamps and -f work."""
+    binary = kubectl_binary()
+    fake = fake_api_tls
+    kubelet = kubelet_factory(fake, node=NODE, serve=True, port=0, client_ca_file=fake.pki.ca_path)
+    fake.kubelet_address = {NODE: ("127.0.0.1", kubelet.server.port)}
+    fake.create_pod({"metadata": {"name": "sleeper"}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "app", "image": f"file:{wasm.tool}", "args": ["sleep", "1500"]}]}}, node_name=NODE, namespace="default")
+    wait_for(lambda: kubelet.container_log_path("default", "sleeper", "app"), timeout=30, what="the container's log")
+    kubeconfig = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
+
+    def kubectl(*args):
+        done = subprocess.run([binary, "--kubeconfig", kubeconfig, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert kubectl("logs", "-f", "sleeper") == "sleeping\nwoke\n"    # ends when the module exits
+    assert kubectl("logs", "sleeper", "--tail=1") == "woke\n"
+    stamps = [line.split(" ", 1) for line in kubectl("logs", "sleeper", "--timestamps").splitlines()]
+    assert [text for _, text in stamps] == ["sleeping", "woke"] and all(minikrust._parse_rfc3339(t) for t, _ in stamps)
+    assert fake.csrs() == []
+    served = os.path.join(kubelet.config.root_dir, "pki", "kubelet-self-signed.pem")
+    anonymous = requests.get(url(kubelet.server, "/containerLogs/default/sleeper/app"), verify=served, timeout=10)
+    assert anonymous.status_code == 401
+
+
 def test_kubectl_logs_end_to_end_with_a_bootstrapped_serving_certificate(fake_api_tls, kubelet_factory, wasm, tmp_path):
     """The whole path a user takes: the kubelet gets its serving certificate by CSR, the API server
     proxies pods/log to it with its kubelet-client certificate, the kubelet authorizes that by SAR."""
     binary = kubectl_binary()
     fake = fake_api_tls
     fake.on_csr_created = lambda csr: threading.Timer(0.1, fake.approve_csr, [csr["metadata"]["name"]]).start()
-    kubelet = kubelet_factory(fake, node=NODE, serve=True, port=0, client_ca_file=fake.pki.ca_path)
+    kubelet = kubelet_factory(fake, node=NODE, serve=True, port=0, client_ca_file=fake.pki.ca_path,
+                              rotate_server_certificates=True)
     fake.kubelet_address = {NODE: ("127.0.0.1", kubelet.server.port)}
     fake.kubelet_ca_path = fake.pki.ca_path      # the API server verifies the bootstrapped certificate
     fake.create_pod({"metadata": {"name": "sleeper"}, "spec": {"restartPolicy": "Never", "containers": [
         {"name": "app", "image": f"file:{wasm.tool}", "args": ["sleep", "1500"]}]}}, node_name=NODE, namespace="default")
     wait_for(lambda: kubelet.container_log_path("default", "sleeper", "app"), timeout=30, what="the container's log")
-    wait_for(kubelet.server.tls.context, timeout=20, what="the serving certificate")
+    wait_for(lambda: fake.csrs() and fake.csrs()[0].get("status", {}).get("certificate"), timeout=20,
+             what="the serving certificate issued")
+    wait_for(lambda: requests.get(url(kubelet.server, "/healthz"), verify=fake.pki.ca_path, timeout=5).ok,
+             timeout=20, what="the issued serving certificate served")
     kubeconfig = fake.write_kubeconfig(tmp_path / "admin.kubeconfig")
 
     def kubectl(*args):
