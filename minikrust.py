@@ -578,6 +578,34 @@ def in_cluster_config(environ=None, sa_dir=None):
 # --- API: REST client, retries, Status errors ---
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
+
+
+def _rfc3339nano(ns, digits=9):
+    """Nanoseconds since the epoch as RFC 3339 in UTC with `digits` fraction digits (9: a CRI log time)."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + (f".{frac:09d}"[:digits + 1] if digits else "") + "Z"
+
+
+def _k8s_time(ts=None, micro=False):
+    """A Kubernetes Time (or MicroTime, `micro`) of `ts` seconds since the epoch, default now."""
+    return _rfc3339nano(time.time_ns() if ts is None else int(ts * 1e9), 6 if micro else 0)
+
+
+def _parse_rfc3339(text):
+    """An RFC 3339 time (any fraction, any offset) as integer nanoseconds since the epoch."""
+    match = _RFC3339.match(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    base, fraction, zone = match.groups()
+    offset = 0 if zone == "Z" else (int(zone[1:3]) * 60 + int(zone[4:6])) * 60 * (1 if zone[0] == "+" else -1)
+    return (_epoch_seconds(base) - offset) * 10**9 + int((fraction or "0").ljust(9, "0"))
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_seconds(base):
+    """`YYYY-MM-DDTHH:MM:SS` (UTC) as epoch seconds; cached, as a log's records share their seconds."""
+    return int(datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
 class _TLSAdapter(requests.adapters.HTTPAdapter):
@@ -622,8 +650,7 @@ class _ExecCredentials:
     def get(self, force=False):
         """(token, cert_pem, key_pem) from the cached credential, running the plugin when needed."""
         with self._lock:
-            now = datetime.datetime.now(datetime.timezone.utc)
-            if force or self._credential is None or (self._expiry and now >= self._expiry):
+            if force or self._credential is None or (self._expiry and time.time_ns() >= self._expiry):
                 self._credential, self._expiry = self._run()
             status = self._credential
             cert, key = status.get("clientCertificateData"), status.get("clientKeyData")
@@ -651,20 +678,7 @@ class _ExecCredentials:
         if not status.get("token") and not status.get("clientCertificateData"):
             raise ConfigError(f"{spec['where']}: ExecCredential has neither token nor clientCertificateData")
         expiry = status.get("expirationTimestamp")
-        return status, _parse_time(expiry) if expiry else None
-
-
-def _parse_time(text):
-    """An RFC 3339 time (`2026-11-25T23:59:59Z`, with or without fraction) as an aware datetime."""
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _now_rfc3339():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _now_microtime():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return status, _parse_rfc3339(expiry) if expiry else None
 
 
 def _api_error(response):
@@ -915,12 +929,6 @@ _CRI_MAX_LINE = 16 * 1024  # the kubelet's CRI logger cuts longer lines into P r
 _WASM_PAGE = 65536
 _EPOCH_TICK = 0.005        # seconds between epoch ticks; kill() lands within a few ticks
 _KILLED, _TIMED_OUT = "killed", "deadline exceeded"
-
-
-def _rfc3339nano(ns):
-    """Format a time.time_ns() value as the CRI log timestamp, e.g. 2026-11-25T23:59:59.123456789Z."""
-    secs, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
 
 
 class _LogClock:
@@ -1822,7 +1830,7 @@ def node_object(config, status):
 
 def node_event(node_name, reason, message, kind="Normal"):
     """A core/v1 Event about the Node, worded as the kubelet records them (`kubectl describe node`)."""
-    now = _now_rfc3339()
+    now = _k8s_time()
     return {"apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{node_name}.{uuid.uuid4().hex[:16]}", "namespace": "default"},
             "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_name},
@@ -1853,7 +1861,7 @@ class NodeAgent:
 
     def _status(self, ready=True):
         facts = host_facts(self.config.root_dir)
-        now = _now_rfc3339()
+        now = _k8s_time()
         previous = self._last_status["conditions"] if self._last_status else None
         states = node_condition_states(facts, ready=ready)
         images = None
@@ -1925,7 +1933,7 @@ class NodeAgent:
             lease["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": self.name,
                                                      "uid": self.node["metadata"]["uid"]}]
         lease["spec"] = dict(lease.get("spec") or {}, holderIdentity=self.name,
-                             leaseDurationSeconds=self.config.lease_duration, renewTime=_now_microtime())
+                             leaseDurationSeconds=self.config.lease_duration, renewTime=_k8s_time(micro=True))
         return lease
 
     def renew_lease(self):
@@ -3186,8 +3194,7 @@ def push_module(wasm_path, image, *, credential=None, insecure=False):
     with open(wasm_path, "rb") as f:
         data = f.read()
     layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    config = json.dumps({"created": created, "author": None, "architecture": "wasm", "os": "wasip1",
+    config = json.dumps({"created": _k8s_time(), "author": None, "architecture": "wasm", "os": "wasip1",
                          "layerDigests": [layer_digest], "component": None}).encode()
     client = RegistryClient(ref, credential, insecure=insecure)
     try:
@@ -3910,12 +3917,6 @@ def container_argv(container, env):
 # --- Status: pod status computation, coalesced patches, events ---
 
 _TERMINAL_PHASES = ("Succeeded", "Failed")
-
-
-def _k8s_time(ts=None):
-    """A Kubernetes Time (RFC 3339, seconds, UTC) for a wall-clock timestamp (default now)."""
-    ts = time.time() if ts is None else ts
-    return datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def qos_class(pod):
@@ -5269,34 +5270,6 @@ def _mirror_pod(pod, node_uid):
 # Rotation renames `<n>.log` to `<n>.log.<UTC stamp>` (sortable) like the kubelet's container log
 # manager; the writer must reopen `<n>.log` afterwards (the kubelet asks the runtime to ReopenContainerLog).
 
-_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
-
-
-def _parse_rfc3339(text):
-    """Parse an RFC 3339 time (nanoseconds allowed) into integer nanoseconds since the epoch."""
-    match = _RFC3339.match(text)
-    if not match:
-        raise ValueError(f"not an RFC 3339 time: {text!r}")
-    base, fraction, zone = match.groups()
-    offset = 0
-    if zone != "Z":
-        offset = (int(zone[1:3]) * 60 + int(zone[4:6])) * 60 * (1 if zone[0] == "+" else -1)
-    return (_epoch_seconds(base) - offset) * 10**9 + int((fraction or "0").ljust(9, "0"))
-
-
-@functools.lru_cache(maxsize=256)
-def _epoch_seconds(base):
-    """`YYYY-MM-DDTHH:MM:SS` (UTC) as epoch seconds; cached, as a log's records share their seconds."""
-    return int(datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc).timestamp())
-
-
-def _format_rfc3339nano(ns):
-    """Format nanoseconds since the epoch as the kubelet prints log times (9 fraction digits, UTC)."""
-    seconds, nanos = divmod(ns, 10**9)
-    base = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{base}.{nanos:09d}Z"
-
-
 @dataclass(frozen=True)
 class LogLine:
     """One line of a container log: CRI partial records joined; `complete` is False for a trailing fragment."""
@@ -5306,7 +5279,7 @@ class LogLine:
     complete: bool = True
 
     def render(self, timestamps=False):
-        prefix = (_format_rfc3339nano(self.time_ns) + " ").encode() if timestamps else b""
+        prefix = (_rfc3339nano(self.time_ns) + " ").encode() if timestamps else b""
         return prefix + self.content + (b"\n" if self.complete else b"")
 
 

@@ -162,7 +162,7 @@ class StubApi:
 
 
 def cri(moment, stream, tag, content):
-    return f"{minikrust._format_rfc3339nano(int(moment * 1e9))} {stream} {tag} {content}\n"
+    return f"{minikrust._rfc3339nano(int(moment * 1e9))} {stream} {tag} {content}\n"
 
 
 class StubKubelet:
@@ -358,7 +358,7 @@ def test_logs_join_partial_records_and_print_only_content(secure):
 def test_logs_timestamps_prefix_each_line_with_its_first_records_time(secure):
     secure.kubelet.add_container("web", "app", lines=LINES)
     text = secure.get("/containerLogs/default/web/app?timestamps=true").text
-    stamp = minikrust._format_rfc3339nano(int((T0 + 2) * 1e9))
+    stamp = minikrust._rfc3339nano(int((T0 + 2) * 1e9))
     assert text.splitlines()[2] == f"{stamp} three"
     assert len(stamp) == len("2026-11-25T23:59:59.123456789Z")
 
@@ -372,7 +372,7 @@ def test_logs_tail_lines(secure):
 
 def test_logs_since_time_and_since_seconds(secure):
     secure.kubelet.add_container("web", "app", lines=LINES)
-    since = minikrust._format_rfc3339nano(int((T0 + 1) * 1e9))
+    since = minikrust._rfc3339nano(int((T0 + 1) * 1e9))
     assert secure.get(f"/containerLogs/default/web/app?sinceTime={since}").text == "two\nthree\nfour\n"
     now = time.time()
     secure.kubelet.add_container("job", "app", lines=[cri(now - 600, "stdout", "F", "old"),
@@ -1011,8 +1011,8 @@ def test_kubectl_logs_previous_timestamps_and_tail(secure, kubectl_logs):
     assert kubectl_logs("logs", "web") == "one\ntwo\nthree\nfour\n"
     assert kubectl_logs("logs", "web", "-c", "app", "--previous") == "the first run\n"
     stamped = kubectl_logs("logs", "web", "--timestamps", "--tail=2").splitlines()
-    assert stamped == [f"{minikrust._format_rfc3339nano(int((T0 + 2) * 1e9))} three",
-                       f"{minikrust._format_rfc3339nano(int((T0 + 3) * 1e9))} four"]
+    assert stamped == [f"{minikrust._rfc3339nano(int((T0 + 2) * 1e9))} three",
+                       f"{minikrust._rfc3339nano(int((T0 + 3) * 1e9))} four"]
     assert kubectl_logs("logs", "web", "--limit-bytes=5") == "one\nt"
 
 
