@@ -1128,6 +1128,8 @@ def _env_pairs(env):
 class _FallbackRun:
     """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
 
+    _done = None  # the _DoneFd its thread writes at the end
+
     def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
                  memory_limit, deadline, stdin, rotation=(None, None)):
         wt = host._wt
@@ -1138,7 +1140,6 @@ class _FallbackRun:
         self._poll_original = None
         self._deadline_at = None if deadline is None else time.monotonic() + deadline
         self._memory_limit = memory_limit
-        self._done = threading.Event()
         self._result = None
         for host_dir, guest_dir, _ro in preopens or ():
             if not os.path.isdir(host_dir):
@@ -1170,6 +1171,7 @@ class _FallbackRun:
                 self._store.set_limits(memory_size=int(memory_limit))
             self._store.set_epoch_deadline(1)
             self._run_id = host._register(self)
+            self._done = _DoneFd()
         except wt.WasmtimeError as exc:
             self._close_writers()
             raise ModuleRunError(f"cannot set up run of {module.digest}: {exc}") from exc
@@ -1242,7 +1244,7 @@ class _FallbackRun:
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
             killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, oom=oom,
             cpu_seconds=time.thread_time() - cpu0, peak_memory=peak)
-        self._done.set()
+        os.write(self._done.write_fd, (1).to_bytes(8, sys.byteorder))  # the end, as native posts it
 
     def kill(self):
         """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
@@ -1265,11 +1267,41 @@ class _FallbackRun:
 
     def wait(self, timeout=None):
         """The RunResult, or None if the run is still going after `timeout` seconds."""
-        return self._result if self._done.wait(timeout) else None
+        return self._result if self._done.ready(timeout) else None
 
     @property
     def done(self):
-        return self._done.is_set()
+        return self._done.ready(0)
+
+    def fileno(self):
+        """An fd that is readable once the run is over."""
+        return self._done.read_fd
+
+    def __del__(self):
+        if self._done is not None:
+            self._done.close()
+
+
+class _DoneFd:
+    """The fd a run's thread writes once at its end (an eventfd, or a pipe where there is none):
+    readable from then on, so one selector can wait for the ends of many runs."""
+
+    def __init__(self):
+        if hasattr(os, "eventfd"):
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        else:
+            self.read_fd, self.write_fd = os.pipe()
+
+    def ready(self, timeout):
+        """Whether the run is over within `timeout` seconds (None: wait for it)."""
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+    def close(self):
+        for fd in {self.read_fd, self.write_fd} - {-1}:
+            os.close(fd)
+        self.read_fd = self.write_fd = -1
 
 
 def _log_rotation(max_size, max_files):

@@ -26,6 +26,7 @@ import logging
 import operator
 import os
 import platform
+import select
 import threading
 
 __all__ = ["Host", "Module", "Run", "Result", "WasiHostError", "LoadError", "RunError",
@@ -224,12 +225,11 @@ class Module:
 
     def start(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
               memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
-        """Start a run in its own thread; returns a Run (kill(), wait(), done)."""
+        """Start a run on a thread of its own (made in C); returns a Run (kill(), wait(), done, and
+        fileno(), readable once the run is over: a selector can wait for many runs at once)."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
                   rotation=_rotation(log_max_size, log_max_files))
-        run._done = threading.Event()
-        run._thread = threading.Thread(target=run._execute, name=f"wasihost-run-{self.digest[7:19]}", daemon=True)
-        run._thread.start()
+        run._launch()
         return run
 
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
@@ -400,6 +400,8 @@ def _to_result(res, limit):
 class Run:
     """One running (or finished) instance of a module."""
 
+    _done = None  # the _DoneFd of a started run
+
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
                  deadline, stdin, paths_in_c=False, rotation=(0, 0)):
         if log_format != "cri" and log_format != "plain":
@@ -441,25 +443,79 @@ class Run:
         finally:
             if self._output is not None:
                 self._output.close()
+        self._finish(rc, res)
+
+    def _finish(self, rc, res):
         if rc != 0:
             self._error = RunError(_err_text(res.message))
         else:
             self._result = _to_result(res, self._memory_limit)
-        if self._done is not None:
-            self._done.set()
+
+    def _launch(self):
+        """Run on a C thread, which makes the done fd readable at the end (C never calls Python)."""
+        self._res = ffi.new("wh_result *")
+        self._done = _DoneFd()
+        err = ffi.new("char[]", _ERRLEN)
+        if lib.wh_run_start(self.module._ptr, self._config, self._ptr, self._res, self._done.write_fd,
+                            err, _ERRLEN) != 0:
+            self._done.close()
+            if self._output is not None:
+                self._output.close()
+            raise RunError(_err_text(err))
+        self._lock = threading.Lock()
+        _live.add(self)  # what C reads stays alive until the end is seen
 
     def kill(self):
         """Stop the module (from any thread); it stops within about two epoch ticks (10 ms)."""
         lib.wh_kill(self._ptr)
 
+    def fileno(self):
+        """An fd that is readable once the run is over (then wait() returns at once)."""
+        return self._done.read_fd
+
     @property
     def done(self):
-        return self._done.is_set() if self._done is not None else self._thread is None
+        return self._done is None or self._done.ready(0)
 
     def wait(self, timeout=None):
         """The Result, or None if still running after `timeout` seconds; raises RunError."""
-        if self._done is not None and not self._done.wait(timeout):
-            return None
+        if self._done is not None and self._result is None and self._error is None:
+            if not self._done.ready(timeout):
+                return None
+            with self._lock:
+                if self._result is None and self._error is None:
+                    if self._output is not None:
+                        self._output.close()
+                    self._finish(self._res.rc, self._res)
+                    _live.discard(self)
         if self._error is not None:
             raise self._error
         return self._result
+
+    def __del__(self):
+        if self._done is not None:
+            self._done.close()
+
+
+_live = set()  # started Runs whose end no wait() has seen yet: C still uses their memory
+
+
+class _DoneFd:
+    """The fd a run's thread writes once at its end: an eventfd, or a pipe where there is none."""
+
+    def __init__(self):
+        if hasattr(os, "eventfd"):
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        else:
+            self.read_fd, self.write_fd = os.pipe()
+
+    def ready(self, timeout):
+        """Whether the fd is readable within `timeout` seconds (None: wait for it); not consumed."""
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+    def close(self):
+        for fd in {self.read_fd, self.write_fd} - {-1}:
+            os.close(fd)
+        self.read_fd = self.write_fd = -1

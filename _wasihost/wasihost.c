@@ -1234,3 +1234,52 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   res->cpu_seconds = since(&c0, CLOCK_THREAD_CPUTIME_ID);
   return 0;
 }
+
+/* ---------------------------------------------------------------- runs on their own thread */
+
+typedef struct {
+  wh_module *m;
+  const wh_run_config *c;
+  wh_run *r;
+  wh_result *res;
+  int done_fd;
+} start_args;
+
+static void *run_main(void *arg) {
+  start_args a = *(start_args *)arg;
+  free(arg);
+  int rc = wh_run_exec(a.m, a.c, a.r, a.res);
+  a.res->rc = rc;
+  uint64_t done = 1;
+  /* the last touch of the caller's memory: once done_fd is readable, it may free everything */
+  while (write(a.done_fd, &done, sizeof done) < 0 && errno == EINTR) {
+  }
+  return NULL;
+}
+
+int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res, int done_fd, char *err,
+                 size_t errlen) {
+  start_args *a = malloc(sizeof *a);
+  if (!a) {
+    set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
+    return WH_ERR_RUN;
+  }
+  *a = (start_args){m, c, r, res, done_fd};
+  pthread_attr_t attr;
+  pthread_t thread;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int rc = pthread_create(&thread, &attr, run_main, a);
+  pthread_attr_destroy(&attr);
+  if (rc != 0) {
+    free(a);
+    char msg[256];
+    snprintf(msg, sizeof msg, "cannot start a thread for the run: %s", strerror(rc));
+    set_msg(err, errlen, "", (const uint8_t *)msg, strlen(msg));
+    return WH_ERR_RUN;
+  }
+#ifdef __linux__
+  pthread_setname_np(thread, "wasm-run");
+#endif
+  return 0;
+}

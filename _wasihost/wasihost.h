@@ -57,6 +57,7 @@ typedef struct {
   double cpu_seconds;
   uint64_t peak_memory;
   char message[2048];
+  int rc; /* wh_run_start: wh_run_exec's return code, set before done_fd is written */
 } wh_result;
 
 int wh_init(char *err, size_t errlen);
@@ -67,5 +68,11 @@ wh_run *wh_run_new(void);
 void wh_run_free(wh_run *r);
 void wh_kill(wh_run *r);
 int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res);
+/* wh_run_exec on a new thread of its own. When the run is over (res filled in), that thread writes
+ * res->rc (wh_run_exec's return code), then writes the uint64 1 to done_fd (an eventfd or a pipe's
+ * write end) and touches nothing of the caller's after it: m, c, r, res and done_fd must live until then.
+ * Returns 0, or WH_ERR_RUN with a message in err when no thread could be started. */
+int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res, int done_fd, char *err,
+                 size_t errlen);
 
 #endif

@@ -269,6 +269,39 @@ def test_kill_stops_an_infinite_loop_within_100ms(backend, wasm):
     assert result.killed and result.exit_code is None and not result.timed_out and result.trap is None
 
 
+def test_a_runs_end_makes_its_fileno_readable_for_one_selector_over_many_runs(backend, wasm):
+    import selectors
+    loops = [backend.load(wasm.loop).start(["loop"]) for _ in range(3)]
+    hello = backend.load(wasm.hello).start(["m"])
+    with selectors.DefaultSelector() as selector:
+        for run in loops + [hello]:
+            selector.register(run, selectors.EVENT_READ)
+        ready = [key.fileobj for key, _ in selector.select(timeout=5)]
+        assert ready == [hello] and hello.wait(0).exit_code == 0  # wait() does not block once readable
+        selector.unregister(hello)
+        assert selector.select(timeout=0.05) == [] and not any(run.done for run in loops)
+        loops[1].kill()
+        assert [key.fileobj for key, _ in selector.select(timeout=5)] == [loops[1]]
+        assert loops[1].wait(0).killed and loops[1].done
+    for run in loops:
+        run.kill()
+        assert run.wait(5).killed
+
+
+def test_a_native_run_starts_no_python_thread(wasm, tmp_path):
+    _wasihost = pytest.importorskip("_wasihost")
+    module = _wasihost.Host(str(tmp_path / "cache")).load(wasm.loop)
+    before = threading.active_count()
+    runs = [module.start(["loop"]) for _ in range(4)]
+    assert threading.active_count() == before   # each runs on a thread made in C, nothing waits on it
+    tasks = os.listdir("/proc/self/task")
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks if os.path.exists(f"/proc/self/task/{t}")]
+    assert names.count("wasm-run") >= 4
+    for run in runs:
+        run.kill()
+    assert all(run.wait(5).killed for run in runs)
+
+
 @pytest.mark.parametrize("command", ["sleep", "abssleep"])
 def test_kill_stops_a_sleeping_module_within_100ms(backend, wasm, command):
     out = []
