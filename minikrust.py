@@ -949,9 +949,7 @@ def _rotate_log(path, max_files):
     """Rename the log `path` to `<path>.<UTC stamp>` (names strictly increasing) and remove the
     oldest rotated files beyond `max_files - 1` (the live file counts as one); the rotated path.
     The native host does the same in C (sink_rotate in _wasihost/wasihost.c)."""
-    folder, base = os.path.split(path)
-    stamps = sorted(name[len(base) + 1:] for name in os.listdir(folder or ".")
-                    if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:]))
+    stamps = [name[len(path) + 1:] for name in rotated_log_files(path)]
     now = datetime.datetime.now(datetime.timezone.utc)
     if stamps:  # two rotations within one microsecond, or a clock stepping back: one past the newest
         newest = datetime.datetime.strptime(stamps[-1], "%Y%m%d-%H%M%S.%f").replace(tzinfo=datetime.timezone.utc)
@@ -963,6 +961,73 @@ def _rotate_log(path, max_files):
         with contextlib.suppress(FileNotFoundError):
             os.remove(f"{path}.{stamp}")
     return target
+
+
+def rotated_log_files(path):
+    """The rotated files of a container log, oldest first (the live file `path` not included)."""
+    folder, base = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except FileNotFoundError:
+        return []
+    rotated = [name for name in names
+               if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
+    return [os.path.join(folder, name) for name in sorted(rotated)]
+
+
+def _records(handle, buffered, block=1 << 20):
+    """The complete records (ending in a newline) next in `handle`; a half-written one waits in `buffered`."""
+    while data := handle.read(block):
+        buffered.extend(data)
+        end = buffered.rfind(b"\n")
+        if end >= 0:
+            chunk = bytes(buffered[:end + 1])
+            del buffered[:end + 1]
+            return chunk.splitlines(keepends=True)
+    return []
+
+
+class _LogCursor:
+    """Reads a container log's records as they are written, across the host's rotations: at first
+    the rotated files then the live one; when the file being read was renamed away, its rest, any
+    newer rotated files, then the new live file. Holds no file open between reads."""
+
+    def __init__(self, path):
+        self.path, self._inode, self._offset, self._buffered = path, None, 0, bytearray()
+
+    def _unread(self):
+        """[(file, offset)] to read now, oldest first."""
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                return [(self.path, self._offset)]
+        except FileNotFoundError:
+            return []
+        rotated = rotated_log_files(self.path)
+        for i, name in enumerate(rotated):   # older rotated files are removed first: the rest are newer
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(name).st_ino == self._inode:
+                    return [(name, self._offset)] + [(later, 0) for later in rotated[i + 1:] + [self.path]]
+        return [(name, 0) for name in rotated + [self.path]]
+
+    def records(self, final=False):
+        """The records written since the last call, oldest first; `final`: also a last one without newline."""
+        for name, offset in self._unread():
+            try:
+                handle = open(name, "rb")
+            except FileNotFoundError:
+                continue
+            with handle:
+                st = os.fstat(handle.fileno())
+                if offset == 0 or st.st_size < offset:  # another file, or this one truncated: from its start
+                    offset = 0
+                    self._buffered.clear()
+                handle.seek(offset)
+                while records := _records(handle, self._buffered):
+                    yield from records
+                self._inode, self._offset = st.st_ino, handle.tell()
+        if final and self._buffered:
+            yield bytes(self._buffered)
+            self._buffered.clear()
 
 
 def _write_all(fd, data):
@@ -4847,18 +4912,6 @@ class PodWorker:
         self.m.status_changed(self, old_phase)
 
 
-def rotated_log_files(path):
-    """The rotated files of a container log, oldest first (the live file `path` not included)."""
-    folder, base = os.path.split(path)
-    try:
-        names = os.listdir(folder or ".")
-    except FileNotFoundError:
-        return []
-    rotated = [name for name in names
-               if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
-    return [os.path.join(folder, name) for name in sorted(rotated)]
-
-
 def _echo_line(line):
     print(line, flush=True)
 
@@ -4869,7 +4922,7 @@ class _LogEcho:
 
     def __init__(self, write):
         self._write = write
-        self._files = {}            # path -> [prefix, offset]
+        self._files = {}            # path -> (prefix, _LogCursor)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="minikrust-echo", daemon=True)
@@ -4882,55 +4935,16 @@ class _LogEcho:
 
     def follow(self, prefix, path):
         with self._lock:
-            self._files.setdefault(path, [prefix, 0, None])     # prefix, offset, inode being read
+            self._files.setdefault(path, (prefix, _LogCursor(path)))
 
     def drain(self):
         """Print whatever the followed files gained since the last look, across rotations."""
         with self._lock:
-            for path, entry in list(self._files.items()):
-                for name, offset in self._unread(path, entry):
-                    self._print(name, offset, entry)
-
-    @staticmethod
-    def _unread(path, entry):
-        """[(file, offset)] to print, in order: when the host rotated the file being read away
-        (`<path>.<stamp>`, see _rotate_log), the rest of it and any later rotated files first (all
-        of them at the first look: a fast module may have rotated before it)."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return []
-        if entry[2] == st.st_ino:
-            entry[1], entry[2] = entry[1] if st.st_size >= entry[1] else 0, st.st_ino  # (truncated: again)
-            return [(path, entry[1])]
-        rotated = rotated_log_files(path)
-        inodes = []
-        for name in rotated:
-            try:
-                inodes.append(os.stat(name).st_ino)
-            except OSError:
-                inodes.append(-1)
-        # the file being read, if still there (older ones are removed first, so the rest are newer)
-        pieces = [(rotated[inodes.index(entry[2])], entry[1])] if entry[2] in inodes else []
-        later = rotated[inodes.index(entry[2]) + 1:] if entry[2] in inodes else rotated
-        entry[1], entry[2] = 0, st.st_ino
-        return pieces + [(name, 0) for name in later] + [(path, 0)]
-
-    def _print(self, name, offset, entry):
-        entry[1] = offset
-        try:
-            with open(name, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except OSError:
-            return
-        complete = data[:data.rfind(b"\n") + 1]
-        entry[1] = offset + len(complete)
-        for record in complete.decode("utf-8", "replace").splitlines():
-            parts = record.split(" ", 3)
-            if len(parts) < 4:
-                continue
-            self.write(f"{entry[0]} {parts[3]}")  # a partial (P) record too: it may be the last
+            for prefix, cursor in list(self._files.values()):
+                for record in cursor.records():
+                    parts = record.rstrip(b"\n").split(b" ", 3)
+                    if len(parts) == 4:  # a partial (P) record too: it may be the last
+                        self.write(f"{prefix} {parts[3].decode('utf-8', 'replace')}")
 
     def _loop(self):
         while not self._stop.wait(0.2):
@@ -5400,20 +5414,6 @@ class LogOptions:
                    stream=None if stream == "All" else stream.lower())
 
 
-def _records(handle, buffered, block=1 << 20):
-    """Complete records (ending in a newline) in the next block of `handle`; a half-written one waits in `buffered`."""
-    data = handle.read(block)
-    if not data:
-        return []
-    buffered.extend(data)
-    end = buffered.rfind(b"\n")
-    if end < 0:
-        return []
-    chunk = bytes(buffered[:end + 1])
-    del buffered[:end + 1]
-    return chunk.splitlines(keepends=True)
-
-
 def _emit(lines, options, budget):
     """Render lines under the byte budget (a one-item list, None for no limit); yields bytes."""
     for line in lines:
@@ -5429,24 +5429,6 @@ def _emit(lines, options, budget):
             return
 
 
-def _file_records(name, block=1 << 20):
-    """Every record of a log file, read a block at a time; a last record without newline included."""
-    with contextlib.suppress(FileNotFoundError), open(name, "rb") as handle:
-        buffered = bytearray()
-        while True:
-            data = handle.read(block)
-            if not data:
-                break
-            buffered.extend(data)
-            end = buffered.rfind(b"\n")
-            if end >= 0:
-                chunk = bytes(buffered[:end + 1])
-                del buffered[:end + 1]
-                yield from chunk.splitlines(keepends=True)
-        if buffered:
-            yield bytes(buffered)
-
-
 def read_container_log(path, options):
     """The log of one container run (rotated files first), filtered by `options`, as bytes chunks.
 
@@ -5454,38 +5436,13 @@ def read_container_log(path, options):
     joiner = _LineJoiner()
 
     def lines():
-        for name in rotated_log_files(path) + [path]:
-            for record in _file_records(name):
-                line = joiner.feed(record)
-                if line is not None and options.selects(line):
-                    yield line
-        yield from (line for line in joiner.flush() if options.selects(line))
+        yield from filter(None, map(joiner.feed, _LogCursor(path).records(final=True)))
+        yield from joiner.flush()
 
-    selected = lines()
+    selected = filter(options.selects, lines())
     if options.tail_lines is not None:
         selected = collections.deque(selected, maxlen=options.tail_lines)
     yield from _emit(selected, options, [options.limit_bytes])
-
-
-def _open_log(path):
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        return None
-
-
-def _replaced(path, handle):
-    """True when `path` is no longer the file `handle` reads (rotated away); rewinds a truncated file."""
-    try:
-        current = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(handle.fileno())
-    if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
-        return True
-    if current.st_size < handle.tell():
-        handle.seek(0)
-    return False
 
 
 def follow_container_log(path, options, ended, wait, check_every=0.5):
@@ -5495,50 +5452,28 @@ def follow_container_log(path, options, ended, wait, check_every=0.5):
     byte limit is reached, or when `wait(seconds)` returns True (client gone, server stopping).
     Follows the live file across rotations; tailLines applies to what was written before the call.
     """
-    budget, joiner, buffered = [options.limit_bytes], _LineJoiner(), bytearray()
-    handle = _open_log(path)
-
-    def written():  # what the log holds now: rotated files, then the live file up to its end
-        for name in rotated_log_files(path):
-            yield from (line for line in map(joiner.feed, _file_records(name)) if line and options.selects(line))
-        while handle is not None:
-            records = _records(handle, buffered)
-            if not records:
-                return
-            yield from (line for line in map(joiner.feed, records) if line and options.selects(line))
-
-    try:
-        backlog = written()
-        if options.tail_lines is not None:
-            backlog = collections.deque(backlog, maxlen=options.tail_lines)
-        yield from _emit(backlog, options, budget)
-        finished, last_check, idle = False, time.monotonic(), 0.05
-        while budget[0] != 0:
-            if handle is None:
-                handle, buffered = _open_log(path), bytearray()
-            records = _records(handle, buffered) if handle is not None else []
-            if records:
-                lines = [line for line in map(joiner.feed, records) if line]
-                yield from _emit(lines, options, budget)
-                idle = 0.05
-                continue
-            if handle is not None and _replaced(path, handle):  # drained the rotated file: on to the new one
-                handle.close()
-                handle, buffered = _open_log(path), bytearray()
-                continue
+    budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path)
+    backlog = (line for line in map(joiner.feed, cursor.records()) if line and options.selects(line))
+    if options.tail_lines is not None:
+        backlog = collections.deque(backlog, maxlen=options.tail_lines)
+    yield from _emit(backlog, options, budget)
+    finished, last_check, idle = False, time.monotonic(), 0.05
+    while budget[0] != 0:
+        records = list(cursor.records())
+        if records:
+            yield from _emit(filter(None, map(joiner.feed, records)), options, budget)
+            idle = 0.05
+            continue
+        if finished:
+            yield from _emit(joiner.flush(), options, budget)
+            return
+        if time.monotonic() - last_check >= check_every:
+            finished, last_check = bool(ended()), time.monotonic()
             if finished:
-                yield from _emit(joiner.flush(), options, budget)
-                return
-            if time.monotonic() - last_check >= check_every:
-                finished, last_check = bool(ended()), time.monotonic()
-                if finished:
-                    continue  # read once more: the run may have written its last records just now
-            if wait(idle):
-                return
-            idle = min(idle * 1.5, 0.25)  # a quiet log is polled less often
-    finally:
-        if handle is not None:
-            handle.close()
+                continue  # read once more: the run may have written its last records just now
+        if wait(idle):
+            return
+        idle = min(idle * 1.5, 0.25)  # a quiet log is polled less often
 
 
 # Metrics: a tiny Prometheus registry the other parts increment through `kubelet.metrics`.
