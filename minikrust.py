@@ -21,7 +21,7 @@ __all__ = [
     "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError", "ContainerConfigError",
     "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config", "ApiClient", "api_client_for", "NodeAgent", "ApiPodSource",
     "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
-    "container_workdir", "parse_quantity", "guest_file_on_host", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
+    "container_workdir", "parse_quantity", "read_guest_file", "open_beneath", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
     "KubeletServer", "Metrics", "LogOptions",
     "bootstrap_client_certificate",
     "PodManager", "PodWorker", "StatusWriter", "StaticPodSource", "compute_pod_status", "pod_phase", "qos_class", "static_pods_from_manifest",
@@ -3339,6 +3339,195 @@ def cmd_push(argv, environ=None):
 
 # --- Volumes: emptyDir, hostPath, configMap, secret, downwardAPI, projected ---
 
+# One way in. A module can plant symlinks (WASI path_symlink) wherever it may write, and the kubelet works in
+# those folders on the host, unconfined. So every open, write, mkdir, chmod, rename, removal and
+# listing there starts from open_beneath: openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) lets
+# the kernel refuse any step out of the root (links inside it are followed); where the kernel has
+# no openat2, each component is opened O_NOFOLLOW from the root's fd, so no link is followed at all.
+
+_OPENAT2 = {"x86_64": 437, "amd64": 437, "aarch64": 437, "arm64": 437}.get(platform.machine().lower())
+_RESOLVE_BENEATH = 0x08 | 0x02                       # RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+_BENEATH = {"openat2": None if sys.platform.startswith("linux") and _OPENAT2 else False, "syscall": None}
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2(dir_fd, path, flags, mode):
+    """openat2(2) beneath dir_fd; None when the kernel (or a seccomp filter) does not offer it."""
+    if _BENEATH["syscall"] is None:
+        _BENEATH["syscall"] = ctypes.CDLL(None, use_errno=True).syscall
+        _BENEATH["syscall"].restype = ctypes.c_long
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, _RESOLVE_BENEATH)
+    for _ in range(16):                  # EAGAIN: a rename raced the lookup; the kernel asks again
+        fd = _BENEATH["syscall"](ctypes.c_long(_OPENAT2), ctypes.c_int(dir_fd), os.fsencode(path),
+                                 ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        err = ctypes.get_errno() if fd < 0 else 0
+        if err not in (errno.EAGAIN, errno.EINTR):
+            break
+    if err in (errno.ENOSYS, errno.EPERM) and _BENEATH["openat2"] is None:
+        _BENEATH["openat2"] = False
+        return None
+    if fd < 0:
+        raise OSError(err, os.strerror(err), path)
+    _BENEATH["openat2"] = True
+    return fd
+
+
+def _beneath_parts(path):
+    """The components of a path meant to stay beneath a root: relative, no `..`."""
+    path = os.fspath(path)
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if path.startswith("/") or ".." in parts or "\0" in path:
+        raise OSError(errno.EXDEV, "path leaves its root", path)
+    return parts
+
+
+def open_beneath(root, path, flags=os.O_RDONLY, mode=0o600):
+    """A file descriptor of `path` opened beneath `root` (a directory path or fd), never through a
+    symlink that leads out of it (OSError EXDEV or ELOOP instead). The caller closes it."""
+    parts = _beneath_parts(path)
+    root_fd = root if isinstance(root, int) else os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _BENEATH["openat2"] is not False:
+            fd = _openat2(root_fd, "/".join(parts) or ".", flags, mode)
+            if fd is not None:
+                return fd
+        fd = os.dup(root_fd)
+        for index, part in enumerate(parts):
+            step = flags if index == len(parts) - 1 else os.O_RDONLY | os.O_DIRECTORY
+            try:
+                next_fd = os.open(part, step | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+            finally:
+                os.close(fd)
+            fd = next_fd
+        return fd
+    finally:
+        if root_fd is not root:
+            os.close(root_fd)
+
+
+def _makedirs_beneath(root, path, mode=0o755):
+    """The fd of the directory `path` beneath `root`, made (with its parents) where missing."""
+    fd = open_beneath(root, "", os.O_RDONLY | os.O_DIRECTORY)
+    for part in _beneath_parts(path):
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, mode, dir_fd=fd)
+            next_fd = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
+        finally:
+            os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755):
+    """Write the file `path` beneath `root` atomically: a temp file beside it, renamed over it."""
+    parts = _beneath_parts(path)
+    dir_fd = _makedirs_beneath(root, "/".join(parts[:-1]), dir_mode)
+    temp = f".tmp-{uuid.uuid4().hex[:16]}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            os.fchmod(out.fileno(), mode)
+        os.replace(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(dir_fd)
+
+
+def _open_dir_to_empty(dir_fd, name):
+    """The fd of the directory `name` (never a link), made writable so its entries can go."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:              # a folder made unreadable: chmod it through an O_PATH fd
+        path_fd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
+        finally:
+            os.close(path_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _remove_beneath(root, path):
+    """Remove `path` beneath `root` and all it holds, never following a symlink; best effort:
+    what cannot be removed is logged, not raised. Trees deeper than 64 folders are moved up in
+    pieces, so neither the stack nor the open fds grow with a module's nesting."""
+    parts = _beneath_parts(path)
+    try:
+        top = open_beneath(root, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cannot remove %s beneath %s: %s", path, root, exc)
+        return
+    pending = [parts[-1]]
+    try:
+        while pending:
+            _remove_entry(top, pending.pop(), top, 0, pending)
+    finally:
+        os.close(top)
+
+
+def _remove_entry(dir_fd, name, top, depth, pending):
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except (IsADirectoryError, PermissionError):
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", name, exc)
+        return
+    try:
+        if depth >= 64:
+            moved = f".minikrust-deep-{uuid.uuid4().hex[:12]}"
+            os.rename(name, moved, src_dir_fd=dir_fd, dst_dir_fd=top)
+            pending.append(moved)
+            return
+        fd = _open_dir_to_empty(dir_fd, name)
+        try:
+            for entry in list(os.scandir(fd)):
+                _remove_entry(fd, entry.name, top, depth + 1, pending)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", name, exc)
+
+
+def _read_beneath(root, path, limit, tail=False):
+    """Up to `limit` bytes of the regular file `path` beneath `root` (its last ones with `tail`)."""
+    fd = open_beneath(root, path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if tail:
+            f.seek(max(0, info.st_size - limit))
+        return f.read(limit)
+
+
+def _fd_path(fd, root, path):
+    """The real path of an fd opened by open_beneath: /proc knows it; else (no links followed)
+    it is the root joined with the path."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return os.path.join(os.path.realpath(root), *_beneath_parts(path))
+
+
 # Volume types whose content comes from the API: the kubelet always mounts them read-only.
 _API_VOLUME_TYPES = ("configMap", "secret", "downwardAPI", "projected")
 _QUANTITY = re.compile(r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?\Z")
@@ -3623,34 +3812,35 @@ def _projected_files(pod, volume, api, node_ip, cache):
 
 
 def _write_files(directory, files, private):
-    """Make `directory` hold exactly `files` ({relpath: (bytes, mode)}), each written atomically.
-
-    Secrets and tokens (private) live in a 0700 directory as 0600 files; other modes are applied as
-    given (defaultMode or the item's mode). Stale files of an earlier version are removed."""
+    """Make `directory` hold exactly `files` ({relpath: (bytes, mode)}), each written atomically
+    beneath it (open_beneath). Secrets and tokens (private) live in a 0700 directory as 0600 files;
+    other modes are applied as given (defaultMode or the item's mode). Stale files are removed."""
+    dir_mode = 0o700 if private else 0o755
     os.makedirs(directory, exist_ok=True)
-    os.chmod(directory, 0o700 if private else 0o755)
-    for relpath, (content, mode) in files.items():
-        target = os.path.join(directory, relpath)
-        os.makedirs(os.path.dirname(target), mode=0o700 if private else 0o755, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(content)
-            os.chmod(temp, 0o600 if private else (int(mode) & 0o777))
-            os.replace(temp, target)
-        except BaseException:
+    root = open_beneath(directory, "", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fchmod(root, dir_mode)
+        for relpath, (content, mode) in files.items():
+            _write_beneath(root, relpath, content, 0o600 if private else int(mode) & 0o777, dir_mode)
+        _prune_beneath(root, (), {tuple(_beneath_parts(p)) for p in files})
+    finally:
+        os.close(root)
+
+
+def _prune_beneath(dir_fd, prefix, wanted):
+    """Remove what is not `wanted` (tuples of path parts) from a folder, and folders left empty."""
+    for entry in list(os.scandir(dir_fd)):
+        parts = prefix + (entry.name,)
+        if entry.is_dir(follow_symlinks=False) and parts not in wanted:
+            fd = open_beneath(dir_fd, entry.name, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _prune_beneath(fd, parts, wanted)
+            finally:
+                os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-    wanted = {os.path.normpath(os.path.join(directory, p)) for p in files}
-    for root, dirs, names in os.walk(directory, topdown=False):
-        for entry in names:
-            path = os.path.join(root, entry)
-            if path not in wanted:
-                os.unlink(path)
-        for entry in dirs:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(root, entry))  # only the ones left empty
+                os.rmdir(entry.name, dir_fd=dir_fd)       # only the ones left empty
+        elif parts not in wanted:
+            _remove_beneath(dir_fd, entry.name)
 
 
 _SHM_DIR = "/dev/shm"
@@ -3695,6 +3885,10 @@ def _host_path(volume, config, base_dir):
         raise ContainerConfigError(
             f"hostPath {source.get('path')!r} of volume {volume['name']!r} is not allowed: it is not under "
             f"--allowed-host-paths ({', '.join(allowed) or 'none'})", retry=False)
+    root = os.path.realpath(config.root_dir)
+    if os.path.commonpath([real, root]) in (real, root):     # the kubelet's own files: never a module's
+        raise ContainerConfigError(f"hostPath {source.get('path')!r} of volume {volume['name']!r} is not allowed: "
+                                   f"it overlaps --root-dir {root}", retry=False)
     if kind not in ("", "Directory", "DirectoryOrCreate"):
         raise ContainerConfigError(f"hostPath type {kind} of volume {volume['name']!r} is not supported: "
                                    "WASI preopens only directories", retry=False)
@@ -3762,23 +3956,30 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None)
 
 
 def _subpath(volume_dir, sub_path, api_volume):
-    """The host path of a `subPath` inside a volume, checked after resolving symlinks.
+    """The host path of a `subPath` inside a volume, resolved beneath it (open_beneath).
 
-    A module may have planted a symlink in an emptyDir: the resolved path must stay inside the
-    volume (the kubelet's subPath check). A missing subPath is created as a directory, as the
-    kubelet does; an existing regular file is returned as such (see _file_mounts)."""
+    A module may have planted a symlink in an emptyDir: it is never followed out of the volume
+    (the kubelet's subPath check). A missing subPath is created as a directory, as the kubelet
+    does; an existing regular file is returned as such (see _file_mounts)."""
     _check_relpath(sub_path, "subPath")
-    root = os.path.realpath(volume_dir)
-    real = os.path.realpath(os.path.join(root, sub_path))
-    if os.path.commonpath([real, root]) != root:
-        raise ContainerConfigError(f"subPath {sub_path!r} resolves outside its volume", retry=False)
-    if not os.path.exists(real):
-        if api_volume:  # its content is the API object's: a key may still be added
-            raise ContainerConfigError(f"subPath {sub_path!r} does not exist in its volume", retry=True)
-        os.makedirs(real, mode=0o755, exist_ok=True)
-    if not (os.path.isdir(real) or os.path.isfile(real)):
-        raise ContainerConfigError(f"subPath {sub_path!r} is neither a directory nor a regular file", retry=False)
-    return real
+    try:
+        try:
+            fd = open_beneath(volume_dir, sub_path, _O_PATH)
+        except FileNotFoundError:
+            if api_volume:  # its content is the API object's: a key may still be added
+                raise ContainerConfigError(f"subPath {sub_path!r} does not exist in its volume", retry=True) from None
+            os.close(_makedirs_beneath(volume_dir, sub_path))
+            fd = open_beneath(volume_dir, sub_path, _O_PATH)
+    except OSError as exc:
+        raise ContainerConfigError(f"subPath {sub_path!r} cannot be used: {exc.strerror} (a symlink out of "
+                                   "its volume?)", retry=False) from None
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind not in (stat.S_IFDIR, stat.S_IFREG):
+            raise ContainerConfigError(f"subPath {sub_path!r} is neither a directory nor a regular file", retry=False)
+        return _fd_path(fd, volume_dir, sub_path)
+    finally:
+        os.close(fd)
 
 
 def _file_mounts(files, seen, staging_root):
@@ -3799,10 +4000,10 @@ def _file_mounts(files, seen, staging_root):
         staging = os.path.join(staging_root, str(index))
         os.makedirs(staging, mode=0o700)
         for host_file, base, _ in entries:
-            try:
-                os.link(host_file, os.path.join(staging, base))
+            try:      # neither follows a link a module may have swapped in since _subpath
+                os.link(host_file, os.path.join(staging, base), follow_symlinks=False)
             except OSError:
-                shutil.copy2(host_file, os.path.join(staging, base))
+                shutil.copy2(host_file, os.path.join(staging, base), follow_symlinks=False)
         mounts.append((staging, parent, any(readonly for _, _, readonly in entries)))
     return mounts
 
@@ -3844,68 +4045,44 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
         mounts.append((host, guest, readonly))
     staging_root = None
     if pod_dir is not None:
-        staging_root = os.path.join(pod_dir, "volumes", ".subpaths", container.get("name") or "container")
-        if os.path.lexists(staging_root):
-            _rmtree(staging_root)
+        staging = f"volumes/.subpaths/{container.get('name') or 'container'}"
+        _remove_beneath(pod_dir, staging)
+        staging_root = os.path.join(pod_dir, staging)
     return mounts + _file_mounts(files, seen, staging_root)
 
 
-def guest_file_on_host(mounts, guest_path):
-    """The host path of the file a module sees at `guest_path` (e.g. its terminationMessagePath),
-    or None when no mount holds it or it leads out of its mount.
-
-    The kubelet reads such files on the host, where nothing confines it: a module could have left a
-    symlink there to /etc/shadow. So the path is resolved like the sandbox does: the longest mount
-    that holds it, symlinks followed only while they stay inside that mount."""
+def read_guest_file(mounts, guest_path, limit):
+    """The first `limit` bytes of the file a module sees at `guest_path` (its
+    terminationMessagePath), read beneath the longest mount that holds it (open_beneath), or None
+    when no mount holds it, it is no regular file, or it leads out of its mount."""
     if not guest_path or not guest_path.startswith("/"):
         return None
     guest = os.path.normpath(guest_path)
-    best = None
-    for host, mount, _readonly in mounts:
-        prefix = mount.rstrip("/") + "/"
-        if guest.startswith(prefix) and (best is None or len(mount) > len(best[1])):
-            best = (host, mount)
-    if best is None:
+    holders = [(host, mount.rstrip("/")) for host, mount, _ro in mounts if guest.startswith(mount.rstrip("/") + "/")]
+    if not holders:
         return None
-    root = os.path.realpath(best[0])
-    real = os.path.realpath(os.path.join(root, guest[len(best[1].rstrip("/")) + 1:]))
-    return real if real != root and os.path.commonpath([real, root]) == root else None
-
-
-def _rmtree(path):
-    """Remove a tree without following its symlinks; a read-only folder in it is made writable
-    first, and what still cannot be removed is logged, never raised (cleanup is best effort)."""
-    def retry(func, failed, _exc):
-        for folder in (os.path.dirname(failed), failed):
-            with contextlib.suppress(OSError):
-                if os.path.isdir(folder) and not os.path.islink(folder):
-                    os.chmod(folder, 0o700)
-        try:
-            func(failed)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", failed, exc)
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=retry)
-    else:
-        shutil.rmtree(path, onerror=retry)
+    host, mount = max(holders, key=lambda holder: len(holder[1]))
+    try:
+        return _read_beneath(host, guest[len(mount) + 1:], limit)
+    except OSError:
+        return None
 
 
 def cleanup_volumes(pod_dir):
     """Remove everything a pod's volumes wrote (emptyDirs, configMaps, secrets, tokens).
 
     hostPath folders are never touched: only `<pod_dir>/volumes` and the tmpfs folders it links to
-    are removed, and rmtree unlinks symlinks a module may have left without following them."""
-    volumes_dir = os.path.join(pod_dir, "volumes")
-    if os.path.isdir(volumes_dir) and not os.path.islink(volumes_dir):
-        for entry in os.scandir(volumes_dir):
-            real = os.path.realpath(entry.path)
-            if (entry.is_symlink() and os.path.dirname(real) == os.path.realpath(_SHM_DIR)
-                    and os.path.basename(real).startswith("minikrust-")):
-                _rmtree(real)
-    if os.path.lexists(volumes_dir):
-        _rmtree(volumes_dir)
+    are removed, beneath their roots, unlinking the symlinks a module may have left unfollowed."""
+    with contextlib.suppress(OSError):
+        volumes = open_beneath(pod_dir, "volumes", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for entry in list(os.scandir(volumes)):
+                target = os.readlink(entry.name, dir_fd=volumes) if entry.is_symlink() else ""
+                if os.path.dirname(target) == _SHM_DIR and os.path.basename(target).startswith("minikrust-"):
+                    _remove_beneath(_SHM_DIR, os.path.basename(target))
+        finally:
+            os.close(volumes)
+    _remove_beneath(pod_dir, "volumes")
 
 
 
@@ -4421,24 +4598,10 @@ def _termination_reason(result):
     return result.exit_code, ("Completed" if result.exit_code == 0 else "Error"), None
 
 
-def _guest_file(mounts, guest_path):
-    """The host path of a guest file under one of the container's preopens, or None."""
-    best = None
-    for host, guest, _ro in mounts:
-        prefix = guest.rstrip("/") + "/"
-        if guest_path.startswith(prefix) and (best is None or len(guest) > len(best[1])):
-            best = (host, guest)
-    if best is None:
-        return None
-    return os.path.join(best[0], guest_path[len(best[1].rstrip("/")) + 1:])
-
-
 def _log_tail(path, max_lines=80, max_bytes=2048):
     """The last lines of a CRI log file, content only (FallbackToLogsOnError)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 64 * 1024))
-            lines = f.read().decode("utf-8", "replace").splitlines()
+        lines = _read_beneath(*os.path.split(path), 64 * 1024, tail=True).decode("utf-8", "replace").splitlines()
     except OSError:
         return ""
     content = [line.split(" ", 3)[3] if line.count(" ") >= 3 else line for line in lines[-max_lines:]]
@@ -4446,10 +4609,7 @@ def _log_tail(path, max_lines=80, max_bytes=2048):
 
 
 def _write_json_atomic(path, doc):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+    _write_beneath(*os.path.split(path), json.dumps(doc).encode())
 
 
 class _Container:
@@ -4716,12 +4876,8 @@ class PodWorker:
 
     def _termination_message(self, c, exit_code):
         spec = c.spec
-        text = ""
-        path = _guest_file(c.mounts, spec.get("terminationMessagePath") or "/dev/termination-log")
-        if path:
-            with contextlib.suppress(OSError):
-                with open(path, "rb") as f:
-                    text = f.read(_TERMINATION_MESSAGE_MAX).decode("utf-8", "replace")
+        path = spec.get("terminationMessagePath") or "/dev/termination-log"
+        text = (read_guest_file(c.mounts, path, _TERMINATION_MESSAGE_MAX) or b"").decode("utf-8", "replace")
         if not text and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             text = _log_tail(c.log_path) if c.log_path else ""
         return text
@@ -5175,7 +5331,7 @@ class PodManager:
             if self.workers.get(worker.uid) is worker:
                 del self.workers[worker.uid]
             self._changed.notify_all()
-        shutil.rmtree(worker.dir, ignore_errors=True)
+        _remove_beneath(*os.path.split(worker.dir))
         log.info("pod %s finalized", worker.key)
 
     # -- disk: specs and statuses survive a kubelet restart --

@@ -12,6 +12,7 @@ from minikrust import (ApiError, Config, ContainerConfigError, cleanup_volumes, 
                        prepare_volumes)
 from tests.helpers import contract
 from tests.test_env import FakeApi
+from tests.test_security import resolver  # noqa: F401  (a fixture)
 
 
 class TokenApi(FakeApi):
@@ -361,21 +362,30 @@ def test_mount_errors(tmp_path):
             container_mounts(pod, {"name": "c", "volumeMounts": mounts}, dirs)
 
 
-def test_guest_file_on_host_stays_inside_its_mount(tmp_path):
+
+
+def test_read_guest_file_stays_inside_its_mount(tmp_path, resolver):
     data, logs, outside = tmp_path / "data", tmp_path / "data" / "logs", tmp_path / "outside"
     logs.mkdir(parents=True)
     outside.mkdir()
     (outside / "shadow").write_text("root:x")
     (data / "msg").write_text("done")
+    (logs / "x").write_text("log")
     os.symlink(outside / "shadow", data / "evil")
+    os.symlink("../outside/shadow", data / "rel")
+    os.symlink("rel", data / "chain")
     os.symlink("msg", data / "alias")
     mounts = [(str(data), "/dev", False), (str(logs), "/dev/logs", True)]
-    on_host = minikrust.guest_file_on_host
-    assert on_host(mounts, "/dev/msg") == str(data / "msg")
-    assert on_host(mounts, "/dev/alias") == str(data / "msg")      # a link inside the mount is fine
-    assert on_host(mounts, "/dev/logs/x") == str(logs / "x")        # the longest mount wins
-    for bad in ("/dev/evil", "/dev/../outside/shadow", "/etc/passwd", "/dev", "dev/msg", "", None):
-        assert on_host(mounts, bad) is None, bad
+    read = minikrust.read_guest_file
+    assert read(mounts, "/dev/msg", 4096) == b"done"
+    assert read(mounts, "/dev/msg", 2) == b"do"
+    # a link that stays inside the mount: openat2 follows it, the walk follows no link at all
+    assert read(mounts, "/dev/alias", 4096) == (b"done" if resolver == "openat2" else None)
+    assert read(mounts, "/dev/logs/x", 4096) == b"log"        # the longest mount wins
+    for bad in ("/dev/evil", "/dev/rel", "/dev/chain", "/dev/../outside/shadow", "/etc/passwd", "/dev",
+                "/dev/logs", "dev/msg", "", None):
+        assert read(mounts, bad, 4096) is None, bad
+
 
 def test_cleanup_removes_everything_without_following_symlinks(tmp_path):
     victim = tmp_path / "victim"

@@ -1,0 +1,209 @@
+"""The sandbox holds on the host side too: a module plants symlinks (WASI path_symlink) where the
+kubelet later reads, writes or removes files, and the kubelet refuses to follow them out, on both
+WASI backends. Every place the kubelet touches files for a pod has its test here."""
+import os
+
+import pytest
+
+import minikrust
+from tests.helpers import wait_for
+from tests.test_pods import _cstatus, _manifest, _status
+
+# planter [-0] TARGET LINK [TARGET LINK ...]: symlink() each pair (WASI path_symlink); exits with
+# the number that failed (0 anyway with -0), printing why.
+PLANTER_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int failed = 0, first = argc > 1 && !strcmp(argv[1], "-0") ? 2 : 1;
+    for (int i = first; i + 1 < argc; i += 2)
+        if (symlink(argv[i], argv[i + 1])) { printf("%s -> %s: %s\n", argv[i + 1], argv[i], strerror(errno)); failed++; }
+    return first == 2 ? 0 : failed;
+}
+"""
+
+SECRET = "HOST-ONLY-SECRET-7f3a"
+ESCAPES = ("absolute", "relative", "chain")
+
+
+@pytest.fixture(params=["native", "wasmtime-py"])
+def kubelet_backend(request, monkeypatch):
+    """Kubelets of this test run modules on this WASI backend."""
+    if request.param == "native":
+        from tests.wasm_modules import native_available
+        if native_available():
+            pytest.skip(native_available())
+    monkeypatch.setenv("MINIKRUST_WASM_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """A host folder outside every volume and the root dir, holding a secret file."""
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "secret").write_text(SECRET)
+    return folder
+
+
+def plant(escape, link, target):
+    """planter args that leave at guest path `link` a symlink leading to host path `target`."""
+    rel = "../" * 40 + str(target).lstrip("/")           # enough `..` to reach / from any folder
+    if escape == "absolute":
+        return [str(target), link]
+    if escape == "relative":
+        return [rel, link]
+    hop = os.path.join(os.path.dirname(link), ".hop")
+    return [rel, hop, ".hop", link]                       # link -> .hop -> out
+
+
+def unchanged(victim):
+    return sorted(os.listdir(victim)) == ["secret"] and (victim / "secret").read_text() == SECRET
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_termination_message_link_out_is_not_read(fake_api, kubelet_factory, wasm, kubelet_backend, victim, escape):
+    planter = f"file:{wasm.c(PLANTER_C, 'planter')}"
+    container = {"name": "main", "image": planter, "args": plant(escape, "/msg/termination-log", victim / "secret"),
+                 "terminationMessagePath": "/msg/termination-log", "volumeMounts": [{"name": "m", "mountPath": "/msg"}]}
+    kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("term", [container], volumes=[{"name": "m", "emptyDir": {}}]), node_name="node-1")
+    status = wait_for(lambda: _cstatus(fake_api, "term", "main").get("state", {}).get("terminated"), what="terminated")
+    assert SECRET not in str(_status(fake_api, "term"))
+    assert status.get("message", "") == "" or "->" in status["message"]   # only the planter's own report
+    if escape != "absolute":       # the sandbox lets a module make relative links: the attack was real
+        assert status["exitCode"] == 0, status
+    assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_sub_path_link_out_is_refused(fake_api, kubelet_factory, wasm, kubelet_backend, victim, escape):
+    planter = f"file:{wasm.c(PLANTER_C, 'planter')}"
+    init = {"name": "plant", "image": planter, "args": ["-0", *plant(escape, "/data/sub", victim)],
+            "volumeMounts": [{"name": "d", "mountPath": "/data"}]}
+    main = {"name": "main", "image": f"file:{wasm.tool}", "args": ["cat", "/x/secret"],
+            "volumeMounts": [{"name": "d", "mountPath": "/x", "subPath": "sub"}]}
+    kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("sub", [main], inits=[init], volumes=[{"name": "d", "emptyDir": {}}]),
+                        node_name="node-1")
+    state = wait_for(lambda: (lambda s: s if s.get("terminated") or s.get("waiting", {}).get("message") else None)(
+        _cstatus(fake_api, "sub", "main").get("state", {})), what="main refused or run")
+    if escape == "absolute" and "terminated" in state:   # the sandbox refused the link: `sub` was a new folder
+        assert state["terminated"]["exitCode"] == 2, state
+    else:
+        waiting = state["waiting"]
+        assert waiting["reason"] == "CreateContainerConfigError" and "subPath 'sub'" in waiting["message"]
+        wait_for(lambda: fake_api.events(involved_name="sub", reason="Failed"), what="a Failed event")
+    assert SECRET not in str(_status(fake_api, "sub"))
+    assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_empty_dir_cleanup_does_not_follow_links_out(fake_api, kubelet_factory, wasm, kubelet_backend, victim,
+                                                     escape):
+    planter = f"file:{wasm.c(PLANTER_C, 'planter')}"
+    args = plant(escape, "/data/dir", victim) + plant(escape, "/data/file", victim / "secret")[-2:] \
+        if escape != "chain" else plant(escape, "/data/dir", victim)
+    container = {"name": "main", "image": planter, "args": args, "volumeMounts": [{"name": "d", "mountPath": "/data"}]}
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("clean", [container], volumes=[{"name": "d", "emptyDir": {}}]), node_name="node-1")
+    term = wait_for(lambda: _cstatus(fake_api, "clean", "main").get("state", {}).get("terminated"), what="ran")
+    if escape != "absolute":
+        assert term["exitCode"] == 0, term
+    uid = fake_api.get("pods", "default", "clean")["metadata"]["uid"]
+    pod_dir = os.path.join(kubelet.config.root_dir, "pods", uid)
+    wait_for(lambda: not os.path.exists(os.path.join(pod_dir, "volumes")), what="volumes removed (pod done)")
+    assert unchanged(victim)
+    fake_api.delete_pod("default", "clean")
+    wait_for(lambda: not os.path.exists(pod_dir), what="pod folder removed")
+    assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_links_planted_in_api_volumes_are_refused_by_the_sandbox_and_replaced_on_update(
+        fake_api, kubelet_factory, wasm, kubelet_backend, victim, escape):
+    """configMap/secret/downwardAPI/projected volumes are read-only to modules: the planting fails;
+    the kubelet's next write of the volume (here a changed ConfigMap) stays inside it."""
+    fake_api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "default"},
+                     "data": {"a": "1"}})
+    planter = f"file:{wasm.c(PLANTER_C, 'planter')}"
+    mounts = [{"name": "c", "mountPath": "/c"}, {"name": "p", "mountPath": "/p"}]
+    container = {"name": "main", "image": planter, "args": plant(escape, "/c/a", victim / "secret")
+                 + plant(escape, "/p/b", victim / "secret"), "volumeMounts": mounts}
+    volumes = [{"name": "c", "configMap": {"name": "cfg"}},
+               {"name": "p", "projected": {"sources": [{"configMap": {"name": "cfg"}},
+                                                       {"downwardAPI": {"items": [{"path": "b", "fieldRef": {
+                                                           "fieldPath": "metadata.name"}}]}}]}}]
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("api", [container], policy="Always", volumes=volumes), node_name="node-1")
+    term = wait_for(lambda: _cstatus(fake_api, "api", "main").get("lastState", {}).get("terminated"), what="ran")
+    assert term["exitCode"] == len(container["args"]) // 2, term      # every planting refused (read-only mounts)
+    uid = fake_api.get("pods", "default", "api")["metadata"]["uid"]
+    folder = os.path.join(kubelet.config.root_dir, "pods", uid, "volumes")
+    cm = fake_api.get("configmaps", "default", "cfg")
+    fake_api.update(dict(cm, data={"a": "2"}))           # the kubelet rewrites both volumes on a restart
+    for path in ("c/a", "p/a"):
+        wait_for(lambda: open(os.path.join(folder, path)).read() == "2", what=f"{path} updated")
+        assert not os.path.islink(os.path.join(folder, path))
+    assert unchanged(victim)
+
+
+@pytest.mark.parametrize("inside", ["", "pods"])
+def test_host_path_over_the_root_dir_is_refused_so_no_module_reaches_logs_or_state(
+        fake_api, kubelet_factory, wasm, kubelet_backend, tmp_path, inside):
+    """Log and state files live in the root dir, which no module may mount: a module can plant
+    nothing there, even where --allowed-host-paths would cover it."""
+    kubelet = kubelet_factory(fake_api, allowed_host_paths=(str(tmp_path),))
+    planter = f"file:{wasm.c(PLANTER_C, 'planter')}"
+    path = os.path.join(kubelet.config.root_dir, inside)
+    container = {"name": "main", "image": planter, "args": ["/etc/shadow", "/r/x"],
+                 "volumeMounts": [{"name": "r", "mountPath": "/r"}]}
+    fake_api.create_pod(_manifest("root", [container], volumes=[{"name": "r", "hostPath": {"path": path}}]),
+                        node_name="node-1")
+    waiting = wait_for(lambda: _cstatus(fake_api, "root", "main").get("state", {}).get("waiting", {}).get("message")
+                       and _cstatus(fake_api, "root", "main")["state"]["waiting"], what="refused")
+    assert waiting["reason"] == "CreateContainerConfigError" and "overlaps --root-dir" in waiting["message"]
+    assert wait_for(lambda: _status(fake_api, "root").get("phase") == "Failed", what="Failed")
+    assert not os.path.lexists(os.path.join(kubelet.config.root_dir, "x"))
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def resolver(request, monkeypatch):
+    """open_beneath on each of its two ways: the kernel's openat2, or the O_NOFOLLOW walk."""
+    if request.param == "openat2":
+        os.close(minikrust.open_beneath("/", ""))     # probes the kernel
+        if minikrust._BENEATH["openat2"] is not True:
+            pytest.skip("this kernel has no openat2")
+    monkeypatch.setitem(minikrust._BENEATH, "openat2", request.param == "openat2")
+    return request.param
+
+
+def test_state_and_log_files_never_go_through_a_link(tmp_path, victim, resolver):
+    pod_dir = tmp_path / "pod"
+    (pod_dir / "logs" / "main").mkdir(parents=True)
+    os.symlink(victim / "secret", pod_dir / "status.json")
+    os.symlink(victim / "secret", pod_dir / "logs" / "main" / "0.log")
+    os.symlink(victim, pod_dir / "logs" / "other")
+    minikrust._write_json_atomic(str(pod_dir / "status.json"), {"phase": "Running"})   # replaces the link
+    assert not os.path.islink(pod_dir / "status.json") and (pod_dir / "status.json").read_text() == '{"phase": "Running"}'
+    assert minikrust._log_tail(str(pod_dir / "logs" / "main" / "0.log")) == ""
+    with pytest.raises(OSError):
+        minikrust.open_beneath(str(pod_dir), "logs/other/secret")
+    with pytest.raises(OSError):
+        minikrust._write_beneath(str(pod_dir), "logs/other/new", b"x")
+    minikrust._remove_beneath(str(tmp_path), "pod")
+    assert not pod_dir.exists() and unchanged(victim)
+
+
+def test_deep_trees_are_removed_without_deep_recursion(tmp_path, resolver):
+    fd = os.open(tmp_path, os.O_RDONLY)
+    os.mkdir("vol", dir_fd=fd)
+    for _ in range(1500):                      # deeper than Python's recursion limit
+        next_fd = minikrust._makedirs_beneath(fd if _ else str(tmp_path), "vol" if not _ else "d")
+        os.close(fd)
+        fd = next_fd
+    os.close(fd)
+    minikrust._remove_beneath(str(tmp_path), "vol")
+    assert os.listdir(tmp_path) == []
