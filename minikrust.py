@@ -5221,7 +5221,7 @@ class PodManager:
     def _admit(self, pod, restored=False):
         uid = pod["metadata"]["uid"]
         if self.config.once and _is_static(pod):   # --once runs it anew: what is kept is for restarts
-            shutil.rmtree(os.path.join(self.config.root_dir, "pods", uid), ignore_errors=True)
+            _remove_beneath(self.config.root_dir, f"pods/{uid}")
         saved = self._load_status(uid) or pod.get("status")
         rejected = None
         with self._lock:
