@@ -2740,6 +2740,28 @@ class RegistryClient:
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def _read_state(path, valid=lambda doc: True):
+    """A JSON object the kubelet kept on disk, or None when there is none. One found corrupt,
+    truncated or not `valid` (a disk error, a write from before writes were atomic) is reported and
+    set aside as `<path>.corrupt`, for inspection: the kubelet starts without it, never crashes on it."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+        if isinstance(doc, dict) and valid(doc):
+            return doc
+        raise ValueError("not the object expected")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("state file %s cannot be read: %s", path, exc)
+        return None
+    except ValueError as exc:       # also UnicodeDecodeError
+        with contextlib.suppress(OSError):
+            os.replace(path, f"{path}.corrupt")
+        log.error("state file %s is corrupt (%s): set aside as %s.corrupt", path, exc, os.path.basename(path))
+        return None
+
+
 def _file_digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -2765,11 +2787,7 @@ class ModuleStore:
         self._index = self._load()
 
     def _load(self):
-        try:
-            with open(os.path.join(self.root, "index.json")) as f:
-                index = json.load(f)
-        except (OSError, ValueError):
-            index = {}
+        index = _read_state(os.path.join(self.root, "index.json")) or {}
         return {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
 
     def _save(self):
@@ -4718,11 +4736,9 @@ class PodWorker:
 
     def _restore(self, saved):
         self.start_time = saved.get("startTime")
-        with contextlib.suppress(OSError, ValueError):     # volumes a previous kubelet prepared
-            with open(os.path.join(self.dir, "volumes.json")) as f:
-                dirs = json.load(f)
-            if all(os.path.isdir(d) for d in dirs.values()):
-                self.volume_dirs, self._prepared_at = dirs, time.monotonic()
+        dirs = _read_state(os.path.join(self.dir, "volumes.json"))   # volumes a previous kubelet prepared
+        if dirs and all(isinstance(d, str) and os.path.isdir(d) for d in dirs.values()):
+            self.volume_dirs, self._prepared_at = dirs, time.monotonic()
         by_name = {s["name"]: s for s in (saved.get("initContainerStatuses") or []) + (saved.get("containerStatuses") or [])}
         for c in self.inits + self.apps:
             if c.name in by_name:
@@ -5129,7 +5145,8 @@ class PodManager:
         self.node_uid = None        # callable -> the registered Node's uid (mirror pods' owner)
         self.workers = {}           # uid -> PodWorker
         self.events = collections.deque(maxlen=1000)    # (pod key, reason, message), newest last
-        self._restored = set()
+        self._restored = set()      # uids run again from disk, not yet seen in the API: no writes
+        self._held = {}             # uid -> events of a restored pod, sent once it is seen in the API
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._started = False
@@ -5173,7 +5190,8 @@ class PodManager:
         with self._lock:
             worker = self.workers.get(meta.get("uid"))
         if worker is not None:
-            self._restored.discard(worker.uid)
+            if worker.uid in self._restored:
+                self._confirm_restored(worker, pod)
             return worker.update(pod)
         self._admit(pod)
 
@@ -5267,8 +5285,10 @@ class PodManager:
         if container is not None:
             field_path = f"spec.{'initContainers' if container.init else 'containers'}{{{container.name}}}"
         self.events.append((_pod_key(pod), reason, message))
-        if self.writer is not None:
-            meta = pod["metadata"]
+        meta = pod["metadata"]
+        if meta["uid"] in self._restored:
+            self._held.get(meta["uid"], []).append((pod, reason, message, type_, container))
+        elif self.writer is not None:
             self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
                                         message, type_, field_path))
 
@@ -5288,7 +5308,7 @@ class PodManager:
 
     def status_changed(self, worker, old_phase):
         phase = worker.status["phase"]
-        if self.writer is not None and not worker.gone:
+        if self.writer is not None and not worker.gone and worker.uid not in self._restored:
             self.writer.set_status(worker.pod, worker.status)
         if self.echo is not None and phase != old_phase:
             reason = worker.status.get("reason")
@@ -5330,6 +5350,7 @@ class PodManager:
         with self._lock:
             if self.workers.get(worker.uid) is worker:
                 del self.workers[worker.uid]
+            self._restored.discard(worker.uid)
             self._changed.notify_all()
         _remove_beneath(*os.path.split(worker.dir))
         log.info("pod %s finalized", worker.key)
@@ -5342,25 +5363,21 @@ class PodManager:
             _write_json_atomic(os.path.join(worker.dir, "pod.json"), worker.pod)
 
     def _load_status(self, uid):
-        path = os.path.join(self.config.root_dir, "pods", uid, "status.json")
-        with contextlib.suppress(OSError, ValueError):
-            with open(path) as f:
-                return json.load(f)
-        return None
+        return _read_state(os.path.join(self.config.root_dir, "pods", uid, "status.json"))
 
     def restore(self):
         """Run again the pods a previous kubelet left on disk (the API may be unreachable now)."""
         pods_dir = os.path.join(self.config.root_dir, "pods")
         for uid in sorted(os.listdir(pods_dir)) if os.path.isdir(pods_dir) else ():
-            try:
-                with open(os.path.join(pods_dir, uid, "pod.json")) as f:
-                    pod = json.load(f)
-            except (OSError, ValueError):
+            pod = _read_state(os.path.join(pods_dir, uid, "pod.json"), lambda p: isinstance(p.get("spec"), dict)
+                              and isinstance(p["spec"].get("containers"), list) and _pod_uid(p) == uid)
+            if pod is None:
                 continue
             with self._lock:
                 known = uid in self.workers
             if not known and not _is_static(pod):
                 self._restored.add(uid)
+                self._held[uid] = []
                 self._admit(pod, restored=True)
 
     def prune_after(self, synced):
@@ -5372,10 +5389,24 @@ class PodManager:
             self.prune_restored()
         threading.Thread(target=wait_then_prune, name="minikrust-prune", daemon=True).start()
 
+    def _confirm_restored(self, worker, pod):
+        """A pod run again from disk is in the API: its status and held events go out now, from
+        what the API has (a status kept on disk may never have reached it: the kubelet was killed
+        or the API was down), so nothing is reported twice or for a pod deleted meanwhile."""
+        if self.writer is not None:
+            self.writer.seed(worker.uid, pod.get("status"))
+        self._restored.discard(worker.uid)
+        for args in self._held.pop(worker.uid, ()):
+            self.event(*args)
+        status = None
+        while self.writer is not None and worker.status is not status:   # the newest, also if it just changed
+            status = worker.status
+            self.writer.set_status(pod, status)
+
     def prune_restored(self):
         """After the first full list: restored pods the API no longer has were deleted meanwhile."""
-        for uid in list(self._restored):
-            self._restored.discard(uid)
+        for uid in list(self._held):      # they stay in _restored until finalized: nothing is sent for them
+            self._held.pop(uid, None)
             with self._lock:
                 worker = self.workers.get(uid)
             if worker is not None:

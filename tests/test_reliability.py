@@ -1,0 +1,112 @@
+"""Reliability: kubelet restarts and API outages (what bench/soak.py found), state files on disk,
+a full disk, service-account tokens kept fresh."""
+import json
+import logging
+import os
+
+import minikrust
+from tests.helpers import wait_for
+from tests.test_pods import sleeper
+
+
+def _pod(name, image, policy="Never", **spec):
+    return {"metadata": {"name": name},
+            "spec": dict(restartPolicy=policy, containers=[{"name": "main", "image": image}], **spec)}
+
+
+def _phase(fake, name):
+    return ((fake.get("pods", "default", name) or {}).get("status") or {}).get("phase")
+
+
+def _writes_to(fake, name, node="node-1"):
+    return [r for r in fake.find_requests(user=node) if r.method != "GET"
+            and (r.path.rstrip("/").split("/pods/")[-1].split("/")[0] == name
+                 or (isinstance(r.body, dict) and (r.body.get("involvedObject") or {}).get("name") == name))]
+
+
+# -- restarts: what the soak found ---------------------------------------------------------------
+
+def test_a_status_kept_on_disk_but_never_sent_reaches_the_api_after_a_restart(fake_api, kubelet_factory, module_file):
+    """Soak finding: a pod finished while its status could not be sent, then the kubelet was killed;
+    the restarted kubelet found the status on disk equal to its own and never sent it."""
+    first = kubelet_factory(fake_api)
+    fake_api.create_pod(_pod("job", module_file(sleeper(300, 0))), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "job") == "Running", what="Running")
+    fake_api.pause(path="/pods/job/status")
+    wait_for(lambda: first.pods()[0]["status"]["phase"] == "Succeeded", what="Succeeded on the node")
+    first.stop()
+    fake_api.stop()             # cuts the held request, as a killed kubelet's connection would be
+    wait_for(lambda: fake_api.find_requests("PATCH", "/pods/job/status$"), what="the held request given up")
+    fake_api.start()
+    assert _phase(fake_api, "job") == "Running"
+    kubelet_factory(fake_api, root_dir=first.config.root_dir)
+    wait_for(lambda: _phase(fake_api, "job") == "Succeeded", timeout=15, what="Succeeded in the API")
+
+
+def test_a_pod_deleted_while_its_kubelet_was_down_gets_no_writes_after_the_restart(fake_api, kubelet_factory,
+                                                                                  module_file):
+    first = kubelet_factory(fake_api)
+    fake_api.create_pod(_pod("svc", module_file(sleeper(100, 1)), policy="Always"), node_name="node-1")
+    fake_api.create_pod(_pod("kept", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "svc") == "Running" and _phase(fake_api, "kept") == "Running", what="Running")
+    first.stop()
+    fake_api.remove_pod("default", "svc")           # gone while the kubelet was away
+    fake_api.clear_requests()
+    second = kubelet_factory(fake_api, root_dir=first.config.root_dir)
+    wait_for(lambda: [p for p in second.pods() if p["metadata"]["name"] == "kept"] and
+             not [p for p in second.pods() if p["metadata"]["name"] == "svc"], timeout=15, what="svc pruned")
+    wait_for(lambda: fake_api.get("pods", "default", "kept")["status"]["containerStatuses"][0]["restartCount"] >= 1,
+             what="kept restarted and reported")
+    assert [(r.method, r.path, r.body) for r in _writes_to(fake_api, "svc")] == []
+    assert not os.path.exists(os.path.join(first.config.root_dir, "pods", fake_api.get("pods", "default", "kept")
+                                           ["metadata"]["uid"], "status.json.corrupt"))
+
+
+# -- state files ------------------------------------------------------------------------------------
+
+def test_corrupt_or_truncated_state_files_are_reported_and_set_aside_at_start(fake_api, kubelet_factory, module_file,
+                                                                            caplog):
+    first = kubelet_factory(fake_api)
+    for name in ("a", "b", "c"):
+        fake_api.create_pod(_pod(name, module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
+    wait_for(lambda: all(_phase(fake_api, n) == "Running" for n in "abc"), what="Running")
+    uids = {n: fake_api.get("pods", "default", n)["metadata"]["uid"] for n in "abc"}
+    first.stop()
+    pods_dir = os.path.join(first.config.root_dir, "pods")
+    damaged = {
+        os.path.join(pods_dir, uids["a"], "pod.json"): None,            # truncated halfway
+        os.path.join(pods_dir, uids["b"], "status.json"): b"\x00\x00\x00\x00",     # zeroes (a lost write)
+        os.path.join(pods_dir, uids["c"], "volumes.json"): b"[1, 2]",     # JSON, but not what was written
+    }
+    for path, content in list(damaged.items()):
+        if content is None:
+            with open(path, "rb") as f:
+                content = damaged[path] = f.read()[:40]
+        with open(path, "wb") as f:
+            f.write(content)
+    fake_api.stop()             # an offline start: only the disk to go by
+    with caplog.at_level(logging.ERROR, logger="minikrust"):
+        second = kubelet_factory(fake_api, root_dir=first.config.root_dir)
+        wait_for(lambda: {p["metadata"]["name"] for p in second.pods()} == {"b", "c"}, what="b and c run from disk")
+    for path, content in damaged.items():
+        if os.path.exists(path):        # written anew by the pod that runs
+            with open(path) as f:
+                assert isinstance(json.load(f), dict)
+        with open(path + ".corrupt", "rb") as f:
+            assert f.read() == content
+    reported = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(reported) == 3 and all(os.path.basename(p) in " ".join(reported) for p in damaged)
+    fake_api.start()            # the API still has pod a: it runs again from there
+    wait_for(lambda: {p["metadata"]["name"] for p in second.pods()} == {"a", "b", "c"}, timeout=20, what="a back")
+
+
+def test_a_corrupt_module_index_is_set_aside(tmp_path, caplog):
+    store_dir = tmp_path / "modules"
+    os.makedirs(store_dir)
+    (store_dir / "index.json").write_text('{"refs": {"x": ')
+    with caplog.at_level(logging.ERROR, logger="minikrust"):
+        store = minikrust.ModuleStore(str(store_dir))
+    assert store.lookup("x") is None
+    assert (store_dir / "index.json.corrupt").read_text() == '{"refs": {"x": '
+    assert any("index.json" in r.getMessage() for r in caplog.records)
+    json.dumps(store.modules())     # usable
