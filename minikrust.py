@@ -1166,6 +1166,9 @@ def _on_output(key, buf, size):
         return size
     try:
         return writer.write(ctypes.string_at(buf, size))
+    except OSError as exc:  # a full disk must not stop the module (as in the C host): the output is lost
+        log.debug("output of a module lost: %s", exc)
+        return size
     except Exception:  # an exception must not cross into wasmtime
         log.exception("writing the output of a module failed")
         return -errno.EIO
@@ -3451,6 +3454,8 @@ def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755):
         with os.fdopen(fd, "wb") as out:
             out.write(content)
             os.fchmod(out.fileno(), mode)
+            out.flush()
+            os.fsync(out.fileno())      # on disk before the rename: a crash leaves the old file or the new
         os.replace(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -4627,7 +4632,12 @@ def _log_tail(path, max_lines=80, max_bytes=2048):
 
 
 def _write_json_atomic(path, doc):
-    _write_beneath(*os.path.split(path), json.dumps(doc).encode())
+    """Keep a state file (temp file, fsync, rename). A full or failing disk keeps the last one whole
+    and is logged: pods keep running, and a restart would start from that older state."""
+    try:
+        _write_beneath(*os.path.split(path), json.dumps(doc).encode())
+    except OSError as exc:
+        log.warning("cannot keep %s: %s", path, exc.strerror or exc)
 
 
 class _Container:
@@ -4907,7 +4917,9 @@ class PodWorker:
             self._prepared_at = time.monotonic()
             _write_json_atomic(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
             return True
-        except ContainerConfigError as exc:
+        except (ContainerConfigError, OSError) as exc:
+            if isinstance(exc, OSError):    # a full disk: wait for room, as the kubelet retries a failed mount
+                exc = ContainerConfigError(f"cannot write the pod's volumes: {exc.strerror or exc}", retry=True)
             if exc.retry and self.volume_dirs is not None:     # the API is away: keep what was written
                 log.warning("pod %s: volumes not refreshed, using their last contents: %s", self.key, exc.message)
                 return True

@@ -1,8 +1,12 @@
 """Reliability: kubelet restarts and API outages (what bench/soak.py found), state files on disk,
 a full disk, service-account tokens kept fresh."""
+import contextlib
 import json
 import logging
 import os
+import subprocess
+
+import pytest
 
 import minikrust
 from tests.helpers import wait_for
@@ -110,3 +114,90 @@ def test_a_corrupt_module_index_is_set_aside(tmp_path, caplog):
     assert (store_dir / "index.json.corrupt").read_text() == '{"refs": {"x": '
     assert any("index.json" in r.getMessage() for r in caplog.records)
     json.dumps(store.modules())     # usable
+
+
+def test_state_files_are_written_to_a_temp_file_synced_then_renamed(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b, **kw: (calls.append(("replace", a, b)), real_replace(a, b, **kw))[1])
+    path = tmp_path / "status.json"
+    path.write_text('{"phase": "Running"}')
+    minikrust._write_json_atomic(str(path), {"phase": "Succeeded"})
+    assert json.loads(path.read_text()) == {"phase": "Succeeded"}
+    (synced,), (replaced,) = [c for c in calls if c[0] == "fsync"], [c for c in calls if c[0] == "replace"]
+    assert os.path.basename(synced[1]) == replaced[1] != "status.json" and replaced[2] == "status.json"
+    assert calls.index(synced) < calls.index(replaced)
+    assert os.listdir(tmp_path) == ["status.json"]
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (needs root: CI runs as root, where a failure is an error)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder):
+    """Fill the file system of `folder`; returns the filler's path."""
+    path = os.path.join(folder, "filler")
+    with open(path, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    with contextlib.suppress(OSError):
+        with open(path, "ab") as f:
+            while True:
+                f.write(b"\0")
+                f.flush()
+    return path
+
+
+@pytest.mark.parametrize("backend", ["native", "wasmtime-py"])
+def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, kubelet_factory, module_file,
+                                                                    small_disk, backend, monkeypatch):
+    monkeypatch.setenv("MINIKRUST_WASM_BACKEND", backend)
+    kubelet = kubelet_factory(fake_api, root_dir=os.path.join(small_disk, "root"))
+    fake_api.create_pod(_pod("ticker", module_file(sleeper(50, 0, repeat=0)), policy="Always"), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "ticker") == "Running", what="Running")
+    worker = kubelet.pod_manager.worker("default", "ticker")
+    status_path = os.path.join(worker.dir, "status.json")
+    log_path = worker.apps[0].log_path
+    filler = _fill(small_disk)
+    with open(status_path) as f:
+        kept = json.load(f)
+    # a new pod: its volume cannot be written, it waits with the reason, then runs once there is room
+    fake_api.create_configmap("default", "settings", {"mode": "fast"})
+    job = _pod("job", module_file(sleeper(300, 3)), volumes=[{"name": "cfg", "configMap": {"name": "settings"}}])
+    job["spec"]["containers"][0]["volumeMounts"] = [{"name": "cfg", "mountPath": "/cfg"}]
+    fake_api.create_pod(job, node_name="node-1")
+    waiting = wait_for(lambda: fake_api.get("pods", "default", "job")["status"].get("containerStatuses", [{}])[0]
+                       .get("state", {}).get("waiting", {}).get("message"), what="job waiting")
+    assert "No space left on device" in waiting
+    assert _phase(fake_api, "ticker") == "Running" and worker.apps[0].run is not None
+    assert fake_api.get("pods", "default", "ticker")["status"]["containerStatuses"][0]["restartCount"] == 0
+    with open(status_path) as f:
+        assert json.load(f) == kept         # the old state, whole
+    leftovers = [os.path.join(d, f) for d, _, files in os.walk(small_disk) for f in files if ".tmp" in f]
+    assert leftovers == []
+    size = os.path.getsize(log_path)
+    os.unlink(filler)                       # room again: the job runs, the ticker's log grows again
+    status = wait_for(lambda: _phase(fake_api, "job") in ("Succeeded", "Failed") and
+                      fake_api.get("pods", "default", "job")["status"], timeout=20, what="job finished")
+    assert status["phase"] == "Failed" and status["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    wait_for(lambda: os.path.getsize(log_path) > size, what="the ticker's log growing again")
+    assert _phase(fake_api, "ticker") == "Running"
+    fake_api.delete_pod("default", "job")
+    wait_for(lambda: fake_api.get("pods", "default", "job") is None, what="job deleted")
