@@ -373,6 +373,13 @@ class ClusterConfig:
     password: str = field(default=None, repr=False)
     exec_config: dict = field(default=None, repr=False)
 
+    def cluster_entry(self):
+        """This API server as a kubeconfig `cluster` entry (for a kubeconfig the kubelet writes)."""
+        entry = {"server": self.server, "certificate-authority": self.ca_file, "tls-server-name": self.tls_server_name,
+                 "certificate-authority-data": self.ca_data and base64.b64encode(self.ca_data).decode(),
+                 "insecure-skip-tls-verify": self.insecure, "proxy-url": self.proxy_url}
+        return {key: value for key, value in entry.items() if value}
+
     def ssl_context(self, cert_data=None, key_data=None):
         """An SSLContext that trusts the configured CA and presents the client certificate.
 
@@ -6023,42 +6030,16 @@ def _node_addresses(kubelet):
     return dns, list(dict.fromkeys(part.strip() for part in str(ip).split(",") if part.strip()))
 
 
-def _kubeconfig_cluster(path):
-    """The cluster entry (server, CA) of a kubeconfig's current context, with file paths made absolute."""
-    with open(path) as handle:
-        document = yaml.safe_load(handle) or {}
-    contexts = {c["name"]: c.get("context") or {} for c in document.get("contexts") or []}
-    clusters = {c["name"]: c.get("cluster") or {} for c in document.get("clusters") or []}
-    context = contexts.get(document.get("current-context")) or next(iter(contexts.values()), {})
-    cluster = dict(clusters.get(context.get("cluster")) or next(iter(clusters.values()), {}))
-    if cluster.get("certificate-authority"):
-        cluster["certificate-authority"] = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                        cluster["certificate-authority"])
-    if not cluster.get("server"):
-        raise ConfigError(f"{path}: no cluster server in the current context")
-    return cluster
-
-
 def _kubeconfig_is_usable(path):
-    """True when the kubeconfig exists and its client certificate (if it names one) is still valid."""
+    """True when the kubeconfig loads and its client certificate (if it names one) is valid now."""
     try:
-        with open(path) as handle:
-            document = yaml.safe_load(handle) or {}
-        for entry in document.get("users") or []:
-            user = entry.get("user") or {}
-            if user.get("client-certificate-data"):
-                data = base64.b64decode(user["client-certificate-data"])
-            elif user.get("client-certificate"):
-                cert = os.path.join(os.path.dirname(os.path.abspath(path)), user["client-certificate"])
-                with open(cert, "rb") as cert_handle:
-                    data = cert_handle.read()
-            else:
-                continue
-            begin, end = certificate_validity(data)
-            if not begin <= time.time() < end:
-                return False
-        return True
-    except (OSError, ValueError, KeyError, MinikrustError, yaml.YAMLError):
+        cluster = load_kubeconfig(path)
+        if not (cluster.client_cert_data or cluster.client_cert_file):
+            return True
+        with open(cluster.client_cert_file or os.devnull, "rb") as handle:
+            begin, end = certificate_validity(cluster.client_cert_data or handle.read())
+        return begin <= time.time() < end
+    except (OSError, ValueError, MinikrustError):
         return False
 
 
@@ -6077,10 +6058,10 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
     target = config.kubeconfig or os.path.join(config.root_dir, "kubelet.kubeconfig")
     if _kubeconfig_is_usable(target):
         return target
-    cluster = _kubeconfig_cluster(config.bootstrap_kubeconfig)
+    bootstrap = load_kubeconfig(config.bootstrap_kubeconfig)
     own_api = api is None
     if own_api:
-        api = ApiClient(load_kubeconfig(config.bootstrap_kubeconfig))
+        api = ApiClient(bootstrap)
     try:
         key, csr = new_key_and_csr(f"system:node:{config.node_name}", "system:nodes")
         cert = request_certificate(api, csr, CLIENT_SIGNER, ["digital signature", "client auth"], timeout=timeout)
@@ -6090,7 +6071,7 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
     current = store_certificate(os.path.join(config.root_dir, "pki"), "kubelet-client", cert, key)
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config", "preferences": {},
-        "clusters": [{"name": "default-cluster", "cluster": cluster}],
+        "clusters": [{"name": "default-cluster", "cluster": bootstrap.cluster_entry()}],
         "users": [{"name": "default-auth", "user": {"client-certificate": current, "client-key": current}}],
         "contexts": [{"name": "default-context",
                       "context": {"cluster": "default-cluster", "user": "default-auth", "namespace": "default"}}],
