@@ -585,6 +585,7 @@ def in_cluster_config(environ=None, sa_dir=None):
 # --- API: REST client, retries, Status errors ---
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_API_CONNECTIONS = 16       # kept open: the status writers (8), watches, heartbeats, volume reads
 _RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
 
 
@@ -621,7 +622,7 @@ class _TLSAdapter(requests.adapters.HTTPAdapter):
 
     def __init__(self, ssl_context, server_name=None):
         self._ssl_context, self._server_name = ssl_context, server_name
-        super().__init__(pool_connections=1, pool_maxsize=10)
+        super().__init__(pool_connections=1, pool_maxsize=_API_CONNECTIONS)
 
     def _tls_kwargs(self, kwargs):
         kwargs["ssl_context"] = self._ssl_context
@@ -734,6 +735,8 @@ class ApiClient:
             adapter = _TLSAdapter(self.cluster.ssl_context(cert, key), self.cluster.tls_server_name)
             session.mount("https://", adapter)
             session.verify = not self.cluster.insecure
+        else:
+            session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=_API_CONNECTIONS))
         if self.cluster.proxy_url:
             session.proxies = {"http": self.cluster.proxy_url, "https": self.cluster.proxy_url}
             session.trust_env = False
@@ -4394,159 +4397,278 @@ class PodEvent:
     field_path: str = None
 
 
+class _Queue:
+    """The writes queued for one pod (keyed by its API path) or for one pod's Events (keyed by
+    uid), sent in order by one writer at a time."""
+    __slots__ = ("items", "statuses", "deletes", "not_before")
+
+    def __init__(self):
+        self.items = collections.deque()    # requests (method, path, body, ok) or PodEvents, in order
+        self.statuses = {}                  # uid -> (path, status, send uid): the newest only
+        self.deletes = {}                   # uid -> path, sent after that uid's last status
+        self.not_before = 0.0               # monotonic time before which it is not tried again
+
+    def __bool__(self):
+        return bool(self.items or self.statuses or self.deletes)
+
+
+_WRITER_IDLE = 2.0      # seconds a status writer thread waits for work before it ends
+
+
 class StatusWriter:
-    """The one writer of pod statuses and events to the API server, on its own thread.
+    """The writer of pod statuses and events to the API server: a few threads (connections) in
+    parallel across pods, one at a time for any one pod; threads start with work and end idle.
 
-    Statuses are coalesced per pod (only the newest is kept, so an older one is never sent after
-    a newer one) and patched only when they differ from what the server last acknowledged.
-    Errors other than 403/404/409 keep the write queued and retry with backoff: an unreachable
-    API server never stops a pod. Events repeated (same pod, reason, message) raise a count."""
+    A pod's writes queue under its API path: mirror-pod requests in order, then the newest status
+    of each uid (coalesced: an older status is never sent after a newer one, and only what differs
+    from the last acknowledged one is patched), then its final delete. Events queue per pod and
+    use at most half the writers, so a status never waits behind another pod's Events. A status
+    patch names the pod's uid, as the kubelet's status manager does: the 422 a recreated pod of
+    the same name answers means this pod is gone, and its writes stop. An unreachable or failing
+    API server keeps everything queued, retried with backoff; it never stops a pod. An Event
+    repeated (same pod, reason, message) raises its count."""
 
-    def __init__(self, api, node_name, retry_max=10.0):
-        self.api = api
-        self.node_name = node_name
-        self.retry_max = retry_max
-        self._cond = threading.Condition()
-        self._statuses = {}          # uid -> (path, status, on_sent)
+    def __init__(self, api, node_name, retry_max=10.0, writers=8):
+        self.api, self.node_name = api, node_name
+        self.retry_max, self.max_writers = retry_max, writers
+        self._lock = threading.Lock()
+        self._flushed = threading.Condition(self._lock)
+        self._pods = {}              # pod path -> _Queue, oldest first
+        self._events = {}            # uid -> _Queue of PodEvents, oldest first
+        self._busy = set()           # keys of the queues being written
+        self._where = {}             # uid -> pod path of the queue holding its status
         self._sent = {}              # uid -> status acknowledged by the server
-        self._events = collections.deque()
-        self._deletes = {}           # uid -> (path, uid); sent after the pod's last status
-        self._event_names = {}       # (uid, reason, message, field) -> (name, count, first)
+        self._gone = set()           # uids the server refused: deleted and made again
+        self._event_names = {}       # uid -> {(reason, message, field): (name, count)}
         self._forgotten = collections.Counter()     # uid -> times forget() was called
-        self._thread = None
-        self._stopping = False
-        self.writes = 0
+        self._idle = []              # Conditions of writers waiting for work
+        self._writers = self._event_writers = 0
+        self._paused_until = self._delay = 0.0       # backoff of every write while the API fails
+        self._started = self._stopping = False
+        self.on_sent = None          # callable(uid, status) after each acknowledged status (benchmarks)
 
     def start(self):
-        self._thread = threading.Thread(target=self._loop, name="minikrust-status", daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._started = True
+            if self._pods or self._events:
+                self._kick()
 
     def stop(self, flush_timeout=2.0):
         """Try to send what is queued for up to flush_timeout seconds, then stop."""
         deadline = time.monotonic() + flush_timeout
-        with self._cond:
-            while self._pending() and time.monotonic() < deadline and self._thread and self._thread.is_alive():
-                self._cond.wait(0.05)
+        with self._lock:
+            while (self._pods or self._events) and self._writers and time.monotonic() < deadline:
+                self._flushed.wait(0.05)
             self._stopping = True
-            self._cond.notify_all()
-        if self._thread:
-            self._thread.join(2.0)
+            for idle in self._idle:
+                idle.notify()
+            deadline = time.monotonic() + 2.0
+            while self._writers and time.monotonic() < deadline:
+                self._flushed.wait(0.05)
 
     def forget(self, uid):
         """A pod gone from the API: drop what is queued or remembered for it."""
-        with self._cond:
+        with self._lock:
             self._forgotten[uid] += 1   # a write in flight must not be remembered as sent
             self._sent.pop(uid, None)
-            self._statuses.pop(uid, None)
-            for key in [k for k in self._event_names if k[0] == uid]:
-                del self._event_names[key]
+            self._event_names.pop(uid, None)
+            queue = self._pods.get(self._where.pop(uid, None))
+            if queue is not None:
+                queue.statuses.pop(uid, None)
 
     def seed(self, uid, status):
         """What the server already has for a pod (from a list), so an equal status is not resent."""
-        with self._cond:
+        with self._lock:
             self._sent.setdefault(uid, status or {})
 
     def set_status(self, pod, status):
-        with self._cond:
-            self._statuses[pod["metadata"]["uid"]] = (f"{_pod_path(pod)}/status", status)
-            self._cond.notify_all()
+        meta, path = pod["metadata"], _pod_path(pod)
+        static = _MANIFEST_ANNOTATION in (meta.get("annotations") or {})   # its mirror has another uid
+        with self._lock:
+            if meta["uid"] not in self._gone:
+                self._where[meta["uid"]] = path
+                self._queue(self._pods, path).statuses[meta["uid"]] = (f"{path}/status", status, not static)
 
     def record(self, event):
-        with self._cond:
-            self._events.append(event)
-            self._cond.notify_all()
+        with self._lock:
+            if event.pod_uid not in self._gone:
+                self._queue(self._events, event.pod_uid).items.append(event)
 
-    def request(self, method, path, body=None, ok=(404, 409)):
-        """Any other write (mirror pods), sent in order with events; `ok` codes are not errors.
-        `body` may be a callable, called when the write is sent (it raises to keep the write queued)."""
-        with self._cond:
-            self._events.append((method, path, body, ok))
-            self._cond.notify_all()
+    def request(self, method, path, body=None, ok=(404, 409), key=None):
+        """Any other write about a pod (mirror pods), sent in order before its statuses; `key` is
+        the pod's path when `path` is not; `ok` codes are not errors. `body` may be a callable,
+        called when the write is sent (it raises to keep the write queued)."""
+        with self._lock:
+            self._queue(self._pods, key or path).items.append((method, path, body, ok))
 
     def delete_pod(self, pod):
         """Final delete (gracePeriodSeconds 0, uid precondition), after the pod's last status."""
-        with self._cond:
-            self._deletes[pod["metadata"]["uid"]] = _pod_path(pod)
-            self._cond.notify_all()
+        uid, path = pod["metadata"]["uid"], _pod_path(pod)
+        with self._lock:
+            if uid not in self._gone:
+                self._queue(self._pods, path).deletes[uid] = path
 
-    def _pending(self):
-        return bool(self._statuses or self._events or self._deletes)
+    # -- the writers (threads); the lock is held where a name says so --
+
+    def _queue(self, queues, key):
+        """With the lock: the queue of `key`; a new one gets a writer (a queued one has one)."""
+        queue = queues.get(key)
+        if queue is None:
+            queue = queues[key] = _Queue()
+            if self._started and not self._stopping:
+                self._kick()
+        return queue
+
+    def _kick(self):
+        if self._idle:
+            self._idle.pop().notify()
+        elif self._writers < self.max_writers:
+            self._writers += 1
+            threading.Thread(target=self._loop, name="minikrust-status", daemon=True).start()
+
+    def _take(self, now):
+        """With the lock: (key, queue, is_events) of the oldest queue ready to send, statuses first."""
+        if now >= self._paused_until:
+            for key, queue in self._pods.items():
+                if key not in self._busy and queue.not_before <= now:
+                    return key, queue, False
+            if self._event_writers < max(1, self.max_writers // 2):
+                for key, queue in self._events.items():
+                    if key not in self._busy and queue.not_before <= now:
+                        return key, queue, True
+        return None, None, False
 
     def _loop(self):
-        delay = 0.0
-        while True:
-            with self._cond:
-                while not self._stopping and (not self._pending() or delay):
-                    if delay:
-                        self._cond.wait(delay)
-                        delay = 0.0
-                    else:
-                        self._cond.wait()
-                if self._stopping:
-                    return
-            try:
-                self._flush()
-                delay = 0.0
-            except Exception as exc:     # the API is unreachable or failing: keep everything queued
-                log.debug("status writes deferred: %s", exc)
-                delay = min(self.retry_max, max(0.2, delay * 2 or 0.5))
-
-    def _flush(self):
-        while True:
-            with self._cond:
-                event = self._events[0] if self._events else None
-            if event is None:
-                break
-            if isinstance(event, PodEvent):
-                self._send_event(event)
-            else:
-                self._send_request(*event)
-            with self._cond:
-                self._events.popleft()
-        with self._cond:
-            uids = list(self._statuses)
-        for uid in uids:
-            with self._cond:
-                if uid not in self._statuses:
+        me = threading.Condition(self._lock)
+        with self._lock:
+            while not self._stopping:
+                now = time.monotonic()
+                key, queue, events = self._take(now)
+                if queue is None:
+                    waiting = [q.not_before for q in (*self._pods.values(), *self._events.values())]
+                    due = max(min(waiting, default=now + _WRITER_IDLE), self._paused_until) - now
+                    self._idle.append(me)
+                    me.wait(min(max(due, 0.001), _WRITER_IDLE))
+                    if me in self._idle:
+                        self._idle.remove(me)
+                        if not (self._pods or self._events):
+                            break       # idle: end; the next write starts a writer
                     continue
-                path, status = self._statuses[uid]
-                old, generation = self._sent.get(uid), self._forgotten[uid]
-            self._send_status(uid, path, old, status, generation)
-            with self._cond:
-                if self._statuses.get(uid, (None, None))[1] is status and self._forgotten[uid] == generation:
-                    del self._statuses[uid]
-                self._cond.notify_all()
-        with self._cond:
-            deletes = [(uid, p) for uid, p in self._deletes.items() if uid not in self._statuses]
-        for uid, path in deletes:
-            self._send_delete(uid, path)
-            with self._cond:
-                self._deletes.pop(uid, None)
-                self._sent.pop(uid, None)
-                self._cond.notify_all()
+                self._busy.add(key)
+                self._event_writers += events
+                self._lock.release()
+                failed = None
+                try:
+                    (self._write_events if events else self._write_pod)(key, queue)
+                except Exception as exc:    # the API is unreachable or failing: keep it queued
+                    failed = exc
+                finally:
+                    self._lock.acquire()
+                self._busy.discard(key)
+                self._event_writers -= events
+                self._done(self._events if events else self._pods, key, queue, failed)
+            self._writers -= 1
+            self._flushed.notify_all()
 
-    def _send_status(self, uid, path, old, status, generation=0):
+    def _done(self, queues, key, queue, failed):
+        """With the lock: requeue `queue` last if it still has writes, backing off after a failure."""
+        now = time.monotonic()
+        if failed is None:
+            self._delay = 0.0
+        elif isinstance(failed, ApiError) and (failed.code in _RETRY_STATUSES or failed.code == 0):
+            self._delay = min(self.retry_max, max(0.2, self._delay * 2 or 0.5))
+            self._paused_until = now + self._delay
+            log.debug("status writes deferred %.1fs: %s", self._delay, failed)
+        else:
+            queue.not_before = now + self.retry_max / 4
+            log.debug("writes of %s deferred: %s", key, failed)
+        if queues.get(key) is queue:
+            del queues[key]
+            if queue:
+                queues[key] = queue
+        self._flushed.notify_all()
+
+    def _write_pod(self, key, queue):
+        """Send a pod's queued requests, then its newest statuses, then its final deletes."""
+        while True:
+            with self._lock:
+                if queue.items:
+                    kind, request = "request", queue.items[0]
+                elif queue.statuses:
+                    kind, uid = "status", next(iter(queue.statuses))
+                    path, status, with_uid = queue.statuses[uid]
+                    old, generation = self._sent.get(uid), self._forgotten[uid]
+                elif queue.deletes:
+                    kind, (uid, path) = "delete", next(iter(queue.deletes.items()))
+                else:
+                    return
+            if kind == "request":
+                self._send_request(*request)
+                with self._lock:
+                    queue.items.popleft()
+            elif kind == "status":
+                self._send_status(uid, path, status, with_uid, old, generation)
+                with self._lock:
+                    if queue.statuses.get(uid, (None, None))[1] is status and self._forgotten[uid] == generation:
+                        del queue.statuses[uid]
+            else:
+                self._send_delete(uid, path)
+                with self._lock:
+                    queue.deletes.pop(uid, None)
+                    self._sent.pop(uid, None)
+                    self._where.pop(uid, None)
+
+    def _write_events(self, uid, queue):
+        while True:
+            with self._lock:
+                if not queue.items:
+                    return
+                event = queue.items[0]
+            if uid not in self._gone:
+                self._send_event(event)
+            with self._lock:
+                queue.items.popleft()
+
+    def _pod_gone(self, uid, key):
+        """The server refused the pod's uid: a pod of that name was deleted and made again."""
+        self.forget(uid)
+        with self._lock:
+            self._gone.add(uid)
+            queue = self._pods.get(key)
+            if queue is not None:
+                queue.deletes.pop(uid, None)
+            events = self._events.get(uid)
+            if events is not None and uid not in self._busy:
+                del self._events[uid]
+
+    def _send_status(self, uid, path, status, with_uid, old, generation):
         patch = status_patch(old, status)
         if patch is None:
             return
         if (old or {}).get("phase") in _TERMINAL_PHASES and status.get("phase") not in _TERMINAL_PHASES:
             return      # never move a pod out of a terminal phase (contract lesson 9)
+        if with_uid:
+            patch["metadata"] = {"uid": uid}
         try:
-            self.writes += 1
             self.api.patch(path, patch, content_type="application/merge-patch+json")
         except ApiError as exc:
+            if exc.code == 422 and any(c.get("field") == "metadata.uid" for c in
+                                       (exc.status.get("details") or {}).get("causes") or ()):
+                log.info("status of %s not written: the pod was deleted and made again", path)
+                return self._pod_gone(uid, path.rsplit("/", 1)[0])
             if exc.code not in (403, 404, 409, 422):
                 raise
             log.warning("status of %s not written: %s", path, exc)
-        with self._cond:
+        with self._lock:
             if self._forgotten[uid] == generation:
                 self._sent[uid] = status
+        if self.on_sent is not None:
+            self.on_sent(uid, status)
 
     def _send_request(self, method, path, body, ok):
         if callable(body):
             body = body()
         try:
-            self.writes += 1
             self.api.request(method, path, body=body)
         except ApiError as exc:
             if exc.code not in ok and exc.code not in (403, 422):
@@ -4557,7 +4679,6 @@ class StatusWriter:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": uid}}
         try:
-            self.writes += 1
             self.api.delete(path, body=body)
         except ApiError as exc:
             if exc.code not in (403, 404, 409):
@@ -4566,17 +4687,16 @@ class StatusWriter:
 
     def _send_event(self, ev):
         now = _k8s_time()
-        key = (ev.pod_uid, ev.reason, ev.message, ev.field_path)
-        known = self._event_names.get(key)
+        key = (ev.reason, ev.message, ev.field_path)
+        with self._lock:
+            known = self._event_names.get(ev.pod_uid, {}).get(key)
         base = f"/api/v1/namespaces/{ev.namespace}/events"
         if known:
-            name, count, first = known
+            name, count = known
             try:
-                self.writes += 1
                 self.api.patch(f"{base}/{name}", {"count": count + 1, "lastTimestamp": now},
                                content_type="application/merge-patch+json")
-                self._event_names[key] = (name, count + 1, first)
-                return
+                return self._name_event(ev.pod_uid, key, name, count + 1)
             except ApiError as exc:
                 if exc.code != 404:
                     raise       # else the event expired: create it again
@@ -4591,14 +4711,18 @@ class StatusWriter:
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1,
                 "reportingComponent": "kubelet", "reportingInstance": self.node_name}
         try:
-            self.writes += 1
             self.api.post(base, body)
         except ApiError as exc:
             if exc.code not in (403, 404, 409, 422):
                 raise
             log.debug("event %s not recorded: %s", ev.reason, exc)
             return
-        self._event_names[key] = (name, 1, now)
+        self._name_event(ev.pod_uid, key, name, 1)
+
+    def _name_event(self, uid, key, name, count):
+        with self._lock:
+            if uid not in self._gone:
+                self._event_names.setdefault(uid, {})[key] = (name, count)
 
 
 # --- Pods: one worker and state machine per pod ---
@@ -5239,7 +5363,8 @@ class PodManager:
             return
         if deleted:
             self.writer.forget(static.uid)
-            self.writer.request("POST", _pod_path(static.pod).rsplit("/", 1)[0], self._mirror_body(static.pod))
+            self.writer.request("POST", _pod_path(static.pod).rsplit("/", 1)[0], self._mirror_body(static.pod),
+                                key=_pod_path(static.pod))
             if static.status:
                 self.writer.set_status(static.pod, static.status)
         elif meta.get("deletionTimestamp"):
@@ -5272,7 +5397,7 @@ class PodManager:
         self._save_spec(worker)
         if self.writer is not None:
             if _is_static(pod):
-                self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], self._mirror_body(pod))
+                self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], self._mirror_body(pod), key=_pod_path(pod))
             elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")

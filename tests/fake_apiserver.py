@@ -2230,6 +2230,12 @@ class FakeApiServer:
                 raise conflict(res, name)
             new["metadata"] = dict(new.get("metadata") or {}) if isinstance(new.get("metadata"), dict) else \
                 new.get("metadata")
+            puid = (patch.get("metadata") or {}).get("uid") if isinstance(patch, dict) else None
+            if res.name == "pods" and subresource == "status" and puid and puid != old["metadata"]["uid"]:
+                cause = {"reason": "FieldValueInvalid", "message": f'Invalid value: "{puid}": field is immutable',
+                         "field": "metadata.uid"}     # recording 38: the cause twice, as the server does
+                raise ApiStatusError(422, "Invalid", f'Pod "{name}" is invalid: metadata.uid: {cause["message"]}',
+                                     {"name": name, "kind": "Pod", "causes": [cause, dict(cause)]})
             if isinstance(new["metadata"], dict):
                 new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
                 new["metadata"]["uid"] = old["metadata"]["uid"]
