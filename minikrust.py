@@ -1938,15 +1938,14 @@ def node_object(config, status):
             "status": status}
 
 
-def node_event(node_name, reason, message, kind="Normal"):
-    """A core/v1 Event about the Node, worded as the kubelet records them (`kubectl describe node`)."""
+def _event(node_name, involved, reason, message, kind="Normal"):
+    """A core/v1 Event about `involved` (its involvedObject: the Node or a pod), as the kubelet records them."""
     now = _k8s_time()
-    return {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{node_name}.{uuid.uuid4().hex[:16]}", "namespace": "default"},
-            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_name},
-            "reason": reason, "message": message, "type": kind, "count": 1,
-            "firstTimestamp": now, "lastTimestamp": now,
-            "source": {"component": "kubelet", "host": node_name},
+    return {"apiVersion": "v1", "kind": "Event", "involvedObject": involved,
+            "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:16]}",
+                         "namespace": involved.get("namespace", "default")},
+            "reason": reason, "message": message, "type": kind, "count": 1, "firstTimestamp": now,
+            "lastTimestamp": now, "source": {"component": "kubelet", "host": node_name},
             "reportingComponent": "kubelet", "reportingInstance": node_name}
 
 
@@ -2011,8 +2010,9 @@ class NodeAgent:
 
     def _event(self, reason, message, kind="Normal"):
         """Record a Node event; best effort (an event never stops the node)."""
+        node = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.name}
         try:
-            self.api.post("/api/v1/namespaces/default/events", node_event(self.name, reason, message, kind), timeout=5)
+            self.api.post("/api/v1/namespaces/default/events", _event(self.name, node, reason, message, kind), timeout=5)
         except ApiError as exc:
             log.debug("event %s for node %s not recorded: %s", reason, self.name, exc)
 
@@ -4700,16 +4700,12 @@ class StatusWriter:
             except ApiError as exc:
                 if exc.code != 404:
                     raise       # else the event expired: create it again
-        name = f"{ev.pod_name}.{uuid.uuid4().hex[:16]}"
         involved = {"kind": "Pod", "namespace": ev.namespace, "name": ev.pod_name, "uid": ev.pod_uid,
                     "apiVersion": "v1"}
         if ev.field_path:
             involved["fieldPath"] = ev.field_path
-        body = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": name, "namespace": ev.namespace},
-                "involvedObject": involved, "reason": ev.reason, "message": ev.message, "type": ev.type,
-                "source": {"component": "kubelet", "host": self.node_name},
-                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-                "reportingComponent": "kubelet", "reportingInstance": self.node_name}
+        body = _event(self.node_name, involved, ev.reason, ev.message, ev.type)
+        name = body["metadata"]["name"]
         try:
             self.api.post(base, body)
         except ApiError as exc:
