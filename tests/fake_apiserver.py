@@ -131,9 +131,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-SERVER_VERSION = {
-    "major": "1", "minor": "36", "gitVersion": "v1.36.2", "gitCommit": "0000000000000000000000000000000000000000",
-    "gitTreeState": "clean", "buildDate": "2026-11-01T00:00:00Z", "goVersion": "go1.25.3", "compiler": "gc",
+SERVER_VERSION = {   # the recorded server's (extended/01)
+    "major": "1", "minor": "36", "emulationMajor": "1", "emulationMinor": "36", "minCompatibilityMajor": "1",
+    "minCompatibilityMinor": "35", "gitVersion": "v1.36.2", "gitCommit": "8e16b12fda5b1dccc41a6de48b3e356cc7d5048b",
+    "gitTreeState": "clean", "buildDate": "2026-11-24T14:23:14Z", "goVersion": "go1.26.4", "compiler": "gc",
     "platform": "linux/amd64",
 }
 API_AUDIENCES = ["https://kubernetes.default.svc.cluster.local"]
@@ -162,12 +163,14 @@ class Resource:
 
 
 _CREATE_ONLY = ("create",)
-RESOURCES = {r.name: r for r in [
+RESOURCES = {(f"{r.name}.{r.group}" if r.group == "events.k8s.io" else r.name): r for r in [
     Resource("namespaces", "", "v1", "Namespace", False, ("ns",)),
     Resource("nodes", "", "v1", "Node", False, ("no",), subresources=("status",)),
     Resource("pods", "", "v1", "Pod", True, ("po",),
              subresources=("status", "log")),
     Resource("events", "", "v1", "Event", True, ("ev",)),
+    # the same stored Events, in the events.k8s.io/v1 shape (regarding, note, eventTime required)
+    Resource("events", "events.k8s.io", "v1", "Event", True),
     Resource("configmaps", "", "v1", "ConfigMap", True, ("cm",)),
     Resource("secrets", "", "v1", "Secret", True),
     Resource("serviceaccounts", "", "v1", "ServiceAccount", True, ("sa",), subresources=("token",)),
@@ -256,7 +259,7 @@ def invalid(res, name, causes, kind=None):
     text = ", ".join(f"{f}: {m}" if f else m for f, _, m in causes)
     msg = f'{kind} "{name or ""}" is invalid: {text}' if len(causes) == 1 else \
         f'{kind} "{name or ""}" is invalid: [{text}]'
-    details = {"name": name, "group": res.group, "kind": kind,
+    details = {"name": name, "group": res and res.group, "kind": kind,
                "causes": [{"reason": r, "message": m, "field": f} for f, r, m in causes]}
     details = {k: v for k, v in details.items() if v}
     return ApiStatusError(422, "Invalid", msg, details)
@@ -651,6 +654,10 @@ def shape(obj):
                       "kubeletVersion", "kubeProxyVersion", "operatingSystem", "architecture"):
                 info.setdefault(k, "")
         obj.setdefault("spec", {})
+    elif kind == "Event" and obj.get("apiVersion") == "events.k8s.io/v1":
+        _norm_times(obj, ["eventTime"], micro=True)
+        for k, v in (("deprecatedSource", {}), ("deprecatedFirstTimestamp", None), ("deprecatedLastTimestamp", None)):
+            _set_default(obj, k, v)
     elif kind == "Event":
         for k in ("firstTimestamp", "lastTimestamp"):
             _set_default(obj, k, None)
@@ -1220,6 +1227,7 @@ class _Watch:
         timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
         self.deadline = time.monotonic() + timeout if timeout else None
         self.rv_param = params.get("resourceVersion") or ""
+        self.initial_events = params.get("sendInitialEvents") in ("true", "1", "True")
         self.table = "as=Table" in (handler.headers.get("Accept") or "")   # kubectl get -w
         self.epoch = fake._watch_epoch
         self.kick = None            # "abort" | "end"
@@ -1242,8 +1250,13 @@ class _Watch:
         fake = self.fake
         if self.rv_param in ("", "0"):
             self.cursor = fake._rv
-            return [{"type": "ADDED", "object": copy.deepcopy(o)} for (r, _, _), o in sorted(fake._objects.items())
-                    if r == self.res.name and self.matches(o)]
+            added = [{"type": "ADDED", "object": copy.deepcopy(o)} for (r, _, _), o in sorted(fake._objects.items())
+                     if r == self.res.name and self.matches(o)]
+            if self.initial_events:     # a watch-list: the end of the initial events is a marked BOOKMARK
+                end = _bookmark(self.res, self.cursor)
+                end["object"]["metadata"]["annotations"] = {"k8s.io/initial-events-end": "true"}
+                added.append(end)
+            return added
         try:
             self.cursor = int(self.rv_param)
         except ValueError:
@@ -1370,6 +1383,18 @@ class FakeApiServer:
         self.port = port
         for ns in SYSTEM_NAMESPACES:
             self._ensure_namespace(ns)
+        self._store("ADDED", RESOURCES["services"], "default", "kubernetes", {   # what kube-apiserver publishes
+            "kind": "Service", "apiVersion": "v1",
+            "metadata": {"name": "kubernetes", "namespace": "default", "uid": str(uuid.uuid4()),
+                         "creationTimestamp": fmt_time(utcnow()),
+                         "labels": {"component": "apiserver", "provider": "kubernetes"},
+                         "managedFields": [{"manager": "kube-apiserver", "operation": "Update", "apiVersion": "v1",
+                                            "time": fmt_time(utcnow()), "fieldsType": "FieldsV1", "fieldsV1": {}}]},
+            "spec": {"ports": [{"name": "https", "protocol": "TCP", "port": 443, "targetPort": 6443}],
+                     "clusterIP": "10.0.0.1", "clusterIPs": ["10.0.0.1"], "type": "ClusterIP",
+                     "sessionAffinity": "None", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                     "internalTrafficPolicy": "Cluster"},
+            "status": {"loadBalancer": {}}})
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -1829,7 +1854,8 @@ class FakeApiServer:
             self._validate(res, obj, None)
             if (res.name, ns, name) in self._objects:
                 raise already_exists(res, name)
-            self._managed(obj, params, None)
+            if res.name != "certificatesigningrequests":   # a created CSR comes back without them (extended/60)
+                self._managed(obj, params, None)
             stored = self._store("ADDED", res, ns, name, shape(obj))
             if res.name == "namespaces":
                 self._namespace_children(name)
@@ -1897,6 +1923,8 @@ class FakeApiServer:
         elif res.name == "certificatesigningrequests":
             spec = obj.setdefault("spec", {})
             spec["username"] = user.name
+            if user.uid:
+                spec["uid"] = user.uid
             spec["groups"] = list(user.groups)
             if user.uid:
                 spec["uid"] = user.uid
@@ -2011,8 +2039,10 @@ class FakeApiServer:
             raise forbidden(res, name, "can only access node lease with the same name as the requesting node")
 
     def _check_event(self, res, ns, ev):
-        io = ev.get("involvedObject") or {}
         name = ev["metadata"]["name"]
+        if res.group == "events.k8s.io" and not ev.get("eventTime"):
+            raise invalid(None, name, [("eventTime", "FieldValueRequired", "Required value")], kind="Event")
+        io = ev.get("involvedObject") or ev.get("regarding") or {}
         if (io.get("namespace") or "") not in (ns, "") or (not io.get("namespace") and ns != "default"):
             raise invalid(res, name, [("involvedObject.namespace", "FieldValueInvalid",
                                        f'Invalid value: "{io.get("namespace")}": does not match event.namespace')])
@@ -2073,6 +2103,9 @@ class FakeApiServer:
                                  f"{old['metadata']['uid']}", _details(res, name))
         result = copy.deepcopy(old)
         if subresource == "status":
+            if user.node is not None and res.name == "pods" and \
+                    (meta.get("labels") or {}) != (old["metadata"].get("labels") or {}):   # NodeRestriction
+                raise forbidden(res, name, f'node "{user.node}" cannot update labels through pod status')
             result["status"] = new.get("status", {})
         else:
             for k, v in new.items():
@@ -2363,9 +2396,11 @@ class FakeApiServer:
         self.add_token(token, f"system:serviceaccount:{ns}:{sa}", ("system:serviceaccounts",
                                                                    f"system:serviceaccounts:{ns}"))
         self._tokens[token].audiences = spec["audiences"]
-        return {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
-                "metadata": {"name": sa, "namespace": ns, "creationTimestamp": None}, "spec": spec,
-                "status": {"token": token, "expirationTimestamp": fmt_time(expires)}}
+        answer = {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                  "metadata": {"name": sa, "namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": fmt_time(now)},
+                  "spec": spec, "status": {"token": token, "expirationTimestamp": fmt_time(expires)}}
+        self._managed(answer, {}, "token")
+        return answer
 
     def _token_review(self, body):
         spec = (body or {}).get("spec") or {}
@@ -2504,7 +2539,8 @@ class FakeApiServer:
             if not token and not (verb in ("get", "list", "watch") and sub is None):
                 return False, None
             target = name if verb in ("get", "create") else fields.get("metadata.name")
-            return bool(target) and self._related(node, res.name, ns, target), no_relation
+            return bool(target) and self._related(node, res.name, ns, target), \
+                no_relation if target else "No Object name found"
         return sub is None and verb in self._NODE_RULES.get(res.name, ()), None
 
     def allow(self, subject, verbs=("*",), resources=("*",), namespace=None):
@@ -2543,7 +2579,7 @@ class FakeApiServer:
                 rec.user = "<invalid>"
                 raise
             rec.user, rec.groups = user.name, user.groups
-            rec.body = _parse_body(raw, rec.content_type)
+            rec.body = _parse_body(raw, rec.content_type, method)
             self._fault(method, path, h)
             self._serve(h, method, path, params, user, rec.body)
             rec.status = getattr(h, "_status", 200)
@@ -3079,7 +3115,17 @@ def _read_body(handler):
     return handler.rfile.read(n) if n else b""
 
 
-def _parse_body(raw, ctype):
+def _go_json_error(exc):
+    """A Python JSON decoding error as Go's encoding/json words it."""
+    found = exc.doc[exc.pos:exc.pos + 1]
+    expected = {"Expecting property name enclosed in double quotes": "beginning of object key string",
+                "Expecting value": "beginning of value"}.get(exc.msg)
+    if not found:
+        return "unexpected end of JSON input"
+    return f"invalid character '{found}' looking for {expected}" if expected else exc.msg
+
+
+def _parse_body(raw, ctype, method=None):
     if not raw:
         return None
     if "protobuf" in (ctype or ""):
@@ -3090,7 +3136,9 @@ def _parse_body(raw, ctype):
                              f'application/strategic-merge-patch+json')
     try:
         return json.loads(raw)
-    except ValueError:
+    except ValueError as exc:
+        if method == "PATCH" and isinstance(exc, json.JSONDecodeError):
+            raise bad_request(f"error decoding patch: {_go_json_error(exc)}") from None
         if "yaml" in (ctype or ""):
             import yaml
             return yaml.safe_load(raw)
@@ -3114,7 +3162,7 @@ def _route(path):
         rname, name, ns = "namespaces", ns, None
     if rname == "namespaces" and ns is None and name is None and m.group("ns") is None:
         pass
-    res = RESOURCES.get(rname or "")
+    res = RESOURCES.get(f"{rname}.{group}") or RESOURCES.get(rname or "")
     if res is None or res.group != group or res.version != version:
         return None
     if res.namespaced and ns is None and name is not None:
