@@ -389,12 +389,7 @@ def test_recorded_exchange_is_reproduced(replay, name):
     check(load(name), *replay.results[name], patch_error=num == "09", history_tail=num == "18")
 
 
-# 38 (a wrong metadata.uid in a status patch: 422) is being implemented in the fake by another change
-PENDING = {"38-pod-status-wrong-uid": "the fake overwrites a patch's wrong uid (422 pending)"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=PENDING[n])) if n in PENDING else n
-                                  for n in EXTENDED_NAMES])
+@pytest.mark.parametrize("name", EXTENDED_NAMES)
 def test_extended_recorded_exchange_is_reproduced(extended, name):
     ex = load(name, EXTENDED)
     if extended.node_cert and name[:2] in ("60", "61"):
