@@ -178,6 +178,7 @@ class Config:
     address: str = "0.0.0.0"
     backoff_base: float = 10.0      # CrashLoopBackOff: first delay, doubled up to backoff_max (tests shorten it)
     backoff_max: float = 300.0
+    echo: bool = False              # print standalone pods' output to stdout (the CLI's default)
 
 
 def _parse_bool(text):
@@ -251,6 +252,7 @@ _FLAGS = [
     ("--resync-interval", float, "seconds between full re-lists of the node's pods"),
     ("--serve", _parse_bool, "run the kubelet HTTPS server"),
     ("--address", str, "address the kubelet server binds"),
+    ("--echo", _parse_bool, "print standalone pods' output and phases to stdout (default: true)"),
 ]
 _CHOICES = {"sync": ("watch", "poll"), "log_level": ("debug", "info", "warning", "error"),
             "log_format": ("text", "json"),
@@ -345,6 +347,7 @@ def parse_args(argv=None, environ=None):
         if problem:
             raise ConfigError(f"{source}: {value!r} {problem}")
         values[dest] = value
+    values.setdefault("echo", True)
     if "root_dir" in values:
         values["root_dir"] = os.path.expanduser(values["root_dir"])
     if "kubeconfig" in values and values["kubeconfig"] != "in-cluster":
@@ -6709,43 +6712,47 @@ class Kubelet:
     """
 
     def __init__(self, config=None, *, handler=None):
+        """Records the settings only: no file, network or thread until start()."""
         self.config = config if config is not None else Config()
-        if self.config.bootstrap_kubeconfig:      # TLS bootstrap: a client certificate for the node first
-            self.config = dataclasses.replace(self.config, kubeconfig=bootstrap_client_certificate(self.config))
-        self.api = api_client_for(self.config)        # None: standalone
-        self.node = None            # NodeAgent when there is an API server
+        self.handler = handler      # the pods' handler: a PodManager unless the caller brings one
+        self.api = self.node = self.pod_manager = self.server = self._store = None
         self.sources = []           # pod sources, started in order, stopped in reverse
-        self._store = None          # a ModuleStore for status.images until the pods make their own
-        if self.api is not None:
-            self.node = NodeAgent(self.api, self.config, images=self._node_images)
-        self.pod_manager = None     # runs the pods unless the caller brings its own handler
-        if handler is None:
-            node_ip = self.node.node_ip if self.node is not None else (self.config.node_ip or "127.0.0.1")
-            self.pod_manager = PodManager(self.config, api=self.api, node_ip=node_ip,
-                                          echo=_echo_line if self.api is None else None)
-        self.handler = handler if handler is not None else self.pod_manager
-        if self.config.pod_manifest_path:
-            self.sources.append(StaticPodSource(self.config.pod_manifest_path, self.config.node_name, self.handler))
-        if self.api is not None:
-            self.sources.append(ApiPodSource(self.api, self.config.node_name, self.handler, self.config.sync,
-                                             self.config.poll_interval, self.config.resync_interval))
-        self._stop_requested = threading.Event()
-        self._started = False
-        self._lock = threading.Lock()
         self.metrics = Metrics()
+        self._stop_requested = threading.Event()
+        self._started = self._wired = False
+        self._lock = threading.Lock()
+
+    def _wire(self):
+        """Make the parts (at the first start): TLS bootstrap, API client, Node, pods, sources, server."""
+        config = self.config
+        if config.bootstrap_kubeconfig:      # TLS bootstrap: a client certificate for the node first
+            self.config = config = dataclasses.replace(config, kubeconfig=bootstrap_client_certificate(config))
+        self.api = api_client_for(config)        # None: standalone
         if self.api is not None:
+            self.node = NodeAgent(self.api, config, images=self._node_images)
             self.api.on_error = lambda code: self.metrics.inc("minikrust_api_errors_total", code=str(code))
-        if self.pod_manager is not None:
+        if self.handler is None:
+            node_ip = self.node.node_ip if self.node is not None else (config.node_ip or "127.0.0.1")
+            self.handler = self.pod_manager = PodManager(config, api=self.api, node_ip=node_ip,
+                                                         echo=_echo_line if self.api is None and config.echo else None)
             self.pod_manager.metrics = self.metrics
             if self.node is not None:
                 self.pod_manager.node_uid = lambda: ((self.node.node or {}).get("metadata") or {}).get("uid")
-        self.server = KubeletServer(self) if self.config.serve else None
+        if config.pod_manifest_path:
+            self.sources.append(StaticPodSource(config.pod_manifest_path, config.node_name, self.handler))
+        if self.api is not None:
+            self.sources.append(ApiPodSource(self.api, config.node_name, self.handler, config.sync,
+                                             config.poll_interval, config.resync_interval))
+        self.server = KubeletServer(self) if config.serve else None
+        self._wired = True
 
     def start(self):
         """Register the node (when there is an API server) and start the pod sources."""
         with self._lock:
             if self._started:
                 return self
+            if not self._wired:
+                self._wire()
             self._started = True
             os.makedirs(self.config.root_dir, exist_ok=True)
             if self.server is not None:
@@ -6790,9 +6797,8 @@ class Kubelet:
 
     def _node_images(self):
         """status.images: the modules in the store, from the pods' ImageManager once it exists."""
-        manager = getattr(self.pod_manager, "images", None)
-        if manager is not None:
-            return manager.store.node_images()
+        if self.pod_manager is not None and self.pod_manager.images is not None:
+            return self.pod_manager.images.store.node_images()
         if self._store is None:
             self._store = ModuleStore(os.path.join(self.config.root_dir, "modules"))
         return self._store.node_images()

@@ -104,11 +104,11 @@ def test_standalone_restart_does_not_rerun_finished_pods(kubelet_factory, tmp_pa
     folder = tmp_path / "manifests"
     folder.mkdir()
     _write_manifest(folder, "hello.yaml", _pod("hello", _module(folder, "hello.wasm", wasm.hello)))
-    first = kubelet_factory(manifests=folder)
+    first = kubelet_factory(manifests=folder, echo=True)
     wait_for(lambda: [p for p in first.pods() if p["status"].get("phase") == "Succeeded"], what="Succeeded")
     first.stop()
     assert capsys.readouterr().out.count("hello-node-1/main hello") == 1
-    second = kubelet_factory(manifests=folder, root_dir=first.config.root_dir)
+    second = kubelet_factory(manifests=folder, root_dir=first.config.root_dir, echo=True)
     wait_for(lambda: second.pods(), what="pod known again")
     time.sleep(0.5)
     assert second.pods()[0]["status"]["phase"] == "Succeeded"
