@@ -3781,41 +3781,117 @@ def _downward_files(pod, source, default_mode, node_ip, what):
     return files
 
 
-def _service_account_token(pod, source, api, what):
-    """A projected token from the TokenRequest API, or None (skipped, with the reason logged).
-
-    Decision: the token is projected when there is an API server, requesting exactly the audience
-    the source names (or none: the API's default), bound to the pod, as the kubelet does (contract
-    28: any other audience is refused). It is best effort: a WASI preview 1 module has no sockets
-    to call the API with, so a refused or failed request is logged and skipped instead of holding
-    the pod back, and the token is not refreshed before it expires. Standalone: always skipped."""
+def _request_token(pod, source, api):
+    """(token bytes, lifetime in seconds) from the TokenRequest API, for exactly the audience the
+    source names (or none: the API's default), bound to the pod, as the kubelet does (contract 28:
+    any other audience is refused). Raises MinikrustError with the reason."""
     meta = pod.get("metadata") or {}
-    if api is None:
-        log.debug("%s: serviceAccountToken skipped: no API server (standalone)", what)
-        return None
     account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
     spec = {"expirationSeconds": int(source.get("expirationSeconds") or 3600),
             "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": meta.get("name"), "uid": meta.get("uid")}}
     if source.get("audience"):
         spec["audiences"] = [source["audience"]]
     body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+    asked = time.time()
     try:
-        answer = api.post(f"/api/v1/namespaces/{_namespace(pod)}/serviceaccounts/{account}/token", body)
-    except (ApiError, requests.RequestException, OSError) as exc:
-        log.warning("%s: serviceAccountToken skipped: TokenRequest for %s failed: %s", what, account,
-                    getattr(exc, "code", exc))
-        return None
-    token = (answer.get("status") or {}).get("token")
-    if not token:
-        log.warning("%s: serviceAccountToken skipped: TokenRequest answered without a token", what)
-        return None
-    return token.encode()
+        status = api.post(f"/api/v1/namespaces/{_namespace(pod)}/serviceaccounts/{account}/token", body,
+                          retries=1).get("status") or {}
+        expires = _parse_rfc3339(status.get("expirationTimestamp") or "") / 1e9
+    except ApiError as exc:
+        raise MinikrustError(exc.message or f"{exc.code} {exc.reason}") from None
+    except (requests.RequestException, OSError, ValueError) as exc:
+        raise MinikrustError(str(exc)) from None
+    if not status.get("token"):
+        raise MinikrustError("TokenRequest answered without a token")
+    lifetime = expires - asked          # the server may cap what was asked (--service-account-max-token-expiration)
+    return status["token"].encode(), lifetime if lifetime > 0 else spec["expirationSeconds"]    # else: skewed clocks
 
 
-def _projected_files(pod, volume, api, node_ip, cache):
-    """Files of a projected volume. The `kube-api-access-*` volume admission adds to every pod
-    (contract 14) is best effort: a source it cannot read is logged and skipped, so that volume
-    alone never keeps a pod from running (a module has no network to use it with)."""
+_TOKEN_BACKOFF = (1.0, 60.0)        # a failed TokenRequest is tried again after 1 s, doubling up to 60 s
+
+
+class ServiceAccountTokens:
+    """The pods' projected service-account tokens, kept valid (the kubelet's token manager).
+
+    A token is requested when its volume is written. A failed TokenRequest (404 while the
+    ServiceAccount is not created yet, right after its namespace; 403 while the Node authorizer has
+    not seen the pod bound) does not hold the pod back (a WASI module has no sockets to use it): it
+    is tried again with backoff, and reported as a FailedMount Warning Event each time it fails. A
+    token is requested anew at 80% of its lifetime and its file rewritten in the volume."""
+
+    def __init__(self, api, report):
+        self.api, self.report = api, report     # report(pod, message): a Warning Event on the pod
+        self._entries = {}      # (uid, volume dir, path) -> [pod, source, what, token, due, delay]
+        self._cond = threading.Condition()
+        self._thread = None
+        self._stopped = False
+
+    def token(self, pod, source, directory, relpath, what):
+        """The token for `relpath` in the volume `directory` now (None: not yet), kept fresh from now on."""
+        key = (_pod_uid(pod), directory, relpath)
+        with self._cond:
+            entry = self._entries.get(key)
+        if entry is None or entry[3] is None or time.monotonic() >= entry[4]:
+            entry = [pod, source, what, None, 0.0, 0.0]
+            self._renew(entry)
+        with self._cond:
+            self._entries[key] = entry
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._loop, name="minikrust-tokens", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return entry[3]
+
+    def forget(self, uid):
+        with self._cond:
+            for key in [k for k in self._entries if k[0] == uid]:
+                del self._entries[key]
+
+    def stop(self):
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _renew(self, entry):
+        """Request the entry's token: next due at 80% of its lifetime, or after the backoff on failure."""
+        pod, source, what = entry[:3]
+        try:
+            token, lifetime = _request_token(pod, source, self.api)
+        except MinikrustError as exc:
+            entry[5] = min(_TOKEN_BACKOFF[1], entry[5] * 2 or _TOKEN_BACKOFF[0])
+            entry[4] = time.monotonic() + entry[5]
+            log.warning("pod %s %s: service account token not (yet) issued, trying again in %.0f s: %s",
+                        _pod_key(pod), what, entry[5], exc)
+            self.report(pod, f"MountVolume.SetUp failed for {what} : failed to fetch token: {exc}")
+            return False
+        entry[3], entry[4], entry[5] = token, time.monotonic() + 0.8 * lifetime, 0.0
+        return True
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [(k, e) for k, e in self._entries.items() if e[4] <= now]
+                if self._stopped:
+                    return
+                if not due:
+                    self._cond.wait(min((e[4] for e in self._entries.values()), default=now + 60.0) - now)
+                    continue
+            for key, entry in due:
+                if self._renew(entry):
+                    try:
+                        _write_beneath(key[1], key[2], entry[3], 0o600, 0o700)
+                    except OSError as exc:      # the volume is gone (the pod finished): done with it
+                        log.debug("token of %s not written: %s", _pod_key(entry[0]), exc)
+                        with self._cond:
+                            self._entries.pop(key, None)
+
+
+def _projected_files(pod, volume, api, node_ip, cache, tokens=None, target=None):
+    """Files of a projected volume (written in `target`, where `tokens` keeps its token fresh). The
+    `kube-api-access-*` volume admission adds to every pod (contract 14) is best effort: a source
+    it cannot read is logged and skipped, so that volume alone never keeps a pod from running (a
+    module has no network to use it with)."""
     name = volume["name"]
     projected = volume.get("projected") or {}
     default_mode = projected.get("defaultMode", 0o644)
@@ -3832,9 +3908,16 @@ def _projected_files(pod, volume, api, node_ip, cache):
             elif "downwardAPI" in source:
                 new = _downward_files(pod, source["downwardAPI"], default_mode, node_ip, what)
             elif "serviceAccountToken" in source:
-                ref = source["serviceAccountToken"]
-                token = _service_account_token(pod, ref, api, what)
-                new = {_check_relpath(ref.get("path"), what): (token, 0o600)} if token is not None else {}
+                ref, token = source["serviceAccountToken"], None
+                path = _check_relpath(ref.get("path"), what)
+                if tokens is not None:
+                    token = tokens.token(pod, ref, target, path, what)
+                elif api is not None:
+                    try:
+                        token = _request_token(pod, ref, api)[0]
+                    except MinikrustError as exc:
+                        log.warning("%s: serviceAccountToken skipped: %s", what, exc)
+                new = {path: (token, 0o600)} if token is not None else {}
             else:
                 kinds = ", ".join(sorted(source)) or "empty"
                 raise ContainerConfigError(f"{what}: unsupported projected source {kinds}", retry=False)
@@ -3946,7 +4029,7 @@ def _volume_type(volume):
     return kinds[0]
 
 
-def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None):
+def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None, tokens=None):
     """Make every volume of a pod ready as a host directory: {volume name: host dir}.
 
     emptyDir is created once and kept across container restarts; configMap, secret, downwardAPI
@@ -3981,9 +4064,8 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None)
             files = _downward_files(pod, source, source.get("defaultMode", 0o644), node_ip, what)
             _write_files(target, files, private=False)
         elif kind == "projected":
-            files = _projected_files(pod, volume, api, node_ip, cache)
             target = _private_dir(target)
-            _write_files(target, files, private=True)
+            _write_files(target, _projected_files(pod, volume, api, node_ip, cache, tokens, target), private=True)
         else:
             raise ContainerConfigError(f"volume {name!r} has type {kind}, which minikrust does not support",
                                        retry=False)
@@ -5043,7 +5125,8 @@ class PodWorker:
         try:
             os.makedirs(self.dir, exist_ok=True)
             self.volume_dirs = prepare_volumes(self.pod, self.dir, self.m.config, api=self.m.api,
-                                               base_dir=self.m.base_dir(self.pod), node_ip=self.m.node_ip)
+                                               base_dir=self.m.base_dir(self.pod), node_ip=self.m.node_ip,
+                                               tokens=self.m.tokens)
             self._prepared_at = time.monotonic()
             _write_json_atomic(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
             return True
@@ -5282,6 +5365,8 @@ class PodManager:
         self.backoff_base = float(getattr(config, "backoff_base", 10.0))
         self.backoff_max = float(getattr(config, "backoff_max", 300.0))
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
+        self.tokens = None if api is None else ServiceAccountTokens(
+            api, lambda pod, message: self.event(pod, "FailedMount", message, "Warning"))
         self.echo = _LogEcho(echo) if echo else None
         self.metrics = None         # the kubelet's Metrics, when it has one
         self.node_uid = None        # callable -> the registered Node's uid (mirror pods' owner)
@@ -5320,6 +5405,8 @@ class PodManager:
             worker.stop()
         if self.echo is not None:
             self.echo.close()
+        if self.tokens is not None:
+            self.tokens.stop()
         if self.writer is not None:
             self.writer.stop()
 
@@ -5486,6 +5573,8 @@ class PodManager:
         """The pod's modules stopped and its volumes are gone: forget it, delete it from the API."""
         with contextlib.suppress(OSError):
             cleanup_volumes(worker.dir)
+        if self.tokens is not None:
+            self.tokens.forget(worker.uid)
         if self.writer is not None and not worker.gone and not _is_static(worker.pod):
             self.writer.delete_pod(worker.pod)
         elif self.writer is not None:

@@ -71,6 +71,8 @@ Watches and compaction:
   .expire_watches()         compact now and send ERROR 410 into every open watch, then end it
   .bookmark_interval = 2.0  seconds between BOOKMARKs on watches with allowWatchBookmarks (one also ends a timeout)
   .send_bookmarks()         a BOOKMARK now on every open bookmark-enabled watch
+  .service_account_max_token_expiration = None  seconds: tokens are issued for at most this long whatever
+        was asked (kube-apiserver --service-account-max-token-expiration; shortens refresh tests)
   A watch from a resourceVersion newer than the fake's waits .too_large_rv_wait (3.0 s) and then gets an
   ERROR event: 504 Timeout "Too large resource version" (e.g. a kubelet resuming against a fresh fake).
   .open_watches() -> int
@@ -1368,6 +1370,7 @@ class FakeApiServer:
         self.watch_expired_as = "event"
         self.bookmark_interval = 2.0
         self.too_large_rv_wait = 3.0
+        self.service_account_max_token_expiration = None
         self.smp_set_element_order_crash = True
         self.kubelet_address = {}
         self.kubelet_ca_path = None
@@ -2379,6 +2382,8 @@ class FakeApiServer:
             raise invalid(res, sa, [("spec.expirationSeconds", "FieldValueInvalid",
                                      f"Invalid value: {exp}: may not specify a duration less than 10 minutes")],
                           kind="TokenRequest")
+        if self.service_account_max_token_expiration:   # --service-account-max-token-expiration caps it
+            exp = min(exp, int(self.service_account_max_token_expiration))
         spec["audiences"] = auds or list(API_AUDIENCES)
         spec["expirationSeconds"] = exp
         spec.setdefault("boundObjectRef", None)

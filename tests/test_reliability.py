@@ -201,3 +201,91 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
     assert _phase(fake_api, "ticker") == "Running"
     fake_api.delete_pod("default", "job")
     wait_for(lambda: fake_api.get("pods", "default", "job") is None, what="job deleted")
+
+
+# -- service-account tokens -------------------------------------------------------------------------
+
+def _token_file(kubelet, name):
+    worker = kubelet.pod_manager.worker("default", name)
+    folder = next(d for v, d in (worker.volume_dirs or {}).items() if v.startswith("kube-api-access-"))
+    path = os.path.join(folder, "token")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    return None
+
+
+def _claims(token):
+    import base64
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def test_a_token_refused_while_the_service_account_is_missing_is_retried_and_reported(
+        fake_api, kubelet_factory, module_file):
+    fake_api.create_pod(_pod("early", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
+    fake_api.remove("serviceaccounts", "default", "default")      # not created yet by its controller
+    kubelet = kubelet_factory(fake_api)
+    wait_for(lambda: _phase(fake_api, "early") == "Running", what="Running without its token")
+    event = wait_for(lambda: fake_api.events(involved_name="early", reason="FailedMount"), what="FailedMount")[0]
+    assert event["type"] == "Warning" and 'serviceaccounts "default" not found' in event["message"]
+    assert _token_file(kubelet, "early") is None
+    fake_api.create({"kind": "ServiceAccount", "apiVersion": "v1", "metadata": {"name": "default", "namespace": "default"}})
+    token = wait_for(lambda: _token_file(kubelet, "early"), timeout=15, what="the token written")
+    assert _claims(token)["kubernetes.io"]["pod"]["name"] == "early"
+    assert fake_api.count("POST", "/serviceaccounts/default/token$") >= 2
+
+
+def test_a_token_refused_by_the_node_authorizer_is_retried(fake_api, kubelet_factory, module_file):
+    fake_api.fail_next(2, 403, method="POST", path="/token$")
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod(_pod("bound", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
+    wait_for(lambda: _token_file(kubelet, "bound"), timeout=15, what="the token written after two 403s")
+    assert [r.status for r in fake_api.find_requests("POST", "/token$")] == [403, 403, 201]
+    assert len(fake_api.events(involved_name="bound", reason="FailedMount")) == 1     # one Event, counted
+    assert fake_api.events(involved_name="bound", reason="FailedMount")[0]["count"] == 2
+
+
+def test_a_token_is_requested_anew_at_80_percent_of_its_lifetime(fake_api, kubelet_factory, module_file):
+    fake_api.service_account_max_token_expiration = 5
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod(_pod("svc", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
+    first = wait_for(lambda: _token_file(kubelet, "svc"), what="the first token")
+    issued = [r.time for r in fake_api.find_requests("POST", "/token$") if r.status == 201]
+    second = wait_for(lambda: (_token_file(kubelet, "svc") or first) != first and _token_file(kubelet, "svc"),
+                      timeout=10, what="the token refreshed")
+    again = [r.time for r in fake_api.find_requests("POST", "/token$") if r.status == 201]
+    assert 3.5 <= again[1] - issued[0] < 5.0          # 80% of 5 s, before it expires
+    assert _claims(second)["exp"] > _claims(first)["exp"]
+
+
+# -- offline start ------------------------------------------------------------------------------------
+
+def _started(fake, name):
+    return sum(e.get("count", 1) for e in fake.events(involved_name=name, reason="Started"))
+
+
+def test_an_offline_start_runs_the_pods_kept_on_disk_and_converges_once_the_api_returns(
+        fake_api, kubelet_factory, module_file):
+    first = kubelet_factory(fake_api)
+    fake_api.create_pod(_pod("done", module_file(sleeper(10, 0))), node_name="node-1")
+    fake_api.create_pod(_pod("svc", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
+    fake_api.create_pod(_pod("job", module_file(sleeper(1500, 0)), policy="OnFailure"), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "done") == "Succeeded" and _phase(fake_api, "svc") == "Running"
+             and _phase(fake_api, "job") == "Running" and _started(fake_api, "job") == 1, what="all reported")
+    first.stop()
+    fake_api.stop()
+    second = kubelet_factory(fake_api, root_dir=first.config.root_dir)     # the API server is unreachable
+    pods = lambda: {p["metadata"]["name"]: p["status"] for p in second.pods()}  # noqa: E731
+    wait_for(lambda: pods().get("job", {}).get("phase") == "Succeeded", timeout=15, what="job ran offline")
+    assert pods()["svc"]["phase"] == "Running" and pods()["svc"]["containerStatuses"][0]["restartCount"] == 1
+    assert pods()["done"]["phase"] == "Succeeded"
+    fake_api.clear_requests()
+    fake_api.start()
+    wait_for(lambda: _phase(fake_api, "job") == "Succeeded", timeout=20, what="job's end reported")
+    wait_for(lambda: fake_api.get("pods", "default", "svc")["status"]["containerStatuses"][0]["restartCount"] == 1,
+             what="svc's restart reported")
+    assert _started(fake_api, "job") == 2 and _started(fake_api, "svc") == 2 and _started(fake_api, "done") == 1
+    assert _writes_to(fake_api, "done") == []           # nothing changed: nothing sent
+    patches = [r for r in _writes_to(fake_api, "job") if r.path.endswith("/status")]
+    assert len([p for p in patches if (p.body.get("status") or {}).get("phase") == "Succeeded"]) == 1
