@@ -17,15 +17,10 @@ through the `wasmtime` Python package (slower, same behaviour).
 """
 
 __version__ = "0.1.0"
-__all__ = [
-    "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError", "ContainerConfigError",
-    "Config", "Kubelet", "main", "parse_args", "ClusterConfig", "load_kubeconfig", "in_cluster_config", "ApiClient", "api_client_for", "NodeAgent", "ApiPodSource",
-    "prepare_volumes", "container_mounts", "cleanup_volumes", "container_env", "container_argv",
-    "container_workdir", "parse_quantity", "read_guest_file", "open_beneath", "ModuleLoadError", "ModuleRunError", "RunResult", "FallbackHost", "load_host", "module_errors",
-    "KubeletServer", "Metrics", "LogOptions",
-    "bootstrap_client_certificate",
-    "PodManager", "PodWorker", "StatusWriter", "StaticPodSource", "compute_pod_status", "pod_phase", "qos_class", "static_pods_from_manifest",
-    "ImageRef", "ModuleRef", "ModuleStore", "ImageManager", "RegistryClient", "RegistryCredential", "parse_image_ref", "default_pull_policy", "docker_config_credentials", "push_module", "cmd_push",
+__all__ = [   # the public API, each name shown in the README's "In-process" section; the rest is internal
+    "Kubelet", "Config", "parse_args", "main", "ClusterConfig", "load_kubeconfig", "ApiClient", "load_host",
+    "push_module", "read_container_log", "LogOptions",
+    "MinikrustError", "ConfigError", "ApiError", "ImageError", "ModuleError",
 ]
 
 import argparse

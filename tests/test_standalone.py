@@ -1,5 +1,6 @@
 """Standalone mode: static pods from --pod-manifest-path, --once, folder watching, mirror pods."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -184,3 +185,15 @@ def test_static_source_reports_changes_once_and_one_pod_per_name(tmp_path):
     source.scan()
     assert handler.calls[1:] == [("deleted", "web-n1"), ("added", "web-n1")]   # b.yaml's pod now
     assert not source.errors
+
+
+def test_the_readme_in_process_example_runs_and_uses_every_public_name():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start = readme.index("**In-process")
+    section = readme[start:readme.index("\n## ", start)]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Hello, minikrust!" in done.stdout and "stdout F Hello, you!" in done.stdout
+    assert len(minikrust.__all__) <= 16
+    assert [name for name in minikrust.__all__ if not re.search(rf"\b{name}\b", section)] == []
