@@ -2503,7 +2503,7 @@ def default_pull_policy(image):
         ref = parse_image_ref(image)
     except ImageError:
         return "IfNotPresent"
-    return "Always" if ref.tag == "latest" and not ref.digest else "IfNotPresent"
+    return "Always" if ref.tag == "latest" else "IfNotPresent"     # `name:latest@digest` too, as the API defaults it
 
 
 @dataclass(frozen=True)
@@ -4306,6 +4306,15 @@ def container_argv(container, env):
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
+def _qos_amounts(resources):
+    """The cpu and memory amounts above zero: all the QoS class counts."""
+    amounts = {}
+    for name in ("cpu", "memory"):
+        with contextlib.suppress(KeyError, TypeError, ContainerConfigError):
+            amounts[name] = parse_quantity((resources or {})[name])
+    return {name: amount for name, amount in amounts.items() if amount > 0}
+
+
 def qos_class(pod):
     """The pod's QoS class as the API server computes it: Guaranteed when every container has
     equal cpu and memory requests and limits, BestEffort when none has any, else Burstable."""
@@ -4313,12 +4322,9 @@ def qos_class(pod):
     any_set, guaranteed = False, True
     for c in containers:
         res = c.get("resources") or {}
-        limits, requests_ = res.get("limits") or {}, res.get("requests") or {}
-        if limits or requests_:
-            any_set = True
-        for name in ("cpu", "memory"):
-            if name not in limits or str(requests_.get(name, limits[name])) != str(limits[name]):
-                guaranteed = False
+        limits, requests_ = _qos_amounts(res.get("limits")), _qos_amounts(res.get("requests"))
+        any_set = any_set or bool(limits or requests_)
+        guaranteed = guaranteed and all(n in limits and requests_.get(n, limits[n]) == limits[n] for n in ("cpu", "memory"))
     if not any_set:
         return "BestEffort"
     return "Guaranteed" if guaranteed else "Burstable"

@@ -115,6 +115,7 @@ method=None, path=None, user=None) -> [RequestRecord] with the same filters as .
 """
 import base64
 import bisect
+import collections
 import copy
 import datetime
 import http.server
@@ -130,6 +131,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import pytest
 
@@ -889,29 +891,50 @@ _IMAGE_RE = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+
 
 
 def default_pull_policy(image):
-    m = _IMAGE_RE.match(image or "")
-    if not m:
-        return "IfNotPresent"  # parse error: the defaulting sees no tag
-    tag, digest = m.group(1), m.group(2)
-    if digest:
+    """SetDefaults_Container (pkg/apis/core/v1/defaults.go): Always when the image's tag, as
+    ParseImageName reads it, is "latest" (no tag and no digest reads as latest; a digest does not
+    hide a tag); IfNotPresent otherwise, also for a name it cannot parse (no tag)."""
+    if not _IMAGE_RE.match(image or ""):
         return "IfNotPresent"
-    return "Always" if (tag or "latest") == "latest" else "IfNotPresent"
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]      # a registry's :port is not a tag
+    tag = last.partition(":")[2] if ":" in last else ("" if digest else "latest")
+    return "Always" if tag == "latest" else "IfNotPresent"
+
+
+_SI = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": 1, "k": 10**3, "M": 10**6,
+       "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+       "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value):
+    """A resource.Quantity's value as an exact fraction (0 for what does not parse)."""
+    m = re.fullmatch(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+))?([a-zA-Z]*)", str(value).strip())
+    if not m or m[3] not in _SI or (m[2] and m[3]):
+        return Fraction(0)
+    return Fraction(m[1]) * Fraction(10) ** int(m[2] or 0) * _SI[m[3]]
 
 
 def qos_class(spec):
-    containers = _each(spec.get("containers")) + _each(spec.get("initContainers"))
-    any_set, guaranteed = False, True
-    for c in containers:
-        res = c.get("resources") or {}
-        req, lim = res.get("requests") or {}, res.get("limits") or {}
-        if req or lim:
-            any_set = True
-        for r in ("cpu", "memory"):
-            if r not in lim or req.get(r, lim.get(r)) != lim.get(r):
-                guaranteed = False
-    if not any_set:
+    """ComputePodQOS (pkg/apis/core/helper/qos): only cpu and memory count, and only above zero; the
+    pod's requests and limits are summed over init and app containers. BestEffort with none;
+    Guaranteed when every container has both limits and the summed requests equal the summed limits."""
+    totals = {"requests": collections.Counter(), "limits": collections.Counter()}
+    every_container_limited = True
+    for c in _each(spec.get("containers")) + _each(spec.get("initContainers")):
+        resources = c.get("resources") or {}
+        for kind, total in totals.items():
+            for name, value in (resources.get(kind) or {}).items():
+                if name in ("cpu", "memory") and quantity(value) > 0:
+                    total[name] += quantity(value)
+        limited = {n for n, v in (resources.get("limits") or {}).items() if quantity(v) > 0}
+        every_container_limited &= {"cpu", "memory"} <= limited
+    requests, limits = totals["requests"], totals["limits"]
+    if not requests and not limits:
         return "BestEffort"
-    return "Guaranteed" if guaranteed else "Burstable"
+    if every_container_limited and len(requests) == len(limits) and all(limits.get(n) == v for n, v in requests.items()):
+        return "Guaranteed"
+    return "Burstable"
 
 
 def _default_container(c):

@@ -108,6 +108,27 @@ def test_lease_conflict_and_node_lease_restriction(fake_api):
     assert c.post(base, json=other).status_code == 403
 
 
+@pytest.mark.parametrize("image, policy", [
+    ("app", "Always"), ("app:latest", "Always"), ("app:v1", "IfNotPresent"), ("r.io:5000/app", "Always"),
+    ("app@sha256:" + "c" * 64, "IfNotPresent"), ("app:latest@sha256:" + "c" * 64, "Always")])
+def test_admission_defaults_image_pull_policy_from_the_tag_as_kubernetes_does(fake_api, image, policy):
+    """SetDefaults_Container: Always when ParseImageName reads the tag "latest" (also beside a digest)."""
+    pod = fake_api.create_pod({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": image}]}})
+    assert pod["spec"]["containers"][0]["imagePullPolicy"] == policy
+
+
+@pytest.mark.parametrize("resources, qos", [
+    ([{}], "BestEffort"),
+    ([{"requests": {"cpu": "0", "ephemeral-storage": "1Gi"}}], "BestEffort"),      # only cpu/memory above 0
+    ([{"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "1000m", "memory": "1073741824"}}], "Guaranteed"),
+    ([{"limits": {"cpu": "1", "memory": "1Gi"}}, {}], "Burstable"),                 # every container needs both
+    ([{"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m"}}], "Burstable")])
+def test_admission_sets_the_qos_class_as_kubernetes_computes_it(fake_api, resources, qos):
+    containers = [{"name": f"c{i}", "image": "x", "resources": r} for i, r in enumerate(resources)]
+    pod = fake_api.create_pod({"metadata": {"name": "p"}, "spec": {"containers": containers}})
+    assert pod["status"]["qosClass"] == qos
+
+
 def test_pod_admission_defaults(fake_api):
     pod = fake_api.create_pod({"metadata": {"name": "p"}, "spec": {"containers": [
         {"name": "c", "image": "x", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},

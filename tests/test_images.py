@@ -89,6 +89,7 @@ def test_invalid_image_reference_is_invalid_image_name(image):
 @pytest.mark.parametrize("image, policy", [
     ("app", "Always"), ("app:latest", "Always"), ("app:v1", "IfNotPresent"),
     ("app@sha256:" + "c" * 64, "IfNotPresent"), ("file:x.wasm", "IfNotPresent"),
+    ("app:latest@sha256:" + "c" * 64, "Always"), ("r.io:5000/app", "Always"), ("r.io:5000/app:v2", "IfNotPresent"),
 ])
 def test_default_pull_policy_is_always_only_for_latest(image, policy):
     assert minikrust.default_pull_policy(image) == policy

@@ -92,6 +92,12 @@ def test_qos_class():
     assert qos_class(pod) == "Burstable"
     pod["spec"]["containers"][0]["resources"] = {"limits": {"memory": "64Mi", "cpu": "1"}}
     assert qos_class(pod) == "Guaranteed"
+    # Kubernetes' ComputePodQOS: quantities compare by value; only cpu and memory above zero count
+    pod["spec"]["containers"][0]["resources"] = {"limits": {"memory": "64Mi", "cpu": "1"},
+                                                 "requests": {"memory": "67108864", "cpu": "1000m"}}
+    assert qos_class(pod) == "Guaranteed"
+    pod["spec"]["containers"][0]["resources"] = {"requests": {"ephemeral-storage": "1Gi", "cpu": "0"}}
+    assert qos_class(pod) == "BestEffort"
 
 
 def test_conditions_keep_transition_times_while_unchanged():
