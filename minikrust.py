@@ -2257,6 +2257,108 @@ class ApiPodSource:
             self._thread.join(timeout)
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_RFC1123 = ("a lowercase RFC 1123 {} must consist of lower case alphanumeric characters{}, and must start and end "
+            "with an alphanumeric character")
+_SUBDOMAIN_ERROR, _LABEL_ERROR = _RFC1123.format("subdomain", ", '-' or '.'"), _RFC1123.format("label", " or '-'")
+_SPEC_TYPES = {"containers": list, "initContainers": list, "volumes": list, "restartPolicy": str,
+               "activeDeadlineSeconds": int, "terminationGracePeriodSeconds": int, "imagePullSecrets": list}
+_CONTAINER_TYPES = {"image": str, "command": list, "args": list, "env": list, "envFrom": list, "volumeMounts": list,
+                    "resources": dict, "workingDir": str, "terminationMessagePath": str, "imagePullPolicy": str}
+
+
+def _invalid(path, value, why):
+    shown = json.dumps(value, default=str)
+    return f"{path}: Invalid value: {shown if len(shown) <= 80 else shown[:77] + '...'}: {why}"
+
+
+def _typed(path, obj, types):
+    """The first field of `obj` whose value is not of its type (as the API's decoding refuses it)."""
+    for key, kind in types.items():
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
+            return _invalid(f"{path}.{key}", value, f"must be {'a list' if kind is list else 'of type ' + kind.__name__}")
+        if kind is list and any(not isinstance(item, str if key in ("command", "args") else dict) for item in value or ()):
+            return _invalid(f"{path}.{key}", value, "has an item of the wrong type")
+    return None
+
+
+def pod_problem(pod):
+    """The first reason the API server would refuse this pod, as its field error, or None.
+
+    Checks what the kubelet builds on (ValidatePodCreate's share of it): metadata.name a DNS-1123
+    subdomain, the namespace and container and volume names DNS-1123 labels, required fields
+    there, names and mount paths not repeated, mounts naming known volumes, fields of their type."""
+    meta = pod.get("metadata") if isinstance(pod, dict) else None
+    spec = pod.get("spec") if isinstance(pod, dict) else None
+    if not isinstance(meta, dict) or not meta.get("name"):
+        return "metadata.name: Required value: name or generateName is required"
+    name, namespace = meta["name"], meta.get("namespace", "default")
+    if not isinstance(name, str) or len(name) > 253 or not _NODE_NAME.fullmatch(name):
+        return _invalid("metadata.name", name, _SUBDOMAIN_ERROR)
+    if not isinstance(namespace, str) or not _DNS_LABEL.fullmatch(namespace):
+        return _invalid("metadata.namespace", namespace, _LABEL_ERROR)
+    uid = meta.get("uid", "")
+    if not isinstance(uid, str) or not re.fullmatch(r"[A-Za-z0-9-]{0,128}", uid):
+        return _invalid("metadata.uid", uid, "must be a UID")
+    for key in ("labels", "annotations"):
+        if not isinstance(meta.get(key) or {}, dict):
+            return _invalid(f"metadata.{key}", meta[key], "must be a map")
+    if not isinstance(spec, dict):
+        return "spec: Required value"
+    problem = _typed("spec", spec, _SPEC_TYPES)
+    if problem or not spec.get("containers"):
+        return problem or "spec.containers: Required value"
+    volumes = set()
+    for index, volume in enumerate(spec.get("volumes") or ()):
+        problem = _name_problem(f"spec.volumes[{index}]", volume, volumes)
+        if problem:
+            return problem
+    names = set()
+    for kind in ("initContainers", "containers"):
+        for index, container in enumerate(spec.get(kind) or ()):
+            problem = _container_problem(f"spec.{kind}[{index}]", container, names, volumes)
+            if problem:
+                return problem
+    return None
+
+
+def _name_problem(path, obj, seen):
+    """A container or volume: an object with a DNS-1123 label name not in `seen` (then added)."""
+    if not isinstance(obj, dict):
+        return _invalid(path, obj, "must be an object")
+    name = obj.get("name")
+    if not name:
+        return f"{path}.name: Required value"
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
+        return _invalid(f"{path}.name", name, _LABEL_ERROR)
+    if name in seen:
+        return f"{path}.name: Duplicate value: {json.dumps(name)}"
+    seen.add(name)
+    return None
+
+
+def _container_problem(path, container, names, volumes):
+    problem = _name_problem(path, container, names) or _typed(path, container, _CONTAINER_TYPES)
+    if problem or not container.get("image"):
+        return problem or f"{path}.image: Required value"
+    mount_paths = set()
+    for index, mount in enumerate(container.get("volumeMounts") or ()):
+        where = f"{path}.volumeMounts[{index}]"
+        if mount.get("name") not in volumes:
+            return f"{where}.name: Not found: {json.dumps(mount.get('name'), default=str)}"
+        mount_path = mount.get("mountPath")
+        if not mount_path or not isinstance(mount_path, str):
+            return f"{where}.mountPath: Required value"
+        if mount_path in mount_paths:
+            return _invalid(f"{where}.mountPath", mount_path, "must be unique")
+        mount_paths.add(mount_path)
+    for index, var in enumerate(container.get("env") or ()):
+        if not var.get("name") or not isinstance(var["name"], str):
+            return f"{path}.env[{index}].name: Required value"
+    return None
+
+
 _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 _MANIFEST_ANNOTATION = "minikrust.io/manifest"     # the file a static pod came from (its base dir for file: images)
 
@@ -2278,18 +2380,16 @@ def static_pods_from_manifest(path, node_name):
         if not isinstance(doc, dict) or doc.get("kind") != "Pod" or doc.get("apiVersion", "v1") != "v1":
             kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
             raise ConfigError(f"{where}: kind {kind!r} is not a v1 Pod (only Pod manifests are run)")
-        meta, spec = doc.get("metadata") or {}, doc.get("spec")
-        if not meta.get("name"):
-            raise ConfigError(f"{where}: metadata.name is missing")
-        if not isinstance(spec, dict) or not spec.get("containers"):
-            raise ConfigError(f"{where}: spec.containers is missing")
-        if not all(isinstance(c, dict) and c.get("name") for c in spec["containers"] + (spec.get("initContainers") or [])):
-            raise ConfigError(f"{where}: every container needs a name")
+        problem = pod_problem(doc)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         digest = hashlib.sha256(json.dumps([doc, node_name, os.path.abspath(path)], sort_keys=True).encode()).hexdigest()
         uid = str(uuid.UUID(digest[:32]))
         pod = json.loads(json.dumps(doc))
         meta = pod.setdefault("metadata", {})
         meta["name"] = f"{meta['name']}-{node_name}"
+        if len(meta["name"]) > 253:
+            raise ConfigError(f"{where}: metadata.name: Too long: {meta['name']!r} (with the node name) is over 253")
         meta.setdefault("namespace", "default")
         meta["uid"] = uid
         meta.setdefault("annotations", {}).update({
@@ -5414,7 +5514,13 @@ class PodManager:
     # -- the handler face (called by the sources) --
 
     def pod_added(self, pod):
-        meta = pod.get("metadata") or {}
+        problem = pod_problem(pod)     # the API server's checks again (defence in depth)
+        if problem and problem.startswith(("metadata.name:", "metadata.namespace:", "metadata.uid:")):
+            log.error("pod ignored: it cannot be named on this node: %s", problem)
+            return None
+        if problem:     # rejected as the kubelet rejects a pod: Failed, with the reason and an Event
+            pod = dict(pod, spec={"containers": [], "nodeName": (pod.get("spec") or {}).get("nodeName")})
+        meta = pod["metadata"]
         if _is_mirror(pod):     # the API's copy of one of our static pods: the file source runs it
             return self._mirror_changed(pod, deleted=False)
         with self._lock:
@@ -5423,7 +5529,7 @@ class PodManager:
             if worker.uid in self._restored:
                 self._confirm_restored(worker, pod)
             return worker.update(pod)
-        self._admit(pod)
+        self._admit(pod, problem=problem)
 
     def pod_updated(self, pod):
         self.pod_added(pod)
@@ -5467,7 +5573,7 @@ class PodManager:
             return _mirror_pod(pod, uid)
         return body
 
-    def _admit(self, pod, restored=False):
+    def _admit(self, pod, restored=False, problem=None):
         uid = pod["metadata"]["uid"]
         if self.config.once and _is_static(pod):   # --once runs it anew: what is kept is for restarts
             _remove_beneath(self.config.root_dir, f"pods/{uid}")
@@ -5475,7 +5581,9 @@ class PodManager:
         rejected = None
         with self._lock:
             active = sum(1 for w in self.workers.values() if not w.finished)
-            if (not saved or saved.get("phase") not in _TERMINAL_PHASES) and active >= self.config.max_pods:
+            if problem:
+                rejected = ("Invalid", f"Pod was rejected: {problem}")
+            elif (not saved or saved.get("phase") not in _TERMINAL_PHASES) and active >= self.config.max_pods:
                 rejected = ("OutOfpods", f"Pod was rejected: Node didn't have enough resource: pods, "
                                          f"requested: 1, used: {active}, capacity: {self.config.max_pods}")
             worker = PodWorker(self, pod, saved_status=saved, rejected=rejected)
@@ -5488,6 +5596,8 @@ class PodManager:
             elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
+        if rejected:
+            self.event(pod, rejected[0], rejected[1], "Warning")
         worker.start()
 
     # -- what workers call --

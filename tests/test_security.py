@@ -207,3 +207,78 @@ def test_deep_trees_are_removed_without_deep_recursion(tmp_path, resolver):
     os.close(fd)
     minikrust._remove_beneath(str(tmp_path), "vol")
     assert os.listdir(tmp_path) == []
+
+
+# --- Manifests and pods validated as the API server would ---
+
+def _static(name="ok", **spec):
+    containers = spec.pop("containers", [{"name": "main", "image": "file:x.wasm"}])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": dict(containers=containers, **spec)}
+
+
+BAD_MANIFESTS = {      # file -> (document, the field its one error line names)
+    "dotdot-name.yaml": (_static("../../etc"), "metadata.name: Invalid value"),
+    "upper-name.yaml": (_static("Web_1"), "metadata.name: Invalid value"),
+    "namespace.yaml": (dict(_static(), metadata={"name": "a", "namespace": "../kube-system"}),
+                       "metadata.namespace: Invalid value"),
+    "no-name.yaml": (dict(_static(), metadata={}), "metadata.name: Required value"),
+    "no-containers.yaml": (_static(containers=[]), "spec.containers: Required value"),
+    "container-name.yaml": (_static(containers=[{"name": "../c", "image": "file:x.wasm"}]),
+                            "spec.containers[0].name: Invalid value"),
+    "init-name.yaml": (_static(initContainers=[{"name": "A", "image": "file:x.wasm"}]),
+                       "spec.initContainers[0].name: Invalid value"),
+    "dup-container.yaml": (_static(initContainers=[{"name": "main", "image": "file:x.wasm"}]),
+                           'spec.containers[0].name: Duplicate value: "main"'),
+    "no-image.yaml": (_static(containers=[{"name": "main"}]), "spec.containers[0].image: Required value"),
+    "dup-volume.yaml": (_static(volumes=[{"name": "v", "emptyDir": {}}, {"name": "v", "emptyDir": {}}]),
+                        'spec.volumes[1].name: Duplicate value: "v"'),
+    "volume-name.yaml": (_static(volumes=[{"name": "a/b", "emptyDir": {}}]), "spec.volumes[0].name: Invalid value"),
+    "dup-mount.yaml": (_static(volumes=[{"name": "v", "emptyDir": {}}], containers=[{
+        "name": "main", "image": "file:x.wasm", "volumeMounts": [{"name": "v", "mountPath": "/a"},
+                                                                 {"name": "v", "mountPath": "/a"}]}]),
+        'spec.containers[0].volumeMounts[1].mountPath: Invalid value: "/a": must be unique'),
+    "unknown-mount.yaml": (_static(containers=[{"name": "main", "image": "file:x.wasm",
+                                                "volumeMounts": [{"name": "nope", "mountPath": "/a"}]}]),
+                           'spec.containers[0].volumeMounts[0].name: Not found: "nope"'),
+    "args-type.yaml": (_static(containers=[{"name": "main", "image": "file:x.wasm", "args": "not-a-list"}]),
+                       "spec.containers[0].args: Invalid value"),
+    "spec-type.yaml": (dict(_static(), spec=["x"]), "spec: Required value"),
+}
+
+
+def test_each_bad_manifest_gets_one_line_naming_file_and_field_and_the_good_one_runs(
+        tmp_path, kubelet_factory, wasm, caplog):
+    import yaml
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    for filename, (doc, _) in BAD_MANIFESTS.items():
+        (folder / filename).write_text(yaml.safe_dump(doc))
+    (folder / "x.wasm").write_bytes(wasm.hello)
+    (folder / "good.yaml").write_text(yaml.safe_dump(_static("good", restartPolicy="Never")))
+    kubelet = kubelet_factory(manifests=folder, node="n1")
+    wait_for(lambda: any(p["metadata"]["name"] == "good-n1" and (w.phase == "Succeeded")
+                         for p, w in ((w.pod, w) for w in kubelet.pod_manager.workers.values())), what="good pod ran")
+    assert [w.pod["metadata"]["name"] for w in kubelet.pod_manager.workers.values()] == ["good-n1"]
+    for filename, (_, field) in BAD_MANIFESTS.items():
+        lines = [r.getMessage() for r in caplog.records if str(folder / filename) in r.getMessage()]
+        assert len(lines) == 1 and f"{folder / filename}: document 1: {field}" in lines[0], (filename, lines)
+
+
+@pytest.mark.parametrize("spec_change, field", [
+    ({"containers": [{"name": "Bad_Name", "image": "x"}]}, "spec.containers[0].name: Invalid value"),
+    ({"containers": [{"name": "a", "image": "x"}], "volumes": [{"name": "Bad.Vol", "emptyDir": {}}]},
+     "spec.volumes[0].name: Invalid value"),
+])
+def test_an_invalid_api_pod_fails_with_reason_message_and_event_and_others_run(
+        fake_api, kubelet_factory, module_file, wasm, spec_change, field):
+    kubelet_factory(fake_api)
+    bad = _manifest("bad", [])
+    bad["spec"].update(spec_change)
+    fake_api.create_pod(bad, node_name="node-1")           # the fake lets it through; a real API would not
+    fake_api.create_pod(_manifest("good", [{"name": "main", "image": module_file(wasm.hello)}]), node_name="node-1")
+    status = wait_for(lambda: _status(fake_api, "bad").get("phase") == "Failed" and _status(fake_api, "bad"),
+                      what="bad pod Failed")
+    assert status["reason"] == "Invalid" and field in status["message"], status
+    event = wait_for(lambda: fake_api.events(involved_name="bad", reason="Invalid"), what="Invalid event")[0]
+    assert event["type"] == "Warning" and field in event["message"]
+    wait_for(lambda: _status(fake_api, "good").get("phase") == "Succeeded", what="good pod ran")
