@@ -2129,12 +2129,12 @@ def _pod_rv(pod):
     return (pod.get("metadata") or {}).get("resourceVersion")
 
 
-def _deliver(handler, method, pod):
-    """Call handler.<method>(pod); a handler error is logged, never fatal to the source."""
+def _deliver(call, pod):
+    """call(pod), a handler's pod_added/pod_updated/pod_deleted; its error is logged, never fatal to the source."""
     try:
-        getattr(handler, method)(pod)
+        call(pod)
     except Exception:
-        log.exception("pod handler %s(%s) failed", method, _pod_key(pod))
+        log.exception("pod handler %s(%s) failed", call.__name__, _pod_key(pod))
 
 
 class _PodSet:
@@ -2145,21 +2145,18 @@ class _PodSet:
         self.handler = handler
         self.pods = {}
 
-    def _call(self, method, pod):
-        _deliver(self.handler, method, pod)
-
     def upsert(self, pod):
         uid = _pod_uid(pod)
         old = self.pods.get(uid)
         if old is not None and _pod_rv(old) == _pod_rv(pod) and _pod_rv(pod) is not None:
             return
         self.pods[uid] = pod
-        self._call("pod_added" if old is None else "pod_updated", pod)
+        _deliver(self.handler.pod_added if old is None else self.handler.pod_updated, pod)
 
     def remove(self, pod):
         old = self.pods.pop(_pod_uid(pod), None)
         if old is not None:
-            self._call("pod_deleted", pod)
+            _deliver(self.handler.pod_deleted, pod)
 
     def reconcile(self, pods):
         """A full list is the truth: deliver changes, and deletions of pods no longer listed."""
@@ -2236,7 +2233,7 @@ class ApiPodSource:
             except (MinikrustError, OSError, ValueError) as exc:
                 if self._stop.is_set() or self.api.closed:
                     break
-                if getattr(exc, "code", None) == 410:
+                if isinstance(exc, ApiError) and exc.code == 410:
                     log.info("pod watch of %s expired (410); listing again", self.node_name)
                     self.resource_version = None
                     continue
@@ -2464,7 +2461,7 @@ class StaticPodSource:
         new_uids = {p["metadata"]["uid"] for p in pods}
         for uid in old:
             if uid not in new_uids:
-                self._call("pod_deleted", self._pods.pop(uid))
+                _deliver(self.handler.pod_deleted, self._pods.pop(uid))
         for pod in pods:
             if pod["metadata"]["uid"] in self._pods:
                 continue
@@ -2477,10 +2474,7 @@ class StaticPodSource:
                 self._files[path] = (stamp, [u for u in self._files[path][1] if u != pod["metadata"]["uid"]])
                 continue
             self._pods[pod["metadata"]["uid"]] = pod
-            self._call("pod_added", pod)
-
-    def _call(self, method, pod):
-        _deliver(self.handler, method, pod)
+            _deliver(self.handler.pod_added, pod)
 
     def _run(self):
         while not self._stop.is_set():
@@ -3063,13 +3057,12 @@ class ImageManager:
 
     def __init__(self, config=None, store=None, api=None, *, backoff=None, retries=3,
                  retry_delay=0.2, in_use=None):
-        self.config = config
-        root_dir = os.path.expanduser(getattr(config, "root_dir", None) or "~/.minikrust")
-        self.store = store if store is not None else ModuleStore(os.path.join(root_dir, "modules"))
+        self.config = config = config if config is not None else Config()
+        self.store = store if store is not None else ModuleStore(os.path.join(config.root_dir, "modules"))
         self.api = api
         # the kubelet backs off image pulls as it does container restarts: 10 s doubling to 300 s
-        self.backoff = backoff or (self._setting("backoff_base", 10.0), self._setting("backoff_max", 300.0))
-        verification = self._setting("image_pull_credentials_verification_policy", "NeverVerifyPreloadedImages")
+        self.backoff = backoff or (config.backoff_base, config.backoff_max)
+        verification = config.image_pull_credentials_verification_policy
         if verification not in ("NeverVerify", "NeverVerifyPreloadedImages", "AlwaysVerify"):
             raise ConfigError(f"--image-pull-credentials-verification-policy: {verification!r} is not one of "
                               "NeverVerify, NeverVerifyPreloadedImages, AlwaysVerify")
@@ -3084,10 +3077,6 @@ class ImageManager:
         self._blob_locks = collections.defaultdict(threading.Lock)
         self._failures = {}             # image -> (retry not before, current delay)
         self._file_digests = {}
-
-    def _setting(self, name, default):
-        value = getattr(self.config, name, None)
-        return default if value is None else value
 
     def ensure(self, image, pull_policy=None, pull_secrets=(), namespace=None, base_dir=None):
         """Return a ModuleRef for `image`, pulling it if the policy says so; raises ImageError."""
@@ -3140,7 +3129,7 @@ class ImageManager:
         another pod without a pull only if that pod has the same credential; one pulled anonymously
         or with node credentials serves every pod. Modules stored without a record ("preloaded")
         pass under NeverVerifyPreloadedImages (the default), not under AlwaysVerify."""
-        policy = self._setting("image_pull_credentials_verification_policy", "NeverVerifyPreloadedImages")
+        policy = self.config.image_pull_credentials_verification_policy
         if policy == "NeverVerify":
             return True
         labels = self.store.auth(_store_key(ref))
@@ -3223,7 +3212,7 @@ class ImageManager:
                             ns, name, getattr(exc, "code", exc.__class__.__name__))
                 continue
             creds += [c for c in _secret_credentials(secret) if _registry_matches(c.registry, registry)]
-        path = self._setting("registry_config", None) if node else None
+        path = self.config.registry_config if node else None
         if path:
             try:
                 creds += _registry_config_credentials(path, registry)
@@ -3233,7 +3222,7 @@ class ImageManager:
 
     def _pull(self, ref, pull_secrets, namespace):
         """Try each credential for the registry in turn (anonymous when there is none)."""
-        insecure = ref.registry in tuple(self._setting("insecure_registries", ()))
+        insecure = ref.registry in self.config.insecure_registries
         creds = self.credentials(ref.registry, pull_secrets, namespace) or [None]
         started = time.monotonic()
         for cred in creds:
@@ -3372,9 +3361,9 @@ class ImageManager:
     def gc(self, usage=None):
         """Run image GC with the --image-gc-* settings; returns the removed digests."""
         in_use = set(self.in_use() if self.in_use else ())
-        removed = self.store.gc(self._setting("image_gc_high_threshold", 85),
-                                self._setting("image_gc_low_threshold", 80),
-                                self._setting("image_minimum_gc_age", 120.0), in_use, usage)
+        removed = self.store.gc(self.config.image_gc_high_threshold,
+                                self.config.image_gc_low_threshold,
+                                self.config.image_minimum_gc_age, in_use, usage)
         if removed and self.compiled_cache_dir:  # the host's cache files are named <sha256hex>.*
             prefixes = tuple(d.split(":", 1)[-1] + "." for d in removed)
             with contextlib.suppress(FileNotFoundError):
@@ -6593,17 +6582,11 @@ _VERBS = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH
 _STREAMING = ("exec", "attach", "portForward", "run")
 
 
-def _kubelet_pods(kubelet):
-    """kubelet.pods(), or no pods from a kubelet that runs none."""
-    pods = getattr(kubelet, "pods", None)
-    return list(pods()) if callable(pods) else []
-
-
 def _container_ended(kubelet, namespace, name, container, path):
     """Whether the container run writing `path` (`<restartCount>.log`) has ended, from kubelet.pods()."""
     stem = os.path.basename(path).split(".")[0]
     run = int(stem) if stem.isdigit() else None
-    for pod in _kubelet_pods(kubelet):
+    for pod in kubelet.pods():
         meta = pod.get("metadata") or {}
         if (meta.get("namespace") or "default", meta.get("name")) != (namespace, name):
             continue
@@ -6722,7 +6705,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         kube = self.server.kube
         if path == "/pods":
             return self._send_json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                         "items": _kubelet_pods(kube.kubelet)})
+                                         "items": list(kube.kubelet.pods())})
         if path == "/metrics":
             return self._send(200, kube.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/metrics/resource":
@@ -6739,8 +6722,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except ValueError as exc:
             return self._send(400, str(exc))
         kubelet = self.server.kube.kubelet
-        locate = getattr(kubelet, "container_log_path", None)
-        path = locate(namespace, name, container, previous=options.previous) if locate else None
+        path = kubelet.container_log_path(namespace, name, container, previous=options.previous)
         if not path or not (os.path.exists(path) or rotated_log_files(path)):
             if options.previous:
                 return self._send(400, f'previous terminated container "{container}" in pod "{name}" not found')
@@ -6844,8 +6826,8 @@ class KubeletServer:
         api = self.kubelet.api  # read now: a kubelet may make its client after this server (TLS bootstrap)
         self.standalone = api is None
         self.tls = None if self.standalone else _ServingTLS(self.kubelet, self.stopping, self.csr_timeout)
-        self.auth = _Authorizer(api, self.config.node_name, getattr(self.config, "anonymous_auth", False))
-        host = "127.0.0.1" if self.standalone else (getattr(self.config, "address", None) or "0.0.0.0")
+        self.auth = _Authorizer(api, self.config.node_name, self.config.anonymous_auth)
+        host = "127.0.0.1" if self.standalone else (self.config.address or "0.0.0.0")
         try:
             self._httpd = _HTTPServer((host, self.config.port), self)
         except OSError as exc:      # fatal, as in the kubelet: a node whose API is unreachable fails later, silently
@@ -6884,9 +6866,8 @@ class KubeletServer:
 
     def render_metrics(self):
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
-        metrics = getattr(self.kubelet, "metrics", None)
-        text = metrics.render() if metrics is not None else ""
-        running = sum(1 for pod in _kubelet_pods(self.kubelet) if (pod.get("status") or {}).get("phase") == "Running")
+        text = self.kubelet.metrics.render()
+        running = sum(1 for pod in self.kubelet.pods() if (pod.get("status") or {}).get("phase") == "Running")
         extra = Metrics(standard=False)
         extra.gauge("minikrust_running_pods", "Pods in phase Running on this node.")
         extra.set("minikrust_running_pods", running)

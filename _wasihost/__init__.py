@@ -293,15 +293,8 @@ def _is_path(target):
 
 def _rotation(max_size, max_files):
     """(log_max_size, log_max_files) for wh_run_config: (0, 0) without rotation; max_files defaults
-    to the kubelet's 5."""
-    if max_size is None:
-        return 0, 0
-    max_files = 5 if max_files is None else max_files
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise RunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
-    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
-        raise RunError(f"log_max_files must be at least 1, not {max_files!r}")
-    return max_size, max_files
+    to the kubelet's 5. The limits are checked by the caller (minikrust's Config)."""
+    return (0, 0) if max_size is None else (max_size, 5 if max_files is None else max_files)
 
 
 class _Output:
