@@ -128,6 +128,17 @@ class KubeletProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def fd_kinds(self):
+        """What the process's open fds are: socket, pipe, anon_inode:[eventfd], or a file's folder."""
+        kinds = collections.Counter()
+        for fd in _listdir(f"/proc/{self.proc.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+            except OSError:
+                continue
+            kinds[target.split(":[")[0] if ":" in target else os.path.dirname(target)] += 1
+        return kinds
+
     def sample(self):
         """(threads, fds, rss MB) of the running process, or None."""
         pid = self.proc.pid
@@ -314,7 +325,7 @@ class Faults:
             (0.26, f"20 answers delayed by {3 * s:.0f} s", lambda: self.fake.delay_next(20, seconds=3 * s)),
             (0.33, "storm of 410s", lambda: self.storm_410(10 * s)),
             (0.42, "API server restart losing its watch cache", lambda: self.fake.restart(expire_watches=True)),
-            (0.47, f"API server accepts connections but answers nothing for {20 * s:.0f} s", lambda: self.hang(20 * s)),
+            (0.47, f"API server accepts connections but answers nothing for {40 * s:.0f} s", lambda: self.hang(40 * s)),
             (0.58, "kubelet killed", lambda: self.kill(k[-1])),
             (0.63, f"API server outage of {30 * s:.0f} s", lambda: self.outage(30 * s)),
             (0.85, "watch streams ended + 5 status patches answered 500",
@@ -398,6 +409,8 @@ def finalized_lines(kubelets):
 
 
 def check_finalization(driver, histories, fake, kubelets, problems):
+    """Each pod deleted once in the API, finalized at most once per kubelet process, one final
+    delete, and no status patch or delete of it after it was gone."""
     finalized = finalized_lines(kubelets)
     nodes = {f"system:node:{k.node}" for k in kubelets}
     writes = [r for r in list(fake.requests) if r.user in nodes and r.method in ("POST", "PUT", "PATCH", "DELETE")]
@@ -409,16 +422,14 @@ def check_finalization(driver, histories, fake, kubelets, problems):
             continue
         if finalized[name] > 1:
             problems["deleted pod finalized once"].append(f"{name}: finalized {finalized[name]} times by one kubelet")
-        path = f"/api/v1/namespaces/{NS}/pods/{name}"
-        mine = [r for r in writes if r.path in (path, path + "/status") or
-                (r.path.endswith("/events") and isinstance(r.body, dict)
-                 and (r.body.get("involvedObject") or {}).get("uid") == info["uid"])]
+        path = f"/api/v1/namespaces/{NS}/pods/{name}"      # Events may arrive later: they tell the past
+        mine = [r for r in writes if r.path in (path, path + "/status")]
         deletes = [r for r in mine if r.method == "DELETE" and r.status == 200]
         if len(deletes) > 1:
             problems["deleted pod finalized once"].append(f"{name}: {len(deletes)} final deletes")
         late = [f"{r.method} {r.path} -> {r.status}" for r in mine if r.time > gone[0]]
         if late:
-            problems["no writes after finalization"].append(f"{name}: {late[:3]}{' ...' if len(late) > 3 else ''}")
+            problems["no pod writes after finalization"].append(f"{name}: {late[:3]}{' ...' if len(late) > 3 else ''}")
 
 
 def leftovers(kubelets, shm_seen):
@@ -473,6 +484,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, root dirs)")
     args = parser.parse_args(argv)
+    began = time.monotonic()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     span = args.minutes * 60
@@ -511,22 +523,28 @@ def main(argv=None):
         fault_thread.join()
 
         # quiet phase: drain, take the baseline, churn without faults, drain, measure again
-        print("  quiet phase: draining", flush=True)
-        baseline = drain(driver, kubelets, problems, "after the faults")
-        driver.creating.set()
-        end = time.monotonic() + max(10.0, span - fault_span - 30 * scale - 20)
-        while time.monotonic() < end:
-            rss_samples.append(sum(s[2] for s in (k.sample() for k in kubelets) if s))
-            time.sleep(2.0)
+        # quiet phase: churn without faults, twice (the first brings pools and caches to their working
+        # size); threads, fds and RSS after the second must be what they were after the first
+        quiet = max(10.0, (span - fault_span) / 2 - 10)
+        print(f"  quiet phase: two rounds of {quiet:.0f} s of churn without faults", flush=True)
+        drain(driver, kubelets, problems, "after the faults")
+        churn(driver, kubelets, quiet, rss_samples)
+        baseline = drain(driver, kubelets, problems, "after the first quiet round")
+        fds_before = [k.fd_kinds() for k in kubelets]
+        churn(driver, kubelets, quiet, rss_samples)
         drain(driver, kubelets, problems, "at the end")
         driver.stop()
         stop_watch.set()
-        for k, base in zip(kubelets, baseline):
+        for k, base, fds in zip(kubelets, baseline, fds_before):
             last = settle(k, base, 15.0) if base else None
             if base and last:
                 leaked_threads += max(0, last[0] - base[0])
                 leaked_fds += max(0, last[1] - base[1])
                 rss_growth += last[2] - base[2]
+                more = k.fd_kinds() - fds
+                print(f"  {k.node}: threads {base[0]} -> {last[0]}, fds {base[1]} -> {last[1]}"
+                      f"{' (+' + ', '.join(f'{n} {kind}' for kind, n in more.items()) + ')' if more else ''}, "
+                      f"RSS {base[2]:.1f} -> {last[2]:.1f} MB", flush=True)
         for what in leftovers(kubelets, shm_seen):
             problems["no leaked threads/fds/temp files/volumes"].append(what)
         if leaked_threads or leaked_fds:
@@ -552,9 +570,18 @@ def main(argv=None):
     violations = sum(len(v) for v in problems.values())
     if not args.keep and not violations:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"took {time.monotonic() - began:.0f} s")
     print(f"soak minutes={args.minutes:g} pods={len(driver.pods)} kills={faults.kills} violations={violations} "
           f"leaked_threads={leaked_threads} leaked_fds={leaked_fds} rss_growth_mb={rss_growth:.1f}")
     return 1 if violations else 0
+
+
+def churn(driver, kubelets, seconds, rss_samples):
+    driver.creating.set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        rss_samples.append(sum(s[2] for s in (k.sample() for k in kubelets) if s))
+        time.sleep(2.0)
 
 
 def drain(driver, kubelets, problems, when):
@@ -571,7 +598,7 @@ def drain(driver, kubelets, problems, when):
 
 
 ROWS = ["final state reached once", "Never container ran once", "status went backwards",
-        "restartCount never decreased", "deleted pod finalized once", "no writes after finalization",
+        "restartCount never decreased", "deleted pod finalized once", "no pod writes after finalization",
         "no leaked threads/fds/temp files/volumes", "RSS flat", "kubelets alive"]
 
 
