@@ -735,9 +735,10 @@ class ApiClient:
             session.verify = not self.cluster.insecure
         else:
             session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=_API_CONNECTIONS))
-        if self.cluster.proxy_url:
-            session.proxies = {"http": self.cluster.proxy_url, "https": self.cluster.proxy_url}
-            session.trust_env = False
+        # the environment's proxies (HTTPS_PROXY, NO_PROXY) read once: requests would scan os.environ per call
+        proxy = self.cluster.proxy_url
+        session.proxies = {"http": proxy, "https": proxy} if proxy else requests.utils.get_environ_proxies(self.server)
+        session.trust_env = False
         if self.cluster.username:
             session.auth = (self.cluster.username, self.cluster.password)
         return session

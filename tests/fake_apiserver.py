@@ -2599,6 +2599,7 @@ class FakeApiServer:
         params = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
         method = h.command
         rec = RequestRecord(method, path, url.query, params, h.headers.get("Content-Type", ""), "", ())
+        h._record = rec
         try:
             raw = _read_body(h)
             try:
@@ -2630,7 +2631,9 @@ class FakeApiServer:
             except OSError:
                 pass
         finally:
-            self.requests.append(rec)
+            if h._record is rec:        # not logged yet by send_response
+                h._record = None
+                self.requests.append(rec)
 
     def _fault(self, method, path, h):
         with self._lock:
@@ -3071,6 +3074,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-kube-apiserver"
+    disable_nagle_algorithm = True      # as Go's net/http: no 40 ms delayed-ACK stall between header and body
     peer_cert = None
 
     def setup(self):
@@ -3096,6 +3100,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def send_response(self, code, message=None):
         self._status = code
+        if getattr(self, "_record", None) is not None:   # logged before the client can read the answer
+            self._record.status, record, self._record = code, self._record, None
+            self.server.fake.requests.append(record)
         super().send_response(code, message)
 
     def do_GET(self):
