@@ -173,7 +173,53 @@ class Config:
     address: str = "0.0.0.0"
     backoff_base: float = 10.0      # CrashLoopBackOff: first delay, doubled up to backoff_max (tests shorten it)
     backoff_max: float = 300.0
+
+    def __post_init__(self):
+        """Refuse, naming the field, a value of the wrong type, out of its range or not one of its
+        choices (ConfigError): a bad Config fails where it is built, not deep in a thread later."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            problem = _config_type_problem(item, value)
+            if not problem and value is not None:
+                problem = (f"is not one of {', '.join(_CHOICES[item.name])}" if value not in _CHOICES.get(item.name, (value,))
+                           else _check_value(item.name, value) or _config_range_problem(item, value))
+            if problem:
+                raise ConfigError(f"Config.{item.name}: {value!r} {problem}")
+        if self.image_gc_low_threshold > self.image_gc_high_threshold:
+            raise ConfigError("Config.image_gc_low_threshold: must not be above image_gc_high_threshold")
     echo: bool = False              # print standalone pods' output to stdout (the CLI's default)
+
+
+_CONFIG_RANGES = {"max_pods": (1, 10**6), "container_log_max_size": (0, 2**62), "container_log_max_files": (1, 10**6),
+                  "image_gc_high_threshold": (0, 100), "image_gc_low_threshold": (0, 100), "lease_duration": (1, 10**6)}
+
+
+def _config_type_problem(item, value):
+    """Why a Config field's value is not of the field's type (None allowed where it is the default)."""
+    kind = item.type if isinstance(item.type, type) else {"str": str, "int": int, "float": float, "bool": bool,
+                                                          "dict": dict, "tuple": tuple}[item.type]
+    if value is None and item.default is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return f"is not of type {kind.__name__}"
+    if kind in (tuple, dict) and not all(isinstance(v, str) for v in (value if kind is tuple else [*value, *value.values()])):
+        return "must hold strings only"
+    return None
+
+
+def _config_range_problem(item, value):
+    low, high = _CONFIG_RANGES.get(item.name, (None, None))
+    if low is not None and not low <= value <= high:
+        return f"is not between {low} and {high}"
+    if item.type in (float, "float") and not 0 <= value <= threading.TIMEOUT_MAX:    # NaN fails this too
+        return f"must be a number of seconds between 0 and {threading.TIMEOUT_MAX:.0f}"
+    if item.name.startswith("backoff_") and value <= 0:
+        return "must be positive"
+    return None
 
 
 def _parse_bool(text):
@@ -347,7 +393,10 @@ def parse_args(argv=None, environ=None):
         values["root_dir"] = os.path.expanduser(values["root_dir"])
     if "kubeconfig" in values and values["kubeconfig"] != "in-cluster":
         values["kubeconfig"] = os.path.expanduser(values["kubeconfig"])
-    return Config(**values)
+    try:
+        return Config(**values)
+    except ConfigError as exc:      # named as the flag, the way the user set it
+        raise ConfigError(re.sub(r"^Config\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None
 
 @dataclass(frozen=True)
 class ClusterConfig:

@@ -39,7 +39,8 @@ def test_every_flag_can_come_from_its_environment_variable():
     for flag, convert, _help in minikrust._FLAGS:
         field = flag[2:].replace("-", "_")
         raw = {"sync": "poll", "log_level": "debug", "log_format": "json", "node_ip": "10.0.0.1",
-               "image_pull_credentials_verification_policy": "AlwaysVerify"}.get(
+               "image_pull_credentials_verification_policy": "AlwaysVerify",
+               "image_gc_high_threshold": "90"}.get(      # above the default low threshold (80)
             field, samples.get(convert, "x"))
         config = minikrust.parse_args([], {"MINIKRUST_" + field.upper(): raw})
         assert getattr(config, field) == convert(raw), flag
@@ -469,3 +470,33 @@ def test_node_labels_the_node_may_not_set_are_refused(labels, ok):
     else:
         with pytest.raises(minikrust.ConfigError, match="--node-labels"):
             minikrust.parse_args(["--node-labels", labels], {})
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"port": -1}, "port"), ({"port": 70000}, "port"), ({"port": "80"}, "port"), ({"max_pods": 0}, "max_pods"),
+    ({"sync": "bogus"}, "sync"), ({"log_format": "xml"}, "log_format"), ({"once": "yes"}, "once"),
+    ({"poll_interval": float("nan")}, "poll_interval"), ({"poll_interval": float("inf")}, "poll_interval"),
+    ({"resync_interval": -5.0}, "resync_interval"), ({"lease_renew_interval": 1e300}, "lease_renew_interval"),
+    ({"node_name": "Bad_Name"}, "node_name"), ({"node_ip": "not-an-ip"}, "node_ip"),
+    ({"allowed_host_paths": (1,)}, "allowed_host_paths"), ({"node_labels": {"a": 1}}, "node_labels"),
+    ({"image_gc_high_threshold": 101}, "image_gc_high_threshold"), ({"container_log_max_files": True}, "container_log_max_files"),
+    ({"container_log_max_size": -1}, "container_log_max_size"), ({"backoff_base": 0}, "backoff_base"),
+    ({"root_dir": None}, "root_dir"),
+])
+def test_config_refuses_bad_values_naming_the_field(values, field):
+    with pytest.raises(minikrust.ConfigError, match=rf"^Config\.{field}: "):
+        minikrust.Config(**values)
+
+
+def test_config_accepts_its_defaults_and_ordinary_values():
+    minikrust.Config()
+    minikrust.Config(port=0, poll_interval=1, allowed_host_paths=["/tmp"], node_ip="10.0.0.1", max_pods=1)
+    with pytest.raises(minikrust.ConfigError, match="image_gc_low_threshold"):
+        minikrust.Config(image_gc_high_threshold=50, image_gc_low_threshold=60)
+
+
+def test_flags_out_of_range_are_named_as_flags():
+    with pytest.raises(minikrust.ConfigError, match=r"^--image-gc-high-threshold: 200 is not between 0 and 100"):
+        minikrust.parse_args(["--image-gc-high-threshold", "200"], {})
+    with pytest.raises(minikrust.ConfigError, match=r"^--poll-interval: nan "):
+        minikrust.parse_args(["--poll-interval", "nan"], {})
