@@ -32,16 +32,19 @@ import ctypes
 import dataclasses
 import datetime
 import email.utils
+import enum
 import errno
 import fractions
 import functools
 import hashlib
+import heapq
 import hmac
 import http.server
 import importlib.metadata
 import importlib.util
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -51,6 +54,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -1370,7 +1374,7 @@ class _FallbackRun:
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
             killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, oom=oom,
             cpu_seconds=time.thread_time() - cpu0, peak_memory=peak)
-        os.write(self._done.write_fd, (1).to_bytes(8, sys.byteorder))  # the end, as native posts it
+        self._done.post()  # the end, as the native host posts it
 
     def kill(self):
         """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
@@ -1423,6 +1427,13 @@ class _DoneFd:
         poller = select.poll()
         poller.register(self.read_fd, select.POLLIN)
         return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+    def post(self):
+        os.write(self.write_fd, (1).to_bytes(8, sys.byteorder))
+
+    def clear(self):
+        """Make it unreadable again (after it was seen readable)."""
+        os.read(self.read_fd, 4096)
 
     def close(self):
         for fd in {self.read_fd, self.write_fd} - {-1}:
@@ -4952,6 +4963,7 @@ _BACKOFF_RESET = 600.0          # seconds of good running that forgive a contain
 _CONFIG_RETRY = 2.0             # seconds between tries of a pod whose configMap/secret is missing
 _TERMINATION_MESSAGE_MAX = 4096
 _KILLED_EXIT = 137
+_SYNC_THREADS = 4               # the pool that syncs pods, however many there are
 
 
 def _memory_limit(container):
@@ -4981,6 +4993,12 @@ def _log_tail(path, max_lines=80, max_bytes=2048):
         return ""
     content = [line.split(" ", 3)[3] if line.count(" ") >= 3 else line for line in lines[-max_lines:]]
     return "\n".join(content)[-max_bytes:]
+
+
+def _base_dir(pod):
+    """The folder of a static pod's manifest (its relative file: images start there), else None."""
+    manifest = _annotations(pod).get(_MANIFEST_ANNOTATION)
+    return os.path.dirname(manifest) if manifest else None
 
 
 def _write_json_atomic(path, doc):
@@ -5056,158 +5074,175 @@ class _Container:
         return status
 
 
+class PodState(enum.Enum):
+    """A pod's life on this node, as the kubelet's pod workers (pod_workers.go) see it: it only
+    moves forward, through _NEXT_STATES, in PodWorker._advance."""
+    SYNCING = "syncing"             # admitted: volumes, images, containers started and restarted
+    TERMINATING = "terminating"     # stopping: its modules are killed at kill_at, their ends awaited
+    TERMINATED = "terminated"       # a terminal phase (Succeeded/Failed); volumes removed, nothing runs
+    FINALIZED = "finalized"         # deleted from the API, or forgotten: never admitted again
+
+
+_NEXT_STATES = {PodState.SYNCING: {PodState.TERMINATING}, PodState.TERMINATING: {PodState.TERMINATED},
+                PodState.TERMINATED: {PodState.FINALIZED}, PodState.FINALIZED: set()}
+
+
+@dataclass(frozen=True)
+class _Deletion:
+    """A request to stop a pod: kill its modules at `kill_at` (monotonic); `silent` when the pod
+    is gone from its source, so nothing more is written for it."""
+    kill_at: float
+    silent: bool = False
+
+
+@dataclass(frozen=True)
+class PodServices:
+    """All a PodWorker uses of the kubelet: each field a value or a callable."""
+    config: "Config"
+    node_ip: str
+    host: "typing.Callable"             # () -> the WASI host
+    ensure_image: "typing.Callable"     # (pod, container) -> module ref, with the Pulling/Pulled events
+    prepare_volumes: "typing.Callable"  # (pod, pod_dir) -> {volume name: host dir}
+    container_env: "typing.Callable"    # (pod, container spec) -> [(name, value)]
+    record_event: "typing.Callable"     # (pod, reason, message, type, container=None)
+    send_status: "typing.Callable"      # (worker, old phase): its status changed
+    run_started: "typing.Callable"      # (worker, container, run or None, began): watch it, count it
+    finalized: "typing.Callable"        # (worker): it reached FINALIZED
+
+
 class PodWorker:
-    """Runs one pod: a thread that moves the pod through its life and publishes its status.
+    """One pod's state machine. `sync()` takes it as far as it can go now (on the PodDriver's pool,
+    one sync of a pod at a time) and says when to look again; updates, deletions and the ends of
+    runs come from other threads and are only recorded, then the driver syncs the pod.
+        SYNCING: volumes -> init containers one by one -> app containers, restarted by policy
+        TERMINATING: (deleted, finished, failed) modules killed at kill_at; their ends awaited
+        TERMINATED: the phase decided, volumes removed      FINALIZED: deleted from the API
+    Every failure is a reason on the pod, never an exception out of sync()."""
 
-    States, each step taken by `_sync()` whenever something happens (a spec update, a container
-    exit, a timer):
-        admitted -> preparing volumes -> init containers one by one -> app containers in parallel
-        -> finished (Succeeded/Failed: volumes removed) -> finalized (deleted from the API)
-    Deletion (deletionTimestamp) kills running modules at the end of the grace period (a module
-    gets no signal), then finishes and finalizes. Every failure is a reason on the pod."""
-
-    def __init__(self, manager, pod, saved_status=None, rejected=None):
-        self.m = manager
-        self.pod = pod
-        self.uid = pod["metadata"]["uid"]
-        self.key = _pod_key(pod)
-        self.dir = os.path.join(manager.config.root_dir, "pods", self.uid)
+    def __init__(self, services, pod, saved=None, rejected=None):
+        self.s, self.pod, self.uid, self.key = services, pod, pod["metadata"]["uid"], _pod_key(pod)
+        self.dir = os.path.join(services.config.root_dir, "pods", self.uid)
         self.rejected = rejected                        # (reason, message) of a pod not admitted
         spec = pod["spec"]
-        has_init = bool(spec.get("initContainers"))
         self.inits = [_Container(c, True, "PodInitializing") for c in spec.get("initContainers") or []]
-        self.apps = [_Container(c, False, "PodInitializing" if has_init else "ContainerCreating")
+        self.apps = [_Container(c, False, "PodInitializing" if self.inits else "ContainerCreating")
                      for c in spec["containers"]]
-        self.phase = self.reason = self.message = None  # pod-level outcome, when decided
-        self.status = None
-        self.volume_dirs = None
-        self._prepared_at = 0.0     # monotonic time volumes were last (re)written
-        self.start_time = None
-        self.deadline = None
-        self.kill_at = None         # monotonic time to kill running modules (deletion)
-        self.deleting = self.gone = self.finished = self.finalized = self.stopping = False
-        self._exits = []
-        self._kill_announced = False
-        self._launched = False
-        self.echoed = set()         # container notes already printed (standalone)
-        self._dirty = True
-        self._cond = threading.Condition()
-        self._thread = None
-        if saved_status:
-            self._restore(saved_status)
+        self.state = PodState.SYNCING
+        self.outcome = (None, None, None)   # (phase, reason, message); phase None: from the containers
+        self.deletion = None                # a _Deletion once the pod is to stop
+        self.kill_at = None                 # monotonic time its modules are killed (TERMINATING)
+        self.status = self.volume_dirs = self.start_time = self.deadline = None
+        self._prepared_at = 0.0             # monotonic time volumes were last (re)written
+        self._exits = []                    # (container, run, result) not yet taken in
+        self._killed = False
+        self._lock = threading.Lock()
+        self.echoed = set()                 # container notes already printed (standalone)
+        if saved:
+            self._restore(*saved)
 
-    def _restore(self, saved):
-        self.start_time = saved.get("startTime")
+    def _restore(self, state, status):
+        """Carry on from what a previous kubelet saved (or from the API's status)."""
+        self.start_time = status.get("startTime")
         dirs = _read_state(os.path.join(self.dir, "volumes.json"))   # volumes a previous kubelet prepared
         if dirs and all(isinstance(d, str) and os.path.isdir(d) for d in dirs.values()):
             self.volume_dirs, self._prepared_at = dirs, time.monotonic()
-        by_name = {s["name"]: s for s in (saved.get("initContainerStatuses") or []) + (saved.get("containerStatuses") or [])}
+        by_name = {s["name"]: s for s in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])}
         for c in self.inits + self.apps:
             if c.name in by_name:
                 c.restore(by_name[c.name])
-        if self.pod["spec"].get("restartPolicy", "Always") == "Never":
-            for c in self.inits + self.apps:     # a run lost with the last kubelet is not run again
-                if c.ever_started and "waiting" in c.state and c.last_state.get("terminated"):
-                    c.state, c.last_state = c.last_state, {}
-        if saved.get("phase") in _TERMINAL_PHASES:
-            self.phase, self.reason, self.message = saved["phase"], saved.get("reason"), saved.get("message")
-            self.finished = True
-        self.status = saved
+            if self._policy() == "Never" and c.ever_started and "waiting" in c.state and c.last_state.get("terminated"):
+                c.state, c.last_state = c.last_state, {}    # a run lost with the last kubelet is not run again
+        if state is PodState.TERMINATED or status.get("phase") in _TERMINAL_PHASES:
+            self.state = PodState.TERMINATED
+            self.outcome = (status["phase"], status.get("reason"), status.get("message"))
+        self.status = status
 
-    # -- events from outside (source thread, run waiters) --
-
-    def start(self):
-        self._launched = True
-        self._thread = threading.Thread(target=self._loop, name=f"pod-{self.key}", daemon=True)
-        self._thread.start()
-
-    def _ensure_thread(self):
-        """Called with _cond held: a finished pod's thread ended; start one for what came."""
-        if self._launched and self._thread is None and not (self.stopping or self.finalized):
-            self.start()
+    # -- inputs, from any thread: recorded here, acted on by the next sync --
 
     def update(self, pod):
-        with self._cond:
+        with self._lock:
             self.pod = pod
-            if pod["metadata"].get("deletionTimestamp") and not self.deleting:
+            if pod["metadata"].get("deletionTimestamp") and self.deletion is None:
                 grace = pod["metadata"].get("deletionGracePeriodSeconds")
                 if grace is None:
                     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
-                self.deleting, self.kill_at = True, time.monotonic() + max(0, grace)
-            self._wake()
+                self.deletion = _Deletion(time.monotonic() + max(0, grace))
 
     def remove(self, grace=0):
         """The pod is gone from its source: stop its modules after `grace` seconds, no API writes."""
-        with self._cond:
-            if not self.deleting:
-                self.kill_at = time.monotonic() + max(0, grace)
-            self.deleting = self.gone = True
-            self._wake()
+        with self._lock:
+            kill_at = self.deletion.kill_at if self.deletion else time.monotonic() + max(0, grace)
+            self.deletion = _Deletion(kill_at, silent=True)
 
-    def stop(self):
-        """Kubelet shutdown: kill the modules, keep everything on disk for the next start."""
-        with self._cond:
-            self.stopping = True
-            self._wake()
-            thread = self._thread
-        for c in self.inits + self.apps:
-            if c.run is not None:
-                c.run.kill()
-        if thread is not None:
-            thread.join(5.0)
-
-    def _wake(self):
-        self._dirty = True
-        self._cond.notify_all()
-        self._ensure_thread()
-
-    def _on_exit(self, container, run):
-        result = run.wait()
-        with self._cond:
+    def exited(self, container, run, result):
+        """A run ended: `result` is its Result, or the exception its end raised."""
+        with self._lock:
             self._exits.append((container, run, result))
-            self._wake()
 
-    # -- the loop --
+    @property
+    def silent(self):
+        return self.deletion is not None and self.deletion.silent
 
-    def _loop(self):
-        while True:
-            with self._cond:
-                if self.stopping or self.finalized:
-                    return
-                self._dirty = False
-            try:
-                wait = self._sync()
-            except Exception as exc:    # a bug must not take the kubelet down: fail this pod only
-                log.exception("pod %s: internal error", self.key)
-                self._finish("Failed", "InternalError", f"minikrust: {exc}")
-                wait = None
-            self._publish()
-            with self._cond:
-                if not self._dirty and not self.stopping and not self.finalized:
-                    if self.finished and not self.deleting:
-                        self._thread = None     # nothing to do until it is deleted: no idle thread
-                        return
-                    self._cond.wait(wait)
+    def runs(self):
+        return [c.run for c in self.inits + self.apps if c.run is not None]
 
-    def _sync(self):
-        """One step of the state machine; returns seconds until it must run again (None: on event)."""
-        now = time.monotonic()
+    # -- the state machine --
+
+    def sync(self):
+        """Move the pod forward; the monotonic time to sync it again, or None (on the next event)."""
+        now, wake = time.monotonic(), None
         self._collect_exits(now)
-        if self.deleting:
-            return self._sync_deleting(now)
-        if self.finished:
-            return None
+        try:
+            if self.state is PodState.SYNCING:
+                wake = self._run_containers(now)
+            if self.state is PodState.TERMINATING:
+                wake = self._stop_containers(now)
+        except Exception as exc:    # a bug must not take the kubelet down: fail this pod only
+            log.exception("pod %s: internal error", self.key)
+            if self.state is PodState.SYNCING:
+                self._terminate("Failed", "InternalError", f"minikrust: {exc}")
+            wake = time.monotonic() + _CONFIG_RETRY
+        if self.state is PodState.TERMINATED and self.deletion is not None:
+            self._advance(PodState.FINALIZED)
+        else:
+            self._publish()
+        return wake
+
+    def _advance(self, state):
+        """The one place the pod's state changes, with what entering each state does."""
+        if state not in _NEXT_STATES[self.state]:
+            raise MinikrustError(f"pod {self.key}: no way from {self.state.value} to {state.value}")
+        self.state = state
+        if state is PodState.TERMINATING and not self.silent:
+            for c in self.inits + self.apps:    # the Killing events, once (as the kubelet does)
+                if c.run is not None:
+                    self.s.record_event(self.pod, "Killing", f"Stopping container {c.name}", "Normal", c)
+        elif state is PodState.TERMINATED:
+            self._decide_phase()
+        elif state is PodState.FINALIZED:
+            self._publish()             # the final status goes out before the final delete
+            self.s.finalized(self)
+
+    def _terminate(self, phase, reason=None, message=None):
+        """Stop the pod: killing its modules at once, or at the end of a deletion's grace period."""
+        self.outcome = (phase, reason, message)
+        deleted = phase is None and self.deletion is not None
+        self.kill_at = self.deletion.kill_at if deleted else time.monotonic()
+        self._advance(PodState.TERMINATING)
+
+    def _run_containers(self, now):
+        spec = self.pod["spec"]
+        if self.deletion is not None:
+            return self._terminate(None)
         if self.rejected:
-            return self._finish("Failed", *self.rejected)
+            return self._terminate("Failed", *self.rejected)
         if self.start_time is None:
             self.start_time = _k8s_time()
-        if self.pod["spec"].get("activeDeadlineSeconds") is not None:     # may be updated: read each time
-            started = datetime.datetime.strptime(self.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(
-                tzinfo=datetime.timezone.utc).timestamp()
-            self.deadline = now + started + self.pod["spec"]["activeDeadlineSeconds"] - time.time()
+        if spec.get("activeDeadlineSeconds") is not None:     # may be updated: read each time
+            self.deadline = now + _parse_rfc3339(self.start_time) / 1e9 + spec["activeDeadlineSeconds"] - time.time()
         if self.deadline is not None and now >= self.deadline:
-            self._kill_all("Pod was active on the node longer than the specified deadline")
-            return self._finish("Failed", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline")
+            why = "Pod was active on the node longer than the specified deadline"
+            return self._terminate("Failed", "DeadlineExceeded", why)
         if self.volume_dirs is None and not self._prepare():
             return self._until(now + _CONFIG_RETRY)
         for c in self.inits:
@@ -5215,33 +5250,69 @@ class PodWorker:
                 continue
             if c.run is not None:
                 return self._until(None)
-            if c.terminated and self.pod["spec"].get("restartPolicy", "Always") == "Never":
-                return self._finish("Failed")
+            if c.terminated and self._policy() == "Never":
+                return self._terminate("Failed")
             return self._until(self._maybe_start(c, now))
         wakes = [self._maybe_start(c, now) for c in self.apps if c.run is None and self._wants_run(c)]
         if all(c.run is None and not self._wants_run(c) for c in self.apps):
-            return self._finish(None)
+            return self._terminate(None)
         return self._until(min((w for w in wakes if w), default=None))
 
+    def _stop_containers(self, now):
+        if self.runs():
+            if now < self.kill_at:
+                return self.kill_at
+            if not self._killed:
+                self._killed = True
+                for c in self.inits + self.apps:
+                    if c.run is not None:
+                        log.info("pod %s: killing %s", self.key, c.name)
+                        c.run.kill()
+            return None                 # their ends come as events
+        self._advance(PodState.TERMINATED)
+        return None
+
+    def _decide_phase(self):
+        """The terminal phase: Failed/Succeeded from the containers unless the outcome says."""
+        phase, reason, message = self.outcome
+        if phase is None:
+            derived = pod_phase(self.pod, [c.status() for c in self.inits], [c.status() for c in self.apps])
+            phase = derived if derived in _TERMINAL_PHASES else "Failed"
+            if self.deletion and phase == "Failed" and all(c.succeeded() for c in self.apps):
+                phase = "Succeeded"
+        self.outcome = (phase, reason, message)
+        for c in self.apps + self.inits:
+            if c.state.get("waiting", {}).get("reason") == "CrashLoopBackOff" and c.last_state.get("terminated"):
+                c.state, c.last_state = c.last_state, {}
+        with contextlib.suppress(OSError):
+            cleanup_volumes(self.dir)
+        log.info("pod %s %s%s", self.key, phase, f" ({reason}: {message})" if reason else "")
+
+    def _policy(self):
+        return self.pod["spec"].get("restartPolicy", "Always")
+
     def _until(self, when):
-        """Seconds from now until `when` or the active deadline, whichever comes first."""
+        """`when` or the active deadline, whichever comes first (None: neither)."""
         times = [t for t in (when, self.deadline) if t is not None]
-        return max(0.0, min(times) - time.monotonic()) if times else None
+        return min(times) if times else None
 
     def _wants_run(self, c):
         """Whether an app container that is not running should be (re)started."""
         if not c.ever_started or not c.terminated:
             return True         # never run, or waiting to restart (back-off, lost run, config error)
-        policy = self.pod["spec"].get("restartPolicy", "Always")
-        return policy == "Always" or (policy == "OnFailure" and c.terminated.get("exitCode") != 0)
+        return self._policy() == "Always" or (self._policy() == "OnFailure" and c.terminated.get("exitCode") != 0)
 
     def _collect_exits(self, now):
-        with self._cond:
+        with self._lock:
             exits, self._exits = self._exits, []
         for c, run, result in exits:
             if c.run is not run:
                 continue
-            c.run, c.result = None, result
+            c.run = None
+            if isinstance(result, Exception):   # the host could not run it after all
+                self._start_failed(c, now, result)
+                continue
+            c.result = result
             code, reason, message = _termination_reason(result)
             message = self._termination_message(c, code) or message
             term = {"exitCode": code, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt"),
@@ -5249,24 +5320,31 @@ class PodWorker:
             if message:
                 term["message"] = message
             c.state = {"terminated": term}
-            c.schedule_restart(now, self.m.backoff_base, self.m.backoff_max)
+            c.schedule_restart(now, self.s.config.backoff_base, self.s.config.backoff_max)
             log.info("pod %s container %s exited: %s (%s)", self.key, c.name, code, reason)
 
     def _termination_message(self, c, exit_code):
-        spec = c.spec
-        path = spec.get("terminationMessagePath") or "/dev/termination-log"
+        path = c.spec.get("terminationMessagePath") or "/dev/termination-log"
         text = (read_guest_file(c.mounts, path, _TERMINATION_MESSAGE_MAX) or b"").decode("utf-8", "replace")
-        if not text and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        if not text and exit_code != 0 and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             text = _log_tail(c.log_path) if c.log_path else ""
         return text
+
+    def _config_error(self, exc, containers, container=None):
+        """A configMap, secret or volume not usable: the containers wait, with an Event; one that
+        can never work fails the pod."""
+        for c in containers:
+            if "waiting" in c.state or c is container:
+                c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
+        self.s.record_event(self.pod, "Failed", f"Error: {exc.message}", "Warning", container)
+        if not exc.retry:
+            self._terminate("Failed", exc.reason, exc.message)
 
     def _prepare(self):
         """Volumes ready (the kubelet's sandbox); False when the pod must wait or has failed."""
         try:
             os.makedirs(self.dir, exist_ok=True)
-            self.volume_dirs = prepare_volumes(self.pod, self.dir, self.m.config, api=self.m.api,
-                                               base_dir=self.m.base_dir(self.pod), node_ip=self.m.node_ip,
-                                               tokens=self.m.tokens)
+            self.volume_dirs = self.s.prepare_volumes(self.pod, self.dir)
             self._prepared_at = time.monotonic()
             _write_json_atomic(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
             return True
@@ -5276,35 +5354,41 @@ class PodWorker:
             if exc.retry and self.volume_dirs is not None:     # the API is away: keep what was written
                 log.warning("pod %s: volumes not refreshed, using their last contents: %s", self.key, exc.message)
                 return True
-            for c in self.inits + self.apps:
-                if "waiting" in c.state:
-                    c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
-            self.m.event(self.pod, "Failed", f"Error: {exc.message}", "Warning")
-            if not exc.retry:
-                self._finish("Failed", exc.reason, exc.message)
+            self._config_error(exc, self.inits + self.apps)
             return False
 
     def _maybe_start(self, c, now):
-        """Start `c` unless it is backing off; returns the monotonic time to try again, or None."""
-        if now < c.not_before:
-            if c.terminated:        # it just exited: show the back-off until it may restart
-                name, ns = self.pod["metadata"]["name"], self.pod["metadata"].get("namespace", "")
-                c.last_state = {"terminated": c.terminated}
-                c.state = {"waiting": {"reason": "CrashLoopBackOff", "message":
-                           f"back-off {c.not_before - now:.0f}s restarting failed container={c.name} pod={name}_{ns}({self.uid})"}}
-                self.m.event(self.pod, "BackOff", f"Back-off restarting failed container {c.name} in pod "
-                             f"{name}_{ns}({self.uid})", "Warning", c)
-            return c.not_before
-        return self._start(c, now)
+        """Start `c` unless it is backing off; the monotonic time to try again, or None."""
+        if now >= c.not_before:
+            return self._start(c, now)
+        if c.terminated:        # it just exited: show the back-off until it may restart
+            meta = self.pod["metadata"]
+            pod = f"{meta['name']}_{meta.get('namespace', '')}({self.uid})"
+            c.last_state = {"terminated": c.terminated}
+            c.state = {"waiting": {"reason": "CrashLoopBackOff", "message":
+                       f"back-off {c.not_before - now:.0f}s restarting failed container={c.name} pod={pod}"}}
+            self.s.record_event(self.pod, "BackOff", f"Back-off restarting failed container {c.name} in pod {pod}",
+                                "Warning", c)
+        return c.not_before
 
     def _start(self, c, now):
-        """Start a run of `c`; returns the monotonic time to try again, or None when it runs."""
-        setup = self._container_setup(c, now)
-        if not isinstance(setup, tuple):
-            return setup
-        ref, argv, env, memory_limit = setup
-        m, restarted = self.m, c.ever_started
-        if restarted:
+        """Start a run of `c`; the monotonic time to try again, or None when it runs."""
+        if self.state is not PodState.SYNCING:     # failed by another container meanwhile
+            return None
+        ref = self._image(c)
+        if ref is None:
+            return now + _CONFIG_RETRY
+        try:
+            if now - self._prepared_at > 1.0 and not self._prepare():     # refresh configMaps, secrets
+                return now + _CONFIG_RETRY
+            env = self.s.container_env(self.pod, c.spec)
+            argv = container_argv(c.spec, env)
+            c.mounts = container_mounts(self.pod, c.spec, self.volume_dirs, env, pod_dir=self.dir)
+            memory_limit = _memory_limit(c.spec)
+        except ContainerConfigError as exc:
+            self._config_error(exc, [c], c)
+            return now + _CONFIG_RETRY
+        if c.ever_started:
             prior = c.terminated or c.last_state.get("terminated")
             if prior:
                 c.last_state = {"terminated": prior}
@@ -5315,138 +5399,65 @@ class PodWorker:
         os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
         open(c.log_path, "ab").close()      # there (empty) as soon as the server may be asked for it
         c.started_mono = time.monotonic()
+        config = self.s.config
         try:
             with module_errors():
-                module = m.host.load(ref.path, digest=ref.digest)
+                module = self.s.host().load(ref.path, digest=ref.digest)
                 # the host writes both streams to the log and rotates it (--container-log-max-size/-files)
                 run = module.start(argv, env=env, preopens=c.mounts, stdout=c.log_path, stderr=c.log_path,
                                    log_format="cri", memory_limit=memory_limit,
-                                   log_max_size=m.config.container_log_max_size or None,
-                                   log_max_files=m.config.container_log_max_files)
+                                   log_max_size=config.container_log_max_size or None,
+                                   log_max_files=config.container_log_max_files)
         except (ModuleError, OSError) as exc:     # invalid wasm, no _start, a preopen gone: as an exit
-            m.count_start("error", now)
-            started = _k8s_time()
-            c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
-                                      "startedAt": started, "finishedAt": started, "containerID": c.container_id}}
-            c.schedule_restart(now, m.backoff_base, m.backoff_max)
-            m.event(self.pod, "Failed", f"Error: {exc}", "Warning", c)
-            log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
-            return c.not_before
+            self.s.run_started(self, c, None, now)
+            return self._start_failed(c, now, exc)
         c.run, c.wall_start = run, time.time()
-        m.count_start("success", now)
         c.state = {"running": {"startedAt": _k8s_time()}}
-        m.event(self.pod, "Created", f"Created container: {c.name}", "Normal", c)
-        m.event(self.pod, "Started", f"Started container {c.name}", "Normal", c)
-        m.follow_log(self, c)
-        log.info("pod %s container %s started%s", self.key, c.name, f" (restart {c.restart_count})" if restarted else "")
-        threading.Thread(target=self._on_exit, args=(c, run), name=f"wait-{self.key}/{c.name}", daemon=True).start()
+        self.s.record_event(self.pod, "Created", f"Created container: {c.name}", "Normal", c)
+        self.s.record_event(self.pod, "Started", f"Started container {c.name}", "Normal", c)
+        self.s.run_started(self, c, run, now)
+        log.info("pod %s container %s started%s", self.key, c.name, f" (restart {c.restart_count})" if c.restart_count else "")
         return None
 
-    def _container_setup(self, c, now):
-        """(module ref, argv, env, memory limit) of `c`, or the time to try again (image or config
-        not there yet); a config that can never work fails the pod."""
-        spec, pod, m = c.spec, self.pod, self.m
+    def _image(self, c):
+        """The module of `c`'s image, or None (waiting, with the kubelet's reason and Events)."""
         try:
-            ref = m.ensure_image(pod, c)
+            return self.s.ensure_image(self.pod, c)
         except ImageError as exc:
             c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
             if exc.reason == "ImagePullBackOff":
-                m.event(pod, "BackOff", exc.message, "Normal", c)
+                self.s.record_event(self.pod, "BackOff", exc.message, "Normal", c)
             else:
-                m.event(pod, "Failed", exc.message, "Warning", c)
-                m.event(pod, "Failed", f"Error: {exc.reason}", "Warning", c)
-            return now + _CONFIG_RETRY
-        if now - self._prepared_at > 1.0 and not self._prepare():     # refresh configMaps, secrets
-            return now + _CONFIG_RETRY
-        try:
-            env = container_env(pod, spec, api=m.api, node_ip=m.node_ip)
-            argv = container_argv(spec, env)
-            c.mounts = container_mounts(pod, spec, self.volume_dirs, env, pod_dir=self.dir)
-            return ref, argv, env, _memory_limit(spec)
-        except ContainerConfigError as exc:
-            c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
-            m.event(pod, "Failed", f"Error: {exc.message}", "Warning", c)
-            if not exc.retry:
-                self._finish("Failed", exc.reason, exc.message)
-            return now + _CONFIG_RETRY
-
-    def _announce_kill(self):
-        """The Killing events, sent once when the pod's containers are to stop (as the kubelet does)."""
-        if not self._kill_announced:
-            self._kill_announced = True
-            for c in self.inits + self.apps:
-                if c.run is not None:
-                    self.m.event(self.pod, "Killing", f"Stopping container {c.name}", "Normal", c)
-
-    def _kill_all(self, why):
-        self._announce_kill()
-        for c in self.inits + self.apps:
-            if c.run is not None:
-                log.info("pod %s: killing %s (%s)", self.key, c.name, why)
-                c.run.kill()
-        for c in self.inits + self.apps:    # runs stop within 100 ms; their exits become states
-            if c.run is not None:
-                c.run.wait(2.0)
-        deadline = time.monotonic() + 2.0
-        while any(c.run is not None for c in self.inits + self.apps) and time.monotonic() < deadline:
-            with self._cond:
-                if not self._exits:
-                    self._cond.wait(0.05)
-            self._collect_exits(time.monotonic())
-
-    def _sync_deleting(self, now):
-        running = any(c.run is not None for c in self.inits + self.apps)
-        if running and not self.gone:
-            self._announce_kill()
-        if running and now < self.kill_at:
-            return self.kill_at - now
-        if running:
-            self._kill_all("pod deleted")
-        if not self.finished:
-            self._finish(None, deleted=True)
-        self.finalized = True
-        self._publish()             # the final status goes out before the final delete
-        self.m.finalize(self)
-        return None
-
-    def _finish(self, phase, reason=None, message=None, deleted=False):
-        """Move to a terminal phase: Failed/Succeeded from the containers unless `phase` says."""
-        if self.finished:
+                self.s.record_event(self.pod, "Failed", exc.message, "Warning", c)
+                self.s.record_event(self.pod, "Failed", f"Error: {exc.reason}", "Warning", c)
             return None
-        if any(c.run is not None for c in self.inits + self.apps):
-            self._kill_all(reason or "pod finished")
-        if phase is None:
-            derived = pod_phase(self.pod, [c.status() for c in self.inits], [c.status() for c in self.apps])
-            phase = derived if derived in _TERMINAL_PHASES else "Failed"
-            if deleted and phase == "Failed" and all(c.succeeded() for c in self.apps):
-                phase = "Succeeded"
-        self.phase, self.reason, self.message = phase, reason, message
-        for c in self.apps + self.inits:
-            if "waiting" in c.state and c.last_state.get("terminated") and c.state["waiting"].get("reason") == "CrashLoopBackOff":
-                c.state = c.last_state
-                c.last_state = {}
-        self.finished = True
-        with contextlib.suppress(OSError):
-            cleanup_volumes(self.dir)
-        log.info("pod %s %s%s", self.key, phase, f" ({reason}: {message})" if reason else "")
-        return None
+
+    def _start_failed(self, c, now, exc):
+        started = _k8s_time()
+        c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
+                                  "startedAt": started, "finishedAt": started, "containerID": c.container_id}}
+        c.schedule_restart(now, self.s.config.backoff_base, self.s.config.backoff_max)
+        self.s.record_event(self.pod, "Failed", f"Error: {exc}", "Warning", c)
+        log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
+        return c.not_before
 
     def _publish(self):
-        """Compute the status; when it changed, save it and hand it to the writer."""
+        """Compute the status; when it changed, save it with the state and hand it on."""
+        done = self.state in (PodState.TERMINATED, PodState.FINALIZED)
+        phase, reason, message = self.outcome if done else (None, None, None)
         status = compute_pod_status(
             self.pod, [c.status() for c in self.inits], [c.status() for c in self.apps],
-            host_ip=self.m.node_ip, ready_to_start=self.volume_dirs is not None and not self.finished,
-            start_time=self.start_time, phase=self.phase, reason=self.reason, message=self.message,
-            prev=self.status)
+            host_ip=self.s.node_ip, ready_to_start=self.volume_dirs is not None and not done,
+            start_time=self.start_time, phase=phase, reason=reason, message=message, prev=self.status)
         if status == self.status:
             return
         old_phase = (self.status or {}).get("phase")
         self.status = status
-        if not self.gone:
+        if not self.silent and self.state is not PodState.FINALIZED:
             with contextlib.suppress(OSError):
                 os.makedirs(self.dir, exist_ok=True)
-                _write_json_atomic(os.path.join(self.dir, "status.json"), status)
-        self.m.status_changed(self, old_phase)
+                _write_json_atomic(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
+        self.s.send_status(self, old_phase)
 
 
 def _echo_line(line):
@@ -5492,46 +5503,201 @@ class _LogEcho:
         self.drain()
 
 
+class PodDriver:
+    """Drives the pod workers with a fixed number of threads, whatever the number of pods: one
+    waits for the ends of runs (each run's fd, one selector) and for timers; a pool of
+    _SYNC_THREADS syncs the pods handed to it, one sync of a pod at a time. Modules run on the
+    host's own threads, one per running module; nothing else waits on them."""
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._wake = _DoneFd()           # written to wake the loop (a new timer, stop)
+        self._selector.register(self._wake.read_fd, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._timers = []                # heap of (monotonic time, seq, worker)
+        self._next_wake = {}             # worker -> the earliest of its timers
+        self._seq = itertools.count()
+        self._busy = {}                  # worker -> "queued" | "syncing" | "again"
+        self._queue = queue.SimpleQueue()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._loop, name="minikrust-pods", daemon=True)] + [
+            threading.Thread(target=self._sync_loop, name=f"minikrust-sync-{i}", daemon=True) for i in range(_SYNC_THREADS)]
+        for thread in self._threads:
+            thread.start()
+
+    def schedule(self, worker):
+        """Sync `worker` soon (again after the sync under way, if there is one)."""
+        with self._lock:
+            busy = self._busy.get(worker)
+            if self._stopping or busy in ("queued", "again"):
+                return
+            self._busy[worker] = "again" if busy == "syncing" else "queued"
+        if busy is None:
+            self._queue.put(worker)
+
+    def watch(self, worker, container, run):
+        """Hand the end of `run` to `worker` and sync it, when the run is over."""
+        self._selector.register(run, selectors.EVENT_READ, (worker, container))
+
+    def _sync_loop(self):
+        while (worker := self._queue.get()) is not None:
+            while True:
+                with self._lock:
+                    self._busy[worker] = "syncing"
+                wake = worker.sync()
+                with self._lock:
+                    if wake is not None and wake < self._next_wake.get(worker, math.inf):
+                        self._next_wake[worker] = wake
+                        heapq.heappush(self._timers, (wake, next(self._seq), worker))
+                        self._wake.post()
+                    if self._busy[worker] != "again":
+                        del self._busy[worker]
+                        break
+
+    def _loop(self):
+        while not self._stopping:
+            with self._lock:
+                now, due = time.monotonic(), []
+                while self._timers and self._timers[0][0] <= now:
+                    when, _, worker = heapq.heappop(self._timers)
+                    if self._next_wake.get(worker) == when:
+                        del self._next_wake[worker]
+                        due.append(worker)
+                timeout = self._timers[0][0] - now if self._timers else None
+            for worker in due:
+                self.schedule(worker)
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    self._wake.clear()
+                    continue
+                self._selector.unregister(key.fileobj)
+                try:
+                    result = key.fileobj.wait(0)
+                except Exception as exc:        # the host could not run it (an output, WASI setup)
+                    result = exc
+                key.data[0].exited(key.data[1], key.fileobj, result)
+                self.schedule(key.data[0])
+
+    def stop(self, workers):
+        """Kubelet shutdown: no more syncs; the modules of `workers` killed and reaped."""
+        with self._lock:
+            self._stopping = True
+        self._wake.post()
+        for _ in range(_SYNC_THREADS):
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(5.0)
+        runs = [run for worker in workers for run in worker.runs()]
+        for run in runs:
+            run.kill()
+        for run in runs:
+            with contextlib.suppress(Exception):
+                run.wait(2.0)
+        self._selector.close()
+        self._wake.close()
+
+
+class _MirrorPods:
+    """One mirror pod in the API per static pod, as the kubelet keeps: created when the static pod
+    is admitted or its mirror deleted, a mirror being deleted finalized at once."""
+
+    def __init__(self, writer, node_uid):
+        self.writer, self.node_uid = writer, node_uid
+
+    def create(self, pod, status=None):
+        def body():     # made when sent: it names the Node's uid, known once the Node is registered
+            uid = self.node_uid()
+            if not uid:
+                raise MinikrustError("mirror pod waits for the Node to be registered")
+            return _mirror_pod(pod, uid)
+        self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], body, key=_pod_path(pod))
+        if status:
+            self.writer.set_status(pod, status)
+
+    def changed(self, mirror, static, deleted):
+        """The API's copy of `static` (a PodWorker) changed."""
+        if deleted:
+            self.writer.forget(static.uid)
+            self.create(static.pod, static.status)
+        elif mirror["metadata"].get("deletionTimestamp"):
+            self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
+                                "gracePeriodSeconds": 0, "preconditions": {"uid": mirror["metadata"].get("uid")}})
+
+
+def _admission_refusal(config, active, saved):
+    """(reason, message) when a new pod would exceed max-pods (kubelet's OutOfpods), else None."""
+    if (not saved or saved[1].get("phase") not in _TERMINAL_PHASES) and active >= config.max_pods:
+        return ("OutOfpods", f"Pod was rejected: Node didn't have enough resource: pods, "
+                             f"requested: 1, used: {active}, capacity: {config.max_pods}")
+    return None
+
+
+def _saved_state(root_dir, uid):
+    """(PodState, status) a previous kubelet kept for pod `uid`, or None."""
+    doc = _read_state(os.path.join(root_dir, "pods", uid, "status.json"), lambda d: isinstance(
+        d.get("status"), dict) and d.get("state") in {s.value for s in PodState})
+    return (PodState(doc["state"]), doc["status"]) if doc else None
+
+
+def _saved_pods(root_dir):
+    """The specs of the pods a previous kubelet ran (<root_dir>/pods/<uid>/pod.json)."""
+    pods_dir = os.path.join(root_dir, "pods")
+    for uid in sorted(os.listdir(pods_dir)) if os.path.isdir(pods_dir) else ():
+        pod = _read_state(os.path.join(pods_dir, uid, "pod.json"), lambda p: isinstance(p.get("spec"), dict)
+                          and isinstance(p["spec"].get("containers"), list) and _pod_uid(p) == uid)
+        if pod is not None:
+            yield pod
+
+
 class PodManager:
-    """The kubelet's pod handler: admits the pods its sources report (max-pods), runs a PodWorker
-    for each, writes their statuses and events through one StatusWriter, and answers the server
-    (`pods()`, `container_log_path()`). Specs and statuses are kept under
+    """The kubelet's pod handler: admits the pods its sources report (max-pods), keeps a PodWorker
+    for each, driven by one PodDriver, writes their statuses and Events through one StatusWriter,
+    and answers the server (`pods()`, `container_log_path()`). Specs and statuses are kept under
     `<root_dir>/pods/<uid>/` so that a restarted kubelet carries on where it stopped."""
+
+    _FINALIZED_KEPT = 4096     # uids of finalized pods remembered, so a late event cannot revive one
 
     def __init__(self, config, *, api=None, host=None, images=None, node_ip=None, echo=None):
         self.config, self.api = config, api
         self._host, self.images = host, images
         self.node_ip = node_ip or config.node_ip or "127.0.0.1"
-        self.backoff_base = float(getattr(config, "backoff_base", 10.0))
-        self.backoff_max = float(getattr(config, "backoff_max", 300.0))
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.tokens = None if api is None else ServiceAccountTokens(
-            api, lambda pod, message: self.event(pod, "FailedMount", message, "Warning"))
+            api, lambda pod, message: self._record_event(pod, "FailedMount", message, "Warning"))
         self.echo = _LogEcho(echo) if echo else None
         self.metrics = None         # the kubelet's Metrics, when it has one
-        self.node_uid = None        # callable -> the registered Node's uid (mirror pods' owner)
+        self.node_uid = lambda: None    # -> the registered Node's uid (mirror pods' owner)
+        self.mirrors = _MirrorPods(self.writer, lambda: self.node_uid()) if self.writer is not None else None
         self.workers = {}           # uid -> PodWorker
-        self.events = collections.deque(maxlen=1000)    # (pod key, reason, message), newest last
+        self._finalized = collections.OrderedDict()     # uid -> None, oldest first
         self._restored = set()      # uids run again from disk, not yet seen in the API: no writes
         self._held = {}             # uid -> events of a restored pod, sent once it is seen in the API
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._started = False
+        self.driver = None
+        self.services = PodServices(
+            config=config, node_ip=self.node_ip, host=self._get_host, ensure_image=self._ensure_image,
+            prepare_volumes=lambda pod, pod_dir: prepare_volumes(
+                pod, pod_dir, config, api=api, base_dir=_base_dir(pod), node_ip=self.node_ip, tokens=self.tokens),
+            container_env=lambda pod, spec: container_env(pod, spec, api=api, node_ip=self.node_ip),
+            record_event=self._record_event, send_status=self._status_changed, run_started=self._run_started,
+            finalized=self._finalize)
 
-    @property
-    def host(self):
+    def _get_host(self):
         if self._host is None:
             self._host = load_host(os.path.join(self.config.root_dir, "cache"))
         return self._host
 
     def start(self):
-        if self.images is None:     # made here, before any worker thread can race to make it
+        if self.images is None:     # made here, before any sync can race to make it
             self.images = ImageManager(self.config, api=self.api)
             self.images.metrics = self.metrics
             self.images.compiled_cache_dir = os.path.join(self.config.root_dir, "cache")
             self.images.in_use = self._digests_in_use
         if self.writer is not None:
             self.writer.start()
+        self.driver = PodDriver()
         self._started = True
         self.restore()
         return self
@@ -5541,8 +5707,8 @@ class PodManager:
         self._started = False
         with self._lock:
             workers = list(self.workers.values())
-        for worker in workers:
-            worker.stop()
+        if self.driver is not None:
+            self.driver.stop(workers)
         if self.echo is not None:
             self.echo.close()
         if self.tokens is not None:
@@ -5559,19 +5725,21 @@ class PodManager:
             return None
         if problem:     # rejected as the kubelet rejects a pod: Failed, with the reason and an Event
             pod = dict(pod, spec={"containers": [], "nodeName": (pod.get("spec") or {}).get("nodeName")})
-        meta = pod["metadata"]
+        uid = pod["metadata"]["uid"]
         if _is_mirror(pod):     # the API's copy of one of our static pods: the file source runs it
             return self._mirror_changed(pod, deleted=False)
         with self._lock:
-            worker = self.workers.get(meta.get("uid"))
-        if worker is not None:
-            if worker.uid in self._restored:
-                self._confirm_restored(worker, pod)
-            return worker.update(pod)
-        self._admit(pod, problem=problem)
+            worker = self.workers.get(uid)
+            if uid in self._finalized:      # finalized already: an event that came late changes nothing
+                return None
+        if worker is None:
+            return self._admit(pod, problem=problem)
+        if uid in self._restored:
+            self._confirm_restored(worker, pod)
+        worker.update(pod)
+        self.driver.schedule(worker)
 
-    def pod_updated(self, pod):
-        self.pod_added(pod)
+    pod_updated = pod_added
 
     def pod_deleted(self, pod):
         if _is_mirror(pod):
@@ -5581,114 +5749,88 @@ class PodManager:
         if worker is not None:
             static = _is_static(worker.pod)
             worker.remove(grace=pod["spec"].get("terminationGracePeriodSeconds", 30) if static else 0)
+            self.driver.schedule(worker)
             if static and self.writer is not None:
                 self.writer.request("DELETE", _pod_path(worker.pod))
 
     def _mirror_changed(self, mirror, deleted):
-        """Keep one mirror pod per static pod, as the kubelet does: one being deleted is finalized
-        at once, and a deleted one is created again, with the static pod's status."""
-        meta = mirror["metadata"]
         with self._lock:
-            static = next((w for w in self.workers.values() if _is_static(w.pod) and not w.gone
+            static = next((w for w in self.workers.values() if _is_static(w.pod) and not w.silent
                            and _pod_path(w.pod) == _pod_path(mirror)), None)
-        if static is None or self.writer is None:
-            return
-        if deleted:
-            self.writer.forget(static.uid)
-            self.writer.request("POST", _pod_path(static.pod).rsplit("/", 1)[0], self._mirror_body(static.pod),
-                                key=_pod_path(static.pod))
-            if static.status:
-                self.writer.set_status(static.pod, static.status)
-        elif meta.get("deletionTimestamp"):
-            self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
-                                "gracePeriodSeconds": 0, "preconditions": {"uid": meta.get("uid")}})
-
-    def _mirror_body(self, pod):
-        """The mirror pod's body, made when it is sent: it names the Node's uid, known once registered."""
-        def body():
-            uid = self.node_uid() if self.node_uid is not None else None
-            if not uid:
-                raise MinikrustError("mirror pod waits for the Node to be registered")
-            return _mirror_pod(pod, uid)
-        return body
+        if static is not None and self.mirrors is not None:
+            self.mirrors.changed(mirror, static, deleted)
 
     def _admit(self, pod, restored=False, problem=None):
         uid = pod["metadata"]["uid"]
         if self.config.once and _is_static(pod):   # --once runs it anew: what is kept is for restarts
             _remove_beneath(self.config.root_dir, f"pods/{uid}")
-        saved = self._load_status(uid) or pod.get("status")
-        rejected = None
+        saved = _saved_state(self.config.root_dir, uid) or (
+            (PodState.SYNCING, pod["status"]) if pod.get("status") else None)
         with self._lock:
-            active = sum(1 for w in self.workers.values() if not w.finished)
-            if problem:
-                rejected = ("Invalid", f"Pod was rejected: {problem}")
-            elif (not saved or saved.get("phase") not in _TERMINAL_PHASES) and active >= self.config.max_pods:
-                rejected = ("OutOfpods", f"Pod was rejected: Node didn't have enough resource: pods, "
-                                         f"requested: 1, used: {active}, capacity: {self.config.max_pods}")
-            worker = PodWorker(self, pod, saved_status=saved, rejected=rejected)
+            active = sum(1 for w in self.workers.values() if w.state is PodState.SYNCING)
+            rejected = ("Invalid", f"Pod was rejected: {problem}") if problem else \
+                _admission_refusal(self.config, active, saved)
+            worker = PodWorker(self.services, pod, saved=saved, rejected=rejected)
             worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
-        self._save_spec(worker)
+        with contextlib.suppress(OSError):
+            os.makedirs(worker.dir, exist_ok=True)
+            _write_json_atomic(os.path.join(worker.dir, "pod.json"), pod)
         if self.writer is not None:
             if _is_static(pod):
-                self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], self._mirror_body(pod), key=_pod_path(pod))
+                self.mirrors.create(pod)
             elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
         if rejected:
-            self.event(pod, rejected[0], rejected[1], "Warning")
-        worker.start()
+            self._record_event(pod, rejected[0], rejected[1], "Warning")
+        self.driver.schedule(worker)
 
-    # -- what workers call --
+    # -- what workers call (their PodServices) --
 
-    def base_dir(self, pod):
-        manifest = ((pod.get("metadata") or {}).get("annotations") or {}).get(_MANIFEST_ANNOTATION)
-        return os.path.dirname(manifest) if manifest else None
-
-    def ensure_image(self, pod, container):
+    def _ensure_image(self, pod, container):
         """The module of a container's image through the ImageManager (file: and registries),
         with the kubelet's Pulling/Pulled events."""
         secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
         image, policy = container.spec.get("image") or "", container.spec.get("imagePullPolicy")
         if policy == "Always" or not self.images.present(image):
-            self.event(pod, "Pulling", f'Pulling image "{image}"', "Normal", container)
+            self._record_event(pod, "Pulling", f'Pulling image "{image}"', "Normal", container)
         ref = self.images.ensure(image, policy, secrets,
-                                 namespace=pod["metadata"].get("namespace"), base_dir=self.base_dir(pod))
-        if getattr(ref, "pulled", None) is not None:
-            self.event(pod, "Pulled", f'Successfully pulled image "{image}" in {ref.pulled:.3f}s', "Normal", container)
+                                 namespace=pod["metadata"].get("namespace"), base_dir=_base_dir(pod))
+        if ref.pulled is not None:
+            self._record_event(pod, "Pulled", f'Successfully pulled image "{image}" in {ref.pulled:.3f}s', "Normal", container)
         else:
-            self.event(pod, "Pulled", f'Container image "{image}" already present on machine', "Normal", container)
+            self._record_event(pod, "Pulled", f'Container image "{image}" already present on machine', "Normal", container)
         return ref
 
-    def event(self, pod, reason, message, type_="Normal", container=None):
-        field_path = None
-        if container is not None:
-            field_path = f"spec.{'initContainers' if container.init else 'containers'}{{{container.name}}}"
-        self.events.append((_pod_key(pod), reason, message))
+    def _record_event(self, pod, reason, message, type_="Normal", container=None):
         meta = pod["metadata"]
         if meta["uid"] in self._restored:
             self._held.get(meta["uid"], []).append((pod, reason, message, type_, container))
         elif self.writer is not None:
+            field_path = None
+            if container is not None:
+                field_path = f"spec.{'initContainers' if container.init else 'containers'}{{{container.name}}}"
             self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
                                         message, type_, field_path))
+
+    def _run_started(self, worker, container, run, began):
+        if run is not None:
+            self.driver.watch(worker, container, run)
+            if self.echo is not None:
+                self.echo.follow(f"{worker.pod['metadata']['name']}/{container.name}", container.log_path)
+        if self.metrics is not None:
+            self.metrics.inc("minikrust_module_starts_total", result="success" if run is not None else "error")
+            self.metrics.observe("minikrust_module_start_duration_seconds", time.monotonic() - began)
 
     def _digests_in_use(self):
         with self._lock:
             workers = list(self.workers.values())
         return {c.digest for w in workers for c in w.inits + w.apps if c.run is not None and c.digest}
 
-    def count_start(self, result, began):
-        if self.metrics is not None:
-            self.metrics.inc("minikrust_module_starts_total", result=result)
-            self.metrics.observe("minikrust_module_start_duration_seconds", time.monotonic() - began)
-
-    def follow_log(self, worker, container):
-        if self.echo is not None:
-            self.echo.follow(f"{worker.pod['metadata']['name']}/{container.name}", container.log_path)
-
-    def status_changed(self, worker, old_phase):
+    def _status_changed(self, worker, old_phase):
         phase = worker.status["phase"]
-        if self.writer is not None and not worker.gone and worker.uid not in self._restored:
+        if self.writer is not None and not worker.silent and worker.uid not in self._restored:
             self.writer.set_status(worker.pod, worker.status)
         if self.echo is not None and phase != old_phase:
             reason = worker.status.get("reason")
@@ -5719,13 +5861,13 @@ class PodManager:
                 self.echo.drain()       # the output that led to it comes first
                 self.echo.write(f"{worker.pod['metadata']['name']}/{cs['name']}: {note}")
 
-    def finalize(self, worker):
-        """The pod's modules stopped and its volumes are gone: forget it, delete it from the API."""
-        with contextlib.suppress(OSError):
-            cleanup_volumes(worker.dir)
+    def _finalize(self, worker):
+        """The pod's modules stopped and its volumes are gone: forget it, delete it from the API
+        (once: its uid is remembered, so no later event admits or finalizes it again)."""
         if self.tokens is not None:
             self.tokens.forget(worker.uid)
-        if self.writer is not None and not worker.gone and not _is_static(worker.pod):
+        deleting = self.writer is not None and not worker.silent and not _is_static(worker.pod)
+        if deleting:
             self.writer.delete_pod(worker.pod)
         elif self.writer is not None:
             self.writer.forget(worker.uid)
@@ -5733,28 +5875,20 @@ class PodManager:
             if self.workers.get(worker.uid) is worker:
                 del self.workers[worker.uid]
             self._restored.discard(worker.uid)
+            if deleting:
+                self._finalized[worker.uid] = None
+                while len(self._finalized) > self._FINALIZED_KEPT:
+                    self._finalized.popitem(last=False)
             self._changed.notify_all()
         _remove_beneath(*os.path.split(worker.dir))
         log.info("pod %s finalized", worker.key)
 
-    # -- disk: specs and statuses survive a kubelet restart --
-
-    def _save_spec(self, worker):
-        with contextlib.suppress(OSError):
-            os.makedirs(worker.dir, exist_ok=True)
-            _write_json_atomic(os.path.join(worker.dir, "pod.json"), worker.pod)
-
-    def _load_status(self, uid):
-        return _read_state(os.path.join(self.config.root_dir, "pods", uid, "status.json"))
+    # -- restart: the pods a previous kubelet left on disk --
 
     def restore(self):
         """Run again the pods a previous kubelet left on disk (the API may be unreachable now)."""
-        pods_dir = os.path.join(self.config.root_dir, "pods")
-        for uid in sorted(os.listdir(pods_dir)) if os.path.isdir(pods_dir) else ():
-            pod = _read_state(os.path.join(pods_dir, uid, "pod.json"), lambda p: isinstance(p.get("spec"), dict)
-                              and isinstance(p["spec"].get("containers"), list) and _pod_uid(p) == uid)
-            if pod is None:
-                continue
+        for pod in _saved_pods(self.config.root_dir):
+            uid = pod["metadata"]["uid"]
             with self._lock:
                 known = uid in self.workers
             if not known and not _is_static(pod):
@@ -5779,7 +5913,7 @@ class PodManager:
             self.writer.seed(worker.uid, pod.get("status"))
         self._restored.discard(worker.uid)
         for args in self._held.pop(worker.uid, ()):
-            self.event(*args)
+            self._record_event(*args)
         status = None
         while self.writer is not None and worker.status is not status:   # the newest, also if it just changed
             status = worker.status
@@ -5793,6 +5927,7 @@ class PodManager:
                 worker = self.workers.get(uid)
             if worker is not None:
                 worker.remove()
+                self.driver.schedule(worker)
 
     # -- what the server and the CLI read --
 

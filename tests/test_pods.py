@@ -1,4 +1,5 @@
 """Pods: the status computation (pure, with dicts) and pod workers against the fake API server."""
+import contextlib
 import json
 import os
 import threading
@@ -449,3 +450,85 @@ def test_a_module_that_cannot_start_is_retried_with_backoff_under_on_failure(fak
                       and _cstatus(fake_api, "nostart", "main"), what="restarts")
     last = status["lastState"].get("terminated") or status["state"].get("terminated")
     assert last["reason"] == "StartError" and last["exitCode"] == 128
+
+
+# -- the pod workers' life: finalized once, few threads, prompt deletion -------------------------
+
+def _node_writes(fake, name):
+    """The node's writes (not GETs, not Events) naming pod `name`."""
+    return [(r.method, r.path) for r in fake.requests if r.user == "system:node:node-1" and r.method != "GET"
+            and (r.path.endswith(f"/pods/{name}") or f"/pods/{name}/" in r.path)]
+
+
+def test_a_finalized_pod_is_not_revived_by_a_late_event(fake_api, kubelet_factory, module_file):
+    """Deletion churn: an event for a pod the kubelet already finalized (a late MODIFIED, a re-list)
+    neither admits it again nor finalizes it again; no second DELETE, no write at all."""
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("churn", [{"name": "main", "image": module_file(sleeper(60000))}]),
+                        node_name="node-1")
+    wait_for(_phase(fake_api, "churn", "Running"), what="Running")
+    fake_api.delete_pod("default", "churn")
+    stale = fake_api.get("pods", "default", "churn")     # as the watch sent it: deletionTimestamp set
+    assert stale["metadata"]["deletionTimestamp"]
+    final = ("DELETE", "/api/v1/namespaces/default/pods/churn")
+    wait_for(lambda: final in _node_writes(fake_api, "churn"), what="the final delete")
+    wait_for(lambda: fake_api.get("pods", "default", "churn") is None and not kubelet.pods(), what="pod gone")
+    writes = _node_writes(fake_api, "churn")
+    assert writes.count(final) == 1, writes
+    for replay in (kubelet.handler.pod_updated, kubelet.handler.pod_added, kubelet.handler.pod_deleted):
+        replay(json.loads(json.dumps(stale)))
+    time.sleep(0.5)     # nothing may come
+    assert not kubelet.pods()
+    assert _node_writes(fake_api, "churn") == writes
+
+
+def _threads_beside_runs(baseline, server_baseline):
+    """Threads the kubelet added to this process, other than those running modules (C threads
+    named wasm-run, or the fallback's Python wasm- threads): (others, runs)."""
+    tasks = [t for t in os.listdir("/proc/self/task")]
+    names = []
+    for t in tasks:
+        with contextlib.suppress(OSError):
+            names.append(open(f"/proc/self/task/{t}/comm").read().strip())
+    py = threading.enumerate()
+    server = sum(1 for t in py if "process_request" in t.name) - server_baseline    # the fake's handlers
+    runs = names.count("wasm-run") + sum(1 for t in py if t.name.startswith("wasm-") and t.name != "wasm-epoch")
+    return len(names) - baseline - server - runs, runs
+
+
+def test_threads_stay_within_running_modules_plus_16(fake_api, kubelet_factory, module_file):
+    baseline = len(os.listdir("/proc/self/task"))
+    server_baseline = sum(1 for t in threading.enumerate() if "process_request" in t.name)
+    kubelet = kubelet_factory(fake_api)
+    image = module_file(sleeper(60000))
+    for i in range(50):
+        fake_api.create_pod(_manifest(f"long-{i}", [{"name": "main", "image": image}]), node_name="node-1")
+    seen = []
+
+    def all_running():
+        seen.append(_threads_beside_runs(baseline, server_baseline))
+        return sum(1 for p in kubelet.pods() if p["status"].get("phase") == "Running") == 50
+    wait_for(all_running, timeout=60, what="50 pods running")
+    wait_for(lambda: _threads_beside_runs(baseline, server_baseline)[1] == 50, what="50 modules running")
+    others = max(o for o, _ in seen + [_threads_beside_runs(baseline, server_baseline)])
+    assert others <= 16, seen[-5:]
+
+
+def test_deleting_200_running_pods_is_prompt(fake_api, kubelet_factory, module_file):
+    kubelet = kubelet_factory(fake_api, max_pods=250)
+    image = module_file(sleeper(60000))
+    names = [f"many-{i}" for i in range(200)]
+    for name in names:
+        fake_api.create_pod(_manifest(name, [{"name": "main", "image": image}], grace=1), node_name="node-1")
+    wait_for(lambda: all(_status(fake_api, n).get("phase") == "Running" for n in names), timeout=120,
+             interval=0.2, what="200 pods running")
+    started = time.monotonic()
+    for name in names:
+        fake_api.delete_pod("default", name, grace=1)
+    wait_for(lambda: not any(fake_api.get("pods", "default", n) for n in names), timeout=20, interval=0.1,
+             what="200 pods gone")
+    took = time.monotonic() - started
+    print(f"200 running pods deleted (grace 1 s): all gone from the API in {took:.2f} s")
+    assert not kubelet.pods()
+    deletes = [r for r in fake_api.requests if r.method == "DELETE" and r.user == "system:node:node-1"]
+    assert len(deletes) == 200
