@@ -1261,7 +1261,7 @@ class _FallbackRun:
     _done = None  # the _DoneFd its thread writes at the end
 
     def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
-                 memory_limit, deadline, stdin, rotation=(None, None)):
+                 memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False):
         wt = host._wt
         self._host, self._module = host, module
         self._killed = False
@@ -1296,6 +1296,9 @@ class _FallbackRun:
                 wt._ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
             self._store = wt.Store(host._engine)
             self._store.set_wasi(wasi)
+            self._http = bool(outgoing_http) and module.component
+            if self._http:  # after WASI, as wasmtime requires
+                wt._ffi.wasmtime_context_set_wasi_http(self._store._context())
             self._wasi_start = time.monotonic_ns()  # WASI's monotonic clock starts at or before this
             if memory_limit is not None:
                 self._store.set_limits(memory_size=int(memory_limit))
@@ -1343,13 +1346,18 @@ class _FallbackRun:
         peak = 0
         instantiated = False
         try:
-            instance = self._module._pre.instantiate(self._store)
-            instantiated = True
-            exports = instance.exports(self._store)
-            memory = exports.get("memory")
+            if self._module.component:
+                run = self._host._component_run(self._store, self._module, self._http)
+                instantiated = True
+                memory = None
+            else:
+                instance = self._module._pre.instantiate(self._store)
+                instantiated = True
+                exports = instance.exports(self._store)
+                memory, run = exports.get("memory"), exports["_start"]
             try:
-                exports["_start"](self._store)
-                exit_code = 0
+                outcome = run(self._store)
+                exit_code = 1 if getattr(outcome, "tag", None) == "err" else 0  # wasi:cli/run's result
             except wt.ExitTrap as exc:
                 exit_code = exc.code
             except (wt.Trap, wt.WasmtimeError) as exc:
@@ -1457,23 +1465,27 @@ def _log_rotation(max_size, max_files):
 class _FallbackModule:
     """A compiled module with its imports resolved once (an InstancePre)."""
 
-    def __init__(self, host, digest, module, pre):
+    def __init__(self, host, digest, module, pre, imports_http=None):
         self._host, self.digest, self._wasm_module, self._pre = host, digest, module, pre
+        self.component, self.imports_http = pre is None, bool(imports_http)
 
     def start(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
-              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
+              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
+              outgoing_http=False):
         """Start a run in a thread; raises ModuleRunError for setup errors. With `log_max_size`, an
-        output path is rotated at that size keeping `log_max_files` files (see _LogFile)."""
-        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
-                           memory_limit, deadline, stdin, _log_rotation(log_max_size, log_max_files))
+        output path is rotated at that size keeping `log_max_files` files (see _LogFile); a
+        component gets wasi:http (outgoing requests) with `outgoing_http`."""
+        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
+                           deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http)
         threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
         return run
 
     def run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
-            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
+            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
+            outgoing_http=False):
         """Run to the end on the calling thread (no thread to start): the RunResult."""
-        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format,
-                           memory_limit, deadline, stdin, _log_rotation(log_max_size, log_max_files))
+        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
+                           deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http)
         run._main()
         return run.wait()
 
@@ -1482,6 +1494,12 @@ class _FallbackModule:
 
 
 _WASI = "wasi_snapshot_preview1"
+_CLI_RUN = "wasi:cli/run@0.2.0"  # wasmtime matches any 0.2.x export to it
+
+
+def is_component(data):
+    """Whether wasm bytes are a WASI 0.2 component (header: magic, version 0x0d, layer 1), not a module."""
+    return data[:4] == b"\0asm" and data[6:8] == b"\x01\x00"
 _POLL_TRAMPOLINE = (
     '(module (import "guest" "memory" (memory 0))'
     ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
@@ -1527,6 +1545,7 @@ class FallbackHost:
     def __init__(self, cache_dir):
         try:
             import wasmtime
+            import wasmtime.component  # noqa: F401  (WASI 0.2 components)
         except ImportError as exc:
             raise ModuleError("no WebAssembly runtime: build the _wasihost extension or `pip install wasmtime`") from exc
         import importlib.metadata
@@ -1549,6 +1568,7 @@ class FallbackHost:
                                  access_caller=True)
         self._poll_trampoline = wasmtime.Module(self._engine, _POLL_TRAMPOLINE)
         self._local = threading.local()
+        self._component_linkers = None  # [WASI 0.2, WASI 0.2 + wasi:http], made on first use
         self._modules = {}
         self._lock = threading.Lock()
         self._runs = {}
@@ -1595,18 +1615,23 @@ class FallbackHost:
         if data[:4] != b"\0asm":
             raise ModuleLoadError("not a WebAssembly module (bad magic number)")
         path = self._cache_path(digest)
+        kind = wt.component.Component if is_component(data) else wt.Module
         compiled = None
         if os.path.exists(path):
             try:
-                compiled = wt.Module.deserialize_file(self._engine, path)
+                compiled = kind.deserialize_file(self._engine, path)
             except wt.WasmtimeError as exc:
                 log.warning("recompiling %s: cached code unusable: %s", digest, exc)
         fresh = compiled is None
         if fresh:
             try:
-                compiled = wt.Module(self._engine, data)
+                compiled = kind(self._engine, data)
             except wt.WasmtimeError as exc:
-                raise ModuleLoadError(f"invalid WebAssembly module: {exc}") from exc
+                raise ModuleLoadError(f"invalid WebAssembly {kind.__name__.lower()}: {exc}") from exc
+            if kind is not wt.Module:
+                self._write_cache(path, compiled.serialize())
+        if kind is not wt.Module:
+            return _FallbackModule(self, digest, compiled, None, self._component_imports(compiled))
         start = next((e for e in compiled.exports if e.name == "_start"), None)
         if start is None or not isinstance(start.type, wt.FuncType):
             raise ModuleLoadError("module has no `_start` function to run (not a WASI command)")
@@ -1630,6 +1655,44 @@ class FallbackHost:
             log.warning("cannot write compiled module cache %s: %s", path, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+    def _component_imports(self, component):
+        """Whether `component` imports wasi:http/outgoing-handler; ModuleLoadError when it has no
+        wasi:cli/run or does not link (tried once in a store of its own, as the native host does)."""
+        wt = self._wt
+        http = any(name.startswith("wasi:http/outgoing-handler@") for name in component.type.imports(self._engine))
+        store = wt.Store(self._engine)
+        store.set_wasi(wt.WasiConfig())
+        store.set_epoch_deadline(1000)  # no code runs here, but never hang: ~5 s
+        if http:
+            wt._ffi.wasmtime_context_set_wasi_http(store._context())
+        try:
+            self._component_linker(http).instantiate(store, component)
+        except wt.WasmtimeError as exc:
+            raise ModuleLoadError(f"cannot link component: {exc}") from exc
+        finally:
+            store.close()
+        if component.get_export_index("run", component.get_export_index(_CLI_RUN)) is None:
+            raise ModuleLoadError("component does not export `wasi:cli/run` (not a WASI 0.2 command)")
+        return http
+
+    def _component_linker(self, http):
+        """The component linker with WASI 0.2 (and wasi:http with `http`), made on first use."""
+        if self._component_linkers is None:
+            linkers = []
+            for with_http in (False, True):
+                linker = self._wt.component.Linker(self._engine)
+                linker.add_wasip2()
+                if with_http:
+                    linker.add_wasi_http()
+                linkers.append(linker)
+            self._component_linkers = linkers
+        return self._component_linkers[http]
+
+    def _component_run(self, store, module, http):
+        """`run` of wasi:cli/run in a new instance of the component `module` in `store`."""
+        instance = self._component_linker(http).instantiate(store, module._wasm_module)
+        return instance.get_func(store, instance.get_export_index(store, "run", instance.get_export_index(store, _CLI_RUN)))
 
     # -- runs and the epoch ticker --
 

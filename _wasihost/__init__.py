@@ -143,6 +143,11 @@ _PAGE = 65536
 _EXITED, _TRAPPED, _KILLED, _TIMED_OUT = lib.WH_EXITED, lib.WH_TRAPPED, lib.WH_KILLED, lib.WH_TIMED_OUT
 
 
+def is_component(data):
+    """Whether wasm bytes are a component (binary header: magic, version 0x0d, layer 1), not a module."""
+    return data[:4] == b"\0asm" and data[6:8] == b"\x01\x00"
+
+
 def _err_text(buf):
     return ffi.string(buf).decode("utf-8", "replace")
 
@@ -200,18 +205,26 @@ class Host:
 
     def _compile(self, data, digest):
         out = ffi.new("wh_module **")
-        from_cache = ffi.new("int *")
+        from_cache, imports_http = ffi.new("int *"), ffi.new("int *")
         err = ffi.new("char[]", _ERRLEN)
         path = self.cache_path(digest).encode()
-        if lib.wh_module_load(data, len(data), path, out, from_cache, err, _ERRLEN) != 0:
+        component = is_component(data)
+        if component:
+            rc = lib.wh_component_load(data, len(data), path, out, from_cache, imports_http, err, _ERRLEN)
+        else:
+            rc = lib.wh_module_load(data, len(data), path, out, from_cache, err, _ERRLEN)
+        if rc != 0:
             raise LoadError(_err_text(err))
-        return Module(self, ffi.gc(out[0], lib.wh_module_free), digest, bool(from_cache[0]))
+        module = Module(self, ffi.gc(out[0], lib.wh_module_free), digest, bool(from_cache[0]))
+        module.component, module.imports_http = component, bool(imports_http[0])
+        return module
 
 
 class Module:
     """A compiled module, linked against WASI once; each run gets a fresh store and instance."""
 
     _TEMPLATES_MAX = 64
+    component = imports_http = False  # a WASI 0.2 component; one importing wasi:http/outgoing-handler
 
     def __init__(self, host, ptr, digest, from_cache):
         self.host = host
@@ -224,19 +237,22 @@ class Module:
         return f"<_wasihost.Module {self.digest}>"
 
     def start(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
-              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
+              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
+              outgoing_http=False):
         """Start a run on a thread of its own (made in C); returns a Run (kill(), wait(), done, and
-        fileno(), readable once the run is over: a selector can wait for many runs at once)."""
+        fileno(), readable once the run is over: a selector can wait for many runs at once). A
+        component gets wasi:http (outgoing requests) with `outgoing_http`."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  rotation=_rotation(log_max_size, log_max_files))
+                  rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http)
         run._launch()
         return run
 
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
-            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None):
+            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
+            outgoing_http=False):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  paths_in_c=True, rotation=_rotation(log_max_size, log_max_files))
+                  paths_in_c=True, rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http)
         run._execute()
         if run._error is not None:
             raise run._error
@@ -396,7 +412,7 @@ class Run:
     _done = None  # the _DoneFd of a started run
 
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                 deadline, stdin, paths_in_c=False, rotation=(0, 0)):
+                 deadline, stdin, paths_in_c=False, rotation=(0, 0), outgoing_http=False):
         if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
         preopens = preopens or ()
@@ -418,6 +434,7 @@ class Run:
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
         c.stdout_fd = c.stderr_fd = -1
         c.log_max_size, c.log_max_files = rotation
+        c.outgoing_http = 1 if outgoing_http and module.component else 0
         self._output = None
         # Paths: run() lets C open them (a few µs less per run; errors come back from
         # wh_run_exec), start() opens them here to raise before returning; C rotates them either way.

@@ -263,7 +263,13 @@ struct wh_module {
   pthread_mutex_t twin_lock;
   wasmtime_module_t *twin;
   wasmtime_instance_pre_t *twin_pre;
+  /* a WASI 0.2 component instead (then module/pre are NULL): see "components" below */
+  wasmtime_component_t *component;
+  wasmtime_component_export_index_t *run_iface, *run_func;
 };
+
+static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res);
+static void component_free(wh_module *m);
 
 static int has_start(const wasmtime_module_t *m) {
   wasm_exporttype_vec_t exports;
@@ -278,7 +284,26 @@ static int has_start(const wasmtime_module_t *m) {
   return found;
 }
 
-/* Writes the serialized module next to `path` and renames it into place (never a half file). */
+/* Writes `bytes` next to `path` and renames it into place (never a half file). */
+static void write_file_atomic(const char *path, const wasm_byte_vec_t *bytes) {
+  char tmp[4200];
+  snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%lx", path, (long)getpid(), (unsigned long)pthread_self());
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd >= 0) {
+    size_t off = 0;
+    while (off < bytes->size) {
+      ssize_t n = write(fd, bytes->data + off, bytes->size - off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      off += (size_t)n;
+    }
+    int ok = off == bytes->size && fsync(fd) == 0;
+    close(fd);
+    if (!ok || rename(tmp, path) != 0) unlink(tmp);
+  }
+}
+
+/* Writes the serialized module to the cache at `path`. */
 static void write_cache(wasmtime_module_t *m, const char *path) {
   wasm_byte_vec_t bytes;
   wasmtime_error_t *e = wasmtime_module_serialize(m, &bytes);
@@ -286,21 +311,7 @@ static void write_cache(wasmtime_module_t *m, const char *path) {
     wasmtime_error_delete(e);
     return;
   }
-  char tmp[4200];
-  snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%lx", path, (long)getpid(), (unsigned long)pthread_self());
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd >= 0) {
-    size_t off = 0;
-    while (off < bytes.size) {
-      ssize_t n = write(fd, bytes.data + off, bytes.size - off);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;
-      off += (size_t)n;
-    }
-    int ok = off == bytes.size && fsync(fd) == 0;
-    close(fd);
-    if (!ok || rename(tmp, path) != 0) unlink(tmp);
-  }
+  write_file_atomic(path, &bytes);
   wasm_byte_vec_delete(&bytes);
 }
 
@@ -398,6 +409,7 @@ int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_m
 
 void wh_module_free(wh_module *m) {
   if (!m) return;
+  if (m->component) return component_free(m);
   if (m->twin_pre) wasmtime_instance_pre_delete(m->twin_pre);
   if (m->twin) wasmtime_module_delete(m->twin);
   pthread_mutex_destroy(&m->twin_lock);
@@ -1135,14 +1147,9 @@ static void close_outputs(const int opened[2]) {
     if (opened[i] >= 0) close(opened[i]);
 }
 
-#define POOL_FULL (-2)
-
-/* One instance of `pre` (compiled for r->ec) in a new store, and its _start called: 0, WH_ERR_RUN
- * for a setup error, or POOL_FULL when every slot of the pool was taken (then nothing ran). */
-static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_run *r, wh_result *res) {
-  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
-  if (!wasi) return WH_ERR_RUN;
-  r->have_orig = 0;
+/* A store for one run on r->ec's engine, with the run's memory limit, epoch callback and `wasi`
+ * (always consumed); NULL with the reason in res->message. */
+static wasmtime_store_t *run_store(wh_run *r, const wh_run_config *c, wasi_config_t *wasi, wh_result *res) {
   wasmtime_store_t *store = wasmtime_store_new(r->ec->engine, r, NULL);
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
@@ -1152,9 +1159,24 @@ static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_ru
   if (e) {
     take_error(e, "WASI setup: ", res->message, sizeof res->message);
     wasmtime_store_delete(store);
-    return WH_ERR_RUN;
+    return NULL;
   }
   r->wasi_start = now_ns(CLOCK_MONOTONIC);
+  return store;
+}
+
+#define POOL_FULL (-2)
+
+/* One instance of `pre` (compiled for r->ec) in a new store, and its _start called: 0, WH_ERR_RUN
+ * for a setup error, or POOL_FULL when every slot of the pool was taken (then nothing ran). */
+static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_run *r, wh_result *res) {
+  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
+  if (!wasi) return WH_ERR_RUN;
+  r->have_orig = 0;
+  wasmtime_store_t *store = run_store(r, c, wasi, res);
+  if (!store) return WH_ERR_RUN;
+  wasmtime_context_t *ctx = wasmtime_store_context(store);
+  wasmtime_error_t *e;
 
   wasmtime_instance_t inst;
   wasm_trap_t *trap = NULL;
@@ -1220,7 +1242,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   streams_begin(r, c);
   runs_add(1);
   r->ec = m->ec;
-  int rc = exec_once(m->pre, c, r, res);
+  int rc = m->component ? exec_component(m, c, r, res) : exec_once(m->pre, c, r, res);
   if (rc == POOL_FULL) { /* wasmtime alone has no such limit: run on the engine without the pool */
     wasmtime_instance_pre_t *twin = unpooled_twin(m, res->message, sizeof res->message);
     r->ec = &g_unpooled;
@@ -1281,5 +1303,202 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
 #ifdef __linux__
   pthread_setname_np(thread, "wasm-run");
 #endif
+  return 0;
+}
+
+/* ---------------------------------------------------------------- components (WASI 0.2)
+ *
+ * A component runs on the main engine through wasmtime's own WASI 0.2 (one component linker
+ * holding it, a second one with wasi:http as well, for runs that may make outgoing requests),
+ * by calling `run` of its `wasi:cli/run` export. Its stdout/stderr never pass through fd_write:
+ * they reach the same CRI writer as a module's through WASI's custom output callbacks, which
+ * wasmtime calls synchronously on the guest's thread.
+ *
+ * Unlike a module's, a component's sleep happens inside wasmtime (wasi:io/poll), where epoch
+ * interruption cannot reach: kill() and the deadline take effect when the guest wakes. */
+
+static pthread_once_t g_comp_once = PTHREAD_ONCE_INIT;
+static wasmtime_component_linker_t *g_comp_linkers[2]; /* [0] WASI 0.2, [1] WASI 0.2 + wasi:http */
+static char g_comp_error[512];
+
+static void comp_init(void) {
+  for (int i = 0; i < 2; i++) {
+    wasmtime_component_linker_t *linker = wasmtime_component_linker_new(g_main.engine);
+    wasmtime_error_t *e = wasmtime_component_linker_add_wasip2(linker);
+    if (!e && i) e = wasmtime_component_linker_add_wasi_http(linker);
+    if (e) {
+      take_error(e, "define WASI 0.2: ", g_comp_error, sizeof g_comp_error);
+      return;
+    }
+    g_comp_linkers[i] = linker;
+  }
+}
+
+#define HTTP_HANDLER "wasi:http/outgoing-handler@"
+
+/* Whether the component imports wasi:http/outgoing-handler (any version). */
+static int comp_imports_http(const wasmtime_component_t *comp) {
+  wasmtime_component_type_t *ty = wasmtime_component_type(comp);
+  size_t n = wasmtime_component_type_import_count(ty, g_main.engine);
+  int http = 0;
+  for (size_t i = 0; i < n && !http; i++) {
+    const char *name = NULL;
+    size_t len = 0;
+    wasmtime_component_extern_t *ext = NULL;
+    if (!wasmtime_component_type_import_nth(ty, g_main.engine, i, &name, &len, &ext)) continue;
+    http = len > strlen(HTTP_HANDLER) && memcmp(name, HTTP_HANDLER, strlen(HTTP_HANDLER)) == 0;
+    if (ext) wasmtime_component_extern_delete(ext);
+  }
+  wasmtime_component_type_delete(ty);
+  return http;
+}
+
+/* 0 when the component links against `linker` (instantiated once, in a store of its own, with
+ * nothing but an empty WASI), else -1 with wasmtime's reason: a load, not a run, then fails. */
+static int comp_links(const wasmtime_component_t *comp, int http, char *err, size_t errlen) {
+  wasmtime_store_t *store = wasmtime_store_new(g_main.engine, NULL, NULL);
+  wasmtime_context_t *ctx = wasmtime_store_context(store);
+  wasmtime_context_set_epoch_deadline(ctx, 1000); /* no code runs here, but never hang: ~5 s */
+  wasmtime_error_t *e = wasmtime_context_set_wasi(ctx, wasi_config_new());
+  if (!e && http) wasmtime_context_set_wasi_http(ctx);
+  wasmtime_component_instance_t inst;
+  if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[http], ctx, comp, &inst);
+  wasmtime_store_delete(store);
+  if (!e) return 0;
+  take_error(e, "cannot link component: ", err, errlen);
+  return -1;
+}
+
+/* The component from the cache at `path` when usable, else compiled from the bytes (then cached). */
+static wasmtime_component_t *comp_compile(const uint8_t *wasm, size_t len, const char *path, int *from_cache,
+                                          char *err, size_t errlen, int *rc) {
+  wasmtime_component_t *comp = NULL;
+  wasmtime_error_t *e;
+  if (path && path[0] && access(path, R_OK) == 0) {
+    if (!(e = wasmtime_component_deserialize_file(g_main.engine, path, &comp))) {
+      *from_cache = 1;
+      return comp;
+    }
+    wasmtime_error_delete(e); /* stale or corrupt: compile again and overwrite it */
+    comp = NULL;
+  }
+  if (!wasm) {
+    set_msg(err, errlen, "", (const uint8_t *)"module bytes needed", 19);
+    *rc = WH_ERR_NEED_BYTES;
+    return NULL;
+  }
+  if ((e = wasmtime_component_new(g_main.engine, wasm, len, &comp))) {
+    take_error(e, "invalid component: ", err, errlen);
+    *rc = WH_ERR_LOAD;
+    return NULL;
+  }
+  wasm_byte_vec_t bytes;
+  if (path && path[0] && !(e = wasmtime_component_serialize(comp, &bytes))) {
+    write_file_atomic(path, &bytes);
+    wasm_byte_vec_delete(&bytes);
+  } else if (path && path[0]) {
+    wasmtime_error_delete(e);
+  }
+  return comp;
+}
+
+int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out, int *from_cache,
+                      int *imports_http, char *err, size_t errlen) {
+  *out = NULL;
+  *from_cache = *imports_http = 0;
+  if (wh_init(err, errlen) != 0) return WH_ERR_LOAD;
+  pthread_once(&g_comp_once, comp_init);
+  if (g_comp_error[0]) {
+    set_msg(err, errlen, "", (const uint8_t *)g_comp_error, strlen(g_comp_error));
+    return WH_ERR_LOAD;
+  }
+  int rc = WH_ERR_LOAD;
+  wasmtime_component_t *comp = comp_compile(wasm, len, cache_path, from_cache, err, errlen, &rc);
+  if (!comp) return rc;
+  wh_module *wm = calloc(1, sizeof *wm);
+  if (!wm) {
+    wasmtime_component_delete(comp);
+    set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
+    return WH_ERR_LOAD;
+  }
+  wm->component = comp;
+  wm->ec = &g_main;
+  pthread_mutex_init(&wm->twin_lock, NULL);
+  *imports_http = comp_imports_http(comp);
+  if (comp_links(comp, *imports_http, err, errlen) != 0) {
+    component_free(wm);
+    return WH_ERR_LOAD;
+  }
+  static const char RUN[] = "wasi:cli/run@0.2.0"; /* wasmtime matches any 0.2.x export to it */
+  wm->run_iface = wasmtime_component_get_export_index(comp, NULL, RUN, strlen(RUN));
+  wm->run_func = wm->run_iface ? wasmtime_component_get_export_index(comp, wm->run_iface, "run", 3) : NULL;
+  if (!wm->run_func) {
+    component_free(wm);
+    set_msg(err, errlen, "", (const uint8_t *)"component does not export `wasi:cli/run` (not a WASI 0.2 command)", 66);
+    return WH_ERR_LOAD;
+  }
+  *out = wm;
+  return 0;
+}
+
+static void component_free(wh_module *m) {
+  if (m->run_func) wasmtime_component_export_index_delete(m->run_func);
+  if (m->run_iface) wasmtime_component_export_index_delete(m->run_iface);
+  wasmtime_component_delete(m->component);
+  pthread_mutex_destroy(&m->twin_lock);
+  free(m);
+}
+
+/* Written through at once: wasmtime's WASI 0.2 may block right after (a sleep, a poll) without
+ * any call of ours in between, and the log must not lag behind the guest. */
+static ptrdiff_t comp_output(wh_run *r, stream_t *s, const uint8_t *buf, size_t len) {
+  stream_emit(r, s, (const char *)buf, len);
+  sink_flush(s->sink);
+  return (ptrdiff_t)len;
+}
+static ptrdiff_t comp_stdout(void *r, const uint8_t *buf, size_t len) {
+  return comp_output(r, &((wh_run *)r)->streams[0], buf, len);
+}
+static ptrdiff_t comp_stderr(void *r, const uint8_t *buf, size_t len) {
+  return comp_output(r, &((wh_run *)r)->streams[1], buf, len);
+}
+
+/* One instance of the component in a new store and its `run` called: 0, or WH_ERR_RUN. A `run`
+ * that returns err is exit code 1, as wasmtime's CLI reports it. */
+static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
+  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
+  if (!wasi) return WH_ERR_RUN;
+  wasi_config_set_stdout_custom(wasi, comp_stdout, r, NULL);
+  wasi_config_set_stderr_custom(wasi, comp_stderr, r, NULL);
+  wasmtime_store_t *store = run_store(r, c, wasi, res);
+  if (!store) return WH_ERR_RUN;
+  wasmtime_context_t *ctx = wasmtime_store_context(store);
+  wasmtime_error_t *e;
+  if (c->outgoing_http) wasmtime_context_set_wasi_http(ctx);
+  wasmtime_component_instance_t inst;
+  wasmtime_component_func_t run;
+  e = wasmtime_component_linker_instantiate(g_comp_linkers[c->outgoing_http ? 1 : 0], ctx, m->component, &inst);
+  if (e) {
+    classify(r, e, NULL, res);
+    res->instantiate_failed = 1;
+  } else if (!wasmtime_component_instance_get_func(&inst, ctx, m->run_func, &run)) {
+    res->status = WH_TRAPPED;
+    set_msg(res->message, sizeof res->message, "", (const uint8_t *)"no wasi:cli/run function", 24);
+  } else {
+    wasmtime_component_val_t result;
+    memset(&result, 0, sizeof result);
+    e = wasmtime_component_func_call(&run, ctx, NULL, 0, &result, 1);
+    if (!e) {
+      int failed = result.kind == WH_WASMTIME_COMPONENT_RESULT && !result.of.result.is_ok;
+      wasmtime_component_val_delete(&result);
+      e = wasmtime_component_func_post_return(&run, ctx);
+      if (!e && failed) {
+        res->status = WH_EXITED;
+        res->exit_code = 1;
+      }
+    }
+    if (e || res->exit_code != 1) classify(r, e, NULL, res);
+  }
+  wasmtime_store_delete(store);
   return 0;
 }

@@ -47,6 +47,7 @@ typedef struct {
   int has_stdin;
   const uint8_t *stdin_data;
   size_t stdin_len;
+  int outgoing_http; /* a component: link wasi:http (outgoing requests) for this run */
 } wh_run_config;
 
 typedef struct {
@@ -64,6 +65,10 @@ int wh_init(char *err, size_t errlen);
 int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
                    int *from_cache, char *err, size_t errlen);
 void wh_module_free(wh_module *m);
+/* A WASI 0.2 component (run through wasi:cli/run), cached like a module; *imports_http tells
+ * whether it imports wasi:http/outgoing-handler (then runs need outgoing_http). */
+int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
+                      int *from_cache, int *imports_http, char *err, size_t errlen);
 wh_run *wh_run_new(void);
 void wh_run_free(wh_run *r);
 void wh_kill(wh_run *r);

@@ -178,4 +178,69 @@ void wasi_config_set_stdin_bytes(wasi_config_t *config, wasm_byte_vec_t *binary)
 bool wasi_config_preopen_dir(wasi_config_t *config, const char *host_path, const char *guest_path, bool fs_mutable);
 wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *context, wasi_config_t *wasi);
 
+/* --- wasi.h: custom output streams (WASI 0.2 components write stdout/stderr through these) --- */
+void wasi_config_set_stdout_custom(wasi_config_t *config, ptrdiff_t (*callback)(void *, const uint8_t *, size_t),
+                                   void *data, void (*finalizer)(void *));
+void wasi_config_set_stderr_custom(wasi_config_t *config, ptrdiff_t (*callback)(void *, const uint8_t *, size_t),
+                                   void *data, void (*finalizer)(void *));
+
+/* --- wasmtime/component/{component,instance,func,val,linker,types/component}.h (wasmtime 50) --- */
+typedef struct wasmtime_component_t wasmtime_component_t;
+typedef struct wasmtime_component_export_index_t wasmtime_component_export_index_t;
+typedef struct wasmtime_component_linker_t wasmtime_component_linker_t;
+typedef struct wasmtime_component_type_t wasmtime_component_type_t;
+typedef struct wasmtime_component_extern_t wasmtime_component_extern_t;
+typedef struct wasmtime_component_instance { uint64_t store_id; uint32_t __private; } wasmtime_component_instance_t;
+typedef struct wasmtime_component_func {
+  struct { uint64_t store_id; uint32_t __private1; } s;
+  uint32_t __private2;
+  void *__private3;
+} wasmtime_component_func_t;
+typedef uint8_t wasmtime_component_valkind_t;
+#define WH_WASMTIME_COMPONENT_RESULT 19
+/* Only the `result` case is read here; the pad gives the union its real size (24 bytes). */
+typedef struct wasmtime_component_val {
+  wasmtime_component_valkind_t kind;
+  union {
+    struct { bool is_ok; struct wasmtime_component_val *val; } result;
+    uint8_t __pad[24];
+    void *__align;
+  } of;
+} wasmtime_component_val_t;
+
+wasmtime_error_t *wasmtime_component_new(const wasm_engine_t *engine, const uint8_t *buf, size_t len,
+                                         wasmtime_component_t **component_out);
+wasmtime_error_t *wasmtime_component_serialize(const wasmtime_component_t *component, wasm_byte_vec_t *ret);
+wasmtime_error_t *wasmtime_component_deserialize_file(const wasm_engine_t *engine, const char *path,
+                                                      wasmtime_component_t **component_out);
+void wasmtime_component_delete(wasmtime_component_t *component);
+wasmtime_component_export_index_t *wasmtime_component_get_export_index(
+    const wasmtime_component_t *component, const wasmtime_component_export_index_t *instance_export_index,
+    const char *name, size_t name_len);
+void wasmtime_component_export_index_delete(wasmtime_component_export_index_t *export_index);
+wasmtime_component_type_t *wasmtime_component_type(const wasmtime_component_t *component);
+void wasmtime_component_type_delete(wasmtime_component_type_t *ty);
+size_t wasmtime_component_type_import_count(const wasmtime_component_type_t *ty, const wasm_engine_t *engine);
+bool wasmtime_component_type_import_nth(const wasmtime_component_type_t *ty, const wasm_engine_t *engine, size_t nth,
+                                        const char **name_ret, size_t *name_len_ret,
+                                        wasmtime_component_extern_t **type_ret);
+void wasmtime_component_extern_delete(wasmtime_component_extern_t *ty);
+bool wasmtime_component_instance_get_func(const wasmtime_component_instance_t *instance, wasmtime_context_t *context,
+                                          const wasmtime_component_export_index_t *export_index,
+                                          wasmtime_component_func_t *func_out);
+wasmtime_error_t *wasmtime_component_func_call(const wasmtime_component_func_t *func, wasmtime_context_t *context,
+                                               const wasmtime_component_val_t *args, size_t args_size,
+                                               wasmtime_component_val_t *results, size_t results_size);
+wasmtime_error_t *wasmtime_component_func_post_return(const wasmtime_component_func_t *func,
+                                                      wasmtime_context_t *context);
+void wasmtime_component_val_delete(wasmtime_component_val_t *value);
+wasmtime_component_linker_t *wasmtime_component_linker_new(const wasm_engine_t *engine);
+wasmtime_error_t *wasmtime_component_linker_add_wasip2(wasmtime_component_linker_t *linker);
+wasmtime_error_t *wasmtime_component_linker_add_wasi_http(wasmtime_component_linker_t *linker);
+wasmtime_error_t *wasmtime_component_linker_instantiate(const wasmtime_component_linker_t *linker,
+                                                        wasmtime_context_t *context,
+                                                        const wasmtime_component_t *component,
+                                                        wasmtime_component_instance_t *instance_out);
+void wasmtime_context_set_wasi_http(wasmtime_context_t *context); /* after wasmtime_context_set_wasi */
+
 #endif

@@ -242,6 +242,11 @@ class WasmModules:
         self._cache = {}
         self.clang = shutil.which("clang")
 
+    @staticmethod
+    def status(code):
+        """The exit code a run reports when the program exits with `code`."""
+        return code
+
     def _memo(self, key, build):
         if key not in self._cache:
             self._cache[key] = build()
@@ -371,3 +376,89 @@ def both_hosts(host_cache_dir):
         pytest.skip(reason)
     return (minikrust.load_host(os.path.join(host_cache_dir, "native"), backend="native"),
             minikrust.load_host(os.path.join(host_cache_dir, "wasmtime-py"), backend="wasmtime-py"))
+
+
+# -- WASI 0.2 components, made from the modules above with jco (npm @bytecodealliance/jco) --
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def jco_binary():
+    """$JCO, the jco that .ci/run installs (.ci/npm), or one on PATH; a skip (a failure in CI)."""
+    for found in (os.environ.get("JCO"), os.path.join(ROOT, ".ci", "npm", "node_modules", ".bin", "jco"),
+                  shutil.which("jco")):
+        if found and os.path.exists(found):
+            return found
+    reason = "jco is not installed (npm install --prefix .ci/npm @bytecodealliance/jco)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def to_component(module_path, out_path):
+    """`jco new MODULE --wasi-command`: a p1 command module wrapped as a WASI 0.2 component."""
+    proc = subprocess.run([jco_binary(), "new", module_path, "--wasi-command", "-o", out_path + ".tmp"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"jco new {module_path} failed:\n{proc.stderr}"
+    os.replace(out_path + ".tmp", out_path)
+    return out_path
+
+
+class WasmComponents:
+    """The same builders as WasmModules, each module turned into a component (bytes stay bytes,
+    paths stay paths), so that a behaviour test of modules runs unchanged on components."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.clang = modules.clang
+
+    def _convert(self, module):
+        data = module if isinstance(module, (bytes, bytearray)) else None
+        if data is None:
+            with open(module, "rb") as f:
+                data = f.read()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        src = os.path.join(self.modules.cache_dir, f"p1-{digest}.wasm")
+        out = os.path.join(self.modules.cache_dir, f"p2-{digest}.wasm")
+        if not os.path.exists(out):
+            with open(src, "wb") as f:
+                f.write(data)
+            to_component(src, out)
+        if data is module or isinstance(module, (bytes, bytearray)):
+            with open(out, "rb") as f:
+                return f.read()
+        return out
+
+    @staticmethod
+    def status(code):
+        """WASI 0.2's `exit` takes a result, not a number: any failure is exit code 1."""
+        return 0 if code == 0 else 1
+
+    def exit(self, code):
+        return self._convert(self.modules.exit(code))
+
+    # what cannot be made from a module: components that fail to load
+    @property
+    def no_start(self):
+        """A component without wasi:cli/run."""
+        return wat("(component)")
+
+    @property
+    def unknown_import(self):
+        return wat('(component (import "acme:frobnicate/api@1.0.0" (instance (export "f" (func)))))')
+
+    @property
+    def wasi_unknown_function(self):
+        return wat('(component (import "wasi:cli/environment@0.2.0" (instance (export "no_such_call" (func)))))')
+
+    def c(self, source, name="module"):
+        return self._convert(self.modules.c(source, name))
+
+    def __getattr__(self, name):
+        return self._convert(getattr(self.modules, name))
+
+
+@pytest.fixture(scope="session")
+def components(tmp_path_factory):
+    """The session's WasmComponents builder (jco; skips without it, fails in CI)."""
+    return WasmComponents(WasmModules(str(tmp_path_factory.mktemp("wasm-components"))))
