@@ -1497,7 +1497,7 @@ _WASI = "wasi_snapshot_preview1"
 _CLI_RUN = "wasi:cli/run@0.2.0"  # wasmtime matches any 0.2.x export to it
 
 
-def is_component(data):
+def _is_component(data):
     """Whether wasm bytes are a WASI 0.2 component (header: magic, version 0x0d, layer 1), not a module."""
     return data[:4] == b"\0asm" and data[6:8] == b"\x01\x00"
 _POLL_TRAMPOLINE = (
@@ -1615,7 +1615,7 @@ class FallbackHost:
         if data[:4] != b"\0asm":
             raise ModuleLoadError("not a WebAssembly module (bad magic number)")
         path = self._cache_path(digest)
-        kind = wt.component.Component if is_component(data) else wt.Module
+        kind = wt.component.Component if _is_component(data) else wt.Module
         compiled = None
         if os.path.exists(path):
             try:

@@ -19,9 +19,9 @@ def wasm(components):
 
 
 def test_header_tells_a_component_from_a_module(components):
-    assert minikrust.is_component(components.hello)
-    assert not minikrust.is_component(components.modules.hello)
-    assert not minikrust.is_component(b"\0asm")
+    assert minikrust._is_component(components.hello)
+    assert not minikrust._is_component(components.modules.hello)
+    assert not minikrust._is_component(b"\0asm")
 
 
 @pytest.mark.parametrize("name, needle", [
