@@ -3992,7 +3992,8 @@ def _downward_files(pod, source, default_mode, node_ip, what):
 def _request_token(pod, source, api):
     """(token bytes, lifetime in seconds) from the TokenRequest API, for exactly the audience the
     source names (or none: the API's default), bound to the pod, as the kubelet does (contract 28:
-    any other audience is refused). Raises MinikrustError with the reason."""
+    any other audience is refused). One try, 5 s at most: a pod's start does not wait on a slow API
+    server for a token (ServiceAccountTokens tries again). Raises MinikrustError with the reason."""
     meta = pod.get("metadata") or {}
     account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
     spec = {"expirationSeconds": int(source.get("expirationSeconds") or 3600),
@@ -4003,7 +4004,7 @@ def _request_token(pod, source, api):
     asked = time.time()
     try:
         status = api.post(f"/api/v1/namespaces/{_namespace(pod)}/serviceaccounts/{account}/token", body,
-                          retries=1).get("status") or {}
+                          retries=0, timeout=5).get("status") or {}
         expires = _parse_rfc3339(status.get("expirationTimestamp") or "") / 1e9
     except ApiError as exc:
         raise MinikrustError(exc.message or f"{exc.code} {exc.reason}") from None

@@ -173,9 +173,8 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
     kubelet = kubelet_factory(fake_api, root_dir=os.path.join(small_disk, "root"))
     fake_api.create_pod(_pod("ticker", module_file(sleeper(50, 0, repeat=0)), policy="Always"), node_name="node-1")
     wait_for(lambda: _phase(fake_api, "ticker") == "Running", what="Running")
-    worker = kubelet.pod_manager.worker("default", "ticker")
-    status_path = os.path.join(worker.dir, "status.json")
-    log_path = worker.apps[0].log_path
+    status_path = os.path.join(_pod_dir(kubelet, fake_api, "ticker"), "status.json")
+    log_path = os.path.join(_pod_dir(kubelet, fake_api, "ticker"), "logs", "main", "0.log")
     filler = _fill(small_disk)
     with open(status_path) as f:
         kept = json.load(f)
@@ -187,7 +186,7 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
     waiting = wait_for(lambda: fake_api.get("pods", "default", "job")["status"].get("containerStatuses", [{}])[0]
                        .get("state", {}).get("waiting", {}).get("message"), what="job waiting")
     assert "No space left on device" in waiting
-    assert _phase(fake_api, "ticker") == "Running" and worker.apps[0].run is not None
+    assert _phase(fake_api, "ticker") == "Running"
     assert fake_api.get("pods", "default", "ticker")["status"]["containerStatuses"][0]["restartCount"] == 0
     with open(status_path) as f:
         assert json.load(f) == kept         # the old state, whole
@@ -206,10 +205,15 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
 
 # -- service-account tokens -------------------------------------------------------------------------
 
-def _token_file(kubelet, name):
-    worker = kubelet.pod_manager.worker("default", name)
-    folder = next(d for v, d in (worker.volume_dirs or {}).items() if v.startswith("kube-api-access-"))
-    path = os.path.join(folder, "token")
+def _pod_dir(kubelet, fake, name):
+    return os.path.join(kubelet.config.root_dir, "pods", fake.get("pods", "default", name)["metadata"]["uid"])
+
+
+def _token_file(kubelet, name, fake):
+    volumes = os.path.join(_pod_dir(kubelet, fake, name), "volumes")
+    folder = next((v for v in os.listdir(volumes) if v.startswith("kube-api-access-")), None) \
+        if os.path.isdir(volumes) else None
+    path = os.path.join(volumes, folder or "-", "token")
     if os.path.exists(path):
         with open(path) as f:
             return f.read()
@@ -230,9 +234,9 @@ def test_a_token_refused_while_the_service_account_is_missing_is_retried_and_rep
     wait_for(lambda: _phase(fake_api, "early") == "Running", what="Running without its token")
     event = wait_for(lambda: fake_api.events(involved_name="early", reason="FailedMount"), what="FailedMount")[0]
     assert event["type"] == "Warning" and 'serviceaccounts "default" not found' in event["message"]
-    assert _token_file(kubelet, "early") is None
+    assert _token_file(kubelet, "early", fake_api) is None
     fake_api.create({"kind": "ServiceAccount", "apiVersion": "v1", "metadata": {"name": "default", "namespace": "default"}})
-    token = wait_for(lambda: _token_file(kubelet, "early"), timeout=15, what="the token written")
+    token = wait_for(lambda: _token_file(kubelet, "early", fake_api), timeout=15, what="the token written")
     assert _claims(token)["kubernetes.io"]["pod"]["name"] == "early"
     assert fake_api.count("POST", "/serviceaccounts/default/token$") >= 2
 
@@ -241,7 +245,7 @@ def test_a_token_refused_by_the_node_authorizer_is_retried(fake_api, kubelet_fac
     fake_api.fail_next(2, 403, method="POST", path="/token$")
     kubelet = kubelet_factory(fake_api)
     fake_api.create_pod(_pod("bound", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
-    wait_for(lambda: _token_file(kubelet, "bound"), timeout=15, what="the token written after two 403s")
+    wait_for(lambda: _token_file(kubelet, "bound", fake_api), timeout=15, what="the token written after two 403s")
     assert [r.status for r in fake_api.find_requests("POST", "/token$")] == [403, 403, 201]
     assert len(fake_api.events(involved_name="bound", reason="FailedMount")) == 1     # one Event, counted
     assert fake_api.events(involved_name="bound", reason="FailedMount")[0]["count"] == 2
@@ -251,9 +255,9 @@ def test_a_token_is_requested_anew_at_80_percent_of_its_lifetime(fake_api, kubel
     fake_api.service_account_max_token_expiration = 5
     kubelet = kubelet_factory(fake_api)
     fake_api.create_pod(_pod("svc", module_file(sleeper(100, 0, repeat=0)), policy="Always"), node_name="node-1")
-    first = wait_for(lambda: _token_file(kubelet, "svc"), what="the first token")
+    first = wait_for(lambda: _token_file(kubelet, "svc", fake_api), what="the first token")
     issued = [r.time for r in fake_api.find_requests("POST", "/token$") if r.status == 201]
-    second = wait_for(lambda: (_token_file(kubelet, "svc") or first) != first and _token_file(kubelet, "svc"),
+    second = wait_for(lambda: (_token_file(kubelet, "svc", fake_api) or first) != first and _token_file(kubelet, "svc", fake_api),
                       timeout=10, what="the token refreshed")
     again = [r.time for r in fake_api.find_requests("POST", "/token$") if r.status == 201]
     assert 3.0 <= again[1] - issued[0] < 5.0          # 80% of 5 s (4 s after it was asked), before it expires
@@ -292,3 +296,16 @@ def test_an_offline_start_runs_the_pods_kept_on_disk_and_converges_once_the_api_
     assert _writes_to(fake_api, "done") == []           # nothing changed: nothing sent
     patches = [r for r in _writes_to(fake_api, "job") if r.path.endswith("/status")]
     assert len([p for p in patches if (p.body.get("status") or {}).get("phase") == "Succeeded"]) == 1
+
+
+def test_a_hanging_api_server_delays_a_pod_start_by_5_s_at_most_for_its_token(fake_api, kubelet_factory,
+                                                                              module_file):
+    kubelet = kubelet_factory(fake_api)
+    fake_api.pause(method="POST", path="/token$")       # accepted, never answered
+    try:
+        fake_api.create_pod(_pod("quick", module_file(sleeper(10, 0, repeat=0)), policy="Always"),
+                            node_name="node-1")
+        wait_for(lambda: _phase(fake_api, "quick") == "Running", timeout=9, what="started without its token")
+    finally:
+        fake_api.resume()
+    wait_for(lambda: _token_file(kubelet, "quick", fake_api), timeout=10, what="the token, later")
