@@ -83,7 +83,8 @@ Fault injection:
         answer status (429: TooManyRequests with Retry-After); path: regex searched in the path
   .close_next(n=1, method=None, path=None)   next n matching requests: connection closed, no answer
   .delay_next(n=1, seconds=1.0, method=None, path=None)   next n matching requests answered late
-  .pause(method=None, path=None) / .resume()  hold matching requests until resume()
+  .pause(method=None, path=None) / .resume()  hold matching requests until resume() (connections
+        accepted, nothing answered; a stop() meanwhile cuts them, they are never served)
   .stop() / .start() / .restart(expire_watches=False)  stop the server (connections refused, open
         connections cut) and start it again on the same port with its state kept (an API server restart;
         expire_watches=True also compacts, so watches resumed from before the restart get 410)
@@ -2643,10 +2644,11 @@ class FakeApiServer:
             self._rules = [r for r in self._rules if r.n > 0]
             paused = any((m is None or m.upper() == method) and (p is None or re.search(p, path))
                          for m, p in self._pauses)
+            epoch = self._watch_epoch
         while paused and self._running:
             if self._paused.wait(0.05):
                 break
-        if not self._running:
+        if not self._running or self._watch_epoch != epoch:     # a request held across stop() is cut, never served
             raise CloseConnection("stopped")
         if rule is None:
             return
