@@ -4636,8 +4636,8 @@ def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_con
     return [
         _condition("PodReadyToStartContainers", ready_to_start, prev, now),
         _condition("Initialized", initialized, prev, now, *why_init),
+        _condition("Ready", ready, prev, now, *why_unready),     # the kubelet's order (recording extended/29)
         _condition("ContainersReady", ready, prev, now, *why_unready),
-        _condition("Ready", ready, prev, now, *why_unready),
         _condition("PodScheduled", True, prev, scheduled_at),
     ]
 
