@@ -36,6 +36,8 @@ import enum
 import errno
 import fractions
 import functools
+import glob
+import gzip
 import hashlib
 import heapq
 import hmac
@@ -1004,37 +1006,55 @@ class _LogClock:
         return _rfc3339nano(self.last)
 
 
-_ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}\.\d{6}$")  # `<log>.<UTC %Y%m%d-%H%M%S.%f>`, sorting by age
+# Rotated logs are named and compressed as the kubelet's container log manager does (pkg/kubelet/
+# logs): `<log>.<YYYYMMDD-HHMMSS>` (UTC), all but the newest gzip-compressed to `<name>.gz`.
+_ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
 
 
 def _rotate_log(path, max_files):
-    """Rename the log `path` to `<path>.<UTC stamp>` (names strictly increasing) and remove the
-    oldest rotated files beyond `max_files - 1` (the live file counts as one); the rotated path.
+    """Rotate the log `path` as the kubelet does: of the rotated files, those beyond `max_files - 2`
+    go (oldest first) and the rest are gzip-compressed, then `path` becomes `<path>.<UTC stamp>`
+    (a second rotation within one second takes the next second's name); the rotated path.
     The native host does the same in C (sink_rotate in _wasihost/wasihost.c)."""
-    stamps = [name[len(path) + 1:] for name in rotated_log_files(path)]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if stamps:  # two rotations within one microsecond, or a clock stepping back: one past the newest
-        newest = datetime.datetime.strptime(stamps[-1], "%Y%m%d-%H%M%S.%f").replace(tzinfo=datetime.timezone.utc)
-        now = max(now, newest + datetime.timedelta(microseconds=1))
-    stamps.append(now.strftime("%Y%m%d-%H%M%S.%f"))
-    target = f"{path}.{stamps[-1]}"
-    os.rename(path, target)
-    for stamp in stamps[:max(0, len(stamps) - max(1, max_files) + 1)]:
+    rotated = rotated_log_files(path)
+    for name in glob.glob(glob.escape(path) + ".*.tmp"):    # a compression cut short
         with contextlib.suppress(FileNotFoundError):
-            os.remove(f"{path}.{stamp}")
+            os.remove(name)
+    keep = max(0, max_files - 2)
+    for index, name in enumerate(rotated):
+        if index + keep < len(rotated):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name)
+        elif not name.endswith(".gz"):
+            with open(name, "rb") as source, gzip.open(name + ".tmp", "wb", compresslevel=6) as packed:
+                shutil.copyfileobj(source, packed)
+            os.replace(name + ".tmp", name + ".gz")
+            os.remove(name)
+    now = int(time.time())
+    if rotated:
+        newest = datetime.datetime.strptime(rotated[-1][len(path) + 1:][:15], "%Y%m%d-%H%M%S")
+        now = max(now, int(newest.replace(tzinfo=datetime.timezone.utc).timestamp()) + 1)
+    target = f"{path}.{datetime.datetime.fromtimestamp(now, datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    os.rename(path, target)
+    if max_files == 1:      # the live file alone
+        os.remove(target)
     return target
 
 
 def rotated_log_files(path):
-    """The rotated files of a container log, oldest first (the live file `path` not included)."""
+    """The rotated files of a container log, oldest first (the live file `path` not included); of a
+    file found both compressed and not (a compression cut short), the compressed one."""
     folder, base = os.path.split(path)
     try:
         names = os.listdir(folder or ".")
     except FileNotFoundError:
         return []
-    rotated = [name for name in names
-               if name.startswith(base + ".") and _ROTATED_STAMP.match(name[len(base) + 1:])]
-    return [os.path.join(folder, name) for name in sorted(rotated)]
+    stamps = {}
+    for name in sorted(names):  # "<stamp>" sorts before "<stamp>.gz", which then wins
+        suffix = name[len(base) + 1:]
+        if name.startswith(base + ".") and _ROTATED_STAMP.match(suffix):
+            stamps[suffix[:15]] = name
+    return [os.path.join(folder, stamps[stamp]) for stamp in sorted(stamps)]
 
 
 def _records(handle, buffered, block=1 << 20):
@@ -1052,41 +1072,59 @@ def _records(handle, buffered, block=1 << 20):
 class _LogCursor:
     """Reads a container log's records as they are written, across the host's rotations: at first
     the rotated files then the live one; when the file being read was renamed away, its rest, any
-    newer rotated files, then the new live file. Holds no file open between reads."""
+    newer rotated files, then the new live file. As rotation compresses and removes files, inodes are
+    reused: the file read last is known by its first bytes, and by its stamp once rotated (the live
+    file's is the first one newer than the newest rotated file when the cursor came to it). Holds no
+    file open between reads."""
 
     def __init__(self, path):
         self.path, self._inode, self._offset, self._buffered = path, None, 0, bytearray()
+        self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
+
+    def _same(self, name):
+        """Whether `name` starts with the bytes the file read last started with (an empty one: any)."""
+        try:
+            with (gzip.open if name.endswith(".gz") else open)(name, "rb") as handle:
+                return handle.read(len(self._head)) == self._head
+        except (OSError, EOFError):
+            return False
 
     def _unread(self):
         """[(file, offset)] to read now, oldest first."""
-        try:
-            if os.stat(self.path).st_ino == self._inode:
-                return [(self.path, self._offset)]
-        except FileNotFoundError:
+        if not os.path.exists(self.path):
             return []
+        live = self._inode is not None and self._stamp is None
+        if live and self._head and self._same(self.path):
+            return [(self.path, self._offset)]
         rotated = rotated_log_files(self.path)
-        for i, name in enumerate(rotated):   # older rotated files are removed first: the rest are newer
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(name).st_ino == self._inode:
-                    return [(name, self._offset)] + [(later, 0) for later in rotated[i + 1:] + [self.path]]
+        stamps = [name[len(self.path) + 1:][:15] for name in rotated]
+        after, self._after = self._after, (stamps[-1] if stamps else "")
+        for i, name in enumerate(rotated if self._inode is not None else ()):   # the rest are newer
+            if (stamps[i] == self._stamp if self._stamp else stamps[i] > after) and self._same(name):
+                return [(name, self._offset)] + [(later, 0) for later in rotated[i + 1:] + [self.path]]
+        if live and not self._head:     # the live file was empty and has not been rotated since
+            return [(self.path, 0)]
         return [(name, 0) for name in rotated + [self.path]]
 
     def records(self, final=False):
         """The records written since the last call, oldest first; `final`: also a last one without newline."""
         for name, offset in self._unread():
             try:
-                handle = open(name, "rb")
+                handle = gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")
             except FileNotFoundError:
                 continue
             with handle:
                 st = os.fstat(handle.fileno())
-                if offset == 0 or st.st_size < offset:  # another file, or this one truncated: from its start
+                if offset == 0 or (st.st_size < offset and not name.endswith(".gz")):  # another file, or truncated
                     offset = 0
                     self._buffered.clear()
-                handle.seek(offset)
+                handle.seek(offset)     # in a .gz: an offset of the bytes it holds
                 while records := _records(handle, self._buffered):
                     yield from records
                 self._inode, self._offset = st.st_ino, handle.tell()
+                self._stamp = None if name == self.path else name[len(self.path) + 1:][:15]
+                handle.seek(0)
+                self._head = handle.read(min(self._offset, 64))
         if final and self._buffered:
             yield bytes(self._buffered)
             self._buffered.clear()

@@ -9,9 +9,10 @@ Output: stdout/stderr go to a path (appended; one shared file keeps the two stre
 order), an fd, or a callable (called with one CRI record per call, or raw chunks in "plain"
 mode). The C side buffers them and writes at least every epoch tick (5 ms of guest execution),
 before any call that may block, and at the end of the run. With `log_max_size=`, C rotates an
-output path once it reaches that size, as the kubelet rotates container logs: it is renamed to
-`<path>.<UTC %Y%m%d-%H%M%S.%f>`, rotated files beyond `log_max_files - 1` are removed oldest
-first, and the path is reopened; a CRI record never straddles two files.
+output path once it reaches that size, as the kubelet rotates container logs: rotated files beyond
+`log_max_files - 2` are removed oldest first and the others gzip-compressed (`<name>.gz`), the path
+is renamed to `<path>.<UTC %Y%m%d-%H%M%S>` (a second rotation within one second takes the next
+second's name) and reopened; a CRI record never straddles two files.
 
 The extension is built against wasmtime's C API as shipped by the `wasmtime` wheel (pinned in
 pyproject.toml). At import we check that wheel's version and dlopen its `_libwasmtime` with RTLD_GLOBAL,

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "wasmtime_api.h"
 #include "wasihost.h"
@@ -535,42 +536,50 @@ static void flush_all(wh_run *r) {
   sink_flush(&r->sinks[1]);
 }
 
-/* Log rotation, named as minikrust's server reads it (_rotate_log): "<path>.<stamp>", the
- * stamp the UTC time "%Y%m%d-%H%M%S.%06d" (microseconds), so names sort by age and two rotations
- * within one microsecond still get increasing names. The live file counts as one of max_files. */
-#define STAMP_LEN 22
+/* Log rotation as the kubelet's container log manager does it (pkg/kubelet/logs): of the rotated
+ * files, those beyond max_files - 2 are removed oldest first and the rest gzip-compressed to
+ * "<name>.gz"; then the live file becomes "<path>.<YYYYMMDD-HHMMSS>" (UTC), the newest rotation left
+ * uncompressed. A second rotation within one second takes the next second's name, so names stay
+ * unique and sort by age. minikrust.py's _rotate_log does the same for the fallback host. */
+#define STAMP_LEN 15
 
-static int is_stamp(const char *s) {
-  static const char shape[] = "dddddddd-dddddd.dddddd";
+/* The length of the stamp `s` starts with when it is a rotated name's suffix ("<stamp>" or
+ * "<stamp>.gz"; with `tmp`, "<stamp>.tmp", a compression cut short), else 0. */
+static size_t stamp_len(const char *s, int tmp) {
+  static const char shape[] = "dddddddd-dddddd";
   for (int i = 0; i < STAMP_LEN; i++)
     if (shape[i] == 'd' ? s[i] < '0' || s[i] > '9' : s[i] != shape[i]) return 0;
-  return s[STAMP_LEN] == '\0';
+  return strcmp(s + STAMP_LEN, tmp ? ".tmp" : "") == 0 || (!tmp && strcmp(s + STAMP_LEN, ".gz") == 0)
+             ? STAMP_LEN : 0;
 }
 
-static int64_t stamp_us(const char *s) {
+static int64_t stamp_secs(const char *s) {
   struct tm tm = {0};
-  long us = 0;
-  if (sscanf(s, "%4d%2d%2d-%2d%2d%2d.%6ld", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
-             &tm.tm_sec, &us) != 7)
+  if (sscanf(s, "%4d%2d%2d-%2d%2d%2d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
+             &tm.tm_sec) != 6)
     return 0;
   tm.tm_year -= 1900;
   tm.tm_mon -= 1;
-  return (int64_t)timegm(&tm) * 1000000 + us;
+  return (int64_t)timegm(&tm);
 }
 
 static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-/* The stamps of `base`'s rotated files in `dir`, oldest first (a malloc'd array, *n of them). */
-static char **rotated_stamps(const char *dir, const char *base, size_t *n) {
+/* The suffixes of `base`'s rotated files in `dir` ("<stamp>" or "<stamp>.gz"), oldest first (a
+ * malloc'd array, *n of them); left-over "<stamp>.tmp" files are removed on the way. */
+static char **rotated_names(const char *dir, const char *base, size_t *n) {
   *n = 0;
   DIR *d = opendir(dir);
   if (!d) return NULL;
   size_t cap = 0, blen = strlen(base);
-  char **out = NULL;
+  char **out = NULL, path[4200];
   struct dirent *e;
   while ((e = readdir(d))) {
     const char *name = e->d_name;
-    if (strncmp(name, base, blen) != 0 || name[blen] != '.' || !is_stamp(name + blen + 1)) continue;
+    if (strncmp(name, base, blen) != 0 || name[blen] != '.') continue;
+    if (stamp_len(name + blen + 1, 1) && snprintf(path, sizeof path, "%s/%s", dir, name) < (int)sizeof path)
+      unlink(path);
+    if (!stamp_len(name + blen + 1, 0)) continue;
     if (*n == cap) {
       char **grown = realloc(out, (cap = cap ? 2 * cap : 8) * sizeof *out);
       if (!grown) break;
@@ -584,23 +593,53 @@ static char **rotated_stamps(const char *dir, const char *base, size_t *n) {
   return out;
 }
 
+/* gzip `src` to "<src>.gz" (by way of "<src>.tmp"), then remove `src`; 0 when done. */
+static int gzip_log(const char *src) {
+  char tmp[4300], gz[4300];
+  snprintf(tmp, sizeof tmp, "%s.tmp", src);
+  snprintf(gz, sizeof gz, "%s.gz", src);
+  int in = open(src, O_RDONLY | O_CLOEXEC);
+  if (in < 0) return -1;
+  gzFile out = gzopen(tmp, "wb6");
+  int ok = out != NULL;
+  char buf[65536];
+  ssize_t got;
+  while (ok && (got = read(in, buf, sizeof buf)) != 0) {
+    if (got < 0 && errno == EINTR) continue;
+    ok = got > 0 && gzwrite(out, buf, (unsigned)got) == (int)got;
+  }
+  close(in);
+  if (out && gzclose(out) != Z_OK) ok = 0;
+  if (ok && rename(tmp, gz) == 0) return unlink(src);
+  unlink(tmp);
+  return -1;
+}
+
 static void sink_rotate(sink_t *k) {
   k->size = 0; /* also when it fails: tried again after another max_size bytes */
   const char *slash = strrchr(k->path, '/');
   char dir[4096], target[4200], stamp[40];
   if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - k->path > 0 ? slash - k->path : 1), k->path);
   else snprintf(dir, sizeof dir, ".");
-  size_t n;
-  char **old = rotated_stamps(dir, slash ? slash + 1 : k->path, &n);
+  size_t n, keep = k->max_files > 2 ? (size_t)(k->max_files - 2) : 0;
+  char **old = rotated_names(dir, slash ? slash + 1 : k->path, &n);
+  int64_t newest = n ? stamp_secs(old[n - 1]) : 0;
+  for (size_t i = 0; i < n; i++) {
+    /* a file both compressed and not (a compression cut short) is the .gz one, which sorts next */
+    int duplicate = i + 1 < n && strncmp(old[i], old[i + 1], STAMP_LEN) == 0;
+    if (snprintf(target, sizeof target, "%s.%s", k->path, old[i]) < (int)sizeof target) {
+      if (duplicate || i + keep < n) unlink(target);
+      else if (!strstr(old[i], ".gz")) gzip_log(target);
+    }
+    free(old[i]);
+  }
+  free(old);
   struct timespec now;
   clock_gettime(CLOCK_REALTIME, &now);
-  int64_t us = (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000;
-  if (n && us <= stamp_us(old[n - 1])) us = stamp_us(old[n - 1]) + 1;
-  time_t secs = (time_t)(us / 1000000);
+  time_t secs = (time_t)(now.tv_sec > newest ? now.tv_sec : newest + 1);
   struct tm tm;
   gmtime_r(&secs, &tm);
-  size_t len = strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &tm);
-  snprintf(stamp + len, sizeof stamp - len, ".%06ld", (long)(us % 1000000));
+  strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &tm);
   snprintf(target, sizeof target, "%s.%s", k->path, stamp);
   int renamed = rename(k->path, target) == 0;
   if (renamed || errno == ENOENT) { /* reopen the path; the fd keeps its number (others hold it) */
@@ -610,18 +649,7 @@ static void sink_rotate(sink_t *k) {
       close(fd);
     }
   }
-  size_t kept = n + (size_t)renamed, keep = (size_t)(k->max_files - 1);
-  for (size_t i = 0; i < n; i++) {
-    if (kept > keep && snprintf(target, sizeof target, "%s.%s", k->path, old[i]) < (int)sizeof target &&
-        (unlink(target) == 0 || errno == ENOENT))
-      kept--;
-    free(old[i]);
-  }
-  if (renamed && keep == 0) { /* max_files 1: the live file alone */
-    snprintf(target, sizeof target, "%s.%s", k->path, stamp);
-    unlink(target);
-  }
-  free(old);
+  if (renamed && k->max_files == 1) unlink(target); /* max_files 1: the live file alone */
 }
 
 /* Room for `need` more bytes at the end of the buffer, or NULL (then the bytes are dropped). */

@@ -1,5 +1,6 @@
 """Container log rotation done by the WASI hosts (log_max_size/log_max_files), on both backends,
 and read back the way the server and the standalone terminal read it."""
+import gzip
 import os
 import re
 
@@ -9,7 +10,9 @@ import minikrust
 from tests.helpers import wait_for
 
 CRI = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) ([FP]) (.*)$")
-STAMP = re.compile(r"^\d{8}-\d{6}\.\d{6}$")
+# The kubelet's container log manager (pkg/kubelet/logs/container_log_manager.go): a rotated log is
+# `<log>.<time in Go's "20060102-150405" layout>`, every rotation but the newest gzip-compressed (".gz").
+STAMP = re.compile(r"^\d{8}-\d{6}$")
 
 # Writes lines in pieces (one fd_write each), long lines cut into P records, and both streams.
 PIECES_C = r"""
@@ -39,7 +42,7 @@ int main(int argc, char **argv) {
 
 def records(name):
     """(stream, tag, content) of every line of a CRI log file; fails on anything else."""
-    with open(name, "rb") as f:
+    with (gzip.open if name.endswith(".gz") else open)(name, "rb") as f:
         data = f.read()
     assert data == b"" or data.endswith(b"\n"), f"{name} ends inside a record"
     out = []
@@ -51,9 +54,16 @@ def records(name):
 
 
 def log_files(path):
-    """The rotated files (oldest first) and the live file."""
+    """The rotated files (oldest first) and the live file; checks they are named and compressed
+    as the kubelet names and compresses them: the newest rotation plain, the older ones gzip."""
     rotated = minikrust.rotated_log_files(path)
-    assert all(STAMP.match(name[len(path) + 1:]) for name in rotated)
+    stamps = [name[len(path) + 1:] for name in rotated]
+    assert all(STAMP.match(stamp) for stamp in stamps[-1:]), stamps
+    assert all(stamp.endswith(".gz") and STAMP.match(stamp[:-3]) for stamp in stamps[:-1]), stamps
+    for name in rotated[:-1]:
+        with open(name, "rb") as f:
+            assert f.read(2) == b"\x1f\x8b", name      # the gzip magic
+    assert sorted(os.listdir(os.path.dirname(path))) == sorted(os.path.basename(n) for n in rotated + [path])
     return rotated + [path]
 
 
@@ -73,7 +83,7 @@ def test_a_log_heavy_module_rotates_keeping_every_line_once_in_order(backend, wa
         recs = records(name)
         assert all(stream == "stdout" and tag == "F" for stream, tag, _ in recs)
         contents += [text for _, _, text in recs]
-        size = os.path.getsize(name)
+        size = sum(len(line) for line in ((gzip.open if name.endswith(".gz") else open)(name, "rb")))
         if name != path:    # rotated after the record that filled it: full, and by less than a record
             assert 40_000 <= size < 40_000 + 80, (name, size)
     assert contents == [f"line {i} of 20000".encode() for i in range(20000)]
@@ -86,7 +96,8 @@ def test_rotation_keeps_at_most_max_files_with_the_newest_lines(backend, wasm, t
     assert len(files) == 3
     numbers = [int(text.split()[1]) for name in files for _, _, text in records(name)]
     assert numbers == list(range(numbers[0], 20000)) and numbers[0] > 0   # a gapless tail, in order
-    timestamps = [line.split(b" ", 1)[0] for name in files for line in open(name, "rb")]
+    timestamps = [line.split(b" ", 1)[0] for name in files
+                  for line in (gzip.open if name.endswith(".gz") else open)(name, "rb")]
     assert timestamps == sorted(timestamps)
 
 
@@ -150,12 +161,12 @@ def test_rotation_continues_the_names_the_server_made(backend, wasm, tmp_path):
     path = str(tmp_path / "0.log")
     with open(path, "w") as f:
         f.write("2026-01-01T00:00:00.000000000Z stdout F before\n")
-    future = f"{path}.29991231-235959.999998"   # a name newer than now: the host's must still sort after
+    future = f"{path}.29991231-235958"   # a name newer than now: the host's must still sort after
     os.rename(path, future)
     run(backend, wasm.tool, ["tool", "lines", "2000"], path, log_max_size=10_000, log_max_files=100)
-    rotated = minikrust.rotated_log_files(path)
-    assert rotated[0] == future and len(rotated) > 3
-    assert len(set(rotated)) == len(rotated)
+    rotated = log_files(path)[:-1]
+    assert rotated[:3] == [future + ".gz", f"{path}.29991231-235959.gz", f"{path}.30000101-000000.gz"]
+    assert len(set(rotated)) == len(rotated) > 3
 
 
 def test_a_kubelet_passes_its_limits_and_the_server_reads_across_files(fake_api, kubelet_factory, wasm):

@@ -430,7 +430,8 @@ def test_rotated_logs_keep_max_files_and_read_in_order(tmp_path):
         assert minikrust._rotate_log(path, max_files=3) in minikrust.rotated_log_files(path)
     with open(path, "a"):
         pass
-    assert len(minikrust.rotated_log_files(path)) == 2
+    older, newest = minikrust.rotated_log_files(path)    # named and compressed as the kubelet does
+    assert re.fullmatch(re.escape(path) + r"\.\d{8}-\d{6}\.gz", older) and re.fullmatch(re.escape(path) + r"\.\d{8}-\d{6}", newest)
     text = b"".join(minikrust.read_container_log(path, minikrust.LogOptions())).decode()
     assert text == "line 4\nline 5\n"
 
