@@ -5356,6 +5356,8 @@ class PodWorker:
                 return self._terminate("Failed")
             return self._until(self._maybe_start(c, now))
         wakes = [self._maybe_start(c, now) for c in self.apps if c.run is None and self._wants_run(c)]
+        if self.state is not PodState.SYNCING:     # a container's config failed the pod
+            return None
         if all(c.run is None and not self._wants_run(c) for c in self.apps):
             return self._terminate(None)
         return self._until(min((w for w in wakes if w), default=None))
@@ -5646,7 +5648,11 @@ class PodDriver:
             while True:
                 with self._lock:
                     self._busy[worker] = "syncing"
-                wake = worker.sync()
+                try:
+                    wake = worker.sync()
+                except Exception:       # sync() keeps a pod's failures to the pod; this is a bug
+                    log.exception("pod %s: sync failed", worker.key)
+                    wake = time.monotonic() + _CONFIG_RETRY
                 with self._lock:
                     if wake is not None and wake < self._next_wake.get(worker, math.inf):
                         self._next_wake[worker] = wake
