@@ -1538,6 +1538,27 @@ _CLI_RUN = "wasi:cli/run@0.2.0"  # wasmtime matches any 0.2.x export to it
 def _is_component(data):
     """Whether wasm bytes are a WASI 0.2 component (header: magic, version 0x0d, layer 1), not a module."""
     return data[:4] == b"\0asm" and data[6:8] == b"\x01\x00"
+
+
+_ALLOW_HTTP = "minikrust.io/allow-outgoing-http"
+
+
+def _outgoing_http(module, pod):
+    """Whether a run of `module` for `pod` gets wasi:http (outgoing requests): only a component
+    importing wasi:http/outgoing-handler whose pod is annotated `minikrust.io/allow-outgoing-http: "*"`.
+
+    wasmtime 50's C API sends a guest's requests itself, with no hook to filter them by host: so
+    a list of hosts, which could not be enforced, is refused rather than silently widened to all."""
+    if not module.imports_http:
+        return False
+    allowed = ((pod.get("metadata") or {}).get("annotations") or {}).get(_ALLOW_HTTP)
+    if allowed is None:
+        raise ModuleRunError(f"the component imports wasi:http/outgoing-handler; allow its outgoing HTTP "
+                             f"requests with the pod annotation {_ALLOW_HTTP}: \"*\"")
+    if allowed.strip() != "*":
+        raise ModuleRunError(f"{_ALLOW_HTTP}: {allowed!r}: only \"*\" (any host) can be enforced; "
+                             "wasmtime's wasi:http offers no per-host filter")
+    return True
 _POLL_TRAMPOLINE = (
     '(module (import "guest" "memory" (memory 0))'
     ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
@@ -2679,7 +2700,7 @@ _TAR_LAYERS = {
 }
 _INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
 _MANIFEST_ACCEPT = ", ".join([MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST])
-_WASM_PLATFORMS = (("wasip1", "wasm"), ("wasi", "wasm"))
+_WASM_PLATFORMS = (("wasip1", "wasm"), ("wasi", "wasm"), ("wasip2", "wasm"))
 _DOCKER_HUB = "docker.io"
 _MAX_MANIFEST = 4 * 1024 * 1024
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -3472,11 +3493,7 @@ class ImageManager:
         config_type = config.get("mediaType", "")
         types = [layer.get("mediaType", "") for layer in layers]
         wasm = [layer for layer in layers if layer.get("mediaType") in (MT_WASM_LAYER, MT_WASM_TO_OCI_LAYER)]
-        if wasm:
-            if config_type == MT_WASM_CONFIG:
-                conf = self._config_json(client, config)
-                if conf.get("os") == "wasip2" or conf.get("component"):
-                    raise ImageError("the image is a WASI preview 2 component; minikrust runs preview 1 modules")
+        if wasm:  # a module or a component (wasip2): the host tells them apart by their header
             if len(wasm) != 1:
                 raise ImageError(f"the image has {len(wasm)} wasm layers; expected one module")
             return "wasm", wasm, None
@@ -3548,7 +3565,7 @@ def _store_key(ref):
 
 
 def _pick_platform(index):
-    """The index entry for wasip1/wasm or wasi/wasm, else the sole entry; else an error naming them."""
+    """The index entry for wasip1/wasm, wasi/wasm or wasip2/wasm, else the sole entry; else an error naming them."""
     entries = index.get("manifests") or []
     for os_name, arch in _WASM_PLATFORMS:
         for entry in entries:
@@ -3561,7 +3578,7 @@ def _pick_platform(index):
         return images[0]
     found = ", ".join(f"{(e.get('platform') or {}).get('os')}/{(e.get('platform') or {}).get('architecture')}"
                       for e in entries)
-    raise ImageError(f"no wasip1/wasm or wasi/wasm entry in the image index (found: {found or 'none'})")
+    raise ImageError(f"no wasip1/wasm, wasi/wasm or wasip2/wasm entry in the image index (found: {found or 'none'})")
 
 
 def push_module(wasm_path, image, *, credential=None, insecure=False):
@@ -3571,7 +3588,8 @@ def push_module(wasm_path, image, *, credential=None, insecure=False):
     with open(wasm_path, "rb") as f:
         data = f.read()
     layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    config = json.dumps({"created": _k8s_time(), "author": None, "architecture": "wasm", "os": "wasip1",
+    config = json.dumps({"created": _k8s_time(), "author": None, "architecture": "wasm",
+                         "os": "wasip2" if _is_component(data) else "wasip1",
                          "layerDigests": [layer_digest], "component": None}).encode()
     client = RegistryClient(ref, credential, insecure=insecure)
     try:
@@ -5510,6 +5528,7 @@ class PodWorker:
                 # the host writes both streams to the log and rotates it (--container-log-max-size/-files)
                 run = module.start(argv, env=env, preopens=c.mounts, stdout=c.log_path, stderr=c.log_path,
                                    log_format="cri", memory_limit=memory_limit,
+                                   outgoing_http=_outgoing_http(module, self.pod),
                                    log_max_size=config.container_log_max_size or None,
                                    log_max_files=config.container_log_max_files)
         except (ModuleError, OSError) as exc:     # invalid wasm, no _start, a preopen gone: as an exit

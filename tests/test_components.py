@@ -108,3 +108,92 @@ def test_c_malloc_failure_under_limit_is_oom(backend, wasm):
 def test_memory_limit_leaves_small_modules_alone(backend, wasm):
     result = run(backend, wasm.c(ALLOC_C, "alloc"), ["alloc", "2"], memory_limit=16 << 20)
     assert result.exit_code == 0 and not result.oom
+
+
+# -- components as pods: standalone and from the API, on both backends --
+
+from pathlib import Path  # noqa: E402
+
+import wasmtime  # noqa: E402
+
+from tests.test_images import run_static_pod  # noqa: E402
+from tests.test_pods import _cstatus, _manifest, _phase  # noqa: E402
+
+# The smallest component importing wasi:http/outgoing-handler: its `run` returns ok.
+HTTP_IMPORTER = """(component
+  (import "wasi:http/outgoing-handler@0.2.0" (instance))
+  (core module $m (func (export "run") (result i32) i32.const 0))
+  (core instance $i (instantiate $m))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $r (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $r)))"""
+
+
+@pytest.fixture(params=["native", "wasmtime-py"])
+def pod_backend(request, monkeypatch):
+    """Kubelets made in this test run components on this backend (MINIKRUST_WASM_BACKEND)."""
+    from tests.wasm_modules import native_available
+    if request.param == "native" and native_available():
+        pytest.skip(native_available())
+    monkeypatch.setenv("MINIKRUST_WASM_BACKEND", request.param)
+    return request.param
+
+
+def test_component_runs_as_a_static_pod_from_a_file_an_artifact_and_an_image_layer(
+        pod_backend, components, registry, tmp_path):
+    hello = components.hello
+    assert minikrust._is_component(hello)
+    (tmp_path / "hello.wasm").write_bytes(hello)
+    run_static_pod(tmp_path / "node-file", "file", f"file:{tmp_path / 'hello.wasm'}", [])
+    image = f"{registry.host}/p2/hello:v1"
+    assert minikrust.main(["push", str(tmp_path / "hello.wasm"), image, "--insecure"]) == 0
+    run_static_pod(tmp_path / "node-artifact", "artifact", image, [registry.host])
+    registry.push_tar_image("p2/layer", "v1", hello, entrypoint="/app/hello.wasm")
+    run_static_pod(tmp_path / "node-layer", "layer", f"{registry.host}/p2/layer:v1", [registry.host])
+
+
+def test_component_runs_as_an_api_pod_with_args_env_and_logs(pod_backend, fake_api, kubelet_factory, components):
+    kubelet = kubelet_factory(fake_api)
+    tool = f"file:{components.tool}"
+    fake_api.create_pod(_manifest("p2", [
+        {"name": "args", "image": tool, "args": ["args", "from the API"]},
+        {"name": "env", "image": tool, "args": ["env"], "env": [{"name": "GREETING", "value": "hi"}]},
+        {"name": "fails", "image": tool, "args": ["exit", "5"]}]), node_name="node-1")
+    status = wait_for(_phase(fake_api, "p2", "Failed"), timeout=30, what="the pod to finish")
+    codes = {c["name"]: c["state"]["terminated"]["exitCode"] for c in status["containerStatuses"]}
+    assert codes == {"args": 0, "env": 0, "fails": 1}
+    logs = {name: b"".join(p.read_bytes() for p in Path(kubelet.config.root_dir).glob(f"pods/*/logs/{name}/*.log"))
+            for name in codes}
+    assert b" stdout F 1=args\n" in logs["args"] and b" stdout F 2=from the API\n" in logs["args"]
+    assert b" stdout F GREETING=hi\n" in logs["env"]
+
+
+def test_deleted_component_pod_in_a_loop_is_finalised_within_grace(pod_backend, fake_api, kubelet_factory, components):
+    kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("spin", [{"name": "main", "image": f"file:{components.tool}", "args": ["spin"]}],
+                                  policy="Always", grace=1), node_name="node-1")
+    wait_for(_phase(fake_api, "spin", "Running"), timeout=30, what="Running")
+    started = time.monotonic()
+    fake_api.delete_pod("default", "spin")
+    wait_for(lambda: fake_api.get("pods", "default", "spin") is None, timeout=5, what="pod gone")
+    assert time.monotonic() - started < 2.0
+
+
+def test_outgoing_http_needs_the_pods_annotation(pod_backend, fake_api, kubelet_factory, tmp_path):
+    path = tmp_path / "http.wasm"
+    path.write_bytes(bytes(wasmtime.wat2wasm(HTTP_IMPORTER)))
+    kubelet_factory(fake_api)
+    container = [{"name": "main", "image": f"file:{path}"}]
+    fake_api.create_pod(_manifest("denied", container), node_name="node-1")
+    allowed = _manifest("allowed", container)
+    allowed["metadata"]["annotations"] = {"minikrust.io/allow-outgoing-http": "*"}
+    fake_api.create_pod(allowed, node_name="node-1")
+    listed = _manifest("listed", container)
+    listed["metadata"]["annotations"] = {"minikrust.io/allow-outgoing-http": "example.com,api:8080"}
+    fake_api.create_pod(listed, node_name="node-1")
+    wait_for(_phase(fake_api, "allowed", "Succeeded"), timeout=30, what="the allowed pod to succeed")
+    for name, needle in (("denied", "minikrust.io/allow-outgoing-http"), ("listed", "per-host")):
+        wait_for(_phase(fake_api, name, "Failed"), timeout=30, what=f"{name} Failed")
+        term = _cstatus(fake_api, name, "main")["state"]["terminated"]
+        assert term["reason"] == "StartError" and needle in term["message"], term
+        assert any(needle in e["message"] for e in fake_api.events(involved_name=name, reason="Failed"))

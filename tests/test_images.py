@@ -190,11 +190,11 @@ def test_unknown_format_names_the_media_types_found(tmp_path, registry):
     assert "application/vnd.example.thing" in err.value.message
 
 
-def test_wasip2_component_is_refused(tmp_path, registry):
-    registry.push_cncf("fmt/component", "v1", fake_module(100), os_name="wasip2")
-    with pytest.raises(ImageError) as err:
-        make_manager(tmp_path, [registry.host]).ensure(f"{registry.host}/fmt/component:v1", None)
-    assert "preview 2" in err.value.message
+def test_wasip2_artifact_is_pulled_like_a_module(tmp_path, registry):
+    component = b"\0asm\x0d\0\x01\0" + bytes(100)  # the host tells a component by this header
+    registry.push_cncf("fmt/component", "v1", component, os_name="wasip2")
+    ref = make_manager(tmp_path, [registry.host]).ensure(f"{registry.host}/fmt/component:v1", None)
+    assert read(ref.path) == component and ref.digest == sha256(component)
 
 
 # -- tags and digests --
