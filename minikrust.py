@@ -984,7 +984,7 @@ class RunResult:
     duration: float
     killed: bool = False
     timed_out: bool = False
-    oom: bool = False
+    instantiate_failed: bool = False
     cpu_seconds: float = 0.0
     peak_memory: int = 0
 
@@ -1245,15 +1245,15 @@ class _StreamWriter:
         self.buf = b""
 
 
-def _looks_oom(memory_limit, exit_code, stop_reason, instantiated, peak):
-    """Whether a failed run ran out of its memory limit.
+def _is_oom(result, memory_limit):
+    """Whether a failed run (of either host) ran out of its memory limit.
 
-    wasmtime's C API limiter only refuses a memory.grow (no callback says so), so a run counts as
-    OOM when it failed on its own (not exit 0, not stopped) and could not instantiate under the
-    limit or ended within 1/8 of it (a failed malloc asks for more than one page)."""
-    if memory_limit is None or exit_code == 0 or stop_reason:
+    wasmtime's limiter only refuses a memory.grow (no callback says so), so a run counts as OOM
+    when it failed on its own (not exit 0, not stopped) and could not instantiate under the limit
+    or ended within 1/8 of it (a failed malloc asks for more than one page)."""
+    if memory_limit is None or result.exit_code == 0 or result.killed or result.timed_out:
         return False
-    return not instantiated or peak > memory_limit - max(_WASM_PAGE, memory_limit // 8)
+    return result.instantiate_failed or result.peak_memory > memory_limit - max(_WASM_PAGE, memory_limit // 8)
 
 
 _OUTPUTS = {}  # id(writer) -> _StreamWriter, for the one custom-output callback below
@@ -1307,7 +1307,6 @@ class _FallbackRun:
         self._stop_reason = None
         self._poll_original = None
         self._deadline_at = None if deadline is None else time.monotonic() + deadline
-        self._memory_limit = memory_limit
         self._result = None
         for host_dir, guest_dir, _ro in preopens or ():
             if not os.path.isdir(host_dir):
@@ -1415,10 +1414,9 @@ class _FallbackRun:
             self._host._unregister(self._run_id)
             self._host._local.run = None
             self._store.close()
-        oom = _looks_oom(self._memory_limit, exit_code, self._stop_reason, instantiated, peak)
         self._result = RunResult(
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
-            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, oom=oom,
+            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, instantiate_failed=not instantiated,
             cpu_seconds=time.thread_time() - cpu0, peak_memory=peak)
         self._done.post()  # the end, as the native host posts it
 
@@ -5092,9 +5090,9 @@ def _memory_limit(container):
     return int(parse_quantity(value)) if value is not None else None     # ContainerConfigError if invalid
 
 
-def _termination_reason(result):
+def _termination_reason(result, memory_limit):
     """(exitCode, reason, message) of a finished run, as a container runtime reports them."""
-    if result.oom:
+    if _is_oom(result, memory_limit):
         return _KILLED_EXIT, "OOMKilled", "memory limit reached"
     if result.timed_out:
         return _KILLED_EXIT, "DeadlineExceeded", None
@@ -5435,7 +5433,7 @@ class PodWorker:
                 self._start_failed(c, now, result)
                 continue
             c.result = result
-            code, reason, message = _termination_reason(result)
+            code, reason, message = _termination_reason(result, _memory_limit(c.spec))
             message = self._termination_message(c, code) or message
             term = {"exitCode": code, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt"),
                     "finishedAt": _k8s_time(), "containerID": c.container_id}

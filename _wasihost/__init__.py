@@ -94,19 +94,21 @@ class Result(tuple):
     `tuple.__new__` instead of eight frozen-attribute sets (half a microsecond per run)."""
 
     __slots__ = ()
-    _fields = ("exit_code", "trap", "duration", "killed", "timed_out", "oom", "cpu_seconds", "peak_memory")
+    _fields = ("exit_code", "trap", "duration", "killed", "timed_out", "instantiate_failed", "cpu_seconds",
+               "peak_memory")
     __match_args__ = _fields
 
-    def __new__(cls, exit_code, trap=None, duration=0.0, killed=False, timed_out=False, oom=False,
+    def __new__(cls, exit_code, trap=None, duration=0.0, killed=False, timed_out=False, instantiate_failed=False,
                 cpu_seconds=0.0, peak_memory=0):
-        return tuple.__new__(cls, (exit_code, trap, duration, killed, timed_out, oom, cpu_seconds, peak_memory))
+        return tuple.__new__(cls, (exit_code, trap, duration, killed, timed_out, instantiate_failed, cpu_seconds,
+                                  peak_memory))
 
     exit_code = property(operator.itemgetter(0), doc="the WASI exit code, None unless the module exited")
     trap = property(operator.itemgetter(1), doc="the trap (or kill/deadline) message, else None")
     duration = property(operator.itemgetter(2), doc="seconds from start to end")
     killed = property(operator.itemgetter(3), doc="stopped by kill()")
     timed_out = property(operator.itemgetter(4), doc="stopped by the deadline")
-    oom = property(operator.itemgetter(5), doc="failed at the memory limit")
+    instantiate_failed = property(operator.itemgetter(5), doc="the module could not be instantiated (e.g. its memory)")
     cpu_seconds = property(operator.itemgetter(6), doc="CPU time of the running thread")
     peak_memory = property(operator.itemgetter(7), doc="bytes of linear memory at the end")
 
@@ -140,7 +142,6 @@ _new_result = tuple.__new__  # _new_result(Result, (8 fields)): the hot path's c
 
 
 _ERRLEN = 2048
-_PAGE = 65536
 _EXITED, _TRAPPED, _KILLED, _TIMED_OUT = lib.WH_EXITED, lib.WH_TRAPPED, lib.WH_KILLED, lib.WH_TIMED_OUT
 
 
@@ -393,18 +394,13 @@ def _deliver(callback, pieces):
             log.exception("stdout/stderr callback failed")
 
 
-def _to_result(res, limit):
-    """The Result of a finished wh_run_exec."""
-    status, code, peak = res.status, res.exit_code, res.peak_memory
-    exited = status == _EXITED
-    # wasmtime's limiter only refuses memory.grow, silently: a run that failed on its own
-    # (not exit 0, not stopped) is oom when it could not instantiate under the limit or ended
-    # within 1/8 of it (a failed malloc asks for more than a page). Same rule as the fallback
-    # host in minikrust.py.
-    oom = (limit is not None and (status == _TRAPPED or (exited and code != 0))
-           and (bool(res.instantiate_failed) or peak > limit - max(_PAGE, limit // 8)))
-    return _new_result(Result, (code if exited else None, _err_text(res.message) if status == _TRAPPED else None,
-                                res.duration, status == _KILLED, status == _TIMED_OUT, oom, res.cpu_seconds, peak))
+def _to_result(res):
+    """The Result of a finished wh_run_exec: facts only (whether that was running out of memory is
+    minikrust's call, _is_oom)."""
+    status, code = res.status, res.exit_code
+    return _new_result(Result, (code if status == _EXITED else None, _err_text(res.message) if status == _TRAPPED
+                                else None, res.duration, status == _KILLED, status == _TIMED_OUT,
+                                bool(res.instantiate_failed), res.cpu_seconds, res.peak_memory))
 
 
 class Run:
@@ -421,7 +417,6 @@ class Run:
             if not os.path.isdir(host_dir):
                 raise RunError(f"preopen directory {host_dir} does not exist")
         self.module = module
-        self._memory_limit = memory_limit
         self._ptr = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
         self._result = self._error = self._thread = self._done = None
         c, self._keep = module._config(argv, env or (), preopens)
@@ -460,7 +455,7 @@ class Run:
         if rc != 0:
             self._error = RunError(_err_text(res.message))
         else:
-            self._result = _to_result(res, self._memory_limit)
+            self._result = _to_result(res)
 
     def _launch(self):
         """Run on a C thread, which makes the done fd readable at the end (C never calls Python)."""

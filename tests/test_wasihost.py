@@ -89,7 +89,8 @@ def test_unwritable_log_path_raises_run_error(backend, wasm, tmp_path):
 @pytest.mark.parametrize("code", [0, 1, 3, 125])
 def test_proc_exit_code_is_the_result(backend, wasm, code):
     result = run(backend, wasm.exit(code))
-    assert (result.exit_code, result.trap, result.killed, result.timed_out, result.oom) == (wasm.status(code), None, False, False, False)
+    assert (result.exit_code, result.trap, result.killed, result.timed_out, result.instantiate_failed) == \
+        (wasm.status(code), None, False, False, False)
 
 
 @pytest.mark.parametrize("code", [126, 255, -1])
@@ -116,7 +117,7 @@ def test_trap_gives_message_and_no_exit_code(backend, wasm):
     assert result.exit_code is None
     assert "unreachable" in result.trap
     assert out == b"hello\n"  # output before the trap is kept
-    assert not (result.killed or result.timed_out or result.oom)
+    assert not (result.killed or result.timed_out or result.instantiate_failed)
 
 
 # -- WASI: args, env, stdin, preopens --
@@ -347,24 +348,24 @@ def test_deadline_does_not_touch_a_quick_module(backend, wasm):
 
 def test_memory_limit_stops_growth_and_reports_oom(backend, wasm):
     result = run(backend, wasm.grow, memory_limit=1 << 20)
-    assert result.oom and result.exit_code is None and "unreachable" in result.trap
+    assert minikrust._is_oom(result, 1 << 20) and result.exit_code is None and "unreachable" in result.trap
     assert result.peak_memory <= 1 << 20
 
 
 def test_c_malloc_failure_under_limit_is_oom(backend, wasm):
     result, _, err = capture(backend, wasm.tool, ["tool", "alloc", "64"], memory_limit=8 << 20)
-    assert result.exit_code == 3 and result.oom, err
+    assert result.exit_code == 3 and minikrust._is_oom(result, 8 << 20), err
     assert b"out of memory" in err
 
 
 def test_memory_limit_leaves_small_modules_alone(backend, wasm):
     result, out, _ = capture(backend, wasm.tool, ["tool", "alloc", "2"], memory_limit=16 << 20)
-    assert result.exit_code == 0 and not result.oom and out == b"allocated\n"
+    assert result.exit_code == 0 and not minikrust._is_oom(result, 16 << 20) and out == b"allocated\n"
 
 
 def test_initial_memory_above_limit_is_oom(backend, wasm):
     result = run(backend, wasm.hello, memory_limit=1024)
-    assert result.oom and result.exit_code is None and result.trap
+    assert result.instantiate_failed and minikrust._is_oom(result, 1024) and result.exit_code is None and result.trap
 
 
 def test_eight_threads_run_modules_at_once(backend, wasm, tmp_path):
