@@ -3,7 +3,7 @@
  * The `wasmtime` wheel ships `_libwasmtime.so` without headers, so these are written from the
  * signatures of wasmtime 50 (crates/c-api/include/ of that release, cross-checked against the
  * wheel's generated ctypes bindings). Struct layouts must match exactly; every struct here is
- * one that we allocate ourselves. If wasmtime is bumped past the range pinned in setup.py,
+ * one that we allocate ourselves. If wasmtime is bumped past the range pinned in pyproject.toml,
  * re-check every line (e.g. wasi_config_preopen_dir's last argument changed across releases).
  */
 #ifndef WASIHOST_WASMTIME_API_H
