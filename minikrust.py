@@ -6924,24 +6924,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         log.debug("server: %s " + fmt, self.address_string(), *args)
 
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
     def _send(self, code, body, content_type="text/plain; charset=utf-8"):
         data = body if isinstance(body, bytes) else body.encode()
         self.send_response(code)
@@ -6977,7 +6959,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return None, (403, message + (f": {reason}" if reason else ""))
         return user, None
 
-    def _dispatch(self, method):
+    def _dispatch(self):
+        method = self.command
         try:
             self._answer(method)
         except OSError as exc:  # the client went away
@@ -6988,6 +6971,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self._send(500, "internal error")
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
     def _answer(self, method):
         length = self.headers.get("Content-Length") or "0"
