@@ -179,6 +179,7 @@ class Config:
     address: str = "0.0.0.0"
     backoff_base: float = 10.0      # CrashLoopBackOff: first delay, doubled up to backoff_max (tests shorten it)
     backoff_max: float = 300.0
+    echo: bool = False              # print standalone pods' output to stdout (the CLI's default)
 
     def __post_init__(self):
         """Refuse, naming the field, a value of the wrong type, out of its range or not one of its
@@ -193,7 +194,6 @@ class Config:
                 raise ConfigError(f"Config.{item.name}: {value!r} {problem}")
         if self.image_gc_low_threshold > self.image_gc_high_threshold:
             raise ConfigError("Config.image_gc_low_threshold: must not be above image_gc_high_threshold")
-    echo: bool = False              # print standalone pods' output to stdout (the CLI's default)
 
 
 _CONFIG_RANGES = {"max_pods": (1, 10**6), "container_log_max_size": (0, 2**62), "container_log_max_files": (1, 10**6),
@@ -375,7 +375,7 @@ def parse_args(argv=None, environ=None):
     Raises ConfigError naming the flag (or variable) whose value cannot be used."""
     environ = os.environ if environ is None else environ
     args = _build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    values = {}
+    values, sources = {}, {}
     for flag, convert, _help in _FLAGS:
         dest = flag[2:].replace("-", "_")
         raw, source = getattr(args, dest), flag
@@ -388,12 +388,7 @@ def parse_args(argv=None, environ=None):
             value = convert(raw)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-        if dest in _CHOICES and value not in _CHOICES[dest]:
-            raise ConfigError(f"{source}: {value!r} is not one of {', '.join(_CHOICES[dest])}")
-        problem = _check_value(dest, value)
-        if problem:
-            raise ConfigError(f"{source}: {value!r} {problem}")
-        values[dest] = value
+        values[dest], sources[dest] = value, source
     values.setdefault("echo", True)
     if "root_dir" in values:
         values["root_dir"] = os.path.expanduser(values["root_dir"])
@@ -401,8 +396,8 @@ def parse_args(argv=None, environ=None):
         values["kubeconfig"] = os.path.expanduser(values["kubeconfig"])
     try:
         return Config(**values)
-    except ConfigError as exc:      # named as the flag, the way the user set it
-        raise ConfigError(re.sub(r"^Config\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None
+    except ConfigError as exc:      # named as the flag or variable the user set it with
+        raise ConfigError(re.sub(r"^Config\.(\w+)", lambda m: sources.get(m.group(1), m.group(0)), str(exc))) from None
 
 @dataclass(frozen=True)
 class ClusterConfig:
