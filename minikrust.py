@@ -129,6 +129,8 @@ class ContainerConfigError(MinikrustError):
 
 
 # --- Config: flags, environment, kubeconfig, in-cluster ---
+# Every setting of one kubelet (Config, checked where it is built), read from flags and MINIKRUST_*
+# variables (parse_args); how to reach the API server: a kubeconfig or a pod's service account.
 
 KUBE_VERSION = "v1.36.0"        # the Kubernetes API level this kubelet speaks, reported as v1.36.0-minikrust
 _ENV_PREFIX = "MINIKRUST_"
@@ -631,6 +633,8 @@ def in_cluster_config(environ=None, sa_dir=None):
 
 
 # --- API: REST client, retries, Status errors ---
+# The one REST client every part talks to the API server through (retries, exec/token credentials,
+# watches), and the one set of time formats the API and CRI logs use.
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _API_CONNECTIONS = 16       # kept open: the status writers (8), watches, heartbeats, volume reads
@@ -960,6 +964,8 @@ def api_client_for(config):
 
 
 # --- Runtime: the WASI host, native (_wasihost) or the wasmtime package fallback ---
+# Runs a module (or WASI 0.2 component) on its own thread and writes its CRI log: _wasihost when built,
+# else FallbackHost. Hosts report facts; the OOM rule and rotation limits are decided here.
 
 class ModuleLoadError(ModuleError):
     """A module that cannot be loaded: invalid wasm, no `_start`, an import WASI does not provide."""
@@ -1936,6 +1942,8 @@ def module_errors():
 
 
 # --- Node: registration, lease, status ---
+# The Node: labels, taints, conditions and status measured from the host (pure builders), the Event
+# builder, and NodeAgent, the thread that registers the Node and keeps its Lease and status fresh.
 
 WASM_ARCH = "wasm32-wasi"
 LEASE_NAMESPACE = "kube-node-lease"
@@ -2289,6 +2297,8 @@ class NodeAgent:
 
 
 # --- Sources: API watch or poll, static manifests ---
+# Where pods come from: the API server (watch or poll, with resync) and static manifest files; each
+# source turns what it sees into pod_added/pod_updated/pod_deleted calls on the pod handler.
 
 def _pod_key(pod):
     """`namespace/name` of a pod, for logs and lookups."""
@@ -2672,6 +2682,8 @@ class StaticPodSource:
 
 
 # --- Images: OCI pulls, content-addressed store ---
+# From an image to a module file: registry pulls (auth challenges, resume, digest checks), pull policy
+# and backoff, a content-addressed store with GC, and `push` to publish a module.
 
 # Media types, each confirmed at its source: the OCI image spec and Docker's distribution for the
 # manifests and image configs; bytecodealliance/rust-oci-wasm (src/lib.rs) for the CNCF Wasm OCI
@@ -3629,6 +3641,8 @@ def cmd_push(argv, environ=None):
 
 
 # --- Volumes: emptyDir, hostPath, configMap, secret, downwardAPI, projected ---
+# The folders a module sees, prepared under the pod's folder and preopened; every host file operation
+# goes through one resolver that stays beneath its root and never follows a symlink out.
 
 # One way in. A module can plant symlinks (WASI path_symlink) wherever it may write, and the kubelet works in
 # those folders on the host, unconfined. So every open, write, mkdir, chmod, rename, removal and
@@ -4463,6 +4477,8 @@ def cleanup_volumes(pod_dir):
 
 
 # --- Env: argv, environment and $(VAR) expansion ---
+# A container's argv, environment and working directory, with $(VAR) expanded as Kubernetes does;
+# env values from configMaps, secrets, the downward API and resources.
 
 # The kubelet's validation.IsEnvVarName: keys of envFrom sources that fail it are skipped.
 _ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
@@ -4565,6 +4581,8 @@ def container_argv(container, env):
 
 
 # --- Status: pod status computation, coalesced patches, events ---
+# A pod's status as pure functions of its spec and container states (phase, conditions, QoS), and
+# StatusWriter: per pod in order, newest status wins, only the difference patched, Events on the side.
 
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -5071,6 +5089,8 @@ class StatusWriter:
 
 
 # --- Pods: one worker and state machine per pod ---
+# A PodWorker per pod moves one PodState forward (image, volumes, runs, restarts, termination);
+# PodManager admits pods, keeps workers and their state on disk, and answers the server.
 
 _BACKOFF_RESET = 600.0          # seconds of good running that forgive a container's past crashes
 _CONFIG_RETRY = 2.0             # seconds between tries of a pod whose configMap/secret is missing
@@ -6133,6 +6153,8 @@ def _mirror_pod(pod, node_uid):
 
 
 # --- Server: HTTPS logs, healthz, pods, metrics, stats ---
+# The kubelet API: container logs (read, or followed across rotations), healthz, pods, metrics, stats;
+# serving certificates and the kubelet's webhook authentication and authorization.
 
 # Log files: the CRI format the WASI host writes, one record a line:
 #   <RFC3339Nano time> <stdout|stderr> <F|P> <content>
@@ -7171,6 +7193,8 @@ class KubeletServer:
 
 
 # --- Kubelet: wires the above; start()/stop(); embeddable ---
+# One node from the parts above. Kubelet(config) does no I/O; start() makes and starts the parts,
+# stop() ends them in reverse. No global state: many Kubelets can share a process.
 
 class Kubelet:
     """One node: registers it, keeps its Lease and status fresh, and feeds its pods to a handler.
@@ -7317,6 +7341,8 @@ class Kubelet:
 
 
 # --- CLI ---
+# main(): flags to a Config, logs to stderr, SIGTERM/SIGINT to stop(); `minikrust push` publishes a
+# module. Runs under __name__ == "__main__", re-executed as a module to reuse cached bytecode.
 
 class _JsonLogFormatter(logging.Formatter):
     def format(self, record):
