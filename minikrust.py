@@ -1302,6 +1302,7 @@ class _FallbackRun:
     def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
                  memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False):
         wt = host._wt
+        memory_limit, deadline = _run_limits(memory_limit, deadline)
         self._host, self._module = host, module
         self._killed = False
         self._stop_event = threading.Event()  # wakes a module sleeping in poll_oneoff
@@ -1496,7 +1497,20 @@ def _log_rotation(max_size, max_files):
         raise ModuleRunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
     if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
         raise ModuleRunError(f"log_max_files must be at least 1, not {max_files!r}")
-    return max_size, max_files
+    return min(max_size, 1 << 62), max_files
+
+
+def _run_limits(memory_limit, deadline):
+    """(memory_limit, deadline) of a run, checked and clamped as the native host does: NaN, negative
+    or not a number is refused; beyond any run (2**48 bytes, 1e9 seconds) is no limit (None)."""
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
+                                     or memory_limit < 0):
+        raise ModuleRunError(f"memory_limit must be a whole number of at least 0, not {memory_limit!r}")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not deadline >= 0):
+        raise ModuleRunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
+    return (None if memory_limit is None or memory_limit > 1 << 48 else memory_limit,
+            None if deadline is None or deadline > 1e9 else deadline)
 
 
 class _FallbackModule:

@@ -309,10 +309,35 @@ def _is_path(target):
     return target is None or isinstance(target, (str, bytes, os.PathLike))
 
 
+_DEADLINE_MAX = 1e9          # seconds (31 years): a longer deadline is none (wasihost.c: WH_DEADLINE_MAX)
+_MEMORY_MAX = 1 << 48        # bytes: more than any wasm memory can grow to, so a larger limit is none
+
+
+def _whole(value, what, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RunError(f"{what} must be a whole number of at least {low}, not {value!r}")
+    return value
+
+
 def _rotation(max_size, max_files):
     """(log_max_size, log_max_files) for wh_run_config: (0, 0) without rotation; max_files defaults
-    to the kubelet's 5. The limits are checked by the caller (minikrust's Config)."""
-    return (0, 0) if max_size is None else (max_size, 5 if max_files is None else max_files)
+    to the kubelet's 5. A size beyond 2**62 is clamped to it."""
+    if max_size is None:
+        return 0, 0
+    return min(_whole(max_size, "log_max_size", 1), 1 << 62), _whole(5 if max_files is None else max_files,
+                                                                      "log_max_files", 1)
+
+
+def _limits(memory_limit, deadline):
+    """(memory_limit, deadline) for wh_run_config, refused (RunError) when NaN, negative or not a
+    number, clamped when beyond any run: -1 is no memory limit, 0 no deadline."""
+    if memory_limit is not None:
+        memory_limit = _whole(memory_limit, "memory_limit", 0)
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not deadline >= 0):
+        raise RunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
+    memory = -1 if memory_limit is None or memory_limit > _MEMORY_MAX else memory_limit
+    return memory, (0.0 if deadline is None or deadline > _DEADLINE_MAX else max(float(deadline), 1e-9))
 
 
 class _Output:
@@ -417,14 +442,16 @@ class Run:
             if not os.path.isdir(host_dir):
                 raise RunError(f"preopen directory {host_dir} does not exist")
         self.module = module
-        self._ptr = ffi.gc(lib.wh_run_new(), lib.wh_run_free)
+        memory, seconds = _limits(memory_limit, deadline)
+        ptr = lib.wh_run_new()
+        if ptr == ffi.NULL:
+            raise MemoryError("wh_run_new: out of memory")
+        self._ptr = ffi.gc(ptr, lib.wh_run_free)
         self._result = self._error = self._thread = self._done = None
         c, self._keep = module._config(argv, env or (), preopens)
         self._config = c
         c.log_format = lib.WH_LOG_CRI if log_format == "cri" else lib.WH_LOG_PLAIN
-        c.memory_limit = -1 if memory_limit is None else int(memory_limit)
-        if deadline is not None:
-            c.deadline = max(float(deadline), 1e-9)
+        c.memory_limit, c.deadline = memory, seconds
         if stdin is not None:
             self._stdin = data = ffi.from_buffer(bytes(stdin))
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)

@@ -33,6 +33,7 @@ _Static_assert(sizeof(wasmtime_val_raw_t) == 16, "wasmtime_val_raw_t layout");
 _Static_assert(sizeof(wasmtime_func_t) == 16, "wasmtime_func_t layout");
 
 #define WASI_MODULE "wasi_snapshot_preview1"
+#define WH_DEADLINE_MAX 1e9 /* seconds (31 years): a longer deadline is none */
 #define TICK_NS (5 * 1000 * 1000) /* epoch period: kill/deadline latency is about two ticks */
 #define CRI_MAX_LINE 16384        /* the kubelet's CRI log line limit; longer lines become P records */
 #define WASI_ERRNO_SUCCESS 0
@@ -132,6 +133,7 @@ static void runs_add(long delta) {
 
 static wasm_engine_t *new_engine(int pooling) {
   wasm_config_t *config = wasm_config_new();
+  if (!config) return NULL;
   wasmtime_config_epoch_interruption_set(config, true);
   wasmtime_config_cranelift_opt_level_set(config, WH_WASMTIME_OPT_LEVEL_SPEED);
   if (pooling) {
@@ -197,6 +199,10 @@ static int engine_ctx_init(engine_ctx_t *ec, int pooling, char *err, size_t errl
   wasmtime_error_t *e;
   ec->wasi_linker = wasmtime_linker_new(ec->engine);
   ec->linker = wasmtime_linker_new(ec->engine);
+  if (!ec->wasi_linker || !ec->linker) {
+    snprintf(err, errlen, "cannot create the wasmtime linkers: out of memory");
+    return -1;
+  }
   if ((e = wasmtime_linker_define_wasi(ec->wasi_linker)) || (e = wasmtime_linker_define_wasi(ec->linker))) {
     take_error(e, "define WASI: ", err, errlen);
     return -1;
@@ -1131,6 +1137,10 @@ static wasi_config_t *make_wasi(const wh_run_config *c, char *err, size_t errlen
   /* wasmtime's own stdout/stderr stay its default sinks: every byte written to them comes
    * through our fd_write, and a custom stream would cost ~10 us per run (tokio tasks). */
   wasi_config_t *w = wasi_config_new();
+  if (!w) {
+    set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
+    return NULL;
+  }
   if (!wasi_config_set_argv(w, c->argc, (const char **)c->argv) ||
       !wasi_config_set_env(w, c->envc, (const char **)c->env_names, (const char **)c->env_values)) {
     wasi_config_delete(w);
@@ -1208,6 +1218,11 @@ static void close_outputs(const int opened[2]) {
  * (always consumed); NULL with the reason in res->message. */
 static wasmtime_store_t *run_store(wh_run *r, const wh_run_config *c, wasi_config_t *wasi, wh_result *res) {
   wasmtime_store_t *store = wasmtime_store_new(r->ec->engine, r, NULL);
+  if (!store) {
+    wasi_config_delete(wasi);
+    set_msg(res->message, sizeof res->message, "", (const uint8_t *)"out of memory", 13);
+    return WH_ERR_RUN;
+  }
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
   wasmtime_store_epoch_deadline_callback(store, on_epoch, r, NULL);
@@ -1285,7 +1300,9 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
 
   r->timed_out = 0;
   r->cri = c->log_format == WH_LOG_CRI;
-  r->has_deadline = c->deadline > 0;
+  /* Python clamps it too; here a NaN, negative or beyond-any-run deadline (which would overflow
+   * the nanosecond arithmetic below into an immediate timeout) also means no deadline. */
+  r->has_deadline = c->deadline > 0 && c->deadline <= WH_DEADLINE_MAX;
   if (r->has_deadline) {
     r->deadline = t0;
     double whole = (double)(long)c->deadline;

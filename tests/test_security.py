@@ -282,3 +282,34 @@ def test_an_invalid_api_pod_fails_with_reason_message_and_event_and_others_run(
     event = wait_for(lambda: fake_api.events(involved_name="bad", reason="Invalid"), what="Invalid event")[0]
     assert event["type"] == "Warning" and field in event["message"]
     wait_for(lambda: _status(fake_api, "good").get("phase") == "Succeeded", what="good pod ran")
+
+
+# --- Run limits: refused or clamped at the boundary, on both backends ---
+
+def _run(backend, wasm, tmp_path, argv=("hello",), module=None, **limits):
+    with minikrust.module_errors():
+        loaded = backend.load(module or wasm.hello)
+        return loaded.run(list(argv), stdout=str(tmp_path / "out.log"), stderr=str(tmp_path / "out.log"), **limits)
+
+
+@pytest.mark.parametrize("limits", [dict(deadline=1e18), dict(deadline=float("inf")), dict(deadline=10**30),
+                                    dict(memory_limit=10**30), dict(log_max_size=10**30, log_max_files=2),
+                                    dict(deadline=30, memory_limit=64 << 20)])
+def test_huge_limits_are_clamped_to_none_not_overflowed(backend, wasm, tmp_path, limits):
+    result = _run(backend, wasm, tmp_path, **limits)
+    assert result.exit_code == 0 and not result.timed_out and not result.instantiate_failed, result
+    assert (tmp_path / "out.log").read_text().endswith("hello\n")
+
+
+@pytest.mark.parametrize("limits", [dict(deadline=float("nan")), dict(deadline=-1), dict(deadline="5"),
+                                    dict(deadline=True), dict(memory_limit=-1), dict(memory_limit=1.5),
+                                    dict(memory_limit="64Mi"), dict(log_max_size=0), dict(log_max_size=-5),
+                                    dict(log_max_files=0, log_max_size=1000), dict(log_max_size=1e3)])
+def test_nan_negative_and_mistyped_limits_are_refused(backend, wasm, tmp_path, limits):
+    with pytest.raises(minikrust.ModuleRunError, match=next(iter(limits))):
+        _run(backend, wasm, tmp_path, **limits)
+
+
+def test_a_short_deadline_still_stops_a_spinning_module(backend, wasm, tmp_path):
+    result = _run(backend, wasm, tmp_path, argv=("tool", "spin"), module=open(wasm.tool, "rb").read(), deadline=0.3)
+    assert result.timed_out and result.exit_code is None
