@@ -256,7 +256,7 @@ def test_each_bad_manifest_gets_one_line_naming_file_and_field_and_the_good_one_
     (folder / "x.wasm").write_bytes(wasm.hello)
     (folder / "good.yaml").write_text(yaml.safe_dump(_static("good", restartPolicy="Never")))
     kubelet = kubelet_factory(manifests=folder, node="n1")
-    wait_for(lambda: any(p["metadata"]["name"] == "good-n1" and (w.phase == "Succeeded")
+    wait_for(lambda: any(p["metadata"]["name"] == "good-n1" and (w.status or {}).get("phase") == "Succeeded"
                          for p, w in ((w.pod, w) for w in kubelet.pod_manager.workers.values())), what="good pod ran")
     assert [w.pod["metadata"]["name"] for w in kubelet.pod_manager.workers.values()] == ["good-n1"]
     for filename, (_, field) in BAD_MANIFESTS.items():
