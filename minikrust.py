@@ -4826,7 +4826,6 @@ class StatusWriter:
         self._writers = self._event_writers = 0
         self._paused_until = self._delay = 0.0       # backoff of every write while the API fails
         self._started = self._stopping = False
-        self.on_sent = None          # callable(uid, status) after each acknowledged status (benchmarks)
 
     def start(self):
         with self._lock:
@@ -4940,7 +4939,7 @@ class StatusWriter:
                 self._lock.release()
                 failed = None
                 try:
-                    (self._write_events if events else self._write_pod)(key, queue)
+                    self._write(queue)
                 except Exception as exc:    # the API is unreachable or failing: keep it queued
                     failed = exc
                 finally:
@@ -4969,12 +4968,12 @@ class StatusWriter:
                 queues[key] = queue
         self._flushed.notify_all()
 
-    def _write_pod(self, key, queue):
-        """Send a pod's queued requests, then its newest statuses, then its final deletes."""
+    def _write(self, queue):
+        """Send a queue's requests or Events in order, then its newest statuses, then its final deletes."""
         while True:
             with self._lock:
                 if queue.items:
-                    kind, request = "request", queue.items[0]
+                    kind, item = "item", queue.items[0]
                 elif queue.statuses:
                     kind, uid = "status", next(iter(queue.statuses))
                     path, status, with_uid = queue.statuses[uid]
@@ -4983,32 +4982,24 @@ class StatusWriter:
                     kind, (uid, path) = "delete", next(iter(queue.deletes.items()))
                 else:
                     return
-            if kind == "request":
-                self._send_request(*request)
-                with self._lock:
-                    queue.items.popleft()
-            elif kind == "status":
+            if kind == "status":
                 self._send_status(uid, path, status, with_uid, old, generation)
                 with self._lock:
                     if queue.statuses.get(uid, (None, None))[1] is status and self._forgotten[uid] == generation:
                         del queue.statuses[uid]
-            else:
+            elif kind == "delete":
                 self._send_delete(uid, path)
                 with self._lock:
                     queue.deletes.pop(uid, None)
                     self._sent.pop(uid, None)
                     self._where.pop(uid, None)
-
-    def _write_events(self, uid, queue):
-        while True:
-            with self._lock:
-                if not queue.items:
-                    return
-                event = queue.items[0]
-            if uid not in self._gone:
-                self._send_event(event)
-            with self._lock:
-                queue.items.popleft()
+            else:
+                if isinstance(item, PodEvent):
+                    self._send_event(item)
+                else:
+                    self._send_request(*item)
+                with self._lock:
+                    queue.items.popleft()
 
     def _pod_gone(self, uid, key):
         """The server refused the pod's uid: a pod of that name was deleted and made again."""
@@ -5043,8 +5034,6 @@ class StatusWriter:
         with self._lock:
             if self._forgotten[uid] == generation:
                 self._sent[uid] = status
-        if self.on_sent is not None:
-            self.on_sent(uid, status)
 
     def _send_request(self, method, path, body, ok):
         if callable(body):
@@ -5070,6 +5059,8 @@ class StatusWriter:
         now = _k8s_time()
         key = (ev.reason, ev.message, ev.field_path)
         with self._lock:
+            if ev.pod_uid in self._gone:
+                return
             known = self._event_names.get(ev.pod_uid, {}).get(key)
         base = f"/api/v1/namespaces/{ev.namespace}/events"
         if known:
