@@ -128,6 +128,22 @@ class ContainerConfigError(MinikrustError):
         self.retry = retry
 
 
+def _write_atomic(path, data, mode=0o644):
+    """Write a file whole or not at all: a temp file beside it, synced, then renamed over it."""
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), mode)
+            out.flush()
+            os.fsync(out.fileno())      # on disk before the rename: a crash leaves the old file or the new
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
 # --- Config: flags, environment, kubeconfig, in-cluster ---
 # Every setting of one kubelet (Config, checked where it is built), read from flags and MINIKRUST_*
 # variables (parse_args); how to reach the API server: a kubeconfig or a pod's service account.
@@ -1718,15 +1734,10 @@ class FallbackHost:
         return _FallbackModule(self, digest, compiled, pre)
 
     def _write_cache(self, path, blob):
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
+            _write_atomic(path, blob)
         except OSError as exc:  # a read-only cache only costs a recompile next time
             log.warning("cannot write compiled module cache %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
     def _component_imports(self, component):
         """Whether `component` imports wasi:http/outgoing-handler; ModuleLoadError when it has no
@@ -3098,10 +3109,7 @@ class ModuleStore:
         return {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
 
     def _save(self):
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="index-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._index, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(self.root, "index.json"))
+        _write_atomic(os.path.join(self.root, "index.json"), json.dumps(self._index, indent=1, sort_keys=True).encode())
         self._persisted = time.time()
 
     def path(self, digest):
@@ -3170,10 +3178,7 @@ class ModuleStore:
             if self._hmac_key is None:
                 path = os.path.join(self.root, "credential-key")
                 if not os.path.exists(path):
-                    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(os.urandom(32))
-                    os.replace(path + ".tmp", path)
+                    _write_atomic(path, os.urandom(32), 0o600)
                 with open(path, "rb") as f:
                     self._hmac_key = f.read()
             return self._hmac_key
@@ -6626,17 +6631,8 @@ def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=N
 
 def _write_private(path, data):
     """Write a file only its owner can read, by a temporary name and a rename."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    _write_atomic(path, data, 0o600)
 
 
 def store_certificate(pki_dir, prefix, cert_pem, key_pem):
