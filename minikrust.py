@@ -3269,12 +3269,7 @@ class ImageManager:
         self.api = api
         # the kubelet backs off image pulls as it does container restarts: 10 s doubling to 300 s
         self.backoff = backoff or (config.backoff_base, config.backoff_max)
-        verification = config.image_pull_credentials_verification_policy
-        if verification not in ("NeverVerify", "NeverVerifyPreloadedImages", "AlwaysVerify"):
-            raise ConfigError(f"--image-pull-credentials-verification-policy: {verification!r} is not one of "
-                              "NeverVerify, NeverVerifyPreloadedImages, AlwaysVerify")
-        self.retries = retries
-        self.retry_delay = retry_delay
+        self.retries, self.retry_delay = retries, retry_delay
         self.in_use = in_use            # callable -> digests of modules running pods use (for GC)
         self.metrics = None             # the kubelet's Metrics, if any: minikrust_image_pulls_total
         self.compiled_cache_dir = None  # the WASI host's cache dir: GC drops a module's machine code too
