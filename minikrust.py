@@ -4004,7 +4004,9 @@ def _api_object(api, kind, namespace, name, optional, cache, binary=True):
 
 
 def _fetch_object(api, kind, namespace, name, optional):
-    """GET a ConfigMap or Secret; None when optional and missing (404, or 403 from the Node authorizer)."""
+    """GET a ConfigMap or Secret; None when optional and missing (404, or 403 from the Node authorizer).
+    One try of 5 s at most: the pod's sync tries again (_CONFIG_RETRY), or keeps the volume's last
+    contents, instead of a pool thread waiting out a down or hanging API server (a soak finding)."""
     if not name:
         raise ContainerConfigError(f"a {kind} reference without a name", retry=False)
     if api is None:
@@ -4013,7 +4015,7 @@ def _fetch_object(api, kind, namespace, name, optional):
         raise ContainerConfigError(f"{kind} {namespace}/{name} cannot be read: no API server in standalone mode",
                                    retry=False)
     try:
-        return api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}")
+        return api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}", retries=0, timeout=5)
     except ApiError as exc:
         if exc.code in (403, 404):
             if optional:

@@ -40,8 +40,9 @@ RANK = {"Pending": 0, "Running": 1, "Succeeded": 2, "Failed": 2}
 RSS_FLAT_MB = 10.0          # growth over the quiet phase above this is a violation
 SOCKET_SLACK = 2            # more open sockets than this after the quiet phase is a leak
 
-# soak MARKER MODE [ARGS]: appends one line to MARKER (so every run is counted on the host), then
-# exit N | sleep MS | forever (a line a second) | check PATH... (exit 3 unless every PATH is readable)
+# soak MARKER MODE [ARGS]: appends "run" to MARKER (so every run is counted on the host), then
+# exit N | sleep MS | forever (a line a second) | check PATH... (exit 3 unless every PATH is readable),
+# and appends "exit N" when it ends by itself (a run a kubelet kill cut short has no such line)
 SOAK_C = r"""
 #include <fcntl.h>
 #include <stdio.h>
@@ -49,12 +50,15 @@ SOAK_C = r"""
 #include <string.h>
 #include <unistd.h>
 
-int main(int argc, char **argv) {
-    if (argc < 3) return 64;
-    int fd = open(argv[1], O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd < 0) { perror(argv[1]); return 2; }
-    if (write(fd, "run\n", 4) != 4) return 2;
+static int mark(const char *path, const char *line) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0) { perror(path); return 2; }
+    int ok = write(fd, line, strlen(line)) == (ssize_t)strlen(line);
     close(fd);
+    return ok ? 0 : 2;
+}
+
+static int run(int argc, char **argv) {
     const char *mode = argv[2];
     if (!strcmp(mode, "exit")) return atoi(argv[3]);
     if (!strcmp(mode, "sleep")) { usleep(atoi(argv[3]) * 1000); puts("slept"); return 0; }
@@ -66,13 +70,22 @@ int main(int argc, char **argv) {
     }
     return 64;
 }
+
+int main(int argc, char **argv) {
+    if (argc < 3 || mark(argv[1], "run\n")) return 64;
+    int code = run(argc, argv);
+    char line[32];
+    snprintf(line, sizeof line, "exit %d\n", code);
+    mark(argv[1], line);
+    return code;
+}
 """
 
 # kind -> (restartPolicy, final phases the pod may end in before it is deleted; None: runs until deleted)
 KINDS = {
     "done": ("Never", ("Succeeded",)),
     "fail": ("Never", ("Failed",)),
-    "sleeper": ("Never", ("Succeeded", "Failed")),     # Failed only if a kubelet kill lost its run
+    "sleeper": ("Never", ("Succeeded",)),
     "init": ("Never", ("Succeeded",)),
     "vol": ("OnFailure", ("Succeeded",)),
     "crash": ("Always", None),
@@ -361,7 +374,15 @@ def container_statuses(pod):
     return (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
 
 
-def check_history(name, info, history, problems):
+def _marker(runs_dir, name, container):
+    try:
+        with open(os.path.join(runs_dir, name, container)) as f:
+            return f.read().split("\n")
+    except OSError:
+        return []
+
+
+def check_history(name, info, history, runs_dir, problems):
     """Status never backwards, restartCount never down, terminal phase reached once and as expected."""
     policy, finals = KINDS[info["kind"]]
     phases = [(p.get("status") or {}).get("phase") or "Pending" for _, etype, p in history if etype != "DELETED"]
@@ -373,8 +394,15 @@ def check_history(name, info, history, problems):
         problems["final state reached once"].append(f"{name}: terminal {terminal} times ({phases})")
     if finals is not None:
         final = next((p for p in phases if p in TERMINAL), None)
-        if final not in finals:
+        lost = [cs["name"] for _, _, p in history[-1:] for cs in container_statuses(p) if
+                ((cs.get("state") or {}).get("terminated") or {}).get("reason") == "ContainerStatusUnknown"]
+        if final not in finals and not (final == "Failed" and policy == "Never" and lost):
             problems["final state reached once"].append(f"{name}: final phase {final}, expected {'/'.join(finals)}")
+        for container in lost:      # lost with a killed kubelet: allowed only if the run did not end by itself
+            ended = [line for line in _marker(runs_dir, name, container) if line.startswith("exit")]
+            if ended:
+                problems["final state reached once"].append(f"{name}/{container}: ended ({ended[0]}) but "
+                                                             "reported lost (ContainerStatusUnknown)")
     counts = {}
     for _, etype, pod in history:
         for cs in container_statuses(pod):
@@ -389,10 +417,8 @@ def check_history(name, info, history, problems):
 def check_runs(name, info, runs_dir, problems):
     if KINDS[info["kind"]][0] != "Never":
         return
-    folder = os.path.join(runs_dir, name)
-    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-        with open(os.path.join(folder, entry)) as f:
-            runs = sum(1 for _ in f)
+    for entry in sorted(_listdir(os.path.join(runs_dir, name))):
+        runs = _marker(runs_dir, name, entry).count("run")
         if runs > 1:
             problems["Never container ran once"].append(f"{name}/{entry}: ran {runs} times")
 
@@ -559,7 +585,7 @@ def main(argv=None):
                 problems["kubelets alive"].append(f"{k.node} exited {k.proc.returncode}")
         histories = pod_histories(fake)
         for name, info in driver.pods.items():
-            check_history(name, info, histories.get(info["uid"], []), problems)
+            check_history(name, info, histories.get(info["uid"], []), runs_dir, problems)
             check_runs(name, info, runs_dir, problems)
         check_finalization(driver, histories, fake, kubelets, problems)
     finally:

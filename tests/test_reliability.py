@@ -309,3 +309,23 @@ def test_a_hanging_api_server_delays_a_pod_start_by_5_s_at_most_for_its_token(fa
     finally:
         fake_api.resume()
     wait_for(lambda: _token_file(kubelet, "quick", fake_api), timeout=10, what="the token, later")
+
+
+def test_a_hanging_api_server_holds_a_container_restart_5_s_at_most(fake_api, kubelet_factory, module_file):
+    """Soak finding: refreshing a restarting container's configMap waited out the client's retries
+    (minutes against an API server that never answers) on a pod pool thread, its exit unsaved."""
+    kubelet = kubelet_factory(fake_api, backoff_base=0.1)
+    fake_api.create_configmap("default", "settings", {"mode": "fast"})
+    pod = _pod("again", module_file(sleeper(300, 1)), policy="Always",
+               volumes=[{"name": "cfg", "configMap": {"name": "settings"}}])
+    fake_api.create_pod(pod, node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "again") == "Running", what="Running")
+    fake_api.pause(method="GET", path="/configmaps/")
+    fake_api.pause(method="PATCH")        # nothing reported meanwhile: the pod's own folder tells
+    try:
+        status_path = os.path.join(_pod_dir(kubelet, fake_api, "again"), "status.json")
+        counts = lambda: json.load(open(status_path))["status"]["containerStatuses"][0]["restartCount"]  # noqa: E731
+        before = counts()
+        wait_for(lambda: counts() >= before + 2, timeout=14, what="two restarts while the API hangs")
+    finally:
+        fake_api.resume()
