@@ -9,6 +9,10 @@ Contenders, interleaved in batches so machine noise hits them alike, stdout to a
       InstancePre reused; per run a store, a WASI config and stdout to a log): CRI through a
       custom output, and raw stdout_file; the faster of the two is (b)
   (c) bench/floor.c: a C program driving the native host's own C functions in a loop
+Components (WASI 0.2, made from the same hello modules with jco): (a) the native host against
+(b) wasmtime-py's component API (linker reused; per run a store, WASI, instantiate, call
+wasi:cli/run), and against (a) on the same program as a p1 module; and a 10,000-line log through a
+component against the module's log path.
 Also: compile vs cache-load of a >= 1 MB module, a 10,000-line log through (a) and (b), the
 kubelet's way of running that module (start() + wait(), the container log path and rotation
 limits given to the host) on the native host against minikrust's wasmtime-py fallback host, and
@@ -100,6 +104,79 @@ class WasmtimePy:
         self._run(wasi)
 
 
+class WasmtimePyComponent(WasmtimePy):
+    """(b) for a component: the wasmtime package's component API, linker and component reused."""
+
+    def __init__(self, wasm):
+        import wasmtime.component as wc
+        self.engine = wasmtime.Engine()
+        self.component = wc.Component(self.engine, wasm)
+        self.linker = wc.Linker(self.engine)
+        self.linker.add_wasip2()
+        self.run_index = self.component.get_export_index(
+            "run", self.component.get_export_index("wasi:cli/run@0.2.0"))
+
+    def _run(self, wasi):
+        store = wasmtime.Store(self.engine)
+        store.set_wasi(wasi)
+        instance = self.linker.instantiate(store, self.component)
+        assert instance.get_func(store, self.run_index)(store).tag == "ok"
+        store.close()
+
+
+def component_rows(host, mods, tmp, runs, batches, log):
+    """The component rows; {name: (speedup vs wasmtime-py, native component / native module)}."""
+    try:
+        jco = wasm_modules.jco_binary()
+    except BaseException as exc:  # pytest's skip outside pytest
+        print(f"components: skipped ({exc})", file=sys.stderr)
+        return {}
+    del jco
+    programs = {"WAT hello": os.path.join(tmp, "hello-wat.wasm")}
+    if mods.clang:
+        programs["C hello"] = mods.c(wasm_modules.HELLO_C, "hello")
+        programs["C tool"] = mods.tool
+    per_batch, ratios = runs // batches, {}
+    for name, module_path in programs.items():
+        component_path = wasm_modules.to_component(module_path, os.path.join(tmp, name.replace(" ", "-") + ".p2.wasm"))
+        with open(component_path, "rb") as f:
+            wasm = f.read()
+        component, module = host.load(wasm), host.load(module_path)
+        if name == "C tool":  # the log path: 10,000 lines from the component and from the module
+            tc, tm = [], []
+            for _ in range(5):
+                tc += timed(lambda: component.start(["tool", "lines", "10000"], stdout=log, stderr=log).wait(), 1)
+                os.truncate(log, 0)
+                tm += timed(lambda: module.start(["tool", "lines", "10000"], stdout=log, stderr=log).wait(), 1)
+                os.truncate(log, 0)
+            lc, lm = statistics.median(tc) / 1e6, statistics.median(tm) / 1e6
+            print(f"component 10,000-line log, native: component {lc:.2f} ms, module {lm:.2f} ms ({lc / lm:.2f}x)")
+            continue
+        py = WasmtimePyComponent(wasm)
+        contenders = {
+            "(a) native host, component": lambda: component.start(["hello"], stdout=log, stderr=log).wait(),
+            "(b) wasmtime-py component, CRI": lambda: py.run_cri(["hello"], log),
+            "(b) wasmtime-py component, file": lambda: py.run_file(["hello"], log),
+            "(m) native host, same p1 module": lambda: module.start(["hello"], stdout=log, stderr=log).wait(),
+        }
+        for fn in contenders.values():
+            fn()
+        times = {k: [] for k in contenders}
+        for _ in range(batches):
+            for label, fn in contenders.items():
+                times[label] += timed(fn, per_batch)
+                os.truncate(log, 0)
+        med = {}
+        for label, ns in times.items():
+            med[label], p99 = summary(ns)
+            print(f"{name + ' p2':<12} {label:<34} {med[label]:>10.1f} {p99:>10.1f}")
+        a, m = med["(a) native host, component"], med["(m) native host, same p1 module"]
+        b = min(med["(b) wasmtime-py component, CRI"], med["(b) wasmtime-py component, file"])
+        ratios[name] = (b / a, a / m)
+        print(f"{name + ' p2':<12} speedup (a) vs best (b): {b / a:.1f}x   component/module (a)/(m): {a / m:.2f}")
+    return ratios
+
+
 def timed(fn, n):
     out = []
     for _ in range(n):
@@ -116,7 +193,7 @@ def build_floor(tmp):
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
     cmd = [cc, "-O2", "-std=c11", "-I", os.path.join(ROOT, "_wasihost"), os.path.join(ROOT, "bench", "floor.c"),
            os.path.join(ROOT, "_wasihost", "wasihost.c"), "-L", libdir, f"-l:{os.path.basename(str(wasmtime._ffi.filename))}",
-           f"-Wl,-rpath,{libdir}", "-lpthread", "-o", exe]
+           f"-Wl,-rpath,{libdir}", "-lpthread", "-lz", "-o", exe]
     subprocess.run(cmd, check=True)
     return exe
 
@@ -301,11 +378,15 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
     print(f"RSS: {before / 1024:.1f} MB before, {after_ok / 1024:.1f} MB after {rss_runs} runs, "
           f"{after_trap / 1024:.1f} MB after {rss_runs} more trapping runs")
 
+    component = component_rows(host, mods, tmp, runs, batches, log)
+
     wat_speedup, wat_floor = ratios["WAT hello"]
     c_speedup = ratios.get("C hello", (float("nan"),))[0]
     print(f"hotpath speedup_vs_wasmtime_py={wat_speedup:.2f} speedup_c_hello={c_speedup:.2f} "
           f"ratio_to_c_floor={wat_floor:.2f} cache_load_speedup={compile_ms / load_ms:.1f} log_speedup={log_speedup:.2f} "
-          f"kubelet_log_speedup={kubelet_speedup:.2f}")
+          f"kubelet_log_speedup={kubelet_speedup:.2f} "
+          f"component_speedup_c_hello={component.get('C hello', (float('nan'),))[0]:.2f} "
+          f"component_over_module_c_hello={component.get('C hello', (0, float('nan')))[1]:.2f}")
     return 0
 
 
