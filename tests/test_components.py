@@ -112,6 +112,9 @@ def test_memory_limit_leaves_small_modules_alone(backend, wasm):
 
 # -- components as pods: standalone and from the API, on both backends --
 
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import wasmtime  # noqa: E402
@@ -197,3 +200,30 @@ def test_outgoing_http_needs_the_pods_annotation(pod_backend, fake_api, kubelet_
         term = _cstatus(fake_api, name, "main")["state"]["terminated"]
         assert term["reason"] == "StartError" and needle in term["message"], term
         assert any(needle in e["message"] for e in fake_api.events(involved_name=name, reason="Failed"))
+
+
+# -- examples/components --
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def test_example_components_rebuild_from_the_example_modules(tmp_path):
+    from tests.wasm_modules import jco_binary
+    env = {**os.environ, "OUT": str(tmp_path), "JCO": jco_binary()}
+    proc = subprocess.run(["sh", os.path.join(EXAMPLES, "components", "build.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    built = sorted(os.listdir(tmp_path))
+    assert built == ["crasher.wasm", "hello.wasm", "job.wasm", "ticker.wasm"]
+    for name in built:
+        with open(os.path.join(EXAMPLES, "components", name), "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), f"examples/components/{name} is not what build.sh makes"
+
+
+def test_example_component_pods_run_to_completion(pod_backend, tmp_path):
+    proc = subprocess.run([sys.executable, minikrust.__file__, "--pod-manifest-path",
+                           os.path.join(EXAMPLES, "components"), "--once", "--root-dir", str(tmp_path),
+                           "--serve=false"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = "".join(p.read_text() for p in tmp_path.glob("pods/*/logs/*/*.log"))
+    assert "stdout F Hello, minikrust! I am hello" in logs and "stdout F Hello, Barbara!" in logs, logs
