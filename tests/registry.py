@@ -27,6 +27,8 @@ import uuid
 import pytest
 import requests
 
+from tests.helpers import unavailable
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 USER, PASSWORD = "alice", "correct-horse-battery"
 SERVICE, ISSUER = "minikrust-test-registry", "minikrust-test-token-issuer"
@@ -355,7 +357,7 @@ class RegistryProxy:
 
 def _need_registry():
     if not os.path.exists(REGISTRY_BIN):
-        pytest.skip(f"{REGISTRY_BIN} is not installed (apt-get install docker-registry)")
+        unavailable(f"{REGISTRY_BIN} is not installed (apt-get install docker-registry)")
 
 
 @pytest.fixture(scope="session")
@@ -372,7 +374,7 @@ def basic_registry(tmp_path_factory):
     """A registry with htpasswd basic auth: USER / PASSWORD."""
     _need_registry()
     if not shutil.which("htpasswd"):
-        pytest.skip("htpasswd is not installed (apt-get install apache2-utils)")
+        unavailable("htpasswd is not installed (apt-get install apache2-utils)")
     workdir = str(tmp_path_factory.mktemp("basic-registry"))
     htpasswd = os.path.join(workdir, "htpasswd")
     subprocess.run(["htpasswd", "-Bbc", htpasswd, USER, PASSWORD], check=True, capture_output=True)

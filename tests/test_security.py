@@ -6,7 +6,7 @@ import os
 import pytest
 
 import minikrust
-from tests.helpers import wait_for
+from tests.helpers import unavailable, wait_for
 from tests.test_pods import _cstatus, _manifest, _status
 
 # planter [-0] TARGET LINK [TARGET LINK ...]: symlink() each pair (WASI path_symlink); exits with
@@ -34,7 +34,7 @@ def kubelet_backend(request, monkeypatch):
     if request.param == "native":
         from tests.wasm_modules import native_available
         if native_available():
-            pytest.skip(native_available())
+            unavailable(native_available())
     monkeypatch.setenv("MINIKRUST_WASM_BACKEND", request.param)
     return request.param
 

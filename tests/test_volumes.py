@@ -10,7 +10,7 @@ import pytest
 import minikrust
 from minikrust import (ApiError, Config, ContainerConfigError, cleanup_volumes, container_mounts,
                        prepare_volumes)
-from tests.helpers import contract
+from tests.helpers import contract, unavailable
 from tests.test_env import FakeApi
 from tests.test_security import resolver  # noqa: F401  (a fixture)
 
@@ -617,7 +617,7 @@ def test_example_modules_rebuild_from_their_sources(wasm, tmp_path):
     import shutil
     import subprocess
     if not shutil.which("clang"):
-        pytest.skip("clang is not installed")
+        unavailable("clang is not installed")
     proc = subprocess.run(["sh", os.path.join(EXAMPLES, "build.sh")], env={**os.environ, "OUT": str(tmp_path)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -14,6 +14,7 @@ import os
 import pytest
 
 import minikrust
+from tests.helpers import unavailable
 from tests.wasm_modules import WASI, wat
 
 PROBE_C = r"""
@@ -463,7 +464,7 @@ def test_kill_and_deadline_cut_an_absolute_clock_sleep_short(tmp_path, probe):
     """clock_nanosleep(TIMER_ABSTIME) of 30 s: the native host sleeps it itself, interruptibly."""
     from tests.wasm_modules import native_available
     if native_available():
-        pytest.skip(native_available())
+        unavailable(native_available())
     import _wasihost
     module = _wasihost.Host(cache_dir=str(tmp_path / "cache")).load(probe)
     os.makedirs(tmp_path / "w")
@@ -531,7 +532,7 @@ def test_module_beyond_the_pool_limits_runs_as_on_wasmtime(backend, kind):
 def test_module_beyond_the_pool_is_stopped_and_cached_like_any(tmp_path):
     from tests.wasm_modules import native_available
     if native_available():
-        pytest.skip(native_available())
+        unavailable(native_available())
     import _wasihost
     module_bytes = _hello_with(BEYOND_THE_POOL["table_of_30000_elements"], "(loop (br 0))")
     module = _wasihost.Host(cache_dir=str(tmp_path)).load(module_bytes)

@@ -18,6 +18,8 @@ import subprocess
 
 import pytest
 
+from tests.helpers import unavailable
+
 WASI = "wasi_snapshot_preview1"
 
 
@@ -302,7 +304,7 @@ class WasmModules:
     def c(self, source, name="module"):
         """Compile C source with clang --target=wasm32-wasi -O2; the path of the .wasm."""
         if not self.clang:
-            pytest.skip("clang is not installed (apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32)")
+            unavailable("clang is not installed (apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32)")
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         out = os.path.join(self.cache_dir, f"{name}-{digest}.wasm")
         if not os.path.exists(out):
@@ -313,7 +315,7 @@ class WasmModules:
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 if "wasi" in proc.stderr and ("not found" in proc.stderr or "cannot find" in proc.stderr):
-                    pytest.skip(f"clang cannot target wasm32-wasi here: {proc.stderr.strip()[:300]}")
+                    unavailable(f"clang cannot target wasm32-wasi here: {proc.stderr.strip()[:300]}")
                 raise AssertionError(f"clang failed:\n{proc.stderr}")
             os.replace(out + ".tmp", out)
         return out
@@ -363,7 +365,7 @@ def backend(request, host_cache_dir):
     if request.param == "native":
         reason = native_available()
         if reason:
-            pytest.skip(reason)
+            unavailable(reason)
     return minikrust.load_host(os.path.join(host_cache_dir, request.param), backend=request.param)
 
 
@@ -373,7 +375,7 @@ def both_hosts(host_cache_dir):
     import minikrust
     reason = native_available()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     return (minikrust.load_host(os.path.join(host_cache_dir, "native"), backend="native"),
             minikrust.load_host(os.path.join(host_cache_dir, "wasmtime-py"), backend="wasmtime-py"))
 
@@ -389,10 +391,7 @@ def jco_binary():
                   shutil.which("jco")):
         if found and os.path.exists(found):
             return found
-    reason = "jco is not installed (npm install --prefix .ci/npm @bytecodealliance/jco)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    unavailable("jco is not installed (npm install --prefix .ci/npm @bytecodealliance/jco)")
 
 
 def to_component(module_path, out_path):
