@@ -17,11 +17,11 @@ import time
 import pytest
 
 import minikrust
-
 from tests.helpers import unavailable
 from tests.wasm_modules import WASI, native_available, wat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(autouse=True)
 def _native_extension():
