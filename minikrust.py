@@ -1326,6 +1326,8 @@ class _FallbackRun:
         self._poll_original = None
         self._deadline_at = None if deadline is None else time.monotonic() + deadline
         self._result = None
+        self._usage_lock = threading.Lock()
+        self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
         for host_dir, guest_dir, _ro in preopens or ():
             if not os.path.isdir(host_dir):
                 raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
@@ -1397,6 +1399,7 @@ class _FallbackRun:
         wt = self._host._wt
         self._host._local.run = self
         start, cpu0 = time.monotonic(), time.thread_time()
+        self._usage_begin()
         exit_code = trap = None
         peak = 0
         instantiated = False
@@ -1410,6 +1413,8 @@ class _FallbackRun:
                 instantiated = True
                 exports = instance.exports(self._store)
                 memory, run = exports.get("memory"), exports["_start"]
+            self._memory = memory if isinstance(memory, wt.Memory) else None
+            self._publish_memory()
             try:
                 outcome = run(self._store)
                 exit_code = 1 if getattr(outcome, "tag", None) == "err" else 0  # wasi:cli/run's result
@@ -1431,12 +1436,49 @@ class _FallbackRun:
                 log.warning("closing the logs of %s: %s", self._module.digest, exc)
             self._host._unregister(self._run_id)
             self._host._local.run = None
+            self._memory = None
+            self._publish_memory()  # before the memory goes: a reader's mincore must not outlive it
             self._store.close()
+        cpu = time.thread_time() - cpu0
+        with self._usage_lock:
+            self._usage_live, self._cpu_total = False, cpu
         self._result = RunResult(
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
             killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, instantiate_failed=not instantiated,
-            cpu_seconds=time.thread_time() - cpu0, peak_memory=peak)
+            cpu_seconds=cpu, peak_memory=peak)
         self._done.post()  # the end, as the native host posts it
+
+    # Live usage, as the native host's wh_run_usage: the run thread publishes its CPU clock and its
+    # linear memory (at instantiation, each epoch tick, before a sleep); any thread reads them.
+
+    def _usage_begin(self):
+        # Where the thread's CPU clock cannot be read from another thread (macOS), the last
+        # thread_time() sampled at a publish stands for it.
+        clock = time.pthread_getcpuclockid(threading.get_ident()) if _THREAD_CLOCKS else time.CLOCK_THREAD_CPUTIME_ID
+        with self._usage_lock:
+            self._cpu_clock, self._cpu0, self._usage_live = clock, time.clock_gettime(clock), True
+
+    def _publish_memory(self):
+        """On the run's thread: the linear memory's place and size now (none once it goes)."""
+        memory = self._memory
+        span = None
+        if memory is not None:
+            size = memory.data_len(self._store)
+            span = (ctypes.cast(memory.data_ptr(self._store), ctypes.c_void_p).value, size)
+        with self._usage_lock:
+            self._memory_span = span
+            self._peak = max(self._peak, span[1] if span else 0)
+            if not _THREAD_CLOCKS:
+                self._cpu_total = time.thread_time() - self._cpu0
+
+    def usage(self):
+        """(cpu_seconds, memory_bytes, peak_memory_bytes) now, from any thread: memory is the
+        resident part of the linear memory, 0 once the run ended."""
+        with self._usage_lock:
+            if not self._usage_live:
+                return self._cpu_total, 0, self._peak
+            cpu = time.clock_gettime(self._cpu_clock) - self._cpu0 if _THREAD_CLOCKS else self._cpu_total
+            return cpu, _resident_bytes(*self._memory_span) if self._memory_span else 0, self._peak
 
     def kill(self):
         """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
@@ -1501,6 +1543,26 @@ class _DoneFd:
         for fd in {self.read_fd, self.write_fd} - {-1}:
             os.close(fd)
         self.read_fd = self.write_fd = -1
+
+
+_THREAD_CLOCKS = hasattr(time, "pthread_getcpuclockid")  # another thread's CPU clock is readable
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.lru_cache(maxsize=None)
+def _mincore():
+    return ctypes.CDLL(None, use_errno=True).mincore
+
+
+def _resident_bytes(address, size):
+    """Bytes of [address, address + size) resident in RAM (mincore), as the native host counts them."""
+    start = address - address % _PAGE_SIZE
+    pages = (address + size - start + _PAGE_SIZE - 1) // _PAGE_SIZE
+    vec = (ctypes.c_ubyte * max(pages, 1))()
+    if not pages or _mincore()(ctypes.c_void_p(start), ctypes.c_size_t(pages * _PAGE_SIZE), vec) != 0:
+        return 0
+    raw = bytes(vec)
+    return (len(raw) - raw.count(0)) * _PAGE_SIZE
 
 
 def _log_rotation(max_size, max_files):
@@ -1820,6 +1882,8 @@ class FallbackHost:
 
     def _on_epoch(self, _context, data, delta, _kind):
         run = self._runs.get(data)
+        if run is not None:
+            run._publish_memory()
         reason = run._should_stop() if run is not None else None
         if reason is None:
             delta[0] = 1
@@ -1839,6 +1903,7 @@ class FallbackHost:
             return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
         started = time.monotonic_ns()
         shortest = min(timeout for _, timeout in clocks)
+        run._publish_memory()
         reason = run._sleep(shortest / 1e9)
         if reason:
             raise self._wt.Trap(reason)
@@ -6108,12 +6173,11 @@ class PodManager:
                 run, result = c.run, c.result
                 if run is None and result is None:
                     continue
-                source = result if run is None else run
+                cpu, memory, peak = run.usage() if run is not None else (result.cpu_seconds, 0, result.peak_memory)
                 stats.append({"namespace": w.pod["metadata"].get("namespace", "default"),
                               "pod": w.pod["metadata"]["name"], "uid": w.uid, "container": c.name,
                               "running": run is not None, "start_time": c.wall_start,
-                              "cpu_seconds": float(getattr(source, "cpu_seconds", 0.0) or 0.0),
-                              "memory_bytes": int(getattr(source, "peak_memory", 0) or 0)})
+                              "cpu_seconds": cpu, "memory_bytes": memory, "peak_memory_bytes": peak})
         return stats
 
     def wait_all_finished(self, timeout=None):
@@ -6437,8 +6501,11 @@ class Metrics:
 
 # Resource stats: /stats/summary (k8s.io/kubelet/pkg/apis/stats/v1alpha1 Summary) and /metrics/resource
 # (the kubelet's resource metrics collector) in the shapes metrics-server reads for `kubectl top`.
-# `kubelet.container_stats()` gives one dict a container run:
-#   {"namespace", "pod", "uid", "container", "cpu_seconds", "memory_bytes", "start_time" (epoch seconds)}
+# `kubelet.container_stats()` gives one dict a container run (running, or its last finished run):
+#   {"namespace", "pod", "uid", "container", "running", "start_time" (epoch seconds),
+#    "cpu_seconds" (cumulative, live), "memory_bytes" (working set now, 0 once ended), "peak_memory_bytes"}
+# As the kubelet (which reads cgroups), only running containers are listed and a pod's working set
+# is its running containers'; a pod's CPU also counts the runs that ended (its cgroup would).
 
 def _node_usage():
     """(cpu core-seconds used by the machine, memory working set bytes, available bytes) from /proc."""
@@ -6459,6 +6526,24 @@ def _node_usage():
     return cpu, working_set, available
 
 
+def _local_ephemeral(volume):
+    """Whether the kubelet counts a volume in a pod's ephemeral-storage (volumeutil's
+    IsLocalEphemeralVolume: emptyDir on disk, configMap, gitRepo)."""
+    empty_dir = volume.get("emptyDir")
+    return (empty_dir is not None and (empty_dir or {}).get("medium", "") == "") or "configMap" in volume
+
+
+def _disk_usage(path):
+    """(bytes of disk used, inodes used) under `path`, as `du` counts them (blocks, not sizes)."""
+    used = inodes = 0
+    for folder, dirs, files in os.walk(path):
+        for name in [folder] + [os.path.join(folder, f) for f in files]:
+            with contextlib.suppress(OSError):
+                used += os.lstat(name).st_blocks * 512
+                inodes += 1
+    return used, inodes
+
+
 class _ResourceStats:
     """Samples node and container usage; remembers the last sample to report CPU as a rate (nano cores)."""
 
@@ -6468,9 +6553,10 @@ class _ResourceStats:
         self._lock = threading.Lock()
         self._started = time.time()
 
-    def _cpu(self, key, seconds, now_ns):
+    def _cpu(self, key, seconds, now_ns, stamp):
+        """A CPUStats: cumulative core-nanoseconds, and usageNanoCores from the previous sample of `key`."""
         used = int(seconds * 1e9)
-        sample = {"time": _k8s_time(), "usageCoreNanoSeconds": used}
+        sample = {"time": stamp, "usageCoreNanoSeconds": used}
         with self._lock:
             before = self._last.get(key)
             self._last[key] = (now_ns, used)
@@ -6479,37 +6565,77 @@ class _ResourceStats:
         return sample
 
     def containers(self):
-        stats = getattr(self.kubelet, "container_stats", None)
-        return list(stats()) if callable(stats) else []
+        return list(self.kubelet.container_stats())
+
+    def _pods(self, specs=None):
+        """{(namespace, name): {"uid", "start", "cpu", "memory", "running": [items], "volumes": [names]}},
+        the local ephemeral volumes named from `specs` ({(namespace, name): spec.volumes})."""
+        specs = specs or {}
+        pods = {}
+        for item in self.containers():
+            key = (item["namespace"], item["pod"])
+            pod = pods.setdefault(key, {"uid": item.get("uid", ""), "start": item.get("start_time") or self._started,
+                                        "cpu": 0.0, "memory": 0, "running": [],
+                                        "volumes": [v.get("name") for v in specs.get(key, ()) if _local_ephemeral(v)]})
+            pod["start"] = min(pod["start"], item.get("start_time") or self._started)
+            pod["cpu"] += float(item["cpu_seconds"])
+            if item["running"]:
+                pod["running"].append(item)
+                pod["memory"] += int(item["memory_bytes"])
+        return pods
+
+    def _storage(self, pod, fs, stamp):
+        """The pod's "volume" stats, its running containers' "logs", and its "ephemeral-storage"
+        (local ephemeral volumes + every container's logs), as FsStats of the root dir's filesystem."""
+        pod_dir = os.path.join(self.kubelet.config.root_dir, "pods", pod["uid"])
+
+        def fs_stats(used, inodes, **extra):
+            return dict(extra, time=stamp, usedBytes=used, inodesUsed=inodes, **fs)
+
+        volumes = [fs_stats(*_disk_usage(os.path.join(pod_dir, "volumes", name)), name=name)
+                   for name in pod["volumes"]]
+        logs = {os.path.basename(folder): _disk_usage(folder)
+                for folder in glob.glob(os.path.join(glob.escape(pod_dir), "logs", "*"))}
+        used = sum(v["usedBytes"] for v in volumes) + sum(u for u, _ in logs.values())
+        inodes = sum(v["inodesUsed"] for v in volumes) + sum(n for _, n in logs.values())
+        running = {item["container"]: fs_stats(*logs.get(item["container"], (0, 0))) for item in pod["running"]}
+        return volumes, running, fs_stats(used, inodes)
 
     def summary(self):
-        """A stats/v1alpha1 Summary: the node, then each pod with its containers."""
+        """A stats/v1alpha1 Summary: the node, then each pod with its running containers."""
         now_ns, stamp = time.monotonic_ns(), _k8s_time()
         cpu, working_set, available = _node_usage()
         memory = {"time": stamp, "workingSetBytes": working_set, "usageBytes": working_set,
                   "availableBytes": available}
         node = {"nodeName": self.kubelet.config.node_name, "startTime": _k8s_time(self._started),
-                "systemContainers": [], "cpu": self._cpu(("node",), cpu, now_ns),
+                "systemContainers": [], "cpu": self._cpu(("node",), cpu, now_ns, stamp),
                 "memory": {k: v for k, v in memory.items() if v is not None}}
-        pods = {}
-        for item in self.containers():
-            ref = {"name": item["pod"], "namespace": item["namespace"], "uid": item.get("uid", "")}
-            pod = pods.setdefault((ref["namespace"], ref["name"]), {
-                "podRef": ref, "startTime": _k8s_time(item.get("start_time") or self._started), "containers": [],
-                "cpu": {"time": stamp, "usageCoreNanoSeconds": 0}, "memory": {"time": stamp, "workingSetBytes": 0}})
-            key = (ref["namespace"], ref["name"], item["container"])
-            pod["containers"].append({
+        fs = {}
+        with contextlib.suppress(OSError):
+            disk = os.statvfs(self.kubelet.config.root_dir)
+            fs = {"availableBytes": disk.f_bavail * disk.f_frsize, "capacityBytes": disk.f_blocks * disk.f_frsize,
+                  "inodesFree": disk.f_favail, "inodes": disk.f_files}
+        specs = {((p.get("metadata") or {}).get("namespace", "default"), (p.get("metadata") or {}).get("name")):
+                 (p.get("spec") or {}).get("volumes") or [] for p in self.kubelet.pods()}
+        pods = []
+        for (namespace, name), pod in self._pods(specs).items():
+            volumes, logs, ephemeral = self._storage(pod, fs, stamp)
+            containers = [{
                 "name": item["container"], "startTime": _k8s_time(item.get("start_time") or self._started),
-                "cpu": self._cpu(key, item.get("cpu_seconds", 0.0), now_ns),
-                "memory": {"time": stamp, "workingSetBytes": int(item.get("memory_bytes", 0)),
-                           "usageBytes": int(item.get("memory_bytes", 0))}})
-            pod["startTime"] = min(pod["startTime"], pod["containers"][-1]["startTime"])
-            pod["cpu"]["usageCoreNanoSeconds"] += pod["containers"][-1]["cpu"]["usageCoreNanoSeconds"]
-            pod["memory"]["workingSetBytes"] += int(item.get("memory_bytes", 0))
-        return {"node": node, "pods": list(pods.values())}
+                "cpu": self._cpu((namespace, name, item["container"]), item["cpu_seconds"], now_ns, stamp),
+                "memory": {"time": stamp, "workingSetBytes": int(item["memory_bytes"]),
+                           "usageBytes": int(item["memory_bytes"])},
+                "logs": logs[item["container"]]}
+                for item in pod["running"]]
+            pods.append({"podRef": {"name": name, "namespace": namespace, "uid": pod["uid"]},
+                         "startTime": _k8s_time(pod["start"]), "containers": containers,
+                         "cpu": self._cpu((namespace, name), pod["cpu"], now_ns, stamp),
+                         "memory": {"time": stamp, "workingSetBytes": pod["memory"], "usageBytes": pod["memory"]},
+                         "volume": volumes, "ephemeral-storage": ephemeral})
+        return {"node": node, "pods": pods}
 
     def resource_metrics(self):
-        """The /metrics/resource text: node, pod and container CPU and memory with sample times (ms)."""
+        """The /metrics/resource text: node, pod and running containers' CPU and memory, sample times in ms."""
         stamp = int(time.time() * 1000)
         cpu, working_set, _ = _node_usage()
         out = []
@@ -6518,16 +6644,9 @@ class _ResourceStats:
             out.extend([f"# HELP {name} [STABLE] {help_text}", f"# TYPE {name} {kind}"])
             out.extend(f"{name}{_format_labels(labels)} {_format_value(value)} {stamp}" for labels, value in samples)
 
-        items = self.containers()
-        pods = {}
-        for item in items:
-            pod = pods.setdefault((item["namespace"], item["pod"]), [0.0, 0])
-            pod[0] += float(item.get("cpu_seconds", 0.0))
-            pod[1] += int(item.get("memory_bytes", 0))
-
-        def labels(item):
-            return [("container", item["container"]), ("namespace", item["namespace"]), ("pod", item["pod"])]
-
+        pods = sorted(self._pods().items())
+        items = [(item, [("container", item["container"]), ("namespace", ns), ("pod", name)])
+                 for (ns, name), pod in pods for item in pod["running"]]
         family("node_cpu_usage_seconds_total", "counter", "Cumulative cpu time consumed by the node in core-seconds",
                [((), float(cpu))])
         if working_set is not None:
@@ -6535,15 +6654,15 @@ class _ResourceStats:
                    [((), working_set)])
         family("container_cpu_usage_seconds_total", "counter",
                "Cumulative cpu time consumed by the container in core-seconds",
-               [(labels(i), float(i.get("cpu_seconds", 0.0))) for i in items])
+               [(labels, float(i["cpu_seconds"])) for i, labels in items])
         family("container_memory_working_set_bytes", "gauge", "Current working set of the container in bytes",
-               [(labels(i), int(i.get("memory_bytes", 0))) for i in items])
+               [(labels, int(i["memory_bytes"])) for i, labels in items])
         family("container_start_time_seconds", "gauge", "Start time of the container since unix epoch in seconds",
-               [(labels(i), float(i.get("start_time") or self._started)) for i in items])
+               [(labels, float(i.get("start_time") or self._started)) for i, labels in items])
         family("pod_cpu_usage_seconds_total", "counter", "Cumulative cpu time consumed by the pod in core-seconds",
-               [([("namespace", ns), ("pod", name)], v[0]) for (ns, name), v in sorted(pods.items())])
+               [([("namespace", ns), ("pod", name)], pod["cpu"]) for (ns, name), pod in pods])
         family("pod_memory_working_set_bytes", "gauge", "Current working set of the pod in bytes",
-               [([("namespace", ns), ("pod", name)], v[1]) for (ns, name), v in sorted(pods.items())])
+               [([("namespace", ns), ("pod", name)], pod["memory"]) for (ns, name), pod in pods])
         out += ["# HELP resource_scrape_error [STABLE] 1 if there was an error while getting container metrics, "
                 "0 otherwise", "# TYPE resource_scrape_error gauge", "resource_scrape_error 0"]
         return "\n".join(out) + "\n"

@@ -506,6 +506,13 @@ class Run:
         """An fd that is readable once the run is over (then wait() returns at once)."""
         return self._done.read_fd
 
+    def usage(self):
+        """(cpu_seconds, memory_bytes, peak_memory_bytes) now, from any thread (see wh_run_usage):
+        memory is the resident part of the linear memory plus the host's buffers, 0 once ended."""
+        u = ffi.new("wh_usage *")
+        lib.wh_run_usage(self._ptr, u)
+        return u.cpu_seconds, u.memory, u.peak_memory
+
     @property
     def done(self):
         return self._done is None or self._done.ready(0)

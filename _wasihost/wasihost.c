@@ -499,6 +499,16 @@ struct wh_run {
   int have_orig;
   engine_ctx_t *ec;   /* the engine of the module being run */
   int64_t wasi_start; /* CLOCK_MONOTONIC ns just after the WASI context was made: its clock's zero */
+  wasmtime_memory_t memory; /* the instance's exported "memory", when has_memory */
+  int has_memory;
+  /* Live usage (wh_run_usage), written by the run's thread, read by any: under usage_lock. */
+  pthread_mutex_t usage_lock;
+  int live;            /* the run's thread is inside wh_run_exec: cpu_clock is valid */
+  clockid_t cpu_clock; /* that thread's CPU clock */
+  int64_t cpu0, cpu_ns; /* its reading when the run began; the run's total once it ended */
+  uint8_t *mem_base;   /* the guest's linear memory as last published (NULL: none, or ended) */
+  size_t mem_size;
+  uint64_t host_bytes, peak; /* our own buffers for the run; the largest memory + buffers seen */
 };
 
 wh_run *wh_run_new(void) {
@@ -510,11 +520,13 @@ wh_run *wh_run_new(void) {
   pthread_cond_init(&r->wake, &attr);
   pthread_condattr_destroy(&attr);
   pthread_mutex_init(&r->wake_lock, NULL);
+  pthread_mutex_init(&r->usage_lock, NULL);
   return r;
 }
 void wh_run_free(wh_run *r) {
   pthread_cond_destroy(&r->wake);
   pthread_mutex_destroy(&r->wake_lock);
+  pthread_mutex_destroy(&r->usage_lock);
   free(r);
 }
 void wh_kill(wh_run *r) {
@@ -824,6 +836,88 @@ static void streams_end(wh_run *r) {
   }
 }
 
+/* ---------------------------------------------------------------- live usage */
+
+/* What `kubectl top` needs while a module runs, readable from any thread at any time, at a cost
+ * to the run of a lock/unlock when it starts, when it ends, and at each publish (instantiation,
+ * every epoch tick of guest execution, and before a sleep in poll_oneoff): CPU from the run
+ * thread's own clock, memory as the resident pages of the guest's linear memory (mincore: pages it
+ * touched, not the pool's reservation nor grown-but-untouched pages) plus our own buffers. */
+
+static uint64_t host_bytes(const wh_run *r) {
+  uint64_t n = sizeof *r;
+  for (int i = 0; i < 2; i++) n += r->sinks[i].cap + (r->streams[i].line ? CRI_MAX_LINE : 0);
+  return n;
+}
+
+/* Called by the run's thread with the guest's memory as it is now (NULL, 0 when it goes away). */
+static void publish_memory(wh_run *r, uint8_t *base, size_t size) {
+  uint64_t own = host_bytes(r);
+  pthread_mutex_lock(&r->usage_lock);
+  r->mem_base = base;
+  r->mem_size = size;
+  r->host_bytes = own;
+  if (size + own > r->peak) r->peak = size + own;
+  pthread_mutex_unlock(&r->usage_lock);
+}
+
+static void publish_store_memory(wh_run *r, wasmtime_context_t *ctx) {
+  if (r->has_memory) publish_memory(r, wasmtime_memory_data(ctx, &r->memory), wasmtime_memory_data_size(ctx, &r->memory));
+}
+
+/* Bytes of [base, base + size) resident in RAM. */
+static uint64_t resident_bytes(const uint8_t *base, size_t size) {
+  static long page;
+  if (!page) page = sysconf(_SC_PAGESIZE);
+  unsigned char vec[4096];
+  uint64_t pages = 0;
+  uintptr_t start = (uintptr_t)base & ~(uintptr_t)(page - 1), end = (uintptr_t)base + size;
+  for (uintptr_t at = start; at < end;) {
+    size_t len = end - at > sizeof vec * (size_t)page ? sizeof vec * (size_t)page : end - at;
+    if (mincore((void *)at, len, vec) == 0)
+      for (size_t i = 0; i < (len + page - 1) / page; i++) pages += vec[i] & 1;
+    at += len;
+  }
+  return pages * (uint64_t)page;
+}
+
+void wh_run_usage(wh_run *r, wh_usage *u) {
+  pthread_mutex_lock(&r->usage_lock);
+  u->running = r->live;
+  int64_t cpu = r->cpu_ns;
+  if (r->live) {
+    struct timespec ts;
+    cpu = clock_gettime(r->cpu_clock, &ts) == 0 ? (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec - r->cpu0 : 0;
+  }
+  u->cpu_seconds = (double)cpu / 1e9;
+  u->memory = r->live && r->mem_base ? resident_bytes(r->mem_base, r->mem_size) + r->host_bytes : 0;
+  u->peak_memory = r->peak;
+  pthread_mutex_unlock(&r->usage_lock);
+}
+
+/* The run's thread, when the run begins (cpu0: its CPU clock now) and ends. */
+static void usage_begin(wh_run *r, const struct timespec *cpu0) {
+  clockid_t clock;
+  int ok = pthread_getcpuclockid(pthread_self(), &clock) == 0;
+  pthread_mutex_lock(&r->usage_lock);
+  r->live = ok;
+  r->cpu_clock = clock;
+  r->cpu0 = (int64_t)cpu0->tv_sec * 1000000000 + cpu0->tv_nsec;
+  r->cpu_ns = 0;
+  r->mem_base = NULL;
+  r->mem_size = 0;
+  r->peak = 0;
+  pthread_mutex_unlock(&r->usage_lock);
+}
+
+static void usage_end(wh_run *r, double cpu_seconds) {
+  pthread_mutex_lock(&r->usage_lock);
+  r->live = 0;
+  r->cpu_ns = (int64_t)(cpu_seconds * 1e9);
+  r->mem_base = NULL;
+  pthread_mutex_unlock(&r->usage_lock);
+}
+
 /* ---------------------------------------------------------------- shadowed WASI calls */
 
 /* The originals of this run's store, straight from the WASI-only linker. */
@@ -1058,6 +1152,7 @@ static wasmtime_error_t *shadow_poll_oneoff(void *env, wasmtime_caller_t *caller
     if (left < shortest) shortest = left;
   }
   int64_t ns = shortest > (uint64_t)INT64_MAX / 2 ? INT64_MAX / 2 : (int64_t)shortest;
+  publish_memory(r, mem, size);
   const char *stop = interruptible_sleep(r, ns);
   if (stop) return wasmtime_error_new(stop);
   uint64_t waited = (uint64_t)(now_ns(CLOCK_MONOTONIC) - started);
@@ -1110,9 +1205,9 @@ static int ts_after(const struct timespec *a, const struct timespec *b) {
 
 static wasmtime_error_t *on_epoch(wasmtime_context_t *ctx, void *data, uint64_t *delta,
                                   wasmtime_update_deadline_kind_t *kind) {
-  (void)ctx;
   wh_run *r = data;
   flush_all(r);
+  publish_store_memory(r, ctx);
   if (atomic_load(&r->killed)) return wasmtime_error_new("killed");
   if (r->has_deadline) {
     struct timespec now;
@@ -1262,6 +1357,15 @@ static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_ru
     classify(r, e, trap, res);
     res->instantiate_failed = 1;
   } else {
+    wasmtime_extern_t mem;
+    if (wasmtime_instance_export_get(ctx, &inst, "memory", 6, &mem)) {
+      r->has_memory = mem.kind == WH_WASMTIME_EXTERN_MEMORY;
+      if (r->has_memory)
+        r->memory = mem.of.memory; /* a plain handle (nothing to delete) */
+      else
+        wasmtime_extern_delete(&mem);
+    }
+    publish_store_memory(r, ctx);
     wasmtime_extern_t start;
     if (!wasmtime_instance_export_get(ctx, &inst, "_start", 6, &start) || start.kind != WH_WASMTIME_EXTERN_FUNC) {
       res->status = WH_TRAPPED;
@@ -1271,12 +1375,10 @@ static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_ru
       e = wasmtime_func_call_unchecked(ctx, &start.of.func, none, 0, &trap);
       classify(r, e, trap, res);
     }
-    wasmtime_extern_t mem;
-    if (wasmtime_instance_export_get(ctx, &inst, "memory", 6, &mem)) {
-      if (mem.kind == WH_WASMTIME_EXTERN_MEMORY) res->peak_memory = wasmtime_memory_data_size(ctx, &mem.of.memory);
-      wasmtime_extern_delete(&mem);
-    }
+    if (r->has_memory) res->peak_memory = wasmtime_memory_data_size(ctx, &r->memory);
   }
+  publish_memory(r, NULL, 0); /* before the memory goes: a reader's mincore must not outlive it */
+  r->has_memory = 0;
   wasmtime_store_delete(store);
   return 0;
 }
@@ -1314,6 +1416,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
     }
   }
   streams_begin(r, c);
+  usage_begin(r, &c0);
   runs_add(1);
   r->ec = m->ec;
   int rc = m->component ? exec_component(m, c, r, res) : exec_once(m->pre, c, r, res);
@@ -1325,9 +1428,11 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   streams_end(r);
   runs_add(-1);
   close_outputs(opened);
+  double cpu = since(&c0, CLOCK_THREAD_CPUTIME_ID);
+  usage_end(r, cpu);
   if (rc != 0) return rc;
   res->duration = since(&t0, CLOCK_MONOTONIC);
-  res->cpu_seconds = since(&c0, CLOCK_THREAD_CPUTIME_ID);
+  res->cpu_seconds = cpu;
   return 0;
 }
 

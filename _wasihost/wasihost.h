@@ -61,6 +61,16 @@ typedef struct {
   int rc; /* wh_run_start: wh_run_exec's return code, set before done_fd is written */
 } wh_result;
 
+/* A run's usage now (wh_run_usage, from any thread): while it runs, CPU seconds of its thread since
+ * it began and resident bytes of its linear memory plus the host's buffers for it; once it ended,
+ * its total CPU and memory 0. peak_memory: the largest linear memory plus buffers it reached. */
+typedef struct {
+  int running;
+  double cpu_seconds;
+  uint64_t memory;
+  uint64_t peak_memory;
+} wh_usage;
+
 int wh_init(char *err, size_t errlen);
 int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
                    int *from_cache, char *err, size_t errlen);
@@ -72,6 +82,7 @@ int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, w
 wh_run *wh_run_new(void);
 void wh_run_free(wh_run *r);
 void wh_kill(wh_run *r);
+void wh_run_usage(wh_run *r, wh_usage *out);
 int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res);
 /* wh_run_exec on a new thread of its own. When the run is over (res filled in), that thread writes
  * res->rc (wh_run_exec's return code), then writes the uint64 1 to done_fd (an eventfd or a pipe's

@@ -275,7 +275,8 @@ def test_metrics_renders_the_registry_running_pods_and_container_usage(secure):
     secure.kubelet.metrics.inc("minikrust_image_pulls_total", result="success")
     secure.kubelet.metrics.inc("minikrust_api_errors_total", code="500")
     secure.kubelet.stats = [{"namespace": "default", "pod": "web", "uid": "u", "container": "app",
-                             "cpu_seconds": 1.25, "memory_bytes": 65536, "start_time": T0}]
+                             "running": True, "cpu_seconds": 1.25, "memory_bytes": 65536, "peak_memory_bytes": 65536,
+                             "start_time": T0}]
     answer = secure.get("/metrics")
     assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = answer.text
@@ -292,7 +293,8 @@ def test_metrics_renders_the_registry_running_pods_and_container_usage(secure):
 
 def test_metrics_resource_has_the_series_metrics_server_reads(secure):
     secure.kubelet.stats = [{"namespace": "ns", "pod": "web", "uid": "u", "container": "app",
-                             "cpu_seconds": 2.5, "memory_bytes": 131072, "start_time": T0}]
+                             "running": True, "cpu_seconds": 2.5, "memory_bytes": 131072, "peak_memory_bytes": 131072,
+                             "start_time": T0}]
     lines = secure.get("/metrics/resource").text.splitlines()
     samples = {line.rsplit(" ", 2)[0]: line.rsplit(" ", 2)[1:] for line in lines if not line.startswith("#")}
     labels = '{container="app",namespace="ns",pod="web"}'
@@ -309,7 +311,7 @@ def test_metrics_resource_has_the_series_metrics_server_reads(secure):
 
 def test_stats_summary_has_the_v1alpha1_summary_shape_with_cpu_rates(secure):
     item = {"namespace": "ns", "pod": "web", "uid": "u1", "container": "app",
-            "cpu_seconds": 1.0, "memory_bytes": 4096, "start_time": T0}
+            "running": True, "cpu_seconds": 1.0, "memory_bytes": 4096, "peak_memory_bytes": 4096, "start_time": T0}
     secure.kubelet.stats = [item]
     first = secure.get("/stats/summary").json()
     assert first["node"]["nodeName"] == NODE

@@ -417,6 +417,59 @@ def test_failed_setups_do_not_leak_runs(backend, wasm, tmp_path):
     assert module.run(["m"]).exit_code == 0
 
 
+# -- live usage (kubectl top) --
+
+def thread_cpu_seconds(digest):
+    """CPU seconds of the thread running `digest`, as the kernel accounts them (/proc, in ticks):
+    the busiest of the native host's run threads (named "wasm-run" in C) and the fallback's
+    (Python threads named after the digest)."""
+    tids = [t.native_id for t in threading.enumerate() if t.name.endswith(digest[7:19]) and t.is_alive()]
+    seconds = []
+    for tid in os.listdir("/proc/self/task"):
+        try:  # other tests' threads come and go (ENOENT, or ESRCH while one exits)
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != "wasm-run" and int(tid) not in tids:
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))  # utime + stime
+    return max(seconds)
+
+
+def test_usage_of_a_spinning_run_follows_its_threads_cpu_clock(backend, wasm):
+    module = backend.load(wasm.loop)
+    handle = module.start(["loop"])
+    try:
+        wait_for(lambda: handle.usage()[0] > 0.05, timeout=30, what="the loop to use CPU")
+        cpu0, kernel0, wall0 = handle.usage()[0], thread_cpu_seconds(module.digest), time.monotonic()
+        wait_for(lambda: handle.usage()[0] - cpu0 >= 0.5, timeout=60, what="half a CPU second more")
+        cpu1, kernel1, wall1 = handle.usage()[0], thread_cpu_seconds(module.digest), time.monotonic()
+    finally:
+        handle.kill()
+    # read from this thread while the module spins: the kernel's figure for that thread, never
+    # more than the wall time (about the wall time on an idle machine)
+    assert abs((cpu1 - cpu0) - (kernel1 - kernel0)) <= 0.05 + 0.1 * (kernel1 - kernel0)
+    assert cpu1 - cpu0 <= (wall1 - wall0) + 0.02
+    result = handle.wait(5)
+    assert handle.usage()[:2] == (result.cpu_seconds, 0) and result.cpu_seconds >= cpu1
+
+
+def test_usage_counts_touched_memory_not_grown_or_reserved(backend, wasm):
+    handle = backend.load(wasm.hold(16, grow_mib=64)).start(["hold"])
+    try:
+        usage = wait_for(lambda: (lambda u: u if u[1] >= 16 << 20 else None)(handle.usage()), timeout=30,
+                         what="16 MiB touched")
+        assert usage[1] <= (16 << 20) + (1 << 20)  # + the first page, the host's buffers: not 64 MiB
+        assert usage[2] >= 64 << 20                # the peak: the linear memory it grew to
+    finally:
+        handle.kill()
+    result = handle.wait(5)
+    cpu, memory, peak = handle.usage()
+    assert memory == 0 and peak >= result.peak_memory >= 64 << 20
+
+
 # -- the compiled-module cache --
 
 CACHE_SCRIPT = """

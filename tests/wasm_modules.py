@@ -276,6 +276,24 @@ class WasmModules:
             "(block $done (loop $l (br_if $done (i32.eq (memory.grow (i32.const 1)) (i32.const -1)))"
             " (br $l))) (unreachable)"))
 
+    def hold(self, mib, grow_mib=None):
+        """Grows memory by `grow_mib` (default `mib`) MiB, writes a byte in every 4 KiB of the first
+        `mib` MiB of it, then sleeps forever (1 s poll_oneoff at a time): `mib` MiB touched, idle."""
+        grow_mib = mib if grow_mib is None else grow_mib
+        poll = f'(import "{WASI}" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))'
+        body = f"""(local $p i32) (local $end i32)
+    (local.set $p (i32.mul (memory.grow (i32.const {grow_mib * 16})) (i32.const 65536)))
+    (local.set $end (i32.add (local.get $p) (i32.const {mib << 20})))
+    (block $done (loop $touch
+      (br_if $done (i32.ge_u (local.get $p) (local.get $end)))
+      (i32.store8 (local.get $p) (i32.const 1))
+      (local.set $p (i32.add (local.get $p) (i32.const 4096)))
+      (br $touch)))
+    (i32.store (i32.const 2064) (i32.const 1))           ;; subscription at 2048: a monotonic clock,
+    (i64.store (i32.const 2072) (i64.const 1000000000))  ;; relative, 1 s (the rest stays 0)
+    (loop $sleep (drop (call $poll (i32.const 2048) (i32.const 2112) (i32.const 1) (i32.const 2176))) (br $sleep))"""
+        return self._memo(("hold", mib, grow_mib), lambda: _write_module(body, imports=poll))
+
     @property
     def trap(self):
         """Hits `unreachable` after writing hello."""
