@@ -5168,7 +5168,7 @@ _BACKOFF_RESET = 600.0          # seconds of good running that forgive a contain
 _CONFIG_RETRY = 2.0             # seconds between tries of a pod whose configMap/secret is missing
 _TERMINATION_MESSAGE_MAX = 4096
 _KILLED_EXIT = 137
-_SYNC_THREADS = 4               # the pool that syncs pods, however many there are
+_SYNC_THREADS = 2               # the pool that syncs pods, however many there are (threads: issue 10)
 
 
 def _memory_limit(container):

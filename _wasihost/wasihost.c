@@ -1449,6 +1449,9 @@ typedef struct {
 static void *run_main(void *arg) {
   start_args a = *(start_args *)arg;
   free(arg);
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), "wasm-run"); /* here: a detached thread's handle dies with it */
+#endif
   int rc = wh_run_exec(a.m, a.c, a.r, a.res);
   a.res->rc = rc;
   uint64_t done = 1;
@@ -1479,9 +1482,6 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
     set_msg(err, errlen, "", (const uint8_t *)msg, strlen(msg));
     return WH_ERR_RUN;
   }
-#ifdef __linux__
-  pthread_setname_np(thread, "wasm-run");
-#endif
   return 0;
 }
 

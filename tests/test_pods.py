@@ -482,18 +482,11 @@ def test_a_finalized_pod_is_not_revived_by_a_late_event(fake_api, kubelet_factor
     assert _node_writes(fake_api, "churn") == writes
 
 
-def _threads_beside_runs(baseline, server_baseline):
-    """Threads the kubelet added to this process, other than those running modules (C threads
-    named wasm-run, or the fallback's Python wasm- threads): (others, runs)."""
-    tasks = [t for t in os.listdir("/proc/self/task")]
-    names = []
-    for t in tasks:
-        with contextlib.suppress(OSError):
-            names.append(open(f"/proc/self/task/{t}/comm").read().strip())
-    py = threading.enumerate()
-    server = sum(1 for t in py if "process_request" in t.name) - server_baseline    # the fake's handlers
-    runs = names.count("wasm-run") + sum(1 for t in py if t.name.startswith("wasm-") and t.name != "wasm-epoch")
-    return len(names) - baseline - server - runs, runs
+def _threads_and_runs(kubelet, baseline, server_baseline):
+    """(threads the kubelet added to this process, modules it runs), the fake's handlers left out."""
+    threads = len(os.listdir("/proc/self/task")) - baseline
+    threads -= sum(1 for t in threading.enumerate() if "process_request" in t.name) - server_baseline
+    return threads, sum(1 for s in kubelet.container_stats() if s["running"])
 
 
 def test_threads_stay_within_running_modules_plus_16(fake_api, kubelet_factory, module_file):
@@ -506,12 +499,11 @@ def test_threads_stay_within_running_modules_plus_16(fake_api, kubelet_factory, 
     seen = []
 
     def all_running():
-        seen.append(_threads_beside_runs(baseline, server_baseline))
-        return sum(1 for p in kubelet.pods() if p["status"].get("phase") == "Running") == 50
+        seen.append(_threads_and_runs(kubelet, baseline, server_baseline))
+        return seen[-1][1] == 50 and sum(1 for p in kubelet.pods() if p["status"].get("phase") == "Running") == 50
     wait_for(all_running, timeout=60, what="50 pods running")
-    wait_for(lambda: _threads_beside_runs(baseline, server_baseline)[1] == 50, what="50 modules running")
-    others = max(o for o, _ in seen + [_threads_beside_runs(baseline, server_baseline)])
-    assert others <= 16, seen[-5:]
+    seen.append(_threads_and_runs(kubelet, baseline, server_baseline))
+    assert seen[-1][1] == 50 and all(threads <= runs + 16 for threads, runs in seen), seen
 
 
 def test_deleting_200_running_pods_is_prompt(fake_api, kubelet_factory, module_file):

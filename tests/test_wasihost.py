@@ -1,4 +1,5 @@
 """The WASI host face, run against both backends (native `_wasihost` and the wasmtime-py fallback)."""
+import contextlib
 import json
 import os
 import re
@@ -304,9 +305,14 @@ def test_a_native_run_starts_no_python_thread(wasm, tmp_path):
     before = threading.active_count()
     runs = [module.start(["loop"]) for _ in range(4)]
     assert threading.active_count() == before   # each runs on a thread made in C, nothing waits on it
-    tasks = os.listdir("/proc/self/task")
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks if os.path.exists(f"/proc/self/task/{t}")]
-    assert names.count("wasm-run") >= 4
+
+    def run_threads():      # each names itself when it starts
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        return names.count("wasm-run") >= 4
+    wait_for(run_threads, timeout=5, what="four threads named wasm-run")
     for run in runs:
         run.kill()
     assert all(run.wait(5).killed for run in runs)
