@@ -2,9 +2,10 @@
 /proc readings, percentiles, WAT modules, and the plain API client of the benchmarks.
 
 The kubelet runs as `python bench/common.py PROBE_JSON <minikrust flags>`: minikrust's own main()
-with two timestamps taken on the way (no change to its behaviour): when its pod handler is given a
-pod (the watch event) and when a request leaves for the API server (counted by verb and kind; a
-status patch also stamped by the phase it carries). They are written to PROBE_JSON at exit.
+with timestamps taken on the way (no change to its behaviour): when its pod handler is given a pod
+(the watch event), when a pod's status is handed to the StatusWriter (by phase), and when a request
+leaves for the API server (counted by verb and kind; a status patch also stamped by the phase it
+carries). They are written to PROBE_JSON at exit.
 """
 import collections
 import json
@@ -165,7 +166,7 @@ class Kubelet:
             with open(self.probe_path) as f:
                 return json.load(f)
         except (OSError, ValueError):
-            return {"added": {}, "status_sent": {}, "requests": {}}
+            return {"added": {}, "status_queued": {}, "status_sent": {}, "requests": {}}
 
 
 def request_kind(method, path):
@@ -184,8 +185,13 @@ def request_kind(method, path):
 def _probe_main(probe_path, argv):
     """The kubelet child: minikrust.main(argv) with the two timestamps of the module docstring."""
     import minikrust
-    added, status_sent, requests_ = {}, {}, collections.Counter()
+    added, status_queued, status_sent, requests_ = {}, {}, {}, collections.Counter()
     pod_added, api_request = minikrust.PodManager.pod_added, minikrust.ApiClient.request
+    set_status = minikrust.StatusWriter.set_status
+
+    def probed_set_status(self, pod, status):
+        status_queued.setdefault(pod["metadata"]["uid"], {}).setdefault(status.get("phase"), time.time())
+        return set_status(self, pod, status)
 
     def probed_pod_added(self, pod):
         added.setdefault(pod["metadata"].get("uid"), time.time())
@@ -203,6 +209,7 @@ def _probe_main(probe_path, argv):
 
     minikrust.PodManager.pod_added = probed_pod_added
     minikrust.ApiClient.request = probed_request
+    minikrust.StatusWriter.set_status = probed_set_status
     profiles = _profile_threads() if os.environ.get("BENCH_PROFILE") else None
     try:
         return minikrust.main(argv)
@@ -211,7 +218,8 @@ def _probe_main(probe_path, argv):
             import pstats
             pstats.Stats(*profiles).dump_stats(os.environ["BENCH_PROFILE"])
         with open(probe_path + ".tmp", "w") as f:
-            json.dump({"added": added, "status_sent": status_sent, "requests": dict(requests_)}, f)
+            json.dump({"added": added, "status_queued": status_queued, "status_sent": status_sent,
+                       "requests": dict(requests_)}, f)
         os.replace(probe_path + ".tmp", probe_path)
 
 

@@ -220,14 +220,25 @@ def run(args, work):
         time.sleep(0.5)
         cpu = kubelet.cpu() - cpu0
         peak_rss = kubelet.peak_rss_mb()
+        requests_burst = len(fake.requests) if fake else 0
+        alone = {}      # pods one at a time: the kubelet's share while its writers are idle
+        for i in range(args.alone):
+            pod = user.call("POST", f"/api/v1/namespaces/{NS}/pods", pod_manifest(f"alone-{i}", node, image)).json()
+            alone[pod["metadata"]["name"]] = (time.monotonic(), pod["metadata"]["uid"])
+            wait(lambda: "Succeeded" in watcher.seen.get(f"alone-{i}", {}), 30)
+            time.sleep(0.2)     # its Events are out too
         watcher.close()
     finally:
         peak_threads = sampler.stop()
         probe = kubelet.stop()
-    requests_during = fake.requests[requests_before:] if fake else []
+    requests_during = fake.requests[requests_before:requests_burst] if fake else []
     floor_s = floor(user, node_api, node, args.pods, image)
     report(args, created, watcher, probe, root, fake, requests_during, ok, t_first, t_last, t_done, cpu, peak_rss,
            peak_threads, floor_s)
+    start_alone, exit_alone, _, queued_alone = kubelet_share(alone, probe, root)
+    print(f"kubelet, {len(start_alone)} pods one at a time (writers idle): watch event -> module running: "
+          f"{fmt_ms(percentiles(start_alone))}; module exit -> Succeeded status sent: {fmt_ms(percentiles(exit_alone))}"
+          f"; of which exit -> handed to the writer: {fmt_ms(percentiles(queued_alone))}")
 
 
 def with_ns(user):
@@ -246,12 +257,11 @@ def node_is_ready(user, node):
     return any(c["type"] == "Ready" and c["status"] == "True" for c in got.get("status", {}).get("conditions", []))
 
 
-def report(args, created, watcher, probe, root, fake, requests_during, ok, t_first, t_last, t_done, cpu, peak_rss,
-           peak_threads, floor_s):
-    n = args.pods
-    to_running = [s["Running"] - created[name][0] for name, s in watcher.seen.items() if "Running" in s and name in created]
-    to_done = [s["Succeeded"] - created[name][0] for name, s in watcher.seen.items() if "Succeeded" in s and name in created]
-    start_share, exit_share, share = [], [], []
+def kubelet_share(created, probe, root):
+    """Per pod: watch event -> module running (its first log line, stamped by the host), module exit
+    (its last line) -> Succeeded status patch sent, their sum, and of the latter: exit -> status
+    handed to the StatusWriter."""
+    start_share, exit_share, share, queued = [], [], [], []
     for name, (_, uid) in created.items():
         first, last = log_times(root, uid)
         added = probe["added"].get(uid)
@@ -261,6 +271,16 @@ def report(args, created, watcher, probe, root, fake, requests_during, ok, t_fir
         start_share.append(first - added)
         exit_share.append(sent - last)
         share.append(start_share[-1] + exit_share[-1])
+        queued.append((probe["status_queued"].get(uid) or {}).get("Succeeded", sent) - last)
+    return start_share, exit_share, share, queued
+
+
+def report(args, created, watcher, probe, root, fake, requests_during, ok, t_first, t_last, t_done, cpu, peak_rss,
+           peak_threads, floor_s):
+    n = args.pods
+    to_running = [s["Running"] - created[name][0] for name, s in watcher.seen.items() if "Running" in s and name in created]
+    to_done = [s["Succeeded"] - created[name][0] for name, s in watcher.seen.items() if "Succeeded" in s and name in created]
+    start_share, exit_share, share, queued = kubelet_share(created, probe, root)
     if fake is not None:        # the server's own log: every request of the node during the run
         counts = {}
         for r in requests_during:
@@ -277,7 +297,8 @@ def report(args, created, watcher, probe, root, fake, requests_during, ok, t_fir
     print(f"creation -> Running   ({len(to_running)} seen): {fmt_ms(percentiles(to_running))}")
     print(f"creation -> Succeeded ({len(to_done)} seen): {fmt_ms(percentiles(to_done))}")
     print(f"kubelet: watch event -> module running: {fmt_ms(percentiles(start_share))}")
-    print(f"kubelet: module exit -> Succeeded status sent: {fmt_ms(percentiles(exit_share))}")
+    print(f"kubelet: module exit -> Succeeded status sent: {fmt_ms(percentiles(exit_share))}; of which exit -> "
+          f"status handed to the writer: {fmt_ms(percentiles(queued))}")
     print(f"requests per pod ({source}): " + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(counts.items())))
     print(f"kubelet: {cpu:.2f} CPU s ({cpu / n * 1000:.2f} ms per pod), peak RSS {peak_rss:.0f} MB, "
           f"peak threads {peak_threads}")
@@ -293,6 +314,7 @@ def report(args, created, watcher, probe, root, fake, requests_during, ok, t_fir
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=100)
+    parser.add_argument("--alone", type=int, default=20, help="then this many pods one at a time (writers idle)")
     add_arguments(parser)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", help="write the kubelet's cProfile stats (all threads) to this file")
