@@ -2585,7 +2585,7 @@ class FakeApiServer:
 
     def _related(self, node, kind, ns, name):
         index = {"configmaps": 0, "secrets": 1, "serviceaccounts": 2}[kind]
-        for (r, pns, _), pod in self._objects.items():
+        for (r, pns, _), pod in list(self._objects.items()):     # read without the lock: a copy
             if r == "pods" and pns == ns and (pod.get("spec") or {}).get("nodeName") == node:
                 if name in pod_references(pod)[index]:
                     return True
