@@ -1316,7 +1316,7 @@ static wasmtime_store_t *run_store(wh_run *r, const wh_run_config *c, wasi_confi
   if (!store) {
     wasi_config_delete(wasi);
     set_msg(res->message, sizeof res->message, "", (const uint8_t *)"out of memory", 13);
-    return WH_ERR_RUN;
+    return NULL;
   }
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   if (c->memory_limit >= 0) wasmtime_store_limiter(store, c->memory_limit, -1, -1, -1, -1);
@@ -1628,29 +1628,60 @@ static void component_free(wh_module *m) {
   free(m);
 }
 
-/* Written through at once: wasmtime's WASI 0.2 may block right after (a sleep, a poll) without
- * any call of ours in between, and the log must not lag behind the guest. */
-static ptrdiff_t comp_output(wh_run *r, stream_t *s, const uint8_t *buf, size_t len) {
-  stream_emit(r, s, (const char *)buf, len);
-  sink_flush(s->sink);
+/* Where a component's output goes. wasmtime's WASI 0.2 calls the custom output callbacks from a
+ * tokio task of its own (the guest waits for it when it flushes, as std and the p1 adapter do), and
+ * may drop the streams later still: so the run is reached through this gate, which the run closes
+ * before its buffers go away, and which wasmtime frees (finalizer) once both streams are dropped. */
+typedef struct {
+  atomic_flag busy; /* a spinlock: held only while one write is formatted and written */
+  atomic_int refs;  /* the two streams */
+  wh_run *r;        /* NULL once the run is over: later writes are dropped */
+} comp_gate;
+
+static ptrdiff_t comp_output(comp_gate *g, int which, const uint8_t *buf, size_t len) {
+  while (atomic_flag_test_and_set_explicit(&g->busy, memory_order_acquire)) {
+  }
+  if (g->r) { /* written through at once: the guest may block right after, with no call of ours */
+    stream_emit(g->r, &g->r->streams[which], (const char *)buf, len);
+    sink_flush(g->r->streams[which].sink);
+  }
+  atomic_flag_clear_explicit(&g->busy, memory_order_release);
   return (ptrdiff_t)len;
 }
-static ptrdiff_t comp_stdout(void *r, const uint8_t *buf, size_t len) {
-  return comp_output(r, &((wh_run *)r)->streams[0], buf, len);
+static ptrdiff_t comp_stdout(void *g, const uint8_t *buf, size_t len) { return comp_output(g, 0, buf, len); }
+static ptrdiff_t comp_stderr(void *g, const uint8_t *buf, size_t len) { return comp_output(g, 1, buf, len); }
+static void comp_gate_release(void *g) {
+  if (atomic_fetch_sub(&((comp_gate *)g)->refs, 1) == 1) free(g);
 }
-static ptrdiff_t comp_stderr(void *r, const uint8_t *buf, size_t len) {
-  return comp_output(r, &((wh_run *)r)->streams[1], buf, len);
+
+static void comp_gate_close(comp_gate *g) {
+  while (atomic_flag_test_and_set_explicit(&g->busy, memory_order_acquire)) {
+  }
+  g->r = NULL;
+  atomic_flag_clear_explicit(&g->busy, memory_order_release);
+  comp_gate_release(g); /* the run's own reference */
 }
 
 /* One instance of the component in a new store and its `run` called: 0, or WH_ERR_RUN. A `run`
  * that returns err is exit code 1, as wasmtime's CLI reports it. */
 static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
-  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
-  if (!wasi) return WH_ERR_RUN;
-  wasi_config_set_stdout_custom(wasi, comp_stdout, r, NULL);
-  wasi_config_set_stderr_custom(wasi, comp_stderr, r, NULL);
-  wasmtime_store_t *store = run_store(r, c, wasi, res);
-  if (!store) return WH_ERR_RUN;
+  comp_gate *gate = calloc(1, sizeof *gate);
+  wasi_config_t *wasi = gate ? make_wasi(c, res->message, sizeof res->message) : NULL;
+  if (!wasi) {
+    if (!gate) set_msg(res->message, sizeof res->message, "", (const uint8_t *)"out of memory", 13);
+    free(gate);
+    return WH_ERR_RUN;
+  }
+  atomic_flag_clear(&gate->busy);
+  atomic_init(&gate->refs, 3); /* stdout, stderr, this run */
+  gate->r = r;
+  wasi_config_set_stdout_custom(wasi, comp_stdout, gate, comp_gate_release);
+  wasi_config_set_stderr_custom(wasi, comp_stderr, gate, comp_gate_release);
+  wasmtime_store_t *store = run_store(r, c, wasi, res); /* consumes wasi: its streams are dropped */
+  if (!store) {
+    comp_gate_close(gate);
+    return WH_ERR_RUN;
+  }
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   wasmtime_error_t *e;
   if (c->outgoing_http) wasmtime_context_set_wasi_http(ctx);
@@ -1679,5 +1710,6 @@ static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_re
     if (e || res->exit_code != 1) classify(r, e, NULL, res);
   }
   wasmtime_store_delete(store);
+  comp_gate_close(gate); /* before wh_run_exec frees the buffers the gate writes to */
   return 0;
 }
