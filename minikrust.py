@@ -6079,8 +6079,8 @@ class PodManager:
         if self.tokens is not None:
             self.tokens.forget(worker.uid)
         deleting = self.writer is not None and not worker.silent and not _is_static(worker.pod)
-        if deleting:
-            self.writer.delete_pod(worker.pod)
+        if deleting and worker.pod["metadata"].get("deletionGracePeriodSeconds") != 0:
+            self.writer.delete_pod(worker.pod)      # (grace 0: the API server removes it itself, a soak finding)
         elif self.writer is not None:
             self.writer.forget(worker.uid)
         with self._lock:

@@ -327,3 +327,21 @@ def test_a_hanging_api_server_holds_a_container_restart_5_s_at_most(fake_api, ku
         wait_for(lambda: counts() >= before + 2, timeout=14, what="two restarts while the API hangs")
     finally:
         fake_api.resume()
+
+
+def test_a_finished_pod_deleted_by_its_user_gets_no_final_delete(fake_api, kubelet_factory, module_file):
+    """Soak finding: the API server removes a finished pod at once (grace 0: MODIFIED, then DELETED);
+    a kubelet acting on the MODIFIED sent a final DELETE that could only get 404. (A finalizer holds
+    the pod here, so the kubelet surely sees it deleted with grace 0 before it is gone.)"""
+    kubelet = kubelet_factory(fake_api)
+    pod = _pod("done", module_file(sleeper(10, 0)))
+    pod["metadata"]["finalizers"] = ["example.com/hold"]
+    fake_api.create_pod(pod, node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "done") == "Succeeded", what="Succeeded")
+    fake_api.delete_pod("default", "done")
+    assert fake_api.get("pods", "default", "done")["metadata"]["deletionGracePeriodSeconds"] == 0
+    wait_for(lambda: kubelet.pods() == [], what="finalized")
+    time.sleep(0.5)     # a final DELETE would be on its way
+    assert fake_api.find_requests("DELETE", "/pods/", user="node-1") == []
+    fake_api.patch("pods", "default", "done", {"metadata": {"finalizers": None}})
+    assert fake_api.get("pods", "default", "done") is None
