@@ -2536,6 +2536,8 @@ _RFC1123 = ("a lowercase RFC 1123 {} must consist of lower case alphanumeric cha
 _SUBDOMAIN_ERROR, _LABEL_ERROR = _RFC1123.format("subdomain", ", '-' or '.'"), _RFC1123.format("label", " or '-'")
 _SPEC_TYPES = {"containers": list, "initContainers": list, "volumes": list, "restartPolicy": str,
                "activeDeadlineSeconds": int, "terminationGracePeriodSeconds": int, "imagePullSecrets": list}
+_MOUNT_TYPES = {"name": str, "mountPath": str, "subPath": str, "subPathExpr": str, "readOnly": bool}
+_ENV_TYPES = {"name": str, "value": str, "valueFrom": dict}
 _CONTAINER_TYPES = {"image": str, "command": list, "args": list, "env": list, "envFrom": list, "volumeMounts": list,
                     "resources": dict, "workingDir": str, "terminationMessagePath": str, "imagePullPolicy": str}
 
@@ -2618,6 +2620,9 @@ def _container_problem(path, container, names, volumes):
     mount_paths = set()
     for index, mount in enumerate(container.get("volumeMounts") or ()):
         where = f"{path}.volumeMounts[{index}]"
+        problem = _typed(where, mount, _MOUNT_TYPES)
+        if problem:
+            return problem
         if mount.get("name") not in volumes:
             return f"{where}.name: Not found: {json.dumps(mount.get('name'), default=str)}"
         mount_path = mount.get("mountPath")
@@ -2627,8 +2632,9 @@ def _container_problem(path, container, names, volumes):
             return _invalid(f"{where}.mountPath", mount_path, "must be unique")
         mount_paths.add(mount_path)
     for index, var in enumerate(container.get("env") or ()):
-        if not var.get("name") or not isinstance(var["name"], str):
-            return f"{path}.env[{index}].name: Required value"
+        problem = _typed(f"{path}.env[{index}]", var, _ENV_TYPES)
+        if problem or not var.get("name"):
+            return problem or f"{path}.env[{index}].name: Required value"
     return None
 
 
@@ -5527,6 +5533,8 @@ class PodWorker:
             if message:
                 term["message"] = message
             c.state = {"terminated": term}
+            if result.instantiate_failed:     # it never started (a trap linking it, its memory over the limit)
+                self.s.record_event(self.pod, "Failed", f"Error: module cannot start: {message or reason}", "Warning", c)
             c.schedule_restart(now, self.s.config.backoff_base, self.s.config.backoff_max)
             log.info("pod %s container %s exited: %s (%s)", self.key, c.name, code, reason)
 

@@ -313,3 +313,13 @@ def test_nan_negative_and_mistyped_limits_are_refused(backend, wasm, tmp_path, l
 def test_a_short_deadline_still_stops_a_spinning_module(backend, wasm, tmp_path):
     result = _run(backend, wasm, tmp_path, argv=("tool", "spin"), module=open(wasm.tool, "rb").read(), deadline=0.3)
     assert result.timed_out and result.exit_code is None
+
+
+def test_fuzz_finding_an_env_value_that_is_not_a_string_is_refused_not_a_crash():
+    """Found by tests/test_fuzz.py: `env[0].value: {}` reached $(VAR) expansion and raised there."""
+    pod = {"metadata": {"name": "p", "uid": "u"}, "spec": {"containers": [
+        {"name": "c", "image": "i", "env": [{"name": "A", "value": {"x": 1}}]}]}}
+    assert minikrust.pod_problem(pod).startswith("spec.containers[0].env[0].value: Invalid value")
+    pod["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": 5, "mountPath": "/a"}]
+    assert minikrust.pod_problem(pod).startswith("spec.containers[0].volumeMounts[0].name: Invalid value")
