@@ -271,8 +271,8 @@ struct wh_module {
   wasmtime_module_t *twin;
   wasmtime_instance_pre_t *twin_pre;
   /* a WASI 0.2 component instead (then module/pre are NULL): see "components" below */
-  wasmtime_component_t *component;
-  wasmtime_component_export_index_t *run_iface, *run_func;
+  wasmtime_component_t *component, *component_twin; /* the twin: on the engine without the pool */
+  wasmtime_component_export_index_t *run_iface, *run_func, *twin_run_iface, *twin_run_func;
 };
 
 static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res);
@@ -1496,22 +1496,25 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
  * Unlike a module's, a component's sleep happens inside wasmtime (wasi:io/poll), where epoch
  * interruption cannot reach: kill() and the deadline take effect when the guest wakes. */
 
-static pthread_once_t g_comp_once = PTHREAD_ONCE_INIT;
-static wasmtime_component_linker_t *g_comp_linkers[2]; /* [0] WASI 0.2, [1] WASI 0.2 + wasi:http */
+static pthread_once_t g_comp_once = PTHREAD_ONCE_INIT, g_comp_unpooled_once = PTHREAD_ONCE_INIT;
+/* [engine: main, unpooled][0: WASI 0.2, 1: WASI 0.2 + wasi:http] */
+static wasmtime_component_linker_t *g_comp_linkers[2][2];
 static char g_comp_error[512];
 
-static void comp_init(void) {
+static void comp_init_for(int unpooled, wasm_engine_t *engine) {
   for (int i = 0; i < 2; i++) {
-    wasmtime_component_linker_t *linker = wasmtime_component_linker_new(g_main.engine);
+    wasmtime_component_linker_t *linker = wasmtime_component_linker_new(engine);
     wasmtime_error_t *e = wasmtime_component_linker_add_wasip2(linker);
     if (!e && i) e = wasmtime_component_linker_add_wasi_http(linker);
     if (e) {
       take_error(e, "define WASI 0.2: ", g_comp_error, sizeof g_comp_error);
       return;
     }
-    g_comp_linkers[i] = linker;
+    g_comp_linkers[unpooled][i] = linker;
   }
 }
+static void comp_init(void) { comp_init_for(0, g_main.engine); }
+static void comp_unpooled_init(void) { comp_init_for(1, g_unpooled.engine); }
 
 #define HTTP_HANDLER "wasi:http/outgoing-handler@"
 
@@ -1541,7 +1544,7 @@ static int comp_links(const wasmtime_component_t *comp, int http, char *err, siz
   wasmtime_error_t *e = wasmtime_context_set_wasi(ctx, wasi_config_new());
   if (!e && http) wasmtime_context_set_wasi_http(ctx);
   wasmtime_component_instance_t inst;
-  if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[http], ctx, comp, &inst);
+  if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[0][http], ctx, comp, &inst);
   wasmtime_store_delete(store);
   if (!e) return 0;
   take_error(e, "cannot link component: ", err, errlen);
@@ -1581,6 +1584,14 @@ static wasmtime_component_t *comp_compile(const uint8_t *wasm, size_t len, const
   return comp;
 }
 
+/* The export index of `run` in the component's wasi:cli/run, or NULL; *iface: the interface's. */
+static wasmtime_component_export_index_t *comp_run_index(const wasmtime_component_t *comp,
+                                                         wasmtime_component_export_index_t **iface) {
+  static const char RUN[] = "wasi:cli/run@0.2.0"; /* wasmtime matches any 0.2.x export to it */
+  *iface = wasmtime_component_get_export_index(comp, NULL, RUN, strlen(RUN));
+  return *iface ? wasmtime_component_get_export_index(comp, *iface, "run", 3) : NULL;
+}
+
 int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out, int *from_cache,
                       int *imports_http, char *err, size_t errlen) {
   *out = NULL;
@@ -1608,10 +1619,7 @@ int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, w
     component_free(wm);
     return WH_ERR_LOAD;
   }
-  static const char RUN[] = "wasi:cli/run@0.2.0"; /* wasmtime matches any 0.2.x export to it */
-  wm->run_iface = wasmtime_component_get_export_index(comp, NULL, RUN, strlen(RUN));
-  wm->run_func = wm->run_iface ? wasmtime_component_get_export_index(comp, wm->run_iface, "run", 3) : NULL;
-  if (!wm->run_func) {
+  if (!(wm->run_func = comp_run_index(comp, &wm->run_iface))) {
     component_free(wm);
     set_msg(err, errlen, "", (const uint8_t *)"component does not export `wasi:cli/run` (not a WASI 0.2 command)", 66);
     return WH_ERR_LOAD;
@@ -1621,8 +1629,10 @@ int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, w
 }
 
 static void component_free(wh_module *m) {
-  if (m->run_func) wasmtime_component_export_index_delete(m->run_func);
-  if (m->run_iface) wasmtime_component_export_index_delete(m->run_iface);
+  wasmtime_component_export_index_t *indices[] = {m->run_func, m->run_iface, m->twin_run_func, m->twin_run_iface};
+  for (int i = 0; i < 4; i++)
+    if (indices[i]) wasmtime_component_export_index_delete(indices[i]);
+  if (m->component_twin) wasmtime_component_delete(m->component_twin);
   wasmtime_component_delete(m->component);
   pthread_mutex_destroy(&m->twin_lock);
   free(m);
@@ -1662,9 +1672,45 @@ static void comp_gate_close(comp_gate *g) {
   comp_gate_release(g); /* the run's own reference */
 }
 
-/* One instance of the component in a new store and its `run` called: 0, or WH_ERR_RUN. A `run`
- * that returns err is exit code 1, as wasmtime's CLI reports it. */
+/* The component's twin on the engine without the pool (its compiled code, moved over) and its
+ * `run`, or NULL with the reason in err. */
+static wasmtime_component_export_index_t *component_twin(wh_module *m, char *err, size_t errlen) {
+  pthread_mutex_lock(&m->twin_lock);
+  engine_ctx_t *ec = m->twin_run_func ? NULL : unpooled_engine(err, errlen);
+  if (ec) {
+    pthread_once(&g_comp_unpooled_once, comp_unpooled_init);
+    wasm_byte_vec_t code;
+    wasmtime_error_t *e = wasmtime_component_serialize(m->component, &code);
+    if (!e) {
+      e = wasmtime_component_deserialize(ec->engine, code.data, code.size, &m->component_twin);
+      wasm_byte_vec_delete(&code);
+    }
+    if (e)
+      take_error(e, "the instance pool is full, and the engine without it failed: ", err, errlen);
+    else
+      m->twin_run_func = comp_run_index(m->component_twin, &m->twin_run_iface);
+  }
+  pthread_mutex_unlock(&m->twin_lock);
+  return m->twin_run_func;
+}
+
+static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_component_export_index_t *run_func,
+                             const wh_run_config *c, wh_run *r, wh_result *res);
+
 static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
+  int rc = exec_component_on(m->component, m->run_func, c, r, res);
+  if (rc == POOL_FULL) { /* wasmtime alone has no such limit: run on the engine without the pool */
+    wasmtime_component_export_index_t *run = component_twin(m, res->message, sizeof res->message);
+    r->ec = &g_unpooled;
+    rc = run ? exec_component_on(m->component_twin, run, c, r, res) : WH_ERR_RUN;
+  }
+  return rc;
+}
+
+/* One instance of `comp` (compiled for r->ec) in a new store and its `run` called: 0, WH_ERR_RUN,
+ * or POOL_FULL (nothing ran). A `run` that returns err is exit code 1, as wasmtime's CLI says. */
+static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_component_export_index_t *run_func,
+                             const wh_run_config *c, wh_run *r, wh_result *res) {
   comp_gate *gate = calloc(1, sizeof *gate);
   wasi_config_t *wasi = gate ? make_wasi(c, res->message, sizeof res->message) : NULL;
   if (!wasi) {
@@ -1687,11 +1733,18 @@ static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_re
   if (c->outgoing_http) wasmtime_context_set_wasi_http(ctx);
   wasmtime_component_instance_t inst;
   wasmtime_component_func_t run;
-  e = wasmtime_component_linker_instantiate(g_comp_linkers[c->outgoing_http ? 1 : 0], ctx, m->component, &inst);
+  e = wasmtime_component_linker_instantiate(g_comp_linkers[r->ec != &g_main][c->outgoing_http ? 1 : 0], ctx, comp,
+                                            &inst);
+  if (e && r->ec->pooling && pool_full(e)) {
+    wasmtime_error_delete(e);
+    wasmtime_store_delete(store);
+    comp_gate_close(gate);
+    return POOL_FULL;
+  }
   if (e) {
     classify(r, e, NULL, res);
     res->instantiate_failed = 1;
-  } else if (!wasmtime_component_instance_get_func(&inst, ctx, m->run_func, &run)) {
+  } else if (!wasmtime_component_instance_get_func(&inst, ctx, run_func, &run)) {
     res->status = WH_TRAPPED;
     set_msg(res->message, sizeof res->message, "", (const uint8_t *)"no wasi:cli/run function", 24);
   } else {

@@ -211,6 +211,8 @@ typedef struct wasmtime_component_val {
 wasmtime_error_t *wasmtime_component_new(const wasm_engine_t *engine, const uint8_t *buf, size_t len,
                                          wasmtime_component_t **component_out);
 wasmtime_error_t *wasmtime_component_serialize(const wasmtime_component_t *component, wasm_byte_vec_t *ret);
+wasmtime_error_t *wasmtime_component_deserialize(const wasm_engine_t *engine, const uint8_t *buf, size_t len,
+                                                 wasmtime_component_t **component_out);
 wasmtime_error_t *wasmtime_component_deserialize_file(const wasm_engine_t *engine, const char *path,
                                                       wasmtime_component_t **component_out);
 void wasmtime_component_delete(wasmtime_component_t *component);

@@ -79,6 +79,17 @@ def test_memory_limit_stops_growth_and_reports_oom(backend, wasm):
     assert result.exit_code is None and "unreachable" in result.trap and not result.killed
 
 
+def test_more_concurrent_components_than_the_pool_holds_all_run(backend, wasm):
+    """A component takes several of the native pool's core instances: past the pool, runs go to
+    the engine without it (as modules do), never fail."""
+    if backend.backend != "native":
+        pytest.skip("the instance pool is the native host's")
+    component = backend.load(wasm.tool)
+    runs = [component.start(["tool", "sleep", "1000"]) for _ in range(150)]
+    results = [run.wait(timeout=60) for run in runs]
+    assert [r.exit_code if r else None for r in results] == [0] * 150, next(r for r in results if not r or r.exit_code)
+
+
 # The p1 adapter asserts ("assertion failed at adapter line 2857") on a stdio call made after
 # malloc grew the memory by a large amount, whatever the host: so this program only exits.
 ALLOC_C = r"""
