@@ -156,48 +156,59 @@ def _default_node_name():
     return socket.gethostname().lower()
 
 
+def _flag(default=None, help="", parse=None, factory=None):
+    """A Config field that is also the flag --<field> and the variable MINIKRUST_<FIELD>; `parse`
+    names the reader of its text when the field's type does not say it."""
+    meta = {"help": help, "parse": parse}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of one kubelet, named after the real kubelet's flags; `Config()` is a valid
     standalone configuration (no kubeconfig: no API server, static pods only)."""
-    kubeconfig: str = None
-    context: str = None
-    node_name: str = field(default_factory=_default_node_name)
-    node_ip: str = None
-    port: int = 10250
-    root_dir: str = field(default_factory=lambda: os.path.expanduser("~/.minikrust"))
-    max_pods: int = 110
-    node_labels: dict = field(default_factory=dict)
-    pod_manifest_path: str = None
-    sync: str = "watch"
-    poll_interval: float = 10.0
-    log_level: str = "info"
-    log_format: str = "text"
-    once: bool = False
-    allowed_host_paths: tuple = ()
-    registry_config: str = None
-    insecure_registries: tuple = ()
-    tls_cert_file: str = None
-    tls_private_key_file: str = None
-    client_ca_file: str = None
-    anonymous_auth: bool = False
-    rotate_server_certificates: bool = False
-    bootstrap_kubeconfig: str = None
-    container_log_max_size: int = 10 * 1024 * 1024
-    container_log_max_files: int = 5
-    image_gc_high_threshold: int = 85
-    image_gc_low_threshold: int = 80
-    image_minimum_gc_age: float = 120.0
-    image_pull_credentials_verification_policy: str = "NeverVerifyPreloadedImages"   # KEP-2535 (images section)
-    lease_duration: int = 40
-    lease_renew_interval: float = 10.0
-    node_status_report_frequency: float = 300.0
-    resync_interval: float = 300.0
-    serve: bool = True
-    address: str = "0.0.0.0"
+    kubeconfig: str = _flag(None, "kubeconfig of the node identity ('in-cluster' for the pod's service account); "
+                                  "none: standalone")
+    context: str = _flag(None, "kubeconfig context to use instead of current-context")
+    node_name: str = _flag(help="name of the Node (default: hostname)", factory=_default_node_name)
+    node_ip: str = _flag(None, "IP address reported for the Node (default: auto-detected)")
+    port: int = _flag(10250, "port of the kubelet HTTPS server")
+    root_dir: str = _flag(help="directory for modules, logs and volumes",
+                          factory=lambda: os.path.expanduser("~/.minikrust"))
+    max_pods: int = _flag(110, "number of pods this node accepts")
+    node_labels: dict = _flag(help="extra Node labels, key=value,...", factory=dict)
+    pod_manifest_path: str = _flag(None, "directory (or file) of static pod manifests")
+    sync: str = _flag("watch", "how pods are fetched from the API server: watch or poll")
+    poll_interval: float = _flag(10.0, "seconds between lists in poll mode")
+    log_level: str = _flag("info", "debug, info, warning or error")
+    log_format: str = _flag("text", "text or json")
+    once: bool = _flag(False, "run the static pods to completion and exit")
+    allowed_host_paths: tuple = _flag((), "host directories hostPath volumes may use, comma-separated")
+    registry_config: str = _flag(None, "docker config.json with registry credentials")
+    insecure_registries: tuple = _flag((), "registries reached over plain HTTP, comma-separated")
+    tls_cert_file: str = _flag(None, "certificate of the kubelet server")
+    tls_private_key_file: str = _flag(None, "private key of the kubelet server")
+    client_ca_file: str = _flag(None, "CA that signs client certificates accepted by the kubelet server")
+    anonymous_auth: bool = _flag(False, "allow anonymous requests to the kubelet server")
+    rotate_server_certificates: bool = _flag(False, "also request a kubelet-serving certificate by CSR and serve it "
+                                                    "once approved")
+    bootstrap_kubeconfig: str = _flag(None, "kubeconfig used to obtain a node identity")
+    container_log_max_size: int = _flag(10 * 1024 * 1024, "size at which a container log is rotated", parse="size")
+    container_log_max_files: int = _flag(5, "container log files kept per container")
+    image_gc_high_threshold: int = _flag(85, "disk usage percent that starts module garbage collection")
+    image_gc_low_threshold: int = _flag(80, "disk usage percent module garbage collection frees down to")
+    image_minimum_gc_age: float = _flag(120.0, "seconds an unused module is kept")
+    image_pull_credentials_verification_policy: str = _flag(        # KEP-2535 (images section)
+        "NeverVerifyPreloadedImages", "NeverVerify, NeverVerifyPreloadedImages or AlwaysVerify")
+    lease_duration: int = _flag(40, "seconds of the node Lease")
+    lease_renew_interval: float = _flag(10.0, "seconds between Lease renewals")
+    node_status_report_frequency: float = _flag(300.0, "seconds between unchanged node status reports")
+    resync_interval: float = _flag(300.0, "seconds between full re-lists of the node's pods")
+    serve: bool = _flag(True, "run the kubelet HTTPS server")
+    address: str = _flag("0.0.0.0", "address the kubelet server binds")
     backoff_base: float = 10.0      # CrashLoopBackOff: first delay, doubled up to backoff_max (tests shorten it)
     backoff_max: float = 300.0
-    echo: bool = False              # print standalone pods' output to stdout (the CLI's default)
+    echo: bool = _flag(False, "print standalone pods' output and phases to stdout (default: true)")
 
     def __post_init__(self):
         """Refuse, naming the field, a value of the wrong type, out of its range or not one of its
@@ -280,45 +291,12 @@ def _parse_size(text):
     return int(match.group(1)) * units.get(match.group(2), 1)
 
 
-# (flag, parser, help); the field is the flag's snake_case name, the env var MINIKRUST_<FIELD>.
-_FLAGS = [
-    ("--kubeconfig", str, "kubeconfig of the node identity ('in-cluster' for the pod's service account); none: standalone"),
-    ("--context", str, "kubeconfig context to use instead of current-context"),
-    ("--node-name", str, "name of the Node (default: hostname)"),
-    ("--node-ip", str, "IP address reported for the Node (default: auto-detected)"),
-    ("--port", int, "port of the kubelet HTTPS server"),
-    ("--root-dir", str, "directory for modules, logs and volumes"),
-    ("--max-pods", int, "number of pods this node accepts"),
-    ("--node-labels", _parse_labels, "extra Node labels, key=value,..."),
-    ("--pod-manifest-path", str, "directory (or file) of static pod manifests"),
-    ("--sync", str, "how pods are fetched from the API server: watch or poll"),
-    ("--poll-interval", float, "seconds between lists in poll mode"),
-    ("--log-level", str, "debug, info, warning or error"),
-    ("--log-format", str, "text or json"),
-    ("--once", _parse_bool, "run the static pods to completion and exit"),
-    ("--allowed-host-paths", _parse_list, "host directories hostPath volumes may use, comma-separated"),
-    ("--registry-config", str, "docker config.json with registry credentials"),
-    ("--insecure-registries", _parse_list, "registries reached over plain HTTP, comma-separated"),
-    ("--tls-cert-file", str, "certificate of the kubelet server"),
-    ("--tls-private-key-file", str, "private key of the kubelet server"),
-    ("--client-ca-file", str, "CA that signs client certificates accepted by the kubelet server"),
-    ("--anonymous-auth", _parse_bool, "allow anonymous requests to the kubelet server"),
-    ("--rotate-server-certificates", _parse_bool, "also request a kubelet-serving certificate by CSR and serve it once approved"),
-    ("--bootstrap-kubeconfig", str, "kubeconfig used to obtain a node identity"),
-    ("--container-log-max-size", _parse_size, "size at which a container log is rotated"),
-    ("--container-log-max-files", int, "container log files kept per container"),
-    ("--image-gc-high-threshold", int, "disk usage percent that starts module garbage collection"),
-    ("--image-gc-low-threshold", int, "disk usage percent module garbage collection frees down to"),
-    ("--image-minimum-gc-age", float, "seconds an unused module is kept"),
-    ("--image-pull-credentials-verification-policy", str, "NeverVerify, NeverVerifyPreloadedImages or AlwaysVerify"),
-    ("--lease-duration", int, "seconds of the node Lease"),
-    ("--lease-renew-interval", float, "seconds between Lease renewals"),
-    ("--node-status-report-frequency", float, "seconds between unchanged node status reports"),
-    ("--resync-interval", float, "seconds between full re-lists of the node's pods"),
-    ("--serve", _parse_bool, "run the kubelet HTTPS server"),
-    ("--address", str, "address the kubelet server binds"),
-    ("--echo", _parse_bool, "print standalone pods' output and phases to stdout (default: true)"),
-]
+_PARSERS = {"str": str, "int": int, "float": float, "bool": _parse_bool, "tuple": _parse_list, "dict": _parse_labels,
+            "size": _parse_size}
+# (flag, parser, help) of each Config field made by _flag; the env var is MINIKRUST_<FIELD>.
+_FLAGS = [("--" + item.name.replace("_", "-"),
+           _PARSERS[item.metadata["parse"] or getattr(item.type, "__name__", item.type)], item.metadata["help"])
+          for item in dataclasses.fields(Config) if "help" in item.metadata]
 _CHOICES = {"sync": ("watch", "poll"), "log_level": ("debug", "info", "warning", "error"),
             "log_format": ("text", "json"),
             "image_pull_credentials_verification_policy": ("NeverVerify", "NeverVerifyPreloadedImages", "AlwaysVerify")}
@@ -1444,7 +1422,8 @@ class _FallbackRun:
             self._usage_live, self._cpu_total = False, cpu
         self._result = RunResult(
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
-            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT, instantiate_failed=not instantiated,
+            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT,
+            instantiate_failed=not instantiated,
             cpu_seconds=cpu, peak_memory=peak)
         self._done.post()  # the end, as the native host posts it
 
