@@ -3272,7 +3272,7 @@ class ModuleStore:
         modules not in use and unused for `min_age` seconds, least recently used first, until use
         is at `low` percent. `usage()` returns (capacity, used) bytes. Returns the removed digests."""
         self.remove_stale_temps()
-        capacity, used = usage() if usage else _disk_usage(self.root)
+        capacity, used = usage() if usage else _filesystem_usage(self.root)
         if capacity <= 0 or used * 100 < high * capacity:
             return []
         to_free = used - capacity * low // 100
@@ -3290,7 +3290,8 @@ class ModuleStore:
         return removed
 
 
-def _disk_usage(path):
+def _filesystem_usage(path):
+    """(capacity, bytes used) of the filesystem holding `path`: what image GC's thresholds measure."""
     usage = shutil.disk_usage(path)
     return usage.total, usage.total - usage.free
 

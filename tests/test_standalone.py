@@ -197,3 +197,13 @@ def test_the_readme_in_process_example_runs_and_uses_every_public_name():
     assert "Hello, minikrust!" in done.stdout and "stdout F Hello, you!" in done.stdout
     assert len(minikrust.__all__) <= 16
     assert [name for name in minikrust.__all__ if not re.search(rf"\b{name}\b", section)] == []
+
+
+def test_no_top_level_name_is_defined_twice():
+    """One name, one job: a second definition silently replaces the first for every caller."""
+    import ast
+    import collections
+    with open(os.path.join(ROOT, "minikrust.py")) as handle:
+        tree = ast.parse(handle.read())
+    names = collections.Counter(node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+    assert [name for name, count in names.items() if count > 1] == []
