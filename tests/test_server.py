@@ -897,9 +897,9 @@ def test_client_certificate_bootstrap_against_the_fake_api_server(fake_api_tls, 
     assert csr["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
     api = minikrust.ApiClient(minikrust.load_kubeconfig(path))
     try:
-        api.get(f"/api/v1/nodes/{NODE}")
-    except minikrust.ApiError as exc:
-        assert exc.code == 404      # authenticated as the node: its own Node does not exist yet
+        with pytest.raises(minikrust.ApiError) as refused:
+            api.get(f"/api/v1/nodes/{NODE}")
+        assert refused.value.code == 404      # authenticated as the node: its own Node does not exist yet
     finally:
         api.close()
     assert fake.requests[-1].user == f"system:node:{NODE}"
