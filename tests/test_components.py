@@ -7,7 +7,7 @@ import time
 import pytest
 
 import minikrust
-from tests.helpers import wait_for
+from tests.helpers import unavailable, wait_for
 from tests.test_wasihost import *  # noqa: F401,F403  (collected again here, on components)
 from tests.test_wasihost import capture, run
 
@@ -148,7 +148,7 @@ def pod_backend(request, monkeypatch):
     """Kubelets made in this test run components on this backend (MINIKRUST_WASM_BACKEND)."""
     from tests.wasm_modules import native_available
     if request.param == "native" and native_available():
-        pytest.skip(native_available())
+        unavailable(native_available())
     monkeypatch.setenv("MINIKRUST_WASM_BACKEND", request.param)
     return request.param
 

@@ -438,6 +438,22 @@ def test_rotated_logs_keep_max_files_and_read_in_order(tmp_path):
     assert text == "line 4\nline 5\n"
 
 
+def test_previous_reads_the_earlier_run_across_its_compressed_rotations(secure):
+    folder = os.path.dirname(secure.kubelet.add_container("web", "app", restart_count=1,
+                                                          lines=[cri(T0 + 10, "stdout", "F", "now")]))
+    earlier = os.path.join(folder, "0.log")
+    for index in range(3):
+        with open(earlier, "a") as handle:
+            handle.write(cri(T0 + index, "stdout", "F", f"earlier {index}"))
+        minikrust._rotate_log(earlier, 5)
+    with open(earlier, "a") as handle:
+        handle.write(cri(T0 + 3, "stdout", "F", "earlier 3"))
+    assert [name.endswith(".gz") for name in minikrust.rotated_log_files(earlier)] == [True, True, False]
+    assert secure.get("/containerLogs/default/web/app?previous=true").text == \
+        "earlier 0\nearlier 1\nearlier 2\nearlier 3\n"
+    assert secure.get("/containerLogs/default/web/app?previous=true&tailLines=2").text == "earlier 2\nearlier 3\n"
+
+
 def test_a_rotating_log_file_is_read_across_files_by_the_server(secure):
     path = secure.kubelet.add_container("web", "app")
     writer = minikrust._LogFile(path, max_size=200, max_files=3)   # the fallback host's log sink
