@@ -3462,7 +3462,7 @@ class ImageManager:
                 secret = self.api.get(f"/api/v1/namespaces/{ns}/secrets/{name}")
             except Exception as exc:  # the kubelet pulls anyway, without that secret
                 log.warning('pull secret "%s/%s" unavailable (%s); pulling without it',
-                            ns, name, getattr(exc, "code", exc.__class__.__name__))
+                            ns, name, exc.code if isinstance(exc, ApiError) else exc.__class__.__name__)
                 continue
             creds += [c for c in _secret_credentials(secret) if _registry_matches(c.registry, registry)]
         path = self.config.registry_config if node else None
@@ -6770,8 +6770,8 @@ def _node_addresses(kubelet):
     """(DNS names, IP addresses) for the serving certificate: node name and hostname, node IPs."""
     config = kubelet.config
     dns = list(dict.fromkeys(name for name in (config.node_name, socket.gethostname().lower()) if name))
-    ip = (getattr(getattr(kubelet, "node", None), "node_ip", None) or config.node_ip
-          or detect_node_ip(getattr(kubelet.api, "server", None)))
+    ip = ((kubelet.node.node_ip if kubelet.node else None) or config.node_ip
+          or detect_node_ip(kubelet.api.server if kubelet.api else None))
     return dns, list(dict.fromkeys(part.strip() for part in str(ip).split(",") if part.strip()))
 
 
@@ -7215,10 +7215,11 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 class KubeletServer:
     """The kubelet API a node serves to the API server: logs, health, pods, metrics, stats.
 
-    Reads from the kubelet only: config, api, pods(), container_log_path(ns, pod, container,
-    previous=False), metrics (a Metrics) and container_stats(). With an API server it serves HTTPS
-    with the kubelet's webhook authentication and authorization; standalone (api None) it serves
-    plain HTTP on 127.0.0.1 only, to anyone who can reach loopback.
+    Reads from the kubelet only: config, api, node (its NodeAgent or None), pods(),
+    container_log_path(ns, pod, container, previous=False), metrics (a Metrics) and
+    container_stats(). With an API server it serves HTTPS with the kubelet's webhook
+    authentication and authorization; standalone (api None) it serves plain HTTP on 127.0.0.1
+    only, to anyone who can reach loopback.
     """
 
     def __init__(self, kubelet, csr_timeout=900.0):

@@ -171,7 +171,7 @@ class StubKubelet:
     def __init__(self, root, api=None, **config):
         config.setdefault("port", 0)
         self.config = minikrust.Config(root_dir=str(root), node_name=NODE, **config)
-        self.api = api
+        self.api, self.node = api, None
         self.metrics = minikrust.Metrics()
         self.stats = []
         self.logs = {}       # (ns, pod, container, previous) -> path
