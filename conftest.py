@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fake_apiserver",
     "tests.registry",
     "tests.kubelet_fixtures",
+    "tests.secret_watch",
 ]

@@ -1,7 +1,9 @@
 """The sandbox holds on the host side too: a module plants symlinks (WASI path_symlink) where the
 kubelet later reads, writes or removes files, and the kubelet refuses to follow them out, on both
 WASI backends. Every place the kubelet touches files for a pod has its test here."""
+import logging
 import os
+import stat
 
 import pytest
 
@@ -323,3 +325,35 @@ def test_fuzz_finding_an_env_value_that_is_not_a_string_is_refused_not_a_crash()
     pod["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
     pod["spec"]["containers"][0]["volumeMounts"] = [{"name": 5, "mountPath": "/a"}]
     assert minikrust.pod_problem(pod).startswith("spec.containers[0].volumeMounts[0].name: Invalid value")
+
+
+# --- Secrets stay secret (every test's log lines are grepped by tests/secret_watch.py too) ---
+
+def test_secret_and_token_files_are_private_and_gone_with_their_pod(fake_api, kubelet_factory, wasm,
+                                                                     secrets_stay_out_of_logs, caplog):
+    """Secret values reach the module (files, env) but no log line; their files are 0600 in 0700
+    folders and removed with the pod."""
+    fake_api.create_secret("default", "creds", {"password": "pw-Zq81-never-logged", "key": "api-key-77f1"})
+    tool = f"file:{wasm.tool}"
+    pod = _manifest("secretive", [{
+        "name": "main", "image": tool, "args": ["env"], "volumeMounts": [{"name": "s", "mountPath": "/s"}],
+        "env": [{"name": "PW", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}]}],
+        policy="Always", volumes=[{"name": "s", "secret": {"secretName": "creds"}}])
+    with caplog.at_level(logging.DEBUG, logger="minikrust"):
+        kubelet = kubelet_factory(fake_api)
+        fake_api.create_pod(pod, node_name="node-1")
+        wait_for(lambda: _cstatus(fake_api, "secretive", "main").get("restartCount", 0) >= 1, what="ran")
+        uid = fake_api.get("pods", "default", "secretive")["metadata"]["uid"]
+        volumes = os.path.join(kubelet.config.root_dir, "pods", uid, "volumes")
+        private = [os.path.realpath(os.path.join(volumes, name)) for name in os.listdir(volumes)
+                   if name == "s" or name.startswith("kube-api-access-")]
+        assert len(private) == 2
+        for folder in private:
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
+            files = [os.path.join(folder, f) for f in os.listdir(folder)]
+            assert files and all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files), files
+        assert "PW=pw-Zq81-never-logged" in open(kubelet.container_log_path("default", "secretive", "main")).read()
+        fake_api.delete_pod("default", "secretive")
+        wait_for(lambda: not any(os.path.exists(p) for p in private), what="secret folders removed")
+    assert len(secrets_stay_out_of_logs.lines) > 5      # the kubelet spoke, and every line was grepped
+    assert not [line for line in secrets_stay_out_of_logs.lines if "pw-Zq81" in line or "api-key-77f1" in line]
