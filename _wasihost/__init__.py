@@ -142,6 +142,7 @@ _new_result = tuple.__new__  # _new_result(Result, (8 fields)): the hot path's c
 
 
 _ERRLEN = 2048
+_POOL_LOGGED = []  # the pool's sizing is logged by the process's first Host
 _EXITED, _TRAPPED, _KILLED, _TIMED_OUT = lib.WH_EXITED, lib.WH_TRAPPED, lib.WH_KILLED, lib.WH_TIMED_OUT
 
 
@@ -167,8 +168,13 @@ class Host:
         self._loading = {}  # digest -> lock held while that module compiles
         self._lock = threading.Lock()
         err = ffi.new("char[]", _ERRLEN)
+        first = not _POOL_LOGGED
         if lib.wh_init(err, _ERRLEN) != 0:
             raise WasiHostError(_err_text(err))
+        self.pool = ffi.string(lib.wh_pool_info()).decode()
+        if first:
+            _POOL_LOGGED.append(True)
+            log.info("wasmtime instance pool: %s", self.pool)
 
     def cache_path(self, digest):
         """Where the compiled form of `digest` lives: keyed by sha256, wasmtime version, arch."""

@@ -47,7 +47,7 @@ ffi.set_source(
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-std=c11", "-Wall"],
     extra_link_args=link_args,
-    libraries=["pthread", "z"],   # z: gzip for rotated logs, as the kubelet compresses them
+    libraries=["pthread", "dl"],  # dl: libz is loaded at first use (gzip for rotated logs)
     py_limited_api=True,
 )
 

@@ -20,10 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <zlib.h>
+#include <dlfcn.h>
 
 #include "wasmtime_api.h"
 #include "wasihost.h"
@@ -37,7 +38,7 @@ _Static_assert(sizeof(wasmtime_func_t) == 16, "wasmtime_func_t layout");
 #define TICK_NS (5 * 1000 * 1000) /* epoch period: kill/deadline latency is about two ticks */
 #define CRI_MAX_LINE 16384        /* the kubelet's CRI log line limit; longer lines become P records */
 #define WASI_ERRNO_SUCCESS 0
-#define POOL_SLOTS 256 /* concurrent runs with the pooling allocator */
+#define POOL_SLOTS 256 /* concurrent runs with the pooling allocator, at most (see size_pool) */
 #ifndef KEEP_RESIDENT
 #define KEEP_RESIDENT (1 << 20)
 #endif
@@ -131,24 +132,31 @@ static void runs_add(long delta) {
   pthread_mutex_unlock(&g_tick_lock);
 }
 
+/* The pool, sized for this device once (size_pool): slots for concurrent runs, warm slots. */
+static struct {
+  size_t slots, warm;
+  char text[320];
+} g_pool;
+
 static wasm_engine_t *new_engine(int pooling) {
   wasm_config_t *config = wasm_config_new();
   if (!config) return NULL;
   wasmtime_config_epoch_interruption_set(config, true);
   wasmtime_config_cranelift_opt_level_set(config, WH_WASMTIME_OPT_LEVEL_SPEED);
   if (pooling) {
-    /* Modest pool: 256 concurrent instances, each memory up to 4 GiB (wasm32's whole space). */
+    /* g_pool.slots concurrent instances, each memory up to 4 GiB (wasm32's whole space); a run
+     * finding every slot taken runs on the engine without the pool. */
     wasmtime_pooling_allocation_config_t *pc = wasmtime_pooling_allocation_config_new();
-    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 2 * POOL_SLOTS); /* + trampolines */
-    wasmtime_pooling_allocation_config_total_memories_set(pc, POOL_SLOTS);
-    wasmtime_pooling_allocation_config_total_tables_set(pc, POOL_SLOTS);
-    wasmtime_pooling_allocation_config_total_stacks_set(pc, POOL_SLOTS);
+    wasmtime_pooling_allocation_config_total_core_instances_set(pc, 2 * g_pool.slots); /* + trampolines */
+    wasmtime_pooling_allocation_config_total_memories_set(pc, g_pool.slots);
+    wasmtime_pooling_allocation_config_total_tables_set(pc, g_pool.slots);
+    wasmtime_pooling_allocation_config_total_stacks_set(pc, g_pool.slots);
     wasmtime_pooling_allocation_config_max_memory_size_set(pc, (size_t)4 << 30);
     /* Reset a slot's first pages with memset, not madvise: cheaper for the small memories of
      * most modules (the rest of a slot is still given back to the kernel). */
     wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(pc, KEEP_RESIDENT);
     wasmtime_pooling_allocation_config_table_keep_resident_set(pc, 64 * 1024);
-    wasmtime_pooling_allocation_config_max_unused_warm_slots_set(pc, 32); /* <= 32 MiB kept warm */
+    wasmtime_pooling_allocation_config_max_unused_warm_slots_set(pc, g_pool.warm); /* <= warm MiB kept */
     wasmtime_pooling_allocation_strategy_set(config, pc);
     wasmtime_pooling_allocation_config_delete(pc);
   }
@@ -177,16 +185,63 @@ static const char TRAMPOLINES_WAT[] =
     " (func $poll_oneoff (export \"poll_oneoff\") (param i32 i32 i32 i32) (result i32)"
     "  local.get 0 local.get 1 local.get 2 local.get 3 call $p))";
 
-/* wasm_engine_new_with_config aborts the process when the pool's address space cannot be
- * reserved (ulimit -v, a 32-bit-ish VA): so reserve as much ourselves first, and on failure run
- * without the pool (memories allocated per instance, a little slower). */
-static int pool_fits(void) {
-  size_t size = (size_t)POOL_SLOTS * ((size_t)8 << 30); /* 4 GiB memory + guards, generously */
+/* ---------------------------------------------------------------- sizing the pool for the device
+ *
+ * A slot reserves address space, not memory: SLOT_VA (4 GiB of linear memory, its guard pages and
+ * the instance's tables, generously) of PROT_NONE pages, of which a run makes accessible only
+ * what its memory grows to. So the slot count is bounded by the address space: RLIMIT_AS (ulimit
+ * -v) when set, else what the kernel's virtual address size lets us reserve (256 slots need 2 TiB:
+ * fine with 47- or 48-bit addresses, not with the 39-bit ones of some arm64 kernels, 512 GiB).
+ * We keep half of the space for everything else, halve from POOL_SLOTS until the reservation
+ * succeeds (wasm_engine_new_with_config would abort the process if it failed), and below
+ * MIN_POOL_SLOTS run without the pool. RAM bounds only what the pool keeps resident: up to
+ * KEEP_RESIDENT per warm (recently freed) slot, so warm slots are at most 1/64 of MemTotal, and at
+ * most 4 under vm.overcommit_memory=2, where resident pages count against the commit limit. */
+#define SLOT_VA ((size_t)8 << 30)
+#define MIN_POOL_SLOTS 4
+
+static int reservable(size_t size) {
   void *p = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return 0;
   munmap(p, size);
   return 1;
 }
+
+/* The first number on the line of `path` starting with `key` (the whole file when key is ""), or -1. */
+static long long read_number(const char *path, const char *key) {
+  FILE *f = fopen(path, "re");
+  if (!f) return -1;
+  char line[256];
+  long long value = -1;
+  while (value < 0 && fgets(line, sizeof line, f))
+    if (strncmp(line, key, strlen(key)) == 0) sscanf(line + strlen(key), " %lld", &value);
+  fclose(f);
+  return value;
+}
+
+static void size_pool(void) {
+  struct rlimit rl;
+  size_t budget = SIZE_MAX;
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) budget = (size_t)rl.rlim_cur / 2;
+  size_t slots = POOL_SLOTS;
+  while (slots >= MIN_POOL_SLOTS && (slots * SLOT_VA > budget || !reservable(2 * slots * SLOT_VA))) slots /= 2;
+  g_pool.slots = slots >= MIN_POOL_SLOTS ? slots : 0;
+  long long ram_kib = read_number("/proc/meminfo", "MemTotal:");
+  int overcommit = (int)read_number("/proc/sys/vm/overcommit_memory", "");
+  size_t warm = 32;
+  if (ram_kib > 0 && (size_t)(ram_kib * 1024 / 64 / KEEP_RESIDENT) < warm) warm = (size_t)(ram_kib * 1024 / 64 / KEEP_RESIDENT);
+  if (overcommit == 2 && warm > 4) warm = 4;
+  if (warm < 1) warm = 1;
+  g_pool.warm = warm < g_pool.slots ? warm : g_pool.slots;
+  char limit[64] = "unlimited";
+  if (budget != SIZE_MAX) snprintf(limit, sizeof limit, "%llu MiB", (unsigned long long)(rl.rlim_cur >> 20));
+  snprintf(g_pool.text, sizeof g_pool.text,
+           "%zu slots of %zu GiB address space (RLIMIT_AS %s)%s, %zu warm (MemTotal %lld MiB, vm.overcommit_memory=%d)",
+           g_pool.slots, SLOT_VA >> 30, limit, g_pool.slots ? "" : ": runs without the pool", g_pool.warm,
+           ram_kib > 0 ? ram_kib / 1024 : -1, overcommit);
+}
+
+const char *wh_pool_info(void) { return g_pool.text; }
 
 /* Fills `ec` for a new engine; 0, or -1 with the reason in err. */
 static int engine_ctx_init(engine_ctx_t *ec, int pooling, char *err, size_t errlen) {
@@ -224,7 +279,9 @@ static int engine_ctx_init(engine_ctx_t *ec, int pooling, char *err, size_t errl
 }
 
 static void engine_init(void) {
-  int pooling = getenv("WASIHOST_NO_POOLING") == NULL && pool_fits();
+  size_pool();
+  int pooling = getenv("WASIHOST_NO_POOLING") == NULL && g_pool.slots > 0;
+  if (!pooling && g_pool.slots) snprintf(g_pool.text, sizeof g_pool.text, "off (WASIHOST_NO_POOLING)");
   if (engine_ctx_init(&g_main, pooling, g_init_error, sizeof g_init_error) != 0) return;
   pthread_t t;
   pthread_attr_t attr;
@@ -632,23 +689,43 @@ static char **rotated_names(const char *dir, const char *base, size_t *n) {
   return out;
 }
 
+/* zlib's gzip file functions, from the system's libz.so.1 loaded at first use rather than linked:
+ * the wheel then needs nothing beyond glibc (manylinux2014 does not list libz, and a cross-built
+ * wheel has no target libz to link). Without libz, rotated logs stay uncompressed. */
+static struct {
+  pthread_once_t once;
+  void *(*open)(const char *path, const char *mode);
+  int (*write)(void *file, const void *buf, unsigned len);
+  int (*close)(void *file); /* Z_OK is 0 */
+} g_zlib = {PTHREAD_ONCE_INIT, NULL, NULL, NULL};
+
+static void zlib_load(void) {
+  void *z = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!z) return;
+  *(void **)&g_zlib.write = dlsym(z, "gzwrite");
+  *(void **)&g_zlib.close = dlsym(z, "gzclose");
+  if (g_zlib.write && g_zlib.close) *(void **)&g_zlib.open = dlsym(z, "gzopen");
+}
+
 /* gzip `src` to "<src>.gz" (by way of "<src>.tmp"), then remove `src`; 0 when done. */
 static int gzip_log(const char *src) {
+  pthread_once(&g_zlib.once, zlib_load);
+  if (!g_zlib.open) return -1;
   char tmp[4300], gz[4300];
   snprintf(tmp, sizeof tmp, "%s.tmp", src);
   snprintf(gz, sizeof gz, "%s.gz", src);
   int in = open(src, O_RDONLY | O_CLOEXEC);
   if (in < 0) return -1;
-  gzFile out = gzopen(tmp, "wb6");
+  void *out = g_zlib.open(tmp, "wb6");
   int ok = out != NULL;
   char buf[65536];
   ssize_t got;
   while (ok && (got = read(in, buf, sizeof buf)) != 0) {
     if (got < 0 && errno == EINTR) continue;
-    ok = got > 0 && gzwrite(out, buf, (unsigned)got) == (int)got;
+    ok = got > 0 && g_zlib.write(out, buf, (unsigned)got) == (int)got;
   }
   close(in);
-  if (out && gzclose(out) != Z_OK) ok = 0;
+  if (out && g_zlib.close(out) != 0) ok = 0;
   if (ok && rename(tmp, gz) == 0) return unlink(src);
   unlink(tmp);
   return -1;

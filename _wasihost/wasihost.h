@@ -72,6 +72,7 @@ typedef struct {
 } wh_usage;
 
 int wh_init(char *err, size_t errlen);
+const char *wh_pool_info(void); /* how the instance pool was sized for this device (after wh_init) */
 int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
                    int *from_cache, char *err, size_t errlen);
 void wh_module_free(wh_module *m);

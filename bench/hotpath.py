@@ -26,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -382,6 +383,7 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
           f"{after_trap / 1024:.1f} MB after {rss_runs} more trapping runs")
 
     component = component_rows(host, mods, tmp, runs, batches, log)
+    top_overhead = top_rows(host, mods, log, runs, batches)
 
     wat_speedup, wat_floor = ratios["WAT hello"]
     c_speedup = ratios.get("C hello", (float("nan"),))[0]
@@ -389,8 +391,44 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
           f"ratio_to_c_floor={wat_floor:.2f} cache_load_speedup={compile_ms / load_ms:.1f} log_speedup={log_speedup:.2f} "
           f"kubelet_log_speedup={kubelet_speedup:.2f} "
           f"component_speedup_c_hello={component.get('C hello', (float('nan'),))[0]:.2f} "
-          f"component_over_module_c_hello={component.get('C hello', (0, float('nan')))[1]:.2f}")
+          f"component_over_module_c_hello={component.get('C hello', (0, float('nan')))[1]:.2f} "
+          f"top_read_overhead={top_overhead:.2f}")
     return 0
+
+
+def top_rows(host, mods, log, runs, batches):
+    """`kubectl top` reads live usage (Run.usage(): the run thread's CPU clock, mincore of the
+    linear memory) from another thread: the hot path (hello's start+wait) with a reader calling
+    usage() 1,000 times a second on a running module, against no reader, interleaved; the ratio."""
+    hello = host.load(mods.hello)
+    busy = host.load(mods.hold(16)).start(["hold"])  # 16 MiB touched: what a read walks
+    reading, stop = threading.Event(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            if reading.wait(0.1):
+                busy.usage()
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    times = {False: [], True: []}
+    per_batch = max(1, runs // batches)
+    for _ in range(batches):
+        for on in (False, True):
+            reading.set() if on else reading.clear()
+            times[on] += timed(lambda: hello.start(["hello"], stdout=log, stderr=log).wait(), per_batch)
+            os.truncate(log, 0)
+    reading.clear()
+    call = statistics.median(timed(busy.usage, 2000)) / 1e3
+    stop.set()
+    thread.join()
+    busy.kill()
+    busy.wait(5)
+    off, on = summary(times[False])[0], summary(times[True])[0]
+    print(f"kubectl top reads: hello start+wait median {off:.1f} us without a reader, {on:.1f} us with usage() "
+          f"read 1,000/s ({on / off:.2f}x); one usage() of a run holding 16 MiB: {call:.1f} us")
+    return on / off
 
 
 if __name__ == "__main__":

@@ -206,6 +206,30 @@ def test_small_address_space_runs_without_the_pool_instead_of_aborting(wasm, tmp
     assert (out.returncode, out.stdout.strip()) == (0, "0"), out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("limit_gib, slots", [(8, 0), (100, 4), (None, 256)])
+def test_pool_is_sized_from_the_address_space_and_more_runs_than_slots_still_run(wasm, tmp_path, limit_gib, slots):
+    # 256 slots reserve 2 TiB: x86_64's 47-bit space holds them; RLIMIT_AS (ulimit -v) bounds them
+    (tmp_path / "loop.wasm").write_bytes(wasm.loop)
+    out = python(f"""
+        import resource
+        if {limit_gib!r}:
+            resource.setrlimit(resource.RLIMIT_AS, ({limit_gib!r} << 30, {limit_gib!r} << 30))
+        import _wasihost
+        host = _wasihost.Host({str(tmp_path / "cache")!r})
+        module = host.load({str(tmp_path / "loop.wasm")!r})
+        # beyond the slots, runs go to the engine without the pool (4 GiB reserved each: one fits 8 GiB)
+        runs = [module.start(["loop"]) for _ in range({slots} + 2 if {slots} else 1)]
+        for run in runs:
+            run.kill()
+        print(sum(run.wait(30).killed for run in runs) == len(runs))
+        print(host.pool)
+    """, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    killed, pool = out.stdout.strip().splitlines()
+    assert killed == "True" and pool.startswith(f"{slots} slots of 8 GiB address space"), pool
+    assert ("runs without the pool" in pool) == (slots == 0) and "MemTotal" in pool
+
+
 def test_runs_release_the_gil(host, wasm):
     run = host.load(wasm.loop).start(["loop"], deadline=2.0)
     try:
