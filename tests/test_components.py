@@ -210,7 +210,8 @@ def test_outgoing_http_needs_the_pods_annotation(pod_backend, fake_api, kubelet_
         wait_for(_phase(fake_api, name, "Failed"), timeout=30, what=f"{name} Failed")
         term = _cstatus(fake_api, name, "main")["state"]["terminated"]
         assert term["reason"] == "StartError" and needle in term["message"], term
-        assert any(needle in e["message"] for e in fake_api.events(involved_name=name, reason="Failed"))
+        wait_for(lambda: any(needle in e["message"] for e in fake_api.events(involved_name=name, reason="Failed")),
+                 timeout=10, what=f"the Failed Event of {name}")
 
 
 # -- examples/components --
