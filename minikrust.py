@@ -4977,11 +4977,11 @@ class StatusWriter:
             while not self._stopping:
                 now = time.monotonic()
                 key, queue, events = self._take(now)
-                if queue is None:
-                    waiting = [q.not_before for q in (*self._pods.values(), *self._events.values())]
-                    due = max(min(waiting, default=now + _WRITER_IDLE), self._paused_until) - now
+                if queue is None:   # wait for new work, a backoff's end, or end idle (busy queues: not ours)
+                    due = [t for t in [q.not_before for k, q in (*self._pods.items(), *self._events.items())
+                                       if k not in self._busy] + [self._paused_until] if t > now]
                     self._idle.append(me)
-                    me.wait(min(max(due, 0.001), _WRITER_IDLE))
+                    me.wait(min(min(due, default=now + _WRITER_IDLE) - now, _WRITER_IDLE))
                     if me in self._idle:
                         self._idle.remove(me)
                         if not (self._pods or self._events):
