@@ -259,7 +259,7 @@ def test_each_bad_manifest_gets_one_line_naming_file_and_field_and_the_good_one_
     (folder / "good.yaml").write_text(yaml.safe_dump(_static("good", restartPolicy="Never")))
     kubelet = kubelet_factory(manifests=folder, node="n1")
     wait_for(lambda: any(p["metadata"]["name"] == "good-n1" and (w.status or {}).get("phase") == "Succeeded"
-                         for p, w in ((w.pod, w) for w in kubelet.pod_manager.workers.values())), what="good pod ran")
+                         for p, w in ((w.pod, w) for w in kubelet.pod_manager.workers.values())), timeout=30, what="good pod ran")
     assert [w.pod["metadata"]["name"] for w in kubelet.pod_manager.workers.values()] == ["good-n1"]
     for filename, (_, field) in BAD_MANIFESTS.items():
         lines = [r.getMessage() for r in caplog.records if str(folder / filename) in r.getMessage()]
@@ -283,7 +283,7 @@ def test_an_invalid_api_pod_fails_with_reason_message_and_event_and_others_run(
     assert status["reason"] == "Invalid" and field in status["message"], status
     event = wait_for(lambda: fake_api.events(involved_name="bad", reason="Invalid"), what="Invalid event")[0]
     assert event["type"] == "Warning" and field in event["message"]
-    wait_for(lambda: _status(fake_api, "good").get("phase") == "Succeeded", what="good pod ran")
+    wait_for(lambda: _status(fake_api, "good").get("phase") == "Succeeded", timeout=30, what="good pod ran")
 
 
 # --- Run limits: refused or clamped at the boundary, on both backends ---
