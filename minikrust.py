@@ -5594,6 +5594,9 @@ class PodWorker:
         os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
         open(c.log_path, "ab").close()      # there (empty) as soon as the server may be asked for it
         c.started_mono = time.monotonic()
+        c.state = {"running": {"startedAt": _k8s_time()}}
+        if self._policy() != "Always":      # a run that may not be repeated is on disk before it starts (soak finding)
+            self._publish(save_only=True)
         config = self.s.config
         try:
             with module_errors():
@@ -5608,7 +5611,6 @@ class PodWorker:
             self.s.run_started(self, c, None, now)
             return self._start_failed(c, now, exc)
         c.run, c.wall_start = run, time.time()
-        c.state = {"running": {"startedAt": _k8s_time()}}
         self.s.record_event(self.pod, "Created", f"Created container: {c.name}", "Normal", c)
         self.s.record_event(self.pod, "Started", f"Started container {c.name}", "Normal", c)
         self.s.run_started(self, c, run, now)
@@ -5637,8 +5639,9 @@ class PodWorker:
         log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
         return c.not_before
 
-    def _publish(self):
-        """Compute the status; when it changed, save it with the state and hand it on."""
+    def _publish(self, save_only=False):
+        """Compute the status; when it changed, save it with the state and hand it on (`save_only`:
+        only save it, before a module runs: a kubelet killed meanwhile finds the run started)."""
         done = self.state in (PodState.TERMINATED, PodState.FINALIZED)
         phase, reason, message = self.outcome if done else (None, None, None)
         status = compute_pod_status(
@@ -5647,12 +5650,14 @@ class PodWorker:
             start_time=self.start_time, phase=phase, reason=reason, message=message, prev=self.status)
         if status == self.status:
             return
-        old_phase = (self.status or {}).get("phase")
-        self.status = status
         if not self.silent and self.state is not PodState.FINALIZED:
             with contextlib.suppress(OSError):
                 os.makedirs(self.dir, exist_ok=True)
                 _write_json_atomic(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
+        if save_only:
+            return
+        old_phase = (self.status or {}).get("phase")
+        self.status = status
         self.s.send_status(self, old_phase)
 
 

@@ -345,3 +345,42 @@ def test_a_finished_pod_deleted_by_its_user_gets_no_final_delete(fake_api, kubel
     assert fake_api.find_requests("DELETE", "/pods/", user="node-1") == []
     fake_api.patch("pods", "default", "done", {"metadata": {"finalizers": None}})
     assert fake_api.get("pods", "default", "done") is None
+
+
+def test_a_run_that_may_not_be_repeated_is_on_disk_before_it_starts(fake_api, kubelet_factory, module_file,
+                                                                    monkeypatch):
+    """Soak finding: a kubelet SIGKILLed right after starting a restartPolicy=Never container (which
+    ran to its end meanwhile) had saved it as never started, and ran it again after the restart."""
+    seen = []
+    real_load_host = minikrust.load_host
+
+    class Module:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def start(self, *args, **kw):
+            pod_dirs = [os.path.join(root, d) for root in roots for d in os.listdir(root)]
+            for d in pod_dirs:
+                with open(os.path.join(d, "status.json")) as f:
+                    seen.append(json.load(f)["status"]["containerStatuses"][0]["state"])
+            return self.module.start(*args, **kw)
+
+    class Host:
+        def __init__(self, host):
+            self.host = host
+
+        def __getattr__(self, name):
+            return getattr(self.host, name)
+
+        def load(self, *args, **kw):
+            return Module(self.host.load(*args, **kw))
+
+    monkeypatch.setattr(minikrust, "load_host", lambda *a, **kw: Host(real_load_host(*a, **kw)))
+    kubelet = kubelet_factory(fake_api)
+    roots = [os.path.join(kubelet.config.root_dir, "pods")]
+    fake_api.create_pod(_pod("once", module_file(sleeper(10, 0))), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "once") == "Succeeded", what="Succeeded")
+    assert len(seen) == 1 and "running" in seen[0], seen
