@@ -472,7 +472,10 @@ class WasmComponents:
         return self._convert(self.modules.c(source, name))
 
     def __getattr__(self, name):
-        return self._convert(getattr(self.modules, name))
+        value = getattr(self.modules, name)
+        if callable(value):  # a builder taking arguments: its module, as a component
+            return lambda *args, **kwargs: self._convert(value(*args, **kwargs))
+        return self._convert(value)
 
 
 @pytest.fixture(scope="session")
