@@ -444,13 +444,7 @@ def thread_cpu_seconds(digest):
     return max(seconds)
 
 
-def modules_only(wasm):
-    if isinstance(wasm, wasm_modules.WasmComponents):  # test_components.py replays this file
-        pytest.skip("live usage is measured for modules; a component's memories are inside it")
-
-
 def test_usage_of_a_spinning_run_follows_its_threads_cpu_clock(backend, wasm):
-    modules_only(wasm)
     module = backend.load(wasm.loop)
     handle = module.start(["loop"])
     try:
@@ -469,7 +463,6 @@ def test_usage_of_a_spinning_run_follows_its_threads_cpu_clock(backend, wasm):
 
 
 def test_usage_counts_touched_memory_not_grown_or_reserved(backend, wasm):
-    modules_only(wasm)
     handle = backend.load(wasm.hold(16, grow_mib=64)).start(["hold"])
     try:
         usage = wait_for(lambda: (lambda u: u if u[1] >= 16 << 20 else None)(handle.usage()), timeout=30,
