@@ -134,13 +134,18 @@ def test_unbuilt_checkout_does_not_hide_the_installed_extension(tmp_path):
     for name in ("__init__.py", "_build.py"):
         shutil.copy(os.path.join(os.path.dirname(_wasihost.__file__), name), checkout / "_wasihost")
     installed = os.path.dirname(os.path.dirname(_wasihost.__file__))
-    out = python(f"""
+    # -S: no site processing, so an editable install's import hook (which maps _wasihost._native to
+    # the installed folder whatever package asks) is not there, as on a device with a wheel.
+    # The dependencies come from this venv's site-packages, after the installed extension.
+    import site
+    out = subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(f"""
         import logging, sys
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         sys.path[:0] = [{str(checkout)!r}]
         import minikrust
         print(minikrust.load_host({str(tmp_path / "cache")!r}).backend, sys.modules["_wasihost"].__file__)
-    """, env=dict(os.environ, PYTHONPATH=installed), cwd=str(checkout))
+    """)], capture_output=True, text=True, timeout=60, cwd=str(checkout),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([installed, *site.getsitepackages()])))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["native", _wasihost.__file__], out.stderr
     assert f"the _wasihost at {checkout / '_wasihost'} is not built" in out.stderr
