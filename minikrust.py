@@ -152,13 +152,8 @@ KUBE_VERSION = "v1.36.0"        # the Kubernetes API level this kubelet speaks, 
 _ENV_PREFIX = "MINIKRUST_"
 
 
-def _default_node_name():
-    return socket.gethostname().lower()
-
-
 def _flag(default=None, help="", parse=None, factory=None):
-    """A Config field that is also the flag --<field> and the variable MINIKRUST_<FIELD>; `parse`
-    names the reader of its text when the field's type does not say it."""
+    """A Config field that is also the flag --<field> and the variable MINIKRUST_<FIELD>."""
     meta = {"help": help, "parse": parse}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
@@ -170,7 +165,7 @@ class Config:
     kubeconfig: str = _flag(None, "kubeconfig of the node identity ('in-cluster' for the pod's service account); "
                                   "none: standalone")
     context: str = _flag(None, "kubeconfig context to use instead of current-context")
-    node_name: str = _flag(help="name of the Node (default: hostname)", factory=_default_node_name)
+    node_name: str = _flag(help="name of the Node (default: hostname)", factory=lambda: socket.gethostname().lower())
     node_ip: str = _flag(None, "IP address reported for the Node (default: auto-detected)")
     port: int = _flag(10250, "port of the kubelet HTTPS server")
     root_dir: str = _flag(help="directory for modules, logs and volumes",
@@ -211,14 +206,12 @@ class Config:
     echo: bool = _flag(False, "print standalone pods' output and phases to stdout (default: true)")
 
     def __post_init__(self):
-        """Refuse, naming the field, a value of the wrong type, out of its range or not one of its
-        choices (ConfigError): a bad Config fails where it is built, not deep in a thread later."""
+        """Refuse a bad value here, naming the field (ConfigError), not deep in a thread later."""
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             problem = _config_type_problem(item, value)
             if not problem and value is not None:
-                problem = (f"is not one of {', '.join(_CHOICES[item.name])}" if value not in _CHOICES.get(item.name, (value,))
-                           else _check_value(item.name, value) or _config_range_problem(item, value))
+                problem = _config_value_problem(item, value)
             if problem:
                 raise ConfigError(f"Config.{item.name}: {value!r} {problem}")
         if self.image_gc_low_threshold > self.image_gc_high_threshold:
@@ -227,6 +220,8 @@ class Config:
 
 _CONFIG_RANGES = {"max_pods": (1, 10**6), "container_log_max_size": (0, 2**62), "container_log_max_files": (1, 10**6),
                   "image_gc_high_threshold": (0, 100), "image_gc_low_threshold": (0, 100), "lease_duration": (1, 10**6)}
+_POSITIVE = {"max_pods", "poll_interval", "lease_duration", "lease_renew_interval", "resync_interval",
+             "node_status_report_frequency", "container_log_max_files", "backoff_base", "backoff_max"}
 
 
 def _config_type_problem(item, value):
@@ -243,17 +238,6 @@ def _config_type_problem(item, value):
         return f"is not of type {kind.__name__}"
     if kind in (tuple, dict) and not all(isinstance(v, str) for v in (value if kind is tuple else [*value, *value.values()])):
         return "must hold strings only"
-    return None
-
-
-def _config_range_problem(item, value):
-    low, high = _CONFIG_RANGES.get(item.name, (None, None))
-    if low is not None and not low <= value <= high:
-        return f"is not between {low} and {high}"
-    if item.type in (float, "float") and not 0 <= value <= threading.TIMEOUT_MAX:    # NaN fails this too
-        return f"must be a number of seconds between 0 and {threading.TIMEOUT_MAX:.0f}"
-    if item.name.startswith("backoff_") and value <= 0:
-        return "must be positive"
     return None
 
 
@@ -344,24 +328,29 @@ def _label_problem(key, value):
     return None
 
 
-def _check_value(dest, value):
-    """Why a flag's value cannot be used, or None (values the API server would refuse later)."""
-    if dest == "node_labels":
-        problems = [p for p in (_label_problem(k, v) for k, v in value.items()) if p]
-        if problems:
-            return problems[0]
-    if dest == "node_name" and (len(value) > 253 or not _NODE_NAME.fullmatch(value)):
+def _config_value_problem(item, value):
+    """Why a Config value is not one of its choices, out of its range, or one the API server would refuse."""
+    name = item.name
+    if value not in _CHOICES.get(name, (value,)):
+        return f"is not one of {', '.join(_CHOICES[name])}"
+    if name == "node_labels":
+        return next(filter(None, (_label_problem(k, v) for k, v in value.items())), None)
+    if name == "node_name" and (len(value) > 253 or not _NODE_NAME.fullmatch(value)):
         return "is not a valid node name (lowercase DNS subdomain)"
-    if dest == "node_ip":
+    if name == "node_ip":
         try:
             ipaddress.ip_address(value)
         except ValueError:
             return "is not an IP address"
-    if dest == "port" and not 0 <= value <= 65535:
+    if name == "port" and not 0 <= value <= 65535:
         return "is not a port number"
-    if dest in ("max_pods", "poll_interval", "lease_duration", "lease_renew_interval", "resync_interval",
-                "node_status_report_frequency", "container_log_max_files") and value <= 0:
+    if name in _POSITIVE and value <= 0:
         return "must be positive"
+    low, high = _CONFIG_RANGES.get(name, (None, None))
+    if low is not None and not low <= value <= high:
+        return f"is not between {low} and {high}"
+    if item.type in (float, "float") and not 0 <= value <= threading.TIMEOUT_MAX:    # NaN fails this too
+        return f"must be a number of seconds between 0 and {threading.TIMEOUT_MAX:.0f}"
     return None
 
 
