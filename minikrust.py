@@ -116,10 +116,8 @@ class ModuleError(MinikrustError):
 
 
 class ContainerConfigError(MinikrustError):
-    """A container that cannot be set up (missing configMap/secret, refused hostPath, bad volume).
-
-    `reason` is the container's waiting reason (CreateContainerConfigError, ...); `retry` tells
-    whether the kubelet should try again later (a configMap that may still be created)."""
+    """A container that cannot be set up (missing configMap/secret, refused hostPath, bad volume);
+    `reason` is its waiting reason, `retry` whether to try again later (a configMap yet to come)."""
 
     def __init__(self, message, reason="CreateContainerConfigError", retry=True):
         super().__init__(message)
@@ -355,9 +353,7 @@ def _config_value_problem(item, value):
 
 
 def parse_args(argv=None, environ=None):
-    """Config from command-line flags, then MINIKRUST_* environment variables, then defaults.
-
-    Raises ConfigError naming the flag (or variable) whose value cannot be used."""
+    """Config from flags, then MINIKRUST_* variables, then defaults; ConfigError names the flag."""
     environ = os.environ if environ is None else environ
     args = _build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     values, sources = {}, {}
@@ -386,9 +382,7 @@ def parse_args(argv=None, environ=None):
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """How to reach and authenticate to one API server (from a kubeconfig or in-cluster).
-
-    `source` names where it came from, for error messages; secrets stay out of repr."""
+    """How to reach one API server (kubeconfig or in-cluster); `source` is for error messages."""
     server: str
     source: str = ""
     ca_file: str = None
@@ -414,9 +408,7 @@ class ClusterConfig:
         return {key: value for key, value in entry.items() if value}
 
     def ssl_context(self, cert_data=None, key_data=None):
-        """An SSLContext that trusts the configured CA and presents the client certificate.
-
-        `cert_data`/`key_data` (PEM) override the configured client certificate (exec plugins)."""
+        """An SSLContext trusting the CA, presenting the client certificate (or `cert_data`/`key_data`)."""
         if self.insecure:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
@@ -496,10 +488,8 @@ def _yaml_error(path, exc):
 
 
 def load_kubeconfig(path, context=None):
-    """ClusterConfig from a kubeconfig file, for `context` or the file's current-context.
-
-    Relative file paths are relative to the kubeconfig's directory, as kubectl reads them. Any
-    unusable field raises ConfigError naming the file and the field."""
+    """ClusterConfig from a kubeconfig file, for `context` or its current-context; relative paths
+    are from the file's folder, as kubectl reads them. ConfigError names the file and field."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
         with open(path, "rb") as f:
@@ -745,10 +735,8 @@ def _retry_after(response):
 
 
 class ApiClient:
-    """A small REST client for the Kubernetes API: one requests.Session (connection reuse),
-    a timeout on every call, retries with exponential backoff and jitter on connection errors,
-    429 (honouring Retry-After) and 5xx; 4xx answers raise ApiError at once (409 is retried only
-    when the caller asks). `close()` interrupts any sleep between retries and any open watch."""
+    """A REST client of the Kubernetes API: one session, retries with backoff and jitter on
+    connection errors, 429 (Retry-After) and 5xx; other errors raise ApiError at once."""
 
     def __init__(self, cluster, *, retries=5, backoff=0.2, max_backoff=5.0, user_agent=None):
         self.cluster = cluster
@@ -812,9 +800,7 @@ class ApiClient:
 
     def request(self, method, path, *, params=None, body=None, content_type="application/json",
                 timeout=30, retry_conflict=False, stream=False, retries=None):
-        """Send one API request; the parsed JSON answer, or the open response when `stream`.
-
-        `retries` overrides the client's retry count (heartbeats prefer a fresh try next beat)."""
+        """Send one API request; the parsed JSON answer, or the open response when `stream`."""
         retries = self.retries if retries is None else retries
         url = self.server + path
         data = None if body is None else json.dumps(body)
@@ -904,8 +890,7 @@ class ApiClient:
             response.close()
 
     def interrupt_watches(self, path=None):
-        """End every open watch (of `path` only, if given) now: its iterator returns; the client
-        stays usable."""
+        """End every open watch (of `path` only, if given) now; the client stays usable."""
         with self._lock:
             streams = [r for r, p in self._streams.items() if path is None or p == path]
         for response in streams:
@@ -934,8 +919,7 @@ def _shutdown_response(response):
 
 
 def api_client_for(config):
-    """The ApiClient of a Config: from --kubeconfig ('in-cluster' for the service account),
-    or None when there is no kubeconfig (standalone: static pods only)."""
+    """The ApiClient of a Config's --kubeconfig, or None (standalone: static pods only)."""
     if not config.kubeconfig:
         return None
     if config.kubeconfig == "in-cluster":
@@ -960,9 +944,7 @@ class ModuleRunError(ModuleError):
 
 @dataclass(frozen=True)
 class RunResult:
-    """How one run of a module ended: the fallback's twin of `_wasihost.Result`.
-
-    exit_code is None when the module trapped or was stopped; `trap` then says why."""
+    """How one fallback run ended (twin of `_wasihost.Result`); exit_code None: `trap` says why."""
     exit_code: "int | None"
     trap: "str | None"
     duration: float
@@ -1534,8 +1516,7 @@ def _resident_bytes(address, size):
 
 
 def _log_rotation(max_size, max_files):
-    """(max_size, max_files) of output rotation, checked as the native host does; max_files
-    defaults to the kubelet's 5, and no max_size means no rotation."""
+    """(max_size, max_files) of output rotation (no max_size: none), checked as the native host does."""
     if max_size is None:
         return None, None
     max_files = 5 if max_files is None else max_files
@@ -1566,23 +1547,20 @@ class _FallbackModule:
         self._host, self.digest, self._wasm_module, self._pre = host, digest, module, pre
         self.component, self.imports_http = pre is None, bool(imports_http)
 
-    def start(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
-              memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
-              outgoing_http=False):
-        """Start a run in a thread; raises ModuleRunError for setup errors. With `log_max_size`, an
-        output path is rotated at that size keeping `log_max_files` files (see _LogFile); a
-        component gets wasi:http (outgoing requests) with `outgoing_http`."""
-        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                           deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http)
+    def _new_run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri", memory_limit=None,
+                 deadline=None, stdin=None, log_max_size=None, log_max_files=None, outgoing_http=False):
+        return _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
+                            deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http)
+
+    def start(self, *args, **kwargs):
+        """Start a run in a thread (ModuleRunError for setup errors); as `_wasihost.Module.start`."""
+        run = self._new_run(*args, **kwargs)
         threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
         return run
 
-    def run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
-            memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
-            outgoing_http=False):
-        """Run to the end on the calling thread (no thread to start): the RunResult."""
-        run = _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                           deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http)
+    def run(self, *args, **kwargs):
+        """Run to the end on the calling thread: the RunResult."""
+        run = self._new_run(*args, **kwargs)
         run._main()
         return run.wait()
 
@@ -1836,9 +1814,7 @@ class FallbackHost:
             time.sleep(_EPOCH_TICK)
 
     def _shutdown(self):
-        """At interpreter exit: stop the runs, then the ticker, while wasmtime's threads still live.
-
-        A ticker inside wasmtime when the interpreter tears down aborts the process."""
+        """At exit, stop the runs then the ticker (one inside wasmtime at teardown aborts the process)."""
         with self._lock:
             self._closing = True
             runs = list(self._runs.values())
@@ -1949,10 +1925,8 @@ def _installed_wasihost(shadowed):
 
 
 def load_host(cache_dir, backend=None):
-    """The process's WASI host for `cache_dir`: native when it imports, else the wasmtime-py fallback.
-
-    `backend` (or MINIKRUST_WASM_BACKEND) is "native", "wasmtime-py" or "auto" (the default). The
-    first host of a process logs which backend runs and why."""
+    """The process's WASI host for `cache_dir`: native when it imports, else the wasmtime-py
+    fallback; `backend` (or MINIKRUST_WASM_BACKEND) is "native", "wasmtime-py" or "auto"."""
     choice = backend or os.environ.get("MINIKRUST_WASM_BACKEND") or "auto"
     if choice not in ("auto", "native", "wasmtime-py"):
         raise ConfigError(f"MINIKRUST_WASM_BACKEND={choice!r}: want native, wasmtime-py or auto")
@@ -2018,9 +1992,7 @@ _HEARTBEAT = {"timeout": 10, "retries": 1}
 
 
 def node_labels(config):
-    """The Node's labels: Krustlet's (arch wasm32-wasi, type krustlet), hostname, --node-labels.
-
-    User labels may not override the managed ones (the kubelet and Krustlet refuse them too)."""
+    """Krustlet's Node labels, the hostname, then --node-labels (which may not override those)."""
     labels = {key: value for key, value in config.node_labels.items() if key not in _MANAGED_LABELS}
     for key in set(config.node_labels) & set(_MANAGED_LABELS):
         log.warning("node label %s is managed by the kubelet; ignoring --node-labels value", key)
@@ -2142,8 +2114,7 @@ def node_conditions(states, previous, now):
 
 
 def node_status(config, node_ip, facts, conditions, port=None, images=None):
-    """The Node's status; `port` is the kubelet server's real port when it differs from
-    config.port (port 0), `images` the stored modules as the kubelet's status.images."""
+    """The Node's status; `port` is the server's real port (config.port 0), `images` status.images."""
     capacity = {"cpu": str(facts["cpus"]), "memory": _ki(facts["memory_total"]),
                 "ephemeral-storage": _ki(facts["disk_total"]), "pods": str(config.max_pods)}
     allocatable = dict(capacity, memory=_ki(max(0, facts["memory_total"] - _MEMORY_EVICTION_HARD)),
@@ -2190,10 +2161,8 @@ def _event(node_name, involved, reason, message, kind="Normal"):
 
 
 class NodeAgent:
-    """Keeps this kubelet's Node: registers (or adopts) it, renews its Lease every
-    `lease_renew_interval`, patches its status when it changes and at least every
-    `node_status_report_frequency` (the kubelet's nodeStatusReportFrequency), and marks it
-    NotReady on stop()."""
+    """Keeps this kubelet's Node: registers (or adopts) it, renews its Lease, patches its status on
+    change and every node_status_report_frequency, and marks it NotReady on stop()."""
 
     def __init__(self, api, config, *, node_ip=None, images=None):
         self.api, self.config = api, config
@@ -2223,8 +2192,7 @@ class NodeAgent:
                            port=self.port, images=images)
 
     def register(self):
-        """Create the Node; if it exists (409 AlreadyExists), adopt it: fix its labels and send
-        this kubelet's status, as the kubelet's tryRegisterWithAPIServer does."""
+        """Create the Node, or adopt an existing one (its labels, our status): tryRegisterWithAPIServer."""
         status = self._status()
         try:
             self.node = self.api.post("/api/v1/nodes", node_object(self.config, status))
@@ -2382,8 +2350,7 @@ def _deliver(call, pod):
 
 
 class _PodSet:
-    """The pods a source has reported, by uid: turns raw events into de-duplicated
-    added/updated/deleted calls on the handler."""
+    """The pods a source has reported, by uid: raw events into de-duplicated handler calls."""
 
     def __init__(self, handler):
         self.handler = handler
@@ -3641,8 +3608,7 @@ def _pick_platform(index):
 
 
 def push_module(wasm_path, image, *, credential=None, insecure=False):
-    """Publish a module as a CNCF Wasm OCI artifact (config application/vnd.wasm.config.v0+json,
-    one application/wasm layer); return the manifest digest."""
+    """Publish a module as a CNCF Wasm OCI artifact; the manifest digest."""
     ref = parse_image_ref(image)
     with open(wasm_path, "rb") as f:
         data = f.read()
@@ -6396,12 +6362,8 @@ def _format_value(value):
 
 
 class Metrics:
-    """Counters, gauges and histograms with labels, rendered in the Prometheus text format.
-
-    Thread-safe. Families are declared once (`counter`, `gauge`, `histogram`); `inc`, `set` and
-    `observe` then take the family name and labels as keywords. Using an undeclared name declares it
-    (a counter for `inc`, a gauge for `set`, a histogram for `observe`) so no caller can crash a scrape.
-    """
+    """Counters, gauges and histograms with labels in the Prometheus text format; thread-safe.
+    `inc`, `set` and `observe` declare an unknown name (counter, gauge, histogram) rather than fail."""
 
     def __init__(self, standard=True):
         self._lock = threading.Lock()
@@ -6673,8 +6635,7 @@ def _openssl(*args, stdin=None):
 
 
 def new_key_and_csr(common_name, organization, dns_names=(), ip_addresses=(), self_signed_days=None):
-    """A new ECDSA P-256 private key and a CSR for it (a self-signed certificate valid for
-    `self_signed_days` when given), both PEM bytes."""
+    """A new ECDSA P-256 key and a CSR (or self-signed certificate, `self_signed_days`), both PEM."""
     with tempfile.TemporaryDirectory(prefix="minikrust-csr-") as scratch:
         key_path = os.path.join(scratch, "key.pem")
         subject = (f"/O={organization}" if organization else "") + f"/CN={common_name}"
@@ -6698,11 +6659,8 @@ def certificate_validity(cert_pem):
 
 
 def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=None):
-    """Create a CertificateSigningRequest and wait for its issued certificate (PEM bytes).
-
-    Polls the CSR with a deadline, as the kubelet's certificate manager waits for approval; raises
-    MinikrustError when the CSR is denied or failed, or nothing is issued within `timeout` seconds.
-    """
+    """Create a CertificateSigningRequest and poll for its issued certificate (PEM); MinikrustError
+    when it is denied or failed, or nothing is issued within `timeout` seconds."""
     stop = stop or threading.Event()
     body = {"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
             "metadata": {"generateName": "csr-"},
@@ -6923,11 +6881,8 @@ _ANONYMOUS = _User("system:anonymous", ("system:unauthenticated",))
 
 
 class _Authorizer:
-    """The kubelet's webhook mode: client certificates, TokenReview bearer tokens, SubjectAccessReview.
-
-    Results are cached: tokens 2 minutes, allowed decisions 5 minutes, denials 30 seconds (the
-    kubelet's --authentication-token-webhook-cache-ttl and --authorization-webhook-cache-*-ttl).
-    """
+    """The kubelet's webhook mode: client certificates, TokenReview, SubjectAccessReview; cached as
+    the kubelet's defaults: tokens 2 min, allowed 5 min, denied 30 s."""
 
     TOKEN_TTL, ALLOWED_TTL, DENIED_TTL = 120.0, 300.0, 30.0
 
@@ -7207,14 +7162,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
 
 class KubeletServer:
-    """The kubelet API a node serves to the API server: logs, health, pods, metrics, stats.
-
-    Reads from the kubelet only: config, api, node (its NodeAgent or None), pods(),
-    container_log_path(ns, pod, container, previous=False), metrics (a Metrics) and
-    container_stats(). With an API server it serves HTTPS with the kubelet's webhook
-    authentication and authorization; standalone (api None) it serves plain HTTP on 127.0.0.1
-    only, to anyone who can reach loopback.
-    """
+    """The kubelet API: logs, health, pods, metrics, stats. With an API server: HTTPS with webhook
+    authentication and authorization; standalone: plain HTTP on 127.0.0.1 only."""
 
     def __init__(self, kubelet, csr_timeout=900.0):
         self.kubelet, self.config, self.csr_timeout = kubelet, kubelet.config, csr_timeout
@@ -7455,8 +7404,7 @@ class _JsonLogFormatter(logging.Formatter):
 
 @contextlib.contextmanager
 def _logging_to_stderr(config):
-    """Log to stderr at --log-level in --log-format while the kubelet runs; the logger is
-    restored afterwards, so main() can run inside a test process too."""
+    """Log to stderr at --log-level in --log-format while the kubelet runs, then restore the logger."""
     saved = log.handlers[:], log.level, log.propagate
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
@@ -7473,10 +7421,8 @@ def _logging_to_stderr(config):
 
 
 def main(argv=None):
-    """Run a kubelet until SIGTERM or SIGINT; exit 0 after a clean shutdown, 2 on a bad config,
-    1 when it cannot start (its port is taken, ...).
-
-    A first argument naming a subcommand (`push`) runs the function `cmd_<name>(argv)`."""
+    """Run a kubelet until SIGTERM or SIGINT (or `push`: cmd_push); exit 0 when clean, 2 on a bad
+    config, 1 when it cannot start (its port is taken, ...)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and not argv[0].startswith("-"):
         command = globals().get(f"cmd_{argv[0]}")
@@ -7518,8 +7464,7 @@ def _run(config):
 
 
 def _trim_heap():
-    """Hand back to the OS the heap that compiling this large file used at start-up (about
-    10 MB that glibc would otherwise keep); a no-op where malloc_trim does not exist."""
+    """Hand back the ~10 MB of heap compiling this file used at start-up (malloc_trim, if any)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
