@@ -6453,17 +6453,13 @@ class Metrics:
 
 def _node_usage():
     """(cpu core-seconds used by the machine, memory working set bytes, available bytes) from /proc."""
-    cpu, working_set, available = None, None, None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/stat") as handle:
-            fields = [int(value) for value in handle.readline().split()[1:]]
+    cpu, meminfo = None, _meminfo()
+    with contextlib.suppress(ValueError, IndexError):
+        fields = [int(value) for value in _read("/proc/stat").split("\n")[0].split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
         cpu = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        with open("/proc/meminfo") as handle:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if line.strip()}
-        available = info["MemAvailable"]
-        working_set = info["MemTotal"] - available
+    available = meminfo.get("MemAvailable")
+    working_set = None if available is None or "MemTotal" not in meminfo else meminfo["MemTotal"] - available
     if cpu is None:
         times = os.times()
         cpu = times.user + times.system
@@ -7004,8 +7000,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _send_json(self, code, document):
-        self._send(code, json.dumps(document), "application/json")
 
     def _caller(self):
         """(user, None) or (None, (code, message)) after authentication and authorization."""
@@ -7070,14 +7064,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _route(self, path, parts, query):
         kube = self.server.kube
         if path == "/pods":
-            return self._send_json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                         "items": list(kube.kubelet.pods())})
+            return self._send(200, json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {},
+                                               "items": list(kube.kubelet.pods())}), "application/json")
         if path == "/metrics":
             return self._send(200, kube.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/metrics/resource":
             return self._send(200, kube.stats.resource_metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path in ("/stats/summary", "/stats/summary/"):
-            return self._send_json(200, kube.stats.summary())
+            return self._send(200, json.dumps(kube.stats.summary()), "application/json")
         if len(parts) == 4 and parts[0] == "containerLogs":
             return self._container_logs(*parts[1:], query)
         return self._send(404, f"404 page not found: {path}")
@@ -7246,10 +7240,7 @@ class KubeletServer:
 # stop() ends them in reverse. No global state: many Kubelets can share a process.
 
 class Kubelet:
-    """One node: registers it, keeps its Lease and status fresh, and feeds its pods to a handler.
-
-    Holds no global state, so many kubelets (many nodes) can run in one process. With no
-    kubeconfig it runs standalone: `api` is None and only static pods exist.
+    """One node: its Node, Lease and status, and its pods; standalone (api None) with no kubeconfig.
 
         with Kubelet(Config(kubeconfig="k.yaml", root_dir="/tmp/k")) as kubelet:
             kubelet.wait()          # until stop() or a signal (see main)
@@ -7319,9 +7310,8 @@ class Kubelet:
         return self
 
     def stop(self):
-        """Shut down as on SIGTERM: stop taking pods (sources), stop the pods' modules within their
-        grace periods, then report the node NotReady. The node is not cordoned or drained: its
-        pods stay bound and run again when it comes back. Idempotent."""
+        """Shut down as on SIGTERM: sources, then the pods' modules within their grace periods, then
+        the node NotReady (not drained: its pods stay bound and run again when it is back)."""
         self._stop_requested.set()
         with self._lock:
             if not self._started:
@@ -7357,9 +7347,7 @@ class Kubelet:
 
     def container_log_path(self, namespace, pod, container, previous=False):
         """The CRI log file of a container's current (or previous) run, or None."""
-        if self.pod_manager is None:
-            return None
-        return self.pod_manager.container_log_path(namespace, pod, container, previous)
+        return self.pod_manager and self.pod_manager.container_log_path(namespace, pod, container, previous)
 
     def run_once(self):
         """--once: wait until every static pod has finished; 0 if all succeeded, else 1."""
@@ -7434,12 +7422,9 @@ def main(argv=None):
         config = parse_args(argv)
         with _logging_to_stderr(config):
             return _run(config)
-    except ConfigError as exc:
+    except MinikrustError as exc:   # a bad config, or a kubelet that cannot start (its port is taken, ...)
         print(f"minikrust: error: {exc}", file=sys.stderr)
-        return 2
-    except MinikrustError as exc:   # a kubelet that cannot start (its port is taken, ...)
-        print(f"minikrust: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 def _run(config):
@@ -7465,10 +7450,8 @@ def _run(config):
 
 def _trim_heap():
     """Hand back the ~10 MB of heap compiling this file used at start-up (malloc_trim, if any)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 if __name__ == "__main__":
