@@ -27,6 +27,7 @@ import argparse
 import atexit
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -2771,8 +2772,7 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ModuleRef:
-    """A module ready to load: its file, its content digest (the host's cache key), the pod's imageID;
-    `pulled` is the seconds a registry pull took (None: the module was already on the node)."""
+    """A module ready to load: file, digest (the host's cache key), imageID; `pulled`: a pull's seconds."""
     path: str
     digest: str
     image_id: str
@@ -2894,11 +2894,8 @@ def _short(exc, limit=300):
 
 
 class RegistryClient:
-    """A client of one repository in one registry: the OCI distribution spec over requests.
-
-    Auth follows the registry's challenge: a 401 with `WWW-Authenticate: Bearer realm=...,
-    service=..., scope=...` leads to a token request (sent with basic credentials when we have
-    them), `Basic` to basic auth. Credentials go only into Authorization headers, never a message."""
+    """A client of one repository in one registry (OCI distribution spec). A 401's challenge leads
+    to a Bearer token request or Basic auth; credentials go only into Authorization headers."""
 
     def __init__(self, ref, credential=None, insecure=False, timeout=30.0):
         self.ref = ref
@@ -3095,9 +3092,8 @@ def _file_digest(path):
 
 
 class ModuleStore:
-    """Modules by digest under `root` (`sha256/<hex>.wasm`); image refs → digests and last-used
-    times in `index.json`. Files arrive in `tmp/` and are renamed into place, so a crash or a full
-    disk never leaves a half module. The kubelet passes `<root_dir>/modules`."""
+    """Modules by digest under `root` (`sha256/<hex>.wasm`), image refs and last-used times in
+    `index.json`; files arrive in `tmp/` and are renamed into place (never a half module)."""
 
     def __init__(self, root):
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -3204,8 +3200,7 @@ class ModuleStore:
             return {d: dict(m) for d, m in self._index["modules"].items() if self.has(d)}
 
     def node_images(self, limit=50):
-        """The Node's `status.images`: names (repo@digest ids and repo:tag) and sizes of stored
-        modules, largest first, at most `limit` (the kubelet's --node-status-max-images default)."""
+        """The Node's `status.images`, largest first, at most `limit` (--node-status-max-images)."""
         with self._lock:
             names = collections.defaultdict(set)
             for key, entry in self._index["refs"].items():
@@ -3224,9 +3219,8 @@ class ModuleStore:
             self._save()
 
     def gc(self, high=85, low=80, min_age=120.0, in_use=(), usage=None):
-        """Image GC as the kubelet does it: when disk use is at or above `high` percent, delete
-        modules not in use and unused for `min_age` seconds, least recently used first, until use
-        is at `low` percent. `usage()` returns (capacity, used) bytes. Returns the removed digests."""
+        """Image GC as the kubelet's: at `high` percent of disk used, remove modules unused for
+        `min_age` s, least recently used first, down to `low` percent; the removed digests."""
         self.remove_stale_temps()
         capacity, used = usage() if usage else _filesystem_usage(self.root)
         if capacity <= 0 or used * 100 < high * capacity:
@@ -3252,22 +3246,10 @@ def _filesystem_usage(path):
     return usage.total, usage.total - usage.free
 
 
-class _Flight:
-    """One pull in progress; later callers for the same image wait for its result."""
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.result = None
-        self.error = None
-
 
 class ImageManager:
-    """Resolves a container's `image` to a module file: `file:PATH`, or a registry pull into the store.
-
-    Mirrors the kubelet's image manager: pull policies with their defaults, ErrImagePull then
-    ImagePullBackOff (10 s doubling to 5 min, per image), ErrImageNeverPull, imagePullSecrets read
-    through the API, node-level credentials from --registry-config, digest pinning. Concurrent
-    ensures of one image share one pull; blobs are verified before they enter the store."""
+    """Resolves a container's `image` to a module file (`file:PATH`, or a registry pull), as the
+    kubelet's image manager: pull policies, ImagePullBackOff, pull secrets, one pull per image."""
 
     def __init__(self, config=None, store=None, api=None, *, backoff=None, retries=3,
                  retry_delay=0.2, in_use=None):
@@ -3311,17 +3293,18 @@ class ImageManager:
             result = self._single_flight(flight, lambda: self._pull(ref, pull_secrets, namespace))
         except ImageError as exc:
             self._record_failure(flight)
-            self._count("error")
+            self._count_pull("error")
             log.warning('failed to pull image "%s": %s', image, exc.message)
             raise ImageError(f'Failed to pull image "{image}": {exc.message}', exc.reason) from None
         with self._lock:
             self._failures.pop(flight, None)
-        self._count("success")
+        self._count_pull("success")
         return result
 
-    def _count(self, result):
+    def _count_pull(self, result):
         if self.metrics is not None:
             self.metrics.inc("minikrust_image_pulls_total", result=result)
+
 
     def present(self, image, pull_secrets=(), namespace=None):
         """Whether `image` is on the node for this pod (a `file:` image always is): no pull for IfNotPresent."""
@@ -3385,26 +3368,21 @@ class ImageManager:
             self._failures[key] = (time.monotonic() + delay, delay)
 
     def _single_flight(self, key, pull):
+        """pull(), or the result of the same pull that another thread is already making."""
         with self._lock:
             flight = self._inflight.get(key)
             leader = flight is None
             if leader:
-                flight = self._inflight[key] = _Flight()
-        if not leader:
-            flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.result
-        try:
-            flight.result = pull()
-            return flight.result
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            with self._lock:
-                del self._inflight[key]
-            flight.done.set()
+                flight = self._inflight[key] = concurrent.futures.Future()
+        if leader:
+            try:
+                flight.set_result(pull())
+            except BaseException as exc:
+                flight.set_exception(exc)
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+        return flight.result()
 
     def credentials(self, registry, pull_secrets=(), namespace=None, node=True):
         """Credentials for `registry`: the pod's imagePullSecrets first, then (`node`) --registry-config."""
