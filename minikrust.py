@@ -1303,8 +1303,9 @@ class _FallbackRun:
                 wt._ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
             self._store = wt.Store(host._engine)
             self._store.set_wasi(wasi)
-            self._http = bool(outgoing_http) and module.component
-            if self._http:  # after WASI, as wasmtime requires
+            self._http = False if outgoing_http in (False, None) or not module.component else \
+                True if outgoing_http is True else host._http_filter(tuple(outgoing_http))
+            if self._http is not False:  # after WASI, as wasmtime requires
                 wt._ffi.wasmtime_context_set_wasi_http(self._store._context())
             self._wasi_start = time.monotonic_ns()  # WASI's monotonic clock starts at or before this
             if memory_limit is not None:
@@ -1355,7 +1356,7 @@ class _FallbackRun:
         instantiated = False
         try:
             if self._module.component:
-                run = self._host._component_run(self._store, self._module, self._http)
+                run = self._host._component_run(self._store, self._module, self._http, self)
                 instantiated = True
                 memory = None
             else:
@@ -1582,21 +1583,18 @@ _ALLOW_HTTP = "minikrust.io/allow-outgoing-http"
 
 
 def _outgoing_http(module, pod):
-    """Whether a run of `module` for `pod` gets wasi:http (outgoing requests): only a component
-    importing wasi:http/outgoing-handler whose pod is annotated `minikrust.io/allow-outgoing-http: "*"`.
-
-    wasmtime 50's C API sends a guest's requests itself, with no hook to filter them by host: so
-    a list of hosts, which could not be enforced, is refused rather than silently widened to all."""
+    """The outgoing HTTP a run of `module` for `pod` gets: False (no wasi:http: the module does not
+    import wasi:http/outgoing-handler), True (any host: the pod's annotation
+    `minikrust.io/allow-outgoing-http` is "*"), or the hosts it lists ("host1,host2:8080"), which a
+    request's authority must equal; ModuleRunError for a component importing it without the annotation."""
     if not module.imports_http:
         return False
     allowed = ((pod.get("metadata") or {}).get("annotations") or {}).get(_ALLOW_HTTP)
     if allowed is None:
         raise ModuleRunError(f"the component imports wasi:http/outgoing-handler; allow its outgoing HTTP "
-                             f"requests with the pod annotation {_ALLOW_HTTP}: \"*\"")
-    if allowed.strip() != "*":
-        raise ModuleRunError(f"{_ALLOW_HTTP}: {allowed!r}: only \"*\" (any host) can be enforced; "
-                             "wasmtime's wasi:http offers no per-host filter")
-    return True
+                             f"requests with the pod annotation {_ALLOW_HTTP}: \"host1,host2:8080\" (or \"*\")")
+    hosts = tuple(host.strip() for host in allowed.split(",") if host.strip())
+    return True if "*" in hosts else hosts
 _POLL_TRAMPOLINE = (
     '(module (import "guest" "memory" (memory 0))'
     ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
@@ -1665,7 +1663,7 @@ class FallbackHost:
                                  access_caller=True)
         self._poll_trampoline = wasmtime.Module(self._engine, _POLL_TRAMPOLINE)
         self._local = threading.local()
-        self._component_linkers = None  # [WASI 0.2, WASI 0.2 + wasi:http], made on first use
+        self._component_linkers = self._filter = None  # see _component_linker, _http_filter
         self._modules = {}
         self._lock = threading.Lock()
         self._runs = {}
@@ -1769,22 +1767,59 @@ class FallbackHost:
         return http
 
     def _component_linker(self, http):
-        """The component linker with WASI 0.2 (and wasi:http with `http`), made on first use."""
+        """The component linker with WASI 0.2, + wasi:http (http True), + our `handle` in place of
+        wasi:http's (http a tuple of hosts: see _http_handle), made on first use."""
+        wc = self._wt.component
         if self._component_linkers is None:
             linkers = []
-            for with_http in (False, True):
-                linker = self._wt.component.Linker(self._engine)
+            for kind in range(3):
+                linker = wc.Linker(self._engine)
                 linker.add_wasip2()
-                if with_http:
+                if kind:
                     linker.add_wasi_http()
+                if kind == 2:
+                    linker.allow_shadowing = True
+                    with linker.root() as root, root.add_instance("wasi:http/outgoing-handler@0.2.0") as handler:
+                        handler.add_func("handle", self._http_handle)
                 linkers.append(linker)
             self._component_linkers = linkers
-        return self._component_linkers[http]
+        return self._component_linkers[2 if isinstance(http, tuple) else int(http)]
 
-    def _component_run(self, store, module, http):
-        """`run` of wasi:cli/run in a new instance of the component `module` in `store`."""
-        instance = self._component_linker(http).instantiate(store, module._wasm_module)
+    def _http_filter(self, hosts):
+        """`hosts`, once the filter component is compiled (ModuleRunError when it cannot be)."""
+        if self._filter is None:
+            try:
+                with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wasihost", "http_filter.wat")) as f:
+                    self._filter = self._wt.component.Component(self._engine, self._wt.wat2wasm(f.read()))
+            except (OSError, self._wt.WasmtimeError) as exc:
+                raise ModuleRunError(f"cannot load the outgoing-HTTP filter: {exc}") from exc
+        return hosts
+
+    def _component_run(self, store, module, http, run):
+        """`run` of wasi:cli/run in a new instance of the component `module` in `store`; a run
+        allowed `http` hosts only first gets its own instance of the filter (_wasihost/http_filter.wat)."""
+        linker = self._component_linker(http)
+        if isinstance(http, tuple):
+            filter_ = self._component_linker(True).instantiate(store, self._filter)
+            run._filter = (filter_.get_func(store, "authority"), filter_.get_func(store, "handle"))
+        instance = linker.instantiate(store, module._wasm_module)
         return instance.get_func(store, instance.get_export_index(store, "run", instance.get_export_index(store, _CLI_RUN)))
+
+    def _http_handle(self, store, request, options):
+        """wasi:http/outgoing-handler.handle for a run allowed some hosts only: the request goes out
+        through the filter when its authority is one of them, else it fails in the guest with
+        HTTP-request-denied and a line on the guest's stderr (as the native host does)."""
+        run = self._local.run
+        authority, handle = run._filter
+        host = authority(store, request)
+        authority.post_return(store)
+        if host in run._http:
+            response = handle(store, request, options)
+            handle.post_return(store)
+            return response
+        run._writers[1].write(f"minikrust: outgoing HTTP request to {host} denied: not an allowed host\n".encode()
+                              if host is not None else b"minikrust: outgoing HTTP request without a host denied\n")
+        return self._wt.component.Variant("HTTP-request-denied")
 
     # -- runs and the epoch ticker --
 

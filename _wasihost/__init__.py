@@ -249,7 +249,8 @@ class Module:
               outgoing_http=False):
         """Start a run on a thread of its own (made in C); returns a Run (kill(), wait(), done, and
         fileno(), readable once the run is over: a selector can wait for many runs at once). A
-        component gets wasi:http (outgoing requests) with `outgoing_http`."""
+        component gets wasi:http with `outgoing_http`: True for any host, or the hosts (request
+        authorities, matched exactly) it may reach; a request to another fails in the guest."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
                   rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http)
         run._launch()
@@ -309,6 +310,31 @@ def _cstrings(values, keep):
     array = ffi.new("char *[]", bufs) if bufs else ffi.NULL
     keep.append(array)
     return array
+
+
+_FILTER = []  # http_filter.wat, loaded into C once
+
+
+def _http(module, outgoing_http):
+    """(outgoing_http, http_hosts, nhttp_hosts, buffers) of wh_run_config: `outgoing_http` is False
+    (no wasi:http), True (any host) or the hosts (authorities) a component's requests may go to."""
+    if outgoing_http is False or outgoing_http is None or not module.component:
+        return lib.WH_HTTP_NONE, ffi.NULL, 0, None
+    if outgoing_http is True:
+        return lib.WH_HTTP_ANY, ffi.NULL, 0, None
+    if not _FILTER:
+        err = ffi.new("char[]", _ERRLEN)
+        try:
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_filter.wat"), "rb") as f:
+                wat = f.read()
+        except OSError as e:
+            raise RunError(f"cannot load the outgoing-HTTP filter: {e}") from None
+        if lib.wh_http_filter_load(wat, len(wat), err, _ERRLEN) != 0:
+            raise RunError(_err_text(err))
+        _FILTER.append(True)
+    keep = []
+    hosts = list(outgoing_http)
+    return lib.WH_HTTP_HOSTS, _cstrings(hosts, keep), len(hosts), keep
 
 
 def _is_path(target):
@@ -463,7 +489,7 @@ class Run:
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
         c.stdout_fd = c.stderr_fd = -1
         c.log_max_size, c.log_max_files = rotation
-        c.outgoing_http = 1 if outgoing_http and module.component else 0
+        c.outgoing_http, c.http_hosts, c.nhttp_hosts, self._hosts = _http(module, outgoing_http)
         self._output = None
         # Paths: run() lets C open them (a few µs less per run; errors come back from
         # wh_run_exec), start() opens them here to raise before returning; C rotates them either way.

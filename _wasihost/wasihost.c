@@ -566,6 +566,13 @@ struct wh_run {
   uint8_t *mem_base;   /* the guest's linear memory as last published (NULL: none, or ended) */
   size_t mem_size;
   uint64_t host_bytes, peak; /* our own buffers for the run; the largest memory + buffers seen */
+  /* a WH_HTTP_HOSTS run: the allowed hosts, its filter instance's exports, its output gate */
+  struct {
+    const char *const *hosts;
+    size_t nhosts;
+    wasmtime_component_func_t authority, handle;
+    struct comp_gate *gate;
+  } http;
 };
 
 wh_run *wh_run_new(void) {
@@ -1574,15 +1581,34 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
  * interruption cannot reach: kill() and the deadline take effect when the guest wakes. */
 
 static pthread_once_t g_comp_once = PTHREAD_ONCE_INIT, g_comp_unpooled_once = PTHREAD_ONCE_INIT;
-/* [engine: main, unpooled][0: WASI 0.2, 1: WASI 0.2 + wasi:http] */
-static wasmtime_component_linker_t *g_comp_linkers[2][2];
+/* [engine: main, unpooled][outgoing_http: WASI 0.2; + wasi:http; + our `handle` shadowing wasi:http's] */
+static wasmtime_component_linker_t *g_comp_linkers[2][3];
 static char g_comp_error[512];
 
+static wasmtime_error_t *http_handle(void *env, wasmtime_context_t *ctx, const wasmtime_component_func_type_t *ty,
+                                     wasmtime_component_val_t *args, size_t nargs, wasmtime_component_val_t *results,
+                                     size_t nresults);
+
+/* Our `handle` in place of wasi:http's, for guests whose requests go through the filter. */
+static wasmtime_error_t *shadow_http_handle(wasmtime_component_linker_t *linker) {
+  static const char HANDLER[] = "wasi:http/outgoing-handler@0.2.0"; /* stands for every 0.2.x */
+  wasmtime_component_linker_allow_shadowing(linker, true);
+  wasmtime_component_linker_instance_t *root = wasmtime_component_linker_root(linker), *handler = NULL;
+  wasmtime_error_t *e = wasmtime_component_linker_instance_add_instance(root, HANDLER, strlen(HANDLER), &handler);
+  if (!e) {
+    e = wasmtime_component_linker_instance_add_func(handler, "handle", 6, http_handle, NULL, NULL);
+    wasmtime_component_linker_instance_delete(handler);
+  }
+  wasmtime_component_linker_instance_delete(root);
+  return e;
+}
+
 static void comp_init_for(int unpooled, wasm_engine_t *engine) {
-  for (int i = 0; i < 2; i++) {
+  for (int i = WH_HTTP_NONE; i <= WH_HTTP_HOSTS; i++) {
     wasmtime_component_linker_t *linker = wasmtime_component_linker_new(engine);
     wasmtime_error_t *e = wasmtime_component_linker_add_wasip2(linker);
-    if (!e && i) e = wasmtime_component_linker_add_wasi_http(linker);
+    if (!e && i != WH_HTTP_NONE) e = wasmtime_component_linker_add_wasi_http(linker);
+    if (!e && i == WH_HTTP_HOSTS) e = shadow_http_handle(linker);
     if (e) {
       take_error(e, "define WASI 0.2: ", g_comp_error, sizeof g_comp_error);
       return;
@@ -1719,7 +1745,7 @@ static void component_free(wh_module *m) {
  * tokio task of its own (the guest waits for it when it flushes, as std and the p1 adapter do), and
  * may drop the streams later still: so the run is reached through this gate, which the run closes
  * before its buffers go away, and which wasmtime frees (finalizer) once both streams are dropped. */
-typedef struct {
+typedef struct comp_gate {
   atomic_flag busy; /* a spinlock: held only while one write is formatted and written */
   atomic_int refs;  /* the two streams */
   wh_run *r;        /* NULL once the run is over: later writes are dropped */
@@ -1747,6 +1773,119 @@ static void comp_gate_close(comp_gate *g) {
   g->r = NULL;
   atomic_flag_clear_explicit(&g->busy, memory_order_release);
   comp_gate_release(g); /* the run's own reference */
+}
+
+/* ---------------------------------------------------------------- outgoing HTTP, host by host
+ *
+ * A WH_HTTP_HOSTS run instantiates the filter (http_filter.wat) in its store before the guest,
+ * from the linker with wasi:http; the guest's linker has our http_handle in place of wasi:http's
+ * `handle`. http_handle asks the filter for the request's authority and either forwards the
+ * request to the filter's `handle` (wasi:http's own, passed through) or drops it and answers
+ * err(HTTP-request-denied), with a line on the guest's stderr. */
+
+static struct {
+  pthread_mutex_t lock;
+  wasm_byte_vec_t wasm;                                  /* the filter, once loaded */
+  wasmtime_component_t *comp[2];                         /* compiled for [main, unpooled] */
+  wasmtime_component_export_index_t *authority[2], *handle[2];
+} g_filter = {PTHREAD_MUTEX_INITIALIZER, {0, NULL}, {NULL, NULL}, {NULL, NULL}, {NULL, NULL}};
+
+/* Compiles the filter for engine `u` (0: main, 1: unpooled) unless done; call with the lock held. */
+static wasmtime_error_t *filter_compile(int u, wasm_engine_t *engine) {
+  if (g_filter.comp[u]) return NULL;
+  if (!g_filter.wasm.size) return wasmtime_error_new("wasihost: the outgoing-HTTP filter is not loaded");
+  wasmtime_error_t *e = wasmtime_component_new(engine, g_filter.wasm.data, g_filter.wasm.size, &g_filter.comp[u]);
+  if (e) return e;
+  g_filter.authority[u] = wasmtime_component_get_export_index(g_filter.comp[u], NULL, "authority", 9);
+  g_filter.handle[u] = wasmtime_component_get_export_index(g_filter.comp[u], NULL, "handle", 6);
+  return g_filter.authority[u] && g_filter.handle[u] ? NULL : wasmtime_error_new("wasihost: the filter lacks its exports");
+}
+
+int wh_http_filter_load(const char *wat, size_t len, char *err, size_t errlen) {
+  if (wh_init(err, errlen) != 0) return WH_ERR_LOAD;
+  pthread_mutex_lock(&g_filter.lock);
+  wasmtime_error_t *e = g_filter.wasm.size ? NULL : wasmtime_wat2wasm(wat, len, &g_filter.wasm);
+  if (!e) e = filter_compile(0, g_main.engine);
+  pthread_mutex_unlock(&g_filter.lock);
+  if (!e) return 0;
+  take_error(e, "outgoing-HTTP filter: ", err, errlen);
+  return WH_ERR_LOAD;
+}
+
+/* The run's filter instance in `ctx` (r->ec's engine), its exports in r->http. */
+static wasmtime_error_t *filter_begin(wh_run *r, const wh_run_config *c, wasmtime_context_t *ctx, comp_gate *gate) {
+  int u = r->ec != &g_main;
+  pthread_mutex_lock(&g_filter.lock);
+  wasmtime_error_t *e = filter_compile(u, r->ec->engine);
+  pthread_mutex_unlock(&g_filter.lock);
+  wasmtime_component_instance_t inst;
+  if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[u][WH_HTTP_ANY], ctx, g_filter.comp[u], &inst);
+  if (e) return e;
+  if (!wasmtime_component_instance_get_func(&inst, ctx, g_filter.authority[u], &r->http.authority) ||
+      !wasmtime_component_instance_get_func(&inst, ctx, g_filter.handle[u], &r->http.handle))
+    return wasmtime_error_new("wasihost: the filter instance lacks its exports");
+  r->http.hosts = c->http_hosts;
+  r->http.nhosts = c->nhttp_hosts;
+  r->http.gate = gate;
+  return NULL;
+}
+
+static int host_allowed(const wh_run *r, const wasmtime_component_val_t *authority) {
+  if (!authority || authority->kind != WH_WASMTIME_COMPONENT_STRING) return 0;
+  for (size_t i = 0; i < r->http.nhosts; i++)
+    if (strlen(r->http.hosts[i]) == authority->of.string.size &&
+        memcmp(r->http.hosts[i], authority->of.string.data, authority->of.string.size) == 0)
+      return 1;
+  return 0;
+}
+
+/* Drops the request (and its options) in the store, says so on stderr, answers HTTP-request-denied. */
+static void http_deny(wh_run *r, wasmtime_context_t *ctx, const wasmtime_component_val_t *args,
+                      const wasmtime_component_val_t *authority, wasmtime_component_val_t *result) {
+  const wasmtime_component_val_t *options = args[1].kind == WH_WASMTIME_COMPONENT_OPTION ? args[1].of.option : NULL;
+  const wasmtime_component_val_t *owned[2] = {&args[0], options};
+  for (int i = 0; i < 2; i++) {
+    wasmtime_error_t *e = owned[i] && owned[i]->kind == WH_WASMTIME_COMPONENT_RESOURCE
+                              ? wasmtime_component_resource_any_drop(ctx, owned[i]->of.resource) : NULL;
+    if (e) wasmtime_error_delete(e);
+  }
+  char line[400];
+  int n = authority && authority->kind == WH_WASMTIME_COMPONENT_STRING
+              ? snprintf(line, sizeof line, "minikrust: outgoing HTTP request to %.*s denied: not an allowed host\n",
+                         (int)(authority->of.string.size > 256 ? 256 : authority->of.string.size),
+                         (const char *)authority->of.string.data)
+              : snprintf(line, sizeof line, "minikrust: outgoing HTTP request without a host denied\n");
+  comp_output(r->http.gate, 1, (const uint8_t *)line, (size_t)n);
+  wasmtime_component_val_t code;
+  memset(&code, 0, sizeof code);
+  code.kind = WH_WASMTIME_COMPONENT_VARIANT;
+  wasm_byte_vec_new(&code.of.variant.discriminant, 19, (const uint8_t *)"HTTP-request-denied");
+  result->kind = WH_WASMTIME_COMPONENT_RESULT;
+  result->of.result.is_ok = false;
+  result->of.result.val = wasmtime_component_val_new(&code);
+}
+
+/* wasi:http/outgoing-handler.handle(request, options) for a WH_HTTP_HOSTS run (see above). */
+static wasmtime_error_t *http_handle(void *env, wasmtime_context_t *ctx, const wasmtime_component_func_type_t *ty,
+                                     wasmtime_component_val_t *args, size_t nargs, wasmtime_component_val_t *results,
+                                     size_t nresults) {
+  (void)env, (void)ty;
+  wh_run *r = wasmtime_context_get_data(ctx);
+  if (nargs != 2 || nresults != 1 || args[0].kind != WH_WASMTIME_COMPONENT_RESOURCE)
+    return wasmtime_error_new("wasihost: unexpected wasi:http/outgoing-handler.handle signature");
+  wasmtime_component_val_t authority;
+  memset(&authority, 0, sizeof authority);
+  wasmtime_error_t *e = wasmtime_component_func_call(&r->http.authority, ctx, args, 1, &authority, 1);
+  if (!e) e = wasmtime_component_func_post_return(&r->http.authority, ctx);
+  const wasmtime_component_val_t *host = authority.kind == WH_WASMTIME_COMPONENT_OPTION ? authority.of.option : NULL;
+  if (!e && host_allowed(r, host)) {
+    e = wasmtime_component_func_call(&r->http.handle, ctx, args, nargs, results, 1);
+    if (!e) e = wasmtime_component_func_post_return(&r->http.handle, ctx);
+  } else if (!e) {
+    http_deny(r, ctx, args, host, &results[0]);
+  }
+  wasmtime_component_val_delete(&authority);
+  return e;
 }
 
 /* The component's twin on the engine without the pool (its compiled code, moved over) and its
@@ -1806,12 +1945,13 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
     return WH_ERR_RUN;
   }
   wasmtime_context_t *ctx = wasmtime_store_context(store);
-  wasmtime_error_t *e;
-  if (c->outgoing_http) wasmtime_context_set_wasi_http(ctx);
+  wasmtime_error_t *e = NULL;
+  int http = c->outgoing_http == WH_HTTP_ANY || c->outgoing_http == WH_HTTP_HOSTS ? c->outgoing_http : WH_HTTP_NONE;
+  if (http) wasmtime_context_set_wasi_http(ctx);
+  if (http == WH_HTTP_HOSTS) e = filter_begin(r, c, ctx, gate);
   wasmtime_component_instance_t inst;
   wasmtime_component_func_t run;
-  e = wasmtime_component_linker_instantiate(g_comp_linkers[r->ec != &g_main][c->outgoing_http ? 1 : 0], ctx, comp,
-                                            &inst);
+  if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[r->ec != &g_main][http], ctx, comp, &inst);
   if (e && r->ec->pooling && pool_full(e)) {
     wasmtime_error_delete(e);
     wasmtime_store_delete(store);

@@ -47,8 +47,17 @@ typedef struct {
   int has_stdin;
   const uint8_t *stdin_data;
   size_t stdin_len;
-  int outgoing_http; /* a component: link wasi:http (outgoing requests) for this run */
+  /* A component's outgoing HTTP: WH_HTTP_NONE (wasi:http not linked), WH_HTTP_ANY (linked), or
+   * WH_HTTP_HOSTS: only requests whose authority is one of http_hosts (matched exactly) go out;
+   * any other fails in the guest with error-code HTTP-request-denied and a line on its stderr. */
+  int outgoing_http;
+  const char *const *http_hosts;
+  size_t nhttp_hosts;
 } wh_run_config;
+
+#define WH_HTTP_NONE 0
+#define WH_HTTP_ANY 1
+#define WH_HTTP_HOSTS 2
 
 typedef struct {
   int status;
@@ -80,6 +89,8 @@ void wh_module_free(wh_module *m);
  * whether it imports wasi:http/outgoing-handler (then runs need outgoing_http). */
 int wh_component_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_module **out,
                       int *from_cache, int *imports_http, char *err, size_t errlen);
+/* The filter component that WH_HTTP_HOSTS runs need (http_filter.wat's text), compiled once. */
+int wh_http_filter_load(const char *wat, size_t len, char *err, size_t errlen);
 wh_run *wh_run_new(void);
 void wh_run_free(wh_run *r);
 void wh_kill(wh_run *r);

@@ -196,17 +196,31 @@ typedef struct wasmtime_component_func {
   uint32_t __private2;
   void *__private3;
 } wasmtime_component_func_t;
+typedef struct wasmtime_component_resource_any wasmtime_component_resource_any_t;
+typedef struct wasmtime_component_func_type_t wasmtime_component_func_type_t;
+typedef struct wasmtime_component_linker_instance_t wasmtime_component_linker_instance_t;
 typedef uint8_t wasmtime_component_valkind_t;
+#define WH_WASMTIME_COMPONENT_STRING 12
+#define WH_WASMTIME_COMPONENT_VARIANT 16
+#define WH_WASMTIME_COMPONENT_OPTION 18
 #define WH_WASMTIME_COMPONENT_RESULT 19
-/* Only the `result` case is read here; the pad gives the union its real size (24 bytes). */
+#define WH_WASMTIME_COMPONENT_RESOURCE 21
+/* Only the cases used here are spelled out; the pad gives the union its real size (24 bytes). */
 typedef struct wasmtime_component_val {
   wasmtime_component_valkind_t kind;
   union {
+    wasm_name_t string;
+    struct { wasm_name_t discriminant; struct wasmtime_component_val *val; } variant;
+    struct wasmtime_component_val *option;
     struct { bool is_ok; struct wasmtime_component_val *val; } result;
+    wasmtime_component_resource_any_t *resource;
     uint8_t __pad[24];
     void *__align;
   } of;
 } wasmtime_component_val_t;
+typedef wasmtime_error_t *(*wasmtime_component_func_callback_t)(
+    void *env, wasmtime_context_t *context, const wasmtime_component_func_type_t *type,
+    wasmtime_component_val_t *args, size_t nargs, wasmtime_component_val_t *results, size_t nresults);
 
 wasmtime_error_t *wasmtime_component_new(const wasm_engine_t *engine, const uint8_t *buf, size_t len,
                                          wasmtime_component_t **component_out);
@@ -236,6 +250,19 @@ wasmtime_error_t *wasmtime_component_func_call(const wasmtime_component_func_t *
 wasmtime_error_t *wasmtime_component_func_post_return(const wasmtime_component_func_t *func,
                                                       wasmtime_context_t *context);
 void wasmtime_component_val_delete(wasmtime_component_val_t *value);
+wasmtime_component_val_t *wasmtime_component_val_new(wasmtime_component_val_t *val); /* takes val's contents */
+wasmtime_error_t *wasmtime_component_resource_any_drop(wasmtime_context_t *context,
+                                                       const wasmtime_component_resource_any_t *resource);
+void wasmtime_component_linker_allow_shadowing(wasmtime_component_linker_t *linker, bool allow);
+wasmtime_component_linker_instance_t *wasmtime_component_linker_root(wasmtime_component_linker_t *linker);
+wasmtime_error_t *wasmtime_component_linker_instance_add_instance(wasmtime_component_linker_instance_t *linker_instance,
+                                                                  const char *name, size_t name_len,
+                                                                  wasmtime_component_linker_instance_t **out);
+wasmtime_error_t *wasmtime_component_linker_instance_add_func(wasmtime_component_linker_instance_t *linker_instance,
+                                                              const char *name, size_t name_len,
+                                                              wasmtime_component_func_callback_t callback, void *data,
+                                                              void (*finalizer)(void *));
+void wasmtime_component_linker_instance_delete(wasmtime_component_linker_instance_t *linker_instance);
 wasmtime_component_linker_t *wasmtime_component_linker_new(const wasm_engine_t *engine);
 wasmtime_error_t *wasmtime_component_linker_add_wasip2(wasmtime_component_linker_t *linker);
 wasmtime_error_t *wasmtime_component_linker_add_wasi_http(wasmtime_component_linker_t *linker);

@@ -137,15 +137,40 @@ import wasmtime  # noqa: E402
 from tests.test_images import run_static_pod  # noqa: E402
 from tests.test_pods import _cstatus, _manifest, _phase  # noqa: E402
 
-# The smallest component importing wasi:http/outgoing-handler: its `run` returns ok.
-HTTP_IMPORTER = """(component
-  (import "wasi:http/outgoing-handler@0.2.0" (instance))
-  (core module $m (func (export "run") (result i32) i32.const 0))
-  (core instance $i (instantiate $m))
-  (func $run (result (result)) (canon lift (core func $i "run")))
-  (instance $r (export "run" (func $run)))
-  (export "wasi:cli/run@0.2.0" (instance $r)))"""
+HTTP_CLIENT = Path(__file__).with_name("http_client.wat").read_text()
 
+
+def http_client(authority, path="/"):
+    """A component sending GET `path` to http://`authority` (tests/http_client.wat)."""
+    wat = HTTP_CLIENT.replace("@AUTHORITY@", authority).replace("@AUTHLEN@", str(len(authority)))
+    return bytes(wasmtime.wat2wasm(wat.replace("@PATH@", path).replace("@PATHLEN@", str(len(path)))))
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server answering 200 "hi" to every GET; .seen lists the (Host, path) it served."""
+    import http.server
+    import threading
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.headers.get("Host"), self.path))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"hi")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.seen, server.port = seen, server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 @pytest.fixture(params=["native", "wasmtime-py"])
 def pod_backend(request, monkeypatch):
@@ -197,25 +222,40 @@ def test_deleted_component_pod_in_a_loop_is_finalised_within_grace(pod_backend, 
     assert time.monotonic() - started < 2.0
 
 
-def test_outgoing_http_needs_the_pods_annotation(pod_backend, fake_api, kubelet_factory, tmp_path):
-    path = tmp_path / "http.wasm"
-    path.write_bytes(bytes(wasmtime.wat2wasm(HTTP_IMPORTER)))
-    kubelet_factory(fake_api)
-    container = [{"name": "main", "image": f"file:{path}"}]
-    fake_api.create_pod(_manifest("denied", container), node_name="node-1")
-    allowed = _manifest("allowed", container)
-    allowed["metadata"]["annotations"] = {"minikrust.io/allow-outgoing-http": "*"}
-    fake_api.create_pod(allowed, node_name="node-1")
-    listed = _manifest("listed", container)
-    listed["metadata"]["annotations"] = {"minikrust.io/allow-outgoing-http": "example.com,api:8080"}
-    fake_api.create_pod(listed, node_name="node-1")
-    wait_for(_phase(fake_api, "allowed", "Succeeded"), timeout=30, what="the allowed pod to succeed")
-    for name, needle in (("denied", "minikrust.io/allow-outgoing-http"), ("listed", "per-host")):
-        wait_for(_phase(fake_api, name, "Failed"), timeout=30, what=f"{name} Failed")
-        term = _cstatus(fake_api, name, "main")["state"]["terminated"]
-        assert term["reason"] == "StartError" and needle in term["message"], term
-        wait_for(lambda: any(needle in e["message"] for e in fake_api.events(involved_name=name, reason="Failed")),
-                 timeout=10, what=f"the Failed Event of {name}")
+def test_outgoing_http_goes_only_to_the_hosts_the_pod_allows(pod_backend, fake_api, kubelet_factory, tmp_path,
+                                                            http_server):
+    port = http_server.port
+    allowed, other = f"127.0.0.1:{port}", f"localhost:{port}"  # one server, two authorities
+    for name, authority in (("to-allowed", allowed), ("to-other", other)):
+        (tmp_path / f"{name}.wasm").write_bytes(http_client(authority, f"/{name}"))
+    kubelet = kubelet_factory(fake_api)
+    pods = {  # pod: (its client, its annotation or None)
+        "listed": ("to-allowed", f"example.com, {allowed}"), "unlisted": ("to-other", allowed),
+        "any": ("to-other", "*"), "none": ("to-allowed", None)}
+    for pod, (client, allow) in pods.items():
+        manifest = _manifest(pod, [{"name": "main", "image": f"file:{tmp_path / client}.wasm"}])
+        if allow is not None:
+            manifest["metadata"]["annotations"] = {"minikrust.io/allow-outgoing-http": allow}
+        fake_api.create_pod(manifest, node_name="node-1")
+
+    def log(pod):
+        uid = fake_api.get("pods", "default", pod)["metadata"]["uid"]
+        return "".join(p.read_text() for p in Path(kubelet.config.root_dir).glob(f"pods/{uid}/logs/main/*.log"))
+
+    for pod in ("listed", "any"):  # a real response from the real server
+        wait_for(_phase(fake_api, pod, "Succeeded"), timeout=30, what=f"{pod} Succeeded")
+        assert " stdout F status 200\n" in log(pod), log(pod)
+    wait_for(_phase(fake_api, "unlisted", "Failed"), timeout=30, what="unlisted Failed")
+    assert _cstatus(fake_api, "unlisted", "main")["state"]["terminated"]["exitCode"] == 1  # run() returned err
+    assert " stdout F error 15\n" in log("unlisted")  # error-code::HTTP-request-denied, inside the guest
+    assert f" stderr F minikrust: outgoing HTTP request to {other} denied: not an allowed host\n" in log("unlisted")
+    assert sorted(http_server.seen) == [(allowed, "/to-allowed"), (other, "/to-other")]  # listed's and any's
+    wait_for(_phase(fake_api, "none", "Failed"), timeout=30, what="none Failed")
+    term = _cstatus(fake_api, "none", "main")["state"]["terminated"]
+    assert term["reason"] == "StartError" and "minikrust.io/allow-outgoing-http" in term["message"], term
+    wait_for(lambda: any("minikrust.io/allow-outgoing-http" in e["message"]
+                         for e in fake_api.events(involved_name="none", reason="Failed")),
+             timeout=10, what="the Failed Event of none")
 
 
 # -- examples/components --

@@ -1,0 +1,92 @@
+;; The outgoing-HTTP filter: a component minikrust instantiates beside a guest whose pod allows
+;; only some hosts (minikrust.io/allow-outgoing-http: "host1,host2:8080"). wasmtime's C API has no
+;; per-request hook, and a host function cannot call wasi:http's own functions; this component can:
+;; it imports the request's `authority` and the real `handle`, and exports both as pass-throughs.
+;; The guest's `handle` is then the host's own function (linker shadowing), which reads the
+;; request's authority through `authority` here and either forwards to `handle` here or answers
+;; error-code::HTTP-request-denied. Written by hand; both hosts compile it from this text.
+;;
+;; Memory: results are lowered into one page at fixed places (authority's at 16, handle's at 64)
+;; and strings above 1024 by a bump allocator reset at each call (a result is lifted before the
+;; next call).
+(component $filter
+  (import "wasi:http/types@0.2.0" (instance $types
+    (export "outgoing-request" (type $req (sub resource)))
+    (export "request-options" (type $opts (sub resource)))
+    (export "future-incoming-response" (type $fut (sub resource)))
+    (type $dns' (record (field "rcode" (option string)) (field "info-code" (option u16))))
+    (export "DNS-error-payload" (type $dns (eq $dns')))
+    (type $tls' (record (field "alert-id" (option u8)) (field "alert-message" (option string))))
+    (export "TLS-alert-received-payload" (type $tls (eq $tls')))
+    (type $fsp' (record (field "field-name" (option string)) (field "field-size" (option u32))))
+    (export "field-size-payload" (type $fsp (eq $fsp')))
+    (type $ec' (variant
+      (case "DNS-timeout") (case "DNS-error" $dns) (case "destination-not-found")
+      (case "destination-unavailable") (case "destination-IP-prohibited") (case "destination-IP-unroutable")
+      (case "connection-refused") (case "connection-terminated") (case "connection-timeout")
+      (case "connection-read-timeout") (case "connection-write-timeout") (case "connection-limit-reached")
+      (case "TLS-protocol-error") (case "TLS-certificate-error") (case "TLS-alert-received" $tls)
+      (case "HTTP-request-denied") (case "HTTP-request-length-required") (case "HTTP-request-body-size" (option u64))
+      (case "HTTP-request-method-invalid") (case "HTTP-request-URI-invalid") (case "HTTP-request-URI-too-long")
+      (case "HTTP-request-header-section-size" (option u32)) (case "HTTP-request-header-size" (option $fsp))
+      (case "HTTP-request-trailer-section-size" (option u32)) (case "HTTP-request-trailer-size" $fsp)
+      (case "HTTP-response-incomplete") (case "HTTP-response-header-section-size" (option u32))
+      (case "HTTP-response-header-size" $fsp) (case "HTTP-response-body-size" (option u64))
+      (case "HTTP-response-trailer-section-size" (option u32)) (case "HTTP-response-trailer-size" $fsp)
+      (case "HTTP-response-transfer-coding" (option string)) (case "HTTP-response-content-coding" (option string))
+      (case "HTTP-response-timeout") (case "HTTP-upgrade-failed") (case "HTTP-protocol-error")
+      (case "loop-detected") (case "configuration-error") (case "internal-error" (option string))))
+    (export "error-code" (type $ec (eq $ec')))
+    (export "[method]outgoing-request.authority" (func (param "self" (borrow $req)) (result (option string))))))
+  (alias export $types "outgoing-request" (type $req))
+  (alias export $types "request-options" (type $opts))
+  (alias export $types "future-incoming-response" (type $fut))
+  (alias export $types "error-code" (type $ec))
+  (type $handle-ty (func (param "request" (own $req)) (param "options" (option (own $opts)))
+                         (result (result (own $fut) (error $ec)))))
+  (import "wasi:http/outgoing-handler@0.2.0" (instance $oh
+    (export "handle" (func (type $handle-ty)))))
+  (core module $mem
+    (memory (export "memory") 1)
+    (global $next (export "next") (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (i32.and (i32.add (global.get $next) (i32.sub (local.get 2) (i32.const 1)))
+                              (i32.sub (i32.const 0) (local.get 2))))
+      (global.set $next (i32.add (local.get $at) (local.get 3)))
+      (if (i32.gt_u (global.get $next) (i32.shl (memory.size) (i32.const 16)))
+        (then (if (i32.lt_s (memory.grow (i32.shr_u (i32.add (global.get $next) (i32.const 65535)) (i32.const 16)))
+                            (i32.const 0))
+                (then unreachable))))
+      (local.get $at)))
+  (core instance $mem (instantiate $mem))
+  (alias core export $mem "memory" (core memory $memory))
+  (alias core export $mem "realloc" (core func $realloc))
+  (alias export $types "[method]outgoing-request.authority" (func $authority))
+  (alias export $oh "handle" (func $handle))
+  (core func $authority' (canon lower (func $authority) (memory $memory) (realloc $realloc)))
+  (core func $handle' (canon lower (func $handle) (memory $memory) (realloc $realloc)))
+  (core func $drop' (canon resource.drop $req))
+  (core module $main
+    (import "mem" "next" (global $next (mut i32)))
+    (import "host" "authority" (func $authority (param i32 i32)))
+    (import "host" "handle" (func $handle (param i32 i32 i32 i32)))
+    (import "host" "drop" (func $drop (param i32)))
+    (func (export "authority") (param $request i32) (result i32)
+      (global.set $next (i32.const 1024))
+      (call $authority (local.get $request) (i32.const 16))
+      (call $drop (local.get $request))
+      (i32.const 16))
+    (func (export "handle") (param i32 i32 i32) (result i32)
+      (global.set $next (i32.const 1024))
+      (call $handle (local.get 0) (local.get 1) (local.get 2) (i32.const 64))
+      (i32.const 64)))
+  (core instance $main (instantiate $main
+    (with "mem" (instance $mem))
+    (with "host" (instance (export "authority" (func $authority')) (export "handle" (func $handle'))
+                           (export "drop" (func $drop'))))))
+  (type $authority-ty (func (param "request" (borrow $req)) (result (option string))))
+  (func (export "authority") (type $authority-ty)
+    (canon lift (core func $main "authority") (memory $memory)))
+  (func (export "handle") (type $handle-ty)
+    (canon lift (core func $main "handle") (memory $memory))))
