@@ -979,10 +979,8 @@ _ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
 
 
 def _rotate_log(path, max_files):
-    """Rotate the log `path` as the kubelet does: of the rotated files, those beyond `max_files - 2`
-    go (oldest first) and the rest are gzip-compressed, then `path` becomes `<path>.<UTC stamp>`
-    (a second rotation within one second takes the next second's name); the rotated path.
-    The native host does the same in C (sink_rotate in _wasihost/wasihost.c)."""
+    """Rotate the log `path` as the kubelet does (and the C host's sink_rotate): rotated files beyond
+    `max_files - 2` go, the rest are gzipped, then `path` becomes `<path>.<UTC stamp>` (returned)."""
     rotated = rotated_log_files(path)
     for name in glob.glob(glob.escape(path) + ".*.tmp"):    # a compression cut short
         with contextlib.suppress(FileNotFoundError):
@@ -1147,11 +1145,8 @@ class _LogFile:
 
 
 class _StreamWriter:
-    """Where one WASI output stream goes: a _LogFile (a path, which both streams may share), an
-    fd, a callable, or nowhere.
-
-    log_format "cri" writes `<timestamp> <stream> <F|P> <line>` records; "plain" the raw bytes.
-    A callable receives each record (or raw chunk) as bytes."""
+    """Where one WASI output stream goes (a _LogFile, an fd, a callable, or nowhere), as CRI
+    records `<timestamp> <stream> <F|P> <line>` (log_format "cri") or raw bytes ("plain")."""
 
     def __init__(self, target, stream, log_format, clock):
         if log_format not in ("cri", "plain"):
@@ -1213,11 +1208,9 @@ class _StreamWriter:
 
 
 def _is_oom(result, memory_limit):
-    """Whether a failed run (of either host) ran out of its memory limit.
-
-    wasmtime's limiter only refuses a memory.grow (no callback says so), so a run counts as OOM
-    when it failed on its own (not exit 0, not stopped) and could not instantiate under the limit
-    or ended within 1/8 of it (a failed malloc asks for more than one page)."""
+    """Whether a failed run (of either host) ran out of its memory limit: wasmtime only refuses a
+    memory.grow, so a run that failed on its own counts when it could not instantiate under the
+    limit or ended within 1/8 of it (a failed malloc asks for more than one page)."""
     if memory_limit is None or result.exit_code == 0 or result.killed or result.timed_out:
         return False
     return result.instantiate_failed or result.peak_memory > memory_limit - max(_WASM_PAGE, memory_limit // 8)
@@ -1253,12 +1246,6 @@ def _set_custom_output(wt, wasi, stream, writer):
     setter(wasi.ptr(), _OUTPUT_CALLBACK, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
 
 
-def _env_pairs(env):
-    if env is None:
-        return []
-    items = env.items() if isinstance(env, dict) else env
-    return [(str(k), str(v)) for k, v in items]
-
 
 class _FallbackRun:
     """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
@@ -1287,7 +1274,8 @@ class _FallbackRun:
             for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
                 self._writers.append(_StreamWriter(self._log_file(target, *rotation), stream, log_format, clock))
             wasi = wt.WasiConfig()
-            argv, pairs = [str(a) for a in argv], _env_pairs(env)
+            argv = [str(a) for a in argv]
+            pairs = [(str(k), str(v)) for k, v in (env.items() if isinstance(env, dict) else env or ())]
             if any("\0" in text for text in argv + [t for pair in pairs for t in pair]):
                 raise ModuleRunError("an argument or environment string contains a NUL byte")
             wasi.argv = argv
@@ -1487,9 +1475,6 @@ class _DoneFd:
     def post(self):
         os.write(self.write_fd, (1).to_bytes(8, sys.byteorder))
 
-    def clear(self):
-        """Make it unreadable again (after it was seen readable)."""
-        os.read(self.read_fd, 4096)
 
     def close(self):
         for fd in {self.read_fd, self.write_fd} - {-1}:
@@ -1604,11 +1589,8 @@ _POLL_TRAMPOLINE = (
 
 
 def _poll_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr, wasi_start):
-    """[(userdata, ns until it fires)] when a poll_oneoff is only realtime/monotonic clocks, all in
-    bounds and aligned (sleep, clock_nanosleep); else None, and wasmtime's own poll_oneoff answers.
-
-    An absolute monotonic time counts from the WASI context's creation, at or before `wasi_start`,
-    so the sleep never ends early."""
+    """[(userdata, ns until it fires)] when a poll_oneoff is only realtime/monotonic clocks, in bounds
+    and aligned (a sleep), else None; absolute monotonic times count from `wasi_start`."""
     size = memory.data_len(store)
     if not 0 < nsubs <= 4096 or subs_ptr % 8 or events_ptr % 8 or nevents_ptr % 4:
         return None
@@ -1629,11 +1611,8 @@ def _poll_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr, wasi_s
 
 
 class FallbackHost:
-    """The WASI host face of `_wasihost.Host`, on the `wasmtime` Python package (slower, same behaviour).
-
-    One engine with epoch interruption; one ticker thread bumps the epoch while runs are active and
-    each run's epoch callback decides whether to stop (kill, deadline). Compiled modules are
-    serialized to `cache_dir`, keyed by sha256 and wasmtime version, so restarts never recompile."""
+    """`_wasihost.Host` on the `wasmtime` Python package (slower, same behaviour): a ticker thread bumps
+    the epoch and each run's epoch callback decides whether to stop; compiled code cached on disk."""
 
     backend = "wasmtime-py"
 
@@ -1917,11 +1896,8 @@ _HOSTS_LOCK = threading.Lock()
 
 
 def _native_host(cache_dir):
-    """The compiled `_wasihost.Host`; ImportError when the extension is missing or its ABI check failed.
-
-    A source checkout first on sys.path (`python minikrust.py` puts the script's folder there) whose
-    `_wasihost/` has no built extension would hide an installed wheel's: then the installed one is
-    imported instead, and the log says so."""
+    """The compiled `_wasihost.Host` (ImportError if missing); a source checkout's unbuilt `_wasihost/`
+    first on sys.path would hide an installed wheel's: then that one is imported, and logged."""
     try:
         import _wasihost
     except ImportError as exc:
@@ -1988,24 +1964,14 @@ def load_host(cache_dir, backend=None):
         return host
 
 
-def _is_native_error(exc):
-    native = sys.modules.get("_wasihost")
-    base = getattr(native, "WasiHostError", None)
-    return base is not None and isinstance(exc, base)
-
-
 @contextlib.contextmanager
 def module_errors():
     """Turn the native host's errors into ModuleLoadError/ModuleRunError, message intact."""
+    native = sys.modules.get("_wasihost")
     try:
         yield
-    except ModuleError:
-        raise
-    except Exception as exc:
-        if not _is_native_error(exc):
-            raise
-        load_error = getattr(sys.modules["_wasihost"], "LoadError", ())
-        cls = ModuleLoadError if isinstance(exc, load_error) else ModuleRunError
+    except getattr(native, "WasiHostError", ()) as exc:
+        cls = ModuleLoadError if isinstance(exc, getattr(native, "LoadError", ())) else ModuleRunError
         raise cls(str(exc)) from exc
 
 
