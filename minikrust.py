@@ -3844,35 +3844,13 @@ _QUANTITY_SUFFIX = {
 }
 
 
-def _expand_refs(text, env):
-    """Expand `$(VAR)` in text exactly as the kubelet does (its third_party expansion package).
+_VAR_REF = re.compile(r"\$(?:\$|\(([^)]*)\))")
 
-    `$$` is an escaped `$`; `$(NAME)` becomes env[NAME] when defined and stays as written when not;
-    an unclosed `$(` and a `$` before any other character are kept as they are. Shared with Env."""
-    out, i, n = [], 0, len(text or "")
-    while i < n:
-        char = text[i]
-        if char != "$" or i + 1 >= n:
-            out.append(char)
-            i += 1
-            continue
-        following = text[i + 1]
-        if following == "$":
-            out.append("$")
-            i += 2
-        elif following == "(":
-            close = text.find(")", i + 2)
-            if close < 0:
-                out.append("$(")
-                i += 2
-            else:
-                name = text[i + 2:close]
-                out.append(env[name] if name in env else f"$({name})")
-                i = close + 1
-        else:
-            out.append("$" + following)
-            i += 2
-    return "".join(out)
+
+def _expand_refs(text, env):
+    """Expand `$(VAR)` as the kubelet does (its third_party expansion package): `$$` is an escaped
+    `$`; an undefined `$(NAME)`, an unclosed `$(` and any other `$` stay as written."""
+    return _VAR_REF.sub(lambda m: "$" if m.group(1) is None else env.get(m.group(1), m.group(0)), text or "")
 
 
 def parse_quantity(value):
@@ -3897,12 +3875,8 @@ def _format_map(mapping):
 
 
 def pod_field(pod, field_path, node_ip=None, whole_maps=False):
-    """The value of a downward API `fieldRef.fieldPath` of a pod.
-
-    Mirrors the kubelet's podFieldSelectorRuntimeValue: name, namespace, uid, one label or
-    annotation by subscript, spec.nodeName, spec.serviceAccountName and the IPs. A module shares
-    the node's network identity, so status.podIP is the node IP. Whole `metadata.labels` and
-    `metadata.annotations` exist only in downwardAPI volumes (`whole_maps=True`)."""
+    """The value of a downward API `fieldRef.fieldPath`, as the kubelet's podFieldSelectorRuntimeValue;
+    status.podIP is the node IP (a module shares its network); whole maps only in volumes (`whole_maps`)."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
@@ -3943,10 +3917,8 @@ def _node_allocatable(resource):
 
 
 def container_resource(pod, container_name, resource, divisor=None):
-    """The value of a `resourceFieldRef` (limits.cpu, requests.memory, ...) as the kubelet writes it.
-
-    CPU is ceil(milli-cores / divisor), memory and ephemeral-storage ceil(bytes / divisor); an unset
-    limit is the node's capacity and an unset request falls back to the limit, then to 0."""
+    """A `resourceFieldRef` (limits.cpu, ...) as the kubelet writes it: ceil(value / divisor); an unset
+    limit is the node's capacity, an unset request the limit, then 0."""
     spec = pod.get("spec") or {}
     containers = (spec.get("containers") or []) + (spec.get("initContainers") or [])
     container = next((c for c in containers if c.get("name") == container_name), None)
@@ -4303,12 +4275,8 @@ def _volume_type(volume):
 
 
 def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None, tokens=None):
-    """Make every volume of a pod ready as a host directory: {volume name: host dir}.
-
-    emptyDir is created once and kept across container restarts; configMap, secret, downwardAPI
-    and projected contents are (re)written under `<pod_dir>/volumes/<name>`; hostPath is checked
-    against config.allowed_host_paths. Raises ContainerConfigError: retry=True for what may still
-    appear (a configMap or secret not created yet), retry=False for what never will."""
+    """Make every volume of a pod ready as a host directory: {volume name: host dir}; API-backed
+    contents are (re)written under `<pod_dir>/volumes/<name>`. ContainerConfigError when not."""
     volumes_dir = os.path.join(pod_dir, "volumes")
     dirs, cache = {}, {}
     for volume in (pod.get("spec") or {}).get("volumes") or []:
@@ -4535,12 +4503,9 @@ def _env_value_from(pod, container, source, api, node_ip, cache):
 
 
 def container_env(pod, container, api=None, node_ip=None, warnings=None):
-    """The environment [(name, value)] of a container, built as the kubelet's makeEnvironmentVariables.
-
-    envFrom first, then env in order (a later name replaces an earlier one); only `value` is
-    $(VAR)-expanded, against the variables defined before it. WASI has no working directory, so a
-    `workingDir` is passed as PWD (unless env sets PWD): a module honouring it can chdir($PWD).
-    `warnings`, a list, receives (reason, message) of the Warning events the kubelet would record."""
+    """The environment [(name, value)] of a container, as the kubelet's makeEnvironmentVariables
+    (envFrom, then env, `value` $(VAR)-expanded); `workingDir` is passed as PWD (WASI has no cwd);
+    `warnings` receives (reason, message) of the Warning events the kubelet would record."""
     cache = {}
     env = _env_from(pod, container, api, cache, warnings)
     for var in container.get("env") or []:
@@ -4571,9 +4536,7 @@ def container_workdir(container):
 
 
 def container_argv(container, env):
-    """argv of a module: command + args with $(VAR) expanded from env, as the kubelet's
-    ExpandContainerCommandAndArgs. A module has no image entrypoint, so without `command`
-    argv[0] is the container's name."""
+    """command + args, $(VAR)-expanded (ExpandContainerCommandAndArgs); no command: argv[0] is the name."""
     env_map = dict(env or ())
     command = [_expand_refs(part, env_map) for part in container.get("command") or []]
     args = [_expand_refs(part, env_map) for part in container.get("args") or []]
