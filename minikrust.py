@@ -2329,7 +2329,6 @@ class NodeAgent:
 # source turns what it sees into pod_added/pod_updated/pod_deleted calls on the pod handler.
 
 def _pod_key(pod):
-    """`namespace/name` of a pod, for logs and lookups."""
     meta = pod.get("metadata") or {}
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
@@ -2381,12 +2380,9 @@ class _PodSet:
 
 
 class ApiPodSource:
-    """Feeds the pods bound to this node (fieldSelector spec.nodeName=<node>) to a handler.
-
-    watch mode: list, then watch from the list's resourceVersion with bookmarks; after a dropped
-    stream it resumes from the last resourceVersion seen, after 410 Expired (an HTTP answer or an
-    ERROR event) it lists again, and every `resync_interval` it re-lists anyway, so a deletion
-    missed while disconnected is still reported. poll mode: a list every `poll_interval`."""
+    """Feeds the pods bound to this node to a handler. watch: list, then watch from its
+    resourceVersion (resumed after a drop, listed again after 410 and every `resync_interval`, so a
+    deletion missed while disconnected is still reported); poll: a list every `poll_interval`."""
 
     def __init__(self, api, node_name, handler, sync="watch", poll_interval=10.0, resync_interval=300.0):
         if sync not in ("watch", "poll"):
@@ -2496,11 +2492,8 @@ def _typed(path, obj, types):
 
 
 def pod_problem(pod):
-    """The first reason the API server would refuse this pod, as its field error, or None.
-
-    Checks what the kubelet builds on (ValidatePodCreate's share of it): metadata.name a DNS-1123
-    subdomain, the namespace and container and volume names DNS-1123 labels, required fields
-    there, names and mount paths not repeated, mounts naming known volumes, fields of their type."""
+    """The first reason the API server would refuse this pod, as its field error, or None: the part
+    of ValidatePodCreate the kubelet builds on (names, required fields, mounts, field types)."""
     meta = pod.get("metadata") if isinstance(pod, dict) else None
     spec = pod.get("spec") if isinstance(pod, dict) else None
     if not isinstance(meta, dict) or not meta.get("name"):
@@ -2580,9 +2573,8 @@ _MANIFEST_ANNOTATION = "minikrust.io/manifest"     # the file a static pod came 
 
 
 def static_pods_from_manifest(path, node_name):
-    """The pods of one manifest file (YAML, multi-document), named and annotated as the kubelet's
-    file source does: name `<name>-<node>`, a uid hashed from the manifest, annotations
-    kubernetes.io/config.source=file and config.hash. Raises ConfigError naming file and document."""
+    """The pods of one manifest file as the kubelet's file source makes them (`<name>-<node>`, a uid
+    hashed from the manifest, config.source/config.hash); ConfigError names file and document."""
     try:
         with open(path, "rb") as f:
             docs = list(yaml.safe_load_all(f))
@@ -2623,10 +2615,8 @@ def static_pods_from_manifest(path, node_name):
 
 
 class StaticPodSource:
-    """Static pods from --pod-manifest-path (a folder of manifests, or one file), re-read when a
-    file is added, changed or removed (mtimes polled every `interval` seconds). A changed
-    manifest is a new pod (new uid), as for the kubelet. Bad manifests are logged and skipped;
-    `errors` maps each such file to its message."""
+    """Static pods from --pod-manifest-path (a folder or one file), rescanned every `interval` s; a
+    changed manifest is a new pod (new uid); bad ones are skipped, kept in `errors` by file."""
 
     def __init__(self, path, node_name, handler, interval=1.0):
         self.path, self.node_name, self.handler, self.interval = path, node_name, handler, interval
