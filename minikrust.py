@@ -6355,16 +6355,16 @@ class Metrics:
             value = self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
             return value[2] if isinstance(value, list) else value
 
-    def render(self):
-        """All families in the Prometheus text exposition format (version 0.0.4)."""
-        out = []
+    def render(self, stamp=None):
+        """All families in the Prometheus text exposition format (version 0.0.4), stamped `stamp` (ms)."""
+        out, at = [], "" if stamp is None else f" {stamp}"
         with self._lock:
             for name in sorted(self._families):
                 kind, help_text, buckets = self._families[name]
                 out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
                 for labels, value in sorted(self._values[name].items()):
                     if kind != "histogram":
-                        out.append(f"{name}{_format_labels(labels)} {_format_value(value)}")
+                        out.append(f"{name}{_format_labels(labels)} {_format_value(value)}{at}")
                         continue
                     counts, total, count = value
                     for bound, seen in zip(buckets, counts):
@@ -6414,6 +6414,18 @@ def _disk_usage(path):
                 used += os.lstat(name).st_blocks * 512
                 inodes += 1
     return used, inodes
+
+
+_RESOURCE_METRICS = {      # the families of the kubelet's /metrics/resource: type, help
+    "node_cpu_usage_seconds_total": ("counter", "Cumulative cpu time consumed by the node in core-seconds"),
+    "node_memory_working_set_bytes": ("gauge", "Current working set of the node in bytes"),
+    "container_cpu_usage_seconds_total": ("counter", "Cumulative cpu time consumed by the container in core-seconds"),
+    "container_memory_working_set_bytes": ("gauge", "Current working set of the container in bytes"),
+    "container_start_time_seconds": ("gauge", "Start time of the container since unix epoch in seconds"),
+    "pod_cpu_usage_seconds_total": ("counter", "Cumulative cpu time consumed by the pod in core-seconds"),
+    "pod_memory_working_set_bytes": ("gauge", "Current working set of the pod in bytes"),
+    "resource_scrape_error": ("gauge", "1 if there was an error while getting container metrics, 0 otherwise"),
+}
 
 
 class _ResourceStats:
@@ -6508,36 +6520,23 @@ class _ResourceStats:
 
     def resource_metrics(self):
         """The /metrics/resource text: node, pod and running containers' CPU and memory, sample times in ms."""
-        stamp = int(time.time() * 1000)
         cpu, working_set, _ = _node_usage()
-        out = []
-
-        def family(name, kind, help_text, samples):
-            out.extend([f"# HELP {name} [STABLE] {help_text}", f"# TYPE {name} {kind}"])
-            out.extend(f"{name}{_format_labels(labels)} {_format_value(value)} {stamp}" for labels, value in samples)
-
-        pods = sorted(self._pods().items())
-        items = [(item, [("container", item["container"]), ("namespace", ns), ("pod", name)])
-                 for (ns, name), pod in pods for item in pod["running"]]
-        family("node_cpu_usage_seconds_total", "counter", "Cumulative cpu time consumed by the node in core-seconds",
-               [((), float(cpu))])
+        metrics = Metrics(standard=False)
+        for name, (kind, help_text) in _RESOURCE_METRICS.items():
+            metrics._declare(name, kind, "[STABLE] " + help_text)
+        metrics.set("node_cpu_usage_seconds_total", float(cpu))
         if working_set is not None:
-            family("node_memory_working_set_bytes", "gauge", "Current working set of the node in bytes",
-                   [((), working_set)])
-        family("container_cpu_usage_seconds_total", "counter",
-               "Cumulative cpu time consumed by the container in core-seconds",
-               [(labels, float(i["cpu_seconds"])) for i, labels in items])
-        family("container_memory_working_set_bytes", "gauge", "Current working set of the container in bytes",
-               [(labels, int(i["memory_bytes"])) for i, labels in items])
-        family("container_start_time_seconds", "gauge", "Start time of the container since unix epoch in seconds",
-               [(labels, float(i.get("start_time") or self._started)) for i, labels in items])
-        family("pod_cpu_usage_seconds_total", "counter", "Cumulative cpu time consumed by the pod in core-seconds",
-               [([("namespace", ns), ("pod", name)], pod["cpu"]) for (ns, name), pod in pods])
-        family("pod_memory_working_set_bytes", "gauge", "Current working set of the pod in bytes",
-               [([("namespace", ns), ("pod", name)], pod["memory"]) for (ns, name), pod in pods])
-        out += ["# HELP resource_scrape_error [STABLE] 1 if there was an error while getting container metrics, "
-                "0 otherwise", "# TYPE resource_scrape_error gauge", "resource_scrape_error 0"]
-        return "\n".join(out) + "\n"
+            metrics.set("node_memory_working_set_bytes", working_set)
+        for (namespace, name), pod in self._pods().items():
+            metrics.set("pod_cpu_usage_seconds_total", pod["cpu"], namespace=namespace, pod=name)
+            metrics.set("pod_memory_working_set_bytes", pod["memory"], namespace=namespace, pod=name)
+            for item in pod["running"]:
+                labels = {"namespace": namespace, "pod": name, "container": item["container"]}
+                metrics.set("container_cpu_usage_seconds_total", float(item["cpu_seconds"]), **labels)
+                metrics.set("container_memory_working_set_bytes", int(item["memory_bytes"]), **labels)
+                metrics.set("container_start_time_seconds", float(item.get("start_time") or self._started), **labels)
+        metrics.set("resource_scrape_error", 0)
+        return metrics.render(stamp=int(time.time() * 1000))
 
 
 # Certificates: keys and CSRs are made with the `openssl` command (present on every Debian and most
