@@ -865,9 +865,8 @@ class ApiClient:
         return self.request("DELETE", path, body=body, **kw)
 
     def watch(self, path, params, timeout=None):
-        """Iterate (type, object) watch events, one JSON object per line, until the server ends
-        the stream. An expired resourceVersion raises ApiError(410), whether the server answers
-        410 or sends an ERROR event carrying a 410 Status; no data for `timeout` seconds ends it."""
+        """(type, object) watch events until the server ends the stream or `timeout` s pass without
+        data; an expired resourceVersion raises ApiError(410), as an answer or an ERROR event."""
         params = dict(params, watch="true")
         read_timeout = timeout or float(params.get("timeoutSeconds", 300)) + 30
         response = self.request("GET", path, params=params, timeout=read_timeout, stream=True)
@@ -3601,9 +3600,7 @@ def push_module(wasm_path, image, *, credential=None, insecure=False):
 
 def cmd_push(argv, environ=None):
     """`minikrust.py push module.wasm registry/repo:tag`: publish a module (CNCF Wasm artifact).
-
-    Credentials: --registry-config (docker config.json), or MINIKRUST_REGISTRY_USERNAME and
-    MINIKRUST_REGISTRY_PASSWORD in the environment (never a password on the command line)."""
+    Credentials: --registry-config, or MINIKRUST_REGISTRY_USERNAME/_PASSWORD (never on the command line)."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="minikrust.py push", description=cmd_push.__doc__.split("\n")[0])
     parser.add_argument("module", help="the .wasm file")
@@ -6399,8 +6396,7 @@ def _node_usage():
 
 
 def _local_ephemeral(volume):
-    """Whether the kubelet counts a volume in a pod's ephemeral-storage (volumeutil's
-    IsLocalEphemeralVolume: emptyDir on disk, configMap, gitRepo)."""
+    """Whether a volume counts in a pod's ephemeral-storage (volumeutil.IsLocalEphemeralVolume)."""
     empty_dir = volume.get("emptyDir")
     return (empty_dir is not None and (empty_dir or {}).get("medium", "") == "") or "configMap" in volume
 
@@ -6469,8 +6465,7 @@ class _ResourceStats:
         return pods
 
     def _storage(self, pod, fs, stamp):
-        """The pod's "volume" stats, its running containers' "logs", and its "ephemeral-storage"
-        (local ephemeral volumes + every container's logs), as FsStats of the root dir's filesystem."""
+        """The pod's "volume", running containers' "logs" and "ephemeral-storage" FsStats."""
         pod_dir = os.path.join(self.kubelet.config.root_dir, "pods", pod["uid"])
 
         def fs_stats(used, inodes, **extra):
@@ -6668,15 +6663,10 @@ def _kubeconfig_is_usable(path):
 
 
 def bootstrap_client_certificate(config, api=None, timeout=900.0):
-    """The kubelet's client-certificate bootstrap (TLS bootstrapping); returns the kubeconfig to use.
-
-    When `config.kubeconfig` (default `<root_dir>/kubelet.kubeconfig`) exists with a valid client
-    certificate it is returned as is. Otherwise, with `--bootstrap-kubeconfig`, a CSR for
-    CN=system:node:<node>, O=system:nodes goes to the kubernetes.io/kube-apiserver-client-kubelet
-    signer using the bootstrap credentials; the issued certificate is stored under
-    `<root_dir>/pki/kubelet-client-current.pem` and a kubeconfig naming it is written.
-    `api` (an ApiClient on the bootstrap credentials) is made from the bootstrap kubeconfig if not given.
-    """
+    """The kubelet's TLS bootstrap: the kubeconfig to use. Unless `config.kubeconfig` (default
+    `<root_dir>/kubelet.kubeconfig`) has a valid client certificate, a CSR for system:node:<node>
+    goes to the client-kubelet signer with the bootstrap credentials (`api`), and a kubeconfig
+    naming the issued `<root_dir>/pki/kubelet-client-current.pem` is written."""
     if not config.bootstrap_kubeconfig:
         return config.kubeconfig
     target = config.kubeconfig or os.path.join(config.root_dir, "kubelet.kubeconfig")
@@ -6707,15 +6697,9 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
 
 
 class _ServingTLS:
-    """The server's TLS context: from --tls-cert-file/--tls-private-key-file, else made here.
-
-    As the kubelet does without serverTLSBootstrap, it serves at once with a self-signed certificate
-    for the node's names and addresses, kept in <root_dir>/pki/kubelet-self-signed.pem and made anew
-    at 70-90% of its life. With --rotate-server-certificates it also asks the kubernetes.io/kubelet-
-    serving signer for one by CSR (CN=system:node:<node>, O=system:nodes), in the background; while
-    that waits for approval the self-signed one is served, once issued (kept as
-    kubelet-server-current.pem, renewed the same way) new connections get it, without a restart.
-    """
+    """The server's TLS context: --tls-cert-file, else as the kubelet, a self-signed certificate
+    (pki/kubelet-self-signed.pem, renewed at 70-90% of its life); with --rotate-server-certificates
+    also one asked of the kubelet-serving signer by CSR, served to new connections once issued."""
 
     SELF_SIGNED_DAYS = 365      # the kubelet's self-signed serving certificate lasts a year
 
