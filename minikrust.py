@@ -1474,6 +1474,10 @@ class _DoneFd:
     def post(self):
         os.write(self.write_fd, (1).to_bytes(8, sys.byteorder))
 
+    def clear(self):
+        """Make it unreadable again (after it was seen readable)."""
+        os.read(self.read_fd, 4096)
+
 
     def close(self):
         for fd in {self.read_fd, self.write_fd} - {-1}:
