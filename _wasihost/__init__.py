@@ -246,22 +246,25 @@ class Module:
 
     def start(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
               memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
-              outgoing_http=False):
+              outgoing_http=False, log_dir_fd=None):
         """Start a run on a thread of its own (made in C); returns a Run (kill(), wait(), done, and
         fileno(), readable once the run is over: a selector can wait for many runs at once). A
         component gets wasi:http with `outgoing_http`: True for any host, or the hosts (request
-        authorities, matched exactly) it may reach; a request to another fails in the guest."""
+        authorities, matched exactly) it may reach; a request to another fails in the guest. With
+        `log_dir_fd` (a directory fd the caller resolved; the run keeps a dup of it), stdout and
+        stderr paths are names in that directory."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http)
+                  rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http, log_dir_fd=log_dir_fd)
         run._launch()
         return run
 
     def run(self, argv, env=(), preopens=(), stdout=None, stderr=None, log_format="cri",
             memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
-            outgoing_http=False):
+            outgoing_http=False, log_dir_fd=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  paths_in_c=True, rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http)
+                  paths_in_c=True, rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http,
+                  log_dir_fd=log_dir_fd)
         run._execute()
         if run._error is not None:
             raise run._error
@@ -292,7 +295,7 @@ def _template(argv, pairs, preopens):
     readonly = ffi.new("int[]", [1 if ro else 0 for _, _, ro in preopens]) if preopens else ffi.NULL
     keep.append(readonly)
     c.preopen_readonly, c.npreopens = readonly, len(preopens)
-    c.stdout_fd = c.stderr_fd = -1
+    c.stdout_fd = c.stderr_fd = c.log_dir_fd = -1
     c.log_format = lib.WH_LOG_CRI
     c.memory_limit = -1
     return c, keep
@@ -375,8 +378,8 @@ def _limits(memory_limit, deadline):
 class _Output:
     """The fds a run writes stdout/stderr to: opened files, pipes to callables, or given fds."""
 
-    def __init__(self, stdout, stderr, cri):
-        self._cri = cri
+    def __init__(self, stdout, stderr, cri, log_dir_fd=-1):
+        self._cri, self._dir_fd = cri, log_dir_fd
         self._close = []
         self._readers = []
         opened = {}
@@ -405,8 +408,9 @@ class _Output:
             self._readers.append(reader)
             opened[id(target)] = w
             return w
-        try:
-            fd = os.open(key, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:       # never through a symlink at the name (wasihost.c's open_outputs likewise)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(key, flags, 0o644, dir_fd=self._dir_fd if self._dir_fd >= 0 else None)
         except OSError as e:
             raise RunError(f"cannot open output {key}: {e.strerror}") from None
         self._close.append(fd)
@@ -464,9 +468,10 @@ class Run:
     """One running (or finished) instance of a module."""
 
     _done = None  # the _DoneFd of a started run
+    _log_dir = -1  # the run's own dup of log_dir_fd, closed when its end is seen
 
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                 deadline, stdin, paths_in_c=False, rotation=(0, 0), outgoing_http=False):
+                 deadline, stdin, paths_in_c=False, rotation=(0, 0), outgoing_http=False, log_dir_fd=None):
         if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
         preopens = preopens or ()
@@ -488,6 +493,8 @@ class Run:
             self._stdin = data = ffi.from_buffer(bytes(stdin))
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
         c.stdout_fd = c.stderr_fd = -1
+        if log_dir_fd is not None:
+            self._log_dir = c.log_dir_fd = os.dup(log_dir_fd)
         c.log_max_size, c.log_max_files = rotation
         c.outgoing_http, c.http_hosts, c.nhttp_hosts, self._hosts = _http(module, outgoing_http)
         self._output = None
@@ -498,7 +505,7 @@ class Run:
         c.stdout_path, c.stderr_path = self._paths
         in_c = paths_in_c and _is_path(stdout) and _is_path(stderr)
         if not in_c and (stdout is not None or stderr is not None):
-            self._output = _Output(stdout, stderr, log_format == "cri")
+            self._output = _Output(stdout, stderr, log_format == "cri", self._log_dir)
             c.stdout_fd, c.stderr_fd = self._output.fds
 
     def _execute(self):
@@ -511,6 +518,7 @@ class Run:
         self._finish(rc, res)
 
     def _finish(self, rc, res):
+        self._close_log_dir()
         if rc != 0:
             self._error = RunError(_err_text(res.message))
         else:
@@ -526,6 +534,7 @@ class Run:
             self._done.close()
             if self._output is not None:
                 self._output.close()
+            self._close_log_dir()
             raise RunError(_err_text(err))
         self._lock = threading.Lock()
         _live.add(self)  # what C reads stays alive until the end is seen
@@ -564,9 +573,15 @@ class Run:
             raise self._error
         return self._result
 
+    def _close_log_dir(self):
+        if self._log_dir >= 0:
+            os.close(self._log_dir)
+            self._log_dir = -1
+
     def __del__(self):
         if self._done is not None:
             self._done.close()
+        self._close_log_dir()
 
 
 _live = set()  # started Runs whose end no wait() has seen yet: C still uses their memory

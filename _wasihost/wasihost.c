@@ -519,13 +519,22 @@ typedef struct {
   int fd; /* -1 discards */
   char *buf;
   size_t len, cap;
-  /* rotation (see wh_run_config): the file's path, its size, the limits; max_size 0 for none */
-  const char *path;
+  /* rotation (see wh_run_config): the file's directory and name in it, its size, the limits;
+   * max_size 0 for none */
+  int dir;
+  const char *name;
   int64_t size, max_size;
   int max_files;
 } sink_t;
 
 #define SINK_FLUSH_AT (64 * 1024)
+
+/* A run's two outputs: the fds written to and, for one given by path, its directory's fd and its
+ * name in it (see wh_run_config.log_dir_fd); what wh_run_exec opened itself is closed at the end. */
+typedef struct {
+  int fd[2], opened[2], dir[2], own_dir[2];
+  const char *name[2];
+} outputs_t;
 
 /* Outside the range of a guest fd (a u32): fd_write(-1) after close(1) must not find the stream. */
 #define FD_CLOSED INT64_MIN
@@ -668,20 +677,24 @@ static int64_t stamp_secs(const char *s) {
 
 static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-/* The suffixes of `base`'s rotated files in `dir` ("<stamp>" or "<stamp>.gz"), oldest first (a
- * malloc'd array, *n of them); left-over "<stamp>.tmp" files are removed on the way. */
-static char **rotated_names(const char *dir, const char *base, size_t *n) {
+/* The suffixes of `base`'s rotated files in the directory `dir` ("<stamp>" or "<stamp>.gz"), oldest
+ * first (a malloc'd array, *n of them); left-over "<stamp>.tmp" files are removed on the way. */
+static char **rotated_names(int dir, const char *base, size_t *n) {
   *n = 0;
-  DIR *d = opendir(dir);
-  if (!d) return NULL;
+  int dup_fd = dup(dir);
+  DIR *d = dup_fd >= 0 ? fdopendir(dup_fd) : NULL;
+  if (!d) {
+    if (dup_fd >= 0) close(dup_fd);
+    return NULL;
+  }
+  rewinddir(d); /* the dup shares its offset with `dir`, which the last listing left at the end */
   size_t cap = 0, blen = strlen(base);
-  char **out = NULL, path[4200];
+  char **out = NULL;
   struct dirent *e;
   while ((e = readdir(d))) {
     const char *name = e->d_name;
     if (strncmp(name, base, blen) != 0 || name[blen] != '.') continue;
-    if (stamp_len(name + blen + 1, 1) && snprintf(path, sizeof path, "%s/%s", dir, name) < (int)sizeof path)
-      unlink(path);
+    if (stamp_len(name + blen + 1, 1)) unlinkat(dir, name, 0);
     if (!stamp_len(name + blen + 1, 0)) continue;
     if (*n == cap) {
       char **grown = realloc(out, (cap = cap ? 2 * cap : 8) * sizeof *out);
@@ -701,7 +714,7 @@ static char **rotated_names(const char *dir, const char *base, size_t *n) {
  * wheel has no target libz to link). Without libz, rotated logs stay uncompressed. */
 static struct {
   pthread_once_t once;
-  void *(*open)(const char *path, const char *mode);
+  void *(*dopen)(int fd, const char *mode);
   int (*write)(void *file, const void *buf, unsigned len);
   int (*close)(void *file); /* Z_OK is 0 */
 } g_zlib = {PTHREAD_ONCE_INIT, NULL, NULL, NULL};
@@ -711,19 +724,21 @@ static void zlib_load(void) {
   if (!z) return;
   *(void **)&g_zlib.write = dlsym(z, "gzwrite");
   *(void **)&g_zlib.close = dlsym(z, "gzclose");
-  if (g_zlib.write && g_zlib.close) *(void **)&g_zlib.open = dlsym(z, "gzopen");
+  if (g_zlib.write && g_zlib.close) *(void **)&g_zlib.dopen = dlsym(z, "gzdopen");
 }
 
-/* gzip `src` to "<src>.gz" (by way of "<src>.tmp"), then remove `src`; 0 when done. */
-static int gzip_log(const char *src) {
+/* gzip `src` in `dir` to "<src>.gz" (by way of "<src>.tmp"), then remove `src`; 0 when done. */
+static int gzip_log(int dir, const char *src) {
   pthread_once(&g_zlib.once, zlib_load);
-  if (!g_zlib.open) return -1;
+  if (!g_zlib.dopen) return -1;
   char tmp[4300], gz[4300];
   snprintf(tmp, sizeof tmp, "%s.tmp", src);
   snprintf(gz, sizeof gz, "%s.gz", src);
-  int in = open(src, O_RDONLY | O_CLOEXEC);
+  int in = openat(dir, src, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (in < 0) return -1;
-  void *out = g_zlib.open(tmp, "wb6");
+  int out_fd = openat(dir, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+  void *out = out_fd >= 0 ? g_zlib.dopen(out_fd, "wb6") : NULL; /* gzclose closes out_fd */
+  if (out_fd >= 0 && !out) close(out_fd);
   int ok = out != NULL;
   char buf[65536];
   ssize_t got;
@@ -733,26 +748,23 @@ static int gzip_log(const char *src) {
   }
   close(in);
   if (out && g_zlib.close(out) != 0) ok = 0;
-  if (ok && rename(tmp, gz) == 0) return unlink(src);
-  unlink(tmp);
+  if (ok && renameat(dir, tmp, dir, gz) == 0) return unlinkat(dir, src, 0);
+  unlinkat(dir, tmp, 0);
   return -1;
 }
 
 static void sink_rotate(sink_t *k) {
   k->size = 0; /* also when it fails: tried again after another max_size bytes */
-  const char *slash = strrchr(k->path, '/');
-  char dir[4096], target[4200], stamp[40];
-  if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - k->path > 0 ? slash - k->path : 1), k->path);
-  else snprintf(dir, sizeof dir, ".");
+  char target[4200], stamp[40];
   size_t n, keep = k->max_files > 2 ? (size_t)(k->max_files - 2) : 0;
-  char **old = rotated_names(dir, slash ? slash + 1 : k->path, &n);
+  char **old = rotated_names(k->dir, k->name, &n);
   int64_t newest = n ? stamp_secs(old[n - 1]) : 0;
   for (size_t i = 0; i < n; i++) {
     /* a file both compressed and not (a compression cut short) is the .gz one, which sorts next */
     int duplicate = i + 1 < n && strncmp(old[i], old[i + 1], STAMP_LEN) == 0;
-    if (snprintf(target, sizeof target, "%s.%s", k->path, old[i]) < (int)sizeof target) {
-      if (duplicate || i + keep < n) unlink(target);
-      else if (!strstr(old[i], ".gz")) gzip_log(target);
+    if (snprintf(target, sizeof target, "%s.%s", k->name, old[i]) < (int)sizeof target) {
+      if (duplicate || i + keep < n) unlinkat(k->dir, target, 0);
+      else if (!strstr(old[i], ".gz")) gzip_log(k->dir, target);
     }
     free(old[i]);
   }
@@ -763,16 +775,16 @@ static void sink_rotate(sink_t *k) {
   struct tm tm;
   gmtime_r(&secs, &tm);
   strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &tm);
-  snprintf(target, sizeof target, "%s.%s", k->path, stamp);
-  int renamed = rename(k->path, target) == 0;
-  if (renamed || errno == ENOENT) { /* reopen the path; the fd keeps its number (others hold it) */
-    int fd = open(k->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  snprintf(target, sizeof target, "%s.%s", k->name, stamp);
+  int renamed = renameat(k->dir, k->name, k->dir, target) == 0;
+  if (renamed || errno == ENOENT) { /* reopen the name; the fd keeps its number (others hold it) */
+    int fd = openat(k->dir, k->name, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd >= 0 && fd != k->fd) {
       if (dup2(fd, k->fd) >= 0) fcntl(k->fd, F_SETFD, FD_CLOEXEC);
       close(fd);
     }
   }
-  if (renamed && k->max_files == 1) unlink(target); /* max_files 1: the live file alone */
+  if (renamed && k->max_files == 1) unlinkat(k->dir, target, 0); /* max_files 1: the live file alone */
 }
 
 /* Room for `need` more bytes at the end of the buffer, or NULL (then the bytes are dropped). */
@@ -885,12 +897,14 @@ static void stream_finish(stream_t *s) {
   s->line_len = 0;
 }
 
-/* A sink for `fd`, rotating `path` (when given, with a size limit) as the config says. */
-static sink_t sink_for(int fd, const char *path, const wh_run_config *c) {
-  sink_t k = {fd, NULL, 0, 0, NULL, 0, 0, 0};
+/* A sink for output `i`, rotating its file (when given by path, with a size limit) as the config says. */
+static sink_t sink_for(const outputs_t *o, int i, const wh_run_config *c) {
+  int fd = o->fd[i];
+  sink_t k = {fd, NULL, 0, 0, -1, NULL, 0, 0, 0};
   struct stat st;
-  if (fd >= 0 && path && path[0] && c->log_max_size > 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
-    k.path = path;
+  if (fd >= 0 && o->name[i] && c->log_max_size > 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+    k.dir = o->dir[i];
+    k.name = o->name[i];
     k.size = st.st_size;
     k.max_size = c->log_max_size;
     k.max_files = c->log_max_files > 0 ? c->log_max_files : 1;
@@ -898,12 +912,12 @@ static sink_t sink_for(int fd, const char *path, const wh_run_config *c) {
   return k;
 }
 
-static void streams_begin(wh_run *r, const wh_run_config *c) {
-  int stdout_fd = c->stdout_fd, stderr_fd = c->stderr_fd, shared = stderr_fd >= 0 && stderr_fd == stdout_fd;
+static void streams_begin(wh_run *r, const wh_run_config *c, const outputs_t *o) {
+  int shared = o->fd[1] >= 0 && o->fd[1] == o->fd[0];
   r->clock = 0;
-  r->sinks[0] = sink_for(stdout_fd, c->stdout_path, c);
-  r->sinks[1] = sink_for(shared ? -1 : stderr_fd, c->stderr_path, c); /* shared: both streams use sinks[0] */
-  r->sinks[1].fd = stderr_fd;
+  r->sinks[0] = sink_for(o, 0, c);
+  r->sinks[1] = shared ? (sink_t){-1, NULL, 0, 0, -1, NULL, 0, 0, 0} : sink_for(o, 1, c);
+  r->sinks[1].fd = o->fd[1]; /* shared: both streams use sinks[0] */
   sink_t *err_sink = shared ? &r->sinks[0] : &r->sinks[1];
   r->streams[0] = (stream_t){&r->sinks[0], 1, "stdout", 6, NULL, 0, &r->clock};
   r->streams[1] = (stream_t){err_sink, 2, "stderr", 6, NULL, 0, &r->clock};
@@ -1366,31 +1380,59 @@ static void classify(wh_run *r, wasmtime_error_t *e, wasm_trap_t *trap, wh_resul
   if (trap) take_trap(trap, "", res->message, sizeof res->message);
 }
 
-/* Paths given instead of fds are opened here (append; both streams share one fd for one path). */
-static int open_outputs(const wh_run_config *c, int fds[2], int opened[2], char *err, size_t errlen) {
-  const char *paths[2] = {c->stdout_path, c->stderr_path};
+static void close_outputs(const outputs_t *o) {
   for (int i = 0; i < 2; i++) {
-    if (fds[i] >= 0 || !paths[i]) continue;
-    if (i == 1 && paths[0] && fds[0] >= 0 && opened[0] >= 0 && strcmp(paths[0], paths[1]) == 0) {
-      fds[1] = fds[0];
-      continue;
-    }
-    int fd = open(paths[i], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      char msg[4200];
-      snprintf(msg, sizeof msg, "cannot open output %s: %s", paths[i], strerror(errno));
-      set_msg(err, errlen, "", (const uint8_t *)msg, strlen(msg));
-      if (opened[0] >= 0) close(opened[0]);
-      return -1;
-    }
-    fds[i] = opened[i] = fd;
+    if (o->opened[i] >= 0) close(o->opened[i]);
+    if (o->own_dir[i] >= 0) close(o->own_dir[i]);
   }
-  return 0;
 }
 
-static void close_outputs(const int opened[2]) {
-  for (int i = 0; i < 2; i++)
-    if (opened[i] >= 0) close(opened[i]);
+/* The directory and name of output `i`, given by `path`: in c->log_dir_fd, or in its own directory
+ * (opened here); 0, or -1 with errno set. */
+static int output_dir(const wh_run_config *c, outputs_t *o, int i, const char *path) {
+  const char *slash = strrchr(path, '/');
+  if (c->log_dir_fd >= 0) {
+    o->dir[i] = c->log_dir_fd;
+    o->name[i] = path;
+    errno = EXDEV; /* a name in that directory, not a path through others */
+    return slash ? -1 : 0;
+  }
+  char dir[4096];
+  snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash > path ? slash - path : 1) : 1, slash ? path : ".");
+  o->dir[i] = o->own_dir[i] = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  o->name[i] = slash ? slash + 1 : path;
+  return o->dir[i] >= 0 ? 0 : -1;
+}
+
+/* Paths given instead of fds are opened here (append; both streams share one fd for one path),
+ * never through a symlink at the name. */
+static int open_outputs(const wh_run_config *c, outputs_t *o, char *err, size_t errlen) {
+  const char *paths[2] = {c->stdout_path, c->stderr_path};
+  *o = (outputs_t){{c->stdout_fd, c->stderr_fd}, {-1, -1}, {-1, -1}, {-1, -1}, {NULL, NULL}};
+  int i;
+  for (i = 0; i < 2; i++) {
+    if (!paths[i]) continue;
+    int same = i == 1 && paths[0] && strcmp(paths[0], paths[1]) == 0;
+    if (same) {
+      o->dir[1] = o->dir[0];
+      o->name[1] = o->name[0];
+    }
+    if (!same && output_dir(c, o, i, paths[i]) != 0) goto fail;
+    if (o->fd[i] >= 0) continue;
+    if (same && o->opened[0] >= 0) {
+      o->fd[1] = o->opened[0];
+      continue;
+    }
+    o->fd[i] = o->opened[i] = openat(o->dir[i], o->name[i], O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (o->fd[i] < 0) goto fail;
+  }
+  return 0;
+fail:;
+  char msg[4200];
+  snprintf(msg, sizeof msg, "cannot open output %s: %s", paths[i], strerror(errno));
+  set_msg(err, errlen, "", (const uint8_t *)msg, strlen(msg));
+  close_outputs(o);
+  return -1;
 }
 
 /* A store for one run on r->ec's engine, with the run's memory limit, epoch callback and `wasi`
@@ -1477,11 +1519,11 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
     res->status = WH_KILLED;
     return 0;
   }
-  int fds[2] = {c->stdout_fd, c->stderr_fd}, opened[2] = {-1, -1};
-  if (open_outputs(c, fds, opened, res->message, sizeof res->message) != 0) return WH_ERR_RUN;
+  outputs_t o;
+  if (open_outputs(c, &o, res->message, sizeof res->message) != 0) return WH_ERR_RUN;
   wh_run_config cfg = *c;
-  cfg.stdout_fd = fds[0];
-  cfg.stderr_fd = fds[1];
+  cfg.stdout_fd = o.fd[0];
+  cfg.stderr_fd = o.fd[1];
   c = &cfg;
 
   r->timed_out = 0;
@@ -1499,7 +1541,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       r->deadline.tv_nsec -= 1000000000L;
     }
   }
-  streams_begin(r, c);
+  streams_begin(r, c, &o);
   usage_begin(r, &c0);
   runs_add(1);
   r->ec = m->ec;
@@ -1511,7 +1553,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   }
   streams_end(r);
   runs_add(-1);
-  close_outputs(opened);
+  close_outputs(&o);
   double cpu = since(&c0, CLOCK_THREAD_CPUTIME_ID);
   usage_end(r, cpu);
   if (rc != 0) return rc;

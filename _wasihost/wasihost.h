@@ -36,6 +36,10 @@ typedef struct {
   int stderr_fd;
   const char *stdout_path; /* opened (append) by wh_run_exec when the fd is -1 */
   const char *stderr_path;
+  /* >= 0: the paths are names in this directory (the caller resolved it; it stays the caller's):
+   * opened, rotated and listed relative to it. -1: each path's own directory. A name is never
+   * followed when it is a symlink (O_NOFOLLOW), in opens and rotation alike. */
+  int log_dir_fd;
   int log_format;       /* WH_LOG_PLAIN or WH_LOG_CRI */
   /* Rotation of an output given by path (also when its fd is given): once the file reaches
    * log_max_size bytes (<= 0: never) it is renamed to "<path>.<UTC %Y%m%d-%H%M%S.%06d>", the
