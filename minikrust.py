@@ -127,20 +127,208 @@ class ContainerConfigError(MinikrustError):
         self.retry = retry
 
 
-def _write_atomic(path, data, mode=0o644):
-    """Write a file whole or not at all: a temp file beside it, synced, then renamed over it."""
-    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+# --- Files: one way in, beneath a root ---
+# A module can plant symlinks (WASI path_symlink) wherever it may write, and the kubelet works in
+# those folders on the host, unconfined. So every open, write, mkdir, chmod, rename, removal and
+# listing there starts from open_beneath: openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) lets
+# the kernel refuse any step out of the root (links inside it are followed); where the kernel has
+# no openat2, each component is opened O_NOFOLLOW from the root's fd, so no link is followed at all.
+
+_OPENAT2 = {"x86_64": 437, "amd64": 437, "aarch64": 437, "arm64": 437}.get(platform.machine().lower())
+_RESOLVE_BENEATH = 0x08 | 0x02                       # RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+_BENEATH = {"openat2": None if sys.platform.startswith("linux") and _OPENAT2 else False, "syscall": None}
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2(dir_fd, path, flags, mode):
+    """openat2(2) beneath dir_fd; None when the kernel (or a seccomp filter) does not offer it."""
+    if _BENEATH["syscall"] is None:
+        _BENEATH["syscall"] = ctypes.CDLL(None, use_errno=True).syscall
+        _BENEATH["syscall"].restype = ctypes.c_long
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, _RESOLVE_BENEATH)
+    for _ in range(16):                  # EAGAIN: a rename raced the lookup; the kernel asks again
+        fd = _BENEATH["syscall"](ctypes.c_long(_OPENAT2), ctypes.c_int(dir_fd), os.fsencode(path),
+                                 ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        err = ctypes.get_errno() if fd < 0 else 0
+        if err not in (errno.EAGAIN, errno.EINTR):
+            break
+    if err in (errno.ENOSYS, errno.EPERM) and _BENEATH["openat2"] is None:
+        _BENEATH["openat2"] = False
+        return None
+    if fd < 0:
+        raise OSError(err, os.strerror(err), path)
+    _BENEATH["openat2"] = True
+    return fd
+
+
+def _beneath_parts(path):
+    """The components of a path meant to stay beneath a root: relative, no `..`."""
+    path = os.fspath(path)
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if path.startswith("/") or ".." in parts or "\0" in path:
+        raise OSError(errno.EXDEV, "path leaves its root", path)
+    return parts
+
+
+def open_beneath(root, path, flags=os.O_RDONLY, mode=0o600):
+    """A file descriptor of `path` opened beneath `root` (a directory path or fd), never through a
+    symlink that leads out of it (OSError EXDEV or ELOOP instead). The caller closes it."""
+    parts = _beneath_parts(path)
+    root_fd = root if isinstance(root, int) else os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        if _BENEATH["openat2"] is not False:
+            fd = _openat2(root_fd, "/".join(parts) or ".", flags, mode)
+            if fd is not None:
+                return fd
+        fd = os.dup(root_fd)
+        for index, part in enumerate(parts):
+            step = flags if index == len(parts) - 1 else os.O_RDONLY | os.O_DIRECTORY
+            try:
+                next_fd = os.open(part, step | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+            finally:
+                os.close(fd)
+            fd = next_fd
+        return fd
+    finally:
+        if root_fd is not root:
+            os.close(root_fd)
+
+
+def _makedirs_beneath(root, path, mode=0o755):
+    """The fd of the directory `path` beneath `root`, made (with its parents) where missing."""
+    fd = open_beneath(root, "", os.O_RDONLY | os.O_DIRECTORY)
+    for part in _beneath_parts(path):
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, mode, dir_fd=fd)
+            next_fd = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
+        finally:
+            os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755):
+    """Write the file `path` beneath `root` atomically: a temp file beside it, renamed over it."""
+    parts = _beneath_parts(path)
+    dir_fd = _makedirs_beneath(root, "/".join(parts[:-1]), dir_mode)
+    temp = f".tmp-{uuid.uuid4().hex[:16]}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         with os.fdopen(fd, "wb") as out:
-            out.write(data)
+            out.write(content)
             os.fchmod(out.fileno(), mode)
             out.flush()
             os.fsync(out.fileno())      # on disk before the rename: a crash leaves the old file or the new
-        os.replace(temp, path)
+        os.replace(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(temp)
+            os.unlink(temp, dir_fd=dir_fd)
         raise
+    finally:
+        os.close(dir_fd)
+
+
+def _open_dir_to_empty(dir_fd, name):
+    """The fd of the directory `name` (never a link), made writable so its entries can go."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:              # a folder made unreadable: chmod it through an O_PATH fd
+        path_fd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
+        finally:
+            os.close(path_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _remove_beneath(root, path):
+    """Remove `path` beneath `root` and all it holds, never following a symlink; best effort:
+    what cannot be removed is logged, not raised. Trees deeper than 64 folders are moved up in
+    pieces, so neither the stack nor the open fds grow with a module's nesting."""
+    parts = _beneath_parts(path)
+    try:
+        top = open_beneath(root, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cannot remove %s beneath %s: %s", path, root, exc)
+        return
+    pending = [parts[-1]]
+    try:
+        while pending:
+            _remove_entry(top, pending.pop(), top, 0, pending)
+    finally:
+        os.close(top)
+
+
+def _remove_entry(dir_fd, name, top, depth, pending):
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except (IsADirectoryError, PermissionError):
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", name, exc)
+        return
+    try:
+        if depth >= 64:
+            moved = f".minikrust-deep-{uuid.uuid4().hex[:12]}"
+            os.rename(name, moved, src_dir_fd=dir_fd, dst_dir_fd=top)
+            pending.append(moved)
+            return
+        fd = _open_dir_to_empty(dir_fd, name)
+        try:
+            for entry in list(os.scandir(fd)):
+                _remove_entry(fd, entry.name, top, depth + 1, pending)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", name, exc)
+
+
+def _read_beneath(root, path, limit, tail=False):
+    """Up to `limit` bytes of the regular file `path` beneath `root` (its last ones with `tail`)."""
+    fd = open_beneath(root, path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if tail:
+            f.seek(max(0, info.st_size - limit))
+        return f.read(limit)
+
+
+def _list_beneath(root, path=""):
+    """The names in the directory `path` beneath `root`, sorted; none when it is missing."""
+    try:
+        fd = open_beneath(root, path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _fd_path(fd, root, path):
+    """The real path of an fd opened by open_beneath: /proc knows it; else (no links followed)
+    it is the root joined with the path."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return os.path.join(os.path.realpath(root), *_beneath_parts(path))
 
 
 # --- Config: flags, environment, kubeconfig, in-cluster ---
@@ -977,48 +1165,75 @@ class _LogClock:
 _ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
 
 
-def _rotate_log(path, max_files):
-    """Rotate the log `path` as the kubelet does (and the C host's sink_rotate): rotated files beyond
-    `max_files - 2` go, the rest are gzipped, then `path` becomes `<path>.<UTC stamp>` (returned)."""
-    rotated = rotated_log_files(path)
-    for name in glob.glob(glob.escape(path) + ".*.tmp"):    # a compression cut short
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(name)
+def _log_dir(path, root=None):
+    """(fd of the folder of the log `path`, resolved beneath `root` (default: that folder itself), the
+    log's name in it): every open, listing, rename and removal of a log and its rotated files is
+    made relative to that fd (open_beneath), never through a symlink planted on the way."""
+    folder, name = os.path.split(os.fspath(path))
+    folder = folder or "."
+    root = folder if root is None else root
+    return open_beneath(root, os.path.relpath(folder, root), os.O_RDONLY | os.O_DIRECTORY), name
+
+
+@contextlib.contextmanager
+def _open_log(folder, name):
+    """The log file `name` in the directory fd `folder` for reading, gunzipped when it is `.gz`."""
+    with os.fdopen(open_beneath(folder, name, os.O_RDONLY | os.O_NONBLOCK), "rb") as raw:
+        if not name.endswith(".gz"):
+            yield raw
+        else:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as packed:
+                yield packed
+
+
+def _rotate_log(folder, base, max_files):
+    """Rotate the log `base` in the directory fd `folder` as the kubelet does (and the C host's
+    sink_rotate): rotated files beyond `max_files - 2` go, the rest are gzipped, then `base`
+    becomes `<base>.<UTC stamp>` (returned)."""
+    rotated = rotated_log_files(folder, base)
+    for name in os.listdir(folder):        # a compression cut short
+        if name.startswith(base + ".") and name.endswith(".tmp") and _ROTATED_STAMP.match(name[len(base) + 1:-4]):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name, dir_fd=folder)
     keep = max(0, max_files - 2)
     for index, name in enumerate(rotated):
         if index + keep < len(rotated):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(name)
+                os.remove(name, dir_fd=folder)
         elif not name.endswith(".gz"):
-            with open(name, "rb") as source, gzip.open(name + ".tmp", "wb", compresslevel=6) as packed:
-                shutil.copyfileobj(source, packed)
-            os.replace(name + ".tmp", name + ".gz")
-            os.remove(name)
+            with contextlib.suppress(OSError):      # not compressed, as in C (a link planted there is not followed)
+                _compress_log(folder, name)
     now = int(time.time())
     if rotated:
-        newest = datetime.datetime.strptime(rotated[-1][len(path) + 1:][:15], "%Y%m%d-%H%M%S")
+        newest = datetime.datetime.strptime(rotated[-1][len(base) + 1:][:15], "%Y%m%d-%H%M%S")
         now = max(now, int(newest.replace(tzinfo=datetime.timezone.utc).timestamp()) + 1)
-    target = f"{path}.{datetime.datetime.fromtimestamp(now, datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    os.rename(path, target)
+    target = f"{base}.{datetime.datetime.fromtimestamp(now, datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    os.rename(base, target, src_dir_fd=folder, dst_dir_fd=folder)
     if max_files == 1:      # the live file alone
-        os.remove(target)
+        os.remove(target, dir_fd=folder)
     return target
 
 
-def rotated_log_files(path):
-    """The rotated files of a container log, oldest first (the live file `path` not included); of a
-    file found both compressed and not (a compression cut short), the compressed one."""
-    folder, base = os.path.split(path)
-    try:
-        names = os.listdir(folder or ".")
-    except FileNotFoundError:
-        return []
+def _compress_log(folder, name):
+    """gzip the log `name` in the directory fd `folder` to `<name>.gz` (by way of `<name>.tmp`)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    with _open_log(folder, name) as source, os.fdopen(open_beneath(folder, name + ".tmp", flags, 0o644), "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as packed:
+            shutil.copyfileobj(source, packed)
+    os.replace(name + ".tmp", name + ".gz", src_dir_fd=folder, dst_dir_fd=folder)
+    os.remove(name, dir_fd=folder)
+
+
+def rotated_log_files(folder, base):
+    """The names of the rotated files of the log `base` in the directory fd `folder`, oldest first
+    (the live file not included); of a file found both compressed and not (a compression cut
+    short), the compressed one."""
     stamps = {}
-    for name in sorted(names):  # "<stamp>" sorts before "<stamp>.gz", which then wins
+    for name in sorted(os.listdir(folder)):  # "<stamp>" sorts before "<stamp>.gz", which then wins
         suffix = name[len(base) + 1:]
         if name.startswith(base + ".") and _ROTATED_STAMP.match(suffix):
             stamps[suffix[:15]] = name
-    return [os.path.join(folder, stamps[stamp]) for stamp in sorted(stamps)]
+    return [stamps[stamp] for stamp in sorted(stamps)]
 
 
 def _records(handle, buffered, block=1 << 20):
@@ -1038,29 +1253,38 @@ class _LogCursor:
     the rotated files then the live one; when the file being read was renamed away, its rest, any
     newer rotated files, then the new live file. As rotation compresses and removes files, inodes are
     reused: the file read last is known by its first bytes, and by its stamp once rotated (the live
-    file's is the first one newer than the newest rotated file when the cursor came to it). Holds no
-    file open between reads."""
+    file's is the first one newer than the newest rotated file when the cursor came to it). Holds
+    only its folder open between reads (see _log_dir; `root`: the folder is resolved beneath it)."""
 
-    def __init__(self, path):
-        self.path, self._inode, self._offset, self._buffered = path, None, 0, bytearray()
+    def __init__(self, path, root=None):
+        self._folder, self.path = _log_dir(path, root)
+        self._inode, self._offset, self._buffered = None, 0, bytearray()
         self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
+
+    def __del__(self):
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._folder)
+
+    def exists(self):
+        """Whether the log or any rotated file of it is there."""
+        return self.path in os.listdir(self._folder) or bool(rotated_log_files(self._folder, self.path))
 
     def _same(self, name):
         """Whether `name` starts with the bytes the file read last started with (an empty one: any)."""
         try:
-            with (gzip.open if name.endswith(".gz") else open)(name, "rb") as handle:
+            with _open_log(self._folder, name) as handle:
                 return handle.read(len(self._head)) == self._head
         except (OSError, EOFError):
             return False
 
     def _unread(self):
         """[(file, offset)] to read now, oldest first."""
-        if not os.path.exists(self.path):
+        if self.path not in os.listdir(self._folder):
             return []
         live = self._inode is not None and self._stamp is None
         if live and self._head and self._same(self.path):
             return [(self.path, self._offset)]
-        rotated = rotated_log_files(self.path)
+        rotated = rotated_log_files(self._folder, self.path)
         stamps = [name[len(self.path) + 1:][:15] for name in rotated]
         after, self._after = self._after, (stamps[-1] if stamps else "")
         for i, name in enumerate(rotated if self._inode is not None else ()):   # the rest are newer
@@ -1073,11 +1297,11 @@ class _LogCursor:
     def records(self, final=False):
         """The records written since the last call, oldest first; `final`: also a last one without newline."""
         for name, offset in self._unread():
-            try:
-                handle = gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")
-            except FileNotFoundError:
-                continue
-            with handle:
+            with contextlib.ExitStack() as stack:
+                try:
+                    handle = stack.enter_context(_open_log(self._folder, name))
+                except FileNotFoundError:
+                    continue
                 st = os.fstat(handle.fileno())
                 if offset == 0 or (st.st_size < offset and not name.endswith(".gz")):  # another file, or truncated
                     offset = 0
@@ -1102,13 +1326,17 @@ def _write_all(fd, data):
 
 class _LogFile:
     """An output path of a run, shared by its two streams: appended, and with `max_size` rotated
-    (see _rotate_log) after the record that fills it, then reopened."""
+    (see _rotate_log) after the record that fills it, then reopened. With `folder` (a directory
+    fd the caller resolved, as the native host's log_dir_fd), `path` is a name in it."""
 
-    def __init__(self, path, max_size=None, max_files=None):
+    def __init__(self, path, max_size=None, max_files=None, folder=None):
         self.path, self.max_size, self.max_files = os.fspath(path), max_size, max_files
+        self.folder = self.fd = -1
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.folder, self.name = (os.dup(folder), self.path) if folder is not None else _log_dir(self.path)
+            self.fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
+            self.close()
             raise ModuleRunError(f"cannot open log {self.path}: {exc.strerror}") from exc
         self.size = os.fstat(self.fd).st_size
         self._lock = threading.Lock()
@@ -1130,17 +1358,19 @@ class _LogFile:
     def _rotate(self):
         self.size = 0  # also when it fails: tried again after another max_size bytes
         try:
-            _rotate_log(self.path, self.max_files)
+            _rotate_log(self.folder, self.name, self.max_files)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("cannot rotate log %s: %s", self.path, exc)
                 return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, self.fd, inheritable=False)
         os.close(fd)
 
     def close(self):
-        os.close(self.fd)
+        for fd in (self.fd, self.folder):
+            if fd >= 0:
+                os.close(fd)
 
 
 class _StreamWriter:
@@ -1252,7 +1482,7 @@ class _FallbackRun:
     _done = None  # the _DoneFd its thread writes at the end
 
     def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
-                 memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False):
+                 memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False, log_dir_fd=None):
         wt = host._wt
         memory_limit, deadline = _run_limits(memory_limit, deadline)
         self._host, self._module = host, module
@@ -1271,7 +1501,7 @@ class _FallbackRun:
         self._writers, self._files = [], {}
         try:
             for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
-                self._writers.append(_StreamWriter(self._log_file(target, *rotation), stream, log_format, clock))
+                self._writers.append(_StreamWriter(self._log_file(target, *rotation, log_dir_fd), stream, log_format, clock))
             wasi = wt.WasiConfig()
             argv = [str(a) for a in argv]
             pairs = [(str(k), str(v)) for k, v in (env.items() if isinstance(env, dict) else env or ())]
@@ -1307,13 +1537,13 @@ class _FallbackRun:
             self._close_writers()
             raise
 
-    def _log_file(self, target, max_size, max_files):
+    def _log_file(self, target, max_size, max_files, folder):
         """A path target as the run's _LogFile for it (one per path: both streams share it)."""
         if target is None or callable(target) or isinstance(target, int):
             return target
         path = os.fsdecode(target)
         if path not in self._files:
-            self._files[path] = _LogFile(path, max_size, max_files)
+            self._files[path] = _LogFile(path, max_size, max_files, folder)
         return self._files[path]
 
     def _close_writers(self):
@@ -1538,9 +1768,10 @@ class _FallbackModule:
         self.component, self.imports_http = pre is None, bool(imports_http)
 
     def _new_run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri", memory_limit=None,
-                 deadline=None, stdin=None, log_max_size=None, log_max_files=None, outgoing_http=False):
+                 deadline=None, stdin=None, log_max_size=None, log_max_files=None, outgoing_http=False,
+                 log_dir_fd=None):
         return _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                            deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http)
+                            deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http, log_dir_fd)
 
     def start(self, *args, **kwargs):
         """Start a run in a thread (ModuleRunError for setup errors); as `_wasihost.Module.start`."""
@@ -1724,7 +1955,7 @@ class FallbackHost:
 
     def _write_cache(self, path, blob):
         try:
-            _write_atomic(path, blob)
+            _write_beneath(*os.path.split(path), blob)
         except OSError as exc:  # a read-only cache only costs a recompile next time
             log.warning("cannot write compiled module cache %s: %s", path, exc)
 
@@ -3055,12 +3286,13 @@ class RegistryClient:
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-def _read_state(path, valid=lambda doc: True):
-    """A JSON object the kubelet kept on disk, or None when there is none. One found corrupt,
-    truncated or not `valid` (a disk error, a write from before writes were atomic) is reported and
-    set aside as `<path>.corrupt`, for inspection: the kubelet starts without it, never crashes on it."""
+def _read_state(root, path, valid=lambda doc: True):
+    """A JSON object the kubelet kept on disk at `path` beneath `root`, or None when there is none.
+    One found corrupt, truncated or not `valid` (a disk error, a write from before writes were
+    atomic) is reported and set aside as `<path>.corrupt`, for inspection: the kubelet starts
+    without it, never crashes on it."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_beneath(root, path), "rb") as f:
             doc = json.loads(f.read())
         if isinstance(doc, dict) and valid(doc):
             return doc
@@ -3072,7 +3304,12 @@ def _read_state(path, valid=lambda doc: True):
         return None
     except ValueError as exc:       # also UnicodeDecodeError
         with contextlib.suppress(OSError):
-            os.replace(path, f"{path}.corrupt")
+            folder = open_beneath(root, os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                name = os.path.basename(path)
+                os.replace(name, f"{name}.corrupt", src_dir_fd=folder, dst_dir_fd=folder)
+            finally:
+                os.close(folder)
         log.error("state file %s is corrupt (%s): set aside as %s.corrupt", path, exc, os.path.basename(path))
         return None
 
@@ -3101,11 +3338,11 @@ class ModuleStore:
         self._index = self._load()
 
     def _load(self):
-        index = _read_state(os.path.join(self.root, "index.json")) or {}
+        index = _read_state(self.root, "index.json") or {}
         return {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
 
     def _save(self):
-        _write_atomic(os.path.join(self.root, "index.json"), json.dumps(self._index, indent=1, sort_keys=True).encode())
+        _write_beneath(self.root, "index.json", json.dumps(self._index, indent=1, sort_keys=True).encode())
         self._persisted = time.time()
 
     def path(self, digest):
@@ -3174,7 +3411,7 @@ class ModuleStore:
             if self._hmac_key is None:
                 path = os.path.join(self.root, "credential-key")
                 if not os.path.exists(path):
-                    _write_atomic(path, os.urandom(32), 0o600)
+                    _write_beneath(self.root, "credential-key", os.urandom(32), 0o600)
                 with open(path, "rb") as f:
                     self._hmac_key = f.read()
             return self._hmac_key
@@ -3633,197 +3870,6 @@ def cmd_push(argv, environ=None):
 # --- Volumes: emptyDir, hostPath, configMap, secret, downwardAPI, projected ---
 # The folders a module sees, prepared under the pod's folder and preopened; every host file operation
 # goes through one resolver that stays beneath its root and never follows a symlink out.
-
-# One way in. A module can plant symlinks (WASI path_symlink) wherever it may write, and the kubelet works in
-# those folders on the host, unconfined. So every open, write, mkdir, chmod, rename, removal and
-# listing there starts from open_beneath: openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) lets
-# the kernel refuse any step out of the root (links inside it are followed); where the kernel has
-# no openat2, each component is opened O_NOFOLLOW from the root's fd, so no link is followed at all.
-
-_OPENAT2 = {"x86_64": 437, "amd64": 437, "aarch64": 437, "arm64": 437}.get(platform.machine().lower())
-_RESOLVE_BENEATH = 0x08 | 0x02                       # RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
-_BENEATH = {"openat2": None if sys.platform.startswith("linux") and _OPENAT2 else False, "syscall": None}
-_O_PATH = getattr(os, "O_PATH", 0)
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-def _openat2(dir_fd, path, flags, mode):
-    """openat2(2) beneath dir_fd; None when the kernel (or a seccomp filter) does not offer it."""
-    if _BENEATH["syscall"] is None:
-        _BENEATH["syscall"] = ctypes.CDLL(None, use_errno=True).syscall
-        _BENEATH["syscall"].restype = ctypes.c_long
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, _RESOLVE_BENEATH)
-    for _ in range(16):                  # EAGAIN: a rename raced the lookup; the kernel asks again
-        fd = _BENEATH["syscall"](ctypes.c_long(_OPENAT2), ctypes.c_int(dir_fd), os.fsencode(path),
-                                 ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        err = ctypes.get_errno() if fd < 0 else 0
-        if err not in (errno.EAGAIN, errno.EINTR):
-            break
-    if err in (errno.ENOSYS, errno.EPERM) and _BENEATH["openat2"] is None:
-        _BENEATH["openat2"] = False
-        return None
-    if fd < 0:
-        raise OSError(err, os.strerror(err), path)
-    _BENEATH["openat2"] = True
-    return fd
-
-
-def _beneath_parts(path):
-    """The components of a path meant to stay beneath a root: relative, no `..`."""
-    path = os.fspath(path)
-    parts = [part for part in path.split("/") if part not in ("", ".")]
-    if path.startswith("/") or ".." in parts or "\0" in path:
-        raise OSError(errno.EXDEV, "path leaves its root", path)
-    return parts
-
-
-def open_beneath(root, path, flags=os.O_RDONLY, mode=0o600):
-    """A file descriptor of `path` opened beneath `root` (a directory path or fd), never through a
-    symlink that leads out of it (OSError EXDEV or ELOOP instead). The caller closes it."""
-    parts = _beneath_parts(path)
-    root_fd = root if isinstance(root, int) else os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _BENEATH["openat2"] is not False:
-            fd = _openat2(root_fd, "/".join(parts) or ".", flags, mode)
-            if fd is not None:
-                return fd
-        fd = os.dup(root_fd)
-        for index, part in enumerate(parts):
-            step = flags if index == len(parts) - 1 else os.O_RDONLY | os.O_DIRECTORY
-            try:
-                next_fd = os.open(part, step | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
-            finally:
-                os.close(fd)
-            fd = next_fd
-        return fd
-    finally:
-        if root_fd is not root:
-            os.close(root_fd)
-
-
-def _makedirs_beneath(root, path, mode=0o755):
-    """The fd of the directory `path` beneath `root`, made (with its parents) where missing."""
-    fd = open_beneath(root, "", os.O_RDONLY | os.O_DIRECTORY)
-    for part in _beneath_parts(path):
-        try:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, mode, dir_fd=fd)
-            next_fd = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
-        finally:
-            os.close(fd)
-        fd = next_fd
-    return fd
-
-
-def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755):
-    """Write the file `path` beneath `root` atomically: a temp file beside it, renamed over it."""
-    parts = _beneath_parts(path)
-    dir_fd = _makedirs_beneath(root, "/".join(parts[:-1]), dir_mode)
-    temp = f".tmp-{uuid.uuid4().hex[:16]}"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-            os.fchmod(out.fileno(), mode)
-            out.flush()
-            os.fsync(out.fileno())      # on disk before the rename: a crash leaves the old file or the new
-        os.replace(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise
-    finally:
-        os.close(dir_fd)
-
-
-def _open_dir_to_empty(dir_fd, name):
-    """The fd of the directory `name` (never a link), made writable so its entries can go."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
-    except PermissionError:              # a folder made unreadable: chmod it through an O_PATH fd
-        path_fd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
-        finally:
-            os.close(path_fd)
-        fd = os.open(name, flags, dir_fd=dir_fd)
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o700)
-    return fd
-
-
-def _remove_beneath(root, path):
-    """Remove `path` beneath `root` and all it holds, never following a symlink; best effort:
-    what cannot be removed is logged, not raised. Trees deeper than 64 folders are moved up in
-    pieces, so neither the stack nor the open fds grow with a module's nesting."""
-    parts = _beneath_parts(path)
-    try:
-        top = open_beneath(root, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            log.warning("cannot remove %s beneath %s: %s", path, root, exc)
-        return
-    pending = [parts[-1]]
-    try:
-        while pending:
-            _remove_entry(top, pending.pop(), top, 0, pending)
-    finally:
-        os.close(top)
-
-
-def _remove_entry(dir_fd, name, top, depth, pending):
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    except FileNotFoundError:
-        return
-    except (IsADirectoryError, PermissionError):
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", name, exc)
-        return
-    try:
-        if depth >= 64:
-            moved = f".minikrust-deep-{uuid.uuid4().hex[:12]}"
-            os.rename(name, moved, src_dir_fd=dir_fd, dst_dir_fd=top)
-            pending.append(moved)
-            return
-        fd = _open_dir_to_empty(dir_fd, name)
-        try:
-            for entry in list(os.scandir(fd)):
-                _remove_entry(fd, entry.name, top, depth + 1, pending)
-        finally:
-            os.close(fd)
-        os.rmdir(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", name, exc)
-
-
-def _read_beneath(root, path, limit, tail=False):
-    """Up to `limit` bytes of the regular file `path` beneath `root` (its last ones with `tail`)."""
-    fd = open_beneath(root, path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        if tail:
-            f.seek(max(0, info.st_size - limit))
-        return f.read(limit)
-
-
-def _fd_path(fd, root, path):
-    """The real path of an fd opened by open_beneath: /proc knows it; else (no links followed)
-    it is the root joined with the path."""
-    with contextlib.suppress(OSError):
-        return os.readlink(f"/proc/self/fd/{fd}")
-    return os.path.join(os.path.realpath(root), *_beneath_parts(path))
-
 
 # Volume types whose content comes from the API: the kubelet always mounts them read-only.
 _API_VOLUME_TYPES = ("configMap", "secret", "downwardAPI", "projected")
@@ -5222,7 +5268,7 @@ class PodWorker:
     def _restore(self, state, status):
         """Carry on from what a previous kubelet saved (or from the API's status)."""
         self.start_time = status.get("startTime")
-        dirs = _read_state(os.path.join(self.dir, "volumes.json"))   # volumes a previous kubelet prepared
+        dirs = _read_state(self.dir, "volumes.json")   # volumes a previous kubelet prepared
         if dirs and all(isinstance(d, str) and os.path.isdir(d) for d in dirs.values()):
             self.volume_dirs, self._prepared_at = dirs, time.monotonic()
         by_name = {s["name"]: s for s in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])}
@@ -5478,26 +5524,30 @@ class PodWorker:
             c.restart_count += 1
         c.ever_started, c.image_id, c.digest = True, ref.image_id, ref.digest
         c.container_id = f"wasm://{uuid.uuid4().hex}"
-        c.log_path = os.path.join(self.dir, "logs", c.name, f"{c.restart_count}.log")
-        os.makedirs(os.path.dirname(c.log_path), exist_ok=True)
-        open(c.log_path, "ab").close()      # there (empty) as soon as the server may be asked for it
+        config, log_name = self.s.config, f"{c.restart_count}.log"
+        c.log_path = os.path.join(self.dir, "logs", c.name, log_name)
         c.started_mono = time.monotonic()
         c.state = {"running": {"startedAt": _k8s_time()}}
         if self._policy() != "Always":      # a run that may not be repeated is on disk before it starts (soak finding)
             self._publish(save_only=True)
-        config = self.s.config
+        logs = -1
         try:
+            logs = _makedirs_beneath(config.root_dir, f"pods/{self.uid}/logs/{c.name}")   # the hosts write beneath it
+            os.close(open_beneath(logs, log_name, os.O_WRONLY | os.O_CREAT, 0o644))  # there as soon as the server is asked
             with module_errors():
                 module = self.s.host().load(ref.path, digest=ref.digest)
                 # the host writes both streams to the log and rotates it (--container-log-max-size/-files)
-                run = module.start(argv, env=env, preopens=c.mounts, stdout=c.log_path, stderr=c.log_path,
-                                   log_format="cri", memory_limit=memory_limit,
+                run = module.start(argv, env=env, preopens=c.mounts, stdout=log_name, stderr=log_name,
+                                   log_dir_fd=logs, log_format="cri", memory_limit=memory_limit,
                                    outgoing_http=_outgoing_http(module, self.pod),
                                    log_max_size=config.container_log_max_size or None,
                                    log_max_files=config.container_log_max_files)
         except (ModuleError, OSError) as exc:     # invalid wasm, no _start, a preopen gone: as an exit
             self.s.run_started(self, c, None, now)
             return self._start_failed(c, now, exc)
+        finally:
+            if logs >= 0:
+                os.close(logs)
         c.run, c.wall_start = run, time.time()
         self.s.record_event(self.pod, "Created", f"Created container: {c.name}", "Normal", c)
         self.s.record_event(self.pod, "Started", f"Started container {c.name}", "Normal", c)
@@ -5727,16 +5777,15 @@ def _admission_refusal(config, active, saved):
 
 def _saved_state(root_dir, uid):
     """(PodState, status) a previous kubelet kept for pod `uid`, or None."""
-    doc = _read_state(os.path.join(root_dir, "pods", uid, "status.json"), lambda d: isinstance(
+    doc = _read_state(root_dir, f"pods/{uid}/status.json", lambda d: isinstance(
         d.get("status"), dict) and d.get("state") in {s.value for s in PodState})
     return (PodState(doc["state"]), doc["status"]) if doc else None
 
 
 def _saved_pods(root_dir):
     """The specs of the pods a previous kubelet ran (<root_dir>/pods/<uid>/pod.json)."""
-    pods_dir = os.path.join(root_dir, "pods")
-    for uid in sorted(os.listdir(pods_dir)) if os.path.isdir(pods_dir) else ():
-        pod = _read_state(os.path.join(pods_dir, uid, "pod.json"), lambda p: isinstance(p.get("spec"), dict)
+    for uid in _list_beneath(root_dir, "pods"):
+        pod = _read_state(root_dir, f"pods/{uid}/pod.json", lambda p: isinstance(p.get("spec"), dict)
                           and isinstance(p["spec"].get("containers"), list) and _pod_uid(p) == uid)
         if pod is not None:
             yield pod
@@ -6227,14 +6276,15 @@ def _emit(lines, options, budget):
             return
 
 
-def read_container_log(path, options):
-    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks.
+def read_container_log(path, options, root=None):
+    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks;
+    its folder is resolved beneath `root` (see _log_dir).
 
     Streams: only tailLines keeps lines in memory (that many)."""
-    joiner = _LineJoiner()
+    joiner, cursor = _LineJoiner(), _LogCursor(path, root)
 
     def lines():
-        yield from filter(None, map(joiner.feed, _LogCursor(path).records(final=True)))
+        yield from filter(None, map(joiner.feed, cursor.records(final=True)))
         yield from joiner.flush()
 
     selected = filter(options.selects, lines())
@@ -6243,14 +6293,14 @@ def read_container_log(path, options):
     yield from _emit(selected, options, [options.limit_bytes])
 
 
-def follow_container_log(path, options, ended, wait, check_every=0.5):
+def follow_container_log(path, options, ended, wait, check_every=0.5, root=None):
     """Stream a container log as it is written (what `kubectl logs -f` reads), as bytes chunks.
 
     Ends once `ended()` reports the container run finished and its last records are read, when the
     byte limit is reached, or when `wait(seconds)` returns True (client gone, server stopping).
     Follows the live file across rotations; tailLines applies to what was written before the call.
     """
-    budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path)
+    budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path, root)
     backlog = (line for line in map(joiner.feed, cursor.records()) if line and options.selects(line))
     if options.tail_lines is not None:
         backlog = collections.deque(backlog, maxlen=options.tail_lines)
@@ -6614,7 +6664,7 @@ def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=N
 def _write_private(path, data):
     """Write a file only its owner can read, by a temporary name and a rename."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    _write_atomic(path, data, 0o600)
+    _write_beneath(*os.path.split(path), data, 0o600)
 
 
 def store_certificate(pki_dir, prefix, cert_pem, key_pem):
@@ -7002,7 +7052,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(400, str(exc))
         kubelet = self.server.kube.kubelet
         path = kubelet.container_log_path(namespace, name, container, previous=options.previous)
-        if not path or not (os.path.exists(path) or rotated_log_files(path)):
+        root = kubelet.config.root_dir         # every log lives beneath it, read through no link
+        try:
+            found = bool(path) and _LogCursor(path, root).exists()
+        except OSError:
+            found = False
+        if not found:
             if options.previous:
                 return self._send(400, f'previous terminated container "{container}" in pod "{name}" not found')
             return self._send(404, f'container "{container}" in pod "{namespace}/{name}" is not available')
@@ -7013,11 +7068,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         if not options.follow or options.previous:
-            return self._write_chunked(read_container_log(path, options), batch=1 << 16)
+            return self._write_chunked(read_container_log(path, options, root), batch=1 << 16)
         self.close_connection = True
         ended = functools.partial(_container_ended, kubelet, namespace, name, container, path)
         try:
-            self._write_chunked(follow_container_log(path, options, ended, self._client_gone))
+            self._write_chunked(follow_container_log(path, options, ended, self._client_gone, root=root))
         except OSError as exc:  # the client went away mid-write
             log.debug("server: log follower for %s/%s/%s ended: %s", namespace, name, container, exc)
 

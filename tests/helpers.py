@@ -60,3 +60,28 @@ def contract(name):
 
     with open(os.path.join(contract_dir(), name + ".json")) as f:
         return json.load(f)["response"]["body"]
+
+
+def rotated_logs(path):
+    """The rotated files of the log `path` (full paths, oldest first), as minikrust lists them."""
+    import os
+    import minikrust
+
+    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [os.path.join(os.path.dirname(path), name)
+                for name in minikrust.rotated_log_files(folder, os.path.basename(path))]
+    finally:
+        os.close(folder)
+
+
+def rotate_log(path, max_files):
+    """Rotate the log `path` as the fallback host does; the rotated file's full path."""
+    import os
+    import minikrust
+
+    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.path.join(os.path.dirname(path), minikrust._rotate_log(folder, os.path.basename(path), max_files))
+    finally:
+        os.close(folder)

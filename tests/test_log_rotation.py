@@ -7,7 +7,7 @@ import re
 import pytest
 
 import minikrust
-from tests.helpers import wait_for
+from tests.helpers import rotated_logs, wait_for
 
 CRI = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) ([FP]) (.*)$")
 # The kubelet's container log manager (pkg/kubelet/logs/container_log_manager.go): a rotated log is
@@ -56,7 +56,7 @@ def records(name):
 def log_files(path):
     """The rotated files (oldest first) and the live file; checks they are named and compressed
     as the kubelet names and compresses them: the newest rotation plain, the older ones gzip."""
-    rotated = minikrust.rotated_log_files(path)
+    rotated = rotated_logs(path)
     stamps = [name[len(path) + 1:] for name in rotated]
     assert all(STAMP.match(stamp) for stamp in stamps[-1:]), stamps
     assert all(stamp.endswith(".gz") and STAMP.match(stamp[:-3]) for stamp in stamps[:-1]), stamps

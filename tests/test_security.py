@@ -1,6 +1,7 @@
 """The sandbox holds on the host side too: a module plants symlinks (WASI path_symlink) where the
 kubelet later reads, writes or removes files, and the kubelet refuses to follow them out, on both
 WASI backends. Every place the kubelet touches files for a pod has its test here."""
+import gzip
 import logging
 import os
 import stat
@@ -197,6 +198,113 @@ def test_state_and_log_files_never_go_through_a_link(tmp_path, victim, resolver)
         minikrust._write_beneath(str(pod_dir), "logs/other/new", b"x")
     minikrust._remove_beneath(str(tmp_path), "pod")
     assert not pod_dir.exists() and unchanged(victim)
+
+
+def host_link(escape, link, target):
+    """Leave at host path `link` the symlink (absolute, relative, or a chain) a module's planter would."""
+    args = plant(escape, str(link), target)
+    for source, name in zip(args[::2], args[1::2]):
+        os.symlink(source, name)
+
+
+def _run_logged(backend, wasm, argv, logs, given="log_dir_fd", starts=(False, True), **limits):
+    """Run a module with run() (the native host opens the log in C) and start() (in Python), both
+    streams to `0.log` in the folder `logs`: a name in its fd (log_dir_fd) or a path; the results."""
+    folder = os.open(logs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with minikrust.module_errors():
+            module = backend.load(open(wasm.tool, "rb").read())
+            if given == "log_dir_fd":
+                limits.update(stdout="0.log", stderr="0.log", log_dir_fd=folder)
+            else:
+                limits.update(stdout=str(logs / "0.log"), stderr=str(logs / "0.log"))
+            return [module.start(argv, **limits).wait() if start else module.run(argv, **limits) for start in starts]
+    finally:
+        os.close(folder)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("given", ["log_dir_fd", "path"])
+def test_a_link_at_the_log_name_is_never_written_through(backend, wasm, tmp_path, victim, escape, given):
+    """Both hosts open a log relative to its folder's fd and never through a link at its name,
+    whether C opens it (run) or Python does (start)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    host_link(escape, logs / "0.log", victim / "secret")
+    for start in (False, True):
+        with pytest.raises(minikrust.ModuleRunError, match="0.log"):
+            _run_logged(backend, wasm, ["tool", "lines", "3"], logs, given, starts=(start,))
+    assert unchanged(victim)
+
+
+def _files_hold(folder, text):
+    """Whether any regular file in `folder` (gunzipped when .gz; links not followed) holds `text`."""
+    found = False
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            with (gzip.open if entry.name.endswith(".gz") else open)(entry.path, "rb") as handle:
+                found = found or text.encode() in handle.read()
+    return found
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_rotation_never_follows_a_link_named_like_a_rotated_log(backend, wasm, tmp_path, victim, escape):
+    """A link planted where rotation compresses or removes an old file is neither read nor
+    written through: the host's secret never lands in the log folder, the victim is untouched."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    host_link(escape, logs / "0.log.20200101-000000", victim / "secret")
+    results = _run_logged(backend, wasm, ["tool", "lines", "400"], logs, log_max_size=2000, log_max_files=4)
+    assert [result.exit_code for result in results] == [0, 0], results
+    assert len(os.listdir(logs)) > 2 and unchanged(victim)
+    assert not _files_hold(logs, SECRET)
+    text = b"".join(minikrust.read_container_log(str(logs / "0.log"), minikrust.LogOptions(), root=str(tmp_path)))
+    assert text.endswith(b"line 399 of 400\n") and SECRET.encode() not in text
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("at", ["folder", "file"])
+def test_log_reads_resolve_beneath_the_root_dir(tmp_path, victim, resolver, escape, at):
+    """The server's log reads (read_container_log, follow_container_log) resolve the log's folder
+    beneath the root dir and open its files beneath that folder: a planted link is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "0.log").write_text(f"2026-01-01T00:00:00.000000000Z stdout F {SECRET}\n")
+    root = tmp_path / "root"
+    (root / "pods" / "uid" / "logs").mkdir(parents=True)
+    if at == "folder":
+        host_link(escape, root / "pods" / "uid" / "logs" / "app", outside)
+    else:
+        (root / "pods" / "uid" / "logs" / "app").mkdir()
+        host_link(escape, root / "pods" / "uid" / "logs" / "app" / "0.log", outside / "0.log")
+    path = str(root / "pods" / "uid" / "logs" / "app" / "0.log")
+    try:
+        text = b"".join(minikrust.read_container_log(path, minikrust.LogOptions(), root=str(root)))
+    except OSError:
+        text = b""
+    try:
+        followed = b"".join(minikrust.follow_container_log(path, minikrust.LogOptions(), lambda: True,
+                                                           lambda seconds: True, root=str(root)))
+    except OSError:
+        followed = b""
+    assert SECRET.encode() not in text + followed
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_a_link_planted_as_a_containers_log_folder_fails_that_pod_not_the_kubelet(
+        fake_api, kubelet_factory, wasm, kubelet_backend, victim, escape):
+    kubelet = kubelet_factory(fake_api, start=False)
+    container = {"name": "main", "image": f"file:{wasm.tool}", "args": ["hello"]}
+    uid = fake_api.create_pod(_manifest("logs", [container]), node_name="node-1")["metadata"]["uid"]
+    folder = os.path.join(kubelet.config.root_dir, "pods", uid, "logs")
+    os.makedirs(folder)
+    host_link(escape, os.path.join(folder, "main"), victim)
+    kubelet.start()
+    state = wait_for(lambda: _cstatus(fake_api, "logs", "main").get("state", {}).get("terminated"), what="terminated")
+    assert state["reason"] == "StartError", state
+    fake_api.create_pod(_manifest("fine", [dict(container)]), node_name="node-1")
+    wait_for(lambda: _cstatus(fake_api, "fine", "main").get("state", {}).get("terminated"), timeout=30, what="another pod ran")
+    assert unchanged(victim)
 
 
 def test_deep_trees_are_removed_without_deep_recursion(tmp_path, resolver):

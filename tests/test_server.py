@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import minikrust
-from tests.helpers import kubectl_binary, wait_for
+from tests.helpers import kubectl_binary, rotate_log, rotated_logs, wait_for
 
 NODE = "node-1"
 UTC = datetime.timezone.utc
@@ -429,10 +429,10 @@ def test_rotated_logs_keep_max_files_and_read_in_order(tmp_path):
     for index in range(6):   # the rotation the WASI hosts do (the native host's twin is in C)
         with open(path, "a") as handle:
             handle.write(cri(T0 + index, "stdout", "F", f"line {index}"))
-        assert minikrust._rotate_log(path, max_files=3) in minikrust.rotated_log_files(path)
+        assert rotate_log(path, max_files=3) in rotated_logs(path)
     with open(path, "a"):
         pass
-    older, newest = minikrust.rotated_log_files(path)    # named and compressed as the kubelet does
+    older, newest = rotated_logs(path)    # named and compressed as the kubelet does
     assert re.fullmatch(re.escape(path) + r"\.\d{8}-\d{6}\.gz", older) and re.fullmatch(re.escape(path) + r"\.\d{8}-\d{6}", newest)
     text = b"".join(minikrust.read_container_log(path, minikrust.LogOptions())).decode()
     assert text == "line 4\nline 5\n"
@@ -445,10 +445,10 @@ def test_previous_reads_the_earlier_run_across_its_compressed_rotations(secure):
     for index in range(3):
         with open(earlier, "a") as handle:
             handle.write(cri(T0 + index, "stdout", "F", f"earlier {index}"))
-        minikrust._rotate_log(earlier, 5)
+        rotate_log(earlier, 5)
     with open(earlier, "a") as handle:
         handle.write(cri(T0 + 3, "stdout", "F", "earlier 3"))
-    assert [name.endswith(".gz") for name in minikrust.rotated_log_files(earlier)] == [True, True, False]
+    assert [name.endswith(".gz") for name in rotated_logs(earlier)] == [True, True, False]
     assert secure.get("/containerLogs/default/web/app?previous=true").text == \
         "earlier 0\nearlier 1\nearlier 2\nearlier 3\n"
     assert secure.get("/containerLogs/default/web/app?previous=true&tailLines=2").text == "earlier 2\nearlier 3\n"
@@ -460,7 +460,7 @@ def test_a_rotating_log_file_is_read_across_files_by_the_server(secure):
     for index in range(12):
         writer.write([cri(T0 + index, "stdout", "F", f"record number {index:02d}").encode()])
     writer.close()
-    rotated = minikrust.rotated_log_files(path)
+    rotated = rotated_logs(path)
     assert len(rotated) == 2 and all(os.path.getsize(name) <= 250 for name in rotated)
     text = secure.get("/containerLogs/default/web/app").text
     numbers = [int(line.split()[-1]) for line in text.splitlines()]
@@ -495,7 +495,7 @@ def test_follow_continues_across_a_rotation(secure):
     assert next(lines) == b"before"
     with open(path, "a") as handle:
         handle.write(cri(T0 + 1, "stdout", "F", "in the rotated file"))
-    minikrust._rotate_log(path, 5)
+    rotate_log(path, 5)
     with open(path, "a") as handle:
         handle.write(cri(T0 + 2, "stdout", "F", "after"))
     assert next(lines) == b"in the rotated file"
