@@ -622,17 +622,14 @@ def _load_client_cert(ctx, cluster, cert_data, key_data):
     """Load a client certificate; PEM data goes through files that live only for the call,
     because `ssl` reads certificate chains from files only."""
     with tempfile.TemporaryDirectory(prefix="minikrust-tls-") as tmp:
-        cert_file, key_file = cluster.client_cert_file, cluster.client_key_file
-        if cert_data:
-            cert_file = os.path.join(tmp, "cert.pem")
-            with open(os.open(cert_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-                f.write(cert_data)
-        if key_data:
-            key_file = os.path.join(tmp, "key.pem")
-            with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-                f.write(key_data)
+        files = [cluster.client_cert_file, cluster.client_key_file]
+        for index, data in enumerate((cert_data, key_data)):
+            if data:
+                files[index] = os.path.join(tmp, f"{index}.pem")
+                with open(os.open(files[index], os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                    f.write(data)
         try:
-            ctx.load_cert_chain(cert_file, key_file)
+            ctx.load_cert_chain(*files)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"{cluster.source}: client-certificate/client-key: not a usable "
                               f"certificate and key pair ({getattr(exc, 'reason', None) or exc})") from None
@@ -653,11 +650,14 @@ def _named(items, name, kind, path):
     raise ConfigError(f"{path}: {kind}s: no {kind} named {name!r}")
 
 
-def _b64_field(entry, key, where):
-    try:
-        return base64.b64decode(entry[key], validate=True)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{where}.{key}: not valid base64") from None
+def _data_or_file(entry, key, dest, where, base_dir):
+    """{`dest`_data: bytes} from the base64 `<key>-data`, or {`dest`_file: path} from `<key>`, or {}."""
+    if f"{key}-data" in entry:
+        try:
+            return {f"{dest}_data": base64.b64decode(entry[f"{key}-data"], validate=True)}
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}.{key}-data: not valid base64") from None
+    return {f"{dest}_file": _file_field(entry, key, where, base_dir)} if key in entry else {}
 
 
 def _file_field(entry, key, where, base_dir):
@@ -715,11 +715,7 @@ def _cluster_fields(cluster, where, base_dir):
     parsed = urllib.parse.urlsplit(server)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"{where}.server: {server!r} is not an http(s) URL")
-    values = {"server": server.rstrip("/")}
-    if "certificate-authority-data" in cluster:
-        values["ca_data"] = _b64_field(cluster, "certificate-authority-data", where)
-    elif "certificate-authority" in cluster:
-        values["ca_file"] = _file_field(cluster, "certificate-authority", where, base_dir)
+    values = {"server": server.rstrip("/"), **_data_or_file(cluster, "certificate-authority", "ca", where, base_dir)}
     insecure = cluster.get("insecure-skip-tls-verify", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"{where}.insecure-skip-tls-verify: expected true or false")
@@ -739,10 +735,7 @@ def _user_fields(user, where, base_dir):
     if user.get("tokenFile"):
         values["token_file"] = _file_field(user, "tokenFile", where, base_dir)
     for key, dest in (("client-certificate", "client_cert"), ("client-key", "client_key")):
-        if f"{key}-data" in user:
-            values[f"{dest}_data"] = _b64_field(user, f"{key}-data", where)
-        elif key in user:
-            values[f"{dest}_file"] = _file_field(user, key, where, base_dir)
+        values.update(_data_or_file(user, key, dest, where, base_dir))
     has_cert = "client_cert_data" in values or "client_cert_file" in values
     has_key = "client_key_data" in values or "client_key_file" in values
     if has_cert != has_key:
