@@ -2935,10 +2935,8 @@ class StaticPodSource:
 # From an image to a module file: registry pulls (auth challenges, resume, digest checks), pull policy
 # and backoff, a content-addressed store with GC, and `push` to publish a module.
 
-# Media types, each confirmed at its source: the OCI image spec and Docker's distribution for the
-# manifests and image configs; bytecodealliance/rust-oci-wasm (src/lib.rs) for the CNCF Wasm OCI
-# artifact; engineerd/wasm-to-oci (pkg/oci/mediatypes.go) for the layout Krustlet pulled;
-# solo-io/wasm (spec/README-compat.md) for the tar layers of ordinary images holding a module.
+# Media types from their sources: the OCI image spec, Docker's distribution, bytecodealliance/
+# rust-oci-wasm (CNCF Wasm artifact), engineerd/wasm-to-oci (Krustlet's), solo-io/wasm (tar layers).
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -4273,7 +4271,7 @@ def _host_path(volume, config, base_dir):
     if not os.path.isabs(path) and base_dir:
         path = os.path.join(base_dir, path)
     real = os.path.realpath(path)
-    prefixes = getattr(config, "allowed_host_paths", None) or ()
+    prefixes = config.allowed_host_paths
     allowed = [os.path.realpath(os.path.expanduser(p)) for p in prefixes if p and os.path.isabs(os.path.expanduser(p))]
     if not any(os.path.commonpath([real, prefix]) == prefix for prefix in allowed):
         raise ContainerConfigError(
@@ -6150,11 +6148,8 @@ def _mirror_pod(pod, node_uid):
 # The kubelet API: container logs (read, or followed across rotations), healthz, pods, metrics, stats;
 # serving certificates and the kubelet's webhook authentication and authorization.
 
-# Log files: the CRI format the WASI host writes, one record a line:
-#   <RFC3339Nano time> <stdout|stderr> <F|P> <content>
-# A P (partial) record is continued by the next record of the same stream until an F record.
-# Rotation renames `<n>.log` to `<n>.log.<UTC stamp>` (sortable) like the kubelet's container log
-# manager; the writer must reopen `<n>.log` afterwards (the kubelet asks the runtime to ReopenContainerLog).
+# Log files: the CRI format the WASI host writes, one record a line, `<RFC3339Nano time>
+# <stdout|stderr> <F|P> <content>`; a P (partial) record is continued by the next until an F one.
 
 @dataclass(frozen=True)
 class LogLine:
@@ -6419,13 +6414,10 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-# Resource stats: /stats/summary (k8s.io/kubelet/pkg/apis/stats/v1alpha1 Summary) and /metrics/resource
-# (the kubelet's resource metrics collector) in the shapes metrics-server reads for `kubectl top`.
-# `kubelet.container_stats()` gives one dict a container run (running, or its last finished run):
-#   {"namespace", "pod", "uid", "container", "running", "start_time" (epoch seconds),
-#    "cpu_seconds" (cumulative, live), "memory_bytes" (working set now, 0 once ended), "peak_memory_bytes"}
-# As the kubelet (which reads cgroups), only running containers are listed and a pod's working set
-# is its running containers'; a pod's CPU also counts the runs that ended (its cgroup would).
+# Resource stats: /stats/summary (stats/v1alpha1 Summary) and /metrics/resource as metrics-server reads
+# them for `kubectl top`, from `kubelet.container_stats()` (a dict a container run: namespace, pod, uid,
+# container, running, start_time, cpu_seconds, memory_bytes, peak_memory_bytes). As the kubelet
+# (cgroups), a pod's working set is its running containers', its CPU also counts the runs that ended.
 
 def _node_usage():
     """(cpu core-seconds used by the machine, memory working set bytes, available bytes) from /proc."""
@@ -6581,10 +6573,8 @@ class _ResourceStats:
         return metrics.render(stamp=int(time.time() * 1000))
 
 
-# Certificates: keys and CSRs are made with the `openssl` command (present on every Debian and most
-# systems) rather than the `cryptography` package, so minikrust keeps its dependencies to requests
-# and pyyaml; a clear ConfigError says so when openssl is missing. Keys are ECDSA P-256 like the
-# kubelet's, hence no "key encipherment" usage (that one is for RSA keys).
+# Certificates: ECDSA P-256 keys (as the kubelet's) and CSRs made by the `openssl` command, so the
+# dependencies stay requests and pyyaml; a ConfigError says so when openssl is missing.
 
 CSR_PATH = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
 SERVING_SIGNER = "kubernetes.io/kubelet-serving"
@@ -7424,10 +7414,8 @@ def _trim_heap():
 if __name__ == "__main__":
     if (__spec__ is None and sys.executable and os.path.basename(__file__) == "minikrust.py"
             and not os.environ.get("MINIKRUST_NO_REEXEC")):
-        # A script is compiled from source at every start (its bytecode is never cached), and
-        # glibc keeps much of the ~20 MB that compiling this file takes: 15 MB of an idle
-        # kubelet's 47 were that. Run as a module (same file, same pid), it loads the bytecode
-        # cached in __pycache__ instead.
+        # A script is compiled at every start and glibc keeps much of the ~20 MB that takes (15 MB
+        # of an idle kubelet's 47); run as a module (same file, same pid), its bytecode is cached.
         options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]       # -X, -W, ... kept
         os.execv(sys.executable, [sys.executable, *options, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
                                   "runpy.run_module('minikrust', run_name='__main__', alter_sys=True)",
