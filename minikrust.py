@@ -1373,22 +1373,23 @@ class _StreamWriter:
     def __init__(self, target, stream, log_format, clock):
         if log_format not in ("cri", "plain"):
             raise ModuleRunError(f"unknown log_format {log_format!r} (want 'cri' or 'plain')")
-        self.stream, self.cri, self.clock = stream, log_format == "cri", clock
-        self.buf = b""
-        self.fd = self.callback = self.file = None
+        self.stream, self.cri, self.clock, self.buf = stream, log_format == "cri", clock, b""
+        self.sink = None    # takes a list of pieces: one write() for an fd, a _LogFile rotates between them
         if isinstance(target, _LogFile):
-            self.file = target
+            self.sink = target.write
         elif isinstance(target, int) and not isinstance(target, bool):
-            self.fd = target
+            self.sink = lambda pieces: _write_all(target, b"".join(pieces))
         elif callable(target):
-            self.callback = target
+            def sink(pieces):   # one call a piece
+                for piece in pieces:
+                    target(piece)
+            self.sink = sink
 
     def write(self, data):
         """The WASI custom-output callback: consume all of `data`, return its length."""
-        if self.fd is None and self.callback is None and self.file is None:
-            return len(data)
-        if not self.cri:
-            self._emit([data])
+        if self.sink is None or not self.cri:
+            if self.sink is not None:
+                self.sink([data])
             return len(data)
         self.buf += data
         records = []
@@ -1409,17 +1410,7 @@ class _StreamWriter:
     def _records(self, records):
         """Write (tag, line) records stamped with one time."""
         head = f"{self.clock.now()} {self.stream} ".encode()
-        self._emit([head + tag + b" " + line + b"\n" for tag, line in records])
-
-    def _emit(self, pieces):
-        """One call of a callable per piece; one write() for an fd; a _LogFile rotates between them."""
-        if self.callback is not None:
-            for piece in pieces:
-                self.callback(piece)
-        elif self.file is not None:
-            self.file.write(pieces)
-        else:
-            _write_all(self.fd, b"".join(pieces))
+        self.sink([head + tag + b" " + line + b"\n" for tag, line in records])
 
     def close(self):
         """Flush a trailing fragment without newline as a P record (the run closes its files)."""
