@@ -212,8 +212,9 @@ def _makedirs_beneath(root, path, mode=0o755):
     return fd
 
 
-def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755):
-    """Write the file `path` beneath `root` atomically: a temp file beside it, renamed over it."""
+def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755, sync=True):
+    """Write the file `path` beneath `root` atomically: a temp file beside it (fsync'd unless not
+    `sync`: then whole for other processes, not yet for the disk), renamed over it."""
     parts = _beneath_parts(path)
     dir_fd = _makedirs_beneath(root, "/".join(parts[:-1]), dir_mode)
     temp = f".tmp-{uuid.uuid4().hex[:16]}"
@@ -223,7 +224,8 @@ def _write_beneath(root, path, content, mode=0o644, dir_mode=0o755):
             out.write(content)
             os.fchmod(out.fileno(), mode)
             out.flush()
-            os.fsync(out.fileno())      # on disk before the rename: a crash leaves the old file or the new
+            if sync:
+                os.fsync(out.fileno())      # on disk before the rename: a crash leaves the old file or the new
         os.replace(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -3958,16 +3960,11 @@ def container_resource(pod, container_name, resource, divisor=None):
     return str(math.ceil(value / divide))
 
 
-def _api_object(api, kind, namespace, name, optional, cache, binary=True):
-    """A ConfigMap or Secret's data as {key: bytes}, None when it is optional and missing.
-
-    The Node authorizer answers 403 for an object no pod of this node references yet (contract
-    25-27), so 403 counts as missing, like 404: the container waits and is retried. A ConfigMap's
-    binaryData fills volumes only (`binary`): the kubelet's env reads `data` alone."""
-    key = (kind, namespace, name)
-    if key not in cache:
-        cache[key] = _fetch_object(api, kind, namespace, name, optional)
-    obj = cache[key]
+def _api_object(objects, kind, pod, name, optional, binary=True):
+    """A ConfigMap or Secret's data as {key: bytes}, None when it is optional and missing (read
+    through `objects`, an ApiObjects). A ConfigMap's binaryData fills volumes only (`binary`): the
+    kubelet's env reads `data` alone."""
+    obj = objects.read(kind, _namespace(pod), name, optional, _pod_uid(pod))
     if obj is None:
         return None
     if kind == "Secret":
@@ -3979,28 +3976,84 @@ def _api_object(api, kind, namespace, name, optional, cache, binary=True):
     return data
 
 
-def _fetch_object(api, kind, namespace, name, optional):
-    """GET a ConfigMap or Secret; None when optional and missing (404, or 403 from the Node authorizer).
-    One try of 5 s at most: the pod's sync tries again (_CONFIG_RETRY), or keeps the volume's last
-    contents, instead of a pool thread waiting out a down or hanging API server (a soak finding)."""
-    if not name:
-        raise ContainerConfigError(f"a {kind} reference without a name", retry=False)
-    if api is None:
-        if optional:
-            return None
-        raise ContainerConfigError(f"{kind} {namespace}/{name} cannot be read: no API server in standalone mode",
-                                   retry=False)
-    try:
-        return api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}", retries=0, timeout=5)
-    except ApiError as exc:
-        if exc.code in (403, 404):
+class _Fetching(ContainerConfigError):
+    """What a pod needs is being read from the API server: it waits, and is synced again once it is in."""
+
+    def __init__(self, what):
+        super().__init__(f"waiting for {what} from the API server", retry=True)
+
+
+_OBJECT_TTL = (5.0, 2.0)      # seconds a ConfigMap or Secret read is kept: found; missing or failed
+
+
+class ApiObjects:
+    """ConfigMaps and Secrets for volumes and env, one GET per object and `_OBJECT_TTL` (the kubelet's
+    TTL cache strategy). With `ready` (the kubelet's) a read never waits on the API server: one not
+    read in its TTL raises _Fetching, a thread of its own fetches it, then calls ready(uid) of each
+    pod waiting. 403 (the Node authorizer, contract 25-27) counts as missing, like 404."""
+
+    def __init__(self, api, ready=None):
+        self.api, self.ready = api, ready
+        self._lock = threading.Lock()
+        self._entries = {}      # (kind, namespace, name) -> (object | None: missing | ContainerConfigError, expiry)
+        self._wanted = {}       # key -> uids waiting for its fetch
+        self._thread = None
+
+    def read(self, kind, namespace, name, optional, uid=None):
+        """The object, None when optional and missing; ContainerConfigError when not (yet) usable."""
+        if not name:
+            raise ContainerConfigError(f"a {kind} reference without a name", retry=False)
+        if self.api is None:
             if optional:
                 return None
-            raise ContainerConfigError(f'{kind.lower()} "{name}" not found', retry=True) from None
-        raise ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc.code} {exc.reason}",
-                                   retry=True) from None
-    except (requests.RequestException, OSError) as exc:
-        raise ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc}", retry=True) from None
+            raise ContainerConfigError(f"{kind} {namespace}/{name} cannot be read: no API server in standalone mode",
+                                       retry=False)
+        key = (kind, namespace, name)
+        with self._lock:
+            obj, expiry = self._entries.get(key, (None, 0.0))
+            if expiry <= time.monotonic() and self.ready is not None:
+                self._wanted.setdefault(key, set()).add(uid)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="minikrust-objects", daemon=True)
+                    self._thread.start()
+                raise _Fetching(f"{kind} {namespace}/{name}")
+        if expiry <= time.monotonic():
+            obj = self._fetch(key)
+        if isinstance(obj, ContainerConfigError):
+            raise obj
+        if obj is None and not optional:
+            raise ContainerConfigError(f'{kind.lower()} "{name}" not found', retry=True)
+        return obj
+
+    def _fetch(self, key):
+        """One try of 5 s at most (a down or hanging API server: the next read tries again)."""
+        kind, namespace, name = key
+        try:
+            obj = self.api.get(f"/api/v1/namespaces/{namespace}/{kind.lower()}s/{name}", retries=0, timeout=5)
+        except ApiError as exc:
+            obj = None if exc.code in (403, 404) else ContainerConfigError(
+                f"cannot read {kind} {namespace}/{name}: {exc.code} {exc.reason}", retry=True)
+        except Exception as exc:        # unreachable, or an answer that is not an object
+            obj = ContainerConfigError(f"cannot read {kind} {namespace}/{name}: {exc}", retry=True)
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) > 1024:       # the expired ones go
+                self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            self._entries[key] = (obj, now + _OBJECT_TTL[obj is None or isinstance(obj, Exception)])
+        return obj
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                if not self._wanted:
+                    self._thread = None
+                    return
+                key = next(iter(self._wanted))
+            self._fetch(key)
+            with self._lock:
+                waiting = self._wanted.pop(key, set())
+            for uid in waiting:
+                self.ready(uid)
 
 
 def _check_relpath(path, what):
@@ -4077,34 +4130,34 @@ _TOKEN_BACKOFF = (1.0, 60.0)        # a failed TokenRequest is tried again after
 class ServiceAccountTokens:
     """The pods' projected service-account tokens, kept valid (the kubelet's token manager).
 
-    A token is requested when its volume is written. A failed TokenRequest (404 while the
-    ServiceAccount is not created yet, right after its namespace; 403 while the Node authorizer has
-    not seen the pod bound) does not hold the pod back (a WASI module has no sockets to use it): it
-    is tried again with backoff, and reported as a FailedMount Warning Event each time it fails. A
-    token is requested anew at 80% of its lifetime and its file rewritten in the volume."""
+    A token is requested by this class's thread when its volume is first written: the pod waits
+    (_Fetching) until that first try is over, then ready(uid) syncs it again, so no pod start waits
+    on the API server in the pods' sync pool. A failed TokenRequest (404 while the ServiceAccount is
+    not created yet, right after its namespace; 403 while the Node authorizer has not seen the pod
+    bound) does not hold the pod back (a WASI module has no sockets to use it): it is tried again
+    with backoff, and reported as a FailedMount Warning Event each time it fails. A token is
+    requested anew at 80% of its lifetime and its file rewritten in the volume."""
 
-    def __init__(self, api, report):
-        self.api, self.report = api, report     # report(pod, message): a Warning Event on the pod
+    def __init__(self, api, report, ready=lambda uid: None):
+        self.api, self.report, self.ready = api, report, ready     # report(pod, message): a Warning Event
         self._entries = {}      # (uid, volume dir, path) -> [pod, source, what, token, due, delay]
         self._cond = threading.Condition()
         self._thread = None
         self._stopped = False
 
     def token(self, pod, source, directory, relpath, what):
-        """The token for `relpath` in the volume `directory` now (None: not yet), kept fresh from now on."""
+        """The token for `relpath` in the volume `directory` (None: refused so far), kept fresh from
+        now on; _Fetching until its first request is answered."""
         key = (_pod_uid(pod), directory, relpath)
         with self._cond:
-            entry = self._entries.get(key)
-        if entry is None or entry[3] is None or time.monotonic() >= entry[4]:
-            entry = [pod, source, what, None, 0.0, 0.0]
-            self._renew(entry)
-        with self._cond:
-            self._entries[key] = entry
+            entry = self._entries.setdefault(key, [pod, source, what, None, 0.0, 0.0])
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._loop, name="minikrust-tokens", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-        return entry[3]
+            if entry[3] is None and entry[4] == 0.0:
+                raise _Fetching(f"the service account token of {what}")
+            return entry[3]
 
     def forget(self, uid):
         with self._cond:
@@ -4142,16 +4195,19 @@ class ServiceAccountTokens:
                     self._cond.wait(min((e[4] for e in self._entries.values()), default=now + 60.0) - now)
                     continue
             for key, entry in due:
-                if self._renew(entry):
+                first = entry[4] == 0.0
+                if self._renew(entry) and not first:
                     try:
                         _write_beneath(key[1], key[2], entry[3], 0o600, 0o700)
                     except OSError as exc:      # the volume is gone (the pod finished): done with it
                         log.debug("token of %s not written: %s", _pod_key(entry[0]), exc)
                         with self._cond:
                             self._entries.pop(key, None)
+                if first:
+                    self.ready(key[0])      # its pod writes it now (or goes on without it)
 
 
-def _projected_files(pod, volume, api, node_ip, cache, tokens=None, target=None):
+def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=None):
     """Files of a projected volume (written in `target`, where `tokens` keeps its token fresh). The
     `kube-api-access-*` volume admission adds to every pod (contract 14) is best effort: a source
     it cannot read is logged and skipped, so that volume alone never keeps a pod from running (a
@@ -4167,7 +4223,7 @@ def _projected_files(pod, volume, api, node_ip, cache, tokens=None, target=None)
             if "configMap" in source or "secret" in source:
                 kind = "ConfigMap" if "configMap" in source else "Secret"
                 ref = source.get("configMap") or source.get("secret") or {}
-                data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache)
+                data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"))
                 new = _keys_to_files(ref, data, default_mode, what)  # modes: all 0600 (private)
             elif "downwardAPI" in source:
                 new = _downward_files(pod, source["downwardAPI"], default_mode, node_ip, what)
@@ -4186,7 +4242,7 @@ def _projected_files(pod, volume, api, node_ip, cache, tokens=None, target=None)
                 kinds = ", ".join(sorted(source)) or "empty"
                 raise ContainerConfigError(f"{what}: unsupported projected source {kinds}", retry=False)
         except ContainerConfigError as exc:
-            if not best_effort:
+            if not best_effort or isinstance(exc, _Fetching):
                 raise
             log.info("%s: source skipped: %s", what, exc.message)
             continue
@@ -4293,11 +4349,11 @@ def _volume_type(volume):
     return kinds[0]
 
 
-def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None, tokens=None):
+def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None, tokens=None, objects=None):
     """Make every volume of a pod ready as a host directory: {volume name: host dir}; API-backed
     contents are (re)written under `<pod_dir>/volumes/<name>`. ContainerConfigError when not."""
     volumes_dir = os.path.join(pod_dir, "volumes")
-    dirs, cache = {}, {}
+    dirs, objects = {}, objects or ApiObjects(api)
     for volume in (pod.get("spec") or {}).get("volumes") or []:
         name = volume.get("name") or ""
         if not name or "/" in name or name in (".", ".."):
@@ -4315,7 +4371,7 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None,
         elif kind in ("configMap", "secret"):
             api_kind = "ConfigMap" if kind == "configMap" else "Secret"
             ref_name = source.get("name") if kind == "configMap" else source.get("secretName")
-            data = _api_object(api, api_kind, _namespace(pod), ref_name, source.get("optional"), cache)
+            data = _api_object(objects, api_kind, pod, ref_name, source.get("optional"))
             files = _keys_to_files(source, data, source.get("defaultMode", 0o644), what)
             if kind == "secret":
                 target = _private_dir(target)
@@ -4325,7 +4381,7 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None,
             _write_files(target, files, private=False)
         elif kind == "projected":
             target = _private_dir(target)
-            _write_files(target, _projected_files(pod, volume, api, node_ip, cache, tokens, target), private=True)
+            _write_files(target, _projected_files(pod, volume, api, node_ip, objects, tokens, target), private=True)
         else:
             raise ContainerConfigError(f"volume {name!r} has type {kind}, which minikrust does not support",
                                        retry=False)
@@ -4472,7 +4528,7 @@ def cleanup_volumes(pod_dir):
 _ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
 
 
-def _env_from(pod, container, api, cache, warnings):
+def _env_from(pod, container, objects, warnings):
     """Variables of `envFrom` sources, in order; keys that are not valid names are skipped."""
     result = {}
     for source in container.get("envFrom") or []:
@@ -4480,7 +4536,7 @@ def _env_from(pod, container, api, cache, warnings):
         if kind is None:
             raise ContainerConfigError(f"envFrom source {sorted(source)} is not supported", retry=False)
         ref = source.get("configMapRef") or source.get("secretRef") or {}
-        data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache, binary=False)
+        data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False)
         invalid = []
         for key in sorted(data or {}):
             name = (source.get("prefix") or "") + key
@@ -4498,7 +4554,7 @@ def _env_from(pod, container, api, cache, warnings):
     return result
 
 
-def _env_value_from(pod, container, source, api, node_ip, cache):
+def _env_value_from(pod, container, source, node_ip, objects):
     """The value of one `valueFrom`, or None when an optional configMap/secret key is missing."""
     if "fieldRef" in source:
         return pod_field(pod, (source["fieldRef"] or {}).get("fieldPath"), node_ip)
@@ -4510,7 +4566,7 @@ def _env_value_from(pod, container, source, api, node_ip, cache):
     if kind is None:
         raise ContainerConfigError(f"valueFrom {sorted(source)} is not supported", retry=False)
     ref = source.get("configMapKeyRef") or source.get("secretKeyRef") or {}
-    data = _api_object(api, kind, _namespace(pod), ref.get("name"), ref.get("optional"), cache, binary=False)
+    data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False)
     if data is None:
         return None
     if ref.get("key") not in data:
@@ -4521,18 +4577,19 @@ def _env_value_from(pod, container, source, api, node_ip, cache):
     return data[ref["key"]].decode(errors="replace")
 
 
-def container_env(pod, container, api=None, node_ip=None, warnings=None):
+def container_env(pod, container, api=None, node_ip=None, warnings=None, objects=None):
     """The environment [(name, value)] of a container, as the kubelet's makeEnvironmentVariables
     (envFrom, then env, `value` $(VAR)-expanded); `workingDir` is passed as PWD (WASI has no cwd);
-    `warnings` receives (reason, message) of the Warning events the kubelet would record."""
-    cache = {}
-    env = _env_from(pod, container, api, cache, warnings)
+    `warnings` receives (reason, message) of the Warning events the kubelet would record;
+    configMaps and secrets are read through `objects` (an ApiObjects; else one of `api`)."""
+    objects = objects or ApiObjects(api)
+    env = _env_from(pod, container, objects, warnings)
     for var in container.get("env") or []:
         name = var.get("name")
         if not name:
             continue
         if var.get("valueFrom"):
-            value = _env_value_from(pod, container, var["valueFrom"], api, node_ip, cache)
+            value = _env_value_from(pod, container, var["valueFrom"], node_ip, objects)
             if value is None:
                 continue
         else:
@@ -5108,13 +5165,67 @@ def _base_dir(pod):
     return os.path.dirname(manifest) if manifest else None
 
 
-def _write_json_atomic(path, doc):
-    """Keep a state file (temp file, fsync, rename). A full or failing disk keeps the last one whole
-    and is logged: pods keep running, and a restart would start from that older state."""
-    try:
-        _write_beneath(*os.path.split(path), json.dumps(doc).encode())
-    except OSError as exc:
-        log.warning("cannot keep %s: %s", path, exc.strerror or exc)
+class _StateFiles:
+    """The pods' state files, kept without a pod waiting on the disk: save() writes `<file>.new` whole
+    (renamed, not synced: the page cache keeps it through a SIGKILL); a thread started with work
+    makes the newest durable (fsync, then renamed over `<file>`); _read_saved() prefers `.new`. A
+    full disk keeps the last file whole, logged: pods run on, a restart starts from that state."""
+
+    def __init__(self):
+        self._lock = threading.Condition()
+        self._pending = {}          # paths with a `.new` to make durable, oldest first
+        self._thread = None
+
+    def save(self, path, doc):
+        try:
+            with self._lock:    # no rename of a `.new` between its fsync and its rename
+                _write_beneath(*os.path.split(path + ".new"), json.dumps(doc).encode(), sync=False)
+                self._pending[path] = None
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="minikrust-save", daemon=True)
+                    self._thread.start()
+        except OSError as exc:
+            log.warning("cannot keep %s: %s", path, exc.strerror or exc)
+
+    def flush(self, timeout=None):
+        """Wait until every saved file is durable; True if they are."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._thread is None, timeout)
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._thread = None
+                    self._lock.notify_all()
+                    return
+                path = next(iter(self._pending))
+                del self._pending[path]
+            head, name = os.path.split(path)
+            try:
+                dir_fd = open_beneath(head, "", os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue        # the pod's folder is gone
+            try:
+                fd = os.open(name + ".new", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.fsync(fd)
+                    with self._lock:    # a newer `.new` (saved meanwhile) waits for its own fsync
+                        if os.stat(name + ".new", dir_fd=dir_fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                            os.replace(name + ".new", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot keep %s: %s", path, exc.strerror or exc)
+            finally:
+                os.close(dir_fd)
+
+
+def _read_saved(root, path, valid=lambda doc: True):
+    """A state file kept by _StateFiles: its newest version (`<path>.new` when there is one)."""
+    doc = _read_state(root, path + ".new", valid)
+    return doc if doc is not None else _read_state(root, path, valid)
 
 
 class _Container:
@@ -5215,6 +5326,7 @@ class PodServices:
     send_status: "typing.Callable"      # (worker, old phase): its status changed
     run_started: "typing.Callable"      # (worker, container, run or None, began): watch it, count it
     finalized: "typing.Callable"        # (worker): it reached FINALIZED
+    save: "typing.Callable"             # (path, doc): keep a state file (_StateFiles.save)
 
 
 class PodWorker:
@@ -5240,6 +5352,7 @@ class PodWorker:
         self.kill_at = None                 # monotonic time its modules are killed (TERMINATING)
         self.status = self.volume_dirs = self.start_time = self.deadline = None
         self._prepared_at = 0.0             # monotonic time volumes were last (re)written
+        self._fetching = False              # its volumes wait for a token, configMap or secret being read
         self._exits = []                    # (container, run, result) not yet taken in
         self._killed = False
         self._lock = threading.Lock()
@@ -5250,7 +5363,7 @@ class PodWorker:
     def _restore(self, state, status):
         """Carry on from what a previous kubelet saved (or from the API's status)."""
         self.start_time = status.get("startTime")
-        dirs = _read_state(self.dir, "volumes.json")   # volumes a previous kubelet prepared
+        dirs = _read_saved(self.dir, "volumes.json")   # volumes a previous kubelet prepared
         if dirs and all(isinstance(d, str) and os.path.isdir(d) for d in dirs.values()):
             self.volume_dirs, self._prepared_at = dirs, time.monotonic()
         by_name = {s["name"]: s for s in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])}
@@ -5297,7 +5410,7 @@ class PodWorker:
 
     def sync(self):
         """Move the pod forward; the monotonic time to sync it again, or None (on the next event)."""
-        now, wake = time.monotonic(), None
+        now, wake, self._fetching = time.monotonic(), None, False
         self._collect_exits(now)
         try:
             if self.state is PodState.SYNCING:
@@ -5311,7 +5424,7 @@ class PodWorker:
             wake = time.monotonic() + _CONFIG_RETRY
         if self.state is PodState.TERMINATED and self.deletion is not None:
             self._advance(PodState.FINALIZED)
-        else:
+        elif not self._fetching:    # a status "waiting for volumes" waits for the fetch instead (a moment)
             self._publish()
         return wake
 
@@ -5457,9 +5570,12 @@ class PodWorker:
             os.makedirs(self.dir, exist_ok=True)
             self.volume_dirs = self.s.prepare_volumes(self.pod, self.dir)
             self._prepared_at = time.monotonic()
-            _write_json_atomic(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
+            self.s.save(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
             return True
         except (ContainerConfigError, OSError) as exc:
+            if isinstance(exc, _Fetching):      # synced again once it is in
+                self._fetching = self.volume_dirs is None
+                return False
             if isinstance(exc, OSError):    # a full disk: wait for room, as the kubelet retries a failed mount
                 exc = ContainerConfigError(f"cannot write the pod's volumes: {exc.strerror or exc}", retry=True)
             if exc.retry and self.volume_dirs is not None:     # the API is away: keep what was written
@@ -5497,7 +5613,8 @@ class PodWorker:
             c.mounts = container_mounts(self.pod, c.spec, self.volume_dirs, env, pod_dir=self.dir)
             memory_limit = _memory_limit(c.spec)
         except ContainerConfigError as exc:
-            self._config_error(exc, [c], c)
+            if not isinstance(exc, _Fetching):      # else synced again once it is in
+                self._config_error(exc, [c], c)
             return now + _CONFIG_RETRY
         if c.ever_started:
             prior = c.terminated or c.last_state.get("terminated")
@@ -5573,7 +5690,7 @@ class PodWorker:
         if not self.silent and self.state is not PodState.FINALIZED:
             with contextlib.suppress(OSError):
                 os.makedirs(self.dir, exist_ok=True)
-                _write_json_atomic(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
+                self.s.save(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
         if save_only:
             return
         old_phase = (self.status or {}).get("phase")
@@ -5759,7 +5876,7 @@ def _admission_refusal(config, active, saved):
 
 def _saved_state(root_dir, uid):
     """(PodState, status) a previous kubelet kept for pod `uid`, or None."""
-    doc = _read_state(root_dir, f"pods/{uid}/status.json", lambda d: isinstance(
+    doc = _read_saved(root_dir, f"pods/{uid}/status.json", lambda d: isinstance(
         d.get("status"), dict) and d.get("state") in {s.value for s in PodState})
     return (PodState(doc["state"]), doc["status"]) if doc else None
 
@@ -5767,7 +5884,7 @@ def _saved_state(root_dir, uid):
 def _saved_pods(root_dir):
     """The specs of the pods a previous kubelet ran (<root_dir>/pods/<uid>/pod.json)."""
     for uid in _list_beneath(root_dir, "pods"):
-        pod = _read_state(root_dir, f"pods/{uid}/pod.json", lambda p: isinstance(p.get("spec"), dict)
+        pod = _read_saved(root_dir, f"pods/{uid}/pod.json", lambda p: isinstance(p.get("spec"), dict)
                           and isinstance(p["spec"].get("containers"), list) and _pod_uid(p) == uid)
         if pod is not None:
             yield pod
@@ -5787,7 +5904,9 @@ class PodManager:
         self.node_ip = node_ip or config.node_ip or "127.0.0.1"
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.tokens = None if api is None else ServiceAccountTokens(
-            api, lambda pod, message: self._record_event(pod, "FailedMount", message, "Warning"))
+            api, lambda pod, message: self._record_event(pod, "FailedMount", message, "Warning"), self._resume)
+        self.objects = ApiObjects(api, ready=self._resume)     # configMaps and secrets, off the sync pool
+        self.files = _StateFiles()
         self.echo = _LogEcho(echo) if echo else None
         self.metrics = None         # the kubelet's Metrics, when it has one
         self.node_uid = lambda: None    # -> the registered Node's uid (mirror pods' owner)
@@ -5802,11 +5921,11 @@ class PodManager:
         self.driver = None
         self.services = PodServices(
             config=config, node_ip=self.node_ip, host=self._get_host, ensure_image=self._ensure_image,
-            prepare_volumes=lambda pod, pod_dir: prepare_volumes(
-                pod, pod_dir, config, api=api, base_dir=_base_dir(pod), node_ip=self.node_ip, tokens=self.tokens),
-            container_env=lambda pod, spec: container_env(pod, spec, api=api, node_ip=self.node_ip),
+            prepare_volumes=lambda pod, pod_dir: prepare_volumes(pod, pod_dir, config, api=api, base_dir=_base_dir(pod),
+                                                                 node_ip=self.node_ip, tokens=self.tokens, objects=self.objects),
+            container_env=lambda pod, spec: container_env(pod, spec, node_ip=self.node_ip, objects=self.objects),
             record_event=self._record_event, send_status=self._status_changed, run_started=self._run_started,
-            finalized=self._finalize)
+            finalized=self._finalize, save=self.files.save)
 
     def _get_host(self):
         if self._host is None:
@@ -5839,6 +5958,14 @@ class PodManager:
             self.tokens.stop()
         if self.writer is not None:
             self.writer.stop()
+        self.files.flush(5.0)
+
+    def _resume(self, uid):
+        """What the pod `uid` waited for (a token, a configMap or secret) is in: sync it."""
+        with self._lock:
+            worker = self.workers.get(uid)
+        if worker is not None and self.driver is not None:
+            self.driver.schedule(worker)
 
     # -- the handler face (called by the sources) --
 
@@ -5899,7 +6026,7 @@ class PodManager:
             self.workers[uid] = worker
         with contextlib.suppress(OSError):
             os.makedirs(worker.dir, exist_ok=True)
-            _write_json_atomic(os.path.join(worker.dir, "pod.json"), pod)
+            self.files.save(os.path.join(worker.dir, "pod.json"), pod)
         if self.writer is not None:
             if _is_static(pod):
                 self.mirrors.create(pod)

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -117,20 +118,29 @@ def test_a_corrupt_module_index_is_set_aside(tmp_path, caplog):
     json.dumps(store.modules())     # usable
 
 
-def test_state_files_are_written_to_a_temp_file_synced_then_renamed(tmp_path, monkeypatch):
-    calls = []
+def test_a_state_file_is_kept_whole_at_once_and_made_durable_by_temp_file_fsync_rename(tmp_path, monkeypatch):
+    calls, synced = [], threading.Event()
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
+
+    def fsync(fd):      # the disk is slow: an fsync waits until the test lets it finish
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        assert synced.wait(10)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", lambda a, b, **kw: (calls.append(("replace", a, b)), real_replace(a, b, **kw))[1])
     path = tmp_path / "status.json"
     path.write_text('{"phase": "Running"}')
-    minikrust._write_json_atomic(str(path), {"phase": "Succeeded"})
-    assert json.loads(path.read_text()) == {"phase": "Succeeded"}
-    (synced,), (replaced,) = [c for c in calls if c[0] == "fsync"], [c for c in calls if c[0] == "replace"]
-    assert os.path.basename(synced[1]) == replaced[1] != "status.json" and replaced[2] == "status.json"
-    assert calls.index(synced) < calls.index(replaced)
-    assert os.listdir(tmp_path) == ["status.json"]
+    files = minikrust._StateFiles()
+    files.save(str(path), {"phase": "Succeeded"})       # returns without waiting for the disk
+    assert path.read_text() == '{"phase": "Running"}'
+    assert minikrust._read_saved(str(tmp_path), "status.json") == {"phase": "Succeeded"}   # what a kubelet SIGKILLed now finds
+    synced.set()
+    assert files.flush(10)
+    assert json.loads(path.read_text()) == {"phase": "Succeeded"} and os.listdir(tmp_path) == ["status.json"]
+    fsyncs = [c for c in calls if c[0] == "fsync"]
+    assert [os.path.basename(c[1]) for c in fsyncs] == ["status.json.new"]
+    assert ("replace", "status.json.new", "status.json") in calls
+    assert calls.index(fsyncs[0]) < calls.index(("replace", "status.json.new", "status.json"))
 
 
 # -- a full disk --------------------------------------------------------------------------------------
@@ -363,9 +373,9 @@ def test_a_run_that_may_not_be_repeated_is_on_disk_before_it_starts(fake_api, ku
 
         def start(self, *args, **kw):
             pod_dirs = [os.path.join(root, d) for root in roots for d in os.listdir(root)]
-            for d in pod_dirs:
-                with open(os.path.join(d, "status.json")) as f:
-                    seen.append(json.load(f)["status"]["containerStatuses"][0]["state"])
+            for d in pod_dirs:      # what a kubelet restarted now would find
+                saved = minikrust._read_saved(d, "status.json")
+                seen.append(saved["status"]["containerStatuses"][0]["state"])
             return self.module.start(*args, **kw)
 
     class Host:
