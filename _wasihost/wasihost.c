@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -103,6 +104,8 @@ static long g_active_runs;
 static int g_ticker_asleep;
 #define IDLE_TICKS_BEFORE_SLEEP (1000 * 1000 * 1000 / TICK_NS)
 
+static void pipes_poll(void);
+
 static void *ticker_main(void *arg) {
   (void)arg;
   struct timespec ts = {0, TICK_NS};
@@ -118,6 +121,7 @@ static void *ticker_main(void *arg) {
     }
     pthread_mutex_unlock(&g_tick_lock);
     nanosleep(&ts, NULL);
+    pipes_poll();
     wasmtime_engine_increment_epoch(g_main.engine);
     wasm_engine_t *other = atomic_load(&g_unpooled_engine);
     if (other) wasmtime_engine_increment_epoch(other);
@@ -279,6 +283,11 @@ static int engine_ctx_init(engine_ctx_t *ec, int pooling, char *err, size_t errl
 }
 
 static void engine_init(void) {
+  struct rlimit files; /* a component run holds 4 fds (its output pipes): allow what the system does */
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
   size_pool();
   int pooling = getenv("WASIHOST_NO_POOLING") == NULL && g_pool.slots > 0;
   if (!pooling && g_pool.slots) snprintf(g_pool.text, sizeof g_pool.text, "off (WASIHOST_NO_POOLING)");
@@ -575,12 +584,14 @@ struct wh_run {
   uint8_t *mem_base;   /* the guest's linear memory as last published (NULL: none, or ended) */
   size_t mem_size;
   uint64_t host_bytes, peak; /* our own buffers for the run; the largest memory + buffers seen */
-  /* a WH_HTTP_HOSTS run: the allowed hosts, its filter instance's exports, its output gate */
+  int pipes[2][2]; /* a component's stdout/stderr pipes, or -1 (see pipes_open) */
+  int pipes_polled; /* in the ticker's epoll set */
+  struct wh_run *pipes_next;
+  /* a WH_HTTP_HOSTS run: the allowed hosts, its filter instance's exports */
   struct {
     const char *const *hosts;
     size_t nhosts;
     wasmtime_component_func_t authority, handle;
-    struct comp_gate *gate;
   } http;
 };
 
@@ -1562,27 +1573,64 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   return 0;
 }
 
-/* ---------------------------------------------------------------- runs on their own thread */
+/* ---------------------------------------------------------------- runs on their own thread
+ *
+ * A run's thread, once its run is over, waits a few seconds for another (at most IDLE_RUNNERS
+ * threads wait): a new thread costs a start (and wasmtime's per-thread set-up), about as much as a
+ * small component's whole run. */
+#define IDLE_RUNNERS 2
+#define IDLE_SECONDS 5
 
-typedef struct {
+typedef struct start_args {
   wh_module *m;
   const wh_run_config *c;
   wh_run *r;
   wh_result *res;
   int done_fd;
+  struct start_args *next;
 } start_args;
 
+static struct {
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  start_args *queue; /* runs handed to idle threads, not yet taken */
+  int idle, queued;
+} g_runners = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0};
+
+/* The next run for this idle thread, or NULL once it waited IDLE_SECONDS (then it ends). */
+static start_args *next_run(void) {
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += IDLE_SECONDS;
+  pthread_mutex_lock(&g_runners.lock);
+  start_args *a = NULL;
+  if (g_runners.idle < IDLE_RUNNERS) {
+    g_runners.idle++;
+    while (!g_runners.queue && pthread_cond_timedwait(&g_runners.wake, &g_runners.lock, &until) == 0) {
+    }
+    g_runners.idle--;
+    if ((a = g_runners.queue)) {
+      g_runners.queue = a->next;
+      g_runners.queued--;
+    }
+  }
+  pthread_mutex_unlock(&g_runners.lock);
+  return a;
+}
+
 static void *run_main(void *arg) {
-  start_args a = *(start_args *)arg;
-  free(arg);
 #ifdef __linux__
   pthread_setname_np(pthread_self(), "wasm-run"); /* here: a detached thread's handle dies with it */
 #endif
-  int rc = wh_run_exec(a.m, a.c, a.r, a.res);
-  a.res->rc = rc;
-  uint64_t done = 1;
-  /* the last touch of the caller's memory: once done_fd is readable, it may free everything */
-  while (write(a.done_fd, &done, sizeof done) < 0 && errno == EINTR) {
+  for (start_args *next = arg; next; next = next_run()) {
+    start_args a = *next;
+    free(next);
+    int rc = wh_run_exec(a.m, a.c, a.r, a.res);
+    a.res->rc = rc;
+    uint64_t done = 1;
+    /* the last touch of the caller's memory: once done_fd is readable, it may free everything */
+    while (write(a.done_fd, &done, sizeof done) < 0 && errno == EINTR) {
+    }
   }
   return NULL;
 }
@@ -1594,7 +1642,17 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
     set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
     return WH_ERR_RUN;
   }
-  *a = (start_args){m, c, r, res, done_fd};
+  *a = (start_args){m, c, r, res, done_fd, NULL};
+  pthread_mutex_lock(&g_runners.lock);
+  int handed = g_runners.idle > g_runners.queued;
+  if (handed) { /* to an idle thread (the queue's order does not matter: each has one) */
+    a->next = g_runners.queue;
+    g_runners.queue = a;
+    g_runners.queued++;
+    pthread_cond_signal(&g_runners.wake);
+  }
+  pthread_mutex_unlock(&g_runners.lock);
+  if (handed) return 0;
   pthread_attr_t attr;
   pthread_t thread;
   pthread_attr_init(&attr);
@@ -1783,38 +1841,87 @@ static void component_free(wh_module *m) {
   free(m);
 }
 
-/* Where a component's output goes. wasmtime's WASI 0.2 calls the custom output callbacks from a
- * tokio task of its own (the guest waits for it when it flushes, as std and the p1 adapter do), and
- * may drop the streams later still: so the run is reached through this gate, which the run closes
- * before its buffers go away, and which wasmtime frees (finalizer) once both streams are dropped. */
-typedef struct comp_gate {
-  atomic_flag busy; /* a spinlock: held only while one write is formatted and written */
-  atomic_int refs;  /* the two streams */
-  wh_run *r;        /* NULL once the run is over: later writes are dropped */
-} comp_gate;
+/* Where a component's output goes. wasmtime's WASI 0.2 hands custom output callbacks to a tokio
+ * task of its own: a thread switch per write, which the guest waits for (most of a hello's run). A
+ * file it writes at once: so each stream of a component run is a pipe whose write end wasmtime opens
+ * as a file (/dev/fd/N), and whose read end the epoch ticker drains every tick into the CRI writer
+ * that modules use (as containerd reads a container's pipes; lines of stdout and stderr written
+ * within one tick may reach a shared log in either order, as there); the run drains the rest when
+ * it ends. Cheap for short runs: pipes are reused (kept open, empty), and only a run still going at
+ * the next tick is added to the ticker's epoll set. */
+#define FREE_PIPES 64
+static struct {
+  pthread_mutex_t lock; /* all of this, and the streams of the runs in it */
+  int epoll;            /* the read ends of runs past their first tick: data = the run | which stream */
+  wh_run *pending;      /* runs started since the last tick (linked by pipes_next) */
+  int free[FREE_PIPES][2], nfree;
+} g_pipes = {PTHREAD_MUTEX_INITIALIZER, -1, NULL, {{0}}, 0};
 
-static ptrdiff_t comp_output(comp_gate *g, int which, const uint8_t *buf, size_t len) {
-  while (atomic_flag_test_and_set_explicit(&g->busy, memory_order_acquire)) {
-  }
-  if (g->r) { /* written through at once: the guest may block right after, with no call of ours */
-    stream_emit(g->r, &g->r->streams[which], (const char *)buf, len);
-    sink_flush(g->r->streams[which].sink);
-  }
-  atomic_flag_clear_explicit(&g->busy, memory_order_release);
-  return (ptrdiff_t)len;
-}
-static ptrdiff_t comp_stdout(void *g, const uint8_t *buf, size_t len) { return comp_output(g, 0, buf, len); }
-static ptrdiff_t comp_stderr(void *g, const uint8_t *buf, size_t len) { return comp_output(g, 1, buf, len); }
-static void comp_gate_release(void *g) {
-  if (atomic_fetch_sub(&((comp_gate *)g)->refs, 1) == 1) free(g);
+/* Moves what the pipe of r's stream `which` holds to its log (lock held). */
+static void pipe_drain(wh_run *r, int which) {
+  static char buf[65536];
+  ssize_t n;
+  while ((n = read(r->pipes[which][0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR))
+    if (n > 0) stream_emit(r, &r->streams[which], buf, (size_t)n);
+  sink_flush(r->streams[which].sink);
 }
 
-static void comp_gate_close(comp_gate *g) {
-  while (atomic_flag_test_and_set_explicit(&g->busy, memory_order_acquire)) {
+/* Each tick: the runs started since the last one join the epoll set; the pipes with data are drained. */
+static void pipes_poll(void) {
+  struct epoll_event ev[64];
+  pthread_mutex_lock(&g_pipes.lock);
+  if (g_pipes.pending && g_pipes.epoll < 0) g_pipes.epoll = epoll_create1(EPOLL_CLOEXEC);
+  for (wh_run *r = g_pipes.pending; r && g_pipes.epoll >= 0; r = r->pipes_next, g_pipes.pending = r) {
+    for (int i = 0; i < 2; i++) {
+      ev[0] = (struct epoll_event){.events = EPOLLIN, .data.u64 = (uint64_t)(uintptr_t)r | (uint64_t)i};
+      if (r->pipes[i][0] >= 0) epoll_ctl(g_pipes.epoll, EPOLL_CTL_ADD, r->pipes[i][0], &ev[0]);
+    }
+    r->pipes_polled = 1;
   }
-  g->r = NULL;
-  atomic_flag_clear_explicit(&g->busy, memory_order_release);
-  comp_gate_release(g); /* the run's own reference */
+  int n = g_pipes.epoll >= 0 ? epoll_wait(g_pipes.epoll, ev, 64, 0) : 0;
+  for (int i = 0; i < n; i++) pipe_drain((wh_run *)(uintptr_t)(ev[i].data.u64 & ~(uint64_t)1), (int)(ev[i].data.u64 & 1));
+  pthread_mutex_unlock(&g_pipes.lock);
+}
+
+/* Points `wasi`'s stdout and stderr at pipes of r's (a discarded stream keeps wasmtime's sink). */
+static int pipes_open(wh_run *r, wasi_config_t *wasi) {
+  int ok = 1;
+  pthread_mutex_lock(&g_pipes.lock);
+  for (int i = 0; i < 2; i++) {
+    int *p = r->pipes[i];
+    p[0] = p[1] = -1;
+    if (!ok || r->streams[i].sink->fd < 0) continue;
+    if (g_pipes.nfree) memcpy(p, g_pipes.free[--g_pipes.nfree], sizeof g_pipes.free[0]);
+    else if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) ok = 0, p[0] = p[1] = -1;
+  }
+  r->pipes_polled = 0;
+  r->pipes_next = g_pipes.pending;
+  g_pipes.pending = r;
+  pthread_mutex_unlock(&g_pipes.lock);
+  for (int i = 0; i < 2 && ok; i++) {
+    char path[32];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", r->pipes[i][1]); /* opened anew: a blocking write end */
+    if (r->pipes[i][1] >= 0) ok = i ? wasi_config_set_stderr_file(wasi, path) : wasi_config_set_stdout_file(wasi, path);
+  }
+  return ok ? 0 : -1;
+}
+
+/* Once wasmtime closed its write ends (its store is gone): the rest of the output; the pipes kept. */
+static void pipes_close(wh_run *r) {
+  pthread_mutex_lock(&g_pipes.lock);
+  wh_run **at = &g_pipes.pending;
+  while (*at && *at != r) at = &(*at)->pipes_next;
+  if (*at) *at = r->pipes_next;
+  for (int i = 0; i < 2; i++) {
+    int *p = r->pipes[i];
+    if (p[0] < 0) continue;
+    if (r->pipes_polled) epoll_ctl(g_pipes.epoll, EPOLL_CTL_DEL, p[0], NULL);
+    pipe_drain(r, i); /* all of it: wasmtime's writes were done before its store went */
+    if (g_pipes.nfree < FREE_PIPES) memcpy(g_pipes.free[g_pipes.nfree++], p, sizeof g_pipes.free[0]);
+    else close(p[0]), close(p[1]);
+    p[0] = p[1] = -1;
+  }
+  pthread_mutex_unlock(&g_pipes.lock);
 }
 
 /* ---------------------------------------------------------------- outgoing HTTP, host by host
@@ -1855,7 +1962,7 @@ int wh_http_filter_load(const char *wat, size_t len, char *err, size_t errlen) {
 }
 
 /* The run's filter instance in `ctx` (r->ec's engine), its exports in r->http. */
-static wasmtime_error_t *filter_begin(wh_run *r, const wh_run_config *c, wasmtime_context_t *ctx, comp_gate *gate) {
+static wasmtime_error_t *filter_begin(wh_run *r, const wh_run_config *c, wasmtime_context_t *ctx) {
   int u = r->ec != &g_main;
   pthread_mutex_lock(&g_filter.lock);
   wasmtime_error_t *e = filter_compile(u, r->ec->engine);
@@ -1868,7 +1975,6 @@ static wasmtime_error_t *filter_begin(wh_run *r, const wh_run_config *c, wasmtim
     return wasmtime_error_new("wasihost: the filter instance lacks its exports");
   r->http.hosts = c->http_hosts;
   r->http.nhosts = c->nhttp_hosts;
-  r->http.gate = gate;
   return NULL;
 }
 
@@ -1897,7 +2003,11 @@ static void http_deny(wh_run *r, wasmtime_context_t *ctx, const wasmtime_compone
                          (int)(authority->of.string.size > 256 ? 256 : authority->of.string.size),
                          (const char *)authority->of.string.data)
               : snprintf(line, sizeof line, "minikrust: outgoing HTTP request without a host denied\n");
-  comp_output(r->http.gate, 1, (const uint8_t *)line, (size_t)n);
+  pthread_mutex_lock(&g_pipes.lock);
+  if (r->pipes[1][0] >= 0) pipe_drain(r, 1); /* after what the guest wrote before */
+  stream_emit(r, &r->streams[1], line, (size_t)n);
+  sink_flush(r->streams[1].sink);
+  pthread_mutex_unlock(&g_pipes.lock);
   wasmtime_component_val_t code;
   memset(&code, 0, sizeof code);
   code.kind = WH_WASMTIME_COMPONENT_VARIANT;
@@ -1969,35 +2079,31 @@ static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_re
  * or POOL_FULL (nothing ran). A `run` that returns err is exit code 1, as wasmtime's CLI says. */
 static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_component_export_index_t *run_func,
                              const wh_run_config *c, wh_run *r, wh_result *res) {
-  comp_gate *gate = calloc(1, sizeof *gate);
-  wasi_config_t *wasi = gate ? make_wasi(c, res->message, sizeof res->message) : NULL;
-  if (!wasi) {
-    if (!gate) set_msg(res->message, sizeof res->message, "", (const uint8_t *)"out of memory", 13);
-    free(gate);
+  wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
+  if (!wasi) return WH_ERR_RUN;
+  if (pipes_open(r, wasi) != 0) {
+    snprintf(res->message, sizeof res->message, "cannot make the output pipes: %s", strerror(errno));
+    wasi_config_delete(wasi);
+    pipes_close(r);
     return WH_ERR_RUN;
   }
-  atomic_flag_clear(&gate->busy);
-  atomic_init(&gate->refs, 3); /* stdout, stderr, this run */
-  gate->r = r;
-  wasi_config_set_stdout_custom(wasi, comp_stdout, gate, comp_gate_release);
-  wasi_config_set_stderr_custom(wasi, comp_stderr, gate, comp_gate_release);
-  wasmtime_store_t *store = run_store(r, c, wasi, res); /* consumes wasi: its streams are dropped */
+  wasmtime_store_t *store = run_store(r, c, wasi, res); /* consumes wasi */
   if (!store) {
-    comp_gate_close(gate);
+    pipes_close(r);
     return WH_ERR_RUN;
   }
   wasmtime_context_t *ctx = wasmtime_store_context(store);
   wasmtime_error_t *e = NULL;
   int http = c->outgoing_http == WH_HTTP_ANY || c->outgoing_http == WH_HTTP_HOSTS ? c->outgoing_http : WH_HTTP_NONE;
   if (http) wasmtime_context_set_wasi_http(ctx);
-  if (http == WH_HTTP_HOSTS) e = filter_begin(r, c, ctx, gate);
+  if (http == WH_HTTP_HOSTS) e = filter_begin(r, c, ctx);
   wasmtime_component_instance_t inst;
   wasmtime_component_func_t run;
   if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[r->ec != &g_main][http], ctx, comp, &inst);
   if (e && r->ec->pooling && pool_full(e)) {
     wasmtime_error_delete(e);
     wasmtime_store_delete(store);
-    comp_gate_close(gate);
+    pipes_close(r);
     return POOL_FULL;
   }
   if (e) {
@@ -2022,6 +2128,6 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
     if (e || res->exit_code != 1) classify(r, e, NULL, res);
   }
   wasmtime_store_delete(store);
-  comp_gate_close(gate); /* before wh_run_exec frees the buffers the gate writes to */
+  pipes_close(r); /* before wh_run_exec frees the buffers the pipes are drained into */
   return 0;
 }

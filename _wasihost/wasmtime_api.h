@@ -178,6 +178,9 @@ void wasi_config_set_stdin_bytes(wasi_config_t *config, wasm_byte_vec_t *binary)
 bool wasi_config_preopen_dir(wasi_config_t *config, const char *host_path, const char *guest_path, bool fs_mutable);
 wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *context, wasi_config_t *wasi);
 
+bool wasi_config_set_stdout_file(wasi_config_t *config, const char *path); /* created (truncated) */
+bool wasi_config_set_stderr_file(wasi_config_t *config, const char *path);
+
 /* --- wasi.h: custom output streams (WASI 0.2 components write stdout/stderr through these) --- */
 void wasi_config_set_stdout_custom(wasi_config_t *config, ptrdiff_t (*callback)(void *, const uint8_t *, size_t),
                                    void *data, void (*finalizer)(void *));

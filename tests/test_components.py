@@ -2,6 +2,7 @@
 replayed on the same programs turned into components with jco (`jco new --wasi-command`), on both
 backends. The few that cannot hold as written for a component are redefined below, each saying
 what differs and why; the rest run unchanged."""
+import sys
 import time
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 import minikrust
 from tests.helpers import unavailable, wait_for
 from tests.test_wasihost import *  # noqa: F401,F403  (collected again here, on components)
-from tests.test_wasihost import capture, run
+from tests.test_wasihost import _normalised_log, capture, cri_records, run
+from tests.test_wasihost import test_native_and_fallback_agree as _agree
 
 
 @pytest.fixture
@@ -77,6 +79,32 @@ def test_memory_limit_stops_growth_and_reports_oom(backend, wasm):
     """(For a component: the limit holds, but a trap is not recognised as OOM without peak memory.)"""
     result = run(backend, wasm.grow, memory_limit=1 << 20)
     assert result.exit_code is None and "unreachable" in result.trap and not result.killed
+
+
+def test_cri_log_interleaves_streams_cuts_long_lines_and_flags_fragments(backend, wasm, tmp_path):
+    """(For a component on the native host: each stream's lines in order, not their order across
+    streams.) Its stdout and stderr are two pipes read every tick, as containerd reads a container's."""
+    log_path = tmp_path / "0.log"
+    result = run(backend, wasm.fdedge, ["fdedge"], stdout=str(log_path), stderr=str(log_path))
+    assert result.exit_code == 0
+    records = cri_records(log_path)
+    out = [(tag, line) for _, stream, tag, line in records if stream == "stdout"]
+    big = [(tag, line) for tag, line in out if b"yyyy" in line]  # 100,000 bytes: six 16 KiB P records, an F
+    assert [tag for tag, _ in big] == ["P"] * 6 + ["F"]
+    assert all(len(line) == 16384 for _, line in big[:6]) and 0 < len(big[6][1]) < 16384
+    assert ("F", b"no newline then newline") in out
+    err = [line for _, stream, tag, line in records if stream == "stderr" and tag == "F"]
+    assert [line for line in err if line in (b"e1", b"e2", b"e3")] == [b"e1", b"e2", b"e3"]
+    assert [line for tag, line in out if line in (b"o1", b"o2o2b")] == [b"o1", b"o2o2b"]  # "o2" + "o2b\n": one line
+
+
+@pytest.mark.parametrize("case", ["fdedge", "hello", "c_hello", "trap", "args", "stderr", "lines", "exit"])
+def test_native_and_fallback_agree(both_hosts, wasm, tmp_path, case, monkeypatch):
+    """(For a component: each stream's records, see above.)"""
+    def by_stream(path):
+        return sorted(_normalised_log(path), key=lambda record: record[0])  # stable: each stream in order
+    monkeypatch.setattr(sys.modules["tests.test_wasihost"], "_normalised_log", by_stream)
+    _agree(both_hosts, wasm, tmp_path, case)
 
 
 # Not replayed: live usage figures are measured for modules only (the C API gives no access to a
