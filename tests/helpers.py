@@ -19,6 +19,15 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what=None):
         time.sleep(interval)
 
 
+def time_scale():
+    """How many times slower than native this run executes code: 1, or $MINIKRUST_TEST_TIME_SCALE when
+    the tests run under an emulator (scripts/test-wheel-aarch64 sets it for qemu-user). Only limits
+    that measure the speed of running or compiling wasm code are multiplied by it."""
+    import os
+
+    return float(os.environ.get("MINIKRUST_TEST_TIME_SCALE", "1"))
+
+
 def unavailable(reason):
     """A tool or part a test needs is missing: a skip with the reason, but under CI (CI=true), where
     .ci/run installs and builds everything, a failure: a run there never passes by skipping."""
