@@ -1,6 +1,6 @@
 /* floor.c: the pure-C floor of the hot path. Drives the native host's own C functions
  * (_wasihost/wasihost.c) in a loop, doing per run what the Python face does: open the log file,
- * run the module with stdout/stderr in CRI format, close the file.
+ * run the module (or component) with stdout/stderr in CRI format, close the file.
  *
  *   floor WASM CACHE_PATH LOG_PATH RUNS   -> one line per run: nanoseconds of that run
  *
@@ -54,9 +54,11 @@ int main(int argc, char **argv) {
     return 1;
   }
   wh_module *module;
-  int from_cache;
-  if (wh_module_load(wasm, len, argv[2], &module, &from_cache, err, sizeof err) != 0) {
-    fprintf(stderr, "wh_module_load: %s\n", err);
+  int from_cache, imports_http;
+  int component = len >= 8 && wasm[6] == 1 && wasm[7] == 0; /* the component header's layer */
+  if ((component ? wh_component_load(wasm, len, argv[2], &module, &from_cache, &imports_http, err, sizeof err)
+                 : wh_module_load(wasm, len, argv[2], &module, &from_cache, err, sizeof err)) != 0) {
+    fprintf(stderr, "loading %s: %s\n", argv[1], err);
     return 1;
   }
   int runs = atoi(argv[4]);

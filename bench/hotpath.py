@@ -2,6 +2,7 @@
 
     python bench/hotpath.py           # the full run (>= 2,000 runs per contender and module)
     python bench/hotpath.py --quick   # a short run, to check that it works
+    python bench/hotpath.py --components   # the component rows only
 
 Contenders, interleaved in batches so machine noise hits them alike, stdout to a CRI log file:
   (a) the native host (`_wasihost`) through its Python face, as the kubelet calls it: start() + wait()
@@ -125,7 +126,7 @@ class WasmtimePyComponent(WasmtimePy):
         store.close()
 
 
-def component_rows(host, mods, tmp, runs, batches, log):
+def component_rows(host, mods, tmp, runs, batches, log, floor):
     """The component rows; {name: (speedup vs wasmtime-py, native component / native module)}."""
     try:
         jco = wasm_modules.jco_binary()
@@ -164,10 +165,14 @@ def component_rows(host, mods, tmp, runs, batches, log):
         for fn in contenders.values():
             fn()
         times = {k: [] for k in contenders}
+        times["(c) C floor, component"] = []
         for _ in range(batches):
             for label, fn in contenders.items():
                 times[label] += timed(fn, per_batch)
                 os.truncate(log, 0)
+            times["(c) C floor, component"] += floor_times(floor, component_path, host.cache_path(component.digest),
+                                                          log, per_batch)
+            os.truncate(log, 0)
         med = {}
         for label, ns in times.items():
             med[label], p99 = summary(ns)
@@ -176,8 +181,8 @@ def component_rows(host, mods, tmp, runs, batches, log):
         inline = med["(a) native, component, run() inline"]
         b = min(med["(b) wasmtime-py component, CRI"], med["(b) wasmtime-py component, file"])
         ratios[name] = (b / a, a / m)
-        print(f"{name + ' p2':<12} speedup (a) vs best (b): {b / a:.1f}x (run() inline: {b / inline:.1f}x)   "
-              f"component/module (a)/(m): {a / m:.2f}")
+        print(f"{name + ' p2':<12} speedup (a) vs best (b): {b / a:.1f}x (run() inline: {b / inline:.1f}x, C floor: "
+              f"{b / med['(c) C floor, component']:.1f}x)   component/module (a)/(m): {a / m:.2f}")
     return ratios
 
 
@@ -223,6 +228,7 @@ def rss_kb():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (200 runs per contender)")
+    parser.add_argument("--components", action="store_true", help="only the component rows")
     parser.add_argument("--profile", action="store_true",
                         help="only profile (a) on the WAT hello: where the time over the C floor goes")
     args = parser.parse_args(argv)
@@ -236,6 +242,14 @@ def main(argv=None):
     import _wasihost
     tmp = tempfile.mkdtemp(prefix="hotpath-")
     try:
+        if args.components:
+            mods = wasm_modules.WasmModules(os.path.join(tmp, "modules"))
+            os.makedirs(mods.cache_dir)
+            with open(os.path.join(tmp, "hello-wat.wasm"), "wb") as f:
+                f.write(mods.hello)
+            host = _wasihost.Host(os.path.join(tmp, "cache"))
+            component_rows(host, mods, tmp, runs, batches, os.path.join(tmp, "bench.log"), build_floor(tmp))
+            return 0
         return _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -382,7 +396,7 @@ def _bench(_wasihost, tmp, runs, batches, rss_runs, log_runs):
     print(f"RSS: {before / 1024:.1f} MB before, {after_ok / 1024:.1f} MB after {rss_runs} runs, "
           f"{after_trap / 1024:.1f} MB after {rss_runs} more trapping runs")
 
-    component = component_rows(host, mods, tmp, runs, batches, log)
+    component = component_rows(host, mods, tmp, runs, batches, log, floor)
     top_overhead = top_rows(host, mods, log, runs, batches)
 
     wat_speedup, wat_floor = ratios["WAT hello"]
