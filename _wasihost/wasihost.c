@@ -585,6 +585,7 @@ struct wh_run {
   size_t mem_size;
   uint64_t host_bytes, peak; /* our own buffers for the run; the largest memory + buffers seen */
   int pipes[2][2]; /* a component's stdout/stderr pipes, or -1 (see pipes_open) */
+  int piped;        /* its output goes through pipes: the sinks are only touched under g_pipes.lock */
   int pipes_polled; /* in the ticker's epoll set */
   struct wh_run *pipes_next;
   /* a WH_HTTP_HOSTS run: the allowed hosts, its filter instance's exports */
@@ -1315,7 +1316,7 @@ static int ts_after(const struct timespec *a, const struct timespec *b) {
 static wasmtime_error_t *on_epoch(wasmtime_context_t *ctx, void *data, uint64_t *delta,
                                   wasmtime_update_deadline_kind_t *kind) {
   wh_run *r = data;
-  flush_all(r);
+  if (!r->piped) flush_all(r); /* a component's sinks are the ticker's (pipes_poll) */
   publish_store_memory(r, ctx);
   if (atomic_load(&r->killed)) return wasmtime_error_new("killed");
   if (r->has_deadline) {
@@ -1894,6 +1895,7 @@ static int pipes_open(wh_run *r, wasi_config_t *wasi) {
     if (g_pipes.nfree) memcpy(p, g_pipes.free[--g_pipes.nfree], sizeof g_pipes.free[0]);
     else if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) ok = 0, p[0] = p[1] = -1;
   }
+  r->piped = 1;
   r->pipes_polled = 0;
   r->pipes_next = g_pipes.pending;
   g_pipes.pending = r;
@@ -1921,6 +1923,7 @@ static void pipes_close(wh_run *r) {
     else close(p[0]), close(p[1]);
     p[0] = p[1] = -1;
   }
+  r->piped = 0;
   pthread_mutex_unlock(&g_pipes.lock);
 }
 
