@@ -1976,10 +1976,12 @@ class FallbackHost:
                 linker.add_wasip2()
                 if kind:
                     linker.add_wasi_http()
-                if kind == 2:
+                if kind == 2:  # under every 0.2.x name: an import finds its very version first (as native)
                     linker.allow_shadowing = True
-                    with linker.root() as root, root.add_instance("wasi:http/outgoing-handler@0.2.0") as handler:
-                        handler.add_func("handle", self._http_handle)
+                    with linker.root() as root:
+                        for minor in range(64):
+                            with root.add_instance(f"wasi:http/outgoing-handler@0.2.{minor}") as handler:
+                                handler.add_func("handle", self._http_handle)
                 linkers.append(linker)
             self._component_linkers = linkers
         return self._component_linkers[2 if isinstance(http, tuple) else int(http)]

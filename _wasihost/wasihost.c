@@ -1690,15 +1690,23 @@ static wasmtime_error_t *http_handle(void *env, wasmtime_context_t *ctx, const w
                                      wasmtime_component_val_t *args, size_t nargs, wasmtime_component_val_t *results,
                                      size_t nresults);
 
-/* Our `handle` in place of wasi:http's, for guests whose requests go through the filter. */
+/* Our `handle` in place of wasi:http's, for guests whose requests go through the filter: under
+ * every 0.2.x name, as a guest's import finds the very version it names before any compatible one
+ * (so one name would leave wasi:http's own under the version wasmtime defines it, found by any
+ * guest importing that one). */
+#define HTTP_MINORS 64
 static wasmtime_error_t *shadow_http_handle(wasmtime_component_linker_t *linker) {
-  static const char HANDLER[] = "wasi:http/outgoing-handler@0.2.0"; /* stands for every 0.2.x */
   wasmtime_component_linker_allow_shadowing(linker, true);
   wasmtime_component_linker_instance_t *root = wasmtime_component_linker_root(linker), *handler = NULL;
-  wasmtime_error_t *e = wasmtime_component_linker_instance_add_instance(root, HANDLER, strlen(HANDLER), &handler);
-  if (!e) {
-    e = wasmtime_component_linker_instance_add_func(handler, "handle", 6, http_handle, NULL, NULL);
-    wasmtime_component_linker_instance_delete(handler);
+  wasmtime_error_t *e = NULL;
+  for (int minor = 0; minor < HTTP_MINORS && !e; minor++) {
+    char name[64];
+    int n = snprintf(name, sizeof name, "wasi:http/outgoing-handler@0.2.%d", minor);
+    e = wasmtime_component_linker_instance_add_instance(root, name, (size_t)n, &handler);
+    if (!e) {
+      e = wasmtime_component_linker_instance_add_func(handler, "handle", 6, http_handle, NULL, NULL);
+      wasmtime_component_linker_instance_delete(handler);
+    }
   }
   wasmtime_component_linker_instance_delete(root);
   return e;

@@ -168,9 +168,11 @@ from tests.test_pods import _cstatus, _manifest, _phase  # noqa: E402
 HTTP_CLIENT = Path(__file__).with_name("http_client.wat").read_text()
 
 
-def http_client(authority, path="/"):
-    """A component sending GET `path` to http://`authority` (tests/http_client.wat)."""
+def http_client(authority, path="/", version="0.2.0"):
+    """A component sending GET `path` to http://`authority` (tests/http_client.wat), importing
+    wasi:http/outgoing-handler@`version`."""
     wat = HTTP_CLIENT.replace("@AUTHORITY@", authority).replace("@AUTHLEN@", str(len(authority)))
+    wat = wat.replace("wasi:http/outgoing-handler@0.2.0", f"wasi:http/outgoing-handler@{version}")
     return bytes(wasmtime.wat2wasm(wat.replace("@PATH@", path).replace("@PATHLEN@", str(len(path)))))
 
 
@@ -284,6 +286,19 @@ def test_outgoing_http_goes_only_to_the_hosts_the_pod_allows(pod_backend, fake_a
     wait_for(lambda: any("minikrust.io/allow-outgoing-http" in e["message"]
                          for e in fake_api.events(involved_name="none", reason="Failed")),
              timeout=10, what="the Failed Event of none")
+
+
+@pytest.mark.parametrize("version", ["0.2.0", "0.2.3", "0.2.6", "0.2.12", "0.2.70"])
+def test_every_0_2_version_of_the_handler_import_is_filtered(backend, http_server, version):
+    """wasmtime defines wasi:http under one 0.2.x name, which an import of that very version finds
+    before any other: the filter must stand under every name a guest can import."""
+    allowed, other = f"127.0.0.1:{http_server.port}", f"localhost:{http_server.port}"
+    for authority, code, line in ((allowed, 0, b"status 200"), (other, 1, b"error 15")):
+        out = []
+        result = backend.load(http_client(authority, "/v", version)).run(
+            ["client"], stdout=out.append, stderr=out.append, outgoing_http=[allowed])
+        assert result.exit_code == code and line in b"".join(out), (result, out)
+    assert http_server.seen == [(allowed, "/v")]
 
 
 # -- examples/components --
