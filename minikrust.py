@@ -313,23 +313,53 @@ def _read_beneath(root, path, limit, tail=False):
         return f.read(limit)
 
 
-def _list_beneath(root, path=""):
-    """The names in the directory `path` beneath `root`, sorted; none when it is missing."""
+@contextlib.contextmanager
+def _dir_beneath(root, path=""):
+    """The directory `path` beneath `root` as an fd (open_beneath), for the `with` block."""
+    fd = open_beneath(root, path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = open_beneath(root, path, os.O_RDONLY | os.O_DIRECTORY)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    try:
-        return sorted(os.listdir(fd))
+        yield fd
     finally:
         os.close(fd)
 
 
-def _fd_path(fd, root, path):
-    """The real path of an fd opened by open_beneath: /proc knows it; else (no links followed)
-    it is the root joined with the path."""
-    with contextlib.suppress(OSError):
-        return os.readlink(f"/proc/self/fd/{fd}")
+def _list_beneath(root, path=""):
+    """The names in the directory `path` beneath `root`, sorted; none when it is missing."""
+    try:
+        with _dir_beneath(root, path) as fd:
+            return sorted(os.listdir(fd))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _rename_beneath(root, source, target):
+    """Rename `source` to `target`, both beneath `root` (their folders resolved by open_beneath)."""
+    with _dir_beneath(root, os.path.dirname(source)) as src, _dir_beneath(root, os.path.dirname(target)) as dst:
+        os.replace(os.path.basename(source), os.path.basename(target), src_dir_fd=src, dst_dir_fd=dst)
+
+
+class _Held(os.PathLike):
+    """A file or folder opened beneath its root (open_beneath, O_PATH) and held open: its path,
+    /proc/self/fd/N, leads to exactly what was checked, whatever is renamed or linked in its place
+    since (a sibling container may plant a link between the check and the preopen). The fd
+    closes when the object goes."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __fspath__(self):
+        return f"/proc/self/fd/{self.fd}"
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+def _held(fd, root, path):
+    """An fd opened by open_beneath as a _Held path (it takes the fd); without /proc, the root
+    joined with the path (no link was followed to it) and the fd closed."""
+    if os.path.exists(f"/proc/self/fd/{fd}"):
+        return _Held(fd)
+    os.close(fd)
     return os.path.join(os.path.realpath(root), *_beneath_parts(path))
 
 
@@ -3210,36 +3240,38 @@ class RegistryClient:
             media_type = MT_OCI_INDEX
         return doc, digest, media_type
 
-    def download(self, digest, size, path):
-        """Download a blob into `path`, resuming a partial file with Range; verify size and digest."""
-        have = os.path.getsize(path) if os.path.exists(path) else 0
+    def download(self, digest, size, out):
+        """Download a blob into the file `out` (read-write), resuming what it holds with Range;
+        verify size and digest (a file that fails is left empty)."""
+        have = out.seek(0, os.SEEK_END)
         headers = {"Range": f"bytes={have}-"} if have else {}
         resp = self.request("GET", f"blobs/{digest}", headers=headers, stream=True)
         with resp:
             if resp.status_code == 404:
                 raise ImageError(f"blob {digest} not found in {self.ref.name}")
             if resp.status_code == 416:  # nothing left to resume from: start again
-                os.unlink(path)
+                out.truncate(0)
                 raise _Transient(f"cannot resume the download of {digest}")
             if resp.status_code not in (200, 206):
                 raise ImageError(f"{self.ref.registry} answered {resp.status_code} for blob {digest}")
             resumed = resp.status_code == 206
-            with open(path, "ab" if resumed else "wb") as out:
-                written = have if resumed else 0
-                try:
-                    for chunk in resp.iter_content(1 << 16):
-                        written += len(chunk)
-                        if size is not None and written > size:
-                            raise ImageError(f"blob {digest} is larger than its declared size {size}")
-                        out.write(chunk)
-                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                        requests.Timeout) as exc:
-                    raise _Transient(f"download of {digest} interrupted: {_short(exc, 120)}") from None
+            out.seek(have if resumed else 0)
+            out.truncate()
+            written = out.tell()
+            try:
+                for chunk in resp.iter_content(1 << 16):
+                    written += len(chunk)
+                    if size is not None and written > size:
+                        raise ImageError(f"blob {digest} is larger than its declared size {size}")
+                    out.write(chunk)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.Timeout) as exc:
+                raise _Transient(f"download of {digest} interrupted: {_short(exc, 120)}") from None
         if size is not None and written != size:
             raise _Transient(f"download of {digest} ended after {written} of {size} bytes")
-        actual = _file_digest(path)
+        actual = _file_digest(out)
         if actual != digest:
-            os.unlink(path)
+            out.truncate(0)
             if resumed:
                 raise _Transient(f"resumed download of {digest} did not verify; restarting")
             raise ImageError(f"blob {digest} failed verification: the registry sent content with digest {actual}")
@@ -3290,33 +3322,31 @@ def _read_state(root, path, valid=lambda doc: True):
         return None
     except ValueError as exc:       # also UnicodeDecodeError
         with contextlib.suppress(OSError):
-            folder = open_beneath(root, os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                name = os.path.basename(path)
-                os.replace(name, f"{name}.corrupt", src_dir_fd=folder, dst_dir_fd=folder)
-            finally:
-                os.close(folder)
+            _rename_beneath(root, path, f"{path}.corrupt")
         log.error("state file %s is corrupt (%s): set aside as %s.corrupt", path, exc, os.path.basename(path))
         return None
 
 
-def _file_digest(path):
+def _file_digest(f):
+    """The sha256 digest of all a binary file holds."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    f.seek(0)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return "sha256:" + h.hexdigest()
 
 
 class ModuleStore:
     """Modules by digest under `root` (`sha256/<hex>.wasm`), image refs and last-used times in
-    `index.json`; files arrive in `tmp/` and are renamed into place (never a half module)."""
+    `index.json`; files arrive in `tmp/` and are renamed into place (never a half module). Every
+    file operation resolves beneath `root` (open_beneath): a link planted there is not followed out."""
 
     def __init__(self, root):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.tmp_dir = os.path.join(self.root, "tmp")
-        os.makedirs(os.path.join(self.root, "sha256"), exist_ok=True)
-        os.makedirs(self.tmp_dir, exist_ok=True)
+        os.makedirs(self.root, exist_ok=True)
+        for folder in ("sha256", "tmp"):
+            os.close(_makedirs_beneath(self.root, folder))
         self.remove_stale_temps()
         self._lock = threading.RLock()
         self._persisted = 0.0
@@ -3334,8 +3364,26 @@ class ModuleStore:
     def path(self, digest):
         return os.path.join(self.root, "sha256", digest.split(":", 1)[-1] + ".wasm")
 
+    def open(self, path, flags=os.O_RDONLY, mode="rb"):
+        """The file `path` (in the store) opened beneath its root, as a file object."""
+        return os.fdopen(open_beneath(self.root, os.path.relpath(path, self.root), flags, 0o644), mode)
+
+    def discard(self, path):
+        """Remove the file `path` (in the store), if there."""
+        _remove_beneath(self.root, os.path.relpath(path, self.root))
+
+    def size(self, digest):
+        """The size of the stored module `digest`, None when it is not there as a regular file. The
+        hosts verify the digest of what they load, so a file swapped after this check cannot run."""
+        try:
+            with self.open(self.path(digest), os.O_RDONLY | os.O_NONBLOCK) as f:
+                info = os.fstat(f.fileno())
+        except OSError:
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
     def has(self, digest):
-        return os.path.exists(self.path(digest))
+        return self.size(digest) is not None
 
     def temp_path(self):
         """A fresh name in the store's temp dir (same filesystem: rename is atomic)."""
@@ -3344,11 +3392,11 @@ class ModuleStore:
     def remove_stale_temps(self, age=600.0):
         """Delete temp files of interrupted pulls (untouched for `age` s: a live download writes)."""
         limit = time.time() - age
-        for name in os.listdir(self.tmp_dir):
-            path = os.path.join(self.tmp_dir, name)
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.getmtime(path) < limit:
-                    os.unlink(path)
+        with _dir_beneath(self.root, "tmp") as folder:
+            for name in os.listdir(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(name, dir_fd=folder, follow_symlinks=False).st_mtime < limit:
+                        os.unlink(name, dir_fd=folder)
 
     def lookup(self, key):
         """(module digest, image_id) stored for an image key (`name:tag` or `name@digest`), or None."""
@@ -3362,7 +3410,7 @@ class ModuleStore:
         """Move a verified temp file into place (if given) and record the keys pointing to it;
         `auth` labels the credential the pull used (kept per key, see ImageManager._may_use)."""
         if temp is not None:
-            os.replace(temp, self.path(digest))
+            _rename_beneath(self.root, os.path.relpath(temp, self.root), os.path.relpath(self.path(digest), self.root))
         now = time.time()
         with self._lock:
             for key in keys:
@@ -3373,7 +3421,7 @@ class ModuleStore:
                     if auth or labels:
                         entry["auth"] = sorted(labels | ({auth} if auth else set()))
             entry = self._index["modules"].setdefault(digest, {"added": now})
-            entry.update(size=os.path.getsize(self.path(digest)), last_used=now)
+            entry.update(size=self.size(digest) or 0, last_used=now)
             self._save()
 
     def auth(self, key):
@@ -3395,10 +3443,9 @@ class ModuleStore:
         """The store's secret HMAC key, made on first use and read once: pod starts check labels."""
         with self._lock:
             if self._hmac_key is None:
-                path = os.path.join(self.root, "credential-key")
-                if not os.path.exists(path):
+                if "credential-key" not in _list_beneath(self.root):
                     _write_beneath(self.root, "credential-key", os.urandom(32), 0o600)
-                with open(path, "rb") as f:
+                with self.open(os.path.join(self.root, "credential-key")) as f:
                     self._hmac_key = f.read()
             return self._hmac_key
 
@@ -3428,8 +3475,7 @@ class ModuleStore:
 
     def remove(self, digest):
         with self._lock:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(digest))
+            self.discard(self.path(digest))
             self._index["modules"].pop(digest, None)
             for key in [k for k, e in self._index["refs"].items() if e["module"] == digest]:
                 del self._index["refs"][key]
@@ -3566,7 +3612,8 @@ class ImageManager:
         key = (path, st.st_mtime_ns, st.st_size)
         digest = self._file_digests.get(key)
         if digest is None:
-            digest = self._file_digests[key] = _file_digest(path)
+            with open(path, "rb") as f:     # the user's own file, wherever its links lead
+                digest = self._file_digests[key] = _file_digest(f)
         return ModuleRef(path, digest, f"file:{path}@{digest}")
 
     def _check_backoff(self, key, image):
@@ -3684,11 +3731,14 @@ class ImageManager:
         if not _DIGEST_RE.match(digest):
             raise ImageError(f"unsupported blob digest {digest!r}")
         temp = self.store.temp_path()
+
+        def attempt():
+            with self.store.open(temp, os.O_RDWR | os.O_CREAT, "r+b") as out:
+                client.download(digest, size, out)
         try:
-            self._retrying(lambda: client.download(digest, size, temp))
+            self._retrying(attempt)
         except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            self.store.discard(temp)
             if isinstance(exc, OSError):  # a full disk, a read-only store
                 raise ImageError(f"cannot write to the module store: {exc.strerror}") from None
             raise
@@ -3700,12 +3750,12 @@ class ImageManager:
             raise ImageError("image config is too large")
         temp = self._fetch_blob(client, desc)
         try:
-            with open(temp, "rb") as f:
+            with self.store.open(temp) as f:
                 return json.load(f)
         except ValueError:
             raise ImageError("image config is not JSON") from None
         finally:
-            os.unlink(temp)
+            self.store.discard(temp)
 
     def _module_layers(self, client, doc):
         """Which layers hold the module, by media type: ("wasm", [layer], None) or ("tar", layers, path)."""
@@ -3734,7 +3784,7 @@ class ImageManager:
         for layer in reversed(layers):
             temp = self._fetch_blob(client, layer)
             try:
-                with tarfile.open(temp, _TAR_LAYERS[layer["mediaType"]]) as tar:
+                with self.store.open(temp) as raw, tarfile.open(fileobj=raw, mode=_TAR_LAYERS[layer["mediaType"]]) as tar:
                     member = next((m for m in tar.getmembers()
                                    if os.path.normpath("/" + m.name).lstrip("/") == wanted), None)
                     if member is None:
@@ -3742,18 +3792,17 @@ class ImageManager:
                     if not member.isfile():
                         raise ImageError(f"Entrypoint {entrypoint} is not a regular file in the image")
                     module = self.store.temp_path()
-                    with tar.extractfile(member) as src, open(module, "wb") as out:
+                    with tar.extractfile(member) as src, self.store.open(module, os.O_RDWR | os.O_CREAT, "r+b") as out:
                         shutil.copyfileobj(src, out, 1 << 20)
+                        out.seek(0)
+                        magic, digest = out.read(4), _file_digest(out)
             except (tarfile.TarError, EOFError, OSError) as exc:
                 raise ImageError(f"layer {layer['digest']} is not a readable tar: {_short(exc, 120)}") from None
             finally:
-                os.unlink(temp)
-            with open(module, "rb") as f:
-                magic = f.read(4)
+                self.store.discard(temp)
             if magic != b"\0asm":
-                os.unlink(module)
+                self.store.discard(module)
                 raise ImageError(f"Entrypoint {entrypoint} is not a WebAssembly module")
-            digest = _file_digest(module)
             self.store.add(digest, keys, image_id, temp=module, auth=auth)
             return digest
         raise ImageError(f"Entrypoint {entrypoint} is not in any layer of the image")
@@ -3766,11 +3815,9 @@ class ImageManager:
                                 self.config.image_minimum_gc_age, in_use, usage)
         if removed and self.compiled_cache_dir:  # the host's cache files are named <sha256hex>.*
             prefixes = tuple(d.split(":", 1)[-1] + "." for d in removed)
-            with contextlib.suppress(FileNotFoundError):
-                for name in os.listdir(self.compiled_cache_dir):
-                    if name.startswith(prefixes):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(self.compiled_cache_dir, name))
+            for name in _list_beneath(self.compiled_cache_dir):
+                if name.startswith(prefixes):
+                    _remove_beneath(self.compiled_cache_dir, name)
         return removed
 
     def _gc_quietly(self):
@@ -4257,7 +4304,6 @@ def _write_files(directory, files, private):
     beneath it (open_beneath). Secrets and tokens (private) live in a 0700 directory as 0600 files;
     other modes are applied as given (defaultMode or the item's mode). Stale files are removed."""
     dir_mode = 0o700 if private else 0o755
-    os.makedirs(directory, exist_ok=True)
     root = open_beneath(directory, "", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fchmod(root, dir_mode)
@@ -4287,27 +4333,38 @@ def _prune_beneath(dir_fd, prefix, wanted):
 _SHM_DIR = "/dev/shm"
 
 
-def _private_dir(target):
-    """The real directory of a secret or token volume linked at `target`: a fresh 0700 folder on
-    tmpfs (/dev/shm) when there is one, so secrets never reach the disk (the kubelet mounts a
-    tmpfs for them), else `target` itself. A link whose folder vanished (reboot) is remade."""
-    if os.path.islink(target):
-        real = os.path.realpath(target)
-        if os.path.isdir(real):
-            return real
-        os.unlink(target)
-    elif os.path.isdir(target):
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    if os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK):
-        try:
-            real = tempfile.mkdtemp(prefix="minikrust-", dir=_SHM_DIR)  # random name, 0700
-            os.symlink(real, target)
-            return real
-        except OSError as exc:
-            log.debug("no tmpfs for %s (%s): using the pod directory", target, exc)
-    os.makedirs(target, mode=0o700, exist_ok=True)
-    return target
+def _shm_name(link):
+    """The name in /dev/shm of the private folder a volume's link leads to, or None when it leads
+    anywhere else (minikrust makes these links, as `minikrust-<random>`, and follows no other)."""
+    folder, name = os.path.split(link)
+    return name if folder == _SHM_DIR and name.startswith("minikrust-") else None
+
+
+def _private_dir(pod_dir, name):
+    """The real directory of the secret or token volume `name` of a pod (linked at
+    `<pod_dir>/volumes/<name>`): a fresh 0700 folder on tmpfs (/dev/shm) when there is one, so
+    secrets never reach the disk (the kubelet mounts a tmpfs for them), else that folder itself.
+    A link whose folder vanished (reboot) is remade; every step resolves beneath its root."""
+    volumes = _makedirs_beneath(pod_dir, "volumes")
+    try:
+        with contextlib.suppress(OSError):   # not a link: the pod's own folder (no tmpfs), or nothing yet
+            real = os.readlink(name, dir_fd=volumes)
+            with contextlib.suppress(OSError):
+                if _shm_name(real):
+                    os.close(open_beneath(_SHM_DIR, _shm_name(real), os.O_RDONLY | os.O_DIRECTORY))
+                    return real
+            os.unlink(name, dir_fd=volumes)
+        if name not in os.listdir(volumes) and os.access(_SHM_DIR, os.W_OK):
+            try:
+                real = tempfile.mkdtemp(prefix="minikrust-", dir=_SHM_DIR)  # random name, 0700
+                os.symlink(real, name, dir_fd=volumes)
+                return real
+            except OSError as exc:
+                log.debug("no tmpfs for volume %s (%s): using the pod directory", name, exc)
+        os.close(_makedirs_beneath(volumes, name, 0o700))
+        return os.path.join(pod_dir, "volumes", name)
+    finally:
+        os.close(volumes)
 
 
 def _host_path(volume, config, base_dir):
@@ -4364,11 +4421,11 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None,
         target = os.path.join(volumes_dir, name)
         what = f"volume {name!r}"
         source = volume[kind] or {}
-        if kind == "emptyDir" and source.get("medium") == "Memory":
-            target = _private_dir(target)  # tmpfs, as the kubelet mounts it (sizeLimit is not enforced)
+        if kind in ("emptyDir", "configMap", "downwardAPI") and source.get("medium") != "Memory":
+            os.close(_makedirs_beneath(pod_dir, f"volumes/{name}"))     # beneath the pod's folder
         elif kind == "emptyDir":
-            os.makedirs(target, mode=0o755, exist_ok=True)
-        elif kind == "hostPath":
+            target = _private_dir(pod_dir, name)  # tmpfs, as the kubelet mounts it (sizeLimit is not enforced)
+        if kind == "hostPath":
             target = _host_path(volume, config, base_dir)
         elif kind in ("configMap", "secret"):
             api_kind = "ConfigMap" if kind == "configMap" else "Secret"
@@ -4376,15 +4433,15 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None,
             data = _api_object(objects, api_kind, pod, ref_name, source.get("optional"))
             files = _keys_to_files(source, data, source.get("defaultMode", 0o644), what)
             if kind == "secret":
-                target = _private_dir(target)
+                target = _private_dir(pod_dir, name)
             _write_files(target, files, private=(kind == "secret"))
         elif kind == "downwardAPI":
             files = _downward_files(pod, source, source.get("defaultMode", 0o644), node_ip, what)
             _write_files(target, files, private=False)
         elif kind == "projected":
-            target = _private_dir(target)
+            target = _private_dir(pod_dir, name)
             _write_files(target, _projected_files(pod, volume, api, node_ip, objects, tokens, target), private=True)
-        else:
+        elif kind != "emptyDir":
             raise ContainerConfigError(f"volume {name!r} has type {kind}, which minikrust does not support",
                                        retry=False)
         dirs[name] = target
@@ -4409,38 +4466,47 @@ def _subpath(volume_dir, sub_path, api_volume):
     except OSError as exc:
         raise ContainerConfigError(f"subPath {sub_path!r} cannot be used: {exc.strerror} (a symlink out of "
                                    "its volume?)", retry=False) from None
-    try:
-        kind = stat.S_IFMT(os.fstat(fd).st_mode)
-        if kind not in (stat.S_IFDIR, stat.S_IFREG):
-            raise ContainerConfigError(f"subPath {sub_path!r} is neither a directory nor a regular file", retry=False)
-        return _fd_path(fd, volume_dir, sub_path)
-    finally:
+    if stat.S_IFMT(os.fstat(fd).st_mode) not in (stat.S_IFDIR, stat.S_IFREG):
         os.close(fd)
+        raise ContainerConfigError(f"subPath {sub_path!r} is neither a directory nor a regular file", retry=False)
+    return _held(fd, volume_dir, sub_path)
 
 
-def _file_mounts(files, seen, staging_root):
+def _link_or_copy(source, folder, name):
+    """Hard-link the file `source` (a _Held path, or one that must not be a link) as `name` in the
+    directory fd `folder`, or copy it there when it is on another file system."""
+    held = not isinstance(source, str)
+    try:
+        os.link(source, name, dst_dir_fd=folder, follow_symlinks=held)
+    except OSError:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with open(os.open(source, os.O_RDONLY | (0 if held else os.O_NOFOLLOW)), "rb") as src, \
+                os.fdopen(open_beneath(folder, name, flags, os.fstat(src.fileno()).st_mode & 0o777), "wb") as out:
+            shutil.copyfileobj(src, out)
+
+
+def _file_mounts(files, seen, pod_dir, staging):
     """Preopens for subPaths that name files: WASI preopens only directories, so each guest folder
-    holding such files becomes a private directory of hard links to them (a copy across file
-    systems). Like the kubelet's subPath mounts they do not follow later updates of the volume;
-    a folder is read-only if any of its files is."""
+    holding such files becomes a private directory `<pod_dir>/<staging>/<n>` of hard links to them
+    (a copy across file systems). Like the kubelet's subPath mounts they do not follow later
+    updates of the volume; a folder is read-only if any of its files is."""
     by_parent = collections.defaultdict(list)
     for host_file, guest, readonly in files:
         by_parent[os.path.dirname(guest)].append((host_file, os.path.basename(guest), readonly))
-    if by_parent and staging_root is None:
+    if by_parent and pod_dir is None:
         raise ContainerConfigError("a subPath naming a file needs the pod directory", retry=False)
     mounts = []
     for index, (parent, entries) in enumerate(sorted(by_parent.items())):
         if parent in seen:
             raise ContainerConfigError(f"{parent!r} is both a mountPath and the folder of a file subPath",
                                        retry=False)
-        staging = os.path.join(staging_root, str(index))
-        os.makedirs(staging, mode=0o700)
-        for host_file, base, _ in entries:
-            try:      # neither follows a link a module may have swapped in since _subpath
-                os.link(host_file, os.path.join(staging, base), follow_symlinks=False)
-            except OSError:
-                shutil.copy2(host_file, os.path.join(staging, base), follow_symlinks=False)
-        mounts.append((staging, parent, any(readonly for _, _, readonly in entries)))
+        folder = _makedirs_beneath(pod_dir, f"{staging}/{index}", 0o700)
+        try:
+            for host_file, base, _ in entries:
+                _link_or_copy(host_file, folder, base)
+        finally:
+            os.close(folder)
+        mounts.append((os.path.join(pod_dir, staging, str(index)), parent, any(readonly for _, _, readonly in entries)))
     return mounts
 
 
@@ -4479,12 +4545,10 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
                 files.append((host, guest, readonly))
                 continue
         mounts.append((host, guest, readonly))
-    staging_root = None
+    staging = f"volumes/.subpaths/{container.get('name') or 'container'}"
     if pod_dir is not None:
-        staging = f"volumes/.subpaths/{container.get('name') or 'container'}"
         _remove_beneath(pod_dir, staging)
-        staging_root = os.path.join(pod_dir, staging)
-    return mounts + _file_mounts(files, seen, staging_root)
+    return mounts + _file_mounts(files, seen, pod_dir, staging)
 
 
 def read_guest_file(mounts, guest_path, limit):
@@ -4513,9 +4577,9 @@ def cleanup_volumes(pod_dir):
         volumes = open_beneath(pod_dir, "volumes", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             for entry in list(os.scandir(volumes)):
-                target = os.readlink(entry.name, dir_fd=volumes) if entry.is_symlink() else ""
-                if os.path.dirname(target) == _SHM_DIR and os.path.basename(target).startswith("minikrust-"):
-                    _remove_beneath(_SHM_DIR, os.path.basename(target))
+                shm = _shm_name(os.readlink(entry.name, dir_fd=volumes)) if entry.is_symlink() else None
+                if shm:
+                    _remove_beneath(_SHM_DIR, shm)
         finally:
             os.close(volumes)
     _remove_beneath(pod_dir, "volumes")
@@ -5569,7 +5633,7 @@ class PodWorker:
     def _prepare(self):
         """Volumes ready (the kubelet's sandbox); False when the pod must wait or has failed."""
         try:
-            os.makedirs(self.dir, exist_ok=True)
+            os.close(_makedirs_beneath(self.s.config.root_dir, f"pods/{self.uid}"))
             self.volume_dirs = self.s.prepare_volumes(self.pod, self.dir)
             self._prepared_at = time.monotonic()
             self.s.save(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
@@ -5691,7 +5755,7 @@ class PodWorker:
             return
         if not self.silent and self.state is not PodState.FINALIZED:
             with contextlib.suppress(OSError):
-                os.makedirs(self.dir, exist_ok=True)
+                os.close(_makedirs_beneath(self.s.config.root_dir, f"pods/{self.uid}"))
                 self.s.save(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
         if save_only:
             return
@@ -6027,7 +6091,7 @@ class PodManager:
             worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
         with contextlib.suppress(OSError):
-            os.makedirs(worker.dir, exist_ok=True)
+            os.close(_makedirs_beneath(self.config.root_dir, f"pods/{uid}"))
             self.files.save(os.path.join(worker.dir, "pod.json"), pod)
         if self.writer is not None:
             if _is_static(pod):

@@ -518,9 +518,8 @@ def test_always_with_an_unchanged_tag_downloads_nothing_again(tmp_path, registry
 def test_a_full_disk_leaves_nothing_in_the_store(tmp_path, registry, monkeypatch):
     registry.push_cncf("int/full", "v1", fake_module(3000))
 
-    def full_disk(self, digest, size, path):
-        with open(path, "wb") as f:
-            f.write(b"\0asm half")
+    def full_disk(self, digest, size, out):
+        out.write(b"\0asm half")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(minikrust.RegistryClient, "download", full_disk)
     images = make_manager(tmp_path, [registry.host])

@@ -4,6 +4,7 @@ WASI backends. Every place the kubelet touches files for a pod has its test here
 import gzip
 import logging
 import os
+import shutil
 import stat
 
 import pytest
@@ -100,6 +101,42 @@ def test_sub_path_link_out_is_refused(fake_api, kubelet_factory, wasm, kubelet_b
         assert waiting["reason"] == "CreateContainerConfigError" and "subPath 'sub'" in waiting["message"]
         wait_for(lambda: fake_api.events(involved_name="sub", reason="Failed"), what="a Failed event")
     assert SECRET not in str(_status(fake_api, "sub"))
+    assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_sub_path_swapped_for_a_link_after_its_check_is_not_what_the_module_gets(
+        backend, wasm, tmp_path, victim, escape, kind):
+    """The preopen (or the staged file) is made from the fd the check resolved (container_mounts'
+    steps, _subpath then the preopen or _file_mounts), not the name: a link a sibling container
+    plants at the subPath in between leads the module nowhere new."""
+    from tests.test_volumes import make_pod
+    guest = "/x/secret" if kind == "folder" else "/x/own"
+    pod = make_pod([{"name": "d", "emptyDir": {}}], [{"name": "d", "mountPath": os.path.dirname(guest) if kind ==
+                                                      "folder" else guest, "subPath": "sub"}])
+    pod_dir = tmp_path / "pod"
+    pod_dir.mkdir()
+    volume = minikrust.prepare_volumes(pod, str(pod_dir), minikrust.Config())["d"]
+    sub = os.path.join(volume, "sub")
+    if kind == "folder":
+        os.mkdir(sub)
+    else:
+        with open(sub, "w") as f:
+            f.write("own words\n")
+    held = minikrust._subpath(volume, "sub", False)            # the check, then the race:
+    os.rename(sub, os.path.join(volume, "moved"))
+    host_link(escape, sub, victim / ("" if kind == "folder" else "secret"))
+    if kind == "file":      # staged (linked or copied) from what was checked
+        mounts = minikrust._file_mounts([(held, guest, False)], set(), str(pod_dir), "volumes/.subpaths/main")
+    else:
+        mounts = [(held, "/x", False)]
+    out = tmp_path / "out.log"
+    with minikrust.module_errors():
+        backend.load(open(wasm.tool, "rb").read()).run(["tool", "cat", guest], preopens=mounts,
+                                                       stdout=str(out), stderr=str(out))
+    text = out.read_text()
+    assert SECRET not in text and ("own words" in text if kind == "file" else "No such file" in text), text
     assert unchanged(victim)
 
 
@@ -206,6 +243,8 @@ def host_link(escape, link, target):
     """Leave at host path `link` the symlink (absolute, relative, or a chain) a module's planter would."""
     args = plant(escape, str(link), target)
     for source, name in zip(args[::2], args[1::2]):
+        if os.path.lexists(name):       # the chain's hop of an earlier link in the same folder
+            os.remove(name)
         os.symlink(source, name)
 
 
@@ -306,6 +345,39 @@ def test_a_link_planted_as_a_containers_log_folder_fails_that_pod_not_the_kubele
     assert state["reason"] == "StartError", state
     fake_api.create_pod(_manifest("fine", [dict(container)]), node_name="node-1")
     wait_for(lambda: _cstatus(fake_api, "fine", "main").get("state", {}).get("terminated"), timeout=30, what="another pod ran")
+    assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_the_image_store_follows_no_link_planted_in_it(tmp_path, registry, victim, resolver, escape):
+    """No module reaches the store (it is under --root-dir), but a link planted there (module
+    file, index, credential key, temp folder) is refused or replaced, never read or written through."""
+    from tests.test_images import make_manager
+    from tests.registry import fake_module, sha256
+    module = fake_module(500)
+    registry.push_cncf("sec/store", "v1", module)
+    image = f"{registry.host}/sec/store:v1"
+    images = make_manager(tmp_path, [registry.host])
+    stored = images.ensure(image, "IfNotPresent").path
+    os.remove(stored)
+    host_link(escape, stored, victim / "secret")
+    assert not images.store.has(sha256(module)) and images.store.lookup(image) is None
+    ref = images.ensure(image, "IfNotPresent")                      # pulled again, the link replaced
+    assert not os.path.islink(ref.path) and open(ref.path, "rb").read() == module
+    root = images.store.root
+    os.remove(os.path.join(root, "index.json"))
+    host_link(escape, os.path.join(root, "index.json"), victim / "secret")
+    store = minikrust.ModuleStore(root)                              # the index is refused: empty
+    assert store.modules() == {} and store.has(sha256(module))
+    store.add(sha256(module), [image], "id")                         # written by a rename over the link
+    assert not os.path.islink(os.path.join(root, "index.json"))
+    host_link(escape, os.path.join(root, "credential-key"), victim / "secret")
+    with pytest.raises(OSError):
+        store.credential_id(minikrust.RegistryCredential(registry.host, "u", "p", "pod secret"))
+    shutil.rmtree(os.path.join(root, "tmp"))
+    host_link(escape, os.path.join(root, "tmp"), victim)
+    with pytest.raises(OSError):
+        minikrust.ModuleStore(root)
     assert unchanged(victim)
 
 

@@ -304,6 +304,7 @@ def test_sub_path_and_sub_path_expr(tmp_path):
                     {"name": "e", "mountPath": "/b/", "subPathExpr": "$(POD)", "readOnly": True}])
     dirs = prepare_volumes(pod, str(tmp_path), Config())
     mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs, env=[("POD", "job")])
+    mounts = [(os.path.realpath(host), guest, readonly) for host, guest, readonly in mounts]   # held: /proc/self/fd/N
     assert mounts == [(os.path.join(dirs["e"], "one/two"), "/a", False), (os.path.join(dirs["e"], "job"), "/b", True)]
     assert os.path.isdir(os.path.join(dirs["e"], "one/two"))
 
@@ -315,6 +316,7 @@ def test_sub_path_naming_a_file_is_staged_in_its_folder(backend, wasm, tmp_path)
                    [{"name": "c", "mountPath": "/etc/app.conf", "subPath": "app.conf"},
                     {"name": "e", "mountPath": "/state/count", "subPath": "count"}])
     pod_dir = str(tmp_path / "pod")
+    os.mkdir(pod_dir)                # the pod worker makes it before its volumes
     dirs = prepare_volumes(pod, pod_dir, Config(), api=api)
     with open(os.path.join(dirs["e"], "count"), "w") as f:
         f.write("0")
@@ -346,7 +348,7 @@ def test_file_sub_path_in_a_mounted_folder_is_refused(tmp_path):
 @pytest.mark.parametrize("sub_path", ["../x", "/etc", "a/../../x", "link", "link/deeper"])
 def test_sub_path_cannot_leave_its_volume(tmp_path, sub_path):
     pod = make_pod([{"name": "e", "emptyDir": {}}], [{"name": "e", "mountPath": "/a", "subPath": sub_path}])
-    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config())
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
     os.symlink(str(tmp_path), os.path.join(dirs["e"], "link"))  # as a module might have planted
     with pytest.raises(ContainerConfigError) as err:
         container_mounts(pod, pod["spec"]["containers"][0], dirs)
@@ -392,7 +394,7 @@ def test_cleanup_removes_everything_without_following_symlinks(tmp_path):
     victim.mkdir()
     (victim / "precious").write_text("keep")
     pod = make_pod([{"name": "e", "emptyDir": {}}])
-    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config())
+    dirs = prepare_volumes(pod, str(tmp_path), Config())
     os.symlink(victim, os.path.join(dirs["e"], "link"))
     os.makedirs(os.path.join(dirs["e"], "deep/er"))
     os.makedirs(os.path.join(dirs["e"], "locked/in"))
@@ -467,6 +469,7 @@ def sandbox(tmp_path):
     pod = make_pod([{"name": "e", "emptyDir": {}}, {"name": "h", "hostPath": {"path": str(allowed)}}],
                    [{"name": "e", "mountPath": "/data"}, {"name": "h", "mountPath": "/host", "readOnly": True}])
     pod_dir = tmp_path / "pods" / "uid-1"
+    pod_dir.mkdir(parents=True)      # the pod worker makes it before its volumes
     dirs = prepare_volumes(pod, str(pod_dir), Config(allowed_host_paths=(str(allowed),)))
     data = dirs["e"]
     with open(os.path.join(data, "ok.txt"), "w") as f:
@@ -513,7 +516,7 @@ def test_read_only_mount_refuses_writes(backend, wasm, tmp_path):
     api = FakeApi(configmaps={"cfg": {"a": "1"}})
     pod = make_pod([{"name": "c", "configMap": {"name": "cfg"}}, {"name": "e", "emptyDir": {}}],
                    [{"name": "c", "mountPath": "/config"}, {"name": "e", "mountPath": "/ro", "readOnly": True}])
-    dirs = prepare_volumes(pod, str(tmp_path / "pod"), Config(), api=api)
+    dirs = prepare_volumes(pod, str(tmp_path), Config(), api=api)
     mounts = container_mounts(pod, pod["spec"]["containers"][0], dirs)
     for target in ("/config/a", "/config/new", "/ro/new"):
         result, output = run_module(backend, wasm.tool, ["tool", "write", target, "x"], mounts, tmp_path)
@@ -639,8 +642,8 @@ def test_admitted_pod_reads_its_token_and_secret_and_they_vanish_with_it(kubelet
     private = []
     real_private_dir = minikrust._private_dir
 
-    def recording_private_dir(target):  # the tmpfs folders, to check they are gone at the end
-        private.append(real_private_dir(target))
+    def recording_private_dir(pod_dir, name):  # the tmpfs folders, to check they are gone at the end
+        private.append(real_private_dir(pod_dir, name))
         return private[-1]
     monkeypatch.setattr(minikrust, "_private_dir", recording_private_dir)
     fake_api.create_secret("default", "creds", {"password": "s3cr3t-pw"})
