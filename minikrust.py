@@ -1030,9 +1030,13 @@ class ApiClient:
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             last = attempt >= retries
-            try:
-                response = self.session.request(method, url, params=params, data=data, headers=headers,
-                                                timeout=(10, timeout), stream=stream)
+            try:    # straight to the session's adapter: Session.request's merging (cookies, settings,
+                # hooks) costs as much CPU as the rest of the call, and the status writers are CPU-bound
+                session = self.session
+                prepared = requests.Request(method, url, params=params, data=data, headers={
+                    **session.headers, **headers}, auth=session.auth).prepare()
+                response = session.get_adapter(url).send(prepared, stream=stream, timeout=(10, timeout),
+                                                         verify=session.verify, proxies=session.proxies)
             except requests.RequestException as exc:
                 self._note_error(0)
                 if last:

@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import ThreadSampler, ticker_module  # noqa: E402
+from bench.common import ThreadSampler, fmt_ms, percentiles, ticker_module  # noqa: E402
 from bench.pods import NS, Api, Watcher, add_arguments, pod_manifest, setup, start_kubelet, wait  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def phase_run(user, node, kubelet, image, prefix, n, window, timeout):
     cpu, elapsed = kubelet.cpu() - cpu0, time.monotonic() - t0
     rss, threads = kubelet.rss_mb(), kubelet.threads()
     answered = {}
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in user.call("GET", f"/api/v1/namespaces/{NS}/pods").json()["items"]}
 
     def delete(i):
         user.call("DELETE", f"/api/v1/namespaces/{NS}/pods/{prefix}-{i}",
@@ -60,7 +61,25 @@ def phase_run(user, node, kubelet, image, prefix, n, window, timeout):
     watcher.close()
     deleting = Deleting(max(gone.values(), default=time.monotonic()) - began, max(answered.values()) - began,
                         max((gone[name] - answered[name] for name in gone), default=float("nan")), len(gone))
+    wall = time.time() - time.monotonic()     # the probe's stamps are wall-clock
+    deleting.steps = {uids[n]: (answered[n] + wall, gone[n] + wall) for n in gone if n in uids}
     return running_s, rss, cpu / elapsed, threads, deleting
+
+
+def deletion_steps(deleting, probe):
+    """Where a deletion's time goes, per pod: its DELETE answered -> the kubelet hands its final
+    status to the StatusWriter (grace 1 s, kill, sync) -> that patch leaves -> the pod gone (the
+    final DELETE and the watch)."""
+    handed, sent, rest = [], [], []
+    for uid, (deleted, gone) in deleting.steps.items():
+        queued, out = probe["status_queued"].get(uid, {}), probe["status_sent"].get(uid, {})
+        phase = next((p for p in ("Failed", "Succeeded") if p in queued and p in out), None)
+        if phase:
+            handed.append(queued[phase] - deleted)
+            sent.append(out[phase] - queued[phase])
+            rest.append(gone - out[phase])
+    return (f"DELETE -> final status handed to the writer: {fmt_ms(percentiles(handed))}; handed -> sent: "
+            f"{fmt_ms(percentiles(sent))}; sent -> gone: {fmt_ms(percentiles(rest))}")
 
 
 class Deleting(collections.namedtuple("Deleting", "all_gone_s sent_s kubelet_max_s gone")):
@@ -102,8 +121,10 @@ def main(argv=None):
                   f"{per_1000:.2f} ms CPU per 1,000 lines, {threads2} threads; deleted (grace 1 s): {gone2}")
         finally:
             peak = sampler.stop()
-            kubelet.stop()
+            probe = kubelet.stop()
         print(f"peak threads {peak}")
+        print(f"deleting {args.pods} sleeping pods, per pod: {deletion_steps(gone, probe)}")
+        print(f"deleting {args.loggers} logging pods, per pod: {deletion_steps(gone2, probe)}")
         print(f"density pods={args.pods} rss_mb={rss:.0f} cpu_pct={share * 100:.2f} threads={threads} "
               f"delete_s={gone.all_gone_s:.2f} loggers={args.loggers} cpu_ms_per_1000_lines={per_1000:.2f} "
               f"logger_threads={threads2} delete_loggers_s={gone2.all_gone_s:.2f}")
