@@ -940,13 +940,6 @@ def _api_error(response):
     return ApiError(response.status_code, response.reason or "", (response.text or "")[:200])
 
 
-def _retry_after(response):
-    value = response.headers.get("Retry-After", "")
-    try:
-        return min(float(value), 60.0)
-    except ValueError:
-        return None
-
 
 class ApiClient:
     """A REST client of the Kubernetes API: one session, retries with backoff and jitter on
@@ -1057,9 +1050,11 @@ class ApiClient:
             retryable = code in _RETRY_STATUSES or (code == 409 and retry_conflict)
             if not retryable or last:
                 raise error
-            wait = _retry_after(response) if code in (429, 503) else None
+            wait = self._delay(attempt)
+            with contextlib.suppress(ValueError):       # the server may say how long (Retry-After), as client-go reads it
+                wait = min(float(response.headers.get("Retry-After") or "x"), 60.0)
             log.debug("%s %s: %s; retrying", method, path, error)
-            self._sleep(wait if wait is not None else self._delay(attempt))
+            self._sleep(wait)
 
     def _note_error(self, code):
         if self.on_error is not None:
@@ -3073,11 +3068,6 @@ class RegistryCredential:
     source: str = ""
 
 
-def _registry_host(key):
-    """Normalise a docker config key (`https://index.docker.io/v1/`, `host:port`) to a registry host."""
-    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
-    return _DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io", "docker.io") else host
-
 
 def _registry_matches(pattern, registry):
     """Whether a credential's registry (`host[:port]`, or a glob like `*.example.com`) covers `registry`."""
@@ -3099,8 +3089,10 @@ def docker_config_credentials(doc, source=""):
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 continue
+        host = key.split("://", 1)[-1].split("/", 1)[0].lower()     # `https://index.docker.io/v1/`, `host:port`
         if user and password is not None:
-            creds.append(RegistryCredential(_registry_host(key), user, password, source))
+            registry = _DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io", "docker.io") else host
+            creds.append(RegistryCredential(registry, user, password, source))
     return creds
 
 
@@ -3489,7 +3481,11 @@ class ModuleStore:
         """Image GC as the kubelet's: at `high` percent of disk used, remove modules unused for
         `min_age` s, least recently used first, down to `low` percent; the removed digests."""
         self.remove_stale_temps()
-        capacity, used = usage() if usage else _filesystem_usage(self.root)
+        if usage is None:       # the filesystem holding the store: what the GC thresholds measure
+            disk = shutil.disk_usage(self.root)
+            capacity, used = disk.total, disk.total - disk.free
+        else:
+            capacity, used = usage()
         if capacity <= 0 or used * 100 < high * capacity:
             return []
         to_free = used - capacity * low // 100
@@ -3506,11 +3502,6 @@ class ModuleStore:
             log.info("image GC removed module %s (%d bytes)", digest, meta.get("size", 0))
         return removed
 
-
-def _filesystem_usage(path):
-    """(capacity, bytes used) of the filesystem holding `path`: what image GC's thresholds measure."""
-    usage = shutil.disk_usage(path)
-    return usage.total, usage.total - usage.free
 
 
 
@@ -6860,10 +6851,6 @@ def _valid_certificate(path):
     return (begin, end) if begin <= time.time() < end else None
 
 
-def _rotation_time(begin, end):
-    """When to renew: at a jittered 70-90% of the certificate's lifetime, as the kubelet does."""
-    return begin + (end - begin) * random.uniform(0.7, 0.9)
-
 
 def _node_addresses(kubelet):
     """(DNS names, IP addresses) for the serving certificate: node name and hostname, node IPs."""
@@ -6964,7 +6951,9 @@ class _ServingTLS:
             self._thread.join(timeout)
 
     def _due(self, validity):
-        return self._renew_at.setdefault(validity, _rotation_time(*validity))
+        """When to renew: at a jittered 70-90% of the certificate's lifetime, as the kubelet does."""
+        begin, end = validity
+        return self._renew_at.setdefault(validity, begin + (end - begin) * random.uniform(0.7, 0.9))
 
     def _refresh(self):
         """Install the issued certificate if one is valid, else the self-signed one (made anew when
