@@ -2413,7 +2413,24 @@ def _event(node_name, involved, reason, message, kind="Normal"):
             "reportingComponent": "kubelet", "reportingInstance": node_name}
 
 
-class NodeAgent:
+class _Loop:
+    """A daemon thread calling `self._run()` from start() until stop() sets `self._stop`."""
+
+    def __init__(self, name):
+        self._name, self._stop, self._thread = name, threading.Event(), None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        self._stop.set()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class NodeAgent(_Loop):
     """Keeps this kubelet's Node: registers (or adopts) it, renews its Lease, patches its status on
     change and every node_status_report_frequency, and marks it NotReady on stop()."""
 
@@ -2426,9 +2443,8 @@ class NodeAgent:
         self.node = None                   # the Node as last read or written
         self.lease = None
         self._last_status, self._last_sent, self._sent_at = None, None, 0.0
-        self._stop = threading.Event()
-        self._thread = None
         self.registered = threading.Event()
+        super().__init__(f"node-{self.name}")
 
     def _status(self, ready=True):
         facts = host_facts(self.config.root_dir)
@@ -2554,16 +2570,9 @@ class NodeAgent:
                 log.warning("node %s heartbeat failed: %s", self.name, exc)
             self._stop.wait(wait)
 
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name=f"node-{self.name}", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self, timeout=10.0):
         """Stop the heartbeat and report the node NotReady (it keeps its Lease until it expires)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         if self.registered.is_set() and not self.api.closed:
             try:
                 status = self._status(ready=False)
@@ -2630,7 +2639,7 @@ class _PodSet:
             self.upsert(pod)
 
 
-class ApiPodSource:
+class ApiPodSource(_Loop):
     """Feeds the pods bound to this node to a handler. watch: list, then watch from its
     resourceVersion (resumed after a drop, listed again after 410 and every `resync_interval`, so a
     deletion missed while disconnected is still reported); poll: a list every `poll_interval`."""
@@ -2644,9 +2653,8 @@ class ApiPodSource:
         self.resource_version = None
         self.lists = 0                      # full lists done (tests and metrics read it)
         self.synced = threading.Event()     # set after the first successful list
-        self._stop = threading.Event()
-        self._thread = None
         self._selector = {"fieldSelector": f"spec.nodeName={node_name}"}
+        super().__init__(f"pods-{node_name}")
 
     def list(self):
         """List this node's pods and reconcile them with what was reported."""
@@ -2701,17 +2709,11 @@ class ApiPodSource:
                 log.warning("pods of %s: %s", self.node_name, exc)
                 self._stop.wait(min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.0))
 
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name=f"pods-{self.node_name}", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self, timeout=5.0):
         """Stop reporting pods; an open watch is interrupted."""
         self._stop.set()
         self.api.interrupt_watches("/api/v1/pods")
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        super().stop(timeout)
 
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -2865,7 +2867,7 @@ def static_pods_from_manifest(path, node_name):
     return pods
 
 
-class StaticPodSource:
+class StaticPodSource(_Loop):
     """Static pods from --pod-manifest-path (a folder or one file), rescanned every `interval` s; a
     changed manifest is a new pod (new uid); bad ones are skipped, kept in `errors` by file."""
 
@@ -2875,8 +2877,7 @@ class StaticPodSource:
         self.synced = threading.Event()     # set after the first scan
         self._files = {}                    # path -> ((mtime, size), [pod uids])
         self._pods = {}                     # uid -> pod
-        self._stop = threading.Event()
-        self._thread = None
+        super().__init__("static-pods")
 
     def _manifests(self):
         if os.path.isfile(self.path):
@@ -2943,16 +2944,6 @@ class StaticPodSource:
             except Exception:
                 log.exception("static pods in %s", self.path)
             self._stop.wait(self.interval)
-
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name="static-pods", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=5.0):
-        self._stop.set()
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
 
 # --- Images: OCI pulls, content-addressed store ---
@@ -3894,7 +3885,6 @@ def cmd_push(argv, environ=None):
     return 0
 
 
-
 # --- Volumes: emptyDir, hostPath, configMap, secret, downwardAPI, projected ---
 # The folders a module sees, prepared under the pod's folder and preopened; every host file operation
 # goes through one resolver that stays beneath its root and never follows a symlink out.
@@ -4580,7 +4570,6 @@ def cleanup_volumes(pod_dir):
     _remove_beneath(pod_dir, "volumes")
 
 
-
 # --- Env: argv, environment and $(VAR) expansion ---
 # A container's argv, environment and working directory, with $(VAR) expanded as Kubernetes does;
 # env values from configMaps, secrets, the downward API and resources.
@@ -4678,7 +4667,6 @@ def container_argv(container, env):
     command = [_expand_refs(part, env_map) for part in container.get("command") or []]
     args = [_expand_refs(part, env_map) for part in container.get("args") or []]
     return (command or [container.get("name") or "module"]) + args
-
 
 
 # --- Status: pod status computation, coalesced patches, events ---
