@@ -2152,7 +2152,8 @@ def _native_host(cache_dir):
     try:
         import _wasihost
     except ImportError as exc:
-        shadowed = _wasihost_dir_of(exc)
+        found = importlib.util.find_spec("_wasihost") if exc.name != "_wasihost" else None
+        shadowed = os.path.dirname(found.origin) if found and found.origin else None     # the unbuilt one
         installed = _installed_wasihost(shadowed)
         if installed is None:
             raise
@@ -2167,11 +2168,6 @@ def _native_host(cache_dir):
             raise
     return _wasihost.Host(cache_dir=cache_dir)
 
-
-def _wasihost_dir_of(exc):
-    """The folder of the `_wasihost` package an ImportError came from (None: not found at all)."""
-    spec = importlib.util.find_spec("_wasihost") if exc.name != "_wasihost" else None
-    return os.path.dirname(spec.origin) if spec and spec.origin else None
 
 
 def _installed_wasihost(shadowed):
