@@ -6604,12 +6604,13 @@ def _local_ephemeral(volume):
 
 
 def _disk_usage(path):
-    """(bytes of disk used, inodes used) under `path`, as `du` counts them (blocks, not sizes)."""
+    """(bytes of disk used, inodes used) under `path`, as `du` counts them (blocks, not sizes);
+    walked by fds (os.fwalk), so a folder a module swaps for a link meanwhile is not followed."""
     used = inodes = 0
-    for folder, dirs, files in os.walk(path):
-        for name in [folder] + [os.path.join(folder, f) for f in files]:
+    for _, _, files, folder in os.fwalk(os.path.realpath(path)):
+        for name in [".", *files]:
             with contextlib.suppress(OSError):
-                used += os.lstat(name).st_blocks * 512
+                used += os.stat(name, dir_fd=folder, follow_symlinks=False).st_blocks * 512
                 inodes += 1
     return used, inodes
 

@@ -361,7 +361,7 @@ static int has_start(const wasmtime_module_t *m) {
 static void write_file_atomic(const char *path, const wasm_byte_vec_t *bytes) {
   char tmp[4200];
   snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%lx", path, (long)getpid(), (unsigned long)pthread_self());
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644); /* never through a link */
   if (fd >= 0) {
     size_t off = 0;
     while (off < bytes->size) {

@@ -373,7 +373,9 @@ BACKENDS = ["native", "wasmtime-py"]
 
 @pytest.fixture(scope="session")
 def host_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("host-cache"))
+    """The hosts' compiled-module cache: MINIKRUST_TEST_HOST_CACHE names one kept across sessions
+    (scripts/memcheck fills it natively first, so valgrind runs no compiler), else a fresh one."""
+    return os.environ.get("MINIKRUST_TEST_HOST_CACHE") or str(tmp_path_factory.mktemp("host-cache"))
 
 
 @pytest.fixture(params=BACKENDS)
