@@ -4246,7 +4246,7 @@ def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=Non
     projected = volume.get("projected") or {}
     default_mode = projected.get("defaultMode", 0o644)
     best_effort = name.startswith("kube-api-access-")
-    files = {}
+    files, fetching = {}, None
     for source in projected.get("sources") or []:
         what = f"volume {name!r}"
         try:
@@ -4271,12 +4271,17 @@ def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=Non
             else:
                 kinds = ", ".join(sorted(source)) or "empty"
                 raise ContainerConfigError(f"{what}: unsupported projected source {kinds}", retry=False)
+        except _Fetching as exc:     # the other sources' fetches start too: one wait for all
+            fetching = exc
+            continue
         except ContainerConfigError as exc:
-            if not best_effort or isinstance(exc, _Fetching):
+            if not best_effort:
                 raise
             log.info("%s: source skipped: %s", what, exc.message)
             continue
         files.update(new)
+    if fetching:
+        raise fetching
     return files
 
 
@@ -5213,24 +5218,33 @@ def _base_dir(pod):
 class _StateFiles:
     """The pods' state files, kept without a pod waiting on the disk: save() writes `<file>.new` whole
     (renamed, not synced: the page cache keeps it through a SIGKILL); a thread started with work
-    makes the newest durable (fsync, then renamed over `<file>`); _read_saved() prefers `.new`. A
-    full disk keeps the last file whole, logged: pods run on, a restart starts from that state."""
+    makes the newest durable (fsync, then renamed over `<file>`), and removes a finished pod's
+    volumes and folder after its last save (remove()); _read_saved() prefers `.new`. A full disk
+    keeps the last file whole, logged: pods run on, a restart starts from that state."""
 
     def __init__(self):
         self._lock = threading.Condition()
-        self._pending = {}          # paths with a `.new` to make durable, oldest first
+        self._pending = {}          # path: a `.new` to make durable; (pod dir, volumes only): to remove; oldest first
         self._thread = None
 
     def save(self, path, doc):
         try:
             with self._lock:    # no rename of a `.new` between its fsync and its rename
                 _write_beneath(*os.path.split(path + ".new"), json.dumps(doc).encode(), sync=False)
-                self._pending[path] = None
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="minikrust-save", daemon=True)
-                    self._thread.start()
+                self._queue(path)
         except OSError as exc:
             log.warning("cannot keep %s: %s", path, exc.strerror or exc)
+
+    def remove(self, pod_dir, volumes_only=False):
+        """Remove a finished pod's volumes (cleanup_volumes) and, unless `volumes_only`, its folder."""
+        with self._lock:
+            self._queue((pod_dir, volumes_only))
+
+    def _queue(self, key):
+        self._pending[key] = None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="minikrust-save", daemon=True)
+            self._thread.start()
 
     def flush(self, timeout=None):
         """Wait until every saved file is durable; True if they are."""
@@ -5246,6 +5260,12 @@ class _StateFiles:
                     return
                 path = next(iter(self._pending))
                 del self._pending[path]
+            if isinstance(path, tuple):
+                with contextlib.suppress(OSError):
+                    cleanup_volumes(path[0])
+                    if not path[1]:
+                        _remove_beneath(*os.path.split(path[0]))
+                continue
             head, name = os.path.split(path)
             try:
                 dir_fd = open_beneath(head, "", os.O_RDONLY | os.O_DIRECTORY)
@@ -5371,7 +5391,7 @@ class PodServices:
     send_status: "typing.Callable"      # (worker, old phase): its status changed
     run_started: "typing.Callable"      # (worker, container, run or None, began): watch it, count it
     finalized: "typing.Callable"        # (worker): it reached FINALIZED
-    save: "typing.Callable"             # (path, doc): keep a state file (_StateFiles.save)
+    files: "_StateFiles"                # the pod folders' state files and removal
 
 
 class PodWorker:
@@ -5551,8 +5571,7 @@ class PodWorker:
         for c in self.apps + self.inits:
             if c.state.get("waiting", {}).get("reason") == "CrashLoopBackOff" and c.last_state.get("terminated"):
                 c.state, c.last_state = c.last_state, {}
-        with contextlib.suppress(OSError):
-            cleanup_volumes(self.dir)
+        self.s.files.remove(self.dir, volumes_only=True)     # after the status is saved, off the sync pool
         log.info("pod %s %s%s", self.key, phase, f" ({reason}: {message})" if reason else "")
 
     def _policy(self):
@@ -5615,7 +5634,7 @@ class PodWorker:
             os.close(_makedirs_beneath(self.s.config.root_dir, f"pods/{self.uid}"))
             self.volume_dirs = self.s.prepare_volumes(self.pod, self.dir)
             self._prepared_at = time.monotonic()
-            self.s.save(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
+            self.s.files.save(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
             return True
         except (ContainerConfigError, OSError) as exc:
             if isinstance(exc, _Fetching):      # synced again once it is in
@@ -5735,7 +5754,7 @@ class PodWorker:
         if not self.silent and self.state is not PodState.FINALIZED:
             with contextlib.suppress(OSError):
                 os.close(_makedirs_beneath(self.s.config.root_dir, f"pods/{self.uid}"))
-                self.s.save(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
+                self.s.files.save(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
         if save_only:
             return
         old_phase = (self.status or {}).get("phase")
@@ -5970,7 +5989,7 @@ class PodManager:
                                                                  node_ip=self.node_ip, tokens=self.tokens, objects=self.objects),
             container_env=lambda pod, spec: container_env(pod, spec, node_ip=self.node_ip, objects=self.objects),
             record_event=self._record_event, send_status=self._status_changed, run_started=self._run_started,
-            finalized=self._finalize, save=self.files.save)
+            finalized=self._finalize, files=self.files)
 
     def _get_host(self):
         if self._host is None:
@@ -6176,7 +6195,7 @@ class PodManager:
                 while len(self._finalized) > self._FINALIZED_KEPT:
                     self._finalized.popitem(last=False)
             self._changed.notify_all()
-        _remove_beneath(*os.path.split(worker.dir))
+        self.files.remove(worker.dir)
         log.info("pod %s finalized", worker.key)
 
     # -- restart: the pods a previous kubelet left on disk --
