@@ -181,11 +181,10 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
     kubelet = kubelet_factory(fake_api, root_dir=os.path.join(small_disk, "root"))
     fake_api.create_pod(_pod("ticker", module_file(sleeper(50, 0, repeat=0)), policy="Always"), node_name="node-1")
     wait_for(lambda: _phase(fake_api, "ticker") == "Running", what="Running")
-    status_path = os.path.join(_pod_dir(kubelet, fake_api, "ticker"), "status.json")
+    pod_dir = _pod_dir(kubelet, fake_api, "ticker")
     log_path = os.path.join(_pod_dir(kubelet, fake_api, "ticker"), "logs", "main", "0.log")
     filler = _fill(small_disk)
-    with open(status_path) as f:
-        kept = json.load(f)
+    kept = minikrust._read_saved(pod_dir, "status.json")
     # a new pod: its volume cannot be written, it waits with the reason, then runs once there is room
     fake_api.create_configmap("default", "settings", {"mode": "fast"})
     job = _pod("job", module_file(sleeper(300, 3)), volumes=[{"name": "cfg", "configMap": {"name": "settings"}}])
@@ -196,8 +195,7 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
     assert "No space left on device" in waiting
     assert _phase(fake_api, "ticker") == "Running"
     assert fake_api.get("pods", "default", "ticker")["status"]["containerStatuses"][0]["restartCount"] == 0
-    with open(status_path) as f:
-        assert json.load(f) == kept         # the old state, whole
+    assert minikrust._read_saved(pod_dir, "status.json") == kept       # the old state, whole
     leftovers = [os.path.join(d, f) for d, _, files in os.walk(small_disk) for f in files if ".tmp" in f]
     assert leftovers == []
     size = os.path.getsize(log_path)
@@ -331,8 +329,8 @@ def test_a_hanging_api_server_holds_a_container_restart_5_s_at_most(fake_api, ku
     fake_api.pause(method="GET", path="/configmaps/")
     fake_api.pause(method="PATCH")        # nothing reported meanwhile: the pod's own folder tells
     try:
-        status_path = os.path.join(_pod_dir(kubelet, fake_api, "again"), "status.json")
-        counts = lambda: json.load(open(status_path))["status"]["containerStatuses"][0]["restartCount"]  # noqa: E731
+        pod_dir = _pod_dir(kubelet, fake_api, "again")      # what a kubelet restarted now would find:
+        counts = lambda: minikrust._read_saved(pod_dir, "status.json")["status"]["containerStatuses"][0]["restartCount"]  # noqa: E731
         before = counts()
         wait_for(lambda: counts() >= before + 2, timeout=14, what="two restarts while the API hangs")
     finally:
