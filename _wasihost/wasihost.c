@@ -1598,23 +1598,21 @@ static struct {
   int idle, queued;
 } g_runners = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0};
 
-/* The next run for this idle thread, or NULL once it waited IDLE_SECONDS (then it ends). */
+/* The next run for this thread, counted idle (g_runners.idle) by its caller; NULL once it waited
+ * IDLE_SECONDS (then it ends). */
 static start_args *next_run(void) {
   struct timespec until;
   clock_gettime(CLOCK_REALTIME, &until);
   until.tv_sec += IDLE_SECONDS;
   pthread_mutex_lock(&g_runners.lock);
-  start_args *a = NULL;
-  if (g_runners.idle < IDLE_RUNNERS) {
-    g_runners.idle++;
-    while (!g_runners.queue && pthread_cond_timedwait(&g_runners.wake, &g_runners.lock, &until) == 0) {
-    }
-    g_runners.idle--;
-    if ((a = g_runners.queue)) {
-      g_runners.queue = a->next;
-      g_runners.queued--;
-    }
+  while (!g_runners.queue && pthread_cond_timedwait(&g_runners.wake, &g_runners.lock, &until) == 0) {
   }
+  start_args *a = g_runners.queue;
+  if (a) {
+    g_runners.queue = a->next;
+    g_runners.queued--;
+  }
+  g_runners.idle--;
   pthread_mutex_unlock(&g_runners.lock);
   return a;
 }
@@ -1623,15 +1621,20 @@ static void *run_main(void *arg) {
 #ifdef __linux__
   pthread_setname_np(pthread_self(), "wasm-run"); /* here: a detached thread's handle dies with it */
 #endif
-  for (start_args *next = arg; next; next = next_run()) {
+  for (start_args *next = arg; next;) {
     start_args a = *next;
     free(next);
     int rc = wh_run_exec(a.m, a.c, a.r, a.res);
     a.res->rc = rc;
+    pthread_mutex_lock(&g_runners.lock); /* idle before the run is seen over: the next start finds it */
+    int stay = g_runners.idle < IDLE_RUNNERS;
+    g_runners.idle += stay;
+    pthread_mutex_unlock(&g_runners.lock);
     uint64_t done = 1;
     /* the last touch of the caller's memory: once done_fd is readable, it may free everything */
     while (write(a.done_fd, &done, sizeof done) < 0 && errno == EINTR) {
     }
+    next = stay ? next_run() : NULL;
   }
   return NULL;
 }
