@@ -6395,17 +6395,13 @@ class LogOptions:
     @classmethod
     def from_query(cls, query, now=None):
         """Parse a query dict (name -> list of values); raise ValueError with a message for a bad one."""
-        def one(name):
-            values = query.get(name)
-            return values[-1] if values else None
+        one = {name: values[-1] for name, values in query.items() if values}.get
 
         def flag(name):
-            value = one(name)
-            if value in (None, "", "false", "False", "0"):
-                return False
-            if value in ("true", "True", "1"):
-                return True
-            raise ValueError(f"{name}: invalid boolean {value!r}")
+            value = one(name, "")
+            if value not in ("", "false", "False", "0", "true", "True", "1"):
+                raise ValueError(f"{name}: invalid boolean {value!r}")
+            return value in ("true", "True", "1")
 
         def number(name, minimum):
             value = one(name)
