@@ -1869,11 +1869,12 @@ static struct {
   int free[FREE_PIPES][2], nfree;
 } g_pipes = {PTHREAD_MUTEX_INITIALIZER, -1, NULL, {{0}}, 0};
 
-/* Moves what the pipe of r's stream `which` holds to its log (lock held). */
-static void pipe_drain(wh_run *r, int which) {
+/* Moves what the pipe of r's stream `which` holds to its log, `reads` pipe-fulls at most (<0: all
+ * of it; the ticker takes a bounded share, or a guest writing without end would hold it); lock held. */
+static void pipe_drain(wh_run *r, int which, int reads) {
   static char buf[65536];
   ssize_t n;
-  while ((n = read(r->pipes[which][0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR))
+  while (reads-- && ((n = read(r->pipes[which][0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)))
     if (n > 0) stream_emit(r, &r->streams[which], buf, (size_t)n);
   sink_flush(r->streams[which].sink);
 }
@@ -1891,7 +1892,7 @@ static void pipes_poll(void) {
     r->pipes_polled = 1;
   }
   int n = g_pipes.epoll >= 0 ? epoll_wait(g_pipes.epoll, ev, 64, 0) : 0;
-  for (int i = 0; i < n; i++) pipe_drain((wh_run *)(uintptr_t)(ev[i].data.u64 & ~(uint64_t)1), (int)(ev[i].data.u64 & 1));
+  for (int i = 0; i < n; i++) pipe_drain((wh_run *)(uintptr_t)(ev[i].data.u64 & ~(uint64_t)1), (int)(ev[i].data.u64 & 1), 16);
   pthread_mutex_unlock(&g_pipes.lock);
 }
 
@@ -1929,7 +1930,7 @@ static void pipes_close(wh_run *r) {
     int *p = r->pipes[i];
     if (p[0] < 0) continue;
     if (r->pipes_polled) epoll_ctl(g_pipes.epoll, EPOLL_CTL_DEL, p[0], NULL);
-    pipe_drain(r, i); /* all of it: wasmtime's writes were done before its store went */
+    pipe_drain(r, i, -1); /* all of it: wasmtime's writes were done before its store went */
     if (g_pipes.nfree < FREE_PIPES) memcpy(g_pipes.free[g_pipes.nfree++], p, sizeof g_pipes.free[0]);
     else close(p[0]), close(p[1]);
     p[0] = p[1] = -1;
@@ -2018,7 +2019,7 @@ static void http_deny(wh_run *r, wasmtime_context_t *ctx, const wasmtime_compone
                          (const char *)authority->of.string.data)
               : snprintf(line, sizeof line, "minikrust: outgoing HTTP request without a host denied\n");
   pthread_mutex_lock(&g_pipes.lock);
-  if (r->pipes[1][0] >= 0) pipe_drain(r, 1); /* after what the guest wrote before */
+  if (r->pipes[1][0] >= 0) pipe_drain(r, 1, -1); /* after what the guest wrote before (it waits on us) */
   stream_emit(r, &r->streams[1], line, (size_t)n);
   sink_flush(r->streams[1].sink);
   pthread_mutex_unlock(&g_pipes.lock);
