@@ -5808,8 +5808,9 @@ class _LogEcho:
 class PodDriver:
     """Drives the pod workers with a fixed number of threads, whatever the number of pods: one
     waits for the ends of runs (each run's fd, one selector) and for timers; a pool of
-    _SYNC_THREADS syncs the pods handed to it, one sync of a pod at a time. Modules run on the
-    host's own threads, one per running module; nothing else waits on them."""
+    _SYNC_THREADS syncs the pods handed to it, one sync of a pod at a time, the ends of runs first
+    (a burst of new pods does not hold back the statuses of those that finished). Modules run on
+    the host's own threads, one per running module; nothing else waits on them."""
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
@@ -5820,32 +5821,35 @@ class PodDriver:
         self._next_wake = {}             # worker -> the earliest of its timers
         self._seq = itertools.count()
         self._busy = {}                  # worker -> "queued" | "syncing" | "again"
-        self._queue = queue.SimpleQueue()
+        self._queue = queue.PriorityQueue()  # (0: a run ended, 1: else, 2: stop; seq, worker)
         self._stopping = False
         self._threads = [threading.Thread(target=self._loop, name="minikrust-pods", daemon=True)] + [
             threading.Thread(target=self._sync_loop, name=f"minikrust-sync-{i}", daemon=True) for i in range(_SYNC_THREADS)]
         for thread in self._threads:
             thread.start()
 
-    def schedule(self, worker):
-        """Sync `worker` soon (again after the sync under way, if there is one)."""
+    def schedule(self, worker, first=False):
+        """Sync `worker` soon (again after the sync under way, if there is one); `first`: before
+        the others queued (queued already, it is queued again: the later turn finds it done)."""
         with self._lock:
             busy = self._busy.get(worker)
-            if self._stopping or busy in ("queued", "again"):
+            if self._stopping or busy == "again" or (busy == "queued" and not first):
                 return
             self._busy[worker] = "again" if busy == "syncing" else "queued"
-        if busy is None:
-            self._queue.put(worker)
+        if busy != "syncing":
+            self._queue.put((0 if first else 1, next(self._seq), worker))
 
     def watch(self, worker, container, run):
         """Hand the end of `run` to `worker` and sync it, when the run is over."""
         self._selector.register(run, selectors.EVENT_READ, (worker, container))
 
     def _sync_loop(self):
-        while (worker := self._queue.get()) is not None:
+        while (worker := self._queue.get()[2]) is not None:
+            with self._lock:
+                if self._busy.get(worker) != "queued":
+                    continue        # its other turn synced it
+                self._busy[worker] = "syncing"
             while True:
-                with self._lock:
-                    self._busy[worker] = "syncing"
                 try:
                     wake = worker.sync()
                 except Exception:       # sync() keeps a pod's failures to the pod; this is a bug
@@ -5859,6 +5863,7 @@ class PodDriver:
                     if self._busy[worker] != "again":
                         del self._busy[worker]
                         break
+                    self._busy[worker] = "syncing"
 
     def _loop(self):
         while not self._stopping:
@@ -5882,7 +5887,7 @@ class PodDriver:
                 except Exception as exc:        # the host could not run it (an output, WASI setup)
                     result = exc
                 key.data[0].exited(key.data[1], key.fileobj, result)
-                self.schedule(key.data[0])
+                self.schedule(key.data[0], first=True)
 
     def stop(self, workers):
         """Kubelet shutdown: no more syncs; the modules of `workers` killed and reaped."""
@@ -5890,7 +5895,7 @@ class PodDriver:
             self._stopping = True
         self._wake.post()
         for _ in range(_SYNC_THREADS):
-            self._queue.put(None)
+            self._queue.put((2, next(self._seq), None))
         for thread in self._threads:
             thread.join(5.0)
         runs = [run for worker in workers for run in worker.runs()]
