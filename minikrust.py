@@ -350,8 +350,8 @@ class _Held(os.PathLike):
     def __fspath__(self):
         return f"/proc/self/fd/{self.fd}"
 
-    def __del__(self):
-        os.close(self.fd)
+    def __del__(self, close=os.close):      # os may be gone at interpreter exit
+        close(self.fd)
 
 
 def _held(fd, root, path):
@@ -1280,14 +1280,16 @@ class _LogCursor:
     file's is the first one newer than the newest rotated file when the cursor came to it). Holds
     only its folder open between reads (see _log_dir; `root`: the folder is resolved beneath it)."""
 
+    _folder = -1
+
     def __init__(self, path, root=None):
         self._folder, self.path = _log_dir(path, root)
         self._inode, self._offset, self._buffered = None, 0, bytearray()
         self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
 
-    def __del__(self):
-        with contextlib.suppress(AttributeError, OSError):
-            os.close(self._folder)
+    def __del__(self, close=os.close):      # os may be gone at interpreter exit
+        if self._folder >= 0:
+            close(self._folder)
 
     def exists(self):
         """Whether the log or any rotated file of it is there."""
