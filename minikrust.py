@@ -1278,43 +1278,51 @@ class _LogCursor:
     newer rotated files, then the new live file. As rotation compresses and removes files, inodes are
     reused: the file read last is known by its first bytes, and by its stamp once rotated (the live
     file's is the first one newer than the newest rotated file when the cursor came to it). Holds
-    only its folder open between reads (see _log_dir; `root`: the folder is resolved beneath it)."""
-
-    _folder = -1
+    no file open between reads: at each, its folder is resolved beneath `root` (default: the folder
+    itself) and every file opened beneath that folder (open_beneath)."""
 
     def __init__(self, path, root=None):
-        self._folder, self.path = _log_dir(path, root)
+        folder, self.path = os.path.split(os.fspath(path))
+        self._root = (folder or ".") if root is None else root
+        self._folder = os.path.relpath(folder or ".", self._root)
         self._inode, self._offset, self._buffered = None, 0, bytearray()
         self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
 
-    def __del__(self, close=os.close):      # os may be gone at interpreter exit
-        if self._folder >= 0:
-            close(self._folder)
+    def _open_folder(self):
+        """The log's folder as an fd, or None once it is gone (with its pod)."""
+        with contextlib.suppress(FileNotFoundError):
+            return open_beneath(self._root, self._folder, os.O_RDONLY | os.O_DIRECTORY)
+        return None
 
     def exists(self):
         """Whether the log or any rotated file of it is there."""
-        return self.path in os.listdir(self._folder) or bool(rotated_log_files(self._folder, self.path))
+        folder = self._open_folder()
+        try:
+            return folder is not None and (self.path in os.listdir(folder) or bool(rotated_log_files(folder, self.path)))
+        finally:
+            if folder is not None:
+                os.close(folder)
 
-    def _same(self, name):
+    def _same(self, folder, name):
         """Whether `name` starts with the bytes the file read last started with (an empty one: any)."""
         try:
-            with _open_log(self._folder, name) as handle:
+            with _open_log(folder, name) as handle:
                 return handle.read(len(self._head)) == self._head
         except (OSError, EOFError):
             return False
 
-    def _unread(self):
+    def _unread(self, folder):
         """[(file, offset)] to read now, oldest first."""
-        if self.path not in os.listdir(self._folder):
+        if self.path not in os.listdir(folder):
             return []
         live = self._inode is not None and self._stamp is None
-        if live and self._head and self._same(self.path):
+        if live and self._head and self._same(folder, self.path):
             return [(self.path, self._offset)]
-        rotated = rotated_log_files(self._folder, self.path)
+        rotated = rotated_log_files(folder, self.path)
         stamps = [name[len(self.path) + 1:][:15] for name in rotated]
         after, self._after = self._after, (stamps[-1] if stamps else "")
         for i, name in enumerate(rotated if self._inode is not None else ()):   # the rest are newer
-            if (stamps[i] == self._stamp if self._stamp else stamps[i] > after) and self._same(name):
+            if (stamps[i] == self._stamp if self._stamp else stamps[i] > after) and self._same(folder, name):
                 return [(name, self._offset)] + [(later, 0) for later in rotated[i + 1:] + [self.path]]
         if live and not self._head:     # the live file was empty and has not been rotated since
             return [(self.path, 0)]
@@ -1322,10 +1330,21 @@ class _LogCursor:
 
     def records(self, final=False):
         """The records written since the last call, oldest first; `final`: also a last one without newline."""
-        for name, offset in self._unread():
+        folder = self._open_folder()
+        try:
+            yield from self._read(folder) if folder is not None else ()
+        finally:
+            if folder is not None:
+                os.close(folder)
+        if final and self._buffered:
+            yield bytes(self._buffered)
+            self._buffered.clear()
+
+    def _read(self, folder):
+        for name, offset in self._unread(folder):
             with contextlib.ExitStack() as stack:
                 try:
-                    handle = stack.enter_context(_open_log(self._folder, name))
+                    handle = stack.enter_context(_open_log(folder, name))
                 except FileNotFoundError:
                     continue
                 st = os.fstat(handle.fileno())
@@ -1339,9 +1358,6 @@ class _LogCursor:
                 self._stamp = None if name == self.path else name[len(self.path) + 1:][:15]
                 handle.seek(0)
                 self._head = handle.read(min(self._offset, 64))
-        if final and self._buffered:
-            yield bytes(self._buffered)
-            self._buffered.clear()
 
 
 def _write_all(fd, data):

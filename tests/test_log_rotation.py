@@ -201,3 +201,15 @@ def test_the_terminal_echo_follows_the_log_across_rotations(tmp_path):
     finally:
         echo.close()
     assert printed == [f"pod/app line {i}" for i in range(60)]
+
+
+def test_log_cursors_hold_no_fd_between_reads(tmp_path):
+    """The standalone echo keeps a cursor per container run, the server one per follower: none
+    may hold its log's folder open (a crash-looping pod would leak one fd per restart)."""
+    path = tmp_path / "0.log"
+    path.write_bytes(b"2026-01-01T00:00:00.000000000Z stdout F hi\n")
+    before = len(os.listdir("/proc/self/fd"))
+    cursors = [minikrust._LogCursor(str(path), str(tmp_path)) for _ in range(50)]
+    assert all(list(cursor.records()) == [b"2026-01-01T00:00:00.000000000Z stdout F hi\n"] for cursor in cursors)
+    assert all(cursor.exists() for cursor in cursors)
+    assert len(os.listdir("/proc/self/fd")) < before + 10
