@@ -1189,16 +1189,6 @@ class _LogClock:
 _ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
 
 
-def _log_dir(path, root=None):
-    """(fd of the folder of the log `path`, resolved beneath `root` (default: that folder itself), the
-    log's name in it): every open, listing, rename and removal of a log and its rotated files is
-    made relative to that fd (open_beneath), never through a symlink planted on the way."""
-    folder, name = os.path.split(os.fspath(path))
-    folder = folder or "."
-    root = folder if root is None else root
-    return open_beneath(root, os.path.relpath(folder, root), os.O_RDONLY | os.O_DIRECTORY), name
-
-
 @contextlib.contextmanager
 def _open_log(folder, name):
     """The log file `name` in the directory fd `folder` for reading, gunzipped when it is `.gz`."""
@@ -1375,7 +1365,8 @@ class _LogFile:
         self.path, self.max_size, self.max_files = os.fspath(path), max_size, max_files
         self.folder = self.fd = -1
         try:
-            self.folder, self.name = (os.dup(folder), self.path) if folder is not None else _log_dir(self.path)
+            head, self.name = ("", self.path) if folder is not None else os.path.split(self.path)
+            self.folder = os.dup(folder) if folder is not None else os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY)
             self.fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             self.close()
@@ -6467,7 +6458,7 @@ def _emit(lines, options, budget):
 
 def read_container_log(path, options, root=None):
     """The log of one container run (rotated files first), filtered by `options`, as bytes chunks;
-    its folder is resolved beneath `root` (see _log_dir).
+    its folder is resolved beneath `root` (see _LogCursor).
 
     Streams: only tailLines keeps lines in memory (that many)."""
     joiner, cursor = _LineJoiner(), _LogCursor(path, root)
