@@ -2,6 +2,7 @@
 kubelet later reads, writes or removes files, and the kubelet refuses to follow them out, on both
 WASI backends. Every place the kubelet touches files for a pod has its test here."""
 import gzip
+import json
 import logging
 import os
 import shutil
@@ -379,6 +380,25 @@ def test_the_image_store_follows_no_link_planted_in_it(tmp_path, registry, victi
     with pytest.raises(OSError):
         minikrust.ModuleStore(root)
     assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_restore_reads_no_pod_or_status_file_through_a_link(tmp_path, resolver, escape):
+    """A restarted kubelet reads `pods/<uid>/pod.json` and `status.json` (and their `.new`) beneath
+    --root-dir: a link planted there is refused (logged), never read, and not renamed aside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    pod = _manifest("planted", [{"name": "main", "image": "file:/bin/true"}])
+    pod["metadata"].update(uid="uid-planted", namespace="default")
+    state = {"state": minikrust.PodState.SYNCING.value, "status": {"phase": "Running"}}
+    folder = tmp_path / "root" / "pods" / "uid-planted"
+    folder.mkdir(parents=True)
+    for name, doc in (("pod.json", pod), ("status.json", state), ("status.json.new", state)):
+        (outside / name).write_text(json.dumps(doc))
+        host_link(escape, folder / name, outside / name)
+    assert list(minikrust._saved_pods(str(tmp_path / "root"))) == []
+    assert minikrust._saved_state(str(tmp_path / "root"), "uid-planted") is None
+    assert sorted(os.listdir(outside)) == ["pod.json", "status.json", "status.json.new"]
 
 
 def test_deep_trees_are_removed_without_deep_recursion(tmp_path, resolver):
