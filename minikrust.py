@@ -5897,6 +5897,7 @@ class PodDriver:
                     result = exc
                 key.data[0].exited(key.data[1], key.fileobj, result)
                 self.schedule(key.data[0], first=True)
+            key = result = None     # the last run seen ended is not kept (its fd open) until the next event (soak finding)
 
     def stop(self, workers):
         """Kubelet shutdown: no more syncs; the modules of `workers` killed and reaped."""

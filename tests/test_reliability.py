@@ -392,3 +392,24 @@ def test_a_run_that_may_not_be_repeated_is_on_disk_before_it_starts(fake_api, ku
     fake_api.create_pod(_pod("once", module_file(sleeper(10, 0))), node_name="node-1")
     wait_for(lambda: _phase(fake_api, "once") == "Succeeded", what="Succeeded")
     assert len(seen) == 1 and "running" in seen[0], seen
+
+
+def _eventfds():
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):      # the listing's own fd, closed meanwhile
+            found += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    return found
+
+
+def test_a_finished_run_keeps_no_fd_open_once_its_pod_is_gone(fake_api, kubelet_factory, module_file):
+    """Soak finding: the pods' loop kept the last run it saw end (and its eventfd) until its next
+    event, which an idle kubelet may never get: one more fd after a quiet round."""
+    kubelet_factory(fake_api)
+    wait_for(lambda: fake_api.get("nodes", "node-1"), what="node registered")
+    before = _eventfds()
+    fake_api.create_pod(_pod("brief", module_file(sleeper(10, 0))), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "brief") == "Succeeded", what="Succeeded")
+    fake_api.delete_pod("default", "brief")
+    wait_for(lambda: fake_api.get("pods", "default", "brief") is None, what="deleted")
+    wait_for(lambda: _eventfds() <= before, timeout=5, what="the run's eventfd closed")
