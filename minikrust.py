@@ -253,9 +253,8 @@ def _open_dir_to_empty(dir_fd, name):
 
 
 def _remove_beneath(root, path):
-    """Remove `path` beneath `root` and all it holds, never following a symlink; best effort:
-    what cannot be removed is logged, not raised. Trees deeper than 64 folders are moved up in
-    pieces, so neither the stack nor the open fds grow with a module's nesting."""
+    """Remove `path` beneath `root` and all it holds, never following a symlink; best effort (logged).
+    Trees deeper than 64 folders are moved up in pieces: the stack and open fds stay bounded."""
     parts = _beneath_parts(path)
     try:
         top = open_beneath(root, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
@@ -4137,10 +4136,8 @@ def _downward_files(pod, source, default_mode, node_ip, what):
 
 
 def _request_token(pod, source, api):
-    """(token bytes, lifetime in seconds) from the TokenRequest API, for exactly the audience the
-    source names (or none: the API's default), bound to the pod, as the kubelet does (contract 28:
-    any other audience is refused). One try, 5 s at most: a pod's start does not wait on a slow API
-    server for a token (ServiceAccountTokens tries again). Raises MinikrustError with the reason."""
+    """(token bytes, lifetime in seconds) from the TokenRequest API for the source's audience, bound
+    to the pod (contract 28). One try of 5 s (ServiceAccountTokens tries again); MinikrustError."""
     meta = pod.get("metadata") or {}
     account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
     spec = {"expirationSeconds": int(source.get("expirationSeconds") or 3600),
@@ -4247,10 +4244,8 @@ class ServiceAccountTokens:
 
 
 def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=None):
-    """Files of a projected volume (written in `target`, where `tokens` keeps its token fresh). The
-    `kube-api-access-*` volume admission adds to every pod (contract 14) is best effort: a source
-    it cannot read is logged and skipped, so that volume alone never keeps a pod from running (a
-    module has no network to use it with)."""
+    """Files of a projected volume (written in `target`, where `tokens` keeps its token fresh); the
+    `kube-api-access-*` one admission adds to every pod (contract 14) skips what it cannot read."""
     name = volume["name"]
     projected = volume.get("projected") or {}
     default_mode = projected.get("defaultMode", 0o644)
@@ -4295,9 +4290,8 @@ def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=Non
 
 
 def _write_files(directory, files, private):
-    """Make `directory` hold exactly `files` ({relpath: (bytes, mode)}), each written atomically
-    beneath it (open_beneath). Secrets and tokens (private) live in a 0700 directory as 0600 files;
-    other modes are applied as given (defaultMode or the item's mode). Stale files are removed."""
+    """Make `directory` hold exactly `files` ({relpath: (bytes, mode)}), written beneath it;
+    `private` (secrets, tokens): a 0700 directory of 0600 files, else the modes given."""
     dir_mode = 0o700 if private else 0o755
     root = open_beneath(directory, "", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -4363,10 +4357,8 @@ def _private_dir(pod_dir, name):
 
 
 def _host_path(volume, config, base_dir):
-    """The resolved directory of a hostPath volume, refused unless under --allowed-host-paths.
-
-    Symlinks and `..` are resolved before the check, so a link inside an allowed folder cannot lead
-    a pod outside it. WASI preopens only directories: file, socket and device types are refused."""
+    """The resolved directory of a hostPath volume (links resolved before the check), refused unless
+    under --allowed-host-paths; WASI preopens only directories."""
     source = volume.get("hostPath") or {}
     path, kind = source.get("path") or "", source.get("type") or ""
     if not os.path.isabs(path) and base_dir:
@@ -4444,11 +4436,8 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None,
 
 
 def _subpath(volume_dir, sub_path, api_volume):
-    """The host path of a `subPath` inside a volume, resolved beneath it (open_beneath).
-
-    A module may have planted a symlink in an emptyDir: it is never followed out of the volume
-    (the kubelet's subPath check). A missing subPath is created as a directory, as the kubelet
-    does; an existing regular file is returned as such (see _file_mounts)."""
+    """The host path of a `subPath`, resolved beneath its volume (a planted symlink is never followed
+    out); a missing one is made a directory, as the kubelet does."""
     _check_relpath(sub_path, "subPath")
     try:
         try:
@@ -4506,11 +4495,8 @@ def _file_mounts(files, seen, pod_dir, staging):
 
 
 def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
-    """The preopens [(host_dir, guest_dir, readonly)] of a container's volumeMounts.
-
-    configMap, secret, downwardAPI and projected volumes are read-only whatever the mount says (as
-    in the kubelet); `subPathExpr` is expanded with the container's env ($(VAR) only). A subPath
-    naming a file is staged under `<pod_dir>/volumes/.subpaths/<container>/` (see _file_mounts)."""
+    """The preopens [(host_dir, guest_dir, readonly)] of a container's volumeMounts; API volumes are
+    read-only whatever the mount says, as in the kubelet; subPath files staged (_file_mounts)."""
     volumes = {v.get("name"): v for v in (pod.get("spec") or {}).get("volumes") or []}
     env_map = dict(env or ())
     mounts, files, seen = [], [], set()
@@ -4547,9 +4533,8 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
 
 
 def read_guest_file(mounts, guest_path, limit):
-    """The first `limit` bytes of the file a module sees at `guest_path` (its
-    terminationMessagePath), read beneath the longest mount that holds it (open_beneath), or None
-    when no mount holds it, it is no regular file, or it leads out of its mount."""
+    """The first `limit` bytes of the file a module sees at `guest_path`, read beneath the longest
+    mount that holds it, or None (no such mount or regular file, or a link out of its mount)."""
     if not guest_path or not guest_path.startswith("/"):
         return None
     guest = os.path.normpath(guest_path)
@@ -4564,10 +4549,8 @@ def read_guest_file(mounts, guest_path, limit):
 
 
 def cleanup_volumes(pod_dir):
-    """Remove everything a pod's volumes wrote (emptyDirs, configMaps, secrets, tokens).
-
-    hostPath folders are never touched: only `<pod_dir>/volumes` and the tmpfs folders it links to
-    are removed, beneath their roots, unlinking the symlinks a module may have left unfollowed."""
+    """Remove what a pod's volumes wrote: `<pod_dir>/volumes` and the tmpfs folders it links to
+    (never a hostPath folder), beneath their roots, never following a link."""
     with contextlib.suppress(OSError):
         volumes = open_beneath(pod_dir, "volumes", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
@@ -4696,8 +4679,7 @@ def _qos_amounts(resources):
 
 
 def qos_class(pod):
-    """The pod's QoS class as the API server computes it: Guaranteed when every container has
-    equal cpu and memory requests and limits, BestEffort when none has any, else Burstable."""
+    """The pod's QoS class as the API server computes it (Guaranteed, Burstable or BestEffort)."""
     containers = list((pod.get("spec") or {}).get("initContainers") or []) + list(pod["spec"].get("containers") or [])
     any_set, guaranteed = False, True
     for c in containers:
@@ -4716,11 +4698,8 @@ def _waiting_after_failure(status):
 
 
 def pod_phase(pod, init_statuses, statuses):
-    """The phase the kubelet derives from container states (kubelet_pods.go getPhase).
-
-    Init containers must all have exited 0 first (Pending until then; Failed when one failed
-    and restartPolicy is Never). Then: any waiting -> Pending, any running -> Running, all
-    stopped -> Succeeded if all exited 0, Running if they will restart, else Failed."""
+    """The phase the kubelet derives from container states (kubelet_pods.go getPhase): init
+    containers first; then any waiting: Pending, any running: Running, all stopped: by policy."""
     policy = pod["spec"].get("restartPolicy", "Always")
     by_name = {s["name"]: s for s in init_statuses}
     for c in pod["spec"].get("initContainers") or []:
@@ -4774,11 +4753,8 @@ def _condition(type_, ok, prev, now, reason=None, message=None):
 
 
 def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_conditions=(), now=None):
-    """The five pod conditions (status_manager/generate.go), in the order the kubelet writes them.
-
-    Initialized: every init container exited 0 (reason PodCompleted once the pod Succeeded).
-    ContainersReady and Ready: every app container running (no probes), False with PodCompleted
-    once Succeeded. PodReadyToStartContainers: the volumes (the "sandbox") are in place."""
+    """The five pod conditions (status_manager/generate.go), in the order the kubelet writes them;
+    Ready means every app container running (no probes), PodReadyToStartContainers the volumes."""
     now = now or _k8s_time()
     prev = {c["type"]: c for c in prev_conditions or ()}
     init_done = {s["name"] for s in init_statuses if s.get("ready")}
@@ -4810,10 +4786,8 @@ def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_con
 
 def compute_pod_status(pod, init_statuses, statuses, *, host_ip, ready_to_start, start_time=None,
                        phase=None, reason=None, message=None, prev=None, now=None):
-    """The complete status a kubelet reports for `pod` given its containers' statuses (dicts in
-    the API's ContainerStatus form). `phase`, `reason`, `message` override the derived phase for
-    pod-level outcomes (DeadlineExceeded, OutOfpods, a refused volume); a terminal phase in
-    `prev` is never left, as the kubelet never moves a pod out of Succeeded or Failed."""
+    """The status a kubelet reports for `pod` from its ContainerStatuses; `phase`, `reason`,
+    `message` are pod-level outcomes (DeadlineExceeded, ...); a terminal phase in `prev` is kept."""
     prev = prev or {}
     derived = pod_phase(pod, init_statuses, statuses)
     phase = phase or derived
@@ -4864,8 +4838,7 @@ class PodEvent:
 
 
 class _Queue:
-    """The writes queued for one pod (keyed by its API path) or for one pod's Events (keyed by
-    uid), sent in order by one writer at a time."""
+    """The writes queued for one pod (by API path) or its Events (by uid), sent in order by one writer."""
     __slots__ = ("items", "statuses", "deletes", "not_before")
 
     def __init__(self):
@@ -4882,17 +4855,11 @@ _WRITER_IDLE = 2.0      # seconds a status writer thread waits for work before i
 
 
 class StatusWriter:
-    """The writer of pod statuses and events to the API server: a few threads (connections) in
-    parallel across pods, one at a time for any one pod; threads start with work and end idle.
-
-    A pod's writes queue under its API path: mirror-pod requests in order, then the newest status
-    of each uid (coalesced: an older status is never sent after a newer one, and only what differs
-    from the last acknowledged one is patched), then its final delete. Events queue per pod and
-    use at most half the writers, so a status never waits behind another pod's Events. A status
-    patch names the pod's uid, as the kubelet's status manager does: the 422 a recreated pod of
-    the same name answers means this pod is gone, and its writes stop. An unreachable or failing
-    API server keeps everything queued, retried with backoff; it never stops a pod. An Event
-    repeated (same pod, reason, message) raises its count."""
+    """The writer of pod statuses and Events: a few threads in parallel across pods, one at a time
+    for any one pod. A pod's queue: mirror-pod requests, then the newest status of each uid (only
+    the difference from the last acknowledged one, naming the uid: a recreated pod's 422 stops its
+    writes), then its final delete. Events use at most half the writers; a repeated one raises its
+    count. A failing API server keeps everything queued, retried with backoff."""
 
     def __init__(self, api, node_name, retry_max=10.0, writers=8):
         self.api, self.node_name = api, node_name
@@ -4960,9 +4927,8 @@ class StatusWriter:
                 self._queue(self._events, event.pod_uid).items.append(event)
 
     def request(self, method, path, body=None, ok=(404, 409), key=None):
-        """Any other write about a pod (mirror pods), sent in order before its statuses; `key` is
-        the pod's path when `path` is not; `ok` codes are not errors. `body` may be a callable,
-        called when the write is sent (it raises to keep the write queued)."""
+        """Another write about a pod (mirror pods), before its statuses, under `key` (default `path`);
+        `ok` codes are no errors; a callable `body` is called at sending (raising keeps it queued)."""
         with self._lock:
             self._queue(self._pods, key or path).items.append((method, path, body, ok))
 
@@ -5628,8 +5594,7 @@ class PodWorker:
         return text
 
     def _config_error(self, exc, containers, container=None):
-        """A configMap, secret or volume not usable: the containers wait, with an Event; one that
-        can never work fails the pod."""
+        """A configMap, secret or volume not usable: the containers wait (an Event); `retry` False fails the pod."""
         for c in containers:
             if "waiting" in c.state or c is container:
                 c.state = {"waiting": {"reason": exc.reason, "message": exc.message}}
@@ -5771,9 +5736,6 @@ class PodWorker:
         self.s.send_status(self, old_phase)
 
 
-def _echo_line(line):
-    print(line, flush=True)
-
 
 class _LogEcho:
     """Standalone terminal output: follows the CRI log files of running containers and prints
@@ -5804,6 +5766,26 @@ class _LogEcho:
                     parts = record.rstrip(b"\n").split(b" ", 3)
                     if len(parts) == 4:  # a partial (P) record too: it may be the last
                         self.write(f"{prefix} {parts[3].decode('utf-8', 'replace')}")
+
+    def pod_changed(self, worker, old_phase):
+        """A line when the pod's phase changes, or a container exits or waits for a reason worth knowing."""
+        name, status = worker.pod["metadata"]["name"], worker.status
+        if status["phase"] != old_phase:
+            if status["phase"] in _TERMINAL_PHASES:
+                self.drain()       # the last output lines before the pod's end
+            self.write(f"{name}: {status['phase']}" + (f" ({status['reason']})" if status.get("reason") else ""))
+        for cs in (status.get("initContainerStatuses") or []) + status.get("containerStatuses", []):
+            state = cs.get("state") or {}
+            if "terminated" in state:
+                note = f"exited {state['terminated'].get('exitCode')} ({state['terminated'].get('reason')})"
+            elif state.get("waiting", {}).get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+                note = f"{state['waiting']['reason']}: {state['waiting'].get('message', '')}".rstrip(": ")
+            else:
+                continue
+            if (cs["name"], cs.get("restartCount"), note) not in worker.echoed:
+                worker.echoed.add((cs["name"], cs.get("restartCount"), note))
+                self.drain()       # the output that led to it comes first
+                self.write(f"{name}/{cs['name']}: {note}")
 
     def _loop(self):
         while not self._stop.wait(0.2):
@@ -5970,10 +5952,8 @@ def _saved_pods(root_dir):
 
 
 class PodManager:
-    """The kubelet's pod handler: admits the pods its sources report (max-pods), keeps a PodWorker
-    for each, driven by one PodDriver, writes their statuses and Events through one StatusWriter,
-    and answers the server (`pods()`, `container_log_path()`). Specs and statuses are kept under
-    `<root_dir>/pods/<uid>/` so that a restarted kubelet carries on where it stopped."""
+    """The kubelet's pod handler: admits pods (max-pods), keeps a PodWorker each (one PodDriver, one
+    StatusWriter), answers the server, and keeps specs and statuses under `<root_dir>/pods/<uid>/`."""
 
     _FINALIZED_KEPT = 4096     # uids of finalized pods remembered, so a late event cannot revive one
 
@@ -6119,8 +6099,7 @@ class PodManager:
     # -- what workers call (their PodServices) --
 
     def _ensure_image(self, pod, container):
-        """The module of a container's image through the ImageManager (file: and registries),
-        with the kubelet's Pulling/Pulled events."""
+        """The module of a container's image (ImageManager), with the kubelet's Pulling/Pulled Events."""
         secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
         image, policy = container.spec.get("image") or "", container.spec.get("imagePullPolicy")
         if policy == "Always" or not self.images.present(image):
@@ -6159,41 +6138,15 @@ class PodManager:
         return {c.digest for w in workers for c in w.inits + w.apps if c.run is not None and c.digest}
 
     def _status_changed(self, worker, old_phase):
-        phase = worker.status["phase"]
         if self.writer is not None and not worker.silent and worker.uid not in self._restored:
             self.writer.set_status(worker.pod, worker.status)
-        if self.echo is not None and phase != old_phase:
-            reason = worker.status.get("reason")
-            line = f"{worker.pod['metadata']['name']}: {phase}" + (f" ({reason})" if reason else "")
-            if phase in _TERMINAL_PHASES:
-                self.echo.drain()       # the last output lines before the pod's end
-            self.echo.write(line)
         if self.echo is not None:
-            self._echo_containers(worker)
+            self.echo.pod_changed(worker, old_phase)
         with self._changed:
             self._changed.notify_all()
 
-    def _echo_containers(self, worker):
-        """Standalone: a line when a container exits or waits for a reason worth knowing."""
-        statuses = (worker.status.get("initContainerStatuses") or []) + worker.status.get("containerStatuses", [])
-        for cs in statuses:
-            state = cs.get("state") or {}
-            if "terminated" in state:
-                term = state["terminated"]
-                note = f"exited {term.get('exitCode')} ({term.get('reason')})"
-            elif state.get("waiting", {}).get("reason") not in (None, "ContainerCreating", "PodInitializing"):
-                note = f"{state['waiting']['reason']}: {state['waiting'].get('message', '')}".rstrip(": ")
-            else:
-                continue
-            key = (cs["name"], cs.get("restartCount"), note)
-            if key not in worker.echoed:
-                worker.echoed.add(key)
-                self.echo.drain()       # the output that led to it comes first
-                self.echo.write(f"{worker.pod['metadata']['name']}/{cs['name']}: {note}")
-
     def _finalize(self, worker):
-        """The pod's modules stopped and its volumes are gone: forget it, delete it from the API
-        (once: its uid is remembered, so no later event admits or finalizes it again)."""
+        """Its modules stopped and volumes gone: delete the pod from the API, once (its uid is kept)."""
         if self.tokens is not None:
             self.tokens.forget(worker.uid)
         deleting = self.writer is not None and not worker.silent and not _is_static(worker.pod)
@@ -6236,9 +6189,8 @@ class PodManager:
         threading.Thread(target=wait_then_prune, name="minikrust-prune", daemon=True).start()
 
     def _confirm_restored(self, worker, pod):
-        """A pod run again from disk is in the API: its status and held events go out now, from
-        what the API has (a status kept on disk may never have reached it: the kubelet was killed
-        or the API was down), so nothing is reported twice or for a pod deleted meanwhile."""
+        """A pod run again from disk is in the API: its status and held Events go out now, diffed
+        against what the API has (the one on disk may never have reached it)."""
         if self.writer is not None:
             self.writer.seed(worker.uid, pod.get("status"))
         self._restored.discard(worker.uid)
@@ -7418,7 +7370,8 @@ class Kubelet:
         if self.handler is None:
             node_ip = self.node.node_ip if self.node is not None else (config.node_ip or "127.0.0.1")
             self.handler = self.pod_manager = PodManager(config, api=self.api, node_ip=node_ip,
-                                                         echo=_echo_line if self.api is None and config.echo else None)
+                                                         echo=functools.partial(print, flush=True)
+                                                         if self.api is None and config.echo else None)
             self.pod_manager.metrics = self.metrics
             if self.node is not None:
                 self.pod_manager.node_uid = lambda: ((self.node.node or {}).get("metadata") or {}).get("uid")
