@@ -338,10 +338,8 @@ def _rename_beneath(root, source, target):
 
 
 class _Held(os.PathLike):
-    """A file or folder opened beneath its root (open_beneath, O_PATH) and held open: its path,
-    /proc/self/fd/N, leads to exactly what was checked, whatever is renamed or linked in its place
-    since (a sibling container may plant a link between the check and the preopen). The fd
-    closes when the object goes."""
+    """A file or folder opened beneath its root (O_PATH) and held open: its path, /proc/self/fd/N,
+    leads to what was checked, whatever is linked in its place since. Closed when the object goes."""
 
     def __init__(self, fd):
         self.fd = fd
@@ -1238,9 +1236,8 @@ def _compress_log(folder, name):
 
 
 def rotated_log_files(folder, base):
-    """The names of the rotated files of the log `base` in the directory fd `folder`, oldest first
-    (the live file not included); of a file found both compressed and not (a compression cut
-    short), the compressed one."""
+    """The rotated files of the log `base` in the directory fd `folder`, oldest first; of one found
+    both compressed and not (a compression cut short), the compressed one."""
     stamps = {}
     for name in sorted(os.listdir(folder)):  # "<stamp>" sorts before "<stamp>.gz", which then wins
         suffix = name[len(base) + 1:]
@@ -1262,13 +1259,10 @@ def _records(handle, buffered, block=1 << 20):
 
 
 class _LogCursor:
-    """Reads a container log's records as they are written, across the host's rotations: at first
-    the rotated files then the live one; when the file being read was renamed away, its rest, any
-    newer rotated files, then the new live file. As rotation compresses and removes files, inodes are
-    reused: the file read last is known by its first bytes, and by its stamp once rotated (the live
-    file's is the first one newer than the newest rotated file when the cursor came to it). Holds
-    no file open between reads: at each, its folder is resolved beneath `root` (default: the folder
-    itself) and every file opened beneath that folder (open_beneath)."""
+    """Reads a container log's records as they are written, across rotations: the rotated files, then
+    the live one; when that is renamed away, its rest and what came after. Inodes are reused, so the
+    file read last is known by its first bytes and, once rotated, its stamp. Holds no file open
+    between reads: each resolves the folder beneath `root` and opens beneath the folder."""
 
     def __init__(self, path, root=None):
         folder, self.path = os.path.split(os.fspath(path))
@@ -1356,9 +1350,8 @@ def _write_all(fd, data):
 
 
 class _LogFile:
-    """An output path of a run, shared by its two streams: appended, and with `max_size` rotated
-    (see _rotate_log) after the record that fills it, then reopened. With `folder` (a directory
-    fd the caller resolved, as the native host's log_dir_fd), `path` is a name in it."""
+    """An output path of a run, shared by its two streams: appended, rotated after the record that
+    fills `max_size`, then reopened; with `folder` (a resolved directory fd), `path` is a name in it."""
 
     def __init__(self, path, max_size=None, max_files=None, folder=None):
         self.path, self.max_size, self.max_files = os.fspath(path), max_size, max_files
@@ -1825,10 +1818,9 @@ _ALLOW_HTTP = "minikrust.io/allow-outgoing-http"
 
 
 def _outgoing_http(module, pod):
-    """The outgoing HTTP a run of `module` for `pod` gets: False (no wasi:http: the module does not
-    import wasi:http/outgoing-handler), True (any host: the pod's annotation
-    `minikrust.io/allow-outgoing-http` is "*"), or the hosts it lists ("host1,host2:8080"), which a
-    request's authority must equal; ModuleRunError for a component importing it without the annotation."""
+    """The outgoing HTTP a run of `module` for `pod` gets: False (it imports no wasi:http), True (the
+    annotation `minikrust.io/allow-outgoing-http` is "*") or the hosts it lists; ModuleRunError for
+    a component importing wasi:http without the annotation."""
     if not module.imports_http:
         return False
     allowed = ((pod.get("metadata") or {}).get("annotations") or {}).get(_ALLOW_HTTP)
@@ -2044,9 +2036,8 @@ class FallbackHost:
         return instance.get_func(store, instance.get_export_index(store, "run", instance.get_export_index(store, _CLI_RUN)))
 
     def _http_handle(self, store, request, options):
-        """wasi:http/outgoing-handler.handle for a run allowed some hosts only: the request goes out
-        through the filter when its authority is one of them, else it fails in the guest with
-        HTTP-request-denied and a line on the guest's stderr (as the native host does)."""
+        """wasi:http's handle for a run allowed some hosts only: a request to another fails in the
+        guest with HTTP-request-denied and a stderr line (as the native host does)."""
         run = self._local.run
         authority, handle = run._filter
         host = authority(store, request)
@@ -3296,10 +3287,8 @@ class RegistryClient:
 
 
 def _read_state(root, path, valid=lambda doc: True):
-    """A JSON object the kubelet kept on disk at `path` beneath `root`, or None when there is none.
-    One found corrupt, truncated or not `valid` (a disk error, a write from before writes were
-    atomic) is reported and set aside as `<path>.corrupt`, for inspection: the kubelet starts
-    without it, never crashes on it."""
+    """A JSON object the kubelet kept at `path` beneath `root`, or None; one corrupt or not `valid`
+    is logged and set aside as `<path>.corrupt`: the kubelet starts without it, never crashes on it."""
     try:
         with os.fdopen(open_beneath(root, path), "rb") as f:
             doc = json.loads(f.read())
@@ -4025,10 +4014,9 @@ _OBJECT_TTL = (5.0, 2.0)      # seconds a ConfigMap or Secret read is kept: foun
 
 
 class ApiObjects:
-    """ConfigMaps and Secrets for volumes and env, one GET per object and `_OBJECT_TTL` (the kubelet's
-    TTL cache strategy). With `ready` (the kubelet's) a read never waits on the API server: one not
-    read in its TTL raises _Fetching, a thread of its own fetches it, then calls ready(uid) of each
-    pod waiting. 403 (the Node authorizer, contract 25-27) counts as missing, like 404."""
+    """ConfigMaps and Secrets, one GET per object per `_OBJECT_TTL` (the kubelet's TTL cache); with
+    `ready`, a read never waits: it raises _Fetching, its own thread fetches, then calls ready(uid).
+    403 (the Node authorizer, contract 25-27) counts as missing, like 404."""
 
     def __init__(self, api, ready=None):
         self.api, self.ready = api, ready
@@ -4164,15 +4152,10 @@ _TOKEN_BACKOFF = (1.0, 60.0)        # a failed TokenRequest is tried again after
 
 
 class ServiceAccountTokens:
-    """The pods' projected service-account tokens, kept valid (the kubelet's token manager).
-
-    A token is requested by this class's thread when its volume is first written: the pod waits
-    (_Fetching) until that first try is over, then ready(uid) syncs it again, so no pod start waits
-    on the API server in the pods' sync pool. A failed TokenRequest (404 while the ServiceAccount is
-    not created yet, right after its namespace; 403 while the Node authorizer has not seen the pod
-    bound) does not hold the pod back (a WASI module has no sockets to use it): it is tried again
-    with backoff, and reported as a FailedMount Warning Event each time it fails. A token is
-    requested anew at 80% of its lifetime and its file rewritten in the volume."""
+    """The pods' projected service-account tokens, kept valid (the kubelet's token manager): asked
+    for on this class's thread (the pod waits, _Fetching, for the first try), renewed at 80% of
+    their lifetime; a failed TokenRequest does not hold the pod back: retried with backoff, with a
+    FailedMount Warning Event each time."""
 
     def __init__(self, api, report, ready=lambda uid: None):
         self.api, self.report, self.ready = api, report, ready     # report(pod, message): a Warning Event
@@ -4330,10 +4313,8 @@ def _shm_name(link):
 
 
 def _private_dir(pod_dir, name):
-    """The real directory of the secret or token volume `name` of a pod (linked at
-    `<pod_dir>/volumes/<name>`): a fresh 0700 folder on tmpfs (/dev/shm) when there is one, so
-    secrets never reach the disk (the kubelet mounts a tmpfs for them), else that folder itself.
-    A link whose folder vanished (reboot) is remade; every step resolves beneath its root."""
+    """The real directory of the secret or token volume `name` (linked at `<pod_dir>/volumes/<name>`):
+    a 0700 folder on tmpfs (/dev/shm) when there is one, so secrets never reach the disk."""
     volumes = _makedirs_beneath(pod_dir, "volumes")
     try:
         with contextlib.suppress(OSError):   # not a link: the pod's own folder (no tmpfs), or nothing yet
@@ -4470,10 +4451,8 @@ def _link_or_copy(source, folder, name):
 
 
 def _file_mounts(files, seen, pod_dir, staging):
-    """Preopens for subPaths that name files: WASI preopens only directories, so each guest folder
-    holding such files becomes a private directory `<pod_dir>/<staging>/<n>` of hard links to them
-    (a copy across file systems). Like the kubelet's subPath mounts they do not follow later
-    updates of the volume; a folder is read-only if any of its files is."""
+    """Preopens for subPaths naming files: WASI preopens only directories, so each guest folder of such
+    files becomes `<pod_dir>/<staging>/<n>`, of hard links (or copies), read-only if any is."""
     by_parent = collections.defaultdict(list)
     for host_file, guest, readonly in files:
         by_parent[os.path.dirname(guest)].append((host_file, os.path.basename(guest), readonly))
@@ -4621,10 +4600,8 @@ def _env_value_from(pod, container, source, node_ip, objects):
 
 
 def container_env(pod, container, api=None, node_ip=None, warnings=None, objects=None):
-    """The environment [(name, value)] of a container, as the kubelet's makeEnvironmentVariables
-    (envFrom, then env, `value` $(VAR)-expanded); `workingDir` is passed as PWD (WASI has no cwd);
-    `warnings` receives (reason, message) of the Warning events the kubelet would record;
-    configMaps and secrets are read through `objects` (an ApiObjects; else one of `api`)."""
+    """The environment [(name, value)] of a container, as the kubelet's makeEnvironmentVariables;
+    `workingDir` is passed as PWD (WASI has no cwd); `warnings` gets the kubelet's Warning events."""
     objects = objects or ApiObjects(api)
     env = _env_from(pod, container, objects, warnings)
     for var in container.get("env") or []:
@@ -5191,11 +5168,9 @@ def _base_dir(pod):
 
 
 class _StateFiles:
-    """The pods' state files, kept without a pod waiting on the disk: save() writes `<file>.new` whole
-    (renamed, not synced: the page cache keeps it through a SIGKILL); a thread started with work
-    makes the newest durable (fsync, then renamed over `<file>`), and removes a finished pod's
-    volumes and folder after its last save (remove()); _read_saved() prefers `.new`. A full disk
-    keeps the last file whole, logged: pods run on, a restart starts from that state."""
+    """The pods' state files, no pod waiting on the disk: save() writes `<file>.new` (not synced);
+    a thread makes it durable (fsync, rename over `<file>`) and removes a finished pod's folder
+    after its last save; _read_saved() prefers `.new`. A full disk keeps the last file, logged."""
 
     def __init__(self):
         self._lock = threading.Condition()
@@ -5797,11 +5772,9 @@ class _LogEcho:
 
 
 class PodDriver:
-    """Drives the pod workers with a fixed number of threads, whatever the number of pods: one
-    waits for the ends of runs (each run's fd, one selector) and for timers; a pool of
-    _SYNC_THREADS syncs the pods handed to it, one sync of a pod at a time, the ends of runs first
-    (a burst of new pods does not hold back the statuses of those that finished). Modules run on
-    the host's own threads, one per running module; nothing else waits on them."""
+    """Drives the pod workers with a fixed number of threads: one waits for the ends of runs (their
+    fds, one selector) and timers; a pool of _SYNC_THREADS syncs pods, one sync of a pod at a time,
+    the ends of runs first."""
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
@@ -6411,9 +6384,7 @@ def _emit(lines, options, budget):
 
 def read_container_log(path, options, root=None):
     """The log of one container run (rotated files first), filtered by `options`, as bytes chunks;
-    its folder is resolved beneath `root` (see _LogCursor).
-
-    Streams: only tailLines keeps lines in memory (that many)."""
+    its folder is resolved beneath `root` (see _LogCursor)."""
     joiner, cursor = _LineJoiner(), _LogCursor(path, root)
 
     def lines():
@@ -6427,12 +6398,8 @@ def read_container_log(path, options, root=None):
 
 
 def follow_container_log(path, options, ended, wait, check_every=0.5, root=None):
-    """Stream a container log as it is written (what `kubectl logs -f` reads), as bytes chunks.
-
-    Ends once `ended()` reports the container run finished and its last records are read, when the
-    byte limit is reached, or when `wait(seconds)` returns True (client gone, server stopping).
-    Follows the live file across rotations; tailLines applies to what was written before the call.
-    """
+    """Stream a container log as it is written (`kubectl logs -f`), as bytes chunks, until `ended()`
+    and its last records are read, the byte limit is reached, or `wait(seconds)` returns True."""
     budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path, root)
     backlog = (line for line in map(joiner.feed, cursor.records()) if line and options.selects(line))
     if options.tail_lines is not None:
