@@ -4864,16 +4864,12 @@ class StatusWriter:
 
     def stop(self, flush_timeout=2.0):
         """Try to send what is queued for up to flush_timeout seconds, then stop."""
-        deadline = time.monotonic() + flush_timeout
         with self._lock:
-            while (self._pods or self._events) and self._writers and time.monotonic() < deadline:
-                self._flushed.wait(0.05)
+            self._flushed.wait_for(lambda: not ((self._pods or self._events) and self._writers), flush_timeout)
             self._stopping = True
             for idle in self._idle:
                 idle.notify()
-            deadline = time.monotonic() + 2.0
-            while self._writers and time.monotonic() < deadline:
-                self._flushed.wait(0.05)
+            self._flushed.wait_for(lambda: not self._writers, 2.0)
 
     def forget(self, uid):
         """A pod gone from the API: drop what is queued or remembered for it."""
@@ -6225,14 +6221,9 @@ class PodManager:
 
     def wait_all_finished(self, timeout=None):
         """Block until every pod is finished (--once); True if they are."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            while not all((w.status or {}).get("phase") in _TERMINAL_PHASES for w in self.workers.values()):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._changed.wait(min(left, 1.0) if left is not None else 1.0)
-        return True
+            return self._changed.wait_for(lambda: all((w.status or {}).get("phase") in _TERMINAL_PHASES
+                                                      for w in self.workers.values()), timeout)
 
     def all_succeeded(self):
         with self._lock:
