@@ -192,6 +192,9 @@ def open_beneath(root, path, flags=os.O_RDONLY, mode=0o600):
             finally:
                 os.close(fd)
             fd = next_fd
+        if flags & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):    # O_PATH|O_NOFOLLOW holds a link itself
+            os.close(fd)
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
         return fd
     finally:
         if root_fd is not root:
@@ -1940,11 +1943,13 @@ class FallbackHost:
         path = self._cache_path(digest)
         kind = wt.component.Component if _is_component(data) else wt.Module
         compiled = None
-        if os.path.exists(path):
-            try:
-                compiled = kind.deserialize_file(self._engine, path)
-            except wt.WasmtimeError as exc:
-                log.warning("recompiling %s: cached code unusable: %s", digest, exc)
+        try:        # a link planted at the entry's name is not followed
+            cached = _held(open_beneath(*os.path.split(path)), *os.path.split(path))
+            compiled = kind.deserialize_file(self._engine, os.fspath(cached))
+        except OSError:
+            pass
+        except wt.WasmtimeError as exc:
+            log.warning("recompiling %s: cached code unusable: %s", digest, exc)
         fresh = compiled is None
         if fresh:
             try:
@@ -3003,6 +3008,15 @@ class ModuleRef:
     digest: str
     image_id: str
     pulled: float = field(default=None, compare=False)
+    store: str = field(default=None, compare=False)     # the module store's root, when it is stored there
+
+    def held(self):
+        """The file for a host to read: a stored module opened beneath the store's root (no link
+        planted there is followed); the user's own file as it is."""
+        if self.store is None:
+            return self.path
+        rel = os.path.relpath(self.path, self.store)
+        return _held(open_beneath(self.store, rel, os.O_PATH), self.store, rel)
 
 
 def parse_image_ref(image):
@@ -3580,7 +3594,7 @@ class ImageManager:
         if not hit:
             return None
         self.store.touch(hit[0])
-        return ModuleRef(self.store.path(hit[0]), hit[0], hit[1])
+        return ModuleRef(self.store.path(hit[0]), hit[0], hit[1], store=self.store.root)
 
     def _ensure_file(self, path, base_dir):
         path = os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(path)))
@@ -3693,7 +3707,7 @@ class ImageManager:
         hit = self.store.lookup(keys[0])
         if hit:  # same digest as stored (Always, or a pod proving its credentials): nothing to download
             self.store.add(hit[0], keys, image_id, auth=auth)
-            return ModuleRef(self.store.path(hit[0]), hit[0], image_id)
+            return ModuleRef(self.store.path(hit[0]), hit[0], image_id, store=self.store.root)
         kind, layers, entrypoint = self._module_layers(client, doc)
         if kind == "wasm":
             module_digest = layers[0]["digest"]
@@ -3702,7 +3716,7 @@ class ImageManager:
                 self.store.add(module_digest, keys, image_id, temp=temp, auth=auth)
         else:  # stores the module and its keys itself
             module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id, auth)
-        return ModuleRef(self.store.path(module_digest), module_digest, image_id)
+        return ModuleRef(self.store.path(module_digest), module_digest, image_id, store=self.store.root)
 
     def _fetch_blob(self, client, desc):
         """Download one blob into the store's temp dir, retrying and resuming; return the temp path."""
@@ -5643,7 +5657,7 @@ class PodWorker:
             logs = _makedirs_beneath(config.root_dir, f"pods/{self.uid}/logs/{c.name}")   # the hosts write beneath it
             os.close(open_beneath(logs, log_name, os.O_WRONLY | os.O_CREAT, 0o644))  # there as soon as the server is asked
             with module_errors():
-                module = self.s.host().load(ref.path, digest=ref.digest)
+                module = self.s.host().load(ref.held(), digest=ref.digest)
                 # the host writes both streams to the log and rotates it (--container-log-max-size/-files)
                 run = module.start(argv, env=env, preopens=c.mounts, stdout=log_name, stderr=log_name,
                                    log_dir_fd=logs, log_format="cri", memory_limit=memory_limit,

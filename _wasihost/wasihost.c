@@ -388,14 +388,31 @@ static void write_cache(wasmtime_module_t *m, const char *path) {
   wasm_byte_vec_delete(&bytes);
 }
 
+/* A cache entry opened without following a link planted at its name, as a path wasmtime can open
+ * (/proc/self/fd/N in `proc`): its fd (close it after use), or -1 when there is no usable entry. */
+static int open_cache_entry(const char *path, char proc[32]) {
+  if (!path || !path[0]) return -1;
+  int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  struct stat st;
+  if (fd >= 0 && (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))) {
+    close(fd);
+    fd = -1;
+  }
+  if (fd >= 0) snprintf(proc, 32, "/proc/self/fd/%d", fd);
+  return fd;
+}
+
 /* The module compiled for `ec`: from the cache at `path` when it is there and usable, else from
  * the bytes (then cached). NULL with *e set, or with *e NULL when the bytes were needed. */
 static wasmtime_module_t *compile_for(engine_ctx_t *ec, const uint8_t *wasm, size_t len, const char *path,
                                       int *from_cache, wasmtime_error_t **e) {
   wasmtime_module_t *m = NULL;
   *e = NULL;
-  if (path && path[0] && access(path, R_OK) == 0) {
-    wasmtime_error_t *de = wasmtime_module_deserialize_file(ec->engine, path, &m);
+  char proc[32];
+  int fd = open_cache_entry(path, proc);
+  if (fd >= 0) {
+    wasmtime_error_t *de = wasmtime_module_deserialize_file(ec->engine, proc, &m);
+    close(fd);
     if (!de) {
       *from_cache = 1;
       return m;
@@ -434,7 +451,7 @@ int wh_module_load(const uint8_t *wasm, size_t len, const char *cache_path, wh_m
   wasmtime_module_t *m = NULL;
   wasmtime_error_t *e = NULL;
   /* a module that did not fit the pool before goes straight to the engine without it */
-  if (g_main.pooling && unpooled_path[0] && access(unpooled_path, R_OK) == 0 && (ec = unpooled_engine(err, errlen)))
+  if (g_main.pooling && unpooled_path[0] && faccessat(AT_FDCWD, unpooled_path, R_OK, AT_SYMLINK_NOFOLLOW) == 0 && (ec = unpooled_engine(err, errlen)))
     m = compile_for(ec, wasm, len, unpooled_path, from_cache, &e);
   if (!m && !e) {
     ec = &g_main;
@@ -1771,8 +1788,12 @@ static wasmtime_component_t *comp_compile(const uint8_t *wasm, size_t len, const
                                           char *err, size_t errlen, int *rc) {
   wasmtime_component_t *comp = NULL;
   wasmtime_error_t *e;
-  if (path && path[0] && access(path, R_OK) == 0) {
-    if (!(e = wasmtime_component_deserialize_file(g_main.engine, path, &comp))) {
+  char proc[32];
+  int fd = open_cache_entry(path, proc);
+  if (fd >= 0) {
+    e = wasmtime_component_deserialize_file(g_main.engine, proc, &comp);
+    close(fd);
+    if (!e) {
       *from_cache = 1;
       return comp;
     }

@@ -379,7 +379,36 @@ def test_the_image_store_follows_no_link_planted_in_it(tmp_path, registry, victi
     host_link(escape, os.path.join(root, "tmp"), victim)
     with pytest.raises(OSError):
         minikrust.ModuleStore(root)
+    assert os.fspath(ref.held()).startswith("/proc/self/fd/")      # what a pod's host reads: the module
+    os.remove(ref.path)
+    host_link(escape, ref.path, victim / "secret")
+    with pytest.raises(OSError):                                     # ... and never a link planted there
+        ref.held()
     assert unchanged(victim)
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("kind", ["native", "wasmtime-py"])
+def test_a_link_planted_at_a_compiled_cache_entry_is_not_followed(wasm, tmp_path, kind, escape):
+    """The compiled-module cache is under --root-dir: a link planted at an entry's name, leading to
+    another module's compiled code, is not followed; the module is compiled from its own bytes."""
+    from tests.wasm_modules import native_available
+    if kind == "native" and native_available():
+        unavailable(native_available())
+    hello, other = wasm.hello, wasm.exit(7)         # module bytes
+    entries = {}
+    for name, data in (("hello", hello), ("other", other)):
+        folder = tmp_path / name
+        minikrust.load_host(str(folder), backend=kind).load(data)
+        entries[name] = [folder / n for n in os.listdir(folder) if n.endswith("wasm")]
+    assert len(entries["hello"]) == 1 and len(entries["other"]) == 1
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    host_link(escape, cache / entries["hello"][0].name, entries["other"][0])
+    with minikrust.module_errors():
+        result = minikrust.load_host(str(cache), backend=kind).load(hello).run(
+            ["hello"], stdout=str(tmp_path / "out.log"), stderr=str(tmp_path / "out.log"))
+    assert result.exit_code == 0 and (tmp_path / "out.log").read_text().endswith(" stdout F hello\n")
 
 
 @pytest.mark.parametrize("escape", ESCAPES)
