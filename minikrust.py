@@ -4863,6 +4863,7 @@ class StatusWriter:
         self._where = {}             # uid -> pod path of the queue holding its status
         self._sent = {}              # uid -> status acknowledged by the server
         self._gone = set()           # uids the server refused: deleted and made again
+        self._unanswered = set()     # uids whose final delete was sent but not answered
         self._event_names = {}       # uid -> {(reason, message, field): (name, count)}
         self._forgotten = collections.Counter()     # uid -> times forget() was called
         self._idle = []              # Conditions of writers waiting for work
@@ -5084,14 +5085,21 @@ class StatusWriter:
             log.debug("%s %s: %s", method, path, exc)
 
     def _send_delete(self, uid, path):
+        """Sent once: after a try that got no answer (it may have been applied), a GET tells whether
+        the pod is gone before another is sent (soak finding: a second delete got 404)."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": uid}}
         try:
-            self.api.delete(path, body=body)
+            if uid in self._unanswered and self.api.get(path)["metadata"].get("uid") != uid:
+                raise ApiError(404, "NotFound", "deleted by the unanswered try")
+            self.api.delete(path, body=body, retries=0)
         except ApiError as exc:
+            if exc.code == 0:
+                self._unanswered.add(uid)
             if exc.code not in (403, 404, 409):
                 raise
             log.info("final delete of %s: %s", path, exc)
+        self._unanswered.discard(uid)
 
     def _send_event(self, ev):
         now = _k8s_time()

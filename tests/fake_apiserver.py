@@ -82,6 +82,8 @@ Fault injection:
   .fail_next(n=1, status=500, method=None, path=None, retry_after=None)   next n matching requests
         answer status (429: TooManyRequests with Retry-After); path: regex searched in the path
   .close_next(n=1, method=None, path=None)   next n matching requests: connection closed, no answer
+  .lose_answer_next(n=1, method=None, path=None)   next n matching requests: served (their change made),
+        then the connection closed before the answer (a connection lost after the server applied it)
   .delay_next(n=1, seconds=1.0, method=None, path=None)   next n matching requests answered late
   .pause(method=None, path=None) / .resume()  hold matching requests until resume() (connections
         accepted, nothing answered; a stop() meanwhile cuts them, they are never served)
@@ -1586,6 +1588,10 @@ class FakeApiServer:
         with self._lock:
             self._rules.append(_Rule(n, method, path, action="close"))
 
+    def lose_answer_next(self, n=1, method=None, path=None):
+        with self._lock:
+            self._rules.append(_Rule(n, method, path, action="lose"))
+
     def delay_next(self, n=1, seconds=1.0, method=None, path=None):
         """The next n matching requests are answered normally, after `seconds`."""
         with self._lock:
@@ -2654,6 +2660,9 @@ class FakeApiServer:
             return
         if rule.action == "close":
             raise CloseConnection("injected")
+        if rule.action == "lose":
+            h._lose_answer = True
+            return
         if rule.action == "delay":
             time.sleep(rule.retry_after)
             return
@@ -3101,6 +3110,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def send_response(self, code, message=None):
+        if getattr(self, "_lose_answer", False):        # served, but the answer never leaves
+            self._lose_answer = False
+            raise CloseConnection("answer lost")
         self._status = code
         if getattr(self, "_record", None) is not None:   # logged before the client can read the answer
             self._record.status, record, self._record = code, self._record, None

@@ -355,6 +355,21 @@ def test_a_finished_pod_deleted_by_its_user_gets_no_final_delete(fake_api, kubel
     assert fake_api.get("pods", "default", "done") is None
 
 
+def test_a_final_delete_whose_answer_was_lost_is_not_sent_again(fake_api, kubelet_factory, module_file):
+    """Soak finding: a final DELETE the API server applied but whose answer was lost (the connection
+    dropped) was sent again and got 404, a write for a pod already gone. The kubelet asks first."""
+    kubelet_factory(fake_api)
+    fake_api.create_pod(_pod("svc", module_file(sleeper(100, 0, repeat=0))), node_name="node-1")
+    wait_for(lambda: _phase(fake_api, "svc") == "Running", what="Running")
+    fake_api.lose_answer_next(method="DELETE", path="/pods/svc$")
+    fake_api.delete_pod("default", "svc", grace=1)
+    deletes = lambda: [r.status for r in _writes_to(fake_api, "svc") if r.method == "DELETE"]
+    checks = lambda: [r for r in fake_api.find_requests("GET", "/pods/svc$", user="node-1") if r.status in (403, 404)]
+    wait_for(lambda: fake_api.get("pods", "default", "svc") is None, what="svc deleted by the kubelet")
+    wait_for(lambda: checks() or len(deletes()) > 1, what="the kubelet's next step after the lost answer")
+    assert deletes() == [0] and checks()    # (403: the Node authorizer no longer knows the pod)
+
+
 def test_a_run_that_may_not_be_repeated_is_on_disk_before_it_starts(fake_api, kubelet_factory, module_file,
                                                                     monkeypatch):
     """Soak finding: a kubelet SIGKILLed right after starting a restartPolicy=Never container (which
