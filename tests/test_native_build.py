@@ -113,6 +113,7 @@ def test_extension_loads_without_ld_library_path_or_rpath(wasm, tmp_path):
         assert "wasmtime" not in dyn, dyn
     (tmp_path / "hello.wasm").write_bytes(wasm.hello)
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD")}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(_wasihost.__file__))  # this _wasihost, installed or not
     out = python(f"""
         import _wasihost
         host = _wasihost.Host({str(tmp_path / "cache")!r})
