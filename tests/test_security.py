@@ -492,8 +492,10 @@ def test_each_bad_manifest_gets_one_line_naming_file_and_field_and_the_good_one_
     wait_for(lambda: any(p["metadata"]["name"] == "good-n1" and (w.status or {}).get("phase") == "Succeeded"
                          for p, w in ((w.pod, w) for w in kubelet.pod_manager.workers.values())), timeout=30, what="good pod ran")
     assert [w.pod["metadata"]["name"] for w in kubelet.pod_manager.workers.values()] == ["good-n1"]
+    lines_of = lambda filename: [r.getMessage() for r in list(caplog.records) if str(folder / filename) in r.getMessage()]
+    wait_for(lambda: all(lines_of(f) for f in BAD_MANIFESTS), what="a line for each bad manifest")  # read after good.yaml
     for filename, (_, field) in BAD_MANIFESTS.items():
-        lines = [r.getMessage() for r in caplog.records if str(folder / filename) in r.getMessage()]
+        lines = lines_of(filename)
         assert len(lines) == 1 and f"{folder / filename}: document 1: {field}" in lines[0], (filename, lines)
 
 
