@@ -1142,1090 +1142,6 @@ def api_client_for(config):
     return api
 
 
-# --- Runtime: the WASI host, native (_wasihost) or the wasmtime package fallback ---
-# Runs a module (or WASI 0.2 component) on its own thread and writes its CRI log: _wasihost when built,
-# else FallbackHost. Hosts report facts; the OOM rule and rotation limits are decided here.
-
-class ModuleLoadError(ModuleError):
-    """A module that cannot be loaded: invalid wasm, no `_start`, an import WASI does not provide."""
-
-
-class ModuleRunError(ModuleError):
-    """A run that cannot be set up, e.g. a preopened directory that does not exist."""
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """How one fallback run ended (twin of `_wasihost.Result`); exit_code None: `trap` says why."""
-    exit_code: "int | None"
-    trap: "str | None"
-    duration: float
-    killed: bool = False
-    timed_out: bool = False
-    instantiate_failed: bool = False
-    cpu_seconds: float = 0.0
-    peak_memory: int = 0
-
-
-_CRI_MAX_LINE = 16 * 1024  # the kubelet's CRI logger cuts longer lines into P records
-_WASM_PAGE = 65536
-_EPOCH_TICK = 0.005        # seconds between epoch ticks; kill() lands within a few ticks
-_KILLED, _TIMED_OUT = "killed", "deadline exceeded"
-
-
-class _LogClock:
-    """Timestamps shared by a run's two streams, never going backwards (they may share a file)."""
-
-    def __init__(self):
-        self.last = 0
-
-    def now(self):
-        self.last = max(self.last, time.time_ns())
-        return _rfc3339nano(self.last)
-
-
-# Rotated logs are named and compressed as the kubelet's container log manager does (pkg/kubelet/
-# logs): `<log>.<YYYYMMDD-HHMMSS>` (UTC), all but the newest gzip-compressed to `<name>.gz`.
-_ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
-
-
-@contextlib.contextmanager
-def _open_log(folder, name):
-    """The log file `name` in the directory fd `folder` for reading, gunzipped when it is `.gz`."""
-    with os.fdopen(open_beneath(folder, name, os.O_RDONLY | os.O_NONBLOCK), "rb") as raw:
-        if not name.endswith(".gz"):
-            yield raw
-        else:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as packed:
-                yield packed
-
-
-def _rotate_log(folder, base, max_files):
-    """Rotate the log `base` in the directory fd `folder` as the kubelet does (and the C host's
-    sink_rotate): rotated files beyond `max_files - 2` go, the rest are gzipped, then `base`
-    becomes `<base>.<UTC stamp>` (returned)."""
-    rotated = rotated_log_files(folder, base)
-    for name in os.listdir(folder):        # a compression cut short
-        if name.startswith(base + ".") and name.endswith(".tmp") and _ROTATED_STAMP.match(name[len(base) + 1:-4]):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(name, dir_fd=folder)
-    keep = max(0, max_files - 2)
-    for index, name in enumerate(rotated):
-        if index + keep < len(rotated):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(name, dir_fd=folder)
-        elif not name.endswith(".gz"):
-            with contextlib.suppress(OSError):      # not compressed, as in C (a link planted there is not followed)
-                _compress_log(folder, name)
-    now = int(time.time())
-    if rotated:
-        newest = datetime.datetime.strptime(rotated[-1][len(base) + 1:][:15], "%Y%m%d-%H%M%S")
-        now = max(now, int(newest.replace(tzinfo=datetime.timezone.utc).timestamp()) + 1)
-    target = f"{base}.{datetime.datetime.fromtimestamp(now, datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    os.rename(base, target, src_dir_fd=folder, dst_dir_fd=folder)
-    if max_files == 1:      # the live file alone
-        os.remove(target, dir_fd=folder)
-    return target
-
-
-def _compress_log(folder, name):
-    """gzip the log `name` in the directory fd `folder` to `<name>.gz` (by way of `<name>.tmp`)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    with _open_log(folder, name) as source, os.fdopen(open_beneath(folder, name + ".tmp", flags, 0o644), "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as packed:
-            shutil.copyfileobj(source, packed)
-    os.replace(name + ".tmp", name + ".gz", src_dir_fd=folder, dst_dir_fd=folder)
-    os.remove(name, dir_fd=folder)
-
-
-def rotated_log_files(folder, base):
-    """The rotated files of the log `base` in the directory fd `folder`, oldest first; of one found
-    both compressed and not (a compression cut short), the compressed one."""
-    stamps = {}
-    for name in sorted(os.listdir(folder)):  # "<stamp>" sorts before "<stamp>.gz", which then wins
-        suffix = name[len(base) + 1:]
-        if name.startswith(base + ".") and _ROTATED_STAMP.match(suffix):
-            stamps[suffix[:15]] = name
-    return [stamps[stamp] for stamp in sorted(stamps)]
-
-
-def _records(handle, buffered, block=1 << 20):
-    """The complete records (ending in a newline) next in `handle`; a half-written one waits in `buffered`."""
-    while data := handle.read(block):
-        buffered.extend(data)
-        end = buffered.rfind(b"\n")
-        if end >= 0:
-            chunk = bytes(buffered[:end + 1])
-            del buffered[:end + 1]
-            return chunk.splitlines(keepends=True)
-    return []
-
-
-class _LogCursor:
-    """Reads a container log's records as they are written, across rotations: the rotated files, then
-    the live one; when that is renamed away, its rest and what came after. Inodes are reused, so the
-    file read last is known by its first bytes and, once rotated, its stamp. Holds no file open
-    between reads: each resolves the folder beneath `root` and opens beneath the folder."""
-
-    def __init__(self, path, root=None):
-        folder, self.path = os.path.split(os.fspath(path))
-        self._root = (folder or ".") if root is None else root
-        self._folder = os.path.relpath(folder or ".", self._root)
-        self._inode, self._offset, self._buffered = None, 0, bytearray()
-        self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
-
-    def _open_folder(self):
-        """The log's folder as an fd, or None once it is gone (with its pod)."""
-        with contextlib.suppress(FileNotFoundError):
-            return open_beneath(self._root, self._folder, os.O_RDONLY | os.O_DIRECTORY)
-        return None
-
-    def exists(self):
-        """Whether the log or any rotated file of it is there."""
-        folder = self._open_folder()
-        try:
-            return folder is not None and (self.path in os.listdir(folder) or bool(rotated_log_files(folder, self.path)))
-        finally:
-            if folder is not None:
-                os.close(folder)
-
-    def _same(self, folder, name):
-        """Whether `name` starts with the bytes the file read last started with (an empty one: any)."""
-        try:
-            with _open_log(folder, name) as handle:
-                return handle.read(len(self._head)) == self._head
-        except (OSError, EOFError):
-            return False
-
-    def _unread(self, folder):
-        """[(file, offset)] to read now, oldest first."""
-        if self.path not in os.listdir(folder):
-            return []
-        live = self._inode is not None and self._stamp is None
-        if live and self._head and self._same(folder, self.path):
-            return [(self.path, self._offset)]
-        rotated = rotated_log_files(folder, self.path)
-        stamps = [name[len(self.path) + 1:][:15] for name in rotated]
-        after, self._after = self._after, (stamps[-1] if stamps else "")
-        for i, name in enumerate(rotated if self._inode is not None else ()):   # the rest are newer
-            if (stamps[i] == self._stamp if self._stamp else stamps[i] > after) and self._same(folder, name):
-                return [(name, self._offset)] + [(later, 0) for later in rotated[i + 1:] + [self.path]]
-        if live and not self._head:     # the live file was empty and has not been rotated since
-            return [(self.path, 0)]
-        return [(name, 0) for name in rotated + [self.path]]
-
-    def records(self, final=False):
-        """The records written since the last call, oldest first; `final`: also a last one without newline."""
-        folder = self._open_folder()
-        try:
-            yield from self._read(folder) if folder is not None else ()
-        finally:
-            if folder is not None:
-                os.close(folder)
-        if final and self._buffered:
-            yield bytes(self._buffered)
-            self._buffered.clear()
-
-    def _read(self, folder):
-        for name, offset in self._unread(folder):
-            with contextlib.ExitStack() as stack:
-                try:
-                    handle = stack.enter_context(_open_log(folder, name))
-                except FileNotFoundError:
-                    continue
-                st = os.fstat(handle.fileno())
-                if offset == 0 or (st.st_size < offset and not name.endswith(".gz")):  # another file, or truncated
-                    offset = 0
-                    self._buffered.clear()
-                handle.seek(offset)     # in a .gz: an offset of the bytes it holds
-                while records := _records(handle, self._buffered):
-                    yield from records
-                self._inode, self._offset = st.st_ino, handle.tell()
-                self._stamp = None if name == self.path else name[len(self.path) + 1:][:15]
-                handle.seek(0)
-                self._head = handle.read(min(self._offset, 64))
-
-
-def _write_all(fd, data):
-    """os.write until all of `data` is written (a write may take only part of it)."""
-    while data:
-        data = data[os.write(fd, data):]
-
-
-class _LogFile:
-    """An output path of a run, shared by its two streams: appended, rotated after the record that
-    fills `max_size`, then reopened; with `folder` (a resolved directory fd), `path` is a name in it."""
-
-    def __init__(self, path, max_size=None, max_files=None, folder=None):
-        self.path, self.max_size, self.max_files = os.fspath(path), max_size, max_files
-        self.folder = self.fd = -1
-        try:
-            head, self.name = ("", self.path) if folder is not None else os.path.split(self.path)
-            self.folder = os.dup(folder) if folder is not None else os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY)
-            self.fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            self.close()
-            raise ModuleRunError(f"cannot open log {self.path}: {exc.strerror}") from exc
-        self.size = os.fstat(self.fd).st_size
-        self._lock = threading.Lock()
-
-    def write(self, pieces):
-        """Append `pieces` (whole CRI records, or raw chunks), rotating between them when full."""
-        with self._lock:
-            batch = []
-            for piece in pieces:
-                batch.append(piece)
-                self.size += len(piece)
-                if self.max_size and self.size >= self.max_size:
-                    _write_all(self.fd, b"".join(batch))
-                    batch = []
-                    self._rotate()
-            if batch:
-                _write_all(self.fd, b"".join(batch))
-
-    def _rotate(self):
-        self.size = 0  # also when it fails: tried again after another max_size bytes
-        try:
-            _rotate_log(self.folder, self.name, self.max_files)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("cannot rotate log %s: %s", self.path, exc)
-                return
-        fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(fd, self.fd, inheritable=False)
-        os.close(fd)
-
-    def close(self):
-        for fd in (self.fd, self.folder):
-            if fd >= 0:
-                os.close(fd)
-
-
-class _StreamWriter:
-    """Where one WASI output stream goes (a _LogFile, an fd, a callable, or nowhere), as CRI
-    records `<timestamp> <stream> <F|P> <line>` (log_format "cri") or raw bytes ("plain")."""
-
-    def __init__(self, target, stream, log_format, clock):
-        if log_format not in ("cri", "plain"):
-            raise ModuleRunError(f"unknown log_format {log_format!r} (want 'cri' or 'plain')")
-        self.stream, self.cri, self.clock, self.buf = stream, log_format == "cri", clock, b""
-        self.sink = None    # takes a list of pieces: one write() for an fd, a _LogFile rotates between them
-        if isinstance(target, _LogFile):
-            self.sink = target.write
-        elif isinstance(target, int) and not isinstance(target, bool):
-            self.sink = lambda pieces: _write_all(target, b"".join(pieces))
-        elif callable(target):
-            def sink(pieces):   # one call a piece
-                for piece in pieces:
-                    target(piece)
-            self.sink = sink
-
-    def write(self, data):
-        """The WASI custom-output callback: consume all of `data`, return its length."""
-        if self.sink is None or not self.cri:
-            if self.sink is not None:
-                self.sink([data])
-            return len(data)
-        self.buf += data
-        records = []
-        if b"\n" in data:
-            *lines, self.buf = self.buf.split(b"\n")
-            for line in lines:
-                while len(line) > _CRI_MAX_LINE:
-                    records.append((b"P", line[:_CRI_MAX_LINE]))
-                    line = line[_CRI_MAX_LINE:]
-                records.append((b"F", line))
-        while len(self.buf) >= _CRI_MAX_LINE:
-            records.append((b"P", self.buf[:_CRI_MAX_LINE]))
-            self.buf = self.buf[_CRI_MAX_LINE:]
-        if records:
-            self._records(records)
-        return len(data)
-
-    def _records(self, records):
-        """Write (tag, line) records stamped with one time."""
-        head = f"{self.clock.now()} {self.stream} ".encode()
-        self.sink([head + tag + b" " + line + b"\n" for tag, line in records])
-
-    def close(self):
-        """Flush a trailing fragment without newline as a P record (the run closes its files)."""
-        _OUTPUTS.pop(id(self), None)
-        if self.buf and self.cri:
-            self._records([(b"P", self.buf)])
-        self.buf = b""
-
-
-def _is_oom(result, memory_limit):
-    """Whether a failed run (of either host) ran out of its memory limit: wasmtime only refuses a
-    memory.grow, so a run that failed on its own counts when it could not instantiate under the
-    limit or ended within 1/8 of it (a failed malloc asks for more than one page)."""
-    if memory_limit is None or result.exit_code == 0 or result.killed or result.timed_out:
-        return False
-    return result.instantiate_failed or result.peak_memory > memory_limit - max(_WASM_PAGE, memory_limit // 8)
-
-
-_OUTPUTS = {}  # id(writer) -> _StreamWriter, for the one custom-output callback below
-_OUTPUT_CALLBACK = None
-
-
-def _on_output(key, buf, size):
-    writer = _OUTPUTS.get(key)
-    if writer is None:  # the run is over: wasmtime flushes nothing we still want
-        return size
-    try:
-        return writer.write(ctypes.string_at(buf, size))
-    except OSError as exc:  # a full disk must not stop the module (as in the C host): the output is lost
-        log.debug("output of a module lost: %s", exc)
-        return size
-    except Exception:  # an exception must not cross into wasmtime
-        log.exception("writing the output of a module failed")
-        return -errno.EIO
-
-
-def _set_custom_output(wt, wasi, stream, writer):
-    """Send a WASI stream to `writer`, with no finalizer: wasmtime may drop the stream on one of its
-    own threads late, even during interpreter exit, where a Python callback aborts the process."""
-    global _OUTPUT_CALLBACK
-    if _OUTPUT_CALLBACK is None:
-        proto = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
-        _OUTPUT_CALLBACK = proto(_on_output)
-    _OUTPUTS[id(writer)] = writer
-    setter = wt._ffi.wasi_config_set_stdout_custom if stream == "stdout" else wt._ffi.wasi_config_set_stderr_custom
-    setter(wasi.ptr(), _OUTPUT_CALLBACK, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
-
-
-
-class _FallbackRun:
-    """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
-
-    _done = None  # the _DoneFd its thread writes at the end
-
-    def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
-                 memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False, log_dir_fd=None):
-        wt = host._wt
-        memory_limit, deadline = _run_limits(memory_limit, deadline)
-        self._host, self._module = host, module
-        self._killed = False
-        self._stop_event = threading.Event()  # wakes a module sleeping in poll_oneoff
-        self._stop_reason = None
-        self._poll_original = None
-        self._deadline_at = None if deadline is None else time.monotonic() + deadline
-        self._result = None
-        self._usage_lock = threading.Lock()
-        self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
-        for host_dir, guest_dir, _ro in preopens or ():
-            if not os.path.isdir(host_dir):
-                raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
-        clock = _LogClock()
-        self._writers, self._files = [], {}
-        try:
-            for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
-                self._writers.append(_StreamWriter(self._log_file(target, *rotation, log_dir_fd), stream, log_format, clock))
-            wasi = wt.WasiConfig()
-            argv = [str(a) for a in argv]
-            pairs = [(str(k), str(v)) for k, v in (env.items() if isinstance(env, dict) else env or ())]
-            if any("\0" in text for text in argv + [t for pair in pairs for t in pair]):
-                raise ModuleRunError("an argument or environment string contains a NUL byte")
-            wasi.argv = argv
-            wasi.env = pairs
-            for host_dir, guest_dir, readonly in preopens or ():
-                wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
-            _set_custom_output(wt, wasi, "stdout", self._writers[0])
-            _set_custom_output(wt, wasi, "stderr", self._writers[1])
-            if stdin is not None:
-                data = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(bytes(stdin))
-                vec = wt._ffi.wasm_byte_vec_t()  # filled with a copy that WASI then owns
-                wt._ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), ctypes.cast(data, ctypes.POINTER(ctypes.c_uint8)))
-                wt._ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
-            self._store = wt.Store(host._engine)
-            self._store.set_wasi(wasi)
-            self._http = False if outgoing_http in (False, None) or not module.component else \
-                True if outgoing_http is True else host._http_filter(tuple(outgoing_http))
-            if self._http is not False:  # after WASI, as wasmtime requires
-                wt._ffi.wasmtime_context_set_wasi_http(self._store._context())
-            self._wasi_start = time.monotonic_ns()  # WASI's monotonic clock starts at or before this
-            if memory_limit is not None:
-                self._store.set_limits(memory_size=int(memory_limit))
-            self._store.set_epoch_deadline(1)
-            self._run_id = host._register(self)
-            self._done = _DoneFd()
-        except wt.WasmtimeError as exc:
-            self._close_writers()
-            raise ModuleRunError(f"cannot set up run of {module.digest}: {exc}") from exc
-        except BaseException:
-            self._close_writers()
-            raise
-
-    def _log_file(self, target, max_size, max_files, folder):
-        """A path target as the run's _LogFile for it (one per path: both streams share it)."""
-        if target is None or callable(target) or isinstance(target, int):
-            return target
-        path = os.fsdecode(target)
-        if path not in self._files:
-            self._files[path] = _LogFile(path, max_size, max_files, folder)
-        return self._files[path]
-
-    def _close_writers(self):
-        try:
-            for writer in self._writers:
-                writer.close()
-        finally:
-            for file in self._files.values():
-                file.close()
-            self._files = {}
-
-    def _should_stop(self):
-        """Called from the epoch callback on the run's thread: why to stop, or None to go on."""
-        if self._killed:
-            return _KILLED
-        if self._deadline_at is not None and time.monotonic() >= self._deadline_at:
-            return _TIMED_OUT
-        return None
-
-    def _main(self):
-        wt = self._host._wt
-        self._host._local.run = self
-        start, cpu0 = time.monotonic(), time.thread_time()
-        self._usage_begin()
-        exit_code = trap = None
-        peak = 0
-        instantiated = False
-        try:
-            if self._module.component:
-                run = self._host._component_run(self._store, self._module, self._http, self)
-                instantiated = True
-                memory = None
-            else:
-                instance = self._module._pre.instantiate(self._store)
-                instantiated = True
-                exports = instance.exports(self._store)
-                memory, run = exports.get("memory"), exports["_start"]
-            self._memory = memory if isinstance(memory, wt.Memory) else None
-            self._publish_memory()
-            try:
-                outcome = run(self._store)
-                exit_code = 1 if getattr(outcome, "tag", None) == "err" else 0  # wasi:cli/run's result
-            except wt.ExitTrap as exc:
-                exit_code = exc.code
-            except (wt.Trap, wt.WasmtimeError) as exc:
-                trap = None if self._stop_reason else str(exc)  # killed/timed_out say it, as native does
-            if isinstance(memory, wt.Memory):
-                peak = memory.data_len(self._store)
-        except (wt.Trap, wt.WasmtimeError) as exc:
-            trap = str(exc)
-        except Exception as exc:  # a bug of ours must still end the run, never hang wait()
-            log.exception("fallback run of %s failed", self._module.digest)
-            trap = f"host error: {exc}"
-        finally:
-            try:
-                self._close_writers()
-            except OSError as exc:
-                log.warning("closing the logs of %s: %s", self._module.digest, exc)
-            self._host._unregister(self._run_id)
-            self._host._local.run = None
-            self._memory = None
-            self._publish_memory()  # before the memory goes: a reader's mincore must not outlive it
-            self._store.close()
-        cpu = time.thread_time() - cpu0
-        with self._usage_lock:
-            self._usage_live, self._cpu_total = False, cpu
-        self._result = RunResult(
-            exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
-            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT,
-            instantiate_failed=not instantiated,
-            cpu_seconds=cpu, peak_memory=peak)
-        self._done.post()  # the end, as the native host posts it
-
-    # Live usage, as the native host's wh_run_usage: the run thread publishes its CPU clock and its
-    # linear memory (at instantiation, each epoch tick, before a sleep); any thread reads them.
-
-    def _usage_begin(self):
-        # Where the thread's CPU clock cannot be read from another thread (macOS), the last
-        # thread_time() sampled at a publish stands for it.
-        clock = time.pthread_getcpuclockid(threading.get_ident()) if _THREAD_CLOCKS else time.CLOCK_THREAD_CPUTIME_ID
-        with self._usage_lock:
-            self._cpu_clock, self._cpu0, self._usage_live = clock, time.clock_gettime(clock), True
-
-    def _publish_memory(self):
-        """On the run's thread: the linear memory's place and size now (none once it goes)."""
-        memory = self._memory
-        span = None
-        if memory is not None:
-            size = memory.data_len(self._store)
-            span = (ctypes.cast(memory.data_ptr(self._store), ctypes.c_void_p).value, size)
-        with self._usage_lock:
-            self._memory_span = span
-            self._peak = max(self._peak, span[1] if span else 0)
-            if not _THREAD_CLOCKS:
-                self._cpu_total = time.thread_time() - self._cpu0
-
-    def usage(self):
-        """(cpu_seconds, memory_bytes, peak_memory_bytes) now, from any thread: memory is the
-        resident part of the linear memory, 0 once the run ended."""
-        with self._usage_lock:
-            if not self._usage_live:
-                return self._cpu_total, 0, self._peak
-            cpu = time.clock_gettime(self._cpu_clock) - self._cpu0 if _THREAD_CLOCKS else self._cpu_total
-            return cpu, _resident_bytes(*self._memory_span) if self._memory_span else 0, self._peak
-
-    def kill(self):
-        """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
-        self._killed = True
-        self._stop_event.set()
-
-    def _sleep(self, seconds):
-        """Sleep for a guest's poll_oneoff, cut short by kill() or the deadline; why we stopped, or None."""
-        if self._deadline_at is not None:
-            seconds = min(seconds, max(0.0, self._deadline_at - time.monotonic()))
-        end = time.monotonic() + seconds
-        while True:  # in slices: Event.wait refuses timeouts of centuries (a u64 of nanoseconds)
-            self._stop_event.wait(min(max(0.0, end - time.monotonic()), 3600.0))
-            reason = self._should_stop()
-            if reason or time.monotonic() >= end:
-                break
-        if reason:
-            self._stop_reason = reason
-        return reason
-
-    def wait(self, timeout=None):
-        """The RunResult, or None if the run is still going after `timeout` seconds."""
-        return self._result if self._done.ready(timeout) else None
-
-    @property
-    def done(self):
-        return self._done.ready(0)
-
-    def fileno(self):
-        """An fd that is readable once the run is over."""
-        return self._done.read_fd
-
-    def __del__(self):
-        if self._done is not None:
-            self._done.close()
-
-
-class _DoneFd:
-    """The fd a run's thread writes once at its end (an eventfd, or a pipe where there is none):
-    readable from then on, so one selector can wait for the ends of many runs."""
-
-    def __init__(self):
-        if hasattr(os, "eventfd"):
-            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        else:
-            self.read_fd, self.write_fd = os.pipe()
-
-    def ready(self, timeout):
-        """Whether the run is over within `timeout` seconds (None: wait for it)."""
-        poller = select.poll()
-        poller.register(self.read_fd, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
-
-    def post(self):
-        os.write(self.write_fd, (1).to_bytes(8, sys.byteorder))
-
-    def clear(self):
-        """Make it unreadable again (after it was seen readable)."""
-        os.read(self.read_fd, 4096)
-
-
-    def close(self):
-        for fd in {self.read_fd, self.write_fd} - {-1}:
-            os.close(fd)
-        self.read_fd = self.write_fd = -1
-
-
-_THREAD_CLOCKS = hasattr(time, "pthread_getcpuclockid")  # another thread's CPU clock is readable
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-@functools.lru_cache(maxsize=None)
-def _mincore():
-    return ctypes.CDLL(None, use_errno=True).mincore
-
-
-def _resident_bytes(address, size):
-    """Bytes of [address, address + size) resident in RAM (mincore), as the native host counts them."""
-    start = address - address % _PAGE_SIZE
-    pages = (address + size - start + _PAGE_SIZE - 1) // _PAGE_SIZE
-    vec = (ctypes.c_ubyte * max(pages, 1))()
-    if not pages or _mincore()(ctypes.c_void_p(start), ctypes.c_size_t(pages * _PAGE_SIZE), vec) != 0:
-        return 0
-    raw = bytes(vec)
-    return (len(raw) - raw.count(0)) * _PAGE_SIZE
-
-
-def _log_rotation(max_size, max_files):
-    """(max_size, max_files) of output rotation (no max_size: none), checked as the native host does."""
-    if max_size is None:
-        return None, None
-    max_files = 5 if max_files is None else max_files
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ModuleRunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
-    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
-        raise ModuleRunError(f"log_max_files must be at least 1, not {max_files!r}")
-    return min(max_size, 1 << 62), max_files
-
-
-def _run_limits(memory_limit, deadline):
-    """(memory_limit, deadline) of a run, checked and clamped as the native host does: NaN, negative
-    or not a number is refused; beyond any run (2**48 bytes, 1e9 seconds) is no limit (None)."""
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
-                                     or memory_limit < 0):
-        raise ModuleRunError(f"memory_limit must be a whole number of at least 0, not {memory_limit!r}")
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                 or not deadline >= 0):
-        raise ModuleRunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
-    return (None if memory_limit is None or memory_limit > 1 << 48 else memory_limit,
-            None if deadline is None or deadline > 1e9 else deadline)
-
-
-class _FallbackModule:
-    """A compiled module with its imports resolved once (an InstancePre)."""
-
-    def __init__(self, host, digest, module, pre, imports_http=None):
-        self._host, self.digest, self._wasm_module, self._pre = host, digest, module, pre
-        self.component, self.imports_http = pre is None, bool(imports_http)
-
-    def _new_run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri", memory_limit=None,
-                 deadline=None, stdin=None, log_max_size=None, log_max_files=None, outgoing_http=False,
-                 log_dir_fd=None):
-        return _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                            deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http, log_dir_fd)
-
-    def start(self, *args, **kwargs):
-        """Start a run in a thread (ModuleRunError for setup errors); as `_wasihost.Module.start`."""
-        run = self._new_run(*args, **kwargs)
-        threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
-        return run
-
-    def run(self, *args, **kwargs):
-        """Run to the end on the calling thread: the RunResult."""
-        run = self._new_run(*args, **kwargs)
-        run._main()
-        return run.wait()
-
-    def __repr__(self):
-        return f"<module {self.digest} on wasmtime-py>"
-
-
-_WASI = "wasi_snapshot_preview1"
-_CLI_RUN = "wasi:cli/run@0.2.0"  # wasmtime matches any 0.2.x export to it
-
-
-def _is_component(data):
-    """Whether wasm bytes are a WASI 0.2 component (header: magic, version 0x0d, layer 1), not a module."""
-    return data[:4] == b"\0asm" and data[6:8] == b"\x01\x00"
-
-
-_ALLOW_HTTP = "minikrust.io/allow-outgoing-http"
-
-
-def _outgoing_http(module, pod):
-    """The outgoing HTTP a run of `module` for `pod` gets: False (it imports no wasi:http), True (the
-    annotation `minikrust.io/allow-outgoing-http` is "*") or the hosts it lists; ModuleRunError for
-    a component importing wasi:http without the annotation."""
-    if not module.imports_http:
-        return False
-    allowed = ((pod.get("metadata") or {}).get("annotations") or {}).get(_ALLOW_HTTP)
-    if allowed is None:
-        raise ModuleRunError(f"the component imports wasi:http/outgoing-handler; allow its outgoing HTTP "
-                             f"requests with the pod annotation {_ALLOW_HTTP}: \"host1,host2:8080\" (or \"*\")")
-    hosts = tuple(host.strip() for host in allowed.split(",") if host.strip())
-    return True if "*" in hosts else hosts
-_POLL_TRAMPOLINE = (
-    '(module (import "guest" "memory" (memory 0))'
-    ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
-    ' (export "memory" (memory 0))'
-    ' (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)'
-    '  local.get 0 local.get 1 local.get 2 local.get 3 call $p))')
-
-
-def _poll_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr, wasi_start):
-    """[(userdata, ns until it fires)] when a poll_oneoff is only realtime/monotonic clocks, in bounds
-    and aligned (a sleep), else None; absolute monotonic times count from `wasi_start`."""
-    size = memory.data_len(store)
-    if not 0 < nsubs <= 4096 or subs_ptr % 8 or events_ptr % 8 or nevents_ptr % 4:
-        return None
-    if subs_ptr + 48 * nsubs > size or events_ptr + 32 * nsubs > size or nevents_ptr + 4 > size:
-        return None
-    raw = memory.read(store, subs_ptr, subs_ptr + 48 * nsubs)
-    mono, real = time.monotonic_ns() - wasi_start, time.time_ns()
-    clocks = []
-    for i in range(0, len(raw), 48):
-        tag, clock_id = raw[i + 8], int.from_bytes(raw[i + 16:i + 20], "little")
-        if tag != 0 or clock_id not in (0, 1):  # not a clock, or a CPU clock
-            return None
-        timeout = int.from_bytes(raw[i + 24:i + 32], "little")
-        if int.from_bytes(raw[i + 40:i + 42], "little") & 1:  # absolute
-            timeout = max(0, timeout - (mono if clock_id == 1 else real))
-        clocks.append((int.from_bytes(raw[i:i + 8], "little"), timeout))
-    return clocks
-
-
-class FallbackHost:
-    """`_wasihost.Host` on the `wasmtime` Python package (slower, same behaviour): a ticker thread bumps
-    the epoch and each run's epoch callback decides whether to stop; compiled code cached on disk."""
-
-    backend = "wasmtime-py"
-
-    def __init__(self, cache_dir):
-        try:
-            import wasmtime
-            import wasmtime.component  # noqa: F401  (WASI 0.2 components)
-        except ImportError as exc:
-            raise ModuleError("no WebAssembly runtime: build the _wasihost extension or `pip install wasmtime`") from exc
-        import importlib.metadata
-        self._wt = wasmtime
-        self.wasmtime_version = importlib.metadata.version("wasmtime")
-        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
-        os.makedirs(self.cache_dir, exist_ok=True)
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
-        self._engine = wasmtime.Engine(config)
-        self._linker = wasmtime.Linker(self._engine)
-        self._linker.define_wasi()
-        # poll_oneoff is ours so that kill() and deadlines also stop a module that sleeps
-        self._wasi_linker = wasmtime.Linker(self._engine)
-        self._wasi_linker.define_wasi()
-        self._linker.allow_shadowing = True
-        i32 = wasmtime.ValType.i32()
-        self._linker.define_func(_WASI, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), self._poll_oneoff,
-                                 access_caller=True)
-        self._poll_trampoline = wasmtime.Module(self._engine, _POLL_TRAMPOLINE)
-        self._local = threading.local()
-        self._component_linkers = self._filter = None  # see _component_linker, _http_filter
-        self._modules = {}
-        self._lock = threading.Lock()
-        self._runs = {}
-        self._next_id = 1
-        self._ticking = threading.Condition(self._lock)
-        self._ticker = None
-        self._closing = False
-        atexit.register(self._shutdown)
-        proto = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                 ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
-        self._callback = proto(self._on_epoch)  # kept alive as long as the host
-        set_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, proto, ctypes.c_void_p, ctypes.c_void_p)
-        self._set_epoch_callback = set_cb(("wasmtime_store_epoch_deadline_callback", wasmtime._ffi.dll))
-
-    # -- modules --
-
-    def load(self, wasm, digest=None):
-        """A module from wasm bytes or a path; same sha256 digest, same module object."""
-        if digest is not None and digest in self._modules:
-            return self._modules[digest]
-        if isinstance(wasm, (bytes, bytearray, memoryview)):
-            data = bytes(wasm)
-        else:
-            try:
-                with open(os.fspath(wasm), "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                raise ModuleLoadError(f"cannot read module {wasm}: {exc.strerror}") from exc
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if digest is not None and digest != actual:
-            raise ModuleLoadError(f"module digest is {actual}, expected {digest}")
-        with self._lock:
-            module = self._modules.get(actual)
-            if module is None:
-                module = self._modules[actual] = self._compile(actual, data)
-        return module
-
-    def _cache_path(self, digest):
-        name = f"{digest[7:]}.wasmtime-{self.wasmtime_version}-{platform.machine()}.cwasm"
-        return os.path.join(self.cache_dir, name)
-
-    def _compile(self, digest, data):
-        wt = self._wt
-        if data[:4] != b"\0asm":
-            raise ModuleLoadError("not a WebAssembly module (bad magic number)")
-        path = self._cache_path(digest)
-        kind = wt.component.Component if _is_component(data) else wt.Module
-        compiled = None
-        try:        # a link planted at the entry's name is not followed
-            cached = _held(open_beneath(*os.path.split(path)), *os.path.split(path))
-            compiled = kind.deserialize_file(self._engine, os.fspath(cached))
-        except OSError:
-            pass
-        except wt.WasmtimeError as exc:
-            log.warning("recompiling %s: cached code unusable: %s", digest, exc)
-        fresh = compiled is None
-        if fresh:
-            try:
-                compiled = kind(self._engine, data)
-            except wt.WasmtimeError as exc:
-                raise ModuleLoadError(f"invalid WebAssembly {kind.__name__.lower()}: {exc}") from exc
-            if kind is not wt.Module:
-                self._write_cache(path, compiled.serialize())
-        if kind is not wt.Module:
-            return _FallbackModule(self, digest, compiled, None, self._component_imports(compiled))
-        start = next((e for e in compiled.exports if e.name == "_start"), None)
-        if start is None or not isinstance(start.type, wt.FuncType):
-            raise ModuleLoadError("module has no `_start` function to run (not a WASI command)")
-        if start.type.params or start.type.results:
-            raise ModuleLoadError("module's `_start` must take and return nothing")
-        try:
-            pre = self._linker.instantiate_pre(compiled)
-        except wt.WasmtimeError as exc:
-            raise ModuleLoadError(f"module imports what WASI does not provide: {exc}") from exc
-        if fresh:
-            self._write_cache(path, compiled.serialize())
-        return _FallbackModule(self, digest, compiled, pre)
-
-    def _write_cache(self, path, blob):
-        try:
-            _write_beneath(*os.path.split(path), blob)
-        except OSError as exc:  # a read-only cache only costs a recompile next time
-            log.warning("cannot write compiled module cache %s: %s", path, exc)
-
-    def _component_imports(self, component):
-        """Whether `component` imports wasi:http/outgoing-handler; ModuleLoadError when it has no
-        wasi:cli/run or does not link (tried once in a store of its own, as the native host does)."""
-        wt = self._wt
-        http = any(name.startswith("wasi:http/outgoing-handler@") for name in component.type.imports(self._engine))
-        store = wt.Store(self._engine)
-        store.set_wasi(wt.WasiConfig())
-        store.set_epoch_deadline(1000)  # no code runs here, but never hang: ~5 s
-        if http:
-            wt._ffi.wasmtime_context_set_wasi_http(store._context())
-        try:
-            self._component_linker(http).instantiate(store, component)
-        except wt.WasmtimeError as exc:
-            raise ModuleLoadError(f"cannot link component: {exc}") from exc
-        finally:
-            store.close()
-        if component.get_export_index("run", component.get_export_index(_CLI_RUN)) is None:
-            raise ModuleLoadError("component does not export `wasi:cli/run` (not a WASI 0.2 command)")
-        return http
-
-    def _component_linker(self, http):
-        """The component linker with WASI 0.2, + wasi:http (http True), + our `handle` in place of
-        wasi:http's (http a tuple of hosts: see _http_handle), made on first use."""
-        wc = self._wt.component
-        if self._component_linkers is None:
-            linkers = []
-            for kind in range(3):
-                linker = wc.Linker(self._engine)
-                linker.add_wasip2()
-                if kind:
-                    linker.add_wasi_http()
-                if kind == 2:  # under every 0.2.x name: an import finds its very version first (as native)
-                    linker.allow_shadowing = True
-                    with linker.root() as root:
-                        for minor in range(64):
-                            with root.add_instance(f"wasi:http/outgoing-handler@0.2.{minor}") as handler:
-                                handler.add_func("handle", self._http_handle)
-                linkers.append(linker)
-            self._component_linkers = linkers
-        return self._component_linkers[2 if isinstance(http, tuple) else int(http)]
-
-    def _http_filter(self, hosts):
-        """`hosts`, once the filter component is compiled (ModuleRunError when it cannot be)."""
-        if self._filter is None:
-            try:
-                with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wasihost", "http_filter.wat")) as f:
-                    self._filter = self._wt.component.Component(self._engine, self._wt.wat2wasm(f.read()))
-            except (OSError, self._wt.WasmtimeError) as exc:
-                raise ModuleRunError(f"cannot load the outgoing-HTTP filter: {exc}") from exc
-        return hosts
-
-    def _component_run(self, store, module, http, run):
-        """`run` of wasi:cli/run in a new instance of the component `module` in `store`; a run
-        allowed `http` hosts only first gets its own instance of the filter (_wasihost/http_filter.wat)."""
-        linker = self._component_linker(http)
-        if isinstance(http, tuple):
-            filter_ = self._component_linker(True).instantiate(store, self._filter)
-            run._filter = (filter_.get_func(store, "authority"), filter_.get_func(store, "handle"))
-        instance = linker.instantiate(store, module._wasm_module)
-        return instance.get_func(store, instance.get_export_index(store, "run", instance.get_export_index(store, _CLI_RUN)))
-
-    def _http_handle(self, store, request, options):
-        """wasi:http's handle for a run allowed some hosts only: a request to another fails in the
-        guest with HTTP-request-denied and a stderr line (as the native host does)."""
-        run = self._local.run
-        authority, handle = run._filter
-        host = authority(store, request)
-        authority.post_return(store)
-        if host in run._http:
-            response = handle(store, request, options)
-            handle.post_return(store)
-            return response
-        run._writers[1].write(f"minikrust: outgoing HTTP request to {host} denied: not an allowed host\n".encode()
-                              if host is not None else b"minikrust: outgoing HTTP request without a host denied\n")
-        return self._wt.component.Variant("HTTP-request-denied")
-
-    # -- runs and the epoch ticker --
-
-    def _register(self, run):
-        with self._lock:
-            run_id = self._next_id
-            self._next_id += 1
-            self._runs[run_id] = run
-            if self._ticker is None:
-                self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
-                self._ticker.start()
-            self._ticking.notify()
-        self._set_epoch_callback(ctypes.cast(run._store.ptr(), ctypes.c_void_p), self._callback, run_id, None)
-        return run_id
-
-    def _unregister(self, run_id):
-        with self._lock:
-            self._runs.pop(run_id, None)
-
-    def _tick(self):
-        while True:
-            with self._lock:
-                while not self._runs and not self._closing:
-                    self._ticking.wait()
-                if self._closing and not self._runs:
-                    return
-            self._engine.increment_epoch()
-            time.sleep(_EPOCH_TICK)
-
-    def _shutdown(self):
-        """At exit, stop the runs then the ticker (one inside wasmtime at teardown aborts the process)."""
-        with self._lock:
-            self._closing = True
-            runs = list(self._runs.values())
-            self._ticking.notify()
-        for run in runs:
-            run.kill()
-        if self._ticker is not None:
-            self._ticker.join(timeout=1.0)
-
-    def _on_epoch(self, _context, data, delta, _kind):
-        run = self._runs.get(data)
-        if run is not None:
-            run._publish_memory()
-        reason = run._should_stop() if run is not None else None
-        if reason is None:
-            delta[0] = 1
-            return None
-        run._stop_reason = reason
-        return ctypes.cast(self._wt._ffi.wasmtime_error_new(reason.encode()), ctypes.c_void_p).value
-
-    # -- poll_oneoff: clock-only polls sleep here, interruptibly; the rest goes to wasmtime's WASI --
-
-    def _poll_oneoff(self, caller, subs_ptr, events_ptr, nsubs, nevents_ptr):
-        run = getattr(self._local, "run", None)
-        memory = caller.get("memory")
-        clocks = None
-        if run is not None and isinstance(memory, self._wt.Memory):
-            clocks = _poll_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr, run._wasi_start)
-        if clocks is None:
-            return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
-        started = time.monotonic_ns()
-        shortest = min(timeout for _, timeout in clocks)
-        run._publish_memory()
-        reason = run._sleep(shortest / 1e9)
-        if reason:
-            raise self._wt.Trap(reason)
-        waited = max(time.monotonic_ns() - started, shortest)
-        ready = [userdata for userdata, timeout in clocks if timeout <= waited]
-        events = b"".join(userdata.to_bytes(8, "little") + bytes(24) for userdata in ready)  # type clock, errno 0
-        memory.write(caller, events, events_ptr)
-        memory.write(caller, len(ready).to_bytes(4, "little"), nevents_ptr)
-        return 0
-
-    def _original_poll(self, caller, run, memory):
-        """wasmtime's poll_oneoff, called through a trampoline instance so it sees the guest's memory."""
-        if run is not None and run._poll_original is not None:
-            return run._poll_original
-        wt = self._wt
-        func = self._wasi_linker.get(caller, _WASI, "poll_oneoff")
-        if isinstance(memory, wt.Memory):
-            with contextlib.suppress(wt.WasmtimeError, wt.Trap):
-                trampoline = wt.Instance(caller, self._poll_trampoline, [memory, func])
-                func = trampoline.exports(caller)["poll_oneoff"]
-        if run is not None:
-            run._poll_original = func
-        return func
-
-    def __repr__(self):
-        return f"<FallbackHost wasmtime {self.wasmtime_version} cache={self.cache_dir}>"
-
-
-_HOSTS = {}
-_HOSTS_LOCK = threading.Lock()
-
-
-def _native_host(cache_dir):
-    """The compiled `_wasihost.Host` (ImportError if missing); a source checkout's unbuilt `_wasihost/`
-    first on sys.path would hide an installed wheel's: then that one is imported, and logged."""
-    try:
-        import _wasihost
-    except ImportError as exc:
-        found = importlib.util.find_spec("_wasihost") if exc.name != "_wasihost" else None
-        shadowed = os.path.dirname(found.origin) if found and found.origin else None     # the unbuilt one
-        installed = _installed_wasihost(shadowed)
-        if installed is None:
-            raise
-        log.warning("the _wasihost at %s is not built (%s); using the installed one at %s", shadowed, exc, installed)
-        spec = importlib.util.spec_from_file_location("_wasihost", os.path.join(installed, "__init__.py"),
-                                                      submodule_search_locations=[installed])
-        _wasihost = sys.modules["_wasihost"] = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(_wasihost)
-        except BaseException:
-            del sys.modules["_wasihost"]
-            raise
-    return _wasihost.Host(cache_dir=cache_dir)
-
-
-
-def _installed_wasihost(shadowed):
-    """Another `_wasihost` package folder on sys.path with a built `_native` extension, or None."""
-    for entry in sys.path:
-        folder = os.path.join(os.path.abspath(entry or "."), "_wasihost")
-        if shadowed and os.path.realpath(folder) == os.path.realpath(shadowed):
-            continue
-        with contextlib.suppress(OSError):
-            if any(name.startswith("_native.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-                   for name in os.listdir(folder)):
-                return folder
-    return None
-
-
-def load_host(cache_dir, backend=None):
-    """The process's WASI host for `cache_dir`: native when it imports, else the wasmtime-py
-    fallback; `backend` (or MINIKRUST_WASM_BACKEND) is "native", "wasmtime-py" or "auto"."""
-    choice = backend or os.environ.get("MINIKRUST_WASM_BACKEND") or "auto"
-    if choice not in ("auto", "native", "wasmtime-py"):
-        raise ConfigError(f"MINIKRUST_WASM_BACKEND={choice!r}: want native, wasmtime-py or auto")
-    key = (os.path.abspath(os.fspath(cache_dir)), choice)
-    with _HOSTS_LOCK:
-        host = _HOSTS.get(key)
-        if host is not None:
-            return host
-        why = "MINIKRUST_WASM_BACKEND=wasmtime-py" if choice == "wasmtime-py" else None
-        if choice != "wasmtime-py":
-            try:
-                host = _native_host(key[0])
-                why = f"_wasihost from {os.path.dirname(sys.modules['_wasihost'].__file__)}"
-            except Exception as exc:  # not built, ABI mismatch (ImportError), or no engine
-                if choice == "native":
-                    raise ModuleError(f"native WASI host unavailable: {exc}") from exc
-                why = f"native WASI host unavailable: {exc}"
-        if host is None:
-            host = FallbackHost(key[0])
-        level = logging.INFO if not _HOSTS else logging.DEBUG
-        log.log(level, "WASI host: %s, wasmtime %s (%s)", host.backend, host.wasmtime_version, why)
-        _HOSTS[key] = host
-        return host
-
-
-@contextlib.contextmanager
-def module_errors():
-    """Turn the native host's errors into ModuleLoadError/ModuleRunError, message intact."""
-    native = sys.modules.get("_wasihost")
-    try:
-        yield
-    except getattr(native, "WasiHostError", ()) as exc:
-        cls = ModuleLoadError if isinstance(exc, getattr(native, "LoadError", ())) else ModuleRunError
-        raise cls(str(exc)) from exc
-
-
 # --- Node: registration, lease, status ---
 # The Node: labels, taints, conditions and status measured from the host (pure builders), the Event
 # builder, and NodeAgent, the thread that registers the Node and keeps its Lease and status fresh.
@@ -3842,6 +2758,11 @@ def _pick_platform(index):
     raise ImageError(f"no wasip1/wasm, wasi/wasm or wasip2/wasm entry in the image index (found: {found or 'none'})")
 
 
+def _is_component(data):
+    """Whether wasm bytes are a WASI 0.2 component (header: magic, version 0x0d, layer 1), not a module."""
+    return data[:4] == b"\0asm" and data[6:8] == b"\x01\x00"
+
+
 def push_module(wasm_path, image, *, credential=None, insecure=False):
     """Publish a module as a CNCF Wasm OCI artifact; the manifest digest."""
     ref = parse_image_ref(image)
@@ -4651,6 +3572,1085 @@ def container_argv(container, env):
     command = [_expand_refs(part, env_map) for part in container.get("command") or []]
     args = [_expand_refs(part, env_map) for part in container.get("args") or []]
     return (command or [container.get("name") or "module"]) + args
+
+
+# --- Runtime: the WASI host, native (_wasihost) or the wasmtime package fallback ---
+# Runs a module (or WASI 0.2 component) on its own thread and writes its CRI log: _wasihost when built,
+# else FallbackHost. Hosts report facts; the OOM rule and rotation limits are decided here.
+
+class ModuleLoadError(ModuleError):
+    """A module that cannot be loaded: invalid wasm, no `_start`, an import WASI does not provide."""
+
+
+class ModuleRunError(ModuleError):
+    """A run that cannot be set up, e.g. a preopened directory that does not exist."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one fallback run ended (twin of `_wasihost.Result`); exit_code None: `trap` says why."""
+    exit_code: "int | None"
+    trap: "str | None"
+    duration: float
+    killed: bool = False
+    timed_out: bool = False
+    instantiate_failed: bool = False
+    cpu_seconds: float = 0.0
+    peak_memory: int = 0
+
+
+_CRI_MAX_LINE = 16 * 1024  # the kubelet's CRI logger cuts longer lines into P records
+_WASM_PAGE = 65536
+_EPOCH_TICK = 0.005        # seconds between epoch ticks; kill() lands within a few ticks
+_KILLED, _TIMED_OUT = "killed", "deadline exceeded"
+
+
+class _LogClock:
+    """Timestamps shared by a run's two streams, never going backwards (they may share a file)."""
+
+    def __init__(self):
+        self.last = 0
+
+    def now(self):
+        self.last = max(self.last, time.time_ns())
+        return _rfc3339nano(self.last)
+
+
+# Rotated logs are named and compressed as the kubelet's container log manager does (pkg/kubelet/
+# logs): `<log>.<YYYYMMDD-HHMMSS>` (UTC), all but the newest gzip-compressed to `<name>.gz`.
+_ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
+
+
+@contextlib.contextmanager
+def _open_log(folder, name):
+    """The log file `name` in the directory fd `folder` for reading, gunzipped when it is `.gz`."""
+    with os.fdopen(open_beneath(folder, name, os.O_RDONLY | os.O_NONBLOCK), "rb") as raw:
+        if not name.endswith(".gz"):
+            yield raw
+        else:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as packed:
+                yield packed
+
+
+def _rotate_log(folder, base, max_files):
+    """Rotate the log `base` in the directory fd `folder` as the kubelet does (and the C host's
+    sink_rotate): rotated files beyond `max_files - 2` go, the rest are gzipped, then `base`
+    becomes `<base>.<UTC stamp>` (returned)."""
+    rotated = rotated_log_files(folder, base)
+    for name in os.listdir(folder):        # a compression cut short
+        if name.startswith(base + ".") and name.endswith(".tmp") and _ROTATED_STAMP.match(name[len(base) + 1:-4]):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name, dir_fd=folder)
+    keep = max(0, max_files - 2)
+    for index, name in enumerate(rotated):
+        if index + keep < len(rotated):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name, dir_fd=folder)
+        elif not name.endswith(".gz"):
+            with contextlib.suppress(OSError):      # not compressed, as in C (a link planted there is not followed)
+                _compress_log(folder, name)
+    now = int(time.time())
+    if rotated:
+        newest = datetime.datetime.strptime(rotated[-1][len(base) + 1:][:15], "%Y%m%d-%H%M%S")
+        now = max(now, int(newest.replace(tzinfo=datetime.timezone.utc).timestamp()) + 1)
+    target = f"{base}.{datetime.datetime.fromtimestamp(now, datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    os.rename(base, target, src_dir_fd=folder, dst_dir_fd=folder)
+    if max_files == 1:      # the live file alone
+        os.remove(target, dir_fd=folder)
+    return target
+
+
+def _compress_log(folder, name):
+    """gzip the log `name` in the directory fd `folder` to `<name>.gz` (by way of `<name>.tmp`)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    with _open_log(folder, name) as source, os.fdopen(open_beneath(folder, name + ".tmp", flags, 0o644), "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as packed:
+            shutil.copyfileobj(source, packed)
+    os.replace(name + ".tmp", name + ".gz", src_dir_fd=folder, dst_dir_fd=folder)
+    os.remove(name, dir_fd=folder)
+
+
+def rotated_log_files(folder, base):
+    """The rotated files of the log `base` in the directory fd `folder`, oldest first; of one found
+    both compressed and not (a compression cut short), the compressed one."""
+    stamps = {}
+    for name in sorted(os.listdir(folder)):  # "<stamp>" sorts before "<stamp>.gz", which then wins
+        suffix = name[len(base) + 1:]
+        if name.startswith(base + ".") and _ROTATED_STAMP.match(suffix):
+            stamps[suffix[:15]] = name
+    return [stamps[stamp] for stamp in sorted(stamps)]
+
+
+def _records(handle, buffered, block=1 << 20):
+    """The complete records (ending in a newline) next in `handle`; a half-written one waits in `buffered`."""
+    while data := handle.read(block):
+        buffered.extend(data)
+        end = buffered.rfind(b"\n")
+        if end >= 0:
+            chunk = bytes(buffered[:end + 1])
+            del buffered[:end + 1]
+            return chunk.splitlines(keepends=True)
+    return []
+
+
+class _LogCursor:
+    """Reads a container log's records as they are written, across rotations: the rotated files, then
+    the live one; when that is renamed away, its rest and what came after. Inodes are reused, so the
+    file read last is known by its first bytes and, once rotated, its stamp. Holds no file open
+    between reads: each resolves the folder beneath `root` and opens beneath the folder."""
+
+    def __init__(self, path, root=None):
+        folder, self.path = os.path.split(os.fspath(path))
+        self._root = (folder or ".") if root is None else root
+        self._folder = os.path.relpath(folder or ".", self._root)
+        self._inode, self._offset, self._buffered = None, 0, bytearray()
+        self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
+
+    def _open_folder(self):
+        """The log's folder as an fd, or None once it is gone (with its pod)."""
+        with contextlib.suppress(FileNotFoundError):
+            return open_beneath(self._root, self._folder, os.O_RDONLY | os.O_DIRECTORY)
+        return None
+
+    def exists(self):
+        """Whether the log or any rotated file of it is there."""
+        folder = self._open_folder()
+        try:
+            return folder is not None and (self.path in os.listdir(folder) or bool(rotated_log_files(folder, self.path)))
+        finally:
+            if folder is not None:
+                os.close(folder)
+
+    def _same(self, folder, name):
+        """Whether `name` starts with the bytes the file read last started with (an empty one: any)."""
+        try:
+            with _open_log(folder, name) as handle:
+                return handle.read(len(self._head)) == self._head
+        except (OSError, EOFError):
+            return False
+
+    def _unread(self, folder):
+        """[(file, offset)] to read now, oldest first."""
+        if self.path not in os.listdir(folder):
+            return []
+        live = self._inode is not None and self._stamp is None
+        if live and self._head and self._same(folder, self.path):
+            return [(self.path, self._offset)]
+        rotated = rotated_log_files(folder, self.path)
+        stamps = [name[len(self.path) + 1:][:15] for name in rotated]
+        after, self._after = self._after, (stamps[-1] if stamps else "")
+        for i, name in enumerate(rotated if self._inode is not None else ()):   # the rest are newer
+            if (stamps[i] == self._stamp if self._stamp else stamps[i] > after) and self._same(folder, name):
+                return [(name, self._offset)] + [(later, 0) for later in rotated[i + 1:] + [self.path]]
+        if live and not self._head:     # the live file was empty and has not been rotated since
+            return [(self.path, 0)]
+        return [(name, 0) for name in rotated + [self.path]]
+
+    def records(self, final=False):
+        """The records written since the last call, oldest first; `final`: also a last one without newline."""
+        folder = self._open_folder()
+        try:
+            yield from self._read(folder) if folder is not None else ()
+        finally:
+            if folder is not None:
+                os.close(folder)
+        if final and self._buffered:
+            yield bytes(self._buffered)
+            self._buffered.clear()
+
+    def _read(self, folder):
+        for name, offset in self._unread(folder):
+            with contextlib.ExitStack() as stack:
+                try:
+                    handle = stack.enter_context(_open_log(folder, name))
+                except FileNotFoundError:
+                    continue
+                st = os.fstat(handle.fileno())
+                if offset == 0 or (st.st_size < offset and not name.endswith(".gz")):  # another file, or truncated
+                    offset = 0
+                    self._buffered.clear()
+                handle.seek(offset)     # in a .gz: an offset of the bytes it holds
+                while records := _records(handle, self._buffered):
+                    yield from records
+                self._inode, self._offset = st.st_ino, handle.tell()
+                self._stamp = None if name == self.path else name[len(self.path) + 1:][:15]
+                handle.seek(0)
+                self._head = handle.read(min(self._offset, 64))
+
+
+def _write_all(fd, data):
+    """os.write until all of `data` is written (a write may take only part of it)."""
+    while data:
+        data = data[os.write(fd, data):]
+
+
+class _LogFile:
+    """An output path of a run, shared by its two streams: appended, rotated after the record that
+    fills `max_size`, then reopened; with `folder` (a resolved directory fd), `path` is a name in it."""
+
+    def __init__(self, path, max_size=None, max_files=None, folder=None):
+        self.path, self.max_size, self.max_files = os.fspath(path), max_size, max_files
+        self.folder = self.fd = -1
+        try:
+            head, self.name = ("", self.path) if folder is not None else os.path.split(self.path)
+            self.folder = os.dup(folder) if folder is not None else os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY)
+            self.fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self.close()
+            raise ModuleRunError(f"cannot open log {self.path}: {exc.strerror}") from exc
+        self.size = os.fstat(self.fd).st_size
+        self._lock = threading.Lock()
+
+    def write(self, pieces):
+        """Append `pieces` (whole CRI records, or raw chunks), rotating between them when full."""
+        with self._lock:
+            batch = []
+            for piece in pieces:
+                batch.append(piece)
+                self.size += len(piece)
+                if self.max_size and self.size >= self.max_size:
+                    _write_all(self.fd, b"".join(batch))
+                    batch = []
+                    self._rotate()
+            if batch:
+                _write_all(self.fd, b"".join(batch))
+
+    def _rotate(self):
+        self.size = 0  # also when it fails: tried again after another max_size bytes
+        try:
+            _rotate_log(self.folder, self.name, self.max_files)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot rotate log %s: %s", self.path, exc)
+                return
+        fd = open_beneath(self.folder, self.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, self.fd, inheritable=False)
+        os.close(fd)
+
+    def close(self):
+        for fd in (self.fd, self.folder):
+            if fd >= 0:
+                os.close(fd)
+
+
+class _StreamWriter:
+    """Where one WASI output stream goes (a _LogFile, an fd, a callable, or nowhere), as CRI
+    records `<timestamp> <stream> <F|P> <line>` (log_format "cri") or raw bytes ("plain")."""
+
+    def __init__(self, target, stream, log_format, clock):
+        if log_format not in ("cri", "plain"):
+            raise ModuleRunError(f"unknown log_format {log_format!r} (want 'cri' or 'plain')")
+        self.stream, self.cri, self.clock, self.buf = stream, log_format == "cri", clock, b""
+        self.sink = None    # takes a list of pieces: one write() for an fd, a _LogFile rotates between them
+        if isinstance(target, _LogFile):
+            self.sink = target.write
+        elif isinstance(target, int) and not isinstance(target, bool):
+            self.sink = lambda pieces: _write_all(target, b"".join(pieces))
+        elif callable(target):
+            def sink(pieces):   # one call a piece
+                for piece in pieces:
+                    target(piece)
+            self.sink = sink
+
+    def write(self, data):
+        """The WASI custom-output callback: consume all of `data`, return its length."""
+        if self.sink is None or not self.cri:
+            if self.sink is not None:
+                self.sink([data])
+            return len(data)
+        self.buf += data
+        records = []
+        if b"\n" in data:
+            *lines, self.buf = self.buf.split(b"\n")
+            for line in lines:
+                while len(line) > _CRI_MAX_LINE:
+                    records.append((b"P", line[:_CRI_MAX_LINE]))
+                    line = line[_CRI_MAX_LINE:]
+                records.append((b"F", line))
+        while len(self.buf) >= _CRI_MAX_LINE:
+            records.append((b"P", self.buf[:_CRI_MAX_LINE]))
+            self.buf = self.buf[_CRI_MAX_LINE:]
+        if records:
+            self._records(records)
+        return len(data)
+
+    def _records(self, records):
+        """Write (tag, line) records stamped with one time."""
+        head = f"{self.clock.now()} {self.stream} ".encode()
+        self.sink([head + tag + b" " + line + b"\n" for tag, line in records])
+
+    def close(self):
+        """Flush a trailing fragment without newline as a P record (the run closes its files)."""
+        _OUTPUTS.pop(id(self), None)
+        if self.buf and self.cri:
+            self._records([(b"P", self.buf)])
+        self.buf = b""
+
+
+def _is_oom(result, memory_limit):
+    """Whether a failed run (of either host) ran out of its memory limit: wasmtime only refuses a
+    memory.grow, so a run that failed on its own counts when it could not instantiate under the
+    limit or ended within 1/8 of it (a failed malloc asks for more than one page)."""
+    if memory_limit is None or result.exit_code == 0 or result.killed or result.timed_out:
+        return False
+    return result.instantiate_failed or result.peak_memory > memory_limit - max(_WASM_PAGE, memory_limit // 8)
+
+
+_OUTPUTS = {}  # id(writer) -> _StreamWriter, for the one custom-output callback below
+_OUTPUT_CALLBACK = None
+
+
+def _on_output(key, buf, size):
+    writer = _OUTPUTS.get(key)
+    if writer is None:  # the run is over: wasmtime flushes nothing we still want
+        return size
+    try:
+        return writer.write(ctypes.string_at(buf, size))
+    except OSError as exc:  # a full disk must not stop the module (as in the C host): the output is lost
+        log.debug("output of a module lost: %s", exc)
+        return size
+    except Exception:  # an exception must not cross into wasmtime
+        log.exception("writing the output of a module failed")
+        return -errno.EIO
+
+
+def _set_custom_output(wt, wasi, stream, writer):
+    """Send a WASI stream to `writer`, with no finalizer: wasmtime may drop the stream on one of its
+    own threads late, even during interpreter exit, where a Python callback aborts the process."""
+    global _OUTPUT_CALLBACK
+    if _OUTPUT_CALLBACK is None:
+        proto = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
+        _OUTPUT_CALLBACK = proto(_on_output)
+    _OUTPUTS[id(writer)] = writer
+    setter = wt._ffi.wasi_config_set_stdout_custom if stream == "stdout" else wt._ffi.wasi_config_set_stderr_custom
+    setter(wasi.ptr(), _OUTPUT_CALLBACK, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
+
+
+
+class _FallbackRun:
+    """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
+
+    _done = None  # the _DoneFd its thread writes at the end
+
+    def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
+                 memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False, log_dir_fd=None):
+        wt = host._wt
+        memory_limit, deadline = _run_limits(memory_limit, deadline)
+        self._host, self._module = host, module
+        self._killed = False
+        self._stop_event = threading.Event()  # wakes a module sleeping in poll_oneoff
+        self._stop_reason = None
+        self._poll_original = None
+        self._deadline_at = None if deadline is None else time.monotonic() + deadline
+        self._result = None
+        self._usage_lock = threading.Lock()
+        self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
+        for host_dir, guest_dir, _ro in preopens or ():
+            if not os.path.isdir(host_dir):
+                raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
+        clock = _LogClock()
+        self._writers, self._files = [], {}
+        try:
+            for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
+                self._writers.append(_StreamWriter(self._log_file(target, *rotation, log_dir_fd), stream, log_format, clock))
+            wasi = wt.WasiConfig()
+            argv = [str(a) for a in argv]
+            pairs = [(str(k), str(v)) for k, v in (env.items() if isinstance(env, dict) else env or ())]
+            if any("\0" in text for text in argv + [t for pair in pairs for t in pair]):
+                raise ModuleRunError("an argument or environment string contains a NUL byte")
+            wasi.argv = argv
+            wasi.env = pairs
+            for host_dir, guest_dir, readonly in preopens or ():
+                wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
+            _set_custom_output(wt, wasi, "stdout", self._writers[0])
+            _set_custom_output(wt, wasi, "stderr", self._writers[1])
+            if stdin is not None:
+                data = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(bytes(stdin))
+                vec = wt._ffi.wasm_byte_vec_t()  # filled with a copy that WASI then owns
+                wt._ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), ctypes.cast(data, ctypes.POINTER(ctypes.c_uint8)))
+                wt._ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
+            self._store = wt.Store(host._engine)
+            self._store.set_wasi(wasi)
+            self._http = False if outgoing_http in (False, None) or not module.component else \
+                True if outgoing_http is True else host._http_filter(tuple(outgoing_http))
+            if self._http is not False:  # after WASI, as wasmtime requires
+                wt._ffi.wasmtime_context_set_wasi_http(self._store._context())
+            self._wasi_start = time.monotonic_ns()  # WASI's monotonic clock starts at or before this
+            if memory_limit is not None:
+                self._store.set_limits(memory_size=int(memory_limit))
+            self._store.set_epoch_deadline(1)
+            self._run_id = host._register(self)
+            self._done = _DoneFd()
+        except wt.WasmtimeError as exc:
+            self._close_writers()
+            raise ModuleRunError(f"cannot set up run of {module.digest}: {exc}") from exc
+        except BaseException:
+            self._close_writers()
+            raise
+
+    def _log_file(self, target, max_size, max_files, folder):
+        """A path target as the run's _LogFile for it (one per path: both streams share it)."""
+        if target is None or callable(target) or isinstance(target, int):
+            return target
+        path = os.fsdecode(target)
+        if path not in self._files:
+            self._files[path] = _LogFile(path, max_size, max_files, folder)
+        return self._files[path]
+
+    def _close_writers(self):
+        try:
+            for writer in self._writers:
+                writer.close()
+        finally:
+            for file in self._files.values():
+                file.close()
+            self._files = {}
+
+    def _should_stop(self):
+        """Called from the epoch callback on the run's thread: why to stop, or None to go on."""
+        if self._killed:
+            return _KILLED
+        if self._deadline_at is not None and time.monotonic() >= self._deadline_at:
+            return _TIMED_OUT
+        return None
+
+    def _main(self):
+        wt = self._host._wt
+        self._host._local.run = self
+        start, cpu0 = time.monotonic(), time.thread_time()
+        self._usage_begin()
+        exit_code = trap = None
+        peak = 0
+        instantiated = False
+        try:
+            if self._module.component:
+                run = self._host._component_run(self._store, self._module, self._http, self)
+                instantiated = True
+                memory = None
+            else:
+                instance = self._module._pre.instantiate(self._store)
+                instantiated = True
+                exports = instance.exports(self._store)
+                memory, run = exports.get("memory"), exports["_start"]
+            self._memory = memory if isinstance(memory, wt.Memory) else None
+            self._publish_memory()
+            try:
+                outcome = run(self._store)
+                exit_code = 1 if getattr(outcome, "tag", None) == "err" else 0  # wasi:cli/run's result
+            except wt.ExitTrap as exc:
+                exit_code = exc.code
+            except (wt.Trap, wt.WasmtimeError) as exc:
+                trap = None if self._stop_reason else str(exc)  # killed/timed_out say it, as native does
+            if isinstance(memory, wt.Memory):
+                peak = memory.data_len(self._store)
+        except (wt.Trap, wt.WasmtimeError) as exc:
+            trap = str(exc)
+        except Exception as exc:  # a bug of ours must still end the run, never hang wait()
+            log.exception("fallback run of %s failed", self._module.digest)
+            trap = f"host error: {exc}"
+        finally:
+            try:
+                self._close_writers()
+            except OSError as exc:
+                log.warning("closing the logs of %s: %s", self._module.digest, exc)
+            self._host._unregister(self._run_id)
+            self._host._local.run = None
+            self._memory = None
+            self._publish_memory()  # before the memory goes: a reader's mincore must not outlive it
+            self._store.close()
+        cpu = time.thread_time() - cpu0
+        with self._usage_lock:
+            self._usage_live, self._cpu_total = False, cpu
+        self._result = RunResult(
+            exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
+            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT,
+            instantiate_failed=not instantiated,
+            cpu_seconds=cpu, peak_memory=peak)
+        self._done.post()  # the end, as the native host posts it
+
+    # Live usage, as the native host's wh_run_usage: the run thread publishes its CPU clock and its
+    # linear memory (at instantiation, each epoch tick, before a sleep); any thread reads them.
+
+    def _usage_begin(self):
+        # Where the thread's CPU clock cannot be read from another thread (macOS), the last
+        # thread_time() sampled at a publish stands for it.
+        clock = time.pthread_getcpuclockid(threading.get_ident()) if _THREAD_CLOCKS else time.CLOCK_THREAD_CPUTIME_ID
+        with self._usage_lock:
+            self._cpu_clock, self._cpu0, self._usage_live = clock, time.clock_gettime(clock), True
+
+    def _publish_memory(self):
+        """On the run's thread: the linear memory's place and size now (none once it goes)."""
+        memory = self._memory
+        span = None
+        if memory is not None:
+            size = memory.data_len(self._store)
+            span = (ctypes.cast(memory.data_ptr(self._store), ctypes.c_void_p).value, size)
+        with self._usage_lock:
+            self._memory_span = span
+            self._peak = max(self._peak, span[1] if span else 0)
+            if not _THREAD_CLOCKS:
+                self._cpu_total = time.thread_time() - self._cpu0
+
+    def usage(self):
+        """(cpu_seconds, memory_bytes, peak_memory_bytes) now, from any thread: memory is the
+        resident part of the linear memory, 0 once the run ended."""
+        with self._usage_lock:
+            if not self._usage_live:
+                return self._cpu_total, 0, self._peak
+            cpu = time.clock_gettime(self._cpu_clock) - self._cpu0 if _THREAD_CLOCKS else self._cpu_total
+            return cpu, _resident_bytes(*self._memory_span) if self._memory_span else 0, self._peak
+
+    def kill(self):
+        """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
+        self._killed = True
+        self._stop_event.set()
+
+    def _sleep(self, seconds):
+        """Sleep for a guest's poll_oneoff, cut short by kill() or the deadline; why we stopped, or None."""
+        if self._deadline_at is not None:
+            seconds = min(seconds, max(0.0, self._deadline_at - time.monotonic()))
+        end = time.monotonic() + seconds
+        while True:  # in slices: Event.wait refuses timeouts of centuries (a u64 of nanoseconds)
+            self._stop_event.wait(min(max(0.0, end - time.monotonic()), 3600.0))
+            reason = self._should_stop()
+            if reason or time.monotonic() >= end:
+                break
+        if reason:
+            self._stop_reason = reason
+        return reason
+
+    def wait(self, timeout=None):
+        """The RunResult, or None if the run is still going after `timeout` seconds."""
+        return self._result if self._done.ready(timeout) else None
+
+    @property
+    def done(self):
+        return self._done.ready(0)
+
+    def fileno(self):
+        """An fd that is readable once the run is over."""
+        return self._done.read_fd
+
+    def __del__(self):
+        if self._done is not None:
+            self._done.close()
+
+
+class _DoneFd:
+    """The fd a run's thread writes once at its end (an eventfd, or a pipe where there is none):
+    readable from then on, so one selector can wait for the ends of many runs."""
+
+    def __init__(self):
+        if hasattr(os, "eventfd"):
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        else:
+            self.read_fd, self.write_fd = os.pipe()
+
+    def ready(self, timeout):
+        """Whether the run is over within `timeout` seconds (None: wait for it)."""
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+    def post(self):
+        os.write(self.write_fd, (1).to_bytes(8, sys.byteorder))
+
+    def clear(self):
+        """Make it unreadable again (after it was seen readable)."""
+        os.read(self.read_fd, 4096)
+
+
+    def close(self):
+        for fd in {self.read_fd, self.write_fd} - {-1}:
+            os.close(fd)
+        self.read_fd = self.write_fd = -1
+
+
+_THREAD_CLOCKS = hasattr(time, "pthread_getcpuclockid")  # another thread's CPU clock is readable
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.lru_cache(maxsize=None)
+def _mincore():
+    return ctypes.CDLL(None, use_errno=True).mincore
+
+
+def _resident_bytes(address, size):
+    """Bytes of [address, address + size) resident in RAM (mincore), as the native host counts them."""
+    start = address - address % _PAGE_SIZE
+    pages = (address + size - start + _PAGE_SIZE - 1) // _PAGE_SIZE
+    vec = (ctypes.c_ubyte * max(pages, 1))()
+    if not pages or _mincore()(ctypes.c_void_p(start), ctypes.c_size_t(pages * _PAGE_SIZE), vec) != 0:
+        return 0
+    raw = bytes(vec)
+    return (len(raw) - raw.count(0)) * _PAGE_SIZE
+
+
+def _log_rotation(max_size, max_files):
+    """(max_size, max_files) of output rotation (no max_size: none), checked as the native host does."""
+    if max_size is None:
+        return None, None
+    max_files = 5 if max_files is None else max_files
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ModuleRunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
+    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
+        raise ModuleRunError(f"log_max_files must be at least 1, not {max_files!r}")
+    return min(max_size, 1 << 62), max_files
+
+
+def _run_limits(memory_limit, deadline):
+    """(memory_limit, deadline) of a run, checked and clamped as the native host does: NaN, negative
+    or not a number is refused; beyond any run (2**48 bytes, 1e9 seconds) is no limit (None)."""
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
+                                     or memory_limit < 0):
+        raise ModuleRunError(f"memory_limit must be a whole number of at least 0, not {memory_limit!r}")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not deadline >= 0):
+        raise ModuleRunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
+    return (None if memory_limit is None or memory_limit > 1 << 48 else memory_limit,
+            None if deadline is None or deadline > 1e9 else deadline)
+
+
+class _FallbackModule:
+    """A compiled module with its imports resolved once (an InstancePre)."""
+
+    def __init__(self, host, digest, module, pre, imports_http=None):
+        self._host, self.digest, self._wasm_module, self._pre = host, digest, module, pre
+        self.component, self.imports_http = pre is None, bool(imports_http)
+
+    def _new_run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri", memory_limit=None,
+                 deadline=None, stdin=None, log_max_size=None, log_max_files=None, outgoing_http=False,
+                 log_dir_fd=None):
+        return _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
+                            deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http, log_dir_fd)
+
+    def start(self, *args, **kwargs):
+        """Start a run in a thread (ModuleRunError for setup errors); as `_wasihost.Module.start`."""
+        run = self._new_run(*args, **kwargs)
+        threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
+        return run
+
+    def run(self, *args, **kwargs):
+        """Run to the end on the calling thread: the RunResult."""
+        run = self._new_run(*args, **kwargs)
+        run._main()
+        return run.wait()
+
+    def __repr__(self):
+        return f"<module {self.digest} on wasmtime-py>"
+
+
+_WASI = "wasi_snapshot_preview1"
+_CLI_RUN = "wasi:cli/run@0.2.0"  # wasmtime matches any 0.2.x export to it
+
+
+_ALLOW_HTTP = "minikrust.io/allow-outgoing-http"
+
+
+def _outgoing_http(module, pod):
+    """The outgoing HTTP a run of `module` for `pod` gets: False (it imports no wasi:http), True (the
+    annotation `minikrust.io/allow-outgoing-http` is "*") or the hosts it lists; ModuleRunError for
+    a component importing wasi:http without the annotation."""
+    if not module.imports_http:
+        return False
+    allowed = ((pod.get("metadata") or {}).get("annotations") or {}).get(_ALLOW_HTTP)
+    if allowed is None:
+        raise ModuleRunError(f"the component imports wasi:http/outgoing-handler; allow its outgoing HTTP "
+                             f"requests with the pod annotation {_ALLOW_HTTP}: \"host1,host2:8080\" (or \"*\")")
+    hosts = tuple(host.strip() for host in allowed.split(",") if host.strip())
+    return True if "*" in hosts else hosts
+_POLL_TRAMPOLINE = (
+    '(module (import "guest" "memory" (memory 0))'
+    ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
+    ' (export "memory" (memory 0))'
+    ' (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)'
+    '  local.get 0 local.get 1 local.get 2 local.get 3 call $p))')
+
+
+def _poll_clocks(memory, store, subs_ptr, events_ptr, nsubs, nevents_ptr, wasi_start):
+    """[(userdata, ns until it fires)] when a poll_oneoff is only realtime/monotonic clocks, in bounds
+    and aligned (a sleep), else None; absolute monotonic times count from `wasi_start`."""
+    size = memory.data_len(store)
+    if not 0 < nsubs <= 4096 or subs_ptr % 8 or events_ptr % 8 or nevents_ptr % 4:
+        return None
+    if subs_ptr + 48 * nsubs > size or events_ptr + 32 * nsubs > size or nevents_ptr + 4 > size:
+        return None
+    raw = memory.read(store, subs_ptr, subs_ptr + 48 * nsubs)
+    mono, real = time.monotonic_ns() - wasi_start, time.time_ns()
+    clocks = []
+    for i in range(0, len(raw), 48):
+        tag, clock_id = raw[i + 8], int.from_bytes(raw[i + 16:i + 20], "little")
+        if tag != 0 or clock_id not in (0, 1):  # not a clock, or a CPU clock
+            return None
+        timeout = int.from_bytes(raw[i + 24:i + 32], "little")
+        if int.from_bytes(raw[i + 40:i + 42], "little") & 1:  # absolute
+            timeout = max(0, timeout - (mono if clock_id == 1 else real))
+        clocks.append((int.from_bytes(raw[i:i + 8], "little"), timeout))
+    return clocks
+
+
+class FallbackHost:
+    """`_wasihost.Host` on the `wasmtime` Python package (slower, same behaviour): a ticker thread bumps
+    the epoch and each run's epoch callback decides whether to stop; compiled code cached on disk."""
+
+    backend = "wasmtime-py"
+
+    def __init__(self, cache_dir):
+        try:
+            import wasmtime
+            import wasmtime.component  # noqa: F401  (WASI 0.2 components)
+        except ImportError as exc:
+            raise ModuleError("no WebAssembly runtime: build the _wasihost extension or `pip install wasmtime`") from exc
+        import importlib.metadata
+        self._wt = wasmtime
+        self.wasmtime_version = importlib.metadata.version("wasmtime")
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        os.makedirs(self.cache_dir, exist_ok=True)
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        self._engine = wasmtime.Engine(config)
+        self._linker = wasmtime.Linker(self._engine)
+        self._linker.define_wasi()
+        # poll_oneoff is ours so that kill() and deadlines also stop a module that sleeps
+        self._wasi_linker = wasmtime.Linker(self._engine)
+        self._wasi_linker.define_wasi()
+        self._linker.allow_shadowing = True
+        i32 = wasmtime.ValType.i32()
+        self._linker.define_func(_WASI, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), self._poll_oneoff,
+                                 access_caller=True)
+        self._poll_trampoline = wasmtime.Module(self._engine, _POLL_TRAMPOLINE)
+        self._local = threading.local()
+        self._component_linkers = self._filter = None  # see _component_linker, _http_filter
+        self._modules = {}
+        self._lock = threading.Lock()
+        self._runs = {}
+        self._next_id = 1
+        self._ticking = threading.Condition(self._lock)
+        self._ticker = None
+        self._closing = False
+        atexit.register(self._shutdown)
+        proto = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
+        self._callback = proto(self._on_epoch)  # kept alive as long as the host
+        set_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, proto, ctypes.c_void_p, ctypes.c_void_p)
+        self._set_epoch_callback = set_cb(("wasmtime_store_epoch_deadline_callback", wasmtime._ffi.dll))
+
+    # -- modules --
+
+    def load(self, wasm, digest=None):
+        """A module from wasm bytes or a path; same sha256 digest, same module object."""
+        if digest is not None and digest in self._modules:
+            return self._modules[digest]
+        if isinstance(wasm, (bytes, bytearray, memoryview)):
+            data = bytes(wasm)
+        else:
+            try:
+                with open(os.fspath(wasm), "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise ModuleLoadError(f"cannot read module {wasm}: {exc.strerror}") from exc
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if digest is not None and digest != actual:
+            raise ModuleLoadError(f"module digest is {actual}, expected {digest}")
+        with self._lock:
+            module = self._modules.get(actual)
+            if module is None:
+                module = self._modules[actual] = self._compile(actual, data)
+        return module
+
+    def _cache_path(self, digest):
+        name = f"{digest[7:]}.wasmtime-{self.wasmtime_version}-{platform.machine()}.cwasm"
+        return os.path.join(self.cache_dir, name)
+
+    def _compile(self, digest, data):
+        wt = self._wt
+        if data[:4] != b"\0asm":
+            raise ModuleLoadError("not a WebAssembly module (bad magic number)")
+        path = self._cache_path(digest)
+        kind = wt.component.Component if _is_component(data) else wt.Module
+        compiled = None
+        try:        # a link planted at the entry's name is not followed
+            cached = _held(open_beneath(*os.path.split(path)), *os.path.split(path))
+            compiled = kind.deserialize_file(self._engine, os.fspath(cached))
+        except OSError:
+            pass
+        except wt.WasmtimeError as exc:
+            log.warning("recompiling %s: cached code unusable: %s", digest, exc)
+        fresh = compiled is None
+        if fresh:
+            try:
+                compiled = kind(self._engine, data)
+            except wt.WasmtimeError as exc:
+                raise ModuleLoadError(f"invalid WebAssembly {kind.__name__.lower()}: {exc}") from exc
+            if kind is not wt.Module:
+                self._write_cache(path, compiled.serialize())
+        if kind is not wt.Module:
+            return _FallbackModule(self, digest, compiled, None, self._component_imports(compiled))
+        start = next((e for e in compiled.exports if e.name == "_start"), None)
+        if start is None or not isinstance(start.type, wt.FuncType):
+            raise ModuleLoadError("module has no `_start` function to run (not a WASI command)")
+        if start.type.params or start.type.results:
+            raise ModuleLoadError("module's `_start` must take and return nothing")
+        try:
+            pre = self._linker.instantiate_pre(compiled)
+        except wt.WasmtimeError as exc:
+            raise ModuleLoadError(f"module imports what WASI does not provide: {exc}") from exc
+        if fresh:
+            self._write_cache(path, compiled.serialize())
+        return _FallbackModule(self, digest, compiled, pre)
+
+    def _write_cache(self, path, blob):
+        try:
+            _write_beneath(*os.path.split(path), blob)
+        except OSError as exc:  # a read-only cache only costs a recompile next time
+            log.warning("cannot write compiled module cache %s: %s", path, exc)
+
+    def _component_imports(self, component):
+        """Whether `component` imports wasi:http/outgoing-handler; ModuleLoadError when it has no
+        wasi:cli/run or does not link (tried once in a store of its own, as the native host does)."""
+        wt = self._wt
+        http = any(name.startswith("wasi:http/outgoing-handler@") for name in component.type.imports(self._engine))
+        store = wt.Store(self._engine)
+        store.set_wasi(wt.WasiConfig())
+        store.set_epoch_deadline(1000)  # no code runs here, but never hang: ~5 s
+        if http:
+            wt._ffi.wasmtime_context_set_wasi_http(store._context())
+        try:
+            self._component_linker(http).instantiate(store, component)
+        except wt.WasmtimeError as exc:
+            raise ModuleLoadError(f"cannot link component: {exc}") from exc
+        finally:
+            store.close()
+        if component.get_export_index("run", component.get_export_index(_CLI_RUN)) is None:
+            raise ModuleLoadError("component does not export `wasi:cli/run` (not a WASI 0.2 command)")
+        return http
+
+    def _component_linker(self, http):
+        """The component linker with WASI 0.2, + wasi:http (http True), + our `handle` in place of
+        wasi:http's (http a tuple of hosts: see _http_handle), made on first use."""
+        wc = self._wt.component
+        if self._component_linkers is None:
+            linkers = []
+            for kind in range(3):
+                linker = wc.Linker(self._engine)
+                linker.add_wasip2()
+                if kind:
+                    linker.add_wasi_http()
+                if kind == 2:  # under every 0.2.x name: an import finds its very version first (as native)
+                    linker.allow_shadowing = True
+                    with linker.root() as root:
+                        for minor in range(64):
+                            with root.add_instance(f"wasi:http/outgoing-handler@0.2.{minor}") as handler:
+                                handler.add_func("handle", self._http_handle)
+                linkers.append(linker)
+            self._component_linkers = linkers
+        return self._component_linkers[2 if isinstance(http, tuple) else int(http)]
+
+    def _http_filter(self, hosts):
+        """`hosts`, once the filter component is compiled (ModuleRunError when it cannot be)."""
+        if self._filter is None:
+            try:
+                with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_wasihost", "http_filter.wat")) as f:
+                    self._filter = self._wt.component.Component(self._engine, self._wt.wat2wasm(f.read()))
+            except (OSError, self._wt.WasmtimeError) as exc:
+                raise ModuleRunError(f"cannot load the outgoing-HTTP filter: {exc}") from exc
+        return hosts
+
+    def _component_run(self, store, module, http, run):
+        """`run` of wasi:cli/run in a new instance of the component `module` in `store`; a run
+        allowed `http` hosts only first gets its own instance of the filter (_wasihost/http_filter.wat)."""
+        linker = self._component_linker(http)
+        if isinstance(http, tuple):
+            filter_ = self._component_linker(True).instantiate(store, self._filter)
+            run._filter = (filter_.get_func(store, "authority"), filter_.get_func(store, "handle"))
+        instance = linker.instantiate(store, module._wasm_module)
+        return instance.get_func(store, instance.get_export_index(store, "run", instance.get_export_index(store, _CLI_RUN)))
+
+    def _http_handle(self, store, request, options):
+        """wasi:http's handle for a run allowed some hosts only: a request to another fails in the
+        guest with HTTP-request-denied and a stderr line (as the native host does)."""
+        run = self._local.run
+        authority, handle = run._filter
+        host = authority(store, request)
+        authority.post_return(store)
+        if host in run._http:
+            response = handle(store, request, options)
+            handle.post_return(store)
+            return response
+        run._writers[1].write(f"minikrust: outgoing HTTP request to {host} denied: not an allowed host\n".encode()
+                              if host is not None else b"minikrust: outgoing HTTP request without a host denied\n")
+        return self._wt.component.Variant("HTTP-request-denied")
+
+    # -- runs and the epoch ticker --
+
+    def _register(self, run):
+        with self._lock:
+            run_id = self._next_id
+            self._next_id += 1
+            self._runs[run_id] = run
+            if self._ticker is None:
+                self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+                self._ticker.start()
+            self._ticking.notify()
+        self._set_epoch_callback(ctypes.cast(run._store.ptr(), ctypes.c_void_p), self._callback, run_id, None)
+        return run_id
+
+    def _unregister(self, run_id):
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def _tick(self):
+        while True:
+            with self._lock:
+                while not self._runs and not self._closing:
+                    self._ticking.wait()
+                if self._closing and not self._runs:
+                    return
+            self._engine.increment_epoch()
+            time.sleep(_EPOCH_TICK)
+
+    def _shutdown(self):
+        """At exit, stop the runs then the ticker (one inside wasmtime at teardown aborts the process)."""
+        with self._lock:
+            self._closing = True
+            runs = list(self._runs.values())
+            self._ticking.notify()
+        for run in runs:
+            run.kill()
+        if self._ticker is not None:
+            self._ticker.join(timeout=1.0)
+
+    def _on_epoch(self, _context, data, delta, _kind):
+        run = self._runs.get(data)
+        if run is not None:
+            run._publish_memory()
+        reason = run._should_stop() if run is not None else None
+        if reason is None:
+            delta[0] = 1
+            return None
+        run._stop_reason = reason
+        return ctypes.cast(self._wt._ffi.wasmtime_error_new(reason.encode()), ctypes.c_void_p).value
+
+    # -- poll_oneoff: clock-only polls sleep here, interruptibly; the rest goes to wasmtime's WASI --
+
+    def _poll_oneoff(self, caller, subs_ptr, events_ptr, nsubs, nevents_ptr):
+        run = getattr(self._local, "run", None)
+        memory = caller.get("memory")
+        clocks = None
+        if run is not None and isinstance(memory, self._wt.Memory):
+            clocks = _poll_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr, run._wasi_start)
+        if clocks is None:
+            return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
+        started = time.monotonic_ns()
+        shortest = min(timeout for _, timeout in clocks)
+        run._publish_memory()
+        reason = run._sleep(shortest / 1e9)
+        if reason:
+            raise self._wt.Trap(reason)
+        waited = max(time.monotonic_ns() - started, shortest)
+        ready = [userdata for userdata, timeout in clocks if timeout <= waited]
+        events = b"".join(userdata.to_bytes(8, "little") + bytes(24) for userdata in ready)  # type clock, errno 0
+        memory.write(caller, events, events_ptr)
+        memory.write(caller, len(ready).to_bytes(4, "little"), nevents_ptr)
+        return 0
+
+    def _original_poll(self, caller, run, memory):
+        """wasmtime's poll_oneoff, called through a trampoline instance so it sees the guest's memory."""
+        if run is not None and run._poll_original is not None:
+            return run._poll_original
+        wt = self._wt
+        func = self._wasi_linker.get(caller, _WASI, "poll_oneoff")
+        if isinstance(memory, wt.Memory):
+            with contextlib.suppress(wt.WasmtimeError, wt.Trap):
+                trampoline = wt.Instance(caller, self._poll_trampoline, [memory, func])
+                func = trampoline.exports(caller)["poll_oneoff"]
+        if run is not None:
+            run._poll_original = func
+        return func
+
+    def __repr__(self):
+        return f"<FallbackHost wasmtime {self.wasmtime_version} cache={self.cache_dir}>"
+
+
+_HOSTS = {}
+_HOSTS_LOCK = threading.Lock()
+
+
+def _native_host(cache_dir):
+    """The compiled `_wasihost.Host` (ImportError if missing); a source checkout's unbuilt `_wasihost/`
+    first on sys.path would hide an installed wheel's: then that one is imported, and logged."""
+    try:
+        import _wasihost
+    except ImportError as exc:
+        found = importlib.util.find_spec("_wasihost") if exc.name != "_wasihost" else None
+        shadowed = os.path.dirname(found.origin) if found and found.origin else None     # the unbuilt one
+        installed = _installed_wasihost(shadowed)
+        if installed is None:
+            raise
+        log.warning("the _wasihost at %s is not built (%s); using the installed one at %s", shadowed, exc, installed)
+        spec = importlib.util.spec_from_file_location("_wasihost", os.path.join(installed, "__init__.py"),
+                                                      submodule_search_locations=[installed])
+        _wasihost = sys.modules["_wasihost"] = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(_wasihost)
+        except BaseException:
+            del sys.modules["_wasihost"]
+            raise
+    return _wasihost.Host(cache_dir=cache_dir)
+
+
+
+def _installed_wasihost(shadowed):
+    """Another `_wasihost` package folder on sys.path with a built `_native` extension, or None."""
+    for entry in sys.path:
+        folder = os.path.join(os.path.abspath(entry or "."), "_wasihost")
+        if shadowed and os.path.realpath(folder) == os.path.realpath(shadowed):
+            continue
+        with contextlib.suppress(OSError):
+            if any(name.startswith("_native.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+                   for name in os.listdir(folder)):
+                return folder
+    return None
+
+
+def load_host(cache_dir, backend=None):
+    """The process's WASI host for `cache_dir`: native when it imports, else the wasmtime-py
+    fallback; `backend` (or MINIKRUST_WASM_BACKEND) is "native", "wasmtime-py" or "auto"."""
+    choice = backend or os.environ.get("MINIKRUST_WASM_BACKEND") or "auto"
+    if choice not in ("auto", "native", "wasmtime-py"):
+        raise ConfigError(f"MINIKRUST_WASM_BACKEND={choice!r}: want native, wasmtime-py or auto")
+    key = (os.path.abspath(os.fspath(cache_dir)), choice)
+    with _HOSTS_LOCK:
+        host = _HOSTS.get(key)
+        if host is not None:
+            return host
+        why = "MINIKRUST_WASM_BACKEND=wasmtime-py" if choice == "wasmtime-py" else None
+        if choice != "wasmtime-py":
+            try:
+                host = _native_host(key[0])
+                why = f"_wasihost from {os.path.dirname(sys.modules['_wasihost'].__file__)}"
+            except Exception as exc:  # not built, ABI mismatch (ImportError), or no engine
+                if choice == "native":
+                    raise ModuleError(f"native WASI host unavailable: {exc}") from exc
+                why = f"native WASI host unavailable: {exc}"
+        if host is None:
+            host = FallbackHost(key[0])
+        level = logging.INFO if not _HOSTS else logging.DEBUG
+        log.log(level, "WASI host: %s, wasmtime %s (%s)", host.backend, host.wasmtime_version, why)
+        _HOSTS[key] = host
+        return host
+
+
+@contextlib.contextmanager
+def module_errors():
+    """Turn the native host's errors into ModuleLoadError/ModuleRunError, message intact."""
+    native = sys.modules.get("_wasihost")
+    try:
+        yield
+    except getattr(native, "WasiHostError", ()) as exc:
+        cls = ModuleLoadError if isinstance(exc, getattr(native, "LoadError", ())) else ModuleRunError
+        raise cls(str(exc)) from exc
 
 
 # --- Status: pod status computation, coalesced patches, events ---
