@@ -6771,27 +6771,39 @@ def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=N
 
 
 def _write_private(path, data):
-    """Write a file only its owner can read, by a temporary name and a rename."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    """Write a file only its owner can read (in the pki folder), by a temporary name and a rename."""
+    parent, leaf = os.path.split(os.path.dirname(path))
+    os.makedirs(parent, exist_ok=True)      # the root dir: the user's own path
+    os.close(_makedirs_beneath(parent, leaf, mode=0o700))
     _write_beneath(*os.path.split(path), data, 0o600)
 
 
 def store_certificate(pki_dir, prefix, cert_pem, key_pem):
     """Store cert+key as `<prefix>-<stamp>.pem` and point `<prefix>-current.pem` at it (the kubelet's layout)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H-%M-%S-%f")
-    path = os.path.join(pki_dir, f"{prefix}-{stamp}.pem")
-    _write_private(path, cert_pem.rstrip(b"\n") + b"\n" + key_pem)
-    current = os.path.join(pki_dir, f"{prefix}-current.pem")
-    link = os.path.join(pki_dir, f".tmp-{prefix}-{stamp}")
-    os.symlink(os.path.basename(path), link)
-    os.replace(link, current)
-    return current
+    _write_private(os.path.join(pki_dir, f"{prefix}-{stamp}.pem"), cert_pem.rstrip(b"\n") + b"\n" + key_pem)
+    with _dir_beneath(pki_dir) as fd:
+        os.symlink(f"{prefix}-{stamp}.pem", f".tmp-{prefix}-{stamp}", dir_fd=fd)
+        os.replace(f".tmp-{prefix}-{stamp}", f"{prefix}-current.pem", src_dir_fd=fd, dst_dir_fd=fd)
+    return os.path.join(pki_dir, f"{prefix}-current.pem")
+
+
+def _pki_file(path):
+    """A file of the pki folder opened beneath it, as a path ssl can load: a `-current.pem` link is
+    followed only to a name in the same folder, and no other link at all."""
+    folder, name = os.path.split(path)
+    with _dir_beneath(folder) as fd:
+        with contextlib.suppress(OSError):      # EINVAL: not a link
+            name = os.readlink(name, dir_fd=fd)
+        if os.path.basename(name) != name:
+            raise OSError(errno.EXDEV, "certificate link leads out of its folder", path)
+        return _held(open_beneath(fd, name), folder, name)
 
 
 def _valid_certificate(path):
-    """(notBefore, notAfter) of the certificate in a PEM file if it is valid now, else None."""
+    """(notBefore, notAfter) of the certificate in a PEM file (in the pki folder) if it is valid now, else None."""
     try:
-        with open(path, "rb") as handle:
+        with open(_pki_file(path), "rb") as handle:
             begin, end = certificate_validity(handle.read())
     except (OSError, MinikrustError, KeyError, ValueError):
         return None
@@ -6907,7 +6919,7 @@ class _ServingTLS:
         missing or due); returns (issued?, when the installed one is due for renewal)."""
         validity = self.config.rotate_server_certificates and _valid_certificate(self.issued)
         if validity:
-            self._install(self.issued)
+            self._install(_pki_file(self.issued))
             return True, self._due(validity)
         validity = _valid_certificate(self.self_signed)
         if not validity or time.time() >= self._due(validity):
@@ -6916,7 +6928,7 @@ class _ServingTLS:
             _write_private(self.self_signed, cert + key)
             validity = certificate_validity(cert)
             log.info("serving a self-signed certificate for %s (%s)", ", ".join(dns + ips), self.self_signed)
-        self._install(self.self_signed)
+        self._install(_pki_file(self.self_signed))
         return False, self._due(validity)
 
     def _rotate(self):
@@ -6931,7 +6943,7 @@ class _ServingTLS:
                 key, csr = new_key_and_csr(f"system:node:{self.config.node_name}", "system:nodes", dns, ips)
                 cert = request_certificate(self.kubelet.api, csr, SERVING_SIGNER,
                                            ["digital signature", "server auth"], self.csr_timeout, self.stop)
-                self._install(store_certificate(self.pki_dir, "kubelet-server", cert, key))
+                self._install(_pki_file(store_certificate(self.pki_dir, "kubelet-server", cert, key)))
                 log.info("serving the certificate issued for %s", ", ".join(dns + ips))
                 backoff = 1.0
             except (MinikrustError, ssl.SSLError, OSError, requests.RequestException) as exc:

@@ -737,6 +737,32 @@ def test_a_self_signed_certificate_is_made_anew_before_it_expires(make_server, a
     assert renewed.not_valid_after_utc - now > datetime.timedelta(days=300)
 
 
+@pytest.mark.parametrize("escape", ["absolute", "relative", "chain"])
+def test_the_serving_certificate_is_never_read_through_a_link_planted_in_the_pki_folder(
+        make_server, api, pki, tmp_path, escape):
+    """The pki folder is under --root-dir: its files are opened beneath it, and `-current.pem` is
+    followed only to a file of that folder, so a planted link to a certificate elsewhere is not served."""
+    from tests.test_security import host_link
+    victim = tmp_path / "victim.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "victim")])
+    now = datetime.datetime.now(UTC)
+    planted = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=300)).sign(key, hashes.SHA256()))
+    pem = planted.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    victim.write_bytes(pem)
+    folder = tmp_path / "root0" / "pki"     # make_server's first root dir
+    folder.mkdir(parents=True)
+    for link in ("kubelet-self-signed.pem", "kubelet-server-current.pem"):
+        host_link(escape, folder / link, victim)
+    kubelet, server = make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
+    served = served_certificate(server)
+    assert served != planted and served.issuer == served.subject      # a self-signed one of its own
+    assert victim.read_bytes() == pem and not os.path.islink(folder / "kubelet-self-signed.pem")
+
+
 def test_rotate_server_certificates_serves_self_signed_while_the_csr_waits_then_swaps_without_restart(
         make_server, api, pki):
     kubelet, server = make_server(api=api, tls=False, node_ip="127.0.0.1", rotate_server_certificates=True)
