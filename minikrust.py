@@ -3926,33 +3926,28 @@ def _set_custom_output(wt, wasi, stream, writer):
     setter(wasi.ptr(), _OUTPUT_CALLBACK, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
 
 
-
 class _FallbackRun:
     """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
 
     _done = None  # the _DoneFd its thread writes at the end
 
-    def __init__(self, host, module, argv, env, preopens, stdout, stderr, log_format,
-                 memory_limit, deadline, stdin, rotation=(None, None), outgoing_http=False, log_dir_fd=None):
+    def __init__(self, host, module, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
+                 memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
+                 outgoing_http=False, log_dir_fd=None):
         wt = host._wt
         memory_limit, deadline = _run_limits(memory_limit, deadline)
+        rotation = _log_rotation(log_max_size, log_max_files)
         self._host, self._module = host, module
-        self._killed = False
-        self._stop_event = threading.Event()  # wakes a module sleeping in poll_oneoff
+        self._stop_event = threading.Event()  # set by kill(); wakes a module sleeping in poll_oneoff
         self._stop_reason = None
         self._poll_original = None
         self._deadline_at = None if deadline is None else time.monotonic() + deadline
         self._result = None
         self._usage_lock = threading.Lock()
         self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
-        for host_dir, guest_dir, _ro in preopens or ():
-            if not os.path.isdir(host_dir):
-                raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
         clock = _LogClock()
         self._writers, self._files = [], {}
         try:
-            for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
-                self._writers.append(_StreamWriter(self._log_file(target, *rotation, log_dir_fd), stream, log_format, clock))
             wasi = wt.WasiConfig()
             argv = [str(a) for a in argv]
             pairs = [(str(k), str(v)) for k, v in (env.items() if isinstance(env, dict) else env or ())]
@@ -3961,9 +3956,12 @@ class _FallbackRun:
             wasi.argv = argv
             wasi.env = pairs
             for host_dir, guest_dir, readonly in preopens or ():
+                if not os.path.isdir(host_dir):
+                    raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
                 wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
-            _set_custom_output(wt, wasi, "stdout", self._writers[0])
-            _set_custom_output(wt, wasi, "stderr", self._writers[1])
+            for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
+                self._writers.append(_StreamWriter(self._log_file(target, *rotation, log_dir_fd), stream, log_format, clock))
+                _set_custom_output(wt, wasi, stream, self._writers[-1])
             if stdin is not None:
                 data = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(bytes(stdin))
                 vec = wt._ffi.wasm_byte_vec_t()  # filled with a copy that WASI then owns
@@ -4008,7 +4006,7 @@ class _FallbackRun:
 
     def _should_stop(self):
         """Called from the epoch callback on the run's thread: why to stop, or None to go on."""
-        if self._killed:
+        if self._stop_event.is_set():
             return _KILLED
         if self._deadline_at is not None and time.monotonic() >= self._deadline_at:
             return _TIMED_OUT
@@ -4020,19 +4018,15 @@ class _FallbackRun:
         start, cpu0 = time.monotonic(), time.thread_time()
         self._usage_begin()
         exit_code = trap = None
-        peak = 0
         instantiated = False
         try:
             if self._module.component:
                 run = self._host._component_run(self._store, self._module, self._http, self)
-                instantiated = True
-                memory = None
             else:
-                instance = self._module._pre.instantiate(self._store)
-                instantiated = True
-                exports = instance.exports(self._store)
+                exports = self._module._pre.instantiate(self._store).exports(self._store)
                 memory, run = exports.get("memory"), exports["_start"]
-            self._memory = memory if isinstance(memory, wt.Memory) else None
+                self._memory = memory if isinstance(memory, wt.Memory) else None
+            instantiated = True
             self._publish_memory()
             try:
                 outcome = run(self._store)
@@ -4041,8 +4035,7 @@ class _FallbackRun:
                 exit_code = exc.code
             except (wt.Trap, wt.WasmtimeError) as exc:
                 trap = None if self._stop_reason else str(exc)  # killed/timed_out say it, as native does
-            if isinstance(memory, wt.Memory):
-                peak = memory.data_len(self._store)
+            self._publish_memory()      # its size at the end is its peak: a memory never shrinks
         except (wt.Trap, wt.WasmtimeError) as exc:
             trap = str(exc)
         except Exception as exc:  # a bug of ours must still end the run, never hang wait()
@@ -4065,7 +4058,7 @@ class _FallbackRun:
             exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
             killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT,
             instantiate_failed=not instantiated,
-            cpu_seconds=cpu, peak_memory=peak)
+            cpu_seconds=cpu, peak_memory=self._peak)
         self._done.post()  # the end, as the native host posts it
 
     # Live usage, as the native host's wh_run_usage: the run thread publishes its CPU clock and its
@@ -4081,10 +4074,8 @@ class _FallbackRun:
     def _publish_memory(self):
         """On the run's thread: the linear memory's place and size now (none once it goes)."""
         memory = self._memory
-        span = None
-        if memory is not None:
-            size = memory.data_len(self._store)
-            span = (ctypes.cast(memory.data_ptr(self._store), ctypes.c_void_p).value, size)
+        span = None if memory is None else (ctypes.cast(memory.data_ptr(self._store), ctypes.c_void_p).value,
+                                            memory.data_len(self._store))
         with self._usage_lock:
             self._memory_span = span
             self._peak = max(self._peak, span[1] if span else 0)
@@ -4102,7 +4093,6 @@ class _FallbackRun:
 
     def kill(self):
         """Stop the module from any thread; it stops at its next epoch tick (a few ms)."""
-        self._killed = True
         self._stop_event.set()
 
     def _sleep(self, seconds):
@@ -4159,7 +4149,6 @@ class _DoneFd:
         """Make it unreadable again (after it was seen readable)."""
         os.read(self.read_fd, 4096)
 
-
     def close(self):
         for fd in {self.read_fd, self.write_fd} - {-1}:
             os.close(fd)
@@ -4186,29 +4175,30 @@ def _resident_bytes(address, size):
     return (len(raw) - raw.count(0)) * _PAGE_SIZE
 
 
+def _whole(value, what, low):
+    """`value` if it is an int (not a bool) of at least `low`, else ModuleRunError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ModuleRunError(f"{what} must be a whole number of at least {low}, not {value!r}")
+    return value
+
+
 def _log_rotation(max_size, max_files):
     """(max_size, max_files) of output rotation (no max_size: none), checked as the native host does."""
     if max_size is None:
         return None, None
-    max_files = 5 if max_files is None else max_files
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ModuleRunError(f"log_max_size must be a positive number of bytes, not {max_size!r}")
-    if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1:
-        raise ModuleRunError(f"log_max_files must be at least 1, not {max_files!r}")
-    return min(max_size, 1 << 62), max_files
+    return min(_whole(max_size, "log_max_size", 1), 1 << 62), _whole(5 if max_files is None else max_files,
+                                                                      "log_max_files", 1)
 
 
 def _run_limits(memory_limit, deadline):
     """(memory_limit, deadline) of a run, checked and clamped as the native host does: NaN, negative
     or not a number is refused; beyond any run (2**48 bytes, 1e9 seconds) is no limit (None)."""
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
-                                     or memory_limit < 0):
-        raise ModuleRunError(f"memory_limit must be a whole number of at least 0, not {memory_limit!r}")
+    if memory_limit is not None and _whole(memory_limit, "memory_limit", 0) > 1 << 48:
+        memory_limit = None
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                  or not deadline >= 0):
         raise ModuleRunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
-    return (None if memory_limit is None or memory_limit > 1 << 48 else memory_limit,
-            None if deadline is None or deadline > 1e9 else deadline)
+    return memory_limit, None if deadline is None or deadline > 1e9 else deadline
 
 
 class _FallbackModule:
@@ -4218,21 +4208,15 @@ class _FallbackModule:
         self._host, self.digest, self._wasm_module, self._pre = host, digest, module, pre
         self.component, self.imports_http = pre is None, bool(imports_http)
 
-    def _new_run(self, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri", memory_limit=None,
-                 deadline=None, stdin=None, log_max_size=None, log_max_files=None, outgoing_http=False,
-                 log_dir_fd=None):
-        return _FallbackRun(self._host, self, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                            deadline, stdin, _log_rotation(log_max_size, log_max_files), outgoing_http, log_dir_fd)
-
     def start(self, *args, **kwargs):
         """Start a run in a thread (ModuleRunError for setup errors); as `_wasihost.Module.start`."""
-        run = self._new_run(*args, **kwargs)
+        run = _FallbackRun(self._host, self, *args, **kwargs)
         threading.Thread(target=run._main, name=f"wasm-{self.digest[7:19]}", daemon=True).start()
         return run
 
     def run(self, *args, **kwargs):
         """Run to the end on the calling thread: the RunResult."""
-        run = self._new_run(*args, **kwargs)
+        run = _FallbackRun(self._host, self, *args, **kwargs)
         run._main()
         return run.wait()
 
@@ -4301,9 +4285,8 @@ class FallbackHost:
             import wasmtime.component  # noqa: F401  (WASI 0.2 components)
         except ImportError as exc:
             raise ModuleError("no WebAssembly runtime: build the _wasihost extension or `pip install wasmtime`") from exc
-        import importlib.metadata
         self._wt = wasmtime
-        self.wasmtime_version = importlib.metadata.version("wasmtime")
+        self.wasmtime_version = runtime_version()
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         os.makedirs(self.cache_dir, exist_ok=True)
         config = wasmtime.Config()
@@ -4598,7 +4581,6 @@ def _native_host(cache_dir):
             del sys.modules["_wasihost"]
             raise
     return _wasihost.Host(cache_dir=cache_dir)
-
 
 
 def _installed_wasihost(shadowed):
