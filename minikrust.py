@@ -6422,20 +6422,22 @@ def follow_container_log(path, options, ended, wait, check_every=0.5, root=None)
 # Metrics: a tiny Prometheus registry the other parts increment through `kubelet.metrics`.
 
 _DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-def _escape_label(value):
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+_KUBELET_METRICS = {
+    "minikrust_module_starts_total": ("counter", "WebAssembly module starts, by result (success|error)."),
+    "minikrust_module_start_duration_seconds": (
+        "histogram", "Seconds from the decision to start a container to its module running."),
+    "minikrust_image_pulls_total": ("counter", "Module (OCI image) pulls, by result (success|error)."),
+    "minikrust_api_errors_total": ("counter", "Failed API server requests, by HTTP code (0: no answer)."),
+}
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})  # in label values
 
 
 def _format_labels(labels, extra=()):
     pairs = sorted(labels) + list(extra)
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs) + "}" if pairs else ""
+    return "{" + ",".join(f'{k}="{str(v).translate(_ESCAPES)}"' for k, v in pairs) + "}" if pairs else ""
 
 
 def _format_value(value):
-    if value == float("inf"):
-        return "+Inf"
     return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
 
 
@@ -6443,63 +6445,46 @@ class Metrics:
     """Counters, gauges and histograms with labels in the Prometheus text format; thread-safe.
     `inc`, `set` and `observe` declare an unknown name (counter, gauge, histogram) rather than fail."""
 
-    def __init__(self, standard=True):
+    def __init__(self, families=None):
+        """`families`: {name: (kind, help)} declared at once, the kubelet's own by default."""
         self._lock = threading.Lock()
         self._families = {}  # name -> (kind, help, buckets)
-        self._values = {}    # name -> {labels tuple -> float | [bucket counts, sum, count]}
-        if not standard:
-            return
-        self.counter("minikrust_module_starts_total", "WebAssembly module starts, by result (success|error).")
-        self.histogram("minikrust_module_start_duration_seconds",
-                       "Seconds from the decision to start a container to its module running.")
-        self.counter("minikrust_image_pulls_total", "Module (OCI image) pulls, by result (success|error).")
-        self.counter("minikrust_api_errors_total", "Failed requests to the API server, by HTTP code (0: no answer).")
+        self._values = {}    # name -> {labels tuple -> float | (bucket counts, sum, count)}
+        for name, (kind, help_text) in (_KUBELET_METRICS if families is None else families).items():
+            self.declare(name, kind, help_text)
 
-    def _declare(self, name, kind, help_text, buckets=None):
+    def declare(self, name, kind, help_text="", buckets=_DEFAULT_BUCKETS):
+        """A family of kind counter, gauge or histogram (with these bucket bounds); declared once."""
+        buckets = tuple(sorted(buckets)) if kind == "histogram" else ()
         with self._lock:
-            self._families.setdefault(name, (kind, help_text, tuple(buckets or ())))
+            self._families.setdefault(name, (kind, help_text, buckets))
             self._values.setdefault(name, {})
 
-    def counter(self, name, help_text=""):
-        self._declare(name, "counter", help_text)
-
-    def gauge(self, name, help_text=""):
-        self._declare(name, "gauge", help_text)
-
-    def histogram(self, name, help_text="", buckets=_DEFAULT_BUCKETS):
-        self._declare(name, "histogram", help_text, sorted(buckets))
+    def _update(self, name, kind, labels, change):
+        """Set one series to `change(its value or None, the family's buckets)`; declares a new family."""
+        if name not in self._families:
+            self.declare(name, kind)
+        with self._lock:
+            series, key = self._values[name], tuple(sorted(labels.items()))
+            series[key] = change(series.get(key), self._families[name][2])
 
     def inc(self, name, amount=1.0, **labels):
-        if name not in self._families:
-            self.counter(name)
-        with self._lock:
-            series = self._values[name]
-            key = tuple(sorted(labels.items()))
-            series[key] = series.get(key, 0) + amount
+        self._update(name, "counter", labels, lambda value, _: (value or 0) + amount)
 
     def set(self, name, value, **labels):
-        if name not in self._families:
-            self.gauge(name)
-        with self._lock:
-            self._values[name][tuple(sorted(labels.items()))] = value
+        self._update(name, "gauge", labels, lambda *_: value)
 
     def observe(self, name, value, **labels):
-        if name not in self._families:
-            self.histogram(name)
-        with self._lock:
-            buckets = self._families[name][2]
-            state = self._values[name].setdefault(tuple(sorted(labels.items())), [[0] * len(buckets), 0.0, 0])
-            for i, bound in enumerate(buckets):
-                if value <= bound:
-                    state[0][i] += 1
-            state[1] += value
-            state[2] += 1
+        def change(state, buckets):
+            counts, total, count = state or ([0] * len(buckets), 0.0, 0)
+            return [seen + (value <= bound) for seen, bound in zip(counts, buckets)], total + value, count + 1
+        self._update(name, "histogram", labels, change)
 
     def get(self, name, **labels):
         """The value of one series (a counter or gauge), or for a histogram its observation count; 0 if unseen."""
         with self._lock:
             value = self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
-            return value[2] if isinstance(value, list) else value
+            return value[2] if isinstance(value, tuple) else value
 
     def render(self, stamp=None):
         """All families in the Prometheus text exposition format (version 0.0.4), stamped `stamp` (ms)."""
@@ -6663,9 +6648,8 @@ class _ResourceStats:
     def resource_metrics(self):
         """The /metrics/resource text: node, pod and running containers' CPU and memory, sample times in ms."""
         cpu, working_set, _ = _node_usage()
-        metrics = Metrics(standard=False)
-        for name, (kind, help_text) in _RESOURCE_METRICS.items():
-            metrics._declare(name, kind, "[STABLE] " + help_text)
+        metrics = Metrics({name: (kind, f"[STABLE] {text}") for name, (kind, text)
+                           in _RESOURCE_METRICS.items()})
         metrics.set("node_cpu_usage_seconds_total", float(cpu))
         if working_set is not None:
             metrics.set("node_memory_working_set_bytes", working_set)
@@ -7298,11 +7282,11 @@ class KubeletServer:
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
         text = self.kubelet.metrics.render()
         running = sum(1 for pod in self.kubelet.pods() if (pod.get("status") or {}).get("phase") == "Running")
-        extra = Metrics(standard=False)
-        extra.gauge("minikrust_running_pods", "Pods in phase Running on this node.")
+        extra = Metrics({
+            "minikrust_running_pods": ("gauge", "Pods in phase Running on this node."),
+            "minikrust_container_cpu_seconds_total": ("counter", "CPU seconds used by each container run."),
+            "minikrust_container_memory_bytes": ("gauge", "Linear memory of each container run, in bytes.")})
         extra.set("minikrust_running_pods", running)
-        extra.counter("minikrust_container_cpu_seconds_total", "CPU seconds used by each container run.")
-        extra.gauge("minikrust_container_memory_bytes", "Linear memory of each container run, in bytes.")
         for item in self.stats.containers():
             labels = {"namespace": item["namespace"], "pod": item["pod"], "container": item["container"]}
             extra.set("minikrust_container_cpu_seconds_total", float(item.get("cpu_seconds", 0.0)), **labels)

@@ -867,11 +867,11 @@ def test_client_certificate_bootstrap_writes_the_kubeconfig_once(api, pki, tmp_p
 # --- the Metrics registry ----------------------------------------------------------------------
 
 def test_metrics_registry_counts_sets_observes_and_escapes_labels():
-    metrics = minikrust.Metrics(standard=False)
+    metrics = minikrust.Metrics({})
     metrics.inc("x_total", reason='a "quoted"\nvalue')
     metrics.inc("x_total", 2, reason='a "quoted"\nvalue')
     metrics.set("y", 7)
-    metrics.histogram("z_seconds", "Z.", buckets=(1, 5))
+    metrics.declare("z_seconds", "histogram", "Z.", buckets=(1, 5))
     for value in (0.5, 3, 9):
         metrics.observe("z_seconds", value)
     text = metrics.render()
