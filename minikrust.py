@@ -1253,7 +1253,7 @@ def _ki(nbytes):
     return f"{nbytes // 1024}Ki"
 
 
-def node_condition_states(facts, ready=True, not_ready_message="kubelet is shutting down"):
+def node_condition_states(facts, ready=True):
     """(status, reason, message) per condition type, from host facts, as the kubelet words them."""
     memory = facts["memory_available"] < _MEMORY_EVICTION_HARD
     disk = facts["disk_total"] > 0 and facts["disk_free"] < _DISK_EVICTION_FRACTION * facts["disk_total"]
@@ -1266,7 +1266,7 @@ def node_condition_states(facts, ready=True, not_ready_message="kubelet is shutt
         "PIDPressure": ("True", "KubeletHasInsufficientPID", "kubelet has insufficient PID available")
         if pids else ("False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
         "Ready": ("True", "KubeletReady", "kubelet is posting ready status")
-        if ready else ("False", "KubeletNotReady", not_ready_message),
+        if ready else ("False", "KubeletNotReady", "kubelet is shutting down"),
     }
 
 
@@ -1350,12 +1350,12 @@ class NodeAgent(_Loop):
     """Keeps this kubelet's Node: registers (or adopts) it, renews its Lease, patches its status on
     change and every node_status_report_frequency, and marks it NotReady on stop()."""
 
-    def __init__(self, api, config, *, node_ip=None, images=None):
+    def __init__(self, api, config, *, images=None):
         self.api, self.config = api, config
         self.name = config.node_name
         self.port = config.port            # the server's real port once it listens (Kubelet.start)
         self.images = images               # callable -> status.images, or None
-        self.node_ip = node_ip or config.node_ip or detect_node_ip(api.server)
+        self.node_ip = config.node_ip or detect_node_ip(api.server)
         self.node = None                   # the Node as last read or written
         self.lease = None
         self._last_status, self._last_sent, self._sent_at = None, None, 0.0
@@ -1589,13 +1589,11 @@ class ApiPodSource(_Loop):
         for kind, obj in self.api.watch("/api/v1/pods", params):
             if self._stop.is_set():
                 return
-            rv = _pod_rv(obj)
             if kind in ("ADDED", "MODIFIED"):
                 self.known.upsert(obj)
             elif kind == "DELETED":
                 self.known.remove(obj)
-            if rv and kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
-                self.resource_version = rv
+            self.resource_version = _pod_rv(obj) or self.resource_version     # ERROR events raise in watch()
 
     def _run(self):
         failures, next_list = 0, 0.0
@@ -3941,7 +3939,7 @@ class _FallbackRun:
         self._stop_event = threading.Event()  # set by kill(); wakes a module sleeping in poll_oneoff
         self._stop_reason = None
         self._poll_original = None
-        self._deadline_at = None if deadline is None else time.monotonic() + deadline
+        self._deadline_at = math.inf if deadline is None else time.monotonic() + deadline
         self._result = None
         self._usage_lock = threading.Lock()
         self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
@@ -4008,7 +4006,7 @@ class _FallbackRun:
         """Called from the epoch callback on the run's thread: why to stop, or None to go on."""
         if self._stop_event.is_set():
             return _KILLED
-        if self._deadline_at is not None and time.monotonic() >= self._deadline_at:
+        if time.monotonic() >= self._deadline_at:
             return _TIMED_OUT
         return None
 
@@ -4097,14 +4095,9 @@ class _FallbackRun:
 
     def _sleep(self, seconds):
         """Sleep for a guest's poll_oneoff, cut short by kill() or the deadline; why we stopped, or None."""
-        if self._deadline_at is not None:
-            seconds = min(seconds, max(0.0, self._deadline_at - time.monotonic()))
-        end = time.monotonic() + seconds
-        while True:  # in slices: Event.wait refuses timeouts of centuries (a u64 of nanoseconds)
-            self._stop_event.wait(min(max(0.0, end - time.monotonic()), 3600.0))
-            reason = self._should_stop()
-            if reason or time.monotonic() >= end:
-                break
+        end = min(time.monotonic() + seconds, self._deadline_at)
+        while not (reason := self._should_stop()) and (left := end - time.monotonic()) > 0:
+            self._stop_event.wait(min(left, 3600.0))  # in slices: Event.wait refuses timeouts of centuries
         if reason:
             self._stop_reason = reason
         return reason
