@@ -5314,14 +5314,6 @@ _NEXT_STATES = {PodState.SYNCING: {PodState.TERMINATING}, PodState.TERMINATING: 
 
 
 @dataclass(frozen=True)
-class _Deletion:
-    """A request to stop a pod: kill its modules at `kill_at` (monotonic); `silent` when the pod
-    is gone from its source, so nothing more is written for it."""
-    kill_at: float
-    silent: bool = False
-
-
-@dataclass(frozen=True)
 class PodServices:
     """All a PodWorker uses of the kubelet: each field a value or a callable."""
     config: "Config"
@@ -5356,7 +5348,8 @@ class PodWorker:
                      for c in spec["containers"]]
         self.state = PodState.SYNCING
         self.outcome = (None, None, None)   # (phase, reason, message); phase None: from the containers
-        self.deletion = None                # a _Deletion once the pod is to stop
+        self.delete_at = None               # once it is to stop: the monotonic time its modules are killed
+        self.silent = False                 # it is gone from its source: nothing more is written for it
         self.kill_at = None                 # monotonic time its modules are killed (TERMINATING)
         self.status = self.volume_dirs = self.start_time = self.deadline = None
         self._prepared_at = 0.0             # monotonic time volumes were last (re)written
@@ -5390,26 +5383,23 @@ class PodWorker:
     def update(self, pod):
         with self._lock:
             self.pod = pod
-            if pod["metadata"].get("deletionTimestamp") and self.deletion is None:
+            if pod["metadata"].get("deletionTimestamp") and self.delete_at is None:
                 grace = pod["metadata"].get("deletionGracePeriodSeconds")
                 if grace is None:
                     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
-                self.deletion = _Deletion(time.monotonic() + max(0, grace))
+                self.delete_at = time.monotonic() + max(0, grace)
 
     def remove(self, grace=0):
         """The pod is gone from its source: stop its modules after `grace` seconds, no API writes."""
         with self._lock:
-            kill_at = self.deletion.kill_at if self.deletion else time.monotonic() + max(0, grace)
-            self.deletion = _Deletion(kill_at, silent=True)
+            self.silent = True      # before delete_at: a sync that sees it deleted sees it silent
+            if self.delete_at is None:
+                self.delete_at = time.monotonic() + max(0, grace)
 
     def exited(self, container, run, result):
         """A run ended: `result` is its Result, or the exception its end raised."""
         with self._lock:
             self._exits.append((container, run, result))
-
-    @property
-    def silent(self):
-        return self.deletion is not None and self.deletion.silent
 
     def runs(self):
         return [c.run for c in self.inits + self.apps if c.run is not None]
@@ -5430,7 +5420,7 @@ class PodWorker:
             if self.state is PodState.SYNCING:
                 self._terminate("Failed", "InternalError", f"minikrust: {exc}")
             wake = time.monotonic() + _CONFIG_RETRY
-        if self.state is PodState.TERMINATED and self.deletion is not None:
+        if self.state is PodState.TERMINATED and self.delete_at is not None:
             self._advance(PodState.FINALIZED)
         elif not self._fetching:    # a status "waiting for volumes" waits for the fetch instead (a moment)
             self._publish()
@@ -5454,13 +5444,12 @@ class PodWorker:
     def _terminate(self, phase, reason=None, message=None):
         """Stop the pod: killing its modules at once, or at the end of a deletion's grace period."""
         self.outcome = (phase, reason, message)
-        deleted = phase is None and self.deletion is not None
-        self.kill_at = self.deletion.kill_at if deleted else time.monotonic()
+        self.kill_at = self.delete_at if phase is None and self.delete_at is not None else time.monotonic()
         self._advance(PodState.TERMINATING)
 
     def _run_containers(self, now):
         spec = self.pod["spec"]
-        if self.deletion is not None:
+        if self.delete_at is not None:
             return self._terminate(None)
         if self.rejected:
             return self._terminate("Failed", *self.rejected)
@@ -5508,7 +5497,7 @@ class PodWorker:
         if phase is None:
             derived = pod_phase(self.pod, [c.status() for c in self.inits], [c.status() for c in self.apps])
             phase = derived if derived in _TERMINAL_PHASES else "Failed"
-            if self.deletion and phase == "Failed" and all(c.succeeded() for c in self.apps):
+            if self.delete_at is not None and phase == "Failed" and all(c.succeeded() for c in self.apps):
                 phase = "Succeeded"
         self.outcome = (phase, reason, message)
         for c in self.apps + self.inits:
@@ -5866,41 +5855,6 @@ class PodDriver:
         self._wake.close()
 
 
-class _MirrorPods:
-    """One mirror pod in the API per static pod, as the kubelet keeps: created when the static pod
-    is admitted or its mirror deleted, a mirror being deleted finalized at once."""
-
-    def __init__(self, writer, node_uid):
-        self.writer, self.node_uid = writer, node_uid
-
-    def create(self, pod, status=None):
-        def body():     # made when sent: it names the Node's uid, known once the Node is registered
-            uid = self.node_uid()
-            if not uid:
-                raise MinikrustError("mirror pod waits for the Node to be registered")
-            return _mirror_pod(pod, uid)
-        self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], body, key=_pod_path(pod))
-        if status:
-            self.writer.set_status(pod, status)
-
-    def changed(self, mirror, static, deleted):
-        """The API's copy of `static` (a PodWorker) changed."""
-        if deleted:
-            self.writer.forget(static.uid)
-            self.create(static.pod, static.status)
-        elif mirror["metadata"].get("deletionTimestamp"):
-            self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
-                                "gracePeriodSeconds": 0, "preconditions": {"uid": mirror["metadata"].get("uid")}})
-
-
-def _admission_refusal(config, active, saved):
-    """(reason, message) when a new pod would exceed max-pods (kubelet's OutOfpods), else None."""
-    if (not saved or saved[1].get("phase") not in _TERMINAL_PHASES) and active >= config.max_pods:
-        return ("OutOfpods", f"Pod was rejected: Node didn't have enough resource: pods, "
-                             f"requested: 1, used: {active}, capacity: {config.max_pods}")
-    return None
-
-
 def _saved_state(root_dir, uid):
     """(PodState, status) a previous kubelet kept for pod `uid`, or None."""
     doc = _read_saved(root_dir, f"pods/{uid}/status.json", lambda d: isinstance(
@@ -5923,9 +5877,8 @@ class PodManager:
 
     _FINALIZED_KEPT = 4096     # uids of finalized pods remembered, so a late event cannot revive one
 
-    def __init__(self, config, *, api=None, host=None, images=None, node_ip=None, echo=None):
-        self.config, self.api = config, api
-        self._host, self.images = host, images
+    def __init__(self, config, *, api=None, node_ip=None, echo=None):
+        self.config, self.api, self.images = config, api, None
         self.node_ip = node_ip or config.node_ip or "127.0.0.1"
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.tokens = None if api is None else ServiceAccountTokens(
@@ -5935,7 +5888,6 @@ class PodManager:
         self.echo = _LogEcho(echo) if echo else None
         self.metrics = None         # the kubelet's Metrics, when it has one
         self.node_uid = lambda: None    # -> the registered Node's uid (mirror pods' owner)
-        self.mirrors = _MirrorPods(self.writer, lambda: self.node_uid()) if self.writer is not None else None
         self.workers = {}           # uid -> PodWorker
         self._finalized = collections.OrderedDict()     # uid -> None, oldest first
         self._restored = set()      # uids run again from disk, not yet seen in the API: no writes
@@ -5945,17 +5897,13 @@ class PodManager:
         self._started = False
         self.driver = None
         self.services = PodServices(
-            config=config, node_ip=self.node_ip, host=self._get_host, ensure_image=self._ensure_image,
+            config=config, node_ip=self.node_ip, ensure_image=self._ensure_image,
+            host=functools.partial(load_host, os.path.join(config.root_dir, "cache")),
             prepare_volumes=lambda pod, pod_dir: prepare_volumes(pod, pod_dir, config, api=api, base_dir=_base_dir(pod),
                                                                  node_ip=self.node_ip, tokens=self.tokens, objects=self.objects),
             container_env=lambda pod, spec: container_env(pod, spec, node_ip=self.node_ip, objects=self.objects),
             record_event=self._record_event, send_status=self._status_changed, run_started=self._run_started,
             finalized=self._finalize, files=self.files)
-
-    def _get_host(self):
-        if self._host is None:
-            self._host = load_host(os.path.join(self.config.root_dir, "cache"))
-        return self._host
 
     def start(self):
         if self.images is None:     # made here, before any sync can race to make it
@@ -5973,10 +5921,8 @@ class PodManager:
     def stop(self):
         """Kill every module, keep pods on disk, flush queued writes briefly."""
         self._started = False
-        with self._lock:
-            workers = list(self.workers.values())
         if self.driver is not None:
-            self.driver.stop(workers)
+            self.driver.stop(self._snapshot())
         if self.echo is not None:
             self.echo.close()
         if self.tokens is not None:
@@ -6030,11 +5976,29 @@ class PodManager:
                 self.writer.request("DELETE", _pod_path(worker.pod))
 
     def _mirror_changed(self, mirror, deleted):
+        """The API's copy of one of our static pods changed: made again if deleted (as the kubelet
+        keeps one mirror per static pod); one being deleted is finalized at once."""
         with self._lock:
             static = next((w for w in self.workers.values() if _is_static(w.pod) and not w.silent
                            and _pod_path(w.pod) == _pod_path(mirror)), None)
-        if static is not None and self.mirrors is not None:
-            self.mirrors.changed(mirror, static, deleted)
+        if static is None or self.writer is None:
+            return
+        if deleted:
+            self.writer.forget(static.uid)
+            self._create_mirror(static.pod, static.status)
+        elif mirror["metadata"].get("deletionTimestamp"):
+            self.writer.request("DELETE", _pod_path(mirror), {"kind": "DeleteOptions", "apiVersion": "v1",
+                                "gracePeriodSeconds": 0, "preconditions": {"uid": mirror["metadata"]["uid"]}})
+
+    def _create_mirror(self, pod, status=None):
+        def body():     # made when sent: it names the Node's uid, known once the Node is registered
+            uid = self.node_uid()
+            if not uid:
+                raise MinikrustError("mirror pod waits for the Node to be registered")
+            return _mirror_pod(pod, uid)
+        self.writer.request("POST", _pod_path(pod).rsplit("/", 1)[0], body, key=_pod_path(pod))
+        if status:
+            self.writer.set_status(pod, status)
 
     def _admit(self, pod, restored=False, problem=None):
         uid = pod["metadata"]["uid"]
@@ -6044,8 +6008,11 @@ class PodManager:
             (PodState.SYNCING, pod["status"]) if pod.get("status") else None)
         with self._lock:
             active = sum(1 for w in self.workers.values() if w.state is PodState.SYNCING)
-            rejected = ("Invalid", f"Pod was rejected: {problem}") if problem else \
-                _admission_refusal(self.config, active, saved)
+            rejected = ("Invalid", f"Pod was rejected: {problem}") if problem else None
+            ended = saved is not None and saved[1].get("phase") in _TERMINAL_PHASES    # it runs nothing
+            if not rejected and not ended and active >= self.config.max_pods:      # the kubelet's max-pods
+                rejected = ("OutOfpods", "Pod was rejected: Node didn't have enough resource: pods, "
+                            f"requested: 1, used: {active}, capacity: {self.config.max_pods}")
             worker = PodWorker(self.services, pod, saved=saved, rejected=rejected)
             worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
@@ -6054,7 +6021,7 @@ class PodManager:
             self.files.save(os.path.join(worker.dir, "pod.json"), pod)
         if self.writer is not None:
             if _is_static(pod):
-                self.mirrors.create(pod)
+                self._create_mirror(pod)
             elif not restored:      # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
@@ -6099,9 +6066,8 @@ class PodManager:
             self.metrics.observe("minikrust_module_start_duration_seconds", time.monotonic() - began)
 
     def _digests_in_use(self):
-        with self._lock:
-            workers = list(self.workers.values())
-        return {c.digest for w in workers for c in w.inits + w.apps if c.run is not None and c.digest}
+        return {c.digest for w in self._snapshot() for c in w.inits + w.apps
+                if c.run is not None and c.digest}
 
     def _status_changed(self, worker, old_phase):
         if self.writer is not None and not worker.silent and worker.uid not in self._restored:
@@ -6179,32 +6145,28 @@ class PodManager:
 
     # -- what the server and the CLI read --
 
-    def pods(self):
+    def _snapshot(self):
         with self._lock:
-            workers = list(self.workers.values())
-        return [dict(w.pod, status=w.status or {}) for w in workers]
+            return list(self.workers.values())
 
-    def worker(self, namespace, name):
-        with self._lock:
-            return next((w for w in self.workers.values()
-                         if w.pod["metadata"]["name"] == name and w.pod["metadata"].get("namespace", "default") == namespace), None)
+    def pods(self):
+        return [dict(w.pod, status=w.status or {}) for w in self._snapshot()]
 
     def container_log_path(self, namespace, pod, container, previous=False):
-        worker = self.worker(namespace, pod)
-        c = next((c for c in (worker.inits + worker.apps if worker else []) if c.name == container), None)
+        w = next((w for w in self._snapshot() if w.pod["metadata"]["name"] == pod
+                  and w.pod["metadata"].get("namespace", "default") == namespace), None)
+        c = next((c for c in (w.inits + w.apps if w else []) if c.name == container), None)
         if c is None or not c.ever_started:
             return None
         if not previous:
             return c.log_path
-        path = os.path.join(worker.dir, "logs", c.name, f"{c.restart_count - 1}.log")
+        path = os.path.join(w.dir, "logs", c.name, f"{c.restart_count - 1}.log")
         return path if c.restart_count > 0 and os.path.exists(path) else None
 
     def container_stats(self):
         """One entry per container run (running, or its last finished run): CPU and memory."""
-        with self._lock:
-            workers = list(self.workers.values())
         stats = []
-        for w in workers:
+        for w in self._snapshot():
             for c in w.inits + w.apps:
                 run, result = c.run, c.result
                 if run is None and result is None:
