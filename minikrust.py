@@ -855,16 +855,18 @@ def _epoch_seconds(base):
     return int(datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
-class _TLSAdapter(requests.adapters.HTTPAdapter):
-    """Puts the cluster's own SSLContext (CA, client cert) and tls-server-name on every pool,
-    since requests' `verify`/`cert` take file paths and cannot override the name checked."""
+class _Adapter(requests.adapters.HTTPAdapter):
+    """The connections to the API server, its pool found once (not per request); over TLS, the
+    cluster's own SSLContext (CA, client cert) and tls-server-name on every pool, since requests'
+    `verify`/`cert` take file paths and cannot override the name checked."""
 
-    def __init__(self, ssl_context, server_name=None):
-        self._ssl_context, self._server_name = ssl_context, server_name
+    def __init__(self, ssl_context=None, server_name=None):
+        self._ssl_context, self._server_name, self._pool = ssl_context, server_name, None
         super().__init__(pool_connections=1, pool_maxsize=_API_CONNECTIONS)
 
     def _tls_kwargs(self, kwargs):
-        kwargs["ssl_context"] = self._ssl_context
+        if self._ssl_context is not None:
+            kwargs["ssl_context"] = self._ssl_context
         if self._server_name:
             kwargs["server_hostname"] = self._server_name
             kwargs["assert_hostname"] = self._server_name
@@ -876,14 +878,30 @@ class _TLSAdapter(requests.adapters.HTTPAdapter):
     def proxy_manager_for(self, proxy, **kwargs):
         return super().proxy_manager_for(proxy, **self._tls_kwargs(kwargs))
 
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        """One server, one pool: verification comes from the cluster's SSLContext alone (neither
+        `verify` nor REQUESTS_CA_BUNDLE may add CAs the kubeconfig does not name)."""
+        if self._pool is None:
+            self._pool = super().get_connection_with_tls_context(request, True, proxies)
+        return self._pool
+
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
-        """Verification comes from the cluster's SSLContext alone: neither `verify` nor
-        REQUESTS_CA_BUNDLE may add CAs the kubeconfig does not name."""
         host_params, _ = super().build_connection_pool_key_attributes(request, True, None)
-        return host_params, {"cert_reqs": self._ssl_context.verify_mode}
+        return host_params, {} if self._ssl_context is None else {"cert_reqs": self._ssl_context.verify_mode}
 
     def cert_verify(self, conn, url, verify, cert):
         """Verification is configured in the SSLContext; requests must not reset it."""
+
+    def build_response(self, req, resp):
+        """requests' Response without its cookie jar and URL copy (the API sets no cookies)."""
+        response = requests.Response()
+        response.status_code, response.reason, response.headers = resp.status, resp.reason, resp.headers
+        response.raw, response.request, response.connection = resp, req, self
+        return response
+
+    def close(self):
+        self._pool = None
+        super().close()
 
 
 class _ExecCredentials:
@@ -957,17 +975,18 @@ class ApiClient:
         self._exec_cert = None
         self.on_error = None        # callable(code) told of every error answer (0: no answer), for metrics
         self.session = self._new_session()
-        self.session.headers["User-Agent"] = user_agent or f"minikrust/{__version__}"
+        self._headers = {"User-Agent": user_agent or f"minikrust/{__version__}", "Accept": "application/json",
+                         "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive"}
+        if cluster.username:
+            basic = base64.b64encode(f"{cluster.username}:{cluster.password}".encode()).decode()
+            self._headers["Authorization"] = f"Basic {basic}"
 
     def _new_session(self, cert=None, key=None):
+        """The connections (a requests adapter) and the environment's proxies, read once."""
         session = requests.Session()
-        if self.server.startswith("https:"):
-            adapter = _TLSAdapter(self.cluster.ssl_context(cert, key), self.cluster.tls_server_name)
-            session.mount("https://", adapter)
-            session.verify = not self.cluster.insecure
-        else:
-            session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=_API_CONNECTIONS))
-        # the environment's proxies (HTTPS_PROXY, NO_PROXY) read once: requests would scan os.environ per call
+        tls = self.server.startswith("https:")
+        session.mount(self.server, _Adapter(self.cluster.ssl_context(cert, key), self.cluster.tls_server_name)
+                      if tls else _Adapter())
         proxy = self.cluster.proxy_url
         session.proxies = {"http": proxy, "https": proxy} if proxy else requests.utils.get_environ_proxies(self.server)
         session.trust_env = False
@@ -984,7 +1003,6 @@ class ApiClient:
                 if cert and (cert, key) != self._exec_cert:       # a new client cert: new TLS pools
                     self._exec_cert = (cert, key)
                     old, self.session = self.session, self._new_session(cert, key)
-                    self.session.headers.update(old.headers)
                     old.close()
             return token
         if cluster.token_file:
@@ -1009,25 +1027,23 @@ class ApiClient:
                 timeout=30, retry_conflict=False, stream=False, retries=None):
         """Send one API request; the parsed JSON answer, or the open response when `stream`."""
         retries = self.retries if retries is None else retries
-        url = self.server + path
-        data = None if body is None else json.dumps(body)
+        url = self.server + path + (f"?{urllib.parse.urlencode(params, doseq=True)}" if params else "")
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        sent = {} if data is None else {"Content-Type": content_type, "Content-Length": str(len(data))}
         refreshed, attempt = False, -1
         while True:
             attempt += 1
             if self._closed.is_set():
                 raise ApiError(0, "ClientClosed", "the API client was closed")
-            headers = {"Accept": "application/json"}
-            if data is not None:
-                headers["Content-Type"] = content_type
             token = self.credential()
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
+            # straight to the adapter with a request made here: requests' own preparing and merging
+            # (URL parsing, hooks, cookies, settings) costs as much CPU as the rest of the call
+            prepared = requests.PreparedRequest()
+            prepared.method, prepared.url, prepared.body = method, url, data
+            prepared.headers = {**self._headers, **sent, **({"Authorization": f"Bearer {token}"} if token else {})}
             last = attempt >= retries
-            try:    # straight to the session's adapter: Session.request's merging (cookies, settings,
-                # hooks) costs as much CPU as the rest of the call, and the status writers are CPU-bound
+            try:
                 session = self.session
-                prepared = requests.Request(method, url, params=params, data=data, headers={
-                    **session.headers, **headers}, auth=session.auth).prepare()
                 response = session.get_adapter(url).send(prepared, stream=stream, timeout=(10, timeout),
                                                          verify=session.verify, proxies=session.proxies)
             except requests.RequestException as exc:
@@ -1039,7 +1055,7 @@ class ApiClient:
                 continue
             code = response.status_code
             if code < 400:
-                return response if stream else (response.json() if response.content else {})
+                return response if stream else json.loads(response.raw.read(decode_content=True) or b"{}")
             error = _api_error(response)
             response.close()
             self._note_error(code)

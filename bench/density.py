@@ -53,8 +53,9 @@ def phase_run(user, node, kubelet, image, prefix, n, window, timeout):
         user.call("DELETE", f"/api/v1/namespaces/{NS}/pods/{prefix}-{i}",
                   {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 1})
         answered[f"{prefix}-{i}"] = time.monotonic()
-    began = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:     # 8 connections, opened before timing
+        user.connect(pool)
+        began = time.monotonic()
         list(pool.map(delete, range(n)))
     wait(lambda: watcher.count("Deleted") >= n, timeout, 0.02)
     gone = {name: s["Deleted"] for name, s in watcher.seen.items() if name in answered and "Deleted" in s}
