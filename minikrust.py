@@ -3848,23 +3848,13 @@ class _LogFile:
 
 
 class _StreamWriter:
-    """Where one WASI output stream goes (a _LogFile, an fd, a callable, or nowhere), as CRI
-    records `<timestamp> <stream> <F|P> <line>` (log_format "cri") or raw bytes ("plain")."""
+    """One WASI output stream as CRI records `<timestamp> <stream> <F|P> <line>` (log_format "cri")
+    or raw bytes ("plain"), handed in lists to `sink` (see _FallbackRun._sink), or dropped (None)."""
 
-    def __init__(self, target, stream, log_format, clock):
+    def __init__(self, sink, stream, log_format, clock):
         if log_format not in ("cri", "plain"):
             raise ModuleRunError(f"unknown log_format {log_format!r} (want 'cri' or 'plain')")
-        self.stream, self.cri, self.clock, self.buf = stream, log_format == "cri", clock, b""
-        self.sink = None    # takes a list of pieces: one write() for an fd, a _LogFile rotates between them
-        if isinstance(target, _LogFile):
-            self.sink = target.write
-        elif isinstance(target, int) and not isinstance(target, bool):
-            self.sink = lambda pieces: _write_all(target, b"".join(pieces))
-        elif callable(target):
-            def sink(pieces):   # one call a piece
-                for piece in pieces:
-                    target(piece)
-            self.sink = sink
+        self.sink, self.stream, self.cri, self.clock, self.buf = sink, stream, log_format == "cri", clock, b""
 
     def write(self, data):
         """The WASI custom-output callback: consume all of `data`, return its length."""
@@ -3974,8 +3964,9 @@ class _FallbackRun:
                     raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
                 wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
             for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
-                self._writers.append(_StreamWriter(self._log_file(target, *rotation, log_dir_fd), stream, log_format, clock))
-                _set_custom_output(wt, wasi, stream, self._writers[-1])
+                writer = _StreamWriter(self._sink(target, *rotation, log_dir_fd), stream, log_format, clock)
+                self._writers.append(writer)
+                _set_custom_output(wt, wasi, stream, writer)
             if stdin is not None:
                 data = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(bytes(stdin))
                 vec = wt._ffi.wasm_byte_vec_t()  # filled with a copy that WASI then owns
@@ -4000,14 +3991,22 @@ class _FallbackRun:
             self._close_writers()
             raise
 
-    def _log_file(self, target, max_size, max_files, folder):
-        """A path target as the run's _LogFile for it (one per path: both streams share it)."""
-        if target is None or callable(target) or isinstance(target, int):
-            return target
+    def _sink(self, target, max_size, max_files, folder):
+        """Where a stream's pieces go: an fd (one write), a callable (one call a piece), or a path's
+        _LogFile (one per path: both streams share it; it rotates between pieces)."""
+        if target is None:
+            return None
+        if isinstance(target, int):
+            return lambda pieces: _write_all(target, b"".join(pieces))
+        if callable(target):
+            def sink(pieces):
+                for piece in pieces:
+                    target(piece)
+            return sink
         path = os.fsdecode(target)
         if path not in self._files:
             self._files[path] = _LogFile(path, max_size, max_files, folder)
-        return self._files[path]
+        return self._files[path].write
 
     def _close_writers(self):
         try:
@@ -4351,15 +4350,12 @@ class FallbackHost:
                 module = self._modules[actual] = self._compile(actual, data)
         return module
 
-    def _cache_path(self, digest):
-        name = f"{digest[7:]}.wasmtime-{self.wasmtime_version}-{platform.machine()}.cwasm"
-        return os.path.join(self.cache_dir, name)
-
     def _compile(self, digest, data):
         wt = self._wt
         if data[:4] != b"\0asm":
             raise ModuleLoadError("not a WebAssembly module (bad magic number)")
-        path = self._cache_path(digest)
+        name = f"{digest[7:]}.wasmtime-{self.wasmtime_version}-{platform.machine()}.cwasm"
+        path = os.path.join(self.cache_dir, name)
         kind = wt.component.Component if _is_component(data) else wt.Module
         compiled = None
         try:        # a link planted at the entry's name is not followed
@@ -4495,9 +4491,8 @@ class FallbackHost:
     def _tick(self):
         while True:
             with self._lock:
-                while not self._runs and not self._closing:
-                    self._ticking.wait()
-                if self._closing and not self._runs:
+                self._ticking.wait_for(lambda: self._runs or self._closing)
+                if not self._runs:
                     return
             self._engine.increment_epoch()
             time.sleep(_EPOCH_TICK)
@@ -4517,12 +4512,11 @@ class FallbackHost:
         run = self._runs.get(data)
         if run is not None:
             run._publish_memory()
-        reason = run._should_stop() if run is not None else None
-        if reason is None:
+            run._stop_reason = run._should_stop()
+        if run is None or run._stop_reason is None:
             delta[0] = 1
             return None
-        run._stop_reason = reason
-        return ctypes.cast(self._wt._ffi.wasmtime_error_new(reason.encode()), ctypes.c_void_p).value
+        return ctypes.cast(self._wt._ffi.wasmtime_error_new(run._stop_reason.encode()), ctypes.c_void_p).value
 
     # -- poll_oneoff: clock-only polls sleep here, interruptibly; the rest goes to wasmtime's WASI --
 
