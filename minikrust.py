@@ -1,19 +1,12 @@
-"""minikrust: a minimal, single-file kubelet that runs WebAssembly (WASI preview 1) modules as
-the containers of Kubernetes pods.
+"""minikrust: a minimal, single-file kubelet that runs WebAssembly (WASI preview 1) modules as the
+containers of Kubernetes pods, on wasmtime: through the compiled `_wasihost` extension when it is
+installed, else through the `wasmtime` Python package (slower, same behaviour).
 
-Two ways to use it:
+    python minikrust.py --kubeconfig ~/.kube/config             # join a cluster as a Node
+    python minikrust.py --pod-manifest-path examples/ --once    # static pods, no cluster at all
 
-    # CLI: join a cluster as a Node, or run static pods from a folder with no cluster at all
-    python minikrust.py --kubeconfig ~/.kube/config
-    python minikrust.py --pod-manifest-path examples/ --once
-
-    # Library: drive a kubelet in-process (tests, hollow nodes)
-    import minikrust
-    with minikrust.Kubelet(minikrust.Config(pod_manifest_path="examples")) as kubelet:
+    with minikrust.Kubelet(minikrust.Config(pod_manifest_path="examples")) as kubelet:   # in-process
         ...
-
-Modules run on wasmtime through the compiled `_wasihost` extension when it is installed, else
-through the `wasmtime` Python package (slower, same behaviour).
 """
 
 __version__ = "0.1.0"
@@ -32,7 +25,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import email.utils
 import enum
 import errno
 import fractions
@@ -97,10 +89,7 @@ class ApiError(MinikrustError):
 
     def __init__(self, code, reason="", message="", status=None):
         super().__init__(f"{code} {reason}: {message}" if reason else f"{code}: {message}")
-        self.code = code
-        self.reason = reason
-        self.message = message
-        self.status = status or {}
+        self.code, self.reason, self.message, self.status = code, reason, message, status or {}
 
 
 class ImageError(MinikrustError):
@@ -108,8 +97,7 @@ class ImageError(MinikrustError):
 
     def __init__(self, message, reason="ErrImagePull"):
         super().__init__(message)
-        self.reason = reason
-        self.message = message
+        self.message, self.reason = message, reason
 
 
 class ModuleError(MinikrustError):
@@ -122,9 +110,7 @@ class ContainerConfigError(MinikrustError):
 
     def __init__(self, message, reason="CreateContainerConfigError", retry=True):
         super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.retry = retry
+        self.message, self.reason, self.retry = message, reason, retry
 
 
 # --- Files: one way in, beneath a root ---
@@ -6233,17 +6219,8 @@ def _mirror_pod(pod, node_uid):
 # Log files: the CRI format the WASI host writes, one record a line, `<RFC3339Nano time>
 # <stdout|stderr> <F|P> <content>`; a P (partial) record is continued by the next until an F one.
 
-@dataclass(frozen=True)
-class LogLine:
-    """One line of a container log: CRI partial records joined; `complete` is False for a trailing fragment."""
-    time_ns: int
-    stream: str
-    content: bytes
-    complete: bool = True
-
-    def render(self, timestamps=False):
-        prefix = (_rfc3339nano(self.time_ns) + " ").encode() if timestamps else b""
-        return prefix + self.content + (b"\n" if self.complete else b"")
+# One line of a container log: CRI partial records joined; `complete` False for a trailing fragment.
+LogLine = collections.namedtuple("LogLine", "time_ns stream content complete", defaults=(True,))
 
 
 class _LineJoiner:
@@ -6293,7 +6270,7 @@ class LogOptions:
                 and (self.stream is None or line.stream == self.stream))
 
     @classmethod
-    def from_query(cls, query, now=None):
+    def from_query(cls, query):
         """Parse a query dict (name -> list of values); raise ValueError with a message for a bad one."""
         one = {name: values[-1] for name, values in query.items() if values}.get
 
@@ -6316,7 +6293,7 @@ class LogOptions:
             raise ValueError("at most one of sinceTime or sinceSeconds may be specified")
         seconds = number("sinceSeconds", 1)
         if seconds is not None:
-            since_ns = int(((now or time.time()) - seconds) * 10**9)
+            since_ns = int((time.time() - seconds) * 10**9)
         elif one("sinceTime") is not None:
             since_ns = _parse_rfc3339(one("sinceTime"))
         stream = one("stream") or "All"
@@ -6332,7 +6309,8 @@ def _emit(lines, options, budget):
     for line in lines:
         if not options.selects(line):
             continue
-        data = line.render(options.timestamps)
+        stamp = (_rfc3339nano(line.time_ns) + " ").encode() if options.timestamps else b""
+        data = stamp + line.content + (b"\n" if line.complete else b"")
         if budget[0] is not None:
             data = data[:budget[0]]
             budget[0] -= len(data)
@@ -6342,29 +6320,25 @@ def _emit(lines, options, budget):
             return
 
 
-def read_container_log(path, options, root=None):
-    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks;
-    its folder is resolved beneath `root` (see _LogCursor)."""
-    joiner, cursor = _LineJoiner(), _LogCursor(path, root)
+def read_container_log(path, options, root=None, follow=None):
+    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks; its
+    folder is resolved beneath `root` (see _LogCursor). `follow=(ended, wait)`: stream it as it is
+    written (`kubectl logs -f`) until `ended()` and its last records are read, the byte limit is
+    reached, or `wait(seconds)` returns True."""
+    budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path, root)
 
-    def lines():
-        yield from filter(None, map(joiner.feed, cursor.records(final=True)))
-        yield from joiner.flush()
+    def backlog():
+        yield from filter(None, map(joiner.feed, cursor.records(final=not follow)))
+        if not follow:
+            yield from joiner.flush()
 
-    selected = filter(options.selects, lines())
+    selected = filter(options.selects, backlog())
     if options.tail_lines is not None:
         selected = collections.deque(selected, maxlen=options.tail_lines)
-    yield from _emit(selected, options, [options.limit_bytes])
-
-
-def follow_container_log(path, options, ended, wait, check_every=0.5, root=None):
-    """Stream a container log as it is written (`kubectl logs -f`), as bytes chunks, until `ended()`
-    and its last records are read, the byte limit is reached, or `wait(seconds)` returns True."""
-    budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path, root)
-    backlog = (line for line in map(joiner.feed, cursor.records()) if line and options.selects(line))
-    if options.tail_lines is not None:
-        backlog = collections.deque(backlog, maxlen=options.tail_lines)
-    yield from _emit(backlog, options, budget)
+    yield from _emit(selected, options, budget)
+    if not follow:
+        return
+    ended, wait = follow
     finished, last_check, idle = False, time.monotonic(), 0.05
     while budget[0] != 0:
         records = list(cursor.records())
@@ -6375,7 +6349,7 @@ def follow_container_log(path, options, ended, wait, check_every=0.5, root=None)
         if finished:
             yield from _emit(joiner.flush(), options, budget)
             return
-        if time.monotonic() - last_check >= check_every:
+        if time.monotonic() - last_check >= 0.5:      # ask whether the run ended twice a second
             finished, last_check = bool(ended()), time.monotonic()
             if finished:
                 continue  # read once more: the run may have written its last records just now
@@ -6541,15 +6515,12 @@ class _ResourceStats:
             sample["usageNanoCores"] = int((used - before[1]) * 1e9 / (now_ns - before[0]))
         return sample
 
-    def containers(self):
-        return list(self.kubelet.container_stats())
-
     def _pods(self, specs=None):
         """{(namespace, name): {"uid", "start", "cpu", "memory", "running": [items], "volumes": [names]}},
         the local ephemeral volumes named from `specs` ({(namespace, name): spec.volumes})."""
         specs = specs or {}
         pods = {}
-        for item in self.containers():
+        for item in self.kubelet.container_stats():
             key = (item["namespace"], item["pod"])
             pod = pods.setdefault(key, {"uid": item.get("uid", ""), "start": item.get("start_time") or self._started,
                                         "cpu": 0.0, "memory": 0, "running": [],
@@ -6668,10 +6639,14 @@ def new_key_and_csr(common_name, organization, dns_names=(), ip_addresses=(), se
 
 
 def certificate_validity(cert_pem):
-    """(notBefore, notAfter) of a PEM certificate, as epoch seconds."""
-    text = _openssl("x509", "-noout", "-startdate", "-enddate", stdin=cert_pem).decode()
-    dates = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    return ssl.cert_time_to_seconds(dates["notBefore"]), ssl.cert_time_to_seconds(dates["notAfter"])
+    """(notBefore, notAfter) of a PEM certificate, as epoch seconds, if it is valid now; else None."""
+    try:
+        text = _openssl("x509", "-noout", "-startdate", "-enddate", stdin=cert_pem).decode()
+        dates = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        begin, end = ssl.cert_time_to_seconds(dates["notBefore"]), ssl.cert_time_to_seconds(dates["notAfter"])
+    except (MinikrustError, KeyError, ValueError):
+        return None
+    return (begin, end) if begin <= time.time() < end else None
 
 
 def request_certificate(api, csr_pem, signer_name, usages, timeout=900.0, stop=None):
@@ -6733,13 +6708,9 @@ def _pki_file(path):
 
 def _valid_certificate(path):
     """(notBefore, notAfter) of the certificate in a PEM file (in the pki folder) if it is valid now, else None."""
-    try:
-        with open(_pki_file(path), "rb") as handle:
-            begin, end = certificate_validity(handle.read())
-    except (OSError, MinikrustError, KeyError, ValueError):
-        return None
-    return (begin, end) if begin <= time.time() < end else None
-
+    with contextlib.suppress(OSError), open(_pki_file(path), "rb") as handle:
+        return certificate_validity(handle.read())
+    return None
 
 
 def _node_addresses(kubelet):
@@ -6758,8 +6729,7 @@ def _kubeconfig_is_usable(path):
         if not (cluster.client_cert_data or cluster.client_cert_file):
             return True
         with open(cluster.client_cert_file or os.devnull, "rb") as handle:
-            begin, end = certificate_validity(cluster.client_cert_data or handle.read())
-        return begin <= time.time() < end
+            return certificate_validity(cluster.client_cert_data or handle.read()) is not None
     except (OSError, ValueError, MinikrustError):
         return False
 
@@ -6805,18 +6775,14 @@ class _ServingTLS:
 
     SELF_SIGNED_DAYS = 365      # the kubelet's self-signed serving certificate lasts a year
 
-    def __init__(self, kubelet, stop, csr_timeout=900.0):
+    def __init__(self, kubelet, stop):
         self.kubelet, self.config, self.stop = kubelet, kubelet.config, stop
-        self.csr_timeout = csr_timeout
         self.pki_dir = os.path.join(self.config.root_dir, "pki")
         self.issued = os.path.join(self.pki_dir, "kubelet-server-current.pem")
         self.self_signed = os.path.join(self.pki_dir, "kubelet-self-signed.pem")
-        self._context = None
+        self.context = None     # new connections take the current one; open ones keep theirs
         self._thread = None
         self._renew_at = {}  # (notBefore, notAfter) -> when to renew: the jitter is drawn once per certificate
-
-    def context(self):
-        return self._context
 
     def _install(self, path, keyfile=None):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -6826,7 +6792,7 @@ class _ServingTLS:
         if self.config.client_ca_file:
             context.verify_mode = ssl.CERT_OPTIONAL  # a client cert is verified when given, else token or anonymous
             context.load_verify_locations(cafile=self.config.client_ca_file)
-        self._context = context     # new connections take it; open ones keep theirs
+        self.context = context
 
     def start(self):
         if self.config.tls_cert_file:
@@ -6873,7 +6839,7 @@ class _ServingTLS:
                 dns, ips = _node_addresses(self.kubelet)
                 key, csr = new_key_and_csr(f"system:node:{self.config.node_name}", "system:nodes", dns, ips)
                 cert = request_certificate(self.kubelet.api, csr, SERVING_SIGNER,
-                                           ["digital signature", "server auth"], self.csr_timeout, self.stop)
+                                           ["digital signature", "server auth"], stop=self.stop)
                 self._install(_pki_file(store_certificate(self.pki_dir, "kubelet-server", cert, key)))
                 log.info("serving the certificate issued for %s", ", ".join(dns + ips))
                 backoff = 1.0
@@ -7019,29 +6985,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-
-    def _caller(self):
-        """(user, None) or (None, (code, message)) after authentication and authorization."""
-        kube, url_path = self.server.kube, urllib.parse.urlsplit(self.path).path
+    def _denial(self, path):
+        """None when the caller may make this request, else the (code, message) to answer."""
+        auth = self.server.kube.auth
         peer = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
         try:
-            user = kube.auth.authenticate(peer, self.headers.get("Authorization"))
+            user = auth.authenticate(peer, self.headers.get("Authorization"))
         except (ApiError, requests.RequestException) as exc:
             log.warning("server: token review failed: %s", exc)
-            return None, (401, "Unauthorized")
+            user = None
         if user is None:
-            return None, (401, "Unauthorized")
-        verb, subresource = _VERBS.get(self.command, ""), _subresource(url_path)
+            return 401, "Unauthorized"
+        verb, subresource = _VERBS.get(self.command, ""), _subresource(path)
+        what = f"user={user.name}, verb={verb}, resource=nodes, subresource={subresource}"
         try:
-            allowed, reason = kube.auth.authorize(user, verb, subresource)
+            allowed, reason = auth.authorize(user, verb, subresource)
         except (ApiError, requests.RequestException) as exc:
             log.warning("server: subject access review failed: %s", exc)
-            return None, (500, "Authorization error (user=%s, verb=%s, resource=nodes, subresource=%s)"
-                          % (user.name, verb, subresource))
+            return 500, f"Authorization error ({what})"
         if not allowed:
-            message = f"Forbidden (user={user.name}, verb={verb}, resource=nodes, subresource={subresource})"
-            return None, (403, message + (f": {reason}" if reason else ""))
-        return user, None
+            return 403, f"Forbidden ({what})" + (f": {reason}" if reason else "")
+        return None
 
     def _dispatch(self):
         method = self.command
@@ -7069,7 +7033,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = [urllib.parse.unquote(part) for part in url.path.split("/")[1:]]
         if url.path == "/healthz":
             return self._send(200, "ok")
-        _, denial = self._caller()
+        denial = self._denial(url.path)
         if denial:
             return self._send(*denial)
         if parts and parts[0] in _STREAMING:
@@ -7122,7 +7086,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         ended = functools.partial(_container_ended, kubelet, namespace, name, container, path)
         try:
-            self._write_chunked(follow_container_log(path, options, ended, self._client_gone, root=root))
+            self._write_chunked(read_container_log(path, options, root, follow=(ended, self._client_gone)))
         except OSError as exc:  # the client went away mid-write
             log.debug("server: log follower for %s/%s/%s ended: %s", namespace, name, container, exc)
 
@@ -7169,7 +7133,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
             return super().finish_request(request, client_address)
         request.settimeout(10)
         try:
-            connection = self.kube.tls.context().wrap_socket(request, server_side=True)
+            connection = self.kube.tls.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.debug("server: TLS handshake with %s failed: %s", client_address[0], exc)
             return None
@@ -7183,15 +7147,11 @@ class KubeletServer:
     """The kubelet API: logs, health, pods, metrics, stats. With an API server: HTTPS with webhook
     authentication and authorization; standalone: plain HTTP on 127.0.0.1 only."""
 
-    def __init__(self, kubelet, csr_timeout=900.0):
-        self.kubelet, self.config, self.csr_timeout = kubelet, kubelet.config, csr_timeout
+    def __init__(self, kubelet):
+        self.kubelet, self.config = kubelet, kubelet.config
         self.stopping = threading.Event()
-        self.standalone = kubelet.api is None
-        self.tls = None
-        self.auth = None
         self.stats = _ResourceStats(kubelet)
-        self._httpd = None
-        self._thread = None
+        self.tls = self.auth = self._httpd = self._thread = None
 
     @property
     def port(self):
@@ -7199,14 +7159,13 @@ class KubeletServer:
 
     @property
     def scheme(self):
-        return "http" if self.standalone else "https"
+        return "http" if self.tls is None else "https"
 
     def start(self):
         api = self.kubelet.api  # read now: a kubelet may make its client after this server (TLS bootstrap)
-        self.standalone = api is None
-        self.tls = None if self.standalone else _ServingTLS(self.kubelet, self.stopping, self.csr_timeout)
+        self.tls = None if api is None else _ServingTLS(self.kubelet, self.stopping)
         self.auth = _Authorizer(api, self.config.node_name, self.config.anonymous_auth)
-        host = "127.0.0.1" if self.standalone else (self.config.address or "0.0.0.0")
+        host = "127.0.0.1" if api is None else (self.config.address or "0.0.0.0")
         try:
             self._httpd = _HTTPServer((host, self.config.port), self)
         except OSError as exc:      # fatal, as in the kubelet: a node whose API is unreachable fails later, silently
@@ -7237,12 +7196,6 @@ class KubeletServer:
         if self.tls is not None:
             self.tls.join(5)
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
     def render_metrics(self):
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
         text = self.kubelet.metrics.render()
@@ -7252,7 +7205,7 @@ class KubeletServer:
             "minikrust_container_cpu_seconds_total": ("counter", "CPU seconds used by each container run."),
             "minikrust_container_memory_bytes": ("gauge", "Linear memory of each container run, in bytes.")})
         extra.set("minikrust_running_pods", running)
-        for item in self.stats.containers():
+        for item in self.kubelet.container_stats():
             labels = {"namespace": item["namespace"], "pod": item["pod"], "container": item["container"]}
             extra.set("minikrust_container_cpu_seconds_total", float(item.get("cpu_seconds", 0.0)), **labels)
             extra.set("minikrust_container_memory_bytes", int(item.get("memory_bytes", 0)), **labels)
@@ -7379,10 +7332,7 @@ class Kubelet:
         static = next((s for s in self.sources if isinstance(s, StaticPodSource)), None)
         if static is None or self.pod_manager is None:
             raise ConfigError("--once: needs --pod-manifest-path (static pods to run)")
-        while not static.synced.wait(0.5):
-            if self._stop_requested.is_set():
-                return 1
-        while not self.pod_manager.wait_all_finished(timeout=0.5):
+        while not (static.synced.wait(0.5) and self.pod_manager.wait_all_finished(timeout=0.5)):
             if self._stop_requested.is_set():
                 return 1
         return 0 if self.pod_manager.all_succeeded() and not static.errors else 1
@@ -7420,10 +7370,8 @@ def _logging_to_stderr(config):
     """Log to stderr at --log-level in --log-format while the kubelet runs, then restore the logger."""
     saved = log.handlers[:], log.level, log.propagate
     handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(_JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(_JsonLogFormatter() if config.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(config.log_level.upper())
     log.propagate = False

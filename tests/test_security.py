@@ -307,7 +307,7 @@ def test_rotation_never_follows_a_link_named_like_a_rotated_log(backend, wasm, t
 @pytest.mark.parametrize("escape", ESCAPES)
 @pytest.mark.parametrize("at", ["folder", "file"])
 def test_log_reads_resolve_beneath_the_root_dir(tmp_path, victim, resolver, escape, at):
-    """The server's log reads (read_container_log, follow_container_log) resolve the log's folder
+    """The server's log reads (read_container_log, also with follow) resolve the log's folder
     beneath the root dir and open its files beneath that folder: a planted link is refused."""
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -325,8 +325,8 @@ def test_log_reads_resolve_beneath_the_root_dir(tmp_path, victim, resolver, esca
     except OSError:
         text = b""
     try:
-        followed = b"".join(minikrust.follow_container_log(path, minikrust.LogOptions(), lambda: True,
-                                                           lambda seconds: True, root=str(root)))
+        followed = b"".join(minikrust.read_container_log(path, minikrust.LogOptions(), str(root),
+                                                         follow=(lambda: True, lambda seconds: True)))
     except OSError:
         followed = b""
     assert SECRET.encode() not in text + followed

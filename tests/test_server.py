@@ -224,7 +224,7 @@ def make_server(tmp_path, pki):
         if client_ca:
             config.setdefault("client_ca_file", pki.ca.path)
         kubelet = StubKubelet(tmp_path / f"root{len(started)}", api=api, **config)
-        server = minikrust.KubeletServer(kubelet, csr_timeout=30).start()
+        server = minikrust.KubeletServer(kubelet).start()
         started.append(server)
         return kubelet, server
 
