@@ -4551,18 +4551,21 @@ _HOSTS_LOCK = threading.Lock()
 
 def _native_host(cache_dir):
     """The compiled `_wasihost.Host` (ImportError if missing); a source checkout's unbuilt `_wasihost/`
-    first on sys.path would hide an installed wheel's: then that one is imported, and logged."""
+    first on sys.path would hide an installed wheel's: then the next one on sys.path is imported (logged)."""
     try:
         import _wasihost
     except ImportError as exc:
         found = importlib.util.find_spec("_wasihost") if exc.name != "_wasihost" else None
-        shadowed = os.path.dirname(found.origin) if found and found.origin else None     # the unbuilt one
-        installed = _installed_wasihost(shadowed)
-        if installed is None:
+        if found is None or not found.origin:
             raise
-        log.warning("the _wasihost at %s is not built (%s); using the installed one at %s", shadowed, exc, installed)
-        spec = importlib.util.spec_from_file_location("_wasihost", os.path.join(installed, "__init__.py"),
-                                                      submodule_search_locations=[installed])
+        shadowed = os.path.dirname(found.origin)        # the unbuilt one, and the sys.path entry holding it
+        entry = os.path.realpath(os.path.dirname(shadowed))
+        spec = importlib.machinery.PathFinder.find_spec(
+            "_wasihost", [path for path in sys.path if os.path.realpath(path or ".") != entry])
+        if spec is None:
+            raise
+        log.warning("the _wasihost at %s is not built (%s); using the installed one at %s", shadowed, exc,
+                    os.path.dirname(spec.origin))
         _wasihost = sys.modules["_wasihost"] = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(_wasihost)
@@ -4570,19 +4573,6 @@ def _native_host(cache_dir):
             del sys.modules["_wasihost"]
             raise
     return _wasihost.Host(cache_dir=cache_dir)
-
-
-def _installed_wasihost(shadowed):
-    """Another `_wasihost` package folder on sys.path with a built `_native` extension, or None."""
-    for entry in sys.path:
-        folder = os.path.join(os.path.abspath(entry or "."), "_wasihost")
-        if shadowed and os.path.realpath(folder) == os.path.realpath(shadowed):
-            continue
-        with contextlib.suppress(OSError):
-            if any(name.startswith("_native.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-                   for name in os.listdir(folder)):
-                return folder
-    return None
 
 
 def load_host(cache_dir, backend=None):
