@@ -1871,20 +1871,16 @@ class StaticPodSource(_Loop):
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MT_WASM_CONFIG = "application/vnd.wasm.config.v0+json"
 MT_WASM_LAYER = "application/wasm"
-MT_WASM_TO_OCI_LAYER = "application/vnd.wasm.content.layer.v1+wasm"
+_INDEX_TYPES = (MT_OCI_INDEX, "application/vnd.docker.distribution.manifest.list.v2+json")
+_MANIFEST_ACCEPT = ", ".join([MT_OCI_MANIFEST, MT_DOCKER_MANIFEST, *_INDEX_TYPES])
+_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
+_WASM_LAYERS = (MT_WASM_LAYER, "application/vnd.wasm.content.layer.v1+wasm")
 _TAR_LAYERS = {
     "application/vnd.oci.image.layer.v1.tar": "r:",
     "application/vnd.oci.image.layer.v1.tar+gzip": "r:gz",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "r:gz",
 }
-_INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
-_MANIFEST_ACCEPT = ", ".join([MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST])
-_WASM_PLATFORMS = (("wasip1", "wasm"), ("wasi", "wasm"), ("wasip2", "wasm"))
 _DOCKER_HUB = "docker.io"
 _MAX_MANIFEST = 4 * 1024 * 1024
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -1912,6 +1908,11 @@ class ImageRef:
     @property
     def reference(self):
         return self.digest or self.tag
+
+    @property
+    def key(self):
+        """The module store's key: `name@digest` when pinned, else `name:tag`."""
+        return f"{self.name}@{self.digest}" if self.digest else f"{self.name}:{self.tag}"
 
     def __str__(self):
         return self.name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
@@ -1965,14 +1966,13 @@ def parse_image_ref(image):
 
 
 def default_pull_policy(image):
-    """The API server's default imagePullPolicy: Always for `:latest` or no tag, else IfNotPresent."""
-    if image.startswith("file:"):
-        return "IfNotPresent"
+    """The API server's default imagePullPolicy: Always for `:latest` or no tag (`name:latest@digest`
+    too, as the API defaults it), else IfNotPresent."""
     try:
-        ref = parse_image_ref(image)
+        latest = not image.startswith("file:") and parse_image_ref(image).tag == "latest"
     except ImageError:
-        return "IfNotPresent"
-    return "Always" if ref.tag == "latest" else "IfNotPresent"     # `name:latest@digest` too, as the API defaults it
+        latest = False
+    return "Always" if latest else "IfNotPresent"
 
 
 @dataclass(frozen=True)
@@ -1982,7 +1982,6 @@ class RegistryCredential:
     username: str
     password: str = field(repr=False)
     source: str = ""
-
 
 
 def _registry_matches(pattern, registry):
@@ -2051,40 +2050,31 @@ class RegistryClient:
     to a Bearer token request or Basic auth; credentials go only into Authorization headers."""
 
     def __init__(self, ref, credential=None, insecure=False, timeout=30.0):
-        self.ref = ref
-        self.credential = credential
-        self.scheme = "http" if insecure else "https"
-        self.base = f"{self.scheme}://{ref.api_host}/v2/{ref.repository}/"
-        self.timeout = timeout
-        self.session = requests.Session()
-        self._authorization = None
+        self.ref, self.credential, self.timeout = ref, credential, timeout
+        self.origin = f"{'http' if insecure else 'https'}://{ref.api_host}"
+        self.base = f"{self.origin}/v2/{ref.repository}/"
+        self.session = requests.Session()    # its Authorization header: the one a challenge led to
 
     def close(self):
         self.session.close()
 
     def request(self, method, path, *, headers=None, data=None, stream=False, actions="pull"):
-        """Send a request, answering one auth challenge; connection errors and 5xx raise _Transient."""
+        """Send a request, answering one auth challenge; connection errors, 429 and 5xx raise _Transient."""
         url = urllib.parse.urljoin(self.base, path)
         for attempt in (0, 1):
-            sent = dict(headers or {})
-            if self._authorization:
-                sent["Authorization"] = self._authorization
             try:
-                resp = self.session.request(method, url, headers=sent, data=data, stream=stream,
+                resp = self.session.request(method, url, headers=headers, data=data, stream=stream,
                                             timeout=self.timeout)
             except requests.exceptions.SSLError as exc:  # retrying will not help
                 why = re.search(r"\] ([^\]]+?) \(_ssl", str(exc))
-                raise ImageError(f"TLS with {self.scheme}://{self.ref.api_host} failed: "
-                                 f"{why.group(1) if why else _short(exc)} "
+                raise ImageError(f"TLS with {self.origin} failed: {why.group(1) if why else _short(exc)} "
                                  "(trust its CA, or list it in --insecure-registries for plain HTTP)") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
-                raise _Transient(f"cannot reach {self.scheme}://{self.ref.api_host}: {_short(exc)}") from None
-            if resp.status_code == 401 and attempt == 0:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.close()
-                self._authenticate(challenge, actions)
-                continue
-            break
+                raise _Transient(f"cannot reach {self.origin}: {_short(exc)}") from None
+            if resp.status_code != 401 or attempt:
+                break
+            resp.close()
+            self._authenticate(resp.headers.get("WWW-Authenticate", ""), actions)
         if resp.status_code in (401, 403):
             resp.close()
             raise _AuthError(f"{self.ref.registry} refused {self._who()}: {resp.status_code} "
@@ -2102,21 +2092,22 @@ class RegistryClient:
         scheme, _, rest = challenge.partition(" ")
         params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
         cred = self.credential
+        self.session.headers.pop("Authorization", None)
         if scheme.lower() == "basic":
             if cred is None:
                 raise _AuthError(f"{self.ref.registry} requires authentication and no credentials were found")
             token = base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode()
-            self._authorization = f"Basic {token}"
+            self.session.headers["Authorization"] = f"Basic {token}"
             return
         if scheme.lower() != "bearer" or not params.get("realm"):
             raise _AuthError(f"{self.ref.registry} asked for unsupported authentication {scheme or '(none)'}")
-        query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:{actions}"}
-        if params.get("service"):
-            query["service"] = params["service"]
-        auth = (cred.username, cred.password) if cred else None
+        # requests leaves out a parameter whose value is None (no service named)
+        query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:{actions}",
+                 "service": params.get("service")}
         log.debug("registry %s: requesting a bearer token for %s", self.ref.registry, query["scope"])
         try:
-            resp = self.session.get(params["realm"], params=query, auth=auth, timeout=self.timeout)
+            resp = self.session.get(params["realm"], params=query, timeout=self.timeout,
+                                    auth=(cred.username, cred.password) if cred else None)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Transient(f"cannot reach the token service of {self.ref.registry}: {_short(exc)}") from None
         if resp.status_code in (401, 403):
@@ -2125,14 +2116,13 @@ class RegistryClient:
             raise _Transient(f"the token service of {self.ref.registry} answered {resp.status_code}")
         try:
             body = resp.json()
-            self._authorization = "Bearer " + (body.get("token") or body["access_token"])
-        except (ValueError, KeyError, TypeError):
+            self.session.headers["Authorization"] = "Bearer " + (body.get("token") or body["access_token"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ImageError(f"the token service of {self.ref.registry} sent no token") from None
 
     def get_manifest(self, reference):
         """(document, digest, media type) of a manifest or index, verified when fetched by digest."""
-        resp = self.request("GET", f"manifests/{reference}", headers={"Accept": _MANIFEST_ACCEPT})
-        with resp:
+        with self.request("GET", f"manifests/{reference}", headers={"Accept": _MANIFEST_ACCEPT}) as resp:
             if resp.status_code == 404:
                 raise ImageError(f"{self.ref.name}:{reference} not found: manifest unknown")
             if resp.status_code != 200:
@@ -2146,10 +2136,11 @@ class RegistryClient:
         try:
             doc = json.loads(body)
         except ValueError:
-            raise ImageError(f"manifest {reference} is not JSON") from None
-        media_type = doc.get("mediaType") or resp.headers.get("Content-Type", "").split(";")[0].strip()
-        if not doc.get("mediaType") and "manifests" in doc:
-            media_type = MT_OCI_INDEX
+            doc = None
+        if not isinstance(doc, dict):
+            raise ImageError(f"manifest {reference} is not a JSON object")
+        media_type = doc.get("mediaType") or (MT_OCI_INDEX if "manifests" in doc else
+                                               resp.headers.get("Content-Type", "").split(";")[0].strip())
         return doc, digest, media_type
 
     def download(self, digest, size, out):
@@ -2206,15 +2197,6 @@ class RegistryClient:
                 raise ImageError(f"{self.ref.registry} refused blob {digest}: {resp.status_code} {resp.text[:200]}")
         return digest
 
-    def push_manifest(self, reference, doc, media_type):
-        """Upload a manifest under a tag (or its digest); return its digest."""
-        body = json.dumps(doc, separators=(",", ":")).encode()
-        with self.request("PUT", f"manifests/{reference}", data=body, actions="pull,push",
-                          headers={"Content-Type": media_type}) as resp:
-            if resp.status_code != 201:
-                raise ImageError(f"{self.ref.registry} refused the manifest: {resp.status_code} {resp.text[:300]}")
-        return "sha256:" + hashlib.sha256(body).hexdigest()
-
 
 def _read_state(root, path, valid=lambda doc: True):
     """A JSON object the kubelet kept at `path` beneath `root`, or None; one corrupt or not `valid`
@@ -2261,11 +2243,8 @@ class ModuleStore:
         self._lock = threading.RLock()
         self._persisted = 0.0
         self._hmac_key = None           # see _credential_key
-        self._index = self._load()
-
-    def _load(self):
         index = _read_state(self.root, "index.json") or {}
-        return {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
+        self._index = {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
 
     def _save(self):
         _write_beneath(self.root, "index.json", json.dumps(self._index, indent=1, sort_keys=True).encode())
@@ -2299,6 +2278,16 @@ class ModuleStore:
         """A fresh name in the store's temp dir (same filesystem: rename is atomic)."""
         return os.path.join(self.tmp_dir, uuid.uuid4().hex)
 
+    @contextlib.contextmanager
+    def temp(self):
+        """A new temp file: (path, file open r+b); removed at the end unless add() moved it into place."""
+        path = self.temp_path()
+        try:
+            with self.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "r+b") as f:
+                yield path, f
+        finally:
+            self.discard(path)
+
     def remove_stale_temps(self, age=600.0):
         """Delete temp files of interrupted pulls (untouched for `age` s: a live download writes)."""
         limit = time.time() - age
@@ -2309,16 +2298,17 @@ class ModuleStore:
                         os.unlink(name, dir_fd=folder)
 
     def lookup(self, key):
-        """(module digest, image_id) stored for an image key (`name:tag` or `name@digest`), or None."""
+        """(module digest, image_id, auth labels) of an image key (`name:tag` or `name@digest`) whose
+        module is stored, else None; the labels (see add) are None when it was stored without them."""
         with self._lock:
             entry = self._index["refs"].get(key)
         if entry and self.has(entry["module"]):
-            return entry["module"], entry["image_id"]
+            return entry["module"], entry["image_id"], entry.get("auth")
         return None
 
     def add(self, digest, keys, image_id, temp=None, auth=None):
         """Move a verified temp file into place (if given) and record the keys pointing to it;
-        `auth` labels the credential the pull used (kept per key, see ImageManager._may_use)."""
+        `auth` labels the credential the pull used (kept per key, see ImageManager._stored)."""
         if temp is not None:
             _rename_beneath(self.root, os.path.relpath(temp, self.root), os.path.relpath(self.path(digest), self.root))
         now = time.time()
@@ -2333,12 +2323,6 @@ class ModuleStore:
             entry = self._index["modules"].setdefault(digest, {"added": now})
             entry.update(size=self.size(digest) or 0, last_used=now)
             self._save()
-
-    def auth(self, key):
-        """The credential labels recorded for an image key; None when it was stored without them."""
-        with self._lock:
-            entry = self._index["refs"].get(key) or {}
-        return entry.get("auth")
 
     def credential_id(self, cred):
         """A label for the credential of a pull: anonymous, node, or a keyed hash of a pod's secret."""
@@ -2417,24 +2401,22 @@ class ModuleStore:
         return removed
 
 
-
-
 class ImageManager:
     """Resolves a container's `image` to a module file (`file:PATH`, or a registry pull), as the
     kubelet's image manager: pull policies, ImagePullBackOff, pull secrets, one pull per image."""
 
-    def __init__(self, config=None, store=None, api=None, *, backoff=None, retries=3,
-                 retry_delay=0.2, in_use=None):
+    retries = 3                         # tries of a pull (and of each blob) that fails on a _Transient
+
+    def __init__(self, config=None, store=None, api=None, *, backoff=None, retry_delay=0.2):
         self.config = config = config if config is not None else Config()
         self.store = store if store is not None else ModuleStore(os.path.join(config.root_dir, "modules"))
         self.api = api
         # the kubelet backs off image pulls as it does container restarts: 10 s doubling to 300 s
         self.backoff = backoff or (config.backoff_base, config.backoff_max)
-        self.retries, self.retry_delay = retries, retry_delay
-        self.in_use = in_use            # callable -> digests of modules running pods use (for GC)
+        self.retry_delay = retry_delay
+        self.in_use = None              # callable -> digests of modules running pods use (for GC)
         self.metrics = None             # the kubelet's Metrics, if any: minikrust_image_pulls_total
         self.compiled_cache_dir = None  # the WASI host's cache dir: GC drops a module's machine code too
-        self.downloads = collections.Counter()   # blob digest -> downloads (metrics, tests)
         self._lock = threading.Lock()
         self._inflight = {}
         self._blob_locks = collections.defaultdict(threading.Lock)
@@ -2442,25 +2424,25 @@ class ImageManager:
         self._file_digests = {}
 
     def ensure(self, image, pull_policy=None, pull_secrets=(), namespace=None, base_dir=None):
-        """Return a ModuleRef for `image`, pulling it if the policy says so; raises ImageError."""
+        """Return a ModuleRef for `image`, pulling it if the policy says so; raises ImageError.
+        `pull_secrets`: the names of the pod's imagePullSecrets."""
         if image.startswith("file:"):
             return self._ensure_file(image[len("file:"):], base_dir)
         ref = parse_image_ref(image)
         policy = pull_policy or default_pull_policy(image)
-        if policy != "Always":
-            hit = self._stored(ref)
-            if hit and self._may_use(ref, pull_secrets, namespace):
-                return hit
-            if policy == "Never":
-                raise ImageError(f'Container image "{image}" is not present with pull policy of Never'
-                                 if not hit else f'Container image "{image}" was pulled with credentials '
-                                 "this pod does not have, and pull policy Never cannot check them",
-                                 "ErrImageNeverPull")
+        hit = self._stored(ref, pull_secrets, namespace) if policy != "Always" else None
+        if hit:
+            return hit
+        if policy == "Never":
+            why = ("was pulled with credentials this pod does not have, and pull policy Never cannot check "
+                   "them" if self.store.lookup(ref.key) else "is not present with pull policy of Never")
+            raise ImageError(f'Container image "{image}" {why}', "ErrImageNeverPull")
         # pulls with other credentials are checked on their own, and back off on their own (the
         # kubelet keys its image backoff by pod and image)
-        secret_names = sorted(s.get("name", "") if isinstance(s, dict) else s for s in pull_secrets or ())
-        flight = f"{ref} {namespace} {','.join(secret_names)}"
-        self._check_backoff(flight, image)
+        flight = f"{ref} {namespace} {','.join(sorted(pull_secrets or ()))}"
+        with self._lock:
+            if time.monotonic() < self._failures.get(flight, (0, 0))[0]:
+                raise ImageError(f'Back-off pulling image "{image}"', "ImagePullBackOff")
         try:
             result = self._single_flight(flight, lambda: self._pull(ref, pull_secrets, namespace))
         except ImageError as exc:
@@ -2477,40 +2459,36 @@ class ImageManager:
         if self.metrics is not None:
             self.metrics.inc("minikrust_image_pulls_total", result=result)
 
-
     def present(self, image, pull_secrets=(), namespace=None):
         """Whether `image` is on the node for this pod (a `file:` image always is): no pull for IfNotPresent."""
         if image.startswith("file:"):
             return True
         try:
-            ref = parse_image_ref(image)
+            return self._stored(parse_image_ref(image), pull_secrets, namespace) is not None
         except ImageError:
             return False
-        return self.store.lookup(_store_key(ref)) is not None and self._may_use(ref, pull_secrets, namespace)
 
-    def _may_use(self, ref, pull_secrets, namespace):
-        """KEP-2535 (KubeletEnsureSecretPulledImages): a module pulled with a pod's secret serves
-        another pod without a pull only if that pod has the same credential; one pulled anonymously
-        or with node credentials serves every pod. Modules stored without a record ("preloaded")
-        pass under NeverVerifyPreloadedImages (the default), not under AlwaysVerify."""
-        policy = self.config.image_pull_credentials_verification_policy
-        if policy == "NeverVerify":
-            return True
-        labels = self.store.auth(_store_key(ref))
-        if labels is None:
-            return policy != "AlwaysVerify"
-        if "anonymous" in labels or "node" in labels:
-            return True
-        creds = self.credentials(ref.registry, pull_secrets, namespace, node=False)
-        return any(self.store.credential_id(c) in labels for c in creds)
-
-    def _stored(self, ref):
-        key = _store_key(ref)
-        hit = self.store.lookup(key)
+    def _stored(self, ref, pull_secrets, namespace):
+        """The stored module of `ref` if this pod may use it without a pull, else None. KEP-2535
+        (KubeletEnsureSecretPulledImages): a module pulled with a pod's secret serves another pod
+        only if that pod has the same credential; one pulled anonymously or with node credentials
+        serves every pod. Modules stored without a record ("preloaded") pass under
+        NeverVerifyPreloadedImages (the default), not under AlwaysVerify."""
+        hit = self.store.lookup(ref.key)
         if not hit:
             return None
-        self.store.touch(hit[0])
-        return ModuleRef(self.store.path(hit[0]), hit[0], hit[1], store=self.store.root)
+        digest, image_id, labels = hit
+        policy = self.config.image_pull_credentials_verification_policy
+        if labels is None:
+            allowed = policy != "AlwaysVerify"
+        else:
+            allowed = policy == "NeverVerify" or "anonymous" in labels or "node" in labels or any(
+                self.store.credential_id(c) in labels
+                for c in self.credentials(ref.registry, pull_secrets, namespace, node=False))
+        if not allowed:
+            return None
+        self.store.touch(digest)
+        return ModuleRef(self.store.path(digest), digest, image_id, store=self.store.root)
 
     def _ensure_file(self, path, base_dir):
         path = os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(path)))
@@ -2524,12 +2502,6 @@ class ImageManager:
             with open(path, "rb") as f:     # the user's own file, wherever its links lead
                 digest = self._file_digests[key] = _file_digest(f)
         return ModuleRef(path, digest, f"file:{path}@{digest}")
-
-    def _check_backoff(self, key, image):
-        with self._lock:
-            until, _ = self._failures.get(key, (0, 0))
-        if time.monotonic() < until:
-            raise ImageError(f'Back-off pulling image "{image}"', "ImagePullBackOff")
 
     def _record_failure(self, key):
         initial, cap = self.backoff
@@ -2560,10 +2532,7 @@ class ImageManager:
     def credentials(self, registry, pull_secrets=(), namespace=None, node=True):
         """Credentials for `registry`: the pod's imagePullSecrets first, then (`node`) --registry-config."""
         creds = []
-        for secret_ref in pull_secrets or ():
-            name = secret_ref.get("name") if isinstance(secret_ref, dict) else secret_ref
-            if not name or self.api is None:
-                continue
+        for name in pull_secrets if self.api is not None else ():
             ns = namespace or "default"
             try:
                 secret = self.api.get(f"/api/v1/namespaces/{ns}/secrets/{name}")
@@ -2582,18 +2551,16 @@ class ImageManager:
 
     def _pull(self, ref, pull_secrets, namespace):
         """Try each credential for the registry in turn (anonymous when there is none)."""
-        insecure = ref.registry in self.config.insecure_registries
-        creds = self.credentials(ref.registry, pull_secrets, namespace) or [None]
         started = time.monotonic()
-        for cred in creds:
-            client = RegistryClient(ref, cred, insecure=insecure)
-            try:
-                module = self._retrying(lambda: self._pull_with(client, ref, self.store.credential_id(cred)))
-            except _AuthError as exc:
-                error = exc
-                continue
-            finally:
-                client.close()
+        for cred in self.credentials(ref.registry, pull_secrets, namespace) or [None]:
+            client = RegistryClient(ref, cred, insecure=ref.registry in self.config.insecure_registries)
+            label = self.store.credential_id(cred)
+            with contextlib.closing(client):
+                try:
+                    module = self._retrying(lambda: self._pull_with(client, ref, label))
+                except _AuthError as exc:
+                    error = exc
+                    continue
             took = time.monotonic() - started
             log.info("pulled %s as %s in %.2fs", ref, module.digest, took)
             self._gc_quietly()
@@ -2611,7 +2578,8 @@ class ImageManager:
                     time.sleep(self.retry_delay * (2 ** n) * (1 + random.random() / 2))
         raise ImageError(str(last))
 
-    def _pull_with(self, client, ref, auth=None):
+    def _pull_with(self, client, ref, auth):
+        """Pull with one client: the module stored under the image's keys, its credential label `auth`."""
         doc, digest, media_type = client.get_manifest(ref.reference)
         image_id = f"{ref.name}@{digest}"
         if media_type in _INDEX_TYPES:
@@ -2619,101 +2587,84 @@ class ImageManager:
         if media_type not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST):
             raise ImageError(f"unsupported manifest type {media_type or '(none)'}")
         # `name:tag@digest` pulls the digest; the tag says nothing about what it points to now
-        keys = [f"{ref.name}@{digest}"] + ([f"{ref.name}:{ref.tag}"] if ref.tag and not ref.digest else [])
-        hit = self.store.lookup(keys[0])
+        keys = [image_id] + ([f"{ref.name}:{ref.tag}"] if ref.tag and not ref.digest else [])
+        hit = self.store.lookup(image_id)
+        wasm = [layer for layer in doc.get("layers") or [] if layer.get("mediaType") in _WASM_LAYERS]
         if hit:  # same digest as stored (Always, or a pod proving its credentials): nothing to download
-            self.store.add(hit[0], keys, image_id, auth=auth)
-            return ModuleRef(self.store.path(hit[0]), hit[0], image_id, store=self.store.root)
-        kind, layers, entrypoint = self._module_layers(client, doc)
-        if kind == "wasm":
-            module_digest = layers[0]["digest"]
+            module_digest = hit[0]
+            self.store.add(module_digest, keys, image_id, auth=auth)
+        elif wasm:  # a module or a component (wasip2): the host tells them apart by their header
+            if len(wasm) != 1:
+                raise ImageError(f"the image has {len(wasm)} wasm layers; expected one module")
+            module_digest = wasm[0].get("digest", "")
             with self._blob_locks[module_digest]:
-                temp = None if self.store.has(module_digest) else self._fetch_blob(client, layers[0])
-                self.store.add(module_digest, keys, image_id, temp=temp, auth=auth)
+                if self.store.has(module_digest):
+                    self.store.add(module_digest, keys, image_id, auth=auth)
+                else:
+                    with self._blob(client, wasm[0]) as (temp, _):
+                        self.store.add(module_digest, keys, image_id, temp=temp, auth=auth)
         else:  # stores the module and its keys itself
-            module_digest = self._extract_entrypoint(client, layers, entrypoint, keys, image_id, auth)
+            module_digest = self._extract_entrypoint(client, doc, keys, image_id, auth)
         return ModuleRef(self.store.path(module_digest), module_digest, image_id, store=self.store.root)
 
-    def _fetch_blob(self, client, desc):
-        """Download one blob into the store's temp dir, retrying and resuming; return the temp path."""
+    @contextlib.contextmanager
+    def _blob(self, client, desc):
+        """One blob downloaded into a store temp file, retried and resumed: (path, file at its start)."""
         digest, size = desc.get("digest", ""), desc.get("size")
         if not _DIGEST_RE.match(digest):
             raise ImageError(f"unsupported blob digest {digest!r}")
-        temp = self.store.temp_path()
-
-        def attempt():
-            with self.store.open(temp, os.O_RDWR | os.O_CREAT, "r+b") as out:
-                client.download(digest, size, out)
         try:
-            self._retrying(attempt)
-        except BaseException as exc:
-            self.store.discard(temp)
-            if isinstance(exc, OSError):  # a full disk, a read-only store
-                raise ImageError(f"cannot write to the module store: {exc.strerror}") from None
-            raise
-        self.downloads[digest] += 1
-        return temp
+            with self.store.temp() as (temp, out):
+                self._retrying(lambda: client.download(digest, size, out))
+                out.seek(0)
+                yield temp, out
+        except OSError as exc:  # a full disk, a read-only store
+            raise ImageError(f"cannot write to the module store: {exc.strerror}") from None
 
-    def _config_json(self, client, desc):
-        if (desc.get("size") or 0) > _MAX_MANIFEST:
-            raise ImageError("image config is too large")
-        temp = self._fetch_blob(client, desc)
-        try:
-            with self.store.open(temp) as f:
-                return json.load(f)
-        except ValueError:
-            raise ImageError("image config is not JSON") from None
-        finally:
-            self.store.discard(temp)
-
-    def _module_layers(self, client, doc):
-        """Which layers hold the module, by media type: ("wasm", [layer], None) or ("tar", layers, path)."""
+    def _entrypoint(self, client, doc):
+        """The module path an image of tar layers names: its config's Entrypoint (or Cmd)."""
         config = doc.get("config") or {}
-        layers = doc.get("layers") or []
-        config_type = config.get("mediaType", "")
-        types = [layer.get("mediaType", "") for layer in layers]
-        wasm = [layer for layer in layers if layer.get("mediaType") in (MT_WASM_LAYER, MT_WASM_TO_OCI_LAYER)]
-        if wasm:  # a module or a component (wasip2): the host tells them apart by their header
-            if len(wasm) != 1:
-                raise ImageError(f"the image has {len(wasm)} wasm layers; expected one module")
-            return "wasm", wasm, None
-        if config_type in (MT_OCI_CONFIG, MT_DOCKER_CONFIG) and layers and all(t in _TAR_LAYERS for t in types):
-            conf = self._config_json(client, config)
-            settings = conf.get("config") or {}
-            entry = settings.get("Entrypoint") or settings.get("Cmd")
-            if not entry:
-                raise ImageError("the image config has no Entrypoint naming the module")
-            return "tar", layers, entry[0]
-        raise ImageError(f"no WebAssembly module in the image: config {config_type or '(none)'}, "
-                         f"layers [{', '.join(types) or 'none'}]")
-
-    def _extract_entrypoint(self, client, layers, entrypoint, keys, image_id, auth=None):
-        """Find the Entrypoint file in the topmost layer holding it; store it; return its digest."""
-        wanted = os.path.normpath("/" + entrypoint).lstrip("/")
-        for layer in reversed(layers):
-            temp = self._fetch_blob(client, layer)
+        config_type = config.get("mediaType")
+        types = [layer.get("mediaType", "") for layer in doc.get("layers") or []]
+        if config_type not in _CONFIG_TYPES or not types or not all(t in _TAR_LAYERS for t in types):
+            raise ImageError(f"no WebAssembly module in the image: config {config_type or '(none)'}, "
+                             f"layers [{', '.join(types) or 'none'}]")
+        if (config.get("size") or 0) > _MAX_MANIFEST:
+            raise ImageError("image config is too large")
+        with self._blob(client, config) as (_, f):
             try:
-                with self.store.open(temp) as raw, tarfile.open(fileobj=raw, mode=_TAR_LAYERS[layer["mediaType"]]) as tar:
-                    member = next((m for m in tar.getmembers()
-                                   if os.path.normpath("/" + m.name).lstrip("/") == wanted), None)
-                    if member is None:
-                        continue
-                    if not member.isfile():
-                        raise ImageError(f"Entrypoint {entrypoint} is not a regular file in the image")
-                    module = self.store.temp_path()
-                    with tar.extractfile(member) as src, self.store.open(module, os.O_RDWR | os.O_CREAT, "r+b") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                        out.seek(0)
-                        magic, digest = out.read(4), _file_digest(out)
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                raise ImageError(f"layer {layer['digest']} is not a readable tar: {_short(exc, 120)}") from None
-            finally:
-                self.store.discard(temp)
-            if magic != b"\0asm":
-                self.store.discard(module)
-                raise ImageError(f"Entrypoint {entrypoint} is not a WebAssembly module")
-            self.store.add(digest, keys, image_id, temp=module, auth=auth)
-            return digest
+                settings = json.load(f).get("config") or {}
+            except (ValueError, AttributeError):
+                raise ImageError("image config is not JSON") from None
+        entry = settings.get("Entrypoint") or settings.get("Cmd")
+        if not entry:
+            raise ImageError("the image config has no Entrypoint naming the module")
+        return entry[0]
+
+    def _extract_entrypoint(self, client, doc, keys, image_id, auth):
+        """Find the Entrypoint file in the topmost layer holding it; store it; return its digest."""
+        entrypoint = self._entrypoint(client, doc)
+        wanted = os.path.normpath("/" + entrypoint).lstrip("/")
+        for layer in reversed(doc["layers"]):
+            with self._blob(client, layer) as (_, raw), self.store.temp() as (module, out):
+                try:
+                    with tarfile.open(fileobj=raw, mode=_TAR_LAYERS[layer["mediaType"]]) as tar:
+                        member = next((m for m in tar.getmembers()
+                                       if os.path.normpath("/" + m.name).lstrip("/") == wanted), None)
+                        if member is None:
+                            continue
+                        if not member.isfile():
+                            raise ImageError(f"Entrypoint {entrypoint} is not a regular file in the image")
+                        shutil.copyfileobj(tar.extractfile(member), out, 1 << 20)
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    why = _short(exc, 120)
+                    raise ImageError(f"layer {layer['digest']} is not a readable tar: {why}") from None
+                out.seek(0)
+                if out.read(4) != b"\0asm":
+                    raise ImageError(f"Entrypoint {entrypoint} is not a WebAssembly module")
+                digest = _file_digest(out)
+                self.store.add(digest, keys, image_id, temp=module, auth=auth)
+                return digest
         raise ImageError(f"Entrypoint {entrypoint} is not in any layer of the image")
 
     def gc(self, usage=None):
@@ -2736,25 +2687,18 @@ class ImageManager:
             log.warning("image GC failed: %s", exc)
 
 
-def _store_key(ref):
-    """The store's key for a reference: `name@digest` when pinned, else `name:tag`."""
-    return f"{ref.name}@{ref.digest}" if ref.digest else f"{ref.name}:{ref.tag}"
-
-
 def _pick_platform(index):
     """The index entry for wasip1/wasm, wasi/wasm or wasip2/wasm, else the sole entry; else an error naming them."""
     entries = index.get("manifests") or []
-    for os_name, arch in _WASM_PLATFORMS:
-        for entry in entries:
-            platform_ = entry.get("platform") or {}
-            if platform_.get("os") == os_name and platform_.get("architecture") == arch:
-                return entry
+    platforms = [(p.get("os"), p.get("architecture")) for p in (e.get("platform") or {} for e in entries)]
+    for wanted in (("wasip1", "wasm"), ("wasi", "wasm"), ("wasip2", "wasm")):
+        if wanted in platforms:
+            return entries[platforms.index(wanted)]
     # buildx adds attestation manifests as unknown/unknown entries: they are not candidates
-    images = [e for e in entries if (e.get("platform") or {}).get("os") != "unknown"]
+    images = [entry for entry, (os_name, _) in zip(entries, platforms) if os_name != "unknown"]
     if len(images) == 1:
         return images[0]
-    found = ", ".join(f"{(e.get('platform') or {}).get('os')}/{(e.get('platform') or {}).get('architecture')}"
-                      for e in entries)
+    found = ", ".join(f"{os_name}/{arch}" for os_name, arch in platforms)
     raise ImageError(f"no wasip1/wasm, wasi/wasm or wasip2/wasm entry in the image index (found: {found or 'none'})")
 
 
@@ -2768,22 +2712,27 @@ def push_module(wasm_path, image, *, credential=None, insecure=False):
     ref = parse_image_ref(image)
     with open(wasm_path, "rb") as f:
         data = f.read()
-    layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    layer = {"mediaType": MT_WASM_LAYER, "digest": digest, "size": len(data)}
     config = json.dumps({"created": _k8s_time(), "author": None, "architecture": "wasm",
                          "os": "wasip2" if _is_component(data) else "wasip1",
-                         "layerDigests": [layer_digest], "component": None}).encode()
-    client = RegistryClient(ref, credential, insecure=insecure)
-    try:
-        config_digest = client.push_blob(config)
-        client.push_blob(data)
-        manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
-                    "config": {"mediaType": MT_WASM_CONFIG, "digest": config_digest, "size": len(config)},
-                    "layers": [{"mediaType": MT_WASM_LAYER, "digest": layer_digest, "size": len(data)}]}
-        return client.push_manifest(ref.reference, manifest, MT_OCI_MANIFEST)
-    except _Transient as exc:
-        raise ImageError(str(exc)) from None
-    finally:
-        client.close()
+                         "layerDigests": [digest], "component": None}).encode()
+    with contextlib.closing(RegistryClient(ref, credential, insecure=insecure)) as client:
+        try:
+            config_digest = client.push_blob(config)
+            client.push_blob(data)
+            config_desc = {"mediaType": "application/vnd.wasm.config.v0+json", "digest": config_digest,
+                           "size": len(config)}
+            manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "config": config_desc,
+                                   "layers": [layer]}, separators=(",", ":")).encode()
+            with client.request("PUT", f"manifests/{ref.reference}", data=manifest, actions="pull,push",
+                                headers={"Content-Type": MT_OCI_MANIFEST}) as resp:
+                if resp.status_code != 201:
+                    why = f"{resp.status_code} {resp.text[:300]}"
+                    raise ImageError(f"{ref.registry} refused the manifest: {why}")
+        except _Transient as exc:
+            raise ImageError(str(exc)) from None
+    return "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
 def cmd_push(argv, environ=None):
