@@ -3442,14 +3442,11 @@ def _env_from(pod, container, objects, warnings):
         if kind is None:
             raise ContainerConfigError(f"envFrom source {sorted(source)} is not supported", retry=False)
         ref = source.get("configMapRef") or source.get("secretRef") or {}
-        data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False)
-        invalid = []
-        for key in sorted(data or {}):
-            name = (source.get("prefix") or "") + key
-            if not _ENV_VAR_NAME.match(name):
-                invalid.append(name)
-                continue
-            result[name] = data[key].decode(errors="replace")
+        data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False) or {}
+        prefix = source.get("prefix") or ""
+        named = {prefix + key: value.decode(errors="replace") for key, value in sorted(data.items())}
+        invalid = [name for name in named if not _ENV_VAR_NAME.match(name)]
+        result.update((name, value) for name, value in named.items() if name not in invalid)
         if invalid:  # the kubelet's Warning event, word for word
             message = (f"Keys [{', '.join(invalid)}] from the EnvFrom {kind.lower()} {_namespace(pod)}/"
                        f"{ref.get('name')} were skipped since they are considered invalid environment "
@@ -3494,11 +3491,10 @@ def container_env(pod, container, api=None, node_ip=None, warnings=None, objects
             continue
         if var.get("valueFrom"):
             value = _env_value_from(pod, container, var["valueFrom"], node_ip, objects)
-            if value is None:
-                continue
         else:
             value = _expand_refs(var.get("value") or "", env)
-        env[name] = value
+        if value is not None:       # an optional configMap/secret key that is missing
+            env[name] = value
     workdir = container_workdir(container)
     if workdir and "PWD" not in env:
         env["PWD"] = workdir
