@@ -1366,17 +1366,15 @@ class NodeAgent(_Loop):
 
     def _status(self, ready=True):
         facts = host_facts(self.config.root_dir)
-        now = _k8s_time()
-        previous = self._last_status["conditions"] if self._last_status else None
-        states = node_condition_states(facts, ready=ready)
+        conditions = node_conditions(node_condition_states(facts, ready=ready),
+                                     (self._last_status or {}).get("conditions"), _k8s_time())
         images = None
         if self.images is not None:
             try:
                 images = self.images()
             except (OSError, ValueError, MinikrustError) as exc:
                 log.debug("node images unavailable: %s", exc)
-        return node_status(self.config, self.node_ip, facts, node_conditions(states, previous, now),
-                           port=self.port, images=images)
+        return node_status(self.config, self.node_ip, facts, conditions, port=self.port, images=images)
 
     def register(self):
         """Create the Node, or adopt an existing one (its labels, our status): tryRegisterWithAPIServer."""
@@ -1451,19 +1449,16 @@ class NodeAgent(_Loop):
                 self.lease = self.api.put(f"{base}/{self.name}", self._lease_body(), **_HEARTBEAT)
                 return self.lease
             except ApiError as exc:
+                if exc.code not in (404, 409):
+                    raise
+                self.lease = None       # gone (404: create it) or changed under us (409: read it again)
                 if exc.code == 404:
-                    self.lease = None
                     try:
                         self.lease = self.api.post(base, self._lease_body(), **_HEARTBEAT)
                         return self.lease
                     except ApiError as create_exc:
                         if create_exc.code != 409:
                             raise
-                elif exc.code == 409:
-                    log.debug("lease of %s changed under us; re-reading", self.name)
-                    self.lease = None
-                else:
-                    raise
         raise ApiError(409, "Conflict", f"lease {self.name} kept changing")
 
     def heartbeat(self):
@@ -1760,9 +1755,9 @@ def static_pods_from_manifest(path, node_name):
         problem = pod_problem(doc)
         if problem:
             raise ConfigError(f"{where}: {problem}")
-        digest = hashlib.sha256(json.dumps([doc, node_name, os.path.abspath(path)], sort_keys=True).encode()).hexdigest()
+        pod = json.loads(json.dumps(doc, default=str))     # YAML's dates and the like as text, as JSON has them
+        digest = hashlib.sha256(json.dumps([pod, node_name, os.path.abspath(path)], sort_keys=True).encode()).hexdigest()
         uid = str(uuid.UUID(digest[:32]))
-        pod = json.loads(json.dumps(doc))
         meta = pod.setdefault("metadata", {})
         meta["name"] = f"{meta['name']}-{node_name}"
         if len(meta["name"]) > 253:

@@ -187,6 +187,22 @@ def test_static_source_reports_changes_once_and_one_pod_per_name(tmp_path):
     assert not source.errors
 
 
+def test_a_yaml_date_in_a_manifest_is_text_and_the_manifests_after_it_still_run(tmp_path):
+    # YAML reads an unquoted 2024-01-01 as a date, which JSON cannot hold: before, hashing the
+    # manifest raised TypeError, which stopped every scan at that file (and standalone waited forever).
+    (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata:\n  name: dated\n"
+                                     "  annotations: {released: 2024-01-01}\n"
+                                     "spec:\n  containers: [{name: main, image: 'file:x.wasm'}]\n")
+    _write_manifest(tmp_path, "b.yaml", _pod("web", "file:x.wasm"))
+    handler = _Recorder()
+    source = minikrust.StaticPodSource(str(tmp_path), "n1", handler)
+    source.scan()
+    assert handler.calls == [("added", "dated-n1"), ("added", "web-n1")] and not source.errors
+    assert source.synced.is_set()
+    pod = minikrust.static_pods_from_manifest(str(tmp_path / "a.yaml"), "n1")[0]
+    assert pod["metadata"]["annotations"]["released"] == "2024-01-01"
+
+
 def test_the_readme_in_process_example_runs_and_uses_every_public_name():
     readme = open(os.path.join(ROOT, "README.md")).read()
     start = readme.index("**In-process")
