@@ -2786,19 +2786,13 @@ def parse_quantity(value):
     if not match:
         raise ContainerConfigError(f"invalid resource quantity {value!r}", retry=False)
     number, suffix = match.groups()
-    amount = fractions.Fraction(number)
-    if suffix and suffix[0] in "eE" and len(suffix) > 1:
-        return amount * fractions.Fraction(10) ** int(suffix[1:])
-    return amount * _QUANTITY_SUFFIX.get(suffix, 1) if suffix else amount
+    if suffix and suffix[0] in "eE" and len(suffix) > 1:     # an exponent ("1e3"), not exa ("1E")
+        return fractions.Fraction(number + suffix)
+    return fractions.Fraction(number) * _QUANTITY_SUFFIX.get(suffix, 1)
 
 
 def _namespace(pod):
     return (pod.get("metadata") or {}).get("namespace") or "default"
-
-
-def _format_map(mapping):
-    """Labels or annotations as the downward API writes them: sorted `key="value"` lines."""
-    return "\n".join(f"{key}={json.dumps(mapping[key], ensure_ascii=False)}" for key in sorted(mapping))
 
 
 def pod_field(pod, field_path, node_ip=None, whole_maps=False):
@@ -2825,8 +2819,9 @@ def pod_field(pod, field_path, node_ip=None, whole_maps=False):
     }
     if field_path in simple:
         return simple[field_path]
-    if whole_maps and field_path in ("metadata.labels", "metadata.annotations"):
-        return _format_map(meta.get(field_path.split(".")[1]) or {})
+    if whole_maps and field_path in ("metadata.labels", "metadata.annotations"):    # `key="value"` lines
+        mapping = meta.get(field_path.split(".")[1]) or {}
+        return "\n".join(f"{key}={json.dumps(mapping[key], ensure_ascii=False)}" for key in sorted(mapping))
     raise ContainerConfigError(f"unsupported fieldRef fieldPath {field_path!r}", retry=False)
 
 
@@ -2835,12 +2830,8 @@ def _node_allocatable(resource):
     if resource == "cpu":
         return fractions.Fraction(os.cpu_count() or 1)
     if resource == "memory":
-        try:
-            return fractions.Fraction(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            return fractions.Fraction(0)
-    total, _, _ = shutil.disk_usage("/")
-    return fractions.Fraction(total)
+        return fractions.Fraction(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return fractions.Fraction(shutil.disk_usage("/").total)
 
 
 def container_resource(pod, container_name, resource, divisor=None):
@@ -2855,15 +2846,15 @@ def container_resource(pod, container_name, resource, divisor=None):
     if kind not in ("limits", "requests") or name not in ("cpu", "memory", "ephemeral-storage"):
         raise ContainerConfigError(f"unsupported resourceFieldRef resource {resource!r}", retry=False)
     resources = container.get("resources") or {}
-    limit = (resources.get("limits") or {}).get(name)
-    request = (resources.get("requests") or {}).get(name)
-    if kind == "limits":
-        value = parse_quantity(limit) if limit is not None else _node_allocatable(name)
+    value = (resources.get(kind) or {}).get(name)
+    if value is None and kind == "requests":
+        value = (resources.get("limits") or {}).get(name)
+    if value is not None:
+        amount = parse_quantity(value)
     else:
-        chosen = request if request is not None else limit
-        value = parse_quantity(chosen) if chosen is not None else fractions.Fraction(0)
-    divide = parse_quantity(divisor) if divisor not in (None, "", 0, "0") else fractions.Fraction(1)
-    return str(math.ceil(value / divide))
+        amount = _node_allocatable(name) if kind == "limits" else fractions.Fraction(0)
+    divide = parse_quantity(divisor) if divisor not in (None, "", 0, "0") else 1
+    return str(math.ceil(amount / divide))
 
 
 def _api_object(objects, kind, pod, name, optional, binary=True):
@@ -2873,12 +2864,9 @@ def _api_object(objects, kind, pod, name, optional, binary=True):
     obj = objects.read(kind, _namespace(pod), name, optional, _pod_uid(pod))
     if obj is None:
         return None
-    if kind == "Secret":
-        data = {k: base64.b64decode(v or "") for k, v in (obj.get("data") or {}).items()}
-        data.update((k, v.encode()) for k, v in (obj.get("stringData") or {}).items())
-        return data
-    data = {k: base64.b64decode(v or "") for k, v in (obj.get("binaryData") or {}).items()} if binary else {}
-    data.update((k, (v or "").encode()) for k, v in (obj.get("data") or {}).items())
+    encoded, plain = ("data", "stringData") if kind == "Secret" else ("binaryData" if binary else "", "data")
+    data = {k: base64.b64decode(v or "") for k, v in (obj.get(encoded) or {}).items()}
+    data.update((k, (v or "").encode()) for k, v in (obj.get(plain) or {}).items())
     return data
 
 
@@ -3105,26 +3093,28 @@ class ServiceAccountTokens:
                     self.ready(key[0])      # its pod writes it now (or goes on without it)
 
 
-def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=None):
-    """Files of a projected volume (written in `target`, where `tokens` keeps its token fresh); the
-    `kube-api-access-*` one admission adds to every pod (contract 14) skips what it cannot read."""
-    name = volume["name"]
-    projected = volume.get("projected") or {}
-    default_mode = projected.get("defaultMode", 0o644)
-    best_effort = name.startswith("kube-api-access-")
-    files, fetching = {}, None
-    for source in projected.get("sources") or []:
-        what = f"volume {name!r}"
+def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens):
+    """Files {path: (bytes, mode)} of a configMap, secret, downwardAPI or projected volume, each read as
+    a projection of its sources (in `target`, `tokens` keeps a token fresh); the `kube-api-access-*`
+    volume admission adds to every pod (contract 14) skips what it cannot read."""
+    name, source = volume["name"], volume[kind] or {}
+    if kind == "secret":
+        source = {**source, "name": source.get("secretName")}
+    sources = (source.get("sources") or []) if kind == "projected" else [{kind: source}]
+    default_mode = source.get("defaultMode", 0o644)
+    best_effort = kind == "projected" and name.startswith("kube-api-access-")
+    what, files, fetching = f"volume {name!r}", {}, None
+    for item in sources:
         try:
-            if "configMap" in source or "secret" in source:
-                kind = "ConfigMap" if "configMap" in source else "Secret"
-                ref = source.get("configMap") or source.get("secret") or {}
+            if "configMap" in item or "secret" in item:
+                kind = "ConfigMap" if "configMap" in item else "Secret"
+                ref = item.get("configMap") or item.get("secret") or {}
                 data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"))
-                new = _keys_to_files(ref, data, default_mode, what)  # modes: all 0600 (private)
-            elif "downwardAPI" in source:
-                new = _downward_files(pod, source["downwardAPI"], default_mode, node_ip, what)
-            elif "serviceAccountToken" in source:
-                ref, token = source["serviceAccountToken"], None
+                files.update(_keys_to_files(ref, data, default_mode, what))
+            elif "downwardAPI" in item:
+                files.update(_downward_files(pod, item["downwardAPI"], default_mode, node_ip, what))
+            elif "serviceAccountToken" in item:
+                ref, token = item["serviceAccountToken"], None
                 path = _check_relpath(ref.get("path"), what)
                 if tokens is not None:
                     token = tokens.token(pod, ref, target, path, what)
@@ -3133,19 +3123,16 @@ def _projected_files(pod, volume, api, node_ip, objects, tokens=None, target=Non
                         token = _request_token(pod, ref, api)[0]
                     except MinikrustError as exc:
                         log.warning("%s: serviceAccountToken skipped: %s", what, exc)
-                new = {path: (token, 0o600)} if token is not None else {}
+                files.update({path: (token, 0o600)} if token is not None else {})
             else:
-                kinds = ", ".join(sorted(source)) or "empty"
+                kinds = ", ".join(sorted(item)) or "empty"
                 raise ContainerConfigError(f"{what}: unsupported projected source {kinds}", retry=False)
         except _Fetching as exc:     # the other sources' fetches start too: one wait for all
             fetching = exc
-            continue
         except ContainerConfigError as exc:
             if not best_effort:
                 raise
             log.info("%s: source skipped: %s", what, exc.message)
-            continue
-        files.update(new)
     if fetching:
         raise fetching
     return files
@@ -3220,31 +3207,24 @@ def _host_path(volume, config, base_dir):
     """The resolved directory of a hostPath volume (links resolved before the check), refused unless
     under --allowed-host-paths; WASI preopens only directories."""
     source = volume.get("hostPath") or {}
-    path, kind = source.get("path") or "", source.get("type") or ""
-    if not os.path.isabs(path) and base_dir:
-        path = os.path.join(base_dir, path)
-    real = os.path.realpath(path)
-    prefixes = config.allowed_host_paths
-    allowed = [os.path.realpath(os.path.expanduser(p)) for p in prefixes if p and os.path.isabs(os.path.expanduser(p))]
-    if not any(os.path.commonpath([real, prefix]) == prefix for prefix in allowed):
-        raise ContainerConfigError(
-            f"hostPath {source.get('path')!r} of volume {volume['name']!r} is not allowed: it is not under "
-            f"--allowed-host-paths ({', '.join(allowed) or 'none'})", retry=False)
+    kind = source.get("type") or ""
+    real = os.path.realpath(os.path.join(base_dir or "", source.get("path") or ""))
+    prefixes = map(os.path.expanduser, config.allowed_host_paths)
+    allowed = [os.path.realpath(prefix) for prefix in prefixes if os.path.isabs(prefix)]
     root = os.path.realpath(config.root_dir)
-    if os.path.commonpath([real, root]) in (real, root):     # the kubelet's own files: never a module's
-        raise ContainerConfigError(f"hostPath {source.get('path')!r} of volume {volume['name']!r} is not allowed: "
-                                   f"it overlaps --root-dir {root}", retry=False)
-    if kind not in ("", "Directory", "DirectoryOrCreate"):
-        raise ContainerConfigError(f"hostPath type {kind} of volume {volume['name']!r} is not supported: "
-                                   "WASI preopens only directories", retry=False)
-    if not os.path.isdir(real):
-        if os.path.exists(real):
-            raise ContainerConfigError(f"hostPath {path!r} is not a directory: WASI preopens only directories",
-                                       retry=False)
-        if kind == "Directory":
-            raise ContainerConfigError(f"hostPath {path!r} does not exist (type Directory)", retry=True)
+    where = f"hostPath {source.get('path')!r} of volume {volume['name']!r}"
+    if not any(os.path.commonpath([real, prefix]) == prefix for prefix in allowed):
+        problem = f"is not allowed: it is not under --allowed-host-paths ({', '.join(allowed) or 'none'})"
+    elif os.path.commonpath([real, root]) in (real, root):     # the kubelet's own files: never a module's
+        problem = f"is not allowed: it overlaps --root-dir {root}"
+    elif kind not in ("", "Directory", "DirectoryOrCreate") or os.path.exists(real) != os.path.isdir(real):
+        problem = f"is not a directory (type {kind or 'unset'}): WASI preopens only directories"
+    elif kind == "Directory" and not os.path.isdir(real):
+        raise ContainerConfigError(f"{where} does not exist (type Directory)", retry=True)
+    else:
         os.makedirs(real, mode=0o755, exist_ok=True)
-    return real
+        return real
+    raise ContainerConfigError(f"{where} {problem}", retry=False)
 
 
 def _volume_type(volume):
@@ -3258,40 +3238,27 @@ def _volume_type(volume):
 def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None, tokens=None, objects=None):
     """Make every volume of a pod ready as a host directory: {volume name: host dir}; API-backed
     contents are (re)written under `<pod_dir>/volumes/<name>`. ContainerConfigError when not."""
-    volumes_dir = os.path.join(pod_dir, "volumes")
     dirs, objects = {}, objects or ApiObjects(api)
     for volume in (pod.get("spec") or {}).get("volumes") or []:
         name = volume.get("name") or ""
         if not name or "/" in name or name in (".", ".."):
             raise ContainerConfigError(f"invalid volume name {name!r}", retry=False)
         kind = _volume_type(volume)
-        target = os.path.join(volumes_dir, name)
-        what = f"volume {name!r}"
-        source = volume[kind] or {}
-        if kind in ("emptyDir", "configMap", "downwardAPI") and source.get("medium") != "Memory":
-            os.close(_makedirs_beneath(pod_dir, f"volumes/{name}"))     # beneath the pod's folder
-        elif kind == "emptyDir":
-            target = _private_dir(pod_dir, name)  # tmpfs, as the kubelet mounts it (sizeLimit is not enforced)
         if kind == "hostPath":
-            target = _host_path(volume, config, base_dir)
-        elif kind in ("configMap", "secret"):
-            api_kind = "ConfigMap" if kind == "configMap" else "Secret"
-            ref_name = source.get("name") if kind == "configMap" else source.get("secretName")
-            data = _api_object(objects, api_kind, pod, ref_name, source.get("optional"))
-            files = _keys_to_files(source, data, source.get("defaultMode", 0o644), what)
-            if kind == "secret":
-                target = _private_dir(pod_dir, name)
-            _write_files(target, files, private=(kind == "secret"))
-        elif kind == "downwardAPI":
-            files = _downward_files(pod, source, source.get("defaultMode", 0o644), node_ip, what)
-            _write_files(target, files, private=False)
-        elif kind == "projected":
-            target = _private_dir(pod_dir, name)
-            _write_files(target, _projected_files(pod, volume, api, node_ip, objects, tokens, target), private=True)
-        elif kind != "emptyDir":
+            dirs[name] = _host_path(volume, config, base_dir)
+            continue
+        if kind not in ("emptyDir", *_API_VOLUME_TYPES):
             raise ContainerConfigError(f"volume {name!r} has type {kind}, which minikrust does not support",
                                        retry=False)
-        dirs[name] = target
+        private = kind in ("secret", "projected")      # a 0700 folder of 0600 files
+        if private or (volume[kind] or {}).get("medium") == "Memory":
+            dirs[name] = _private_dir(pod_dir, name)    # tmpfs, as the kubelet mounts it (no sizeLimit)
+        else:
+            os.close(_makedirs_beneath(pod_dir, f"volumes/{name}"))     # beneath the pod's folder
+            dirs[name] = os.path.join(pod_dir, "volumes", name)
+        if kind != "emptyDir":
+            files = _volume_files(pod, volume, kind, dirs[name], api, node_ip, objects, tokens)
+            _write_files(dirs[name], files, private)
     return dirs
 
 
@@ -3364,17 +3331,14 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
             raise ContainerConfigError(f"volumeMount {mount_path!r} refers to unknown volume {name!r}", retry=False)
         if not mount_path.startswith("/"):
             raise ContainerConfigError(f"mountPath {mount_path!r} must be absolute", retry=False)
-        guest = os.path.normpath(mount_path)
-        guest = "/" if guest == "//" else guest
+        guest = "/" + os.path.normpath(mount_path).lstrip("/")     # normpath keeps a leading "//"
         if guest in seen:
             raise ContainerConfigError(f"mountPath {guest!r} is mounted twice", retry=False)
         seen.add(guest)
         api_volume = _volume_type(volumes[name]) in _API_VOLUME_TYPES
         readonly = bool(mount.get("readOnly")) or api_volume
         host = volume_dirs[name]
-        sub_path = mount.get("subPath") or ""
-        if not sub_path and mount.get("subPathExpr"):
-            sub_path = _expand_refs(mount["subPathExpr"], env_map)
+        sub_path = mount.get("subPath") or _expand_refs(mount.get("subPathExpr"), env_map)
         if sub_path:
             host = _subpath(host, sub_path, api_volume)
             if os.path.isfile(host):
@@ -3393,17 +3357,13 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
 def read_guest_file(mounts, guest_path, limit):
     """The first `limit` bytes of the file a module sees at `guest_path`, read beneath the longest
     mount that holds it, or None (no such mount or regular file, or a link out of its mount)."""
-    if not guest_path or not guest_path.startswith("/"):
-        return None
-    guest = os.path.normpath(guest_path)
+    guest = os.path.normpath(guest_path or ".")     # a relative path: held by no mount
     holders = [(host, mount.rstrip("/")) for host, mount, _ro in mounts if guest.startswith(mount.rstrip("/") + "/")]
-    if not holders:
-        return None
-    host, mount = max(holders, key=lambda holder: len(holder[1]))
-    try:
-        return _read_beneath(host, guest[len(mount) + 1:], limit)
-    except OSError:
-        return None
+    if holders:
+        host, mount = max(holders, key=lambda holder: len(holder[1]))
+        with contextlib.suppress(OSError):
+            return _read_beneath(host, guest[len(mount) + 1:], limit)
+    return None
 
 
 def cleanup_volumes(pod_dir):
