@@ -431,8 +431,7 @@ _POSITIVE = {"max_pods", "poll_interval", "lease_duration", "lease_renew_interva
 
 def _config_type_problem(item, value):
     """Why a Config field's value is not of the field's type (None allowed where it is the default)."""
-    kind = item.type if isinstance(item.type, type) else {"str": str, "int": int, "float": float, "bool": bool,
-                                                          "dict": dict, "tuple": tuple}[item.type]
+    kind = item.type
     if value is None and item.default is None:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -484,26 +483,11 @@ _PARSERS = {"str": str, "int": int, "float": float, "bool": _parse_bool, "tuple"
             "size": _parse_size}
 # (flag, parser, help) of each Config field made by _flag; the env var is MINIKRUST_<FIELD>.
 _FLAGS = [("--" + item.name.replace("_", "-"),
-           _PARSERS[item.metadata["parse"] or getattr(item.type, "__name__", item.type)], item.metadata["help"])
+           _PARSERS[item.metadata["parse"] or item.type.__name__], item.metadata["help"])
           for item in dataclasses.fields(Config) if "help" in item.metadata]
 _CHOICES = {"sync": ("watch", "poll"), "log_level": ("debug", "info", "warning", "error"),
             "log_format": ("text", "json"),
             "image_pull_credentials_verification_policy": ("NeverVerify", "NeverVerifyPreloadedImages", "AlwaysVerify")}
-
-
-def _build_parser():
-    parser = argparse.ArgumentParser(
-        prog="minikrust", description="A kubelet that runs WASI modules as pod containers.",
-        epilog="Every flag can also be set by the environment variable MINIKRUST_<FLAG> "
-               "(e.g. MINIKRUST_NODE_NAME).")
-    parser.add_argument("--version", action="version", version=f"minikrust {__version__}")
-    for flag, _parser, help_text in _FLAGS:
-        dest = flag[2:].replace("-", "_")
-        if _parser is _parse_bool:
-            parser.add_argument(flag, dest=dest, nargs="?", const="true", default=None, metavar="BOOL", help=help_text)
-        else:
-            parser.add_argument(flag, dest=dest, default=None, metavar=dest.upper(), help=help_text)
-    return parser
 
 
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -524,10 +508,9 @@ def _label_problem(key, value):
         return f"label key {key!r} is not valid"
     if value and not _LABEL_NAME.fullmatch(value):
         return f"label value {value!r} of {key} is not valid"
-    domain = prefix.lower()
-    if any(domain == d or domain.endswith("." + d) for d in ("kubernetes.io", "k8s.io")):
-        kubelet_owned = any(domain == d or domain.endswith("." + d)
-                            for d in ("kubelet.kubernetes.io", "node.kubernetes.io"))
+    domain = "." + prefix.lower()
+    if domain.endswith((".kubernetes.io", ".k8s.io")):
+        kubelet_owned = domain.endswith((".kubelet.kubernetes.io", ".node.kubernetes.io"))
         if not kubelet_owned and key not in _ALLOWED_KUBE_LABELS:
             return f"label {key} is in a namespace a kubelet may not set (use kubelet.kubernetes.io/ or node.kubernetes.io/)"
     return None
@@ -554,7 +537,7 @@ def _config_value_problem(item, value):
     low, high = _CONFIG_RANGES.get(name, (None, None))
     if low is not None and not low <= value <= high:
         return f"is not between {low} and {high}"
-    if item.type in (float, "float") and not 0 <= value <= threading.TIMEOUT_MAX:    # NaN fails this too
+    if item.type is float and not 0 <= value <= threading.TIMEOUT_MAX:    # NaN fails this too
         return f"must be a number of seconds between 0 and {threading.TIMEOUT_MAX:.0f}"
     return None
 
@@ -562,7 +545,17 @@ def _config_value_problem(item, value):
 def parse_args(argv=None, environ=None):
     """Config from flags, then MINIKRUST_* variables, then defaults; ConfigError names the flag."""
     environ = os.environ if environ is None else environ
-    args = _build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = argparse.ArgumentParser(
+        prog="minikrust", description="A kubelet that runs WASI modules as pod containers.",
+        epilog="Every flag can also be set by the environment variable MINIKRUST_<FLAG> "
+               "(e.g. MINIKRUST_NODE_NAME).")
+    parser.add_argument("--version", action="version", version=f"minikrust {__version__}")
+    for flag, convert, help_text in _FLAGS:
+        if convert is _parse_bool:
+            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(flag, help=help_text)     # metavar: NODE_NAME for --node-name
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     values, sources = {}, {}
     for flag, convert, _help in _FLAGS:
         dest = flag[2:].replace("-", "_")
@@ -586,6 +579,7 @@ def parse_args(argv=None, environ=None):
         return Config(**values)
     except ConfigError as exc:      # named as the flag or variable the user set it with
         raise ConfigError(re.sub(r"^Config\.(\w+)", lambda m: sources.get(m.group(1), m.group(0)), str(exc))) from None
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -629,28 +623,23 @@ class ClusterConfig:
                     ctx.load_verify_locations(cadata=self.ca_data.decode("ascii", "replace"))
             except (ssl.SSLError, OSError) as exc:
                 raise ConfigError(f"{self.source}: certificate-authority: not a usable CA certificate ({exc})") from None
-        cert_data = cert_data or self.client_cert_data
-        key_data = key_data or self.client_key_data
-        if cert_data or key_data or self.client_cert_file:
-            _load_client_cert(ctx, self, cert_data, key_data)
+        pems = (cert_data or self.client_cert_data, key_data or self.client_key_data)
+        if not any(pems) and not self.client_cert_file:
+            return ctx
+        with tempfile.TemporaryDirectory(prefix="minikrust-tls-") as tmp:     # ssl reads chains from files
+            files = [self.client_cert_file, self.client_key_file]
+            for index, data in enumerate(pems):
+                if data:
+                    files[index] = os.path.join(tmp, f"{index}.pem")
+                    with open(os.open(files[index], os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                        f.write(data)
+            try:
+                ctx.load_cert_chain(*files)
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                raise ConfigError(f"{self.source}: client-certificate/client-key: not a usable "
+                                  f"certificate and key pair ({reason})") from None
         return ctx
-
-
-def _load_client_cert(ctx, cluster, cert_data, key_data):
-    """Load a client certificate; PEM data goes through files that live only for the call,
-    because `ssl` reads certificate chains from files only."""
-    with tempfile.TemporaryDirectory(prefix="minikrust-tls-") as tmp:
-        files = [cluster.client_cert_file, cluster.client_key_file]
-        for index, data in enumerate((cert_data, key_data)):
-            if data:
-                files[index] = os.path.join(tmp, f"{index}.pem")
-                with open(os.open(files[index], os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-                    f.write(data)
-        try:
-            ctx.load_cert_chain(*files)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"{cluster.source}: client-certificate/client-key: not a usable "
-                              f"certificate and key pair ({getattr(exc, 'reason', None) or exc})") from None
 
 
 def _named(items, name, kind, path):
