@@ -5045,11 +5045,12 @@ class _StateFiles:
         self._pending = {}          # path: a `.new` to make durable; (pod dir, volumes only): to remove; oldest first
         self._thread = None
 
-    def save(self, path, doc):
+    def save(self, root, path, doc):
+        """Keep `doc` as the file `path` beneath `root` (its folders made where missing)."""
         try:
             with self._lock:    # no rename of a `.new` between its fsync and its rename
-                _write_beneath(*os.path.split(path + ".new"), json.dumps(doc).encode(), sync=False)
-                self._queue(path)
+                _write_beneath(root, path + ".new", json.dumps(doc).encode(), sync=False)
+                self._queue(os.path.join(root, path))
         except OSError as exc:
             log.warning("cannot keep %s: %s", path, exc.strerror or exc)
 
@@ -5086,23 +5087,19 @@ class _StateFiles:
                 continue
             head, name = os.path.split(path)
             try:
-                dir_fd = open_beneath(head, "", os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue        # the pod's folder is gone
-            try:
-                fd = os.open(name + ".new", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                try:
-                    os.fsync(fd)
-                    with self._lock:    # a newer `.new` (saved meanwhile) waits for its own fsync
-                        if os.stat(name + ".new", dir_fd=dir_fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                            os.replace(name + ".new", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                finally:
-                    os.close(fd)
+                with _dir_beneath(head) as folder:
+                    fd = os.open(f"{name}.new", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+                    try:
+                        os.fsync(fd)
+                        with self._lock:    # a newer `.new` (saved meanwhile) waits for its own fsync
+                            newest = os.stat(f"{name}.new", dir_fd=folder, follow_symlinks=False)
+                            if newest.st_ino == os.fstat(fd).st_ino:
+                                os.replace(f"{name}.new", name, src_dir_fd=folder, dst_dir_fd=folder)
+                    finally:
+                        os.close(fd)
             except OSError as exc:
-                if exc.errno != errno.ENOENT:
+                if exc.errno != errno.ENOENT:       # else the pod's folder, or its `.new`, is gone
                     log.warning("cannot keep %s: %s", path, exc.strerror or exc)
-            finally:
-                os.close(dir_fd)
 
 
 def _read_saved(root, path, valid=lambda doc: True):
@@ -5157,13 +5154,21 @@ class _Container:
         elif self.last_state:
             self.state, self.ever_started = {"waiting": {"reason": "ContainerCreating"}}, True
 
-    def schedule_restart(self, now, base, maximum):
-        """CrashLoopBackOff: the first restart at once, then base doubling up to maximum; a run
-        of _BACKOFF_RESET seconds forgives the past (the kubelet's per-container back-off)."""
+    def ended(self, now, config, code, reason, message=None):
+        """The run ended (or could not start); the time it may restart: CrashLoopBackOff is the first
+        restart at once, then backoff_base doubling up to backoff_max; a run of _BACKOFF_RESET
+        seconds forgives the past (the kubelet's per-container back-off)."""
+        finished = _k8s_time()
+        started = self.state.get("running", {}).get("startedAt", finished)
+        self.state = {"terminated": {"exitCode": code, "reason": reason, "startedAt": started,
+                                     "finishedAt": finished, "containerID": self.container_id}}
+        if message:
+            self.state["terminated"]["message"] = message
         if now - self.started_mono >= _BACKOFF_RESET:
             self.backoff = 0.0
         self.not_before = now + self.backoff
-        self.backoff = min(maximum, self.backoff * 2 if self.backoff else base)
+        self.backoff = min(config.backoff_max, self.backoff * 2 if self.backoff else config.backoff_base)
+        return self.not_before
 
     def status(self):
         ready = self.succeeded() if self.init else "running" in self.state
@@ -5408,14 +5413,9 @@ class PodWorker:
             c.result = result
             code, reason, message = _termination_reason(result, _memory_limit(c.spec))
             message = self._termination_message(c, code) or message
-            term = {"exitCode": code, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt"),
-                    "finishedAt": _k8s_time(), "containerID": c.container_id}
-            if message:
-                term["message"] = message
-            c.state = {"terminated": term}
+            c.ended(now, self.s.config, code, reason, message)
             if result.instantiate_failed:     # it never started (a trap linking it, its memory over the limit)
                 self.s.record_event(self.pod, "Failed", f"Error: module cannot start: {message or reason}", "Warning", c)
-            c.schedule_restart(now, self.s.config.backoff_base, self.s.config.backoff_max)
             log.info("pod %s container %s exited: %s (%s)", self.key, c.name, code, reason)
 
     def _termination_message(self, c, exit_code):
@@ -5440,7 +5440,7 @@ class PodWorker:
             os.close(_makedirs_beneath(self.s.config.root_dir, f"pods/{self.uid}"))
             self.volume_dirs = self.s.prepare_volumes(self.pod, self.dir)
             self._prepared_at = time.monotonic()
-            self.s.files.save(os.path.join(self.dir, "volumes.json"), self.volume_dirs)
+            self.s.files.save(self.dir, "volumes.json", self.volume_dirs)
             return True
         except (ContainerConfigError, OSError) as exc:
             if isinstance(exc, _Fetching):      # synced again once it is in
@@ -5538,13 +5538,9 @@ class PodWorker:
             return None
 
     def _start_failed(self, c, now, exc):
-        started = _k8s_time()
-        c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc),
-                                  "startedAt": started, "finishedAt": started, "containerID": c.container_id}}
-        c.schedule_restart(now, self.s.config.backoff_base, self.s.config.backoff_max)
         self.s.record_event(self.pod, "Failed", f"Error: {exc}", "Warning", c)
         log.warning("pod %s container %s cannot start: %s", self.key, c.name, exc)
-        return c.not_before
+        return c.ended(now, self.s.config, 128, "StartError", str(exc))
 
     def _publish(self, save_only=False):
         """Compute the status; when it changed, save it with the state and hand it on (`save_only`:
@@ -5558,9 +5554,8 @@ class PodWorker:
         if status == self.status:
             return
         if not self.silent and self.state is not PodState.FINALIZED:
-            with contextlib.suppress(OSError):
-                os.close(_makedirs_beneath(self.s.config.root_dir, f"pods/{self.uid}"))
-                self.s.files.save(os.path.join(self.dir, "status.json"), {"state": self.state.value, "status": status})
+            self.s.files.save(self.s.config.root_dir, f"pods/{self.uid}/status.json",
+                              {"state": self.state.value, "status": status})
         if save_only:
             return
         old_phase = (self.status or {}).get("phase")
@@ -5891,9 +5886,7 @@ class PodManager:
             worker = PodWorker(self.services, pod, saved=saved, rejected=rejected)
             worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
-        with contextlib.suppress(OSError):
-            os.close(_makedirs_beneath(self.config.root_dir, f"pods/{uid}"))
-            self.files.save(os.path.join(worker.dir, "pod.json"), pod)
+        self.files.save(self.config.root_dir, f"pods/{uid}/pod.json", pod)
         if self.writer is not None:
             if _is_static(pod):
                 self._create_mirror(pod)

@@ -131,7 +131,7 @@ def test_a_state_file_is_kept_whole_at_once_and_made_durable_by_temp_file_fsync_
     path = tmp_path / "status.json"
     path.write_text('{"phase": "Running"}')
     files = minikrust._StateFiles()
-    files.save(str(path), {"phase": "Succeeded"})       # returns without waiting for the disk
+    files.save(str(tmp_path), "status.json", {"phase": "Succeeded"})    # returns without waiting for the disk
     assert path.read_text() == '{"phase": "Running"}'
     assert minikrust._read_saved(str(tmp_path), "status.json") == {"phase": "Succeeded"}   # what a kubelet SIGKILLed now finds
     synced.set()

@@ -228,7 +228,7 @@ def test_state_and_log_files_never_go_through_a_link(tmp_path, victim, resolver)
     os.symlink(victim / "secret", pod_dir / "logs" / "main" / "0.log")
     os.symlink(victim, pod_dir / "logs" / "other")
     files = minikrust._StateFiles()
-    files.save(str(pod_dir / "status.json"), {"phase": "Running"})      # replaces the link
+    files.save(str(pod_dir), "status.json", {"phase": "Running"})      # replaces the link
     assert files.flush(10)
     assert not os.path.islink(pod_dir / "status.json") and (pod_dir / "status.json").read_text() == '{"phase": "Running"}'
     assert minikrust._log_tail(str(pod_dir / "logs" / "main" / "0.log")) == ""
