@@ -1520,10 +1520,10 @@ class _PodSet:
         self.pods = {}
 
     def upsert(self, pod):
-        uid = _pod_uid(pod)
+        uid, rv = _pod_uid(pod), _pod_rv(pod)
         old = self.pods.get(uid)
-        if old is not None and _pod_rv(old) == _pod_rv(pod) and _pod_rv(pod) is not None:
-            return
+        if old is not None and (_pod_rv(old) == rv if rv is not None else old == pod):
+            return      # unchanged (a static pod has no resourceVersion: compared whole)
         self.pods[uid] = pod
         _deliver(self.handler.pod_added if old is None else self.handler.pod_updated, pod)
 
@@ -1772,70 +1772,59 @@ class StaticPodSource(_Loop):
     changed manifest is a new pod (new uid); bad ones are skipped, kept in `errors` by file."""
 
     def __init__(self, path, node_name, handler, interval=1.0):
-        self.path, self.node_name, self.handler, self.interval = path, node_name, handler, interval
+        self.path, self.node_name, self.interval = path, node_name, interval
+        self.known = _PodSet(handler)
         self.errors = {}
         self.synced = threading.Event()     # set after the first scan
-        self._files = {}                    # path -> ((mtime, size), [pod uids])
-        self._pods = {}                     # uid -> pod
+        self._files = {}                    # path -> ((mtime, size), its pods or the ConfigError's text)
         super().__init__("static-pods")
 
-    def _manifests(self):
+    def _manifests(self, errors):
         if os.path.isfile(self.path):
             return [self.path]
         try:
             names = sorted(os.listdir(self.path))
         except OSError as exc:
-            self.errors[self.path] = f"{self.path}: cannot list: {exc.strerror}"
+            errors[self.path] = f"{self.path}: cannot list: {exc.strerror}"
             return []
         return [os.path.join(self.path, n) for n in names
                 if n.endswith(_MANIFEST_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(self.path, n))]
 
+    def _parse(self, path):
+        try:
+            return static_pods_from_manifest(path, self.node_name)
+        except ConfigError as exc:
+            return str(exc)
+
     def scan(self):
-        """One look at the folder: report added, changed and removed pods to the handler."""
-        manifests = self._manifests()
-        for path in [p for p in list(self._files) + list(self.errors) if p not in manifests]:
-            self.errors.pop(path, None)
-            self._replace(path, None, [])       # removed first: a pod of the same name may follow
-        for path in manifests:
+        """One look at the folder: report added, changed and removed pods to the handler (a file is
+        read again only when its mtime or size changed)."""
+        errors, files = {}, {}
+        for path in self._manifests(errors):
             try:
                 st = os.stat(path)
             except OSError:
                 continue
-            stamp = (st.st_mtime_ns, st.st_size)
-            if path in self._files and self._files[path][0] == stamp and path not in self.errors:
-                continue        # unchanged (a file with an error is looked at again: its twin may be gone)
-            previous = self.errors.pop(path, None)
-            try:
-                pods = static_pods_from_manifest(path, self.node_name)
-            except ConfigError as exc:
-                if previous != str(exc):
-                    log.error("static pod manifest skipped: %s", exc)
-                self.errors[path] = str(exc)
-                pods = []
-            self._replace(path, stamp, pods, previous)
+            stamp, old = (st.st_mtime_ns, st.st_size), self._files.get(path)
+            files[path] = old if old and old[0] == stamp else (stamp, self._parse(path))
+        self._files, pods, chosen = files, [], {}
+        for path, (_, loaded) in files.items():
+            if isinstance(loaded, str):
+                errors[path] = loaded
+            else:
+                pods += [(pod, path) for pod in loaded]
+        # one pod per name, as the kubelet's file source: the one running keeps it, else the first file's
+        for pod, path in sorted(pods, key=lambda item: item[0]["metadata"]["uid"] not in self.known.pods):
+            twin = chosen.setdefault(_pod_key(pod), pod)
+            if twin is not pod:
+                errors[path] = (f"{path}: pod {_pod_key(pod)} is already defined in "
+                                f"{twin['metadata']['annotations'][_MANIFEST_ANNOTATION]}")
+        for path, error in errors.items():
+            if self.errors.get(path) != error:
+                log.error("static pod manifest skipped: %s", error)
+        self.errors = errors
+        self.known.reconcile(list(chosen.values()))     # removed first: a pod of the same name may follow
         self.synced.set()
-
-    def _replace(self, path, stamp, pods, previous_error=None):
-        old = self._files.pop(path, (None, []))[1]
-        if stamp is not None:
-            self._files[path] = (stamp, [p["metadata"]["uid"] for p in pods])
-        new_uids = {p["metadata"]["uid"] for p in pods}
-        for uid in old:
-            if uid not in new_uids:
-                _deliver(self.handler.pod_deleted, self._pods.pop(uid))
-        for pod in pods:
-            if pod["metadata"]["uid"] in self._pods:
-                continue
-            twin = next((p for p in self._pods.values() if _pod_key(p) == _pod_key(pod)), None)
-            if twin is not None:    # one pod per name, as the kubelet's file source keeps the first
-                error = f"{path}: pod {_pod_key(pod)} is already defined in {twin['metadata']['annotations'][_MANIFEST_ANNOTATION]}"
-                if previous_error != error:
-                    log.error("static pod skipped: %s", error)
-                self.errors[path] = error
-                self._files[path] = (stamp, [u for u in self._files[path][1] if u != pod["metadata"]["uid"]])
-                continue
-            self._pods[pod["metadata"]["uid"]] = pod
-            _deliver(self.handler.pod_added, pod)
 
     def _run(self):
         while not self._stop.is_set():

@@ -199,6 +199,9 @@ def test_a_yaml_date_in_a_manifest_is_text_and_the_manifests_after_it_still_run(
     source.scan()
     assert handler.calls == [("added", "dated-n1"), ("added", "web-n1")] and not source.errors
     assert source.synced.is_set()
+    os.utime(tmp_path / "b.yaml", ns=(1, 1))       # read again, the same pod: nothing to report
+    source.scan()
+    assert len(handler.calls) == 2
     pod = minikrust.static_pods_from_manifest(str(tmp_path / "a.yaml"), "n1")[0]
     assert pod["metadata"]["annotations"]["released"] == "2024-01-01"
 
