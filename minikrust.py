@@ -6280,12 +6280,6 @@ class Metrics:
             return [seen + (value <= bound) for seen, bound in zip(counts, buckets)], total + value, count + 1
         self._update(name, "histogram", labels, change)
 
-    def get(self, name, **labels):
-        """The value of one series (a counter or gauge), or for a histogram its observation count; 0 if unseen."""
-        with self._lock:
-            value = self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
-            return value[2] if isinstance(value, tuple) else value
-
     def render(self, stamp=None):
         """All families in the Prometheus text exposition format (version 0.0.4), stamped `stamp` (ms)."""
         out, at = [], "" if stamp is None else f" {stamp}"
@@ -6312,18 +6306,12 @@ class Metrics:
 # (cgroups), a pod's working set is its running containers', its CPU also counts the runs that ended.
 
 def _node_usage():
-    """(cpu core-seconds used by the machine, memory working set bytes, available bytes) from /proc."""
-    cpu, meminfo = None, _meminfo()
-    with contextlib.suppress(ValueError, IndexError):
-        fields = [int(value) for value in _read("/proc/stat").split("\n")[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        cpu = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    """(CPU core-seconds busy: not idle nor iowait, memory working set bytes, available bytes), from /proc."""
+    ticks = [int(value) for value in _read("/proc/stat").split("\n")[0].split()[1:]]
+    meminfo = _meminfo()
     available = meminfo.get("MemAvailable")
     working_set = None if available is None or "MemTotal" not in meminfo else meminfo["MemTotal"] - available
-    if cpu is None:
-        times = os.times()
-        cpu = times.user + times.system
-    return cpu, working_set, available
+    return (sum(ticks[:8]) - sum(ticks[3:5])) / os.sysconf("SC_CLK_TCK"), working_set, available
 
 
 def _local_ephemeral(volume):
@@ -6606,15 +6594,10 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
     if _kubeconfig_is_usable(target):
         return target
     bootstrap = load_kubeconfig(config.bootstrap_kubeconfig)
-    own_api = api is None
-    if own_api:
-        api = ApiClient(bootstrap)
-    try:
+    with contextlib.ExitStack() as stack:
+        api = api or stack.enter_context(contextlib.closing(ApiClient(bootstrap)))
         key, csr = new_key_and_csr(f"system:node:{config.node_name}", "system:nodes")
-        cert = request_certificate(api, csr, CLIENT_SIGNER, ["digital signature", "client auth"], timeout=timeout)
-    finally:
-        if own_api:
-            api.close()
+        cert = request_certificate(api, csr, CLIENT_SIGNER, ["digital signature", "client auth"], timeout)
     current = store_certificate(os.path.join(config.root_dir, "pki"), "kubelet-client", cert, key)
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config", "preferences": {},
@@ -7127,22 +7110,15 @@ class Kubelet:
                 return self
             if not self._wired:
                 self._wire()
-            self._started = True
             os.makedirs(self.config.root_dir, exist_ok=True)
             if self.server is not None:
-                try:
-                    self.server.start()
-                except BaseException:
-                    self._started = False
-                    raise
-            if self.node is not None:
-                if self.server is not None:
-                    self.node.port = self.server.port
-                self.node.start()
-            if self.pod_manager is not None:
-                self.pod_manager.start()
-            for source in self.sources:
-                source.start()
+                self.server.start()
+            self._started = True
+            if self.node is not None and self.server is not None:
+                self.node.port = self.server.port
+            for part in (self.node, self.pod_manager, *self.sources):
+                if part is not None:
+                    part.start()
             if self.pod_manager is not None and self.api is not None:
                 self.pod_manager.prune_after(self.sources[-1].synced)
         log.info("kubelet %s started (%s)", self.config.node_name, "standalone" if self.api is None else "API")
@@ -7156,14 +7132,9 @@ class Kubelet:
             if not self._started:
                 return
             self._started = False
-            if self.server is not None:
-                self.server.stop()
-            for source in reversed(self.sources):
-                source.stop()
-            if self.pod_manager is not None:
-                self.pod_manager.stop()
-            if self.node is not None:
-                self.node.stop()
+            for part in (self.server, *reversed(self.sources), self.pod_manager, self.node):
+                if part is not None:
+                    part.stop()
             if self.api is not None:
                 self.api.close()
         log.info("kubelet %s stopped", self.config.node_name)

@@ -322,7 +322,8 @@ def test_api_errors_are_counted_in_the_metrics(fake_apiserver, tmp_path):
     fake = fake_apiserver
     fake.fail_next(2, status=500, path="leases")
     with make_kubelet(fake, tmp_path, "n1", lease_renew_interval=0.2) as kubelet:
-        wait_for(lambda: kubelet.metrics.get("minikrust_api_errors_total", code="500") >= 2, 10,
+        counted = re.compile(r'^minikrust_api_errors_total\{code="500"\} (\d+)$', re.M)
+        wait_for(lambda: int((counted.search(kubelet.metrics.render()) or [0, 0])[1]) >= 2, 10,
                  what="two counted 500s")
 
 
