@@ -1901,8 +1901,7 @@ class ModuleRef:
     store: str = field(default=None, compare=False)     # the module store's root, when it is stored there
 
     def held(self):
-        """The file for a host to read: a stored module opened beneath the store's root (no link
-        planted there is followed); the user's own file as it is."""
+        """The file for a host to read: a stored module opened beneath the store root, or the user's file."""
         if self.store is None:
             return self.path
         rel = os.path.relpath(self.path, self.store)
@@ -2009,7 +2008,7 @@ class _AuthError(ImageError):
     """The registry refused our credentials (or wants some): the next credential may work."""
 
 
-class _Transient(Exception):
+class _Transient(ImageError):
     """A failure worth retrying (connection lost, 5xx, short read)."""
 
 
@@ -2031,13 +2030,13 @@ class RegistryClient:
     def close(self):
         self.session.close()
 
-    def request(self, method, path, *, headers=None, data=None, stream=False, actions="pull"):
+    def request(self, method, path, *, headers=None, params=None, data=None, stream=False, actions="pull"):
         """Send a request, answering one auth challenge; connection errors, 429 and 5xx raise _Transient."""
         url = urllib.parse.urljoin(self.base, path)
         for attempt in (0, 1):
             try:
-                resp = self.session.request(method, url, headers=headers, data=data, stream=stream,
-                                            timeout=self.timeout)
+                resp = self.session.request(method, url, headers=headers, params=params, data=data,
+                                            stream=stream, timeout=self.timeout)
             except requests.exceptions.SSLError as exc:  # retrying will not help
                 why = re.search(r"\] ([^\]]+?) \(_ssl", str(exc))
                 raise ImageError(f"TLS with {self.origin} failed: {why.group(1) if why else _short(exc)} "
@@ -2117,8 +2116,7 @@ class RegistryClient:
         return doc, digest, media_type
 
     def download(self, digest, size, out):
-        """Download a blob into the file `out` (read-write), resuming what it holds with Range;
-        verify size and digest (a file that fails is left empty)."""
+        """Download a blob into the file `out`, resuming what it holds; emptied if it fails to verify."""
         have = out.seek(0, os.SEEK_END)
         headers = {"Range": f"bytes={have}-"} if have else {}
         resp = self.request("GET", f"blobs/{digest}", headers=headers, stream=True)
@@ -2133,18 +2131,16 @@ class RegistryClient:
             resumed = resp.status_code == 206
             out.seek(have if resumed else 0)
             out.truncate()
-            written = out.tell()
             try:
                 for chunk in resp.iter_content(1 << 16):
-                    written += len(chunk)
-                    if size is not None and written > size:
-                        raise ImageError(f"blob {digest} is larger than its declared size {size}")
                     out.write(chunk)
+                    if size is not None and out.tell() > size:
+                        raise ImageError(f"blob {digest} is larger than its declared size {size}")
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.Timeout) as exc:
                 raise _Transient(f"download of {digest} interrupted: {_short(exc, 120)}") from None
-        if size is not None and written != size:
-            raise _Transient(f"download of {digest} ended after {written} of {size} bytes")
+        if size is not None and out.tell() != size:
+            raise _Transient(f"download of {digest} ended after {out.tell()} of {size} bytes")
         actual = _file_digest(out)
         if actual != digest:
             out.truncate(0)
@@ -2162,9 +2158,7 @@ class RegistryClient:
             if resp.status_code != 202 or "Location" not in resp.headers:
                 raise ImageError(f"{self.ref.registry} refused an upload: {resp.status_code}")
             location = urllib.parse.urljoin(resp.url, resp.headers["Location"])
-        sep = "&" if "?" in location else "?"
-        url = f"{location}{sep}digest={urllib.parse.quote(digest)}"
-        with self.request("PUT", url, data=data, actions="pull,push",
+        with self.request("PUT", location, params={"digest": digest}, data=data, actions="pull,push",
                           headers={"Content-Type": "application/octet-stream"}) as resp:
             if resp.status_code != 201:
                 raise ImageError(f"{self.ref.registry} refused blob {digest}: {resp.status_code} {resp.text[:200]}")
@@ -2419,7 +2413,11 @@ class ImageManager:
         try:
             result = self._single_flight(flight, lambda: self._pull(ref, pull_secrets, namespace))
         except ImageError as exc:
-            self._record_failure(flight)
+            with self._lock:
+                until, delay = self._failures.get(flight, (0, 0))
+                if time.monotonic() >= until:  # callers that shared one failed pull count once
+                    delay = min(self.backoff[1], delay * 2) if delay else self.backoff[0]
+                    self._failures[flight] = (time.monotonic() + delay, delay)
             self._count_pull("error")
             log.warning('failed to pull image "%s": %s', image, exc.message)
             raise ImageError(f'Failed to pull image "{image}": {exc.message}', exc.reason) from None
@@ -2476,15 +2474,6 @@ class ImageManager:
                 digest = self._file_digests[key] = _file_digest(f)
         return ModuleRef(path, digest, f"file:{path}@{digest}")
 
-    def _record_failure(self, key):
-        initial, cap = self.backoff
-        with self._lock:
-            until, delay = self._failures.get(key, (0, 0))
-            if time.monotonic() < until:  # callers that shared one failed pull count once
-                return
-            delay = min(cap, delay * 2) if delay else initial
-            self._failures[key] = (time.monotonic() + delay, delay)
-
     def _single_flight(self, key, pull):
         """pull(), or the result of the same pull that another thread is already making."""
         with self._lock:
@@ -2536,7 +2525,10 @@ class ImageManager:
                     continue
             took = time.monotonic() - started
             log.info("pulled %s as %s in %.2fs", ref, module.digest, took)
-            self._gc_quietly()
+            try:
+                self.gc()
+            except OSError as exc:
+                log.warning("image GC failed: %s", exc)
             return dataclasses.replace(module, pulled=took)
         raise ImageError(error.message)
 
@@ -2653,12 +2645,6 @@ class ImageManager:
                     _remove_beneath(self.compiled_cache_dir, name)
         return removed
 
-    def _gc_quietly(self):
-        try:
-            self.gc()
-        except OSError as exc:
-            log.warning("image GC failed: %s", exc)
-
 
 def _pick_platform(index):
     """The index entry for wasip1/wasm, wasi/wasm or wasip2/wasm, else the sole entry; else an error naming them."""
@@ -2691,20 +2677,15 @@ def push_module(wasm_path, image, *, credential=None, insecure=False):
                          "os": "wasip2" if _is_component(data) else "wasip1",
                          "layerDigests": [digest], "component": None}).encode()
     with contextlib.closing(RegistryClient(ref, credential, insecure=insecure)) as client:
-        try:
-            config_digest = client.push_blob(config)
-            client.push_blob(data)
-            config_desc = {"mediaType": "application/vnd.wasm.config.v0+json", "digest": config_digest,
-                           "size": len(config)}
-            manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "config": config_desc,
-                                   "layers": [layer]}, separators=(",", ":")).encode()
-            with client.request("PUT", f"manifests/{ref.reference}", data=manifest, actions="pull,push",
-                                headers={"Content-Type": MT_OCI_MANIFEST}) as resp:
-                if resp.status_code != 201:
-                    why = f"{resp.status_code} {resp.text[:300]}"
-                    raise ImageError(f"{ref.registry} refused the manifest: {why}")
-        except _Transient as exc:
-            raise ImageError(str(exc)) from None
+        config_desc = {"mediaType": "application/vnd.wasm.config.v0+json", "digest": client.push_blob(config),
+                       "size": len(config)}
+        client.push_blob(data)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "config": config_desc,
+                               "layers": [layer]}, separators=(",", ":")).encode()
+        with client.request("PUT", f"manifests/{ref.reference}", data=manifest, actions="pull,push",
+                            headers={"Content-Type": MT_OCI_MANIFEST}) as resp:
+            if resp.status_code != 201:
+                raise ImageError(f"{ref.registry} refused the manifest: {resp.status_code} {resp.text[:300]}")
     return "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
@@ -2725,8 +2706,7 @@ def cmd_push(argv, environ=None):
             credential = RegistryCredential(ref.registry, environ["MINIKRUST_REGISTRY_USERNAME"],
                                             environ.get("MINIKRUST_REGISTRY_PASSWORD", ""), "the environment")
         elif args.registry_config:
-            found = _registry_config_credentials(args.registry_config, ref.registry)
-            credential = found[0] if found else None
+            credential = next(iter(_registry_config_credentials(args.registry_config, ref.registry)), None)
         digest = push_module(args.module, args.image, credential=credential, insecure=args.insecure)
     except (ImageError, OSError, ValueError) as exc:
         print(f"push failed: {exc}", file=sys.stderr)
