@@ -246,31 +246,22 @@ def _remove_beneath(root, path):
     Trees deeper than 64 folders are moved up in pieces: the stack and open fds stay bounded."""
     parts = _beneath_parts(path)
     try:
-        top = open_beneath(root, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+        with _dir_beneath(root, "/".join(parts[:-1])) as top:    # _remove_entry logs its own failures
+            pending = [parts[-1]]
+            while pending:
+                _remove_entry(top, pending.pop(), top, 0, pending)
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             log.warning("cannot remove %s beneath %s: %s", path, root, exc)
-        return
-    pending = [parts[-1]]
-    try:
-        while pending:
-            _remove_entry(top, pending.pop(), top, 0, pending)
-    finally:
-        os.close(top)
 
 
 def _remove_entry(dir_fd, name, top, depth, pending):
     try:
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    except FileNotFoundError:
-        return
-    except (IsADirectoryError, PermissionError):
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", name, exc)
-        return
-    try:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+            return
+        except (IsADirectoryError, PermissionError):     # a folder (EISDIR; POSIX also allows EPERM)
+            pass
         if depth >= 64:
             moved = f".minikrust-deep-{uuid.uuid4().hex[:12]}"
             os.rename(name, moved, src_dir_fd=dir_fd, dst_dir_fd=top)
