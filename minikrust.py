@@ -5351,8 +5351,7 @@ class PodWorker:
 
     def _until(self, when):
         """`when` or the active deadline, whichever comes first (None: neither)."""
-        times = [t for t in (when, self.deadline) if t is not None]
-        return min(times) if times else None
+        return min((t for t in (when, self.deadline) if t is not None), default=None)
 
     def _wants_run(self, c):
         """Whether an app container that is not running should be (re)started."""
@@ -5526,20 +5525,14 @@ class PodWorker:
 
 class _LogEcho:
     """Standalone terminal output: follows the CRI log files of running containers and prints
-    each line's content after a `pod/container` prefix."""
+    each line's content after a `pod/container` prefix; and the pods' phases, exits and waits."""
 
     def __init__(self, write):
         self._write = write
         self._files = {}            # path -> (prefix, _LogCursor)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()      # one whole line at a time, whichever thread writes
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="minikrust-echo", daemon=True)
-        self._thread.start()
-
-    def write(self, line):
-        """One whole line at a time, whichever thread writes (pod phases and module output)."""
-        with self._lock:
-            self._write(line)
+        threading.Thread(target=self._loop, name="minikrust-echo", daemon=True).start()
 
     def follow(self, prefix, path):
         with self._lock:
@@ -5552,27 +5545,29 @@ class _LogEcho:
                 for record in cursor.records():
                     parts = record.rstrip(b"\n").split(b" ", 3)
                     if len(parts) == 4:  # a partial (P) record too: it may be the last
-                        self.write(f"{prefix} {parts[3].decode('utf-8', 'replace')}")
+                        self._write(f"{prefix} {parts[3].decode('utf-8', 'replace')}")
 
     def pod_changed(self, worker, old_phase):
         """A line when the pod's phase changes, or a container exits or waits for a reason worth knowing."""
         name, status = worker.pod["metadata"]["name"], worker.status
-        if status["phase"] != old_phase:
-            if status["phase"] in _TERMINAL_PHASES:
-                self.drain()       # the last output lines before the pod's end
-            self.write(f"{name}: {status['phase']}" + (f" ({status['reason']})" if status.get("reason") else ""))
-        for cs in (status.get("initContainerStatuses") or []) + status.get("containerStatuses", []):
-            state = cs.get("state") or {}
-            if "terminated" in state:
-                note = f"exited {state['terminated'].get('exitCode')} ({state['terminated'].get('reason')})"
-            elif state.get("waiting", {}).get("reason") not in (None, "ContainerCreating", "PodInitializing"):
-                note = f"{state['waiting']['reason']}: {state['waiting'].get('message', '')}".rstrip(": ")
-            else:
-                continue
-            if (cs["name"], cs.get("restartCount"), note) not in worker.echoed:
-                worker.echoed.add((cs["name"], cs.get("restartCount"), note))
-                self.drain()       # the output that led to it comes first
-                self.write(f"{name}/{cs['name']}: {note}")
+        with self._lock:
+            if status["phase"] != old_phase:
+                if status["phase"] in _TERMINAL_PHASES:
+                    self.drain()       # the last output lines before the pod's end
+                reason = f" ({status['reason']})" if status.get("reason") else ""
+                self._write(f"{name}: {status['phase']}{reason}")
+            for cs in (status.get("initContainerStatuses") or []) + status["containerStatuses"]:
+                ended, waiting = cs["state"].get("terminated"), cs["state"].get("waiting") or {}
+                if ended:
+                    note = f"exited {ended.get('exitCode')} ({ended.get('reason')})"
+                elif waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+                    note = f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+                else:
+                    continue
+                if (cs["name"], cs.get("restartCount"), note) not in worker.echoed:
+                    worker.echoed.add((cs["name"], cs.get("restartCount"), note))
+                    self.drain()       # the output that led to it comes first
+                    self._write(f"{name}/{cs['name']}: {note}")
 
     def _loop(self):
         while not self._stop.wait(0.2):
@@ -5867,10 +5862,9 @@ class PodManager:
             self._record_event(pod, "Pulling", f'Pulling image "{image}"', "Normal", container)
         ref = self.images.ensure(image, policy, secrets,
                                  namespace=pod["metadata"].get("namespace"), base_dir=_base_dir(pod))
-        if ref.pulled is not None:
-            self._record_event(pod, "Pulled", f'Successfully pulled image "{image}" in {ref.pulled:.3f}s', "Normal", container)
-        else:
-            self._record_event(pod, "Pulled", f'Container image "{image}" already present on machine', "Normal", container)
+        pulled = (f'Successfully pulled image "{image}" in {ref.pulled:.3f}s' if ref.pulled is not None
+                  else f'Container image "{image}" already present on machine')
+        self._record_event(pod, "Pulled", pulled, "Normal", container)
         return ref
 
     def _record_event(self, pod, reason, message, type_="Normal", container=None):
