@@ -2807,9 +2807,8 @@ def container_resource(pod, container_name, resource, divisor=None):
 
 
 def _api_object(objects, kind, pod, name, optional, binary=True):
-    """A ConfigMap or Secret's data as {key: bytes}, None when it is optional and missing (read
-    through `objects`, an ApiObjects). A ConfigMap's binaryData fills volumes only (`binary`): the
-    kubelet's env reads `data` alone."""
+    """A ConfigMap or Secret's data as {key: bytes} (None: optional and missing), read through `objects`;
+    a ConfigMap's binaryData fills volumes only (`binary`): the kubelet's env reads `data` alone."""
     obj = objects.read(kind, _namespace(pod), name, optional, _pod_uid(pod))
     if obj is None:
         return None
@@ -2909,11 +2908,8 @@ def _keys_to_files(source, data, default_mode, what):
     """Files {path: (bytes, mode)} of a configMap or secret source, honouring items and optional."""
     if data is None:
         return {}
-    items = source.get("items")
-    if not items:
-        return {_check_relpath(key, what): (value, default_mode) for key, value in data.items()}
     files = {}
-    for item in items:
+    for item in source.get("items") or [{"key": key} for key in data]:
         key = item.get("key")
         if key not in data:
             if source.get("optional"):
@@ -3043,9 +3039,8 @@ class ServiceAccountTokens:
 
 
 def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens):
-    """Files {path: (bytes, mode)} of a configMap, secret, downwardAPI or projected volume, each read as
-    a projection of its sources (in `target`, `tokens` keeps a token fresh); the `kube-api-access-*`
-    volume admission adds to every pod (contract 14) skips what it cannot read."""
+    """Files {path: (bytes, mode)} of an API volume, read as a projection of its sources; the
+    `kube-api-access-*` volume admission adds to every pod (contract 14) skips what it cannot read."""
     name, source = volume["name"], volume[kind] or {}
     if kind == "secret":
         source = {**source, "name": source.get("secretName")}
@@ -3091,14 +3086,11 @@ def _write_files(directory, files, private):
     """Make `directory` hold exactly `files` ({relpath: (bytes, mode)}), written beneath it;
     `private` (secrets, tokens): a 0700 directory of 0600 files, else the modes given."""
     dir_mode = 0o700 if private else 0o755
-    root = open_beneath(directory, "", os.O_RDONLY | os.O_DIRECTORY)
-    try:
+    with _dir_beneath(directory) as root:
         os.fchmod(root, dir_mode)
         for relpath, (content, mode) in files.items():
             _write_beneath(root, relpath, content, 0o600 if private else int(mode) & 0o777, dir_mode)
         _prune_beneath(root, (), {tuple(_beneath_parts(p)) for p in files})
-    finally:
-        os.close(root)
 
 
 def _prune_beneath(dir_fd, prefix, wanted):
@@ -3106,11 +3098,8 @@ def _prune_beneath(dir_fd, prefix, wanted):
     for entry in list(os.scandir(dir_fd)):
         parts = prefix + (entry.name,)
         if entry.is_dir(follow_symlinks=False) and parts not in wanted:
-            fd = open_beneath(dir_fd, entry.name, os.O_RDONLY | os.O_DIRECTORY)
-            try:
+            with _dir_beneath(dir_fd, entry.name) as fd:
                 _prune_beneath(fd, parts, wanted)
-            finally:
-                os.close(fd)
             with contextlib.suppress(OSError):
                 os.rmdir(entry.name, dir_fd=dir_fd)       # only the ones left empty
         elif parts not in wanted:
@@ -3121,8 +3110,7 @@ _SHM_DIR = "/dev/shm"
 
 
 def _shm_name(link):
-    """The name in /dev/shm of the private folder a volume's link leads to, or None when it leads
-    anywhere else (minikrust makes these links, as `minikrust-<random>`, and follows no other)."""
+    """The `minikrust-*` name in /dev/shm a volume's link leads to, or None (no other link is followed)."""
     folder, name = os.path.split(link)
     return name if folder == _SHM_DIR and name.startswith("minikrust-") else None
 
@@ -3153,8 +3141,7 @@ def _private_dir(pod_dir, name):
 
 
 def _host_path(volume, config, base_dir):
-    """The resolved directory of a hostPath volume (links resolved before the check), refused unless
-    under --allowed-host-paths; WASI preopens only directories."""
+    """The real directory of a hostPath volume, refused unless under --allowed-host-paths, off --root-dir."""
     source = volume.get("hostPath") or {}
     kind = source.get("type") or ""
     real = os.path.realpath(os.path.join(base_dir or "", source.get("path") or ""))
@@ -3185,8 +3172,7 @@ def _volume_type(volume):
 
 
 def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None, tokens=None, objects=None):
-    """Make every volume of a pod ready as a host directory: {volume name: host dir}; API-backed
-    contents are (re)written under `<pod_dir>/volumes/<name>`. ContainerConfigError when not."""
+    """{volume name: host dir} of a pod's volumes, ready, API contents rewritten; ContainerConfigError."""
     dirs, objects = {}, objects or ApiObjects(api)
     for volume in (pod.get("spec") or {}).get("volumes") or []:
         name = volume.get("name") or ""
@@ -3304,8 +3290,7 @@ def container_mounts(pod, container, volume_dirs, env=None, pod_dir=None):
 
 
 def read_guest_file(mounts, guest_path, limit):
-    """The first `limit` bytes of the file a module sees at `guest_path`, read beneath the longest
-    mount that holds it, or None (no such mount or regular file, or a link out of its mount)."""
+    """The first `limit` bytes of the file a module sees at `guest_path` (beneath its mount), or None."""
     guest = os.path.normpath(guest_path or ".")     # a relative path: held by no mount
     holders = [(host, mount.rstrip("/")) for host, mount, _ro in mounts if guest.startswith(mount.rstrip("/") + "/")]
     if holders:
@@ -3316,8 +3301,7 @@ def read_guest_file(mounts, guest_path, limit):
 
 
 def cleanup_volumes(pod_dir):
-    """Remove what a pod's volumes wrote: `<pod_dir>/volumes` and the tmpfs folders it links to
-    (never a hostPath folder), beneath their roots, never following a link."""
+    """Remove `<pod_dir>/volumes` and the tmpfs folders it links to (never a hostPath), following no link."""
     with contextlib.suppress(OSError):
         volumes = open_beneath(pod_dir, "volumes", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
