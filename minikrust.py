@@ -345,7 +345,6 @@ def _held(fd, root, path):
 # variables (parse_args); how to reach the API server: a kubeconfig or a pod's service account.
 
 KUBE_VERSION = "v1.36.0"        # the Kubernetes API level this kubelet speaks, reported as v1.36.0-minikrust
-_ENV_PREFIX = "MINIKRUST_"
 
 
 def _flag(default=None, help="", parse=None, factory=None):
@@ -552,7 +551,7 @@ def parse_args(argv=None, environ=None):
         dest = flag[2:].replace("-", "_")
         raw, source = getattr(args, dest), flag
         if raw is None:
-            env_name = _ENV_PREFIX + dest.upper()
+            env_name = "MINIKRUST_" + dest.upper()
             raw, source = environ.get(env_name), env_name
         if raw is None:
             continue
@@ -767,11 +766,10 @@ def _exec_fields(spec, where):
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def in_cluster_config(environ=None, sa_dir=None):
+def in_cluster_config(environ=None, sa_dir=SERVICE_ACCOUNT_DIR):
     """ClusterConfig of a pod: KUBERNETES_SERVICE_HOST/PORT and the mounted service account
     (its token file is re-read as the kubelet rotates it)."""
     environ = os.environ if environ is None else environ
-    sa_dir = sa_dir or SERVICE_ACCOUNT_DIR
     host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
     if not host or not port:
         raise ConfigError("in-cluster config: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must be set")
