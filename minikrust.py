@@ -3799,7 +3799,7 @@ class _FallbackRun:
             if memory_limit is not None:
                 self._store.set_limits(memory_size=int(memory_limit))
             self._store.set_epoch_deadline(1)
-            self._run_id = host._register(self)
+            host._register(self)
             self._done = _DoneFd()
         except wt.WasmtimeError as exc:
             self._close_writers()
@@ -3876,7 +3876,7 @@ class _FallbackRun:
                 self._close_writers()
             except OSError as exc:
                 log.warning("closing the logs of %s: %s", self._module.digest, exc)
-            self._host._unregister(self._run_id)
+            self._host._unregister(self)
             self._host._local.run = None
             self._memory = None
             self._publish_memory()  # before the memory goes: a reader's mincore must not outlive it
@@ -4133,7 +4133,6 @@ class FallbackHost:
         self._modules = {}
         self._lock = threading.Lock()
         self._runs = {}
-        self._next_id = 1
         self._ticking = threading.Condition(self._lock)
         self._ticker = None
         self._closing = False
@@ -4290,20 +4289,18 @@ class FallbackHost:
     # -- runs and the epoch ticker --
 
     def _register(self, run):
+        """Tick the epoch for `run` (by id(run), its epoch callback's data, until _unregister)."""
         with self._lock:
-            run_id = self._next_id
-            self._next_id += 1
-            self._runs[run_id] = run
+            self._runs[id(run)] = run
             if self._ticker is None:
                 self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
                 self._ticker.start()
             self._ticking.notify()
-        self._set_epoch_callback(ctypes.cast(run._store.ptr(), ctypes.c_void_p), self._callback, run_id, None)
-        return run_id
+        self._set_epoch_callback(ctypes.cast(run._store.ptr(), ctypes.c_void_p), self._callback, id(run), None)
 
-    def _unregister(self, run_id):
+    def _unregister(self, run):
         with self._lock:
-            self._runs.pop(run_id, None)
+            self._runs.pop(id(run), None)
 
     def _tick(self):
         while True:
@@ -4338,10 +4335,9 @@ class FallbackHost:
     # -- poll_oneoff: clock-only polls sleep here, interruptibly; the rest goes to wasmtime's WASI --
 
     def _poll_oneoff(self, caller, subs_ptr, events_ptr, nsubs, nevents_ptr):
-        run = getattr(self._local, "run", None)
-        memory = caller.get("memory")
+        run, memory = self._local.run, caller.get("memory")     # only a run's guest calls it
         clocks = None
-        if run is not None and isinstance(memory, self._wt.Memory):
+        if isinstance(memory, self._wt.Memory):
             clocks = _poll_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr, run._wasi_start)
         if clocks is None:
             return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
@@ -4359,18 +4355,16 @@ class FallbackHost:
         return 0
 
     def _original_poll(self, caller, run, memory):
-        """wasmtime's poll_oneoff, called through a trampoline instance so it sees the guest's memory."""
-        if run is not None and run._poll_original is not None:
-            return run._poll_original
+        """wasmtime's poll_oneoff (found once a run), called through a trampoline instance so it sees
+        the guest's memory."""
         wt = self._wt
-        func = self._wasi_linker.get(caller, _WASI, "poll_oneoff")
-        if isinstance(memory, wt.Memory):
-            with contextlib.suppress(wt.WasmtimeError, wt.Trap):
-                trampoline = wt.Instance(caller, self._poll_trampoline, [memory, func])
-                func = trampoline.exports(caller)["poll_oneoff"]
-        if run is not None:
-            run._poll_original = func
-        return func
+        if run._poll_original is None:
+            run._poll_original = self._wasi_linker.get(caller, _WASI, "poll_oneoff")
+            if isinstance(memory, wt.Memory):
+                with contextlib.suppress(wt.WasmtimeError, wt.Trap):
+                    trampoline = wt.Instance(caller, self._poll_trampoline, [memory, run._poll_original])
+                    run._poll_original = trampoline.exports(caller)["poll_oneoff"]
+        return run._poll_original
 
     def __repr__(self):
         return f"<FallbackHost wasmtime {self.wasmtime_version} cache={self.cache_dir}>"
