@@ -6512,18 +6512,6 @@ def _node_addresses(kubelet):
     return dns, list(dict.fromkeys(part.strip() for part in str(ip).split(",") if part.strip()))
 
 
-def _kubeconfig_is_usable(path):
-    """True when the kubeconfig loads and its client certificate (if it names one) is valid now."""
-    try:
-        cluster = load_kubeconfig(path)
-        if not (cluster.client_cert_data or cluster.client_cert_file):
-            return True
-        with open(cluster.client_cert_file or os.devnull, "rb") as handle:
-            return certificate_validity(cluster.client_cert_data or handle.read()) is not None
-    except (OSError, ValueError, MinikrustError):
-        return False
-
-
 def bootstrap_client_certificate(config, api=None, timeout=900.0):
     """The kubelet's TLS bootstrap: the kubeconfig to use. Unless `config.kubeconfig` (default
     `<root_dir>/kubelet.kubeconfig`) has a valid client certificate, a CSR for system:node:<node>
@@ -6532,8 +6520,12 @@ def bootstrap_client_certificate(config, api=None, timeout=900.0):
     if not config.bootstrap_kubeconfig:
         return config.kubeconfig
     target = config.kubeconfig or os.path.join(config.root_dir, "kubelet.kubeconfig")
-    if _kubeconfig_is_usable(target):
-        return target
+    with contextlib.suppress(OSError, ValueError, MinikrustError):  # kept while it loads, its client cert valid
+        cluster = load_kubeconfig(target)
+        with open(cluster.client_cert_file or os.devnull, "rb") as handle:
+            pem = cluster.client_cert_data or handle.read()
+        if not pem or certificate_validity(pem):
+            return target
     bootstrap = load_kubeconfig(config.bootstrap_kubeconfig)
     with contextlib.ExitStack() as stack:
         api = api or stack.enter_context(contextlib.closing(ApiClient(bootstrap)))
@@ -6731,8 +6723,7 @@ _STREAMING = ("exec", "attach", "portForward", "run")
 
 def _container_ended(kubelet, namespace, name, container, path):
     """Whether the container run writing `path` (`<restartCount>.log`) has ended, from kubelet.pods()."""
-    stem = os.path.basename(path).split(".")[0]
-    run = int(stem) if stem.isdigit() else None
+    run = int(os.path.basename(path).split(".")[0])
     for pod in kubelet.pods():
         meta = pod.get("metadata") or {}
         if (meta.get("namespace") or "default", meta.get("name")) != (namespace, name):
@@ -6742,11 +6733,11 @@ def _container_ended(kubelet, namespace, name, container, path):
             if entry.get("name") != container:
                 continue
             count = entry.get("restartCount", 0)
-            if run is not None and count > run:
+            if count > run:
                 return True  # a later run has started: this one is over
             # a terminated state reported for an earlier run is stale: this run just started
             over = "terminated" in (entry.get("state") or {}) or _waiting_after_failure(entry)
-            return over and (run is None or count == run)
+            return over and count == run
         return False  # not reported yet: the container is starting
     return True  # the pod is gone
 
@@ -6852,10 +6843,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         kubelet = self.server.kube.kubelet
         path = kubelet.container_log_path(namespace, name, container, previous=options.previous)
         root = kubelet.config.root_dir         # every log lives beneath it, read through no link
-        try:
+        found = False
+        with contextlib.suppress(OSError):
             found = bool(path) and _LogCursor(path, root).exists()
-        except OSError:
-            found = False
         if not found:
             if options.previous:
                 return self._send(400, f'previous terminated container "{container}" in pod "{name}" not found')
@@ -6889,8 +6879,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _client_gone(self, seconds):
         """Wait up to `seconds`; True when the server stops or the client closed its connection."""
-        if self.server.kube.stopping.is_set():
-            return True
         try:
             readable, _, _ = select.select([self.connection], [], [], seconds)
         except (OSError, ValueError):
@@ -6951,20 +6939,17 @@ class KubeletServer:
         self.tls = None if api is None else _ServingTLS(self.kubelet, self.stopping)
         self.auth = _Authorizer(api, self.config.node_name, self.config.anonymous_auth)
         host = "127.0.0.1" if api is None else (self.config.address or "0.0.0.0")
-        try:
-            self._httpd = _HTTPServer((host, self.config.port), self)
-        except OSError as exc:      # fatal, as in the kubelet: a node whose API is unreachable fails later, silently
-            raise MinikrustError(f"cannot serve the kubelet API on {host}:{self.config.port}: "
-                                 f"{exc.strerror or exc} (choose another --port, or --serve=false)") from exc
         if self.tls is not None:
-            try:
-                self.tls.start()
-            except BaseException:
-                self._httpd.server_close()
-                raise
+            self.tls.start()
             if not (self.config.client_ca_file or self.config.anonymous_auth):
                 log.warning("the kubelet API will refuse the API server's client certificate (kubectl logs "
                             "gets 401): set --client-ca-file to the cluster's CA (kubeadm: /etc/kubernetes/pki/ca.crt)")
+        try:
+            self._httpd = _HTTPServer((host, self.config.port), self)
+        except OSError as exc:      # fatal, as in the kubelet: a node whose API is unreachable fails later, silently
+            self.stopping.set()     # the certificate rotation too
+            raise MinikrustError(f"cannot serve the kubelet API on {host}:{self.config.port}: "
+                                 f"{exc.strerror or exc} (choose another --port, or --serve=false)") from exc
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="minikrust-server", daemon=True)
         self._thread.start()
