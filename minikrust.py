@@ -1947,9 +1947,7 @@ class RegistryCredential:
 
 def _registry_matches(pattern, registry):
     """Whether a credential's registry (`host[:port]`, or a glob like `*.example.com`) covers `registry`."""
-    if "*" not in pattern:
-        return pattern == registry
-    return re.match("^" + re.escape(pattern).replace(r"\*", "[^.:]*") + "$", registry) is not None
+    return re.fullmatch(re.escape(pattern).replace(r"\*", "[^.:]*"), registry) is not None
 
 
 def docker_config_credentials(doc, source=""):
@@ -1983,12 +1981,9 @@ def _secret_credentials(secret):
     """Credentials in a kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg Secret."""
     key = {"kubernetes.io/dockerconfigjson": ".dockerconfigjson",
            "kubernetes.io/dockercfg": ".dockercfg"}.get(secret.get("type"))
-    raw = (secret.get("data") or {}).get(key) if key else None
-    if not raw:
-        return []
     try:
-        doc = json.loads(base64.b64decode(raw))
-    except ValueError:
+        doc = json.loads(base64.b64decode((secret.get("data") or {})[key]))
+    except (KeyError, TypeError, ValueError):      # not a pull secret, or not one that can be read
         return []
     return docker_config_credentials(doc, f'pull secret "{secret.get("metadata", {}).get("name", "")}"')
 
@@ -2335,11 +2330,8 @@ class ModuleStore:
         """Image GC as the kubelet's: at `high` percent of disk used, remove modules unused for
         `min_age` s, least recently used first, down to `low` percent; the removed digests."""
         self.remove_stale_temps()
-        if usage is None:       # the filesystem holding the store: what the GC thresholds measure
-            disk = shutil.disk_usage(self.root)
-            capacity, used = disk.total, disk.total - disk.free
-        else:
-            capacity, used = usage()
+        disk = None if usage else shutil.disk_usage(self.root)    # what the GC thresholds measure
+        capacity, used = usage() if usage else (disk.total, disk.total - disk.free)
         if capacity <= 0 or used * 100 < high * capacity:
             return []
         to_free = used - capacity * low // 100
