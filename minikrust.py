@@ -3348,14 +3348,12 @@ def _env_value_from(pod, container, source, node_ip, objects):
         raise ContainerConfigError(f"valueFrom {sorted(source)} is not supported", retry=False)
     ref = source.get("configMapKeyRef") or source.get("secretKeyRef") or {}
     data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False)
-    if data is None:
+    key = ref.get("key")
+    if data is None or key not in data and ref.get("optional"):
         return None
-    if ref.get("key") not in data:
-        if ref.get("optional"):
-            return None
-        raise ContainerConfigError(f"couldn't find key {ref.get('key')} in {kind} {_namespace(pod)}/{ref.get('name')}",
-                                   retry=True)
-    return data[ref["key"]].decode(errors="replace")
+    if key not in data:
+        raise ContainerConfigError(f"couldn't find key {key} in {kind} {_namespace(pod)}/{ref.get('name')}")
+    return data[key].decode(errors="replace")
 
 
 def container_env(pod, container, api=None, node_ip=None, warnings=None, objects=None):
