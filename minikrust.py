@@ -1126,12 +1126,10 @@ def api_client_for(config):
 # The Node: labels, taints, conditions and status measured from the host (pure builders), the Event
 # builder, and NodeAgent, the thread that registers the Node and keeps its Lease and status fresh.
 
-WASM_ARCH = "wasm32-wasi"
-LEASE_NAMESPACE = "kube-node-lease"
 # Krustlet's wasi provider labels and taints, so manifests written for Krustlet (nodeSelector
 # kubernetes.io/arch: wasm32-wasi, tolerations for the kubernetes.io/arch taint) run here unchanged.
-_MANAGED_LABELS = ("beta.kubernetes.io/arch", "beta.kubernetes.io/os", "kubernetes.io/arch",
-                   "kubernetes.io/hostname", "kubernetes.io/os", "type")
+WASM_ARCH = "wasm32-wasi"
+LEASE_NAMESPACE = "kube-node-lease"
 _MEMORY_EVICTION_HARD = 100 * 1024 * 1024       # memory.available<100Mi, the kubelet's default
 _DISK_EVICTION_FRACTION = 0.10                  # nodefs.available<10%
 _PID_PRESSURE_FRACTION = 0.90
@@ -1141,14 +1139,13 @@ _HEARTBEAT = {"timeout": 10, "retries": 1}
 
 
 def node_labels(config):
-    """Krustlet's Node labels, the hostname, then --node-labels (which may not override those)."""
-    labels = {key: value for key, value in config.node_labels.items() if key not in _MANAGED_LABELS}
-    for key in set(config.node_labels) & set(_MANAGED_LABELS):
+    """--node-labels, then Krustlet's Node labels and the hostname (which those may not override)."""
+    managed = {"beta.kubernetes.io/arch": WASM_ARCH, "beta.kubernetes.io/os": "linux",
+               "kubernetes.io/arch": WASM_ARCH, "kubernetes.io/os": "linux",
+               "kubernetes.io/hostname": config.node_name, "type": "krustlet"}
+    for key in set(config.node_labels) & set(managed):
         log.warning("node label %s is managed by the kubelet; ignoring --node-labels value", key)
-    labels.update({"beta.kubernetes.io/arch": WASM_ARCH, "beta.kubernetes.io/os": "linux",
-                   "kubernetes.io/arch": WASM_ARCH, "kubernetes.io/os": "linux",
-                   "kubernetes.io/hostname": config.node_name, "type": "krustlet"})
-    return labels
+    return {**config.node_labels, **managed}
 
 
 def node_taints():
