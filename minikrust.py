@@ -1376,17 +1376,17 @@ class NodeAgent(_Loop):
         self._event("NodeReady", f"Node {self.name} status is now: NodeReady")
         return self.node
 
-    def _event(self, reason, message, kind="Normal"):
+    def _event(self, reason, message):
         """Record a Node event; best effort (an event never stops the node)."""
         node = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.name}
         try:
-            self.api.post("/api/v1/namespaces/default/events", _event(self.name, node, reason, message, kind), timeout=5)
+            self.api.post("/api/v1/namespaces/default/events", _event(self.name, node, reason, message), timeout=5)
         except ApiError as exc:
             log.debug("event %s for node %s not recorded: %s", reason, self.name, exc)
 
-    def update_status(self, force=False, ready=True):
+    def update_status(self, force=False):
         """Patch the node status if it changed, if the report frequency is due, or when forced."""
-        status = self._status(ready=ready)
+        status = self._status()
         signature = _status_signature(status)
         due = time.monotonic() - self._sent_at >= self.config.node_status_report_frequency
         if not (force or due or signature != self._last_sent):
