@@ -358,12 +358,12 @@ class Config:
     """Every setting of one kubelet, named after the real kubelet's flags; `Config()` is a valid
     standalone configuration (no kubeconfig: no API server, static pods only)."""
     kubeconfig: str = _flag(None, "kubeconfig of the node identity ('in-cluster' for the pod's service account); "
-                                  "none: standalone")
+                                  "none: standalone", parse="path")
     context: str = _flag(None, "kubeconfig context to use instead of current-context")
     node_name: str = _flag(help="name of the Node (default: hostname)", factory=lambda: socket.gethostname().lower())
     node_ip: str = _flag(None, "IP address reported for the Node (default: auto-detected)")
     port: int = _flag(10250, "port of the kubelet HTTPS server")
-    root_dir: str = _flag(help="directory for modules, logs and volumes",
+    root_dir: str = _flag(help="directory for modules, logs and volumes", parse="path",
                           factory=lambda: os.path.expanduser("~/.minikrust"))
     max_pods: int = _flag(110, "number of pods this node accepts")
     node_labels: dict = _flag(help="extra Node labels, key=value,...", factory=dict)
@@ -459,18 +459,32 @@ def _parse_list(text):
     return tuple(part.strip() for part in str(text).split(",") if part.strip())
 
 
-def _parse_size(text):
-    """Bytes from `10Mi`, `512Ki`, `1G` or a plain integer."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?)?B?\s*", str(text))
+_QUANTITY = re.compile(r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?\Z")
+_QUANTITY_SUFFIX = {
+    "n": fractions.Fraction(1, 10**9), "u": fractions.Fraction(1, 10**6), "m": fractions.Fraction(1, 1000),
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def parse_quantity(value):
+    """A Kubernetes resource quantity ("500m", "128Mi", "1e3", 2) as an exact Fraction."""
+    match = _QUANTITY.match(str(value).strip())
     if not match:
-        raise ValueError(f"not a size: {text!r}")
-    units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-             "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
-    return int(match.group(1)) * units.get(match.group(2), 1)
+        raise ContainerConfigError(f"invalid resource quantity {value!r}", retry=False)
+    number, suffix = match.groups()
+    if suffix and suffix[0] in "eE" and len(suffix) > 1:     # an exponent ("1e3"), not exa ("1E")
+        return fractions.Fraction(number + suffix)
+    return fractions.Fraction(number) * _QUANTITY_SUFFIX.get(suffix, 1)
+
+
+def _parse_size(text):
+    """Bytes from a quantity (`10Mi`, `1G`, `1048576`), as the kubelet reads --container-log-max-size."""
+    return int(parse_quantity(text))
 
 
 _PARSERS = {"str": str, "int": int, "float": float, "bool": _parse_bool, "tuple": _parse_list, "dict": _parse_labels,
-            "size": _parse_size}
+            "size": _parse_size, "path": os.path.expanduser}
 # (flag, parser, help) of each Config field made by _flag; the env var is MINIKRUST_<FIELD>.
 _FLAGS = [("--" + item.name.replace("_", "-"),
            _PARSERS[item.metadata["parse"] or item.type.__name__], item.metadata["help"])
@@ -557,14 +571,10 @@ def parse_args(argv=None, environ=None):
             continue
         try:
             value = convert(raw)
-        except ValueError as exc:
+        except (ValueError, ContainerConfigError) as exc:     # ContainerConfigError: not a quantity
             raise ConfigError(f"{source}: {exc}") from None
         values[dest], sources[dest] = value, source
     values.setdefault("echo", True)
-    if "root_dir" in values:
-        values["root_dir"] = os.path.expanduser(values["root_dir"])
-    if "kubeconfig" in values and values["kubeconfig"] != "in-cluster":
-        values["kubeconfig"] = os.path.expanduser(values["kubeconfig"])
     try:
         return Config(**values)
     except ConfigError as exc:      # named as the flag or variable the user set it with
@@ -2699,14 +2709,6 @@ def cmd_push(argv, environ=None):
 
 # Volume types whose content comes from the API: the kubelet always mounts them read-only.
 _API_VOLUME_TYPES = ("configMap", "secret", "downwardAPI", "projected")
-_QUANTITY = re.compile(r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?\Z")
-_QUANTITY_SUFFIX = {
-    "n": fractions.Fraction(1, 10**9), "u": fractions.Fraction(1, 10**6), "m": fractions.Fraction(1, 1000),
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}
-
-
 _VAR_REF = re.compile(r"\$(?:\$|\(([^)]*)\))")
 
 
@@ -2714,17 +2716,6 @@ def _expand_refs(text, env):
     """Expand `$(VAR)` as the kubelet does (its third_party expansion package): `$$` is an escaped
     `$`; an undefined `$(NAME)`, an unclosed `$(` and any other `$` stay as written."""
     return _VAR_REF.sub(lambda m: "$" if m.group(1) is None else env.get(m.group(1), m.group(0)), text or "")
-
-
-def parse_quantity(value):
-    """A Kubernetes resource quantity ("500m", "128Mi", "1e3", 2) as an exact Fraction."""
-    match = _QUANTITY.match(str(value).strip())
-    if not match:
-        raise ContainerConfigError(f"invalid resource quantity {value!r}", retry=False)
-    number, suffix = match.groups()
-    if suffix and suffix[0] in "eE" and len(suffix) > 1:     # an exponent ("1e3"), not exa ("1E")
-        return fractions.Fraction(number + suffix)
-    return fractions.Fraction(number) * _QUANTITY_SUFFIX.get(suffix, 1)
 
 
 def _namespace(pod):
