@@ -421,18 +421,13 @@ _POSITIVE = {"max_pods", "poll_interval", "lease_duration", "lease_renew_interva
 
 def _config_type_problem(item, value):
     """Why a Config field's value is not of the field's type (None allowed where it is the default)."""
-    kind = item.type
     if value is None and item.default is None:
         return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return None
-    if kind is tuple and isinstance(value, list):
-        value = tuple(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        return f"is not of type {kind.__name__}"
-    if kind in (tuple, dict) and not all(isinstance(v, str) for v in (value if kind is tuple else [*value, *value.values()])):
-        return "must hold strings only"
-    return None
+    accepted = {float: (int, float), tuple: (tuple, list)}.get(item.type, item.type)     # 1 for 1.0; a list
+    if not isinstance(value, accepted) or (isinstance(value, bool) and item.type is not bool):
+        return f"is not of type {item.type.__name__}"
+    strings = [*value, *value.values()] if isinstance(value, dict) else value if item.type is tuple else ()
+    return None if all(isinstance(v, str) for v in strings) else "must hold strings only"
 
 
 def _parse_bool(text):
