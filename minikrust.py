@@ -4041,6 +4041,8 @@ def _outgoing_http(module, pod):
                              f"requests with the pod annotation {_ALLOW_HTTP}: \"host1,host2:8080\" (or \"*\")")
     hosts = tuple(host.strip() for host in allowed.split(",") if host.strip())
     return True if "*" in hosts else hosts
+
+
 _POLL_TRAMPOLINE = (
     '(module (import "guest" "memory" (memory 0))'
     ' (import "wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
@@ -4103,12 +4105,10 @@ class FallbackHost:
         self._poll_trampoline = wasmtime.Module(self._engine, _POLL_TRAMPOLINE)
         self._local = threading.local()
         self._component_linkers = self._filter = None  # see _component_linker, _http_filter
-        self._modules = {}
+        self._modules, self._runs = {}, {}     # digest -> module; id(run) -> run, while it runs
         self._lock = threading.Lock()
-        self._runs = {}
         self._ticking = threading.Condition(self._lock)
-        self._ticker = None
-        self._closing = False
+        self._ticker, self._closing = None, False
         atexit.register(self._shutdown)
         proto = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
