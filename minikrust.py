@@ -1186,34 +1186,27 @@ def _meminfo():
     return info
 
 
-def _os_image():
-    for line in _read("/etc/os-release").splitlines():
-        if line.startswith("PRETTY_NAME="):
-            return line.split("=", 1)[1].strip('"')
-    return platform.system()
-
-
 def host_facts(root_dir):
     """What the node reports about its host, measured now (cheap: a few /proc reads)."""
     meminfo = _meminfo()
     try:
-        fs = os.statvfs(root_dir)
-        disk_total, disk_free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+        disk_total, _, disk_free = shutil.disk_usage(root_dir)
     except OSError:
         disk_total = disk_free = 0
+    try:
+        os_image = platform.freedesktop_os_release().get("PRETTY_NAME", platform.system())
+    except OSError:
+        os_image = platform.system()
     loadavg = _read("/proc/loadavg").split()
     processes = int(loadavg[3].split("/")[1]) if len(loadavg) > 3 and "/" in loadavg[3] else 0
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {"cpus": cpus, "memory_total": meminfo.get("MemTotal", 0),
             "memory_available": meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
             "disk_total": disk_total, "disk_free": disk_free, "processes": processes,
             "pid_max": int(_read("/proc/sys/kernel/pid_max", "32768") or 32768),
             "machine_id": _read("/etc/machine-id") or _read("/var/lib/dbus/machine-id"),
             "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-            "kernel": platform.release(), "os_image": _os_image()}
+            "kernel": platform.release(), "os_image": os_image}
 
 
 def detect_node_ip(server=None):
