@@ -6199,9 +6199,8 @@ class Metrics:
                         out.append(f"{name}{_format_labels(labels)} {_format_value(value)}{at}")
                         continue
                     counts, total, count = value
-                    for bound, seen in zip(buckets, counts):
-                        out.append(f"{name}_bucket{_format_labels(labels, [('le', _format_value(bound))])} {seen}")
-                    out.append(f"{name}_bucket{_format_labels(labels, [('le', '+Inf')])} {count}")
+                    for bound, seen in zip([*map(_format_value, buckets), "+Inf"], [*counts, count]):
+                        out.append(f"{name}_bucket{_format_labels(labels, [('le', bound)])} {seen}")
                     out.append(f"{name}_sum{_format_labels(labels)} {_format_value(total)}")
                     out.append(f"{name}_count{_format_labels(labels)} {count}")
         return "\n".join(out) + "\n"
@@ -6271,32 +6270,29 @@ class _ResourceStats:
             sample["usageNanoCores"] = int((used - before[1]) * 1e9 / (now_ns - before[0]))
         return sample
 
-    def _pods(self, specs=None):
-        """{(namespace, name): {"uid", "start", "cpu", "memory", "running": [items], "volumes": [names]}},
-        the local ephemeral volumes named from `specs` ({(namespace, name): spec.volumes})."""
-        specs = specs or {}
+    def _pods(self):
+        """{(namespace, name): {"uid", "start", "cpu", "memory", "running": [container runs]}}."""
         pods = {}
         for item in self.kubelet.container_stats():
-            key = (item["namespace"], item["pod"])
-            pod = pods.setdefault(key, {"uid": item.get("uid", ""), "start": item.get("start_time") or self._started,
-                                        "cpu": 0.0, "memory": 0, "running": [],
-                                        "volumes": [v.get("name") for v in specs.get(key, ()) if _local_ephemeral(v)]})
-            pod["start"] = min(pod["start"], item.get("start_time") or self._started)
+            start = item.get("start_time") or self._started
+            pod = pods.setdefault((item["namespace"], item["pod"]), {
+                "uid": item.get("uid", ""), "start": start, "cpu": 0.0, "memory": 0, "running": []})
+            pod["start"] = min(pod["start"], start)
             pod["cpu"] += float(item["cpu_seconds"])
             if item["running"]:
                 pod["running"].append(item)
                 pod["memory"] += int(item["memory_bytes"])
         return pods
 
-    def _storage(self, pod, fs, stamp):
-        """The pod's "volume", running containers' "logs" and "ephemeral-storage" FsStats."""
+    def _storage(self, pod, spec_volumes, fs, stamp):
+        """FsStats: the pod's "volume" (local ephemeral), running containers' "logs", "ephemeral-storage"."""
         pod_dir = os.path.join(self.kubelet.config.root_dir, "pods", pod["uid"])
 
         def fs_stats(used, inodes, **extra):
             return dict(extra, time=stamp, usedBytes=used, inodesUsed=inodes, **fs)
 
-        volumes = [fs_stats(*_disk_usage(os.path.join(pod_dir, "volumes", name)), name=name)
-                   for name in pod["volumes"]]
+        names = [volume.get("name") for volume in spec_volumes if _local_ephemeral(volume)]
+        volumes = [fs_stats(*_disk_usage(os.path.join(pod_dir, "volumes", n)), name=n) for n in names]
         logs = {os.path.basename(folder): _disk_usage(folder)
                 for folder in glob.glob(os.path.join(glob.escape(pod_dir), "logs", "*"))}
         used = sum(v["usedBytes"] for v in volumes) + sum(u for u, _ in logs.values())
@@ -6321,8 +6317,8 @@ class _ResourceStats:
         specs = {((p.get("metadata") or {}).get("namespace", "default"), (p.get("metadata") or {}).get("name")):
                  (p.get("spec") or {}).get("volumes") or [] for p in self.kubelet.pods()}
         pods = []
-        for (namespace, name), pod in self._pods(specs).items():
-            volumes, logs, ephemeral = self._storage(pod, fs, stamp)
+        for (namespace, name), pod in self._pods().items():
+            volumes, logs, ephemeral = self._storage(pod, specs.get((namespace, name), ()), fs, stamp)
             containers = [{
                 "name": item["container"], "startTime": _k8s_time(item.get("start_time") or self._started),
                 "cpu": self._cpu((namespace, name, item["container"]), item["cpu_seconds"], now_ns, stamp),
@@ -6954,10 +6950,7 @@ class KubeletServer:
 
 class Kubelet:
     """One node: its Node, Lease and status, and its pods; standalone (api None) with no kubeconfig.
-
-        with Kubelet(Config(kubeconfig="k.yaml", root_dir="/tmp/k")) as kubelet:
-            kubelet.wait()          # until stop() or a signal (see main)
-    """
+    `with Kubelet(config) as kubelet: kubelet.wait()` runs it until stop() or a signal (see main)."""
 
     def __init__(self, config=None, *, handler=None):
         """Records the settings only: no file, network or thread until start()."""
