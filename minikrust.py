@@ -123,7 +123,6 @@ class ContainerConfigError(MinikrustError):
 _OPENAT2 = {"x86_64": 437, "amd64": 437, "aarch64": 437, "arm64": 437}.get(platform.machine().lower())
 _RESOLVE_BENEATH = 0x08 | 0x02                       # RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
 _BENEATH = {"openat2": None if sys.platform.startswith("linux") and _OPENAT2 else False, "syscall": None}
-_O_PATH = getattr(os, "O_PATH", 0)
 
 
 class _OpenHow(ctypes.Structure):
@@ -230,7 +229,7 @@ def _open_dir_to_empty(dir_fd, name):
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except PermissionError:              # a folder made unreadable: chmod it through an O_PATH fd
-        path_fd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
         finally:
@@ -2188,7 +2187,7 @@ class ModuleStore:
         self.remove_stale_temps()
         self._lock = threading.RLock()
         self._persisted = 0.0
-        self._hmac_key = None           # see _credential_key
+        self._hmac_key = None           # see credential_id
         index = _read_state(self.root, "index.json") or {}
         self._index = {"refs": dict(index.get("refs") or {}), "modules": dict(index.get("modules") or {})}
 
@@ -2271,23 +2270,20 @@ class ModuleStore:
             self._save()
 
     def credential_id(self, cred):
-        """A label for the credential of a pull: anonymous, node, or a keyed hash of a pod's secret."""
+        """A label for the credential of a pull: anonymous, node, or a hash of a pod's secret keyed by
+        the store's secret key (made on first use, read once: pod starts check labels)."""
         if cred is None:
             return "anonymous"
         if cred.source == "--registry-config":
             return "node"
-        text = f"{cred.registry}\0{cred.username}\0{cred.password}".encode()
-        return "hmac:" + hmac.new(self._credential_key(), text, hashlib.sha256).hexdigest()
-
-    def _credential_key(self):
-        """The store's secret HMAC key, made on first use and read once: pod starts check labels."""
         with self._lock:
             if self._hmac_key is None:
                 if "credential-key" not in _list_beneath(self.root):
                     _write_beneath(self.root, "credential-key", os.urandom(32), 0o600)
                 with self.open(os.path.join(self.root, "credential-key")) as f:
                     self._hmac_key = f.read()
-            return self._hmac_key
+        text = f"{cred.registry}\0{cred.username}\0{cred.password}".encode()
+        return "hmac:" + hmac.new(self._hmac_key, text, hashlib.sha256).hexdigest()
 
     def touch(self, digest):
         """Mark a module used now (kept in memory, written at most every 30 s)."""
@@ -3169,12 +3165,12 @@ def _subpath(volume_dir, sub_path, api_volume):
     _check_relpath(sub_path, "subPath")
     try:
         try:
-            fd = open_beneath(volume_dir, sub_path, _O_PATH)
+            fd = open_beneath(volume_dir, sub_path, os.O_PATH)
         except FileNotFoundError:
             if api_volume:  # its content is the API object's: a key may still be added
                 raise ContainerConfigError(f"subPath {sub_path!r} does not exist in its volume", retry=True) from None
             os.close(_makedirs_beneath(volume_dir, sub_path))
-            fd = open_beneath(volume_dir, sub_path, _O_PATH)
+            fd = open_beneath(volume_dir, sub_path, os.O_PATH)
     except OSError as exc:
         raise ContainerConfigError(f"subPath {sub_path!r} cannot be used: {exc.strerror} (a symlink out of "
                                    "its volume?)", retry=False) from None
