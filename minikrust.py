@@ -813,14 +813,8 @@ def _parse_rfc3339(text):
     if not match:
         raise ValueError(f"not an RFC 3339 time: {text!r}")
     base, fraction, zone = match.groups()
-    offset = 0 if zone == "Z" else (int(zone[1:3]) * 60 + int(zone[4:6])) * 60 * (1 if zone[0] == "+" else -1)
-    return (_epoch_seconds(base) - offset) * 10**9 + int((fraction or "0").ljust(9, "0"))
-
-
-@functools.lru_cache(maxsize=256)
-def _epoch_seconds(base):
-    """`YYYY-MM-DDTHH:MM:SS` (UTC) as epoch seconds; cached, as a log's records share their seconds."""
-    return int(datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc).timestamp())
+    seconds = datetime.datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone)).timestamp()
+    return int(seconds) * 10**9 + int((fraction or "0").ljust(9, "0"))
 
 
 class _Adapter(requests.adapters.HTTPAdapter):
@@ -867,64 +861,15 @@ class _Adapter(requests.adapters.HTTPAdapter):
         response.raw, response.request, response.connection = resp, req, self
         return response
 
-    def close(self):
-        self._pool = None
-        super().close()
-
-
-class _ExecCredentials:
-    """Runs a client.authentication.k8s.io exec plugin and caches its credential until expiry."""
-
-    def __init__(self, spec, server):
-        self.spec, self.server = spec, server
-        self._credential, self._expiry = None, None
-        self._lock = threading.Lock()
-
-    def get(self, force=False):
-        """(token, cert_pem, key_pem) from the cached credential, running the plugin when needed."""
-        with self._lock:
-            if force or self._credential is None or (self._expiry and time.time_ns() >= self._expiry):
-                self._credential, self._expiry = self._run()
-            status = self._credential
-            cert, key = status.get("clientCertificateData"), status.get("clientKeyData")
-            return status.get("token"), cert and cert.encode(), key and key.encode()
-
-    def _run(self):
-        spec = self.spec
-        info = {"apiVersion": spec["apiVersion"], "kind": "ExecCredential",
-                "spec": {"interactive": False, "cluster": {"server": self.server}}}
-        env = dict(os.environ, KUBERNETES_EXEC_INFO=json.dumps(info))
-        env.update(spec["env"])
-        try:
-            done = subprocess.run([spec["command"], *spec["args"]], env=env, capture_output=True,
-                                  stdin=subprocess.DEVNULL, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            hint = f" ({spec['install_hint']})" if spec.get("install_hint") else ""
-            raise ConfigError(f"{spec['where']}.command: cannot run {spec['command']!r}: {exc}{hint}") from None
-        if done.returncode != 0:
-            raise ConfigError(f"{spec['where']}: plugin {spec['command']!r} exited {done.returncode}: "
-                              f"{done.stderr.decode(errors='replace').strip()[:200]}")
-        try:
-            status = json.loads(done.stdout)["status"]
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{spec['where']}: plugin {spec['command']!r} did not print an ExecCredential") from None
-        if not status.get("token") and not status.get("clientCertificateData"):
-            raise ConfigError(f"{spec['where']}: ExecCredential has neither token nor clientCertificateData")
-        expiry = status.get("expirationTimestamp")
-        return status, _parse_rfc3339(expiry) if expiry else None
-
 
 def _api_error(response):
     """ApiError from an error answer; the API's Status when the body is one, else the HTTP reason."""
-    try:
+    with contextlib.suppress(ValueError):
         status = response.json()
-    except ValueError:
-        status = None
-    if isinstance(status, dict) and status.get("kind") == "Status":
-        return ApiError(status.get("code") or response.status_code, status.get("reason", ""),
-                        status.get("message", ""), status)
+        if isinstance(status, dict) and status.get("kind") == "Status":
+            return ApiError(status.get("code") or response.status_code, status.get("reason", ""),
+                            status.get("message", ""), status)
     return ApiError(response.status_code, response.reason or "", (response.text or "")[:200])
-
 
 
 class ApiClient:
@@ -932,15 +877,13 @@ class ApiClient:
     connection errors, 429 (Retry-After) and 5xx; other errors raise ApiError at once."""
 
     def __init__(self, cluster, *, retries=5, backoff=0.2, max_backoff=5.0, user_agent=None):
-        self.cluster = cluster
-        self.server = cluster.server
+        self.cluster, self.server = cluster, cluster.server
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._closed = threading.Event()
         self._streams = {}              # open watch response -> its path
-        self._lock = threading.Lock()
-        self._exec = _ExecCredentials(cluster.exec_config, cluster.server) if cluster.exec_config else None
+        self._lock, self._exec_lock = threading.Lock(), threading.Lock()
+        self._exec = (None, None, None)             # an exec plugin's (ExecCredential status, expiry ns, cert pair)
         self._token_file_state = (None, None)      # (mtime, token) of cluster.token_file
-        self._exec_cert = None
         self.on_error = None        # callable(code) told of every error answer (0: no answer), for metrics
         self.session = self._new_session()
         self._headers = {"User-Agent": user_agent or f"minikrust/{__version__}", "Accept": "application/json",
@@ -963,16 +906,21 @@ class ApiClient:
         return session
 
     def credential(self, refresh=False):
-        """The bearer token to send (None when authenticating otherwise); runs exec plugins."""
+        """The bearer token to send (None when authenticating otherwise); runs exec plugins, whose
+        credential is kept until it expires (a new client certificate: new TLS connections)."""
         cluster = self.cluster
-        if self._exec is not None:
-            token, cert, key = self._exec.get(force=refresh)
-            with self._lock:
-                if cert and (cert, key) != self._exec_cert:       # a new client cert: new TLS pools
-                    self._exec_cert = (cert, key)
-                    old, self.session = self.session, self._new_session(cert, key)
-                    old.close()
-            return token
+        if cluster.exec_config:
+            with self._exec_lock:
+                status, expiry, pair = self._exec
+                if refresh or status is None or (expiry and time.time_ns() >= expiry):
+                    status, expiry = self._run_exec()
+                    cert, key = status.get("clientCertificateData"), status.get("clientKeyData")
+                    if cert and (cert, key) != pair:
+                        pair, old = (cert, key), self.session
+                        self.session = self._new_session(cert.encode(), key and key.encode())
+                        old.close()
+                    self._exec = (status, expiry, pair)
+                return status.get("token")
         if cluster.token_file:
             try:
                 mtime = os.stat(cluster.token_file).st_mtime
@@ -984,6 +932,31 @@ class ApiClient:
             return self._token_file_state[1]
         return cluster.token
 
+    def _run_exec(self):
+        """Run the client.authentication.k8s.io exec plugin: (its ExecCredential status, expiry ns or None)."""
+        spec = self.cluster.exec_config
+        info = {"apiVersion": spec["apiVersion"], "kind": "ExecCredential",
+                "spec": {"interactive": False, "cluster": {"server": self.server}}}
+        env = dict(os.environ, KUBERNETES_EXEC_INFO=json.dumps(info))
+        env.update(spec["env"])
+        try:
+            done = subprocess.run([spec["command"], *spec["args"]], env=env, capture_output=True,
+                                  stdin=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            hint = f" ({spec['install_hint']})" if spec.get("install_hint") else ""
+            raise ConfigError(f"{spec['where']}.command: cannot run {spec['command']!r}: {exc}{hint}") from None
+        if done.returncode != 0:
+            raise ConfigError(f"{spec['where']}: plugin {spec['command']!r} exited {done.returncode}: "
+                              f"{done.stderr.decode(errors='replace').strip()[:200]}")
+        try:
+            status = json.loads(done.stdout)["status"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{spec['where']}: plugin {spec['command']!r} did not print an ExecCredential") from None
+        if not status.get("token") and not status.get("clientCertificateData"):
+            raise ConfigError(f"{spec['where']}: ExecCredential has neither token nor clientCertificateData")
+        expiry = status.get("expirationTimestamp")
+        return status, _parse_rfc3339(expiry) if expiry else None
+
     def _sleep(self, seconds):
         if self._closed.wait(seconds):
             raise ApiError(0, "ClientClosed", "the API client was closed")
@@ -991,8 +964,8 @@ class ApiClient:
     def _delay(self, attempt):
         return random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * (2 ** attempt))
 
-    def request(self, method, path, *, params=None, body=None, content_type="application/json",
-                timeout=30, retry_conflict=False, stream=False, retries=None):
+    def request(self, method, path, body=None, *, params=None, content_type="application/json", timeout=30,
+                stream=False, retries=None):
         """Send one API request; the parsed JSON answer, or the open response when `stream`."""
         retries = self.retries if retries is None else retries
         url = self.server + path + (f"?{urllib.parse.urlencode(params, doseq=True)}" if params else "")
@@ -1009,14 +982,13 @@ class ApiClient:
             prepared = requests.PreparedRequest()
             prepared.method, prepared.url, prepared.body = method, url, data
             prepared.headers = {**self._headers, **sent, **({"Authorization": f"Bearer {token}"} if token else {})}
-            last = attempt >= retries
             try:
                 session = self.session
                 response = session.get_adapter(url).send(prepared, stream=stream, timeout=(10, timeout),
-                                                         verify=session.verify, proxies=session.proxies)
+                                                         proxies=session.proxies)
             except requests.RequestException as exc:
                 self._note_error(0)
-                if last:
+                if attempt >= retries:
                     raise ApiError(0, "ConnectionError", f"{method} {path}: {exc}") from None
                 log.debug("%s %s: %s; retrying", method, path, exc)
                 self._sleep(self._delay(attempt))
@@ -1027,12 +999,11 @@ class ApiClient:
             error = _api_error(response)
             response.close()
             self._note_error(code)
-            if code == 401 and self._exec is not None and not refreshed:
+            if code == 401 and self.cluster.exec_config and not refreshed:
                 refreshed, attempt = True, attempt - 1      # a revoked plugin credential: ask again
                 self.credential(refresh=True)
                 continue
-            retryable = code in _RETRY_STATUSES or (code == 409 and retry_conflict)
-            if not retryable or last:
+            if code not in _RETRY_STATUSES or attempt >= retries:
                 raise error
             wait = self._delay(attempt)
             with contextlib.suppress(ValueError):       # the server may say how long (Retry-After), as client-go reads it
@@ -1040,25 +1011,16 @@ class ApiClient:
             log.debug("%s %s: %s; retrying", method, path, error)
             self._sleep(wait)
 
+    get = functools.partialmethod(request, "GET")
+    post = functools.partialmethod(request, "POST")
+    put = functools.partialmethod(request, "PUT")
+    patch = functools.partialmethod(request, "PATCH", content_type="application/merge-patch+json")
+    delete = functools.partialmethod(request, "DELETE")
+
     def _note_error(self, code):
         if self.on_error is not None:
             with contextlib.suppress(Exception):
                 self.on_error(code)
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, body, **kw):
-        return self.request("POST", path, body=body, **kw)
-
-    def put(self, path, body, **kw):
-        return self.request("PUT", path, body=body, **kw)
-
-    def patch(self, path, body, content_type="application/merge-patch+json", **kw):
-        return self.request("PATCH", path, body=body, content_type=content_type, **kw)
-
-    def delete(self, path, body=None, **kw):
-        return self.request("DELETE", path, body=body, **kw)
 
     def watch(self, path, params, timeout=None):
         """(type, object) watch events until the server ends the stream or `timeout` s pass without

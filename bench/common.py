@@ -186,7 +186,7 @@ def _probe_main(probe_path, argv):
     """The kubelet child: minikrust.main(argv) with the two timestamps of the module docstring."""
     import minikrust
     added, status_queued, status_sent, requests_ = {}, {}, {}, collections.Counter()
-    pod_added, api_request = minikrust.PodManager.pod_added, minikrust.ApiClient.request
+    pod_added, send = minikrust.PodManager.pod_added, minikrust._Adapter.send
     set_status = minikrust.StatusWriter.set_status
 
     def probed_set_status(self, pod, status):
@@ -197,18 +197,19 @@ def _probe_main(probe_path, argv):
         added.setdefault(pod["metadata"].get("uid"), time.time())
         return pod_added(self, pod)
 
-    def probed_request(self, method, path, **kw):
-        requests_[request_kind(method, path)] += 1
-        body = kw.get("body")
-        if method == "PATCH" and path.endswith("/status") and "/pods/" in path and isinstance(body, dict):
+    def probed_send(self, request, **kw):
+        path = request.url.split("://", 1)[-1].partition("/")[2].partition("?")[0]
+        requests_[request_kind(request.method, "/" + path)] += 1
+        if request.method == "PATCH" and path.endswith("/status") and "/pods/" in path:
+            body = json.loads(request.body)
             phase = (body.get("status") or {}).get("phase")
             uid = (body.get("metadata") or {}).get("uid") or path
             if phase:
                 status_sent.setdefault(uid, {}).setdefault(phase, time.time())
-        return api_request(self, method, path, **kw)
+        return send(self, request, **kw)
 
     minikrust.PodManager.pod_added = probed_pod_added
-    minikrust.ApiClient.request = probed_request
+    minikrust._Adapter.send = probed_send
     minikrust.StatusWriter.set_status = probed_set_status
     profiles = _profile_threads() if os.environ.get("BENCH_PROFILE") else None
     try:

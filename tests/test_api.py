@@ -90,14 +90,12 @@ def test_retries_end_with_the_last_error(scripted):
     api.close()
 
 
-def test_conflict_is_retried_only_when_asked(scripted):
-    scripted.script = [_status(409, "Conflict")]
+def test_conflict_is_not_retried(scripted):
+    scripted.script = [_status(409, "Conflict"), (200, {"ok": True}, {})]
     api = _client(scripted)
     with pytest.raises(minikrust.ApiError) as err:
         api.put("/x", {"a": 1})
-    assert err.value.code == 409
-    scripted.script = [_status(409, "Conflict"), (200, {"ok": True}, {})]
-    assert api.put("/x", {"a": 1}, retry_conflict=True) == {"ok": True}
+    assert err.value.code == 409 and len(scripted.seen) == 1
     api.close()
 
 

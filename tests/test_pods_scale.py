@@ -50,13 +50,13 @@ def test_200_pods_at_once_all_succeed_with_at_most_five_writes_each(fake_api, ku
 def test_a_status_for_a_pod_deleted_and_made_again_does_not_land_on_the_new_pod(fake_api, kubelet_factory,
                                                                                  module_file):
     kubelet = kubelet_factory(fake_api)
-    sending, request = threading.Event(), kubelet.api.request
+    sending, patch = threading.Event(), kubelet.api.patch
 
-    def watched(method, path, **kw):
-        if method == "PATCH" and path.endswith("/pods/p/status"):
+    def watched(path, body, **kw):
+        if path.endswith("/pods/p/status"):
             sending.set()
-        return request(method, path, **kw)
-    kubelet.api.request = watched
+        return patch(path, body, **kw)
+    kubelet.api.patch = watched
     fake_api.pause(method="PATCH", path="/pods/p/status")          # the first status patch is held in flight
     first = fake_api.create_pod(_manifest("p", [{"name": "main", "image": module_file(sleeper(50, 3))}]),
                                 node_name="node-1")["metadata"]["uid"]
