@@ -882,7 +882,7 @@ class ApiClient:
         self._closed = threading.Event()
         self._streams = {}              # open watch response -> its path
         self._lock, self._exec_lock = threading.Lock(), threading.Lock()
-        self._exec = (None, None, None)             # an exec plugin's (ExecCredential status, expiry ns, cert pair)
+        self._exec = (None, None, None)     # an exec plugin's (ExecCredential status, expiry ns, cert pair)
         self._token_file_state = (None, None)      # (mtime, token) of cluster.token_file
         self.on_error = None        # callable(code) told of every error answer (0: no answer), for metrics
         self.session = self._new_session()
@@ -933,7 +933,7 @@ class ApiClient:
         return cluster.token
 
     def _run_exec(self):
-        """Run the client.authentication.k8s.io exec plugin: (its ExecCredential status, expiry ns or None)."""
+        """Run the client.authentication.k8s.io exec plugin: (ExecCredential status, expiry ns or None)."""
         spec = self.cluster.exec_config
         info = {"apiVersion": spec["apiVersion"], "kind": "ExecCredential",
                 "spec": {"interactive": False, "cluster": {"server": self.server}}}
@@ -981,7 +981,9 @@ class ApiClient:
             # (URL parsing, hooks, cookies, settings) costs as much CPU as the rest of the call
             prepared = requests.PreparedRequest()
             prepared.method, prepared.url, prepared.body = method, url, data
-            prepared.headers = {**self._headers, **sent, **({"Authorization": f"Bearer {token}"} if token else {})}
+            prepared.headers = {**self._headers, **sent}
+            if token:
+                prepared.headers["Authorization"] = f"Bearer {token}"
             try:
                 session = self.session
                 response = session.get_adapter(url).send(prepared, stream=stream, timeout=(10, timeout),
@@ -2895,17 +2897,18 @@ class ServiceAccountTokens:
 
     def __init__(self, api, report, ready=lambda uid: None):
         self.api, self.report, self.ready = api, report, ready     # report(pod, message): a Warning Event
-        self._entries = {}      # (uid, volume dir, path) -> [pod, source, what, token, due, delay]
+        self._entries = {}      # (uid, what, path) -> [pod, source, what, token, due, delay, volume dir]
         self._cond = threading.Condition()
         self._thread = None
         self._stopped = False
 
     def token(self, pod, source, directory, relpath, what):
-        """The token for `relpath` in the volume `directory` (None: refused so far), kept fresh from
-        now on; _Fetching until its first request is answered."""
-        key = (_pod_uid(pod), directory, relpath)
+        """The token for `relpath` in the volume `directory` (None: refused so far; no directory: asked
+        ahead), kept fresh from now on; _Fetching until its first request is answered."""
+        key = (_pod_uid(pod), what, relpath)
         with self._cond:
-            entry = self._entries.setdefault(key, [pod, source, what, None, 0.0, 0.0])
+            entry = self._entries.setdefault(key, [pod, source, what, None, 0.0, 0.0, None])
+            entry[6] = directory or entry[6]
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._loop, name="minikrust-tokens", daemon=True)
                 self._thread.start()
@@ -2913,6 +2916,15 @@ class ServiceAccountTokens:
             if entry[3] is None and entry[4] == 0.0:
                 raise _Fetching(f"the service account token of {what}")
             return entry[3]
+
+    def prefetch(self, pod):
+        """Ask now for the tokens of a pod just admitted: the answer comes while its volumes are made."""
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            for ref in [s["serviceAccountToken"] for s in (volume.get("projected") or {}).get("sources") or []
+                        if "serviceAccountToken" in s]:
+                what = f"volume {volume.get('name')!r}"
+                with contextlib.suppress(MinikrustError):
+                    self.token(pod, ref, None, _check_relpath(ref.get("path"), what), what)
 
     def forget(self, uid):
         with self._cond:
@@ -2949,17 +2961,23 @@ class ServiceAccountTokens:
                 if not due:
                     self._cond.wait(min((e[4] for e in self._entries.values()), default=now + 60.0) - now)
                     continue
-            for key, entry in due:
-                first = entry[4] == 0.0
-                if self._renew(entry) and not first:
-                    try:
-                        _write_beneath(key[1], key[2], entry[3], 0o600, 0o700)
-                    except OSError as exc:      # the volume is gone (the pod finished): done with it
-                        log.debug("token of %s not written: %s", _pod_key(entry[0]), exc)
-                        with self._cond:
-                            self._entries.pop(key, None)
-                if first:
-                    self.ready(key[0])      # its pod writes it now (or goes on without it)
+            with concurrent.futures.ThreadPoolExecutor(4, "minikrust-tokens") as pool:    # a burst: 4 at once
+                list(pool.map(self._due, *zip(*due)))
+
+    def _due(self, key, entry):
+        first = entry[4] == 0.0
+        if not first and entry[6] is None:      # asked ahead for a pod that never wrote it
+            with self._cond:
+                self._entries.pop(key, None)
+        elif self._renew(entry) and not first:
+            try:
+                _write_beneath(entry[6], key[2], entry[3], 0o600, 0o700)
+            except OSError as exc:      # the volume is gone (the pod finished): done with it
+                log.debug("token of %s not written: %s", _pod_key(entry[0]), exc)
+                with self._cond:
+                    self._entries.pop(key, None)
+        if first:
+            self.ready(key[0])      # its pod writes it now (or goes on without it)
 
 
 def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens):
@@ -4370,26 +4388,23 @@ def module_errors():
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
-def _qos_amounts(resources):
-    """The cpu and memory amounts above zero: all the QoS class counts."""
-    amounts = {}
-    for name in ("cpu", "memory"):
-        with contextlib.suppress(KeyError, TypeError, ContainerConfigError):
-            amounts[name] = parse_quantity((resources or {})[name])
-    return {name: amount for name, amount in amounts.items() if amount > 0}
-
-
 def qos_class(pod):
     """The pod's QoS class as the API server computes it (Guaranteed, Burstable or BestEffort)."""
-    containers = list((pod.get("spec") or {}).get("initContainers") or []) + list(pod["spec"].get("containers") or [])
-    any_set, guaranteed = False, True
-    for c in containers:
+    def amounts(resources):     # the cpu and memory amounts above zero: all the QoS class counts
+        found = {}
+        for name in ("cpu", "memory"):
+            with contextlib.suppress(KeyError, TypeError, ContainerConfigError):
+                found[name] = parse_quantity((resources or {})[name])
+        return {name: amount for name, amount in found.items() if amount > 0}
+    spec = pod.get("spec") or {}
+    pairs = []
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
         res = c.get("resources") or {}
-        limits, requests_ = _qos_amounts(res.get("limits")), _qos_amounts(res.get("requests"))
-        any_set = any_set or bool(limits or requests_)
-        guaranteed = guaranteed and all(n in limits and requests_.get(n, limits[n]) == limits[n] for n in ("cpu", "memory"))
-    if not any_set:
+        pairs.append((amounts(res.get("limits")), amounts(res.get("requests"))))
+    if not any(limits or requests_ for limits, requests_ in pairs):
         return "BestEffort"
+    guaranteed = all(n in limits and requests_.get(n, limits[n]) == limits[n]
+                     for limits, requests_ in pairs for n in ("cpu", "memory"))
     return "Guaranteed" if guaranteed else "Burstable"
 
 
@@ -4411,45 +4426,29 @@ def pod_phase(pod, init_statuses, statuses):
         failed = (term and term.get("exitCode") != 0) or (
             _waiting_after_failure(s) and s["lastState"]["terminated"].get("exitCode") != 0)
         return "Failed" if failed and policy == "Never" else "Pending"
-    by_name = {s["name"]: s for s in statuses}
-    running = waiting = stopped = succeeded = unknown = 0
+    by_name, n = {s["name"]: s for s in statuses}, collections.Counter()
     for c in pod["spec"]["containers"]:
-        s = by_name.get(c["name"])
-        state = (s or {}).get("state") or {}
-        if "running" in state:
-            running += 1
-        elif "terminated" in state:
-            stopped += 1
-            succeeded += state["terminated"].get("exitCode") == 0
-        elif s and _waiting_after_failure(s):
-            stopped += 1
-        elif "waiting" in state:
-            waiting += 1
-        else:
-            unknown += 1
-    if waiting:
+        s = by_name.get(c["name"]) or {}
+        state = s.get("state") or {}
+        if "terminated" in state:
+            n["succeeded" if state["terminated"].get("exitCode") == 0 else "failed"] += 1
+        else:       # running, waiting (after a failure: stopped, failed) or no state known yet
+            n["failed" if _waiting_after_failure(s) else next(iter(state), "unknown")] += 1
+    if n["waiting"] or n["unknown"] or not (n["running"] or n["succeeded"] or n["failed"]):
         return "Pending"
-    if running and not unknown:
+    if n["running"] or policy == "Always":
         return "Running"
-    if stopped and not running and not unknown:
-        if policy == "Always":
-            return "Running"
-        if stopped == succeeded:
-            return "Succeeded"
-        return "Failed" if policy == "Never" else "Running"
-    return "Pending"
+    if not n["failed"]:
+        return "Succeeded"
+    return "Failed" if policy == "Never" else "Running"
 
 
 def _condition(type_, ok, prev, now, reason=None, message=None):
     """One pod condition; keeps the previous lastTransitionTime while its status is unchanged."""
-    status = "True" if ok else "False"
-    old = prev.get(type_)
+    status, old = "True" if ok else "False", prev.get(type_) or {}
     cond = {"type": type_, "status": status, "lastProbeTime": None,
-            "lastTransitionTime": old["lastTransitionTime"] if old and old.get("status") == status else now}
-    if reason:
-        cond["reason"] = reason
-    if message:
-        cond["message"] = message
+            "lastTransitionTime": old["lastTransitionTime"] if old.get("status") == status else now}
+    cond.update({k: v for k, v in (("reason", reason), ("message", message)) if v})
     return cond
 
 
@@ -4464,24 +4463,22 @@ def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_con
     unready = [c["name"] for c in pod["spec"]["containers"] if c["name"] not in app_ready]
     initialized = phase == "Succeeded" or not init_pending
     ready = initialized and not unready and phase not in _TERMINAL_PHASES
-    init_msg = f"containers with incomplete status: [{' '.join(init_pending)}]"
     if phase == "Succeeded":
         why_init = ("PodCompleted", None) if init_pending else (None, None)
         why_unready = ("PodCompleted", None)
     elif not initialized:
-        why_init = why_unready = ("ContainersNotInitialized", init_msg)
+        why_init = why_unready = ("ContainersNotInitialized", f"containers with incomplete status: "
+                                                              f"[{' '.join(init_pending)}]")
     else:
         why_init = (None, None)
         why_unready = ("ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]")
-    if ready:
-        why_unready = (None, None)
-    scheduled_at = prev.get("PodScheduled", {}).get("lastTransitionTime") or now
+    why_unready = (None, None) if ready else why_unready
     return [
         _condition("PodReadyToStartContainers", ready_to_start, prev, now),
         _condition("Initialized", initialized, prev, now, *why_init),
         _condition("Ready", ready, prev, now, *why_unready),     # the kubelet's order (recording extended/29)
         _condition("ContainersReady", ready, prev, now, *why_unready),
-        _condition("PodScheduled", True, prev, scheduled_at),
+        _condition("PodScheduled", True, prev, prev.get("PodScheduled", {}).get("lastTransitionTime") or now),
     ]
 
 
@@ -4490,25 +4487,18 @@ def compute_pod_status(pod, init_statuses, statuses, *, host_ip, ready_to_start,
     """The status a kubelet reports for `pod` from its ContainerStatuses; `phase`, `reason`,
     `message` are pod-level outcomes (DeadlineExceeded, ...); a terminal phase in `prev` is kept."""
     prev = prev or {}
-    derived = pod_phase(pod, init_statuses, statuses)
-    phase = phase or derived
     if prev.get("phase") in _TERMINAL_PHASES:
         phase = prev["phase"]
-    status = {"phase": phase,
-              "conditions": pod_conditions(pod, phase, init_statuses, statuses, ready_to_start,
-                                           prev.get("conditions"), now)}
-    if reason:
-        status["reason"] = reason
-    if message:
-        status["message"] = message
+    phase = phase or pod_phase(pod, init_statuses, statuses)
+    status = {"phase": phase, "conditions": pod_conditions(pod, phase, init_statuses, statuses, ready_to_start,
+                                                           prev.get("conditions"), now)}
+    status.update({k: v for k, v in (("reason", reason), ("message", message), ("startTime", start_time))
+                   if v})
     if host_ip:
         status.update(hostIP=host_ip, hostIPs=[{"ip": host_ip}], podIP=host_ip, podIPs=[{"ip": host_ip}])
-    if start_time:
-        status["startTime"] = start_time
     if init_statuses:
         status["initContainerStatuses"] = list(init_statuses)
-    status["containerStatuses"] = list(statuses)
-    status["qosClass"] = qos_class(pod)
+    status.update(containerStatuses=list(statuses), qosClass=qos_class(pod))
     return status
 
 
@@ -4526,33 +4516,27 @@ def _pod_path(pod):
     return f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}"
 
 
-@dataclass(frozen=True)
-class PodEvent:
-    """A core/v1 Event about a pod (Pulling, Pulled, Created, Started, Killing, BackOff, Failed)."""
-    namespace: str
-    pod_name: str
-    pod_uid: str
-    reason: str
-    message: str
-    type: str = "Normal"
-    field_path: str = None
+# A core/v1 Event about a pod (Pulling, Pulled, Created, Started, Killing, BackOff, Failed).
+PodEvent = collections.namedtuple("PodEvent", "namespace pod_name pod_uid reason message type field_path",
+                                  defaults=("Normal", None))
 
 
+@dataclass(eq=False)
 class _Queue:
     """The writes queued for one pod (by API path) or its Events (by uid), sent in order by one writer."""
-    __slots__ = ("items", "statuses", "deletes", "not_before")
-
-    def __init__(self):
-        self.items = collections.deque()    # requests (method, path, body, ok) or PodEvents, in order
-        self.statuses = {}                  # uid -> (path, status, send uid): the newest only
-        self.deletes = {}                   # uid -> path, sent after that uid's last status
-        self.not_before = 0.0               # monotonic time before which it is not tried again
+    items: collections.deque = field(default_factory=collections.deque)    # requests or PodEvents, in order
+    statuses: dict = field(default_factory=dict)    # uid -> (path, status, send uid): the newest only
+    deletes: dict = field(default_factory=dict)     # uid -> path, sent after that uid's last status
+    not_before: float = 0.0     # monotonic time before which it is not tried again
 
     def __bool__(self):
         return bool(self.items or self.statuses or self.deletes)
 
 
 _WRITER_IDLE = 2.0      # seconds a status writer thread waits for work before it ends
+
+
+_DROPPED = (403, 404, 409, 422)     # answers after which a write is not tried again (logged)
 
 
 class StatusWriter:
@@ -4602,9 +4586,7 @@ class StatusWriter:
             self._forgotten[uid] += 1   # a write in flight must not be remembered as sent
             self._sent.pop(uid, None)
             self._event_names.pop(uid, None)
-            queue = self._pods.get(self._where.pop(uid, None))
-            if queue is not None:
-                queue.statuses.pop(uid, None)
+            self._pods.get(self._where.pop(uid, None), _Queue()).statuses.pop(uid, None)
 
     def seed(self, uid, status):
         """What the server already has for a pod (from a list), so an equal status is not resent."""
@@ -4624,11 +4606,11 @@ class StatusWriter:
             if event.pod_uid not in self._gone:
                 self._queue(self._events, event.pod_uid).items.append(event)
 
-    def request(self, method, path, body=None, ok=(404, 409), key=None):
+    def request(self, method, path, body=None, key=None):
         """Another write about a pod (mirror pods), before its statuses, under `key` (default `path`);
-        `ok` codes are no errors; a callable `body` is called at sending (raising keeps it queued)."""
+        a callable `body` is called at sending (raising keeps it queued)."""
         with self._lock:
-            self._queue(self._pods, key or path).items.append((method, path, body, ok))
+            self._queue(self._pods, key or path).items.append((method, path, body))
 
     def delete_pod(self, pod):
         """Final delete (gracePeriodSeconds 0, uid precondition), after the pod's last status."""
@@ -4641,12 +4623,11 @@ class StatusWriter:
 
     def _queue(self, queues, key):
         """With the lock: the queue of `key`; a new one gets a writer (a queued one has one)."""
-        queue = queues.get(key)
-        if queue is None:
-            queue = queues[key] = _Queue()
+        if key not in queues:
+            queues[key] = _Queue()
             if self._started and not self._stopping:
                 self._kick()
-        return queue
+        return queues[key]
 
     def _kick(self):
         if self._idle:
@@ -4657,14 +4638,12 @@ class StatusWriter:
 
     def _take(self, now):
         """With the lock: (key, queue, is_events) of the oldest queue ready to send, statuses first."""
-        if now >= self._paused_until:
-            for key, queue in self._pods.items():
+        for events, queues in ((False, self._pods), (True, self._events)):
+            if now < self._paused_until or (events and self._event_writers >= max(1, self.max_writers // 2)):
+                break
+            for key, queue in queues.items():
                 if key not in self._busy and queue.not_before <= now:
-                    return key, queue, False
-            if self._event_writers < max(1, self.max_writers // 2):
-                for key, queue in self._events.items():
-                    if key not in self._busy and queue.not_before <= now:
-                        return key, queue, True
+                    return key, queue, events
         return None, None, False
 
     def _loop(self):
@@ -4686,11 +4665,8 @@ class StatusWriter:
                 self._busy.add(key)
                 self._event_writers += events
                 self._lock.release()
-                failed = None
                 try:
-                    self._write(queue)
-                except Exception as exc:    # the API is unreachable or failing: keep it queued
-                    failed = exc
+                    failed = self._write(queue)
                 finally:
                     self._lock.acquire()
                 self._busy.discard(key)
@@ -4718,79 +4694,75 @@ class StatusWriter:
         self._flushed.notify_all()
 
     def _write(self, queue):
-        """Send a queue's requests or Events in order, then its newest statuses, then its final deletes."""
-        while True:
-            with self._lock:
-                if queue.items:
-                    kind, item = "item", queue.items[0]
-                elif queue.statuses:
-                    kind, uid = "status", next(iter(queue.statuses))
-                    path, status, with_uid = queue.statuses[uid]
-                    old, generation = self._sent.get(uid), self._forgotten[uid]
-                elif queue.deletes:
-                    kind, (uid, path) = "delete", next(iter(queue.deletes.items()))
+        """Send a queue's requests or Events in order, then its newest statuses, then its final
+        deletes; the exception that stopped it (the API unreachable or failing: kept queued)."""
+        try:
+            while True:
+                with self._lock:
+                    if queue.items:
+                        kind, item = "item", queue.items[0]
+                    elif queue.statuses:
+                        kind, uid = "status", next(iter(queue.statuses))
+                        path, status, with_uid = queue.statuses[uid]
+                        old, generation = self._sent.get(uid), self._forgotten[uid]
+                    elif queue.deletes:
+                        kind, (uid, path) = "delete", next(iter(queue.deletes.items()))
+                    else:
+                        return None
+                if kind == "item":
+                    self._send_event(item) if isinstance(item, PodEvent) else self._send_request(*item)
+                    with self._lock:
+                        queue.items.popleft()
+                elif kind == "status":
+                    self._send_status(uid, path, status, with_uid, old, generation)
+                    with self._lock:
+                        if (queue.statuses.get(uid, (0, 0))[1] is status
+                                and self._forgotten[uid] == generation):
+                            del queue.statuses[uid]
                 else:
-                    return
-            if kind == "status":
-                self._send_status(uid, path, status, with_uid, old, generation)
-                with self._lock:
-                    if queue.statuses.get(uid, (None, None))[1] is status and self._forgotten[uid] == generation:
-                        del queue.statuses[uid]
-            elif kind == "delete":
-                self._send_delete(uid, path)
-                with self._lock:
-                    queue.deletes.pop(uid, None)
-                    self._sent.pop(uid, None)
-                    self._where.pop(uid, None)
-            else:
-                if isinstance(item, PodEvent):
-                    self._send_event(item)
-                else:
-                    self._send_request(*item)
-                with self._lock:
-                    queue.items.popleft()
-
-    def _pod_gone(self, uid, key):
-        """The server refused the pod's uid: a pod of that name was deleted and made again."""
-        self.forget(uid)
-        with self._lock:
-            self._gone.add(uid)
-            queue = self._pods.get(key)
-            if queue is not None:
-                queue.deletes.pop(uid, None)
-            events = self._events.get(uid)
-            if events is not None and uid not in self._busy:
-                del self._events[uid]
+                    self._send_delete(uid, path)
+                    with self._lock:
+                        queue.deletes.pop(uid, None)
+                        self._sent.pop(uid, None)
+                        self._where.pop(uid, None)
+        except Exception as exc:    # noqa: BLE001 - kept queued, retried after a backoff
+            return exc
 
     def _send_status(self, uid, path, status, with_uid, old, generation):
         patch = status_patch(old, status)
-        if patch is None:
-            return
-        if (old or {}).get("phase") in _TERMINAL_PHASES and status.get("phase") not in _TERMINAL_PHASES:
-            return      # never move a pod out of a terminal phase (contract lesson 9)
+        if patch is None or ((old or {}).get("phase") in _TERMINAL_PHASES
+                             and status["phase"] not in _TERMINAL_PHASES):
+            return      # nothing new, or (never) a pod out of a terminal phase (contract lesson 9)
         if with_uid:
             patch["metadata"] = {"uid": uid}
         try:
-            self.api.patch(path, patch, content_type="application/merge-patch+json")
+            self.api.patch(path, patch)
         except ApiError as exc:
             if exc.code == 422 and any(c.get("field") == "metadata.uid" for c in
                                        (exc.status.get("details") or {}).get("causes") or ()):
                 log.info("status of %s not written: the pod was deleted and made again", path)
                 return self._pod_gone(uid, path.rsplit("/", 1)[0])
-            if exc.code not in (403, 404, 409, 422):
+            if exc.code not in _DROPPED:
                 raise
             log.warning("status of %s not written: %s", path, exc)
         with self._lock:
             if self._forgotten[uid] == generation:
                 self._sent[uid] = status
 
-    def _send_request(self, method, path, body, ok):
-        if callable(body):
-            body = body()
+    def _pod_gone(self, uid, key):
+        """The server refused the pod's uid: a pod of that name was deleted and made again."""
+        self.forget(uid)
+        with self._lock:
+            self._gone.add(uid)
+            self._pods.get(key, _Queue()).deletes.pop(uid, None)
+            if uid in self._events and uid not in self._busy:
+                del self._events[uid]
+
+    def _send_request(self, method, path, body):
         try:
-            self.api.request(method, path, body=body)
+            self.api.request(method, path, body() if callable(body) else body)
         except ApiError as exc:
-            if exc.code not in ok and exc.code not in (403, 422):
+            if exc.code not in _DROPPED:
                 raise
             log.debug("%s %s: %s", method, path, exc)
 
@@ -4802,7 +4774,7 @@ class StatusWriter:
         try:
             if uid in self._unanswered and self.api.get(path)["metadata"].get("uid") != uid:
                 raise ApiError(404, "NotFound", "deleted by the unanswered try")
-            self.api.delete(path, body=body, retries=0)
+            self.api.delete(path, body, retries=0)
         except ApiError as exc:
             if exc.code == 0:
                 self._unanswered.add(uid)
@@ -4812,36 +4784,30 @@ class StatusWriter:
         self._unanswered.discard(uid)
 
     def _send_event(self, ev):
-        now = _k8s_time()
+        """Create the Event, or raise the count of the one made for the same reason, message and container."""
         key = (ev.reason, ev.message, ev.field_path)
         with self._lock:
             if ev.pod_uid in self._gone:
                 return
-            known = self._event_names.get(ev.pod_uid, {}).get(key)
+            name, count = self._event_names.get(ev.pod_uid, {}).get(key, (None, 0))
         base = f"/api/v1/namespaces/{ev.namespace}/events"
-        if known:
-            name, count = known
+        if name is not None:
             try:
-                self.api.patch(f"{base}/{name}", {"count": count + 1, "lastTimestamp": now},
-                               content_type="application/merge-patch+json")
+                self.api.patch(f"{base}/{name}", {"count": count + 1, "lastTimestamp": _k8s_time()})
                 return self._name_event(ev.pod_uid, key, name, count + 1)
             except ApiError as exc:
                 if exc.code != 404:
                     raise       # else the event expired: create it again
         involved = {"kind": "Pod", "namespace": ev.namespace, "name": ev.pod_name, "uid": ev.pod_uid,
-                    "apiVersion": "v1"}
-        if ev.field_path:
-            involved["fieldPath"] = ev.field_path
+                    "apiVersion": "v1", **({"fieldPath": ev.field_path} if ev.field_path else {})}
         body = _event(self.node_name, involved, ev.reason, ev.message, ev.type)
-        name = body["metadata"]["name"]
         try:
             self.api.post(base, body)
         except ApiError as exc:
-            if exc.code not in (403, 404, 409, 422):
+            if exc.code not in _DROPPED:
                 raise
-            log.debug("event %s not recorded: %s", ev.reason, exc)
-            return
-        self._name_event(ev.pod_uid, key, name, 1)
+            return log.debug("event %s not recorded: %s", ev.reason, exc)
+        self._name_event(ev.pod_uid, key, body["metadata"]["name"], 1)
 
     def _name_event(self, uid, key, name, count):
         with self._lock:
@@ -5741,6 +5707,8 @@ class PodManager:
             worker = PodWorker(self.services, pod, saved=saved, rejected=rejected)
             worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
+        if self.tokens is not None and not (rejected or ended or worker.delete_at):
+            self.tokens.prefetch(pod)       # its TokenRequests go out now, while it is admitted
         self.files.save(self.config.root_dir, f"pods/{uid}/pod.json", pod)
         if self.writer is not None:
             if _is_static(pod):
