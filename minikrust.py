@@ -4868,7 +4868,7 @@ class _StateFiles:
 
     def __init__(self):
         self._lock = threading.Condition()
-        self._pending = {}          # path: a `.new` to make durable; (pod dir, volumes only): to remove; oldest first
+        self._pending = collections.OrderedDict()   # a path (its `.new` to sync) or (pod dir, volumes only)
         self._thread = None
 
     def save(self, root, path, doc):
@@ -4903,8 +4903,7 @@ class _StateFiles:
                     self._thread = None
                     self._lock.notify_all()
                     return
-                path = next(iter(self._pending))
-                del self._pending[path]
+                path, _ = self._pending.popitem(last=False)
             if isinstance(path, tuple):
                 with contextlib.suppress(OSError):
                     cleanup_volumes(path[0])
@@ -4981,9 +4980,8 @@ class _Container:
             self.state, self.ever_started = {"waiting": {"reason": "ContainerCreating"}}, True
 
     def ended(self, now, config, code, reason, message=None):
-        """The run ended (or could not start); the time it may restart: CrashLoopBackOff is the first
-        restart at once, then backoff_base doubling up to backoff_max; a run of _BACKOFF_RESET
-        seconds forgives the past (the kubelet's per-container back-off)."""
+        """The run ended (or did not start); the time it may restart, by the kubelet's back-off: at once,
+        then backoff_base doubling up to backoff_max; a run of _BACKOFF_RESET seconds forgives the past."""
         finished = _k8s_time()
         started = self.state.get("running", {}).get("startedAt", finished)
         self.state = {"terminated": {"exitCode": code, "reason": reason, "startedAt": started,
@@ -5184,18 +5182,17 @@ class PodWorker:
         return self._until(min((w for w in wakes if w), default=None))
 
     def _stop_containers(self, now):
-        if self.runs():
-            if now < self.kill_at:
-                return self.kill_at
-            if not self._killed:
-                self._killed = True
-                for c in self.inits + self.apps:
-                    if c.run is not None:
-                        log.info("pod %s: killing %s", self.key, c.name)
-                        c.run.kill()
-            return None                 # their ends come as events
-        self._advance(PodState.TERMINATED)
-        return None
+        running = [c for c in self.inits + self.apps if c.run is not None]
+        if not running:
+            return self._advance(PodState.TERMINATED)
+        if now < self.kill_at:
+            return self.kill_at
+        if not self._killed:
+            self._killed = True
+            for c in running:
+                log.info("pod %s: killing %s", self.key, c.name)
+                c.run.kill()
+        return None                 # their ends come as events
 
     def _decide_phase(self):
         """The terminal phase: Failed/Succeeded from the containers unless the outcome says."""
@@ -5669,9 +5666,8 @@ class PodManager:
     def _mirror_changed(self, mirror, deleted):
         """The API's copy of one of our static pods changed: made again if deleted (as the kubelet
         keeps one mirror per static pod); one being deleted is finalized at once."""
-        with self._lock:
-            static = next((w for w in self.workers.values() if _is_static(w.pod) and not w.silent
-                           and _pod_path(w.pod) == _pod_path(mirror)), None)
+        static = next((w for w in self._snapshot() if _is_static(w.pod) and not w.silent
+                       and _pod_path(w.pod) == _pod_path(mirror)), None)
         if static is None or self.writer is None:
             return
         if deleted:
@@ -5875,8 +5871,7 @@ class PodManager:
                                                       for w in self.workers.values()), timeout)
 
     def all_succeeded(self):
-        with self._lock:
-            return all((w.status or {}).get("phase") == "Succeeded" for w in self.workers.values())
+        return all((w.status or {}).get("phase") == "Succeeded" for w in self._snapshot())
 
 
 
