@@ -1335,7 +1335,6 @@ class NodeAgent(_Loop):
         self.registered.set()
         self._event("Starting", "Starting kubelet.")
         self._event("NodeReady", f"Node {self.name} status is now: NodeReady")
-        return self.node
 
     def _event(self, reason, message):
         """Record a Node event; best effort (an event never stops the node)."""
@@ -1351,7 +1350,7 @@ class NodeAgent(_Loop):
         signature = _status_signature(status)
         due = time.monotonic() - self._sent_at >= self.config.node_status_report_frequency
         if not (force or due or signature != self._last_sent):
-            return False
+            return
         try:
             self.node = self.api.patch(f"/api/v1/nodes/{self.name}/status", {"status": status},
                                        content_type="application/strategic-merge-patch+json", **_HEARTBEAT)
@@ -1362,7 +1361,6 @@ class NodeAgent(_Loop):
                 self._last_status = self._last_sent = None
             raise
         self._last_status, self._last_sent, self._sent_at = status, signature, time.monotonic()
-        return True
 
     def _lease_body(self):
         lease = self.lease or {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -1443,8 +1441,7 @@ def _pod_key(pod):
 
 
 def _pod_uid(pod):
-    meta = pod.get("metadata") or {}
-    return meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+    return (pod.get("metadata") or {}).get("uid") or _pod_key(pod)
 
 
 def _pod_rv(pod):
@@ -1512,7 +1509,6 @@ class ApiPodSource(_Loop):
         self.resource_version = (answer.get("metadata") or {}).get("resourceVersion")
         self.lists += 1
         self.synced.set()
-        return answer
 
     def _watch(self, until):
         """Watch from the last resourceVersion until the server ends the stream or `until`."""
