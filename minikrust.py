@@ -403,9 +403,7 @@ class Config:
         """Refuse a bad value here, naming the field (ConfigError), not deep in a thread later."""
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            problem = _config_type_problem(item, value)
-            if not problem and value is not None:
-                problem = _config_value_problem(item, value)
+            problem = _config_problem(item, value)
             if problem:
                 raise ConfigError(f"Config.{item.name}: {value!r} {problem}")
         if self.image_gc_low_threshold > self.image_gc_high_threshold:
@@ -416,17 +414,6 @@ _CONFIG_RANGES = {"max_pods": (1, 10**6), "container_log_max_size": (0, 2**62), 
                   "image_gc_high_threshold": (0, 100), "image_gc_low_threshold": (0, 100), "lease_duration": (1, 10**6)}
 _POSITIVE = {"max_pods", "poll_interval", "lease_duration", "lease_renew_interval", "resync_interval",
              "node_status_report_frequency", "container_log_max_files", "backoff_base", "backoff_max"}
-
-
-def _config_type_problem(item, value):
-    """Why a Config field's value is not of the field's type (None allowed where it is the default)."""
-    if value is None and item.default is None:
-        return None
-    accepted = {float: (int, float), tuple: (tuple, list)}.get(item.type, item.type)     # 1 for 1.0; a list
-    if not isinstance(value, accepted) or (isinstance(value, bool) and item.type is not bool):
-        return f"is not of type {item.type.__name__}"
-    strings = [*value, *value.values()] if isinstance(value, dict) else value if item.type is tuple else ()
-    return None if all(isinstance(v, str) for v in strings) else "must hold strings only"
 
 
 def _parse_bool(text):
@@ -514,9 +501,18 @@ def _label_problem(key, value):
     return None
 
 
-def _config_value_problem(item, value):
-    """Why a Config value is not one of its choices, out of its range, or one the API server would refuse."""
+def _config_problem(item, value):
+    """Why a Config value is refused: not of its field's type (None is where it is the default), not one of
+    its choices, out of its range, or one the API server would refuse."""
     name = item.name
+    if value is None and item.default is None:
+        return None
+    accepted = {float: (int, float), tuple: (tuple, list)}.get(item.type, item.type)     # 1 for 1.0; a list
+    if not isinstance(value, accepted) or (isinstance(value, bool) and item.type is not bool):
+        return f"is not of type {item.type.__name__}"
+    strings = [*value, *value.values()] if isinstance(value, dict) else value if item.type is tuple else ()
+    if not all(isinstance(v, str) for v in strings):
+        return "must hold strings only"
     if value not in _CHOICES.get(name, (value,)):
         return f"is not one of {', '.join(_CHOICES[name])}"
     if name == "node_labels":
@@ -2669,9 +2665,7 @@ def _namespace(pod):
 def pod_field(pod, field_path, node_ip=None, whole_maps=False):
     """The value of a downward API `fieldRef.fieldPath`, as the kubelet's podFieldSelectorRuntimeValue;
     status.podIP is the node IP (a module shares its network); whole maps only in volumes (`whole_maps`)."""
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    status = pod.get("status") or {}
+    meta, spec, status = (pod.get(part) or {} for part in ("metadata", "spec", "status"))
     subscript = re.match(r"metadata\.(labels|annotations)\['(.*)'\]\Z", field_path or "")
     if subscript:
         return (meta.get(subscript.group(1)) or {}).get(subscript.group(2), "")
