@@ -3565,18 +3565,16 @@ class _LogFile:
         self._lock = threading.Lock()
 
     def write(self, pieces):
-        """Append `pieces` (whole CRI records, or raw chunks), rotating between them when full."""
+        """Append the list `pieces` (whole CRI records, or raw chunks), rotating between them when full."""
         with self._lock:
-            batch = []
-            for piece in pieces:
-                batch.append(piece)
+            start = 0
+            for end, piece in enumerate(pieces, 1):
                 self.size += len(piece)
                 if self.max_size and self.size >= self.max_size:
-                    _write_all(self.fd, b"".join(batch))
-                    batch = []
+                    _write_all(self.fd, b"".join(pieces[start:end]))
+                    start = end
                     self._rotate()
-            if batch:
-                _write_all(self.fd, b"".join(batch))
+            _write_all(self.fd, b"".join(pieces[start:]))
 
     def _rotate(self):
         self.size = 0  # also when it fails: tried again after another max_size bytes
