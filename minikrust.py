@@ -1664,6 +1664,15 @@ _MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 _MANIFEST_ANNOTATION = "minikrust.io/manifest"     # the file a static pod came from (its base dir for file: images)
 
 
+def _annotations(pod):
+    return (pod.get("metadata") or {}).get("annotations") or {}
+
+
+def _is_static(pod):
+    """A pod read from a manifest file by this kubelet (not its mirror in the API)."""
+    return _MANIFEST_ANNOTATION in _annotations(pod)
+
+
 def static_pods_from_manifest(path, node_name):
     """The pods of one manifest file as the kubelet's file source makes them (`<name>-<node>`, a uid
     hashed from the manifest, config.source/config.hash); ConfigError names file and document."""
@@ -3992,7 +4001,7 @@ def _outgoing_http(module, pod):
     a component importing wasi:http without the annotation."""
     if not module.imports_http:
         return False
-    allowed = ((pod.get("metadata") or {}).get("annotations") or {}).get(_ALLOW_HTTP)
+    allowed = _annotations(pod).get(_ALLOW_HTTP)
     if allowed is None:
         raise ModuleRunError(f"the component imports wasi:http/outgoing-handler; allow its outgoing HTTP "
                              f"requests with the pod annotation {_ALLOW_HTTP}: \"host1,host2:8080\" (or \"*\")")
@@ -4583,7 +4592,7 @@ class StatusWriter:
 
     def set_status(self, pod, status):
         meta, path = pod["metadata"], _pod_path(pod)
-        static = _MANIFEST_ANNOTATION in (meta.get("annotations") or {})   # its mirror has another uid
+        static = _is_static(pod)    # its mirror has another uid
         with self._lock:
             if meta["uid"] not in self._gone:
                 self._where[meta["uid"]] = path
@@ -5861,15 +5870,6 @@ class PodManager:
     def all_succeeded(self):
         return all((w.status or {}).get("phase") == "Succeeded" for w in self._snapshot())
 
-
-
-def _annotations(pod):
-    return (pod.get("metadata") or {}).get("annotations") or {}
-
-
-def _is_static(pod):
-    """A pod read from a manifest file by this kubelet (not its mirror in the API)."""
-    return _MANIFEST_ANNOTATION in _annotations(pod)
 
 
 def _is_mirror(pod):
