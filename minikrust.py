@@ -6634,7 +6634,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _denial(self, path):
         """None when the caller may make this request, else the (code, message) to answer."""
-        auth = self.server.kube.auth
+        auth = self.server.auth
         peer = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
         try:
             user = auth.authenticate(peer, self.headers.get("Authorization"))
@@ -6692,16 +6692,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._route(url.path, parts, query)
 
     def _route(self, path, parts, query):
-        kube = self.server.kube
+        server = self.server
         if path == "/pods":
             return self._send(200, json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                               "items": list(kube.kubelet.pods())}), "application/json")
+                                               "items": list(server.kubelet.pods())}), "application/json")
         if path == "/metrics":
-            return self._send(200, kube.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
+            return self._send(200, server.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/metrics/resource":
-            return self._send(200, kube.stats.resource_metrics(), "text/plain; version=0.0.4; charset=utf-8")
+            return self._send(200, server.stats.resource_metrics(), "text/plain; version=0.0.4; charset=utf-8")
         if path in ("/stats/summary", "/stats/summary/"):
-            return self._send(200, json.dumps(kube.stats.summary()), "application/json")
+            return self._send(200, json.dumps(server.stats.summary()), "application/json")
         if len(parts) == 4 and parts[0] == "containerLogs":
             return self._container_logs(*parts[1:], query)
         return self._send(404, f"404 page not found: {path}")
@@ -6711,7 +6711,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             options = LogOptions.from_query(query)
         except ValueError as exc:
             return self._send(400, str(exc))
-        kubelet = self.server.kube.kubelet
+        kubelet = self.server.kubelet
         path = kubelet.container_log_path(namespace, name, container, previous=options.previous)
         root = kubelet.config.root_dir         # every log lives beneath it, read through no link
         found = False
@@ -6754,74 +6754,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             readable, _, _ = select.select([self.connection], [], [], seconds)
         except (OSError, ValueError):
             return True
-        return bool(readable) or self.server.kube.stopping.is_set()
+        return bool(readable) or self.server.stopping.is_set()
 
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    """A thread a connection; the TLS handshake happens in that thread, with the current certificate."""
+class KubeletServer(http.server.ThreadingHTTPServer):
+    """The kubelet API: logs, health, pods, metrics, stats. With an API server: HTTPS with webhook
+    authentication and authorization; standalone: plain HTTP on 127.0.0.1 only. A thread a connection."""
 
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address, kube):
-        self.kube = kube
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
-
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)  # HTTPServer's would look up the FQDN: slow, unneeded
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def finish_request(self, request, client_address):
-        if self.kube.tls is None:
-            return super().finish_request(request, client_address)
-        request.settimeout(10)
-        try:
-            connection = self.kube.tls.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("server: TLS handshake with %s failed: %s", client_address[0], exc)
-            return None
-        try:
-            return self.RequestHandlerClass(connection, client_address, self)
-        finally:
-            connection.close()
-
-
-class KubeletServer:
-    """The kubelet API: logs, health, pods, metrics, stats. With an API server: HTTPS with webhook
-    authentication and authorization; standalone: plain HTTP on 127.0.0.1 only."""
-
     def __init__(self, kubelet):
-        self.kubelet, self.config = kubelet, kubelet.config
+        """Made at the kubelet's start, after its API client (None: standalone); binds at start()."""
+        api, self.kubelet, self.config = kubelet.api, kubelet, kubelet.config
         self.stopping = threading.Event()
         self.stats = _ResourceStats(kubelet)
-        self.tls = self.auth = self._httpd = self._thread = None
+        self.tls = None if api is None else _ServingTLS(kubelet, self.stopping)
+        self.auth = _Authorizer(api, self.config.node_name, self.config.anonymous_auth)
+        self._thread = None
+        host = "127.0.0.1" if api is None else (self.config.address or "0.0.0.0")
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, self.config.port), _Handler, bind_and_activate=False)
 
     @property
     def port(self):
-        return self._httpd.server_address[1] if self._httpd else None
+        return self.server_address[1]
 
     @property
     def scheme(self):
         return "http" if self.tls is None else "https"
 
     def start(self):
-        api = self.kubelet.api  # read now: a kubelet may make its client after this server (TLS bootstrap)
-        self.tls = None if api is None else _ServingTLS(self.kubelet, self.stopping)
-        self.auth = _Authorizer(api, self.config.node_name, self.config.anonymous_auth)
-        host = "127.0.0.1" if api is None else (self.config.address or "0.0.0.0")
+        host = self.server_address[0]
         if self.tls is not None:
             self.tls.start()
             if not (self.config.client_ca_file or self.config.anonymous_auth):
                 log.warning("the kubelet API will refuse the API server's client certificate (kubectl logs "
                             "gets 401): set --client-ca-file to the cluster's CA (kubeadm: /etc/kubernetes/pki/ca.crt)")
         try:
-            self._httpd = _HTTPServer((host, self.config.port), self)
+            self.server_bind()
+            self.server_activate()
         except OSError as exc:      # fatal, as in the kubelet: a node whose API is unreachable fails later, silently
             self.stopping.set()     # the certificate rotation too
+            self.server_close()
             raise MinikrustError(f"cannot serve the kubelet API on {host}:{self.config.port}: "
                                  f"{exc.strerror or exc} (choose another --port, or --serve=false)") from exc
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="minikrust-server", daemon=True)
         self._thread.start()
         log.info("serving the kubelet API on %s://%s:%d", self.scheme, host, self.port)
@@ -6829,13 +6807,31 @@ class KubeletServer:
 
     def stop(self):
         self.stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
         if self._thread is not None:
+            self.shutdown()
             self._thread.join(5)
+        self.server_close()
         if self.tls is not None:
             self.tls.join(5)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would look up the FQDN: slow, unneeded
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def finish_request(self, request, client_address):
+        """Serve one connection, in its own thread: the TLS handshake too, with the current certificate."""
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(10)
+        try:
+            connection = self.tls.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("server: TLS handshake with %s failed: %s", client_address[0], exc)
+            return None
+        try:
+            return self.RequestHandlerClass(connection, client_address, self)
+        finally:
+            connection.close()
 
     def render_metrics(self):
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""

@@ -679,7 +679,7 @@ def test_one_warning_at_start_when_the_api_server_would_be_refused(make_server, 
 def test_standalone_serves_plain_http_on_loopback_only(make_server):
     kubelet, server = make_server(api=None, client_ca=False, address="0.0.0.0")
     assert server.scheme == "http"
-    assert server._httpd.server_address[0] == "127.0.0.1"
+    assert server.server_address[0] == "127.0.0.1"
     assert requests.get(url(server, "/pods"), timeout=10).json()["kind"] == "PodList"
 
 
