@@ -1065,11 +1065,8 @@ class ApiClient:
 
 def _shutdown_response(response):
     """Wake a thread blocked reading `response` from another thread: shutdown() the socket."""
-    try:
-        sock = response.raw.connection.sock
-        sock.shutdown(socket.SHUT_RDWR)
-    except (AttributeError, OSError):
-        pass
+    with contextlib.suppress(AttributeError, OSError):
+        response.raw.connection.sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(Exception):
         response.close()
 
@@ -1078,11 +1075,9 @@ def api_client_for(config):
     """The ApiClient of a Config's --kubeconfig, or None (standalone: static pods only)."""
     if not config.kubeconfig:
         return None
-    if config.kubeconfig == "in-cluster":
-        return ApiClient(in_cluster_config())
-    api = ApiClient(load_kubeconfig(config.kubeconfig, config.context))
-    if api.cluster.exec_config:
-        api.credential()            # a broken exec plugin is a configuration error, found now
+    in_cluster = config.kubeconfig == "in-cluster"
+    api = ApiClient(in_cluster_config() if in_cluster else load_kubeconfig(config.kubeconfig, config.context))
+    api.credential()            # a broken exec plugin is a configuration error, found now
     return api
 
 
@@ -4551,7 +4546,6 @@ class StatusWriter:
         self._pods = {}              # pod path -> _Queue, oldest first
         self._events = {}            # uid -> _Queue of PodEvents, oldest first
         self._busy = set()           # keys of the queues being written
-        self._where = {}             # uid -> pod path of the queue holding its status
         self._sent = {}              # uid -> status acknowledged by the server
         self._gone = set()           # uids the server refused: deleted and made again
         self._unanswered = set()     # uids whose final delete was sent but not answered
@@ -4583,7 +4577,8 @@ class StatusWriter:
             self._forgotten[uid] += 1   # a write in flight must not be remembered as sent
             self._sent.pop(uid, None)
             self._event_names.pop(uid, None)
-            self._pods.get(self._where.pop(uid, None), _Queue()).statuses.pop(uid, None)
+            for queue in self._pods.values():
+                queue.statuses.pop(uid, None)
 
     def seed(self, uid, status):
         """What the server already has for a pod (from a list), so an equal status is not resent."""
@@ -4595,7 +4590,6 @@ class StatusWriter:
         static = _is_static(pod)    # its mirror has another uid
         with self._lock:
             if meta["uid"] not in self._gone:
-                self._where[meta["uid"]] = path
                 self._queue(self._pods, path).statuses[meta["uid"]] = (f"{path}/status", status, not static)
 
     def record(self, event):
@@ -4636,7 +4630,7 @@ class StatusWriter:
     def _take(self, now):
         """With the lock: (key, queue, is_events) of the oldest queue ready to send, statuses first."""
         for events, queues in ((False, self._pods), (True, self._events)):
-            if now < self._paused_until or (events and self._event_writers >= max(1, self.max_writers // 2)):
+            if now < self._paused_until or (events and self._event_writers >= (1 if self._pods else self.max_writers // 2)):
                 break
             for key, queue in queues.items():
                 if key not in self._busy and queue.not_before <= now:
@@ -4721,7 +4715,6 @@ class StatusWriter:
                     with self._lock:
                         queue.deletes.pop(uid, None)
                         self._sent.pop(uid, None)
-                        self._where.pop(uid, None)
         except Exception as exc:    # noqa: BLE001 - kept queued, retried after a backoff
             return exc
 
