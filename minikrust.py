@@ -5952,19 +5952,15 @@ class LogOptions:
 
         def number(name, minimum):
             value = one(name)
-            if value is None:
-                return None
-            if not re.fullmatch(r"-?\d+", value) or int(value) < minimum:
+            if value is not None and (not re.fullmatch(r"-?\d+", value) or int(value) < minimum):
                 raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-            return int(value)
+            return None if value is None else int(value)
 
-        since_ns = None
         if one("sinceSeconds") is not None and one("sinceTime") is not None:
             raise ValueError("at most one of sinceTime or sinceSeconds may be specified")
         seconds = number("sinceSeconds", 1)
-        if seconds is not None:
-            since_ns = int((time.time() - seconds) * 10**9)
-        elif one("sinceTime") is not None:
+        since_ns = None if seconds is None else int((time.time() - seconds) * 10**9)
+        if one("sinceTime") is not None:
             since_ns = _parse_rfc3339(one("sinceTime"))
         stream = one("stream") or "All"
         if stream not in ("All", "Stdout", "Stderr"):
@@ -5991,10 +5987,9 @@ def _emit(lines, options, budget):
 
 
 def read_container_log(path, options, root=None, follow=None):
-    """The log of one container run (rotated files first), filtered by `options`, as bytes chunks; its
-    folder is resolved beneath `root` (see _LogCursor). `follow=(ended, wait)`: stream it as it is
-    written (`kubectl logs -f`) until `ended()` and its last records are read, the byte limit is
-    reached, or `wait(seconds)` returns True."""
+    """A container run's log (rotated files first; its folder beneath `root`) filtered by `options`, as
+    bytes chunks; `follow=(ended, wait)`: then as it is written (`kubectl logs -f`) until `ended()` and
+    its last records are read, the byte limit is reached, or `wait(seconds)` returns True."""
     budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path, root)
 
     def backlog():
@@ -6559,8 +6554,7 @@ class _Authorizer:
             return True, ""
         attributes = {"verb": verb, "resource": "nodes", "subresource": subresource, "name": self.node_name,
                       "group": "", "version": "v1", "namespace": ""}
-        key = ("sar", user, verb, subresource)
-        return self._cached(key, lambda: self._review_access(user, attributes),
+        return self._cached(("sar", user, verb, subresource), lambda: self._review_access(user, attributes),
                             lambda result: self.ALLOWED_TTL if result[0] else self.DENIED_TTL)
 
     def _review_access(self, user, attributes):
@@ -7000,12 +6994,8 @@ def main(argv=None):
     """Run a kubelet until SIGTERM or SIGINT (or `push`: cmd_push); exit 0 when clean, 2 on a bad
     config, 1 when it cannot start (its port is taken, ...)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-"):
-        command = globals().get(f"cmd_{argv[0]}")
-        if command is None:
-            print(f"minikrust: error: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
-        return command(argv[1:])
+    if argv[:1] == ["push"]:
+        return cmd_push(argv[1:])
     try:
         config = parse_args(argv)
         with _logging_to_stderr(config):
