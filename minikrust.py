@@ -6487,13 +6487,7 @@ class _ServingTLS:
                 backoff = min(backoff * 2, 60.0)
 
 
-@dataclass(frozen=True)
-class _User:
-    name: str
-    groups: tuple = ()
-    uid: str = ""
-
-
+_User = collections.namedtuple("_User", "name groups uid", defaults=((), ""))
 _ANONYMOUS = _User("system:anonymous", ("system:unauthenticated",))
 
 
