@@ -4930,6 +4930,7 @@ class _Container:
 
     def __init__(self, spec, init, waiting_reason):
         self.spec, self.init, self.name = spec, init, spec["name"]
+        self.field_path = f"spec.{'initContainers' if init else 'containers'}{{{self.name}}}"  # in its Events
         self.state = {"waiting": {"reason": waiting_reason}}
         self.last_state = {}
         self.restart_count = 0
@@ -5635,7 +5636,7 @@ class PodManager:
             if uid in self._finalized:      # finalized already: an event that came late changes nothing
                 return None
         if worker is None:
-            return self._admit(pod, problem=problem)
+            return self._admit(pod, problem)
         if uid in self._restored:
             self._confirm_restored(worker, pod)
         worker.update(pod)
@@ -5679,7 +5680,7 @@ class PodManager:
         if status:
             self.writer.set_status(pod, status)
 
-    def _admit(self, pod, restored=False, problem=None):
+    def _admit(self, pod, problem=None):
         uid = pod["metadata"]["uid"]
         if self.config.once and _is_static(pod):   # --once runs it anew: what is kept is for restarts
             _remove_beneath(self.config.root_dir, f"pods/{uid}")
@@ -5701,7 +5702,7 @@ class PodManager:
         if self.writer is not None:
             if _is_static(pod):
                 self._create_mirror(pod)
-            elif not restored:      # a spec saved on disk carries a stale status: send ours whole
+            elif uid not in self._restored:     # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
         if rejected:
@@ -5728,11 +5729,8 @@ class PodManager:
         if meta["uid"] in self._restored:
             self._held.get(meta["uid"], []).append((pod, reason, message, type_, container))
         elif self.writer is not None:
-            field_path = None
-            if container is not None:
-                field_path = f"spec.{'initContainers' if container.init else 'containers'}{{{container.name}}}"
             self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
-                                        message, type_, field_path))
+                                        message, type_, container.field_path if container else None))
 
     def _run_started(self, worker, container, run, began):
         if run is not None:
@@ -5787,15 +5785,22 @@ class PodManager:
             if not known and not _is_static(pod):
                 self._restored.add(uid)
                 self._held[uid] = []
-                self._admit(pod, restored=True)
+                self._admit(pod)
 
     def prune_after(self, synced):
-        """Prune restored pods once `synced` (the API source's first list) is set."""
+        """Once `synced` (the API source's first full list) is set, the restored pods not yet seen
+        in the API were deleted meanwhile: stopped, with nothing sent (in _restored until finalized)."""
         def wait_then_prune():
             while not synced.wait(1.0):
                 if not self._started:
                     return
-            self.prune_restored()
+            for uid in list(self._held):
+                self._held.pop(uid, None)
+                with self._lock:
+                    worker = self.workers.get(uid)
+                if worker is not None:
+                    worker.remove()
+                    self.driver.schedule(worker)
         threading.Thread(target=wait_then_prune, name="minikrust-prune", daemon=True).start()
 
     def _confirm_restored(self, worker, pod):
@@ -5810,16 +5815,6 @@ class PodManager:
         while self.writer is not None and worker.status is not status:   # the newest, also if it just changed
             status = worker.status
             self.writer.set_status(pod, status)
-
-    def prune_restored(self):
-        """After the first full list: restored pods the API no longer has were deleted meanwhile."""
-        for uid in list(self._held):      # they stay in _restored until finalized: nothing is sent for them
-            self._held.pop(uid, None)
-            with self._lock:
-                worker = self.workers.get(uid)
-            if worker is not None:
-                worker.remove()
-                self.driver.schedule(worker)
 
     # -- what the server and the CLI read --
 
