@@ -766,10 +766,11 @@ def _exec_fields(spec, where):
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def in_cluster_config(environ=None, sa_dir=SERVICE_ACCOUNT_DIR):
+def in_cluster_config(environ=None, sa_dir=None):
     """ClusterConfig of a pod: KUBERNETES_SERVICE_HOST/PORT and the mounted service account
     (its token file is re-read as the kubelet rotates it)."""
     environ = os.environ if environ is None else environ
+    sa_dir = sa_dir or SERVICE_ACCOUNT_DIR
     host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
     if not host or not port:
         raise ConfigError("in-cluster config: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must be set")
