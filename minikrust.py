@@ -4966,12 +4966,9 @@ class _Container:
                 "message": "The container could not be located when the kubelet restarted",
                 "startedAt": state["running"].get("startedAt"), "finishedAt": _k8s_time(),
                 "containerID": self.container_id}}
-            self.state = {"waiting": {"reason": "ContainerCreating"}}
+        if "terminated" in state or self.last_state:    # it ran before: a next run is a restart
+            self.state = state if "terminated" in state else {"waiting": {"reason": "ContainerCreating"}}
             self.ever_started = True
-        elif "terminated" in state:
-            self.state, self.ever_started = state, True
-        elif self.last_state:
-            self.state, self.ever_started = {"waiting": {"reason": "ContainerCreating"}}, True
 
     def ended(self, now, config, code, reason, message=None):
         """The run ended (or did not start); the time it may restart, by the kubelet's back-off: at once,
