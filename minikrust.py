@@ -2220,12 +2220,11 @@ class ModuleStore:
         now = time.time()
         with self._lock:
             for key in keys:
-                if key:
-                    old = self._index["refs"].get(key) or {}
-                    labels = set(old.get("auth") or ()) if old.get("module") == digest else set()
-                    entry = self._index["refs"][key] = {"module": digest, "image_id": image_id}
-                    if auth or labels:
-                        entry["auth"] = sorted(labels | ({auth} if auth else set()))
+                old = self._index["refs"].get(key) or {}
+                labels = set(old.get("auth") or ()) if old.get("module") == digest else set()
+                entry = self._index["refs"][key] = {"module": digest, "image_id": image_id}
+                if auth or labels:
+                    entry["auth"] = sorted(labels | {auth} - {None})
             entry = self._index["modules"].setdefault(digest, {"added": now})
             entry.update(size=self.size(digest) or 0, last_used=now)
             self._save()
