@@ -731,13 +731,12 @@ def _user_fields(user, where, base_dir):
         values["token"] = str(user["token"])
     if user.get("tokenFile"):
         values["token_file"] = _file_field(user, "tokenFile", where, base_dir)
-    for key, dest in (("client-certificate", "client_cert"), ("client-key", "client_key")):
-        values.update(_data_or_file(user, key, dest, where, base_dir))
-    has_cert = "client_cert_data" in values or "client_cert_file" in values
-    has_key = "client_key_data" in values or "client_key_file" in values
-    if has_cert != has_key:
-        missing = "client-key" if has_cert else "client-certificate"
+    cert = _data_or_file(user, "client-certificate", "client_cert", where, base_dir)
+    key = _data_or_file(user, "client-key", "client_key", where, base_dir)
+    if bool(cert) != bool(key):
+        missing = "client-key" if cert else "client-certificate"
         raise ConfigError(f"{where}.{missing}: missing (client-certificate and client-key go together)")
+    values.update(cert, **key)
     if user.get("username") or user.get("password"):
         if not (user.get("username") and user.get("password") is not None):
             raise ConfigError(f"{where}.password: username and password go together")
