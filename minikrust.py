@@ -4534,9 +4534,8 @@ class StatusWriter:
     """The writer of pod statuses and Events: a few threads in parallel across pods, one at a time
     for any one pod. A pod's queue: mirror-pod requests, then the newest status of each uid (only
     the difference from the last acknowledged one, naming the uid: a recreated pod's 422 stops its
-    writes), then its final delete. Events use at most half the writers, one while pod writes are
-    queued; a repeated one raises its count. A failing API server keeps everything queued, retried
-    with backoff."""
+    writes), then its final delete. Events use at most half the writers; a repeated one raises its
+    count. A failing API server keeps everything queued, retried with backoff."""
 
     def __init__(self, api, node_name, retry_max=10.0, writers=8):
         self.api, self.node_name = api, node_name
@@ -4630,8 +4629,7 @@ class StatusWriter:
     def _take(self, now):
         """With the lock: (key, queue, is_events) of the oldest queue ready to send, statuses first."""
         for events, queues in ((False, self._pods), (True, self._events)):
-            limit = 1 if self._pods else max(1, self.max_writers // 2)     # pod writes queued: Events wait
-            if now < self._paused_until or (events and self._event_writers >= limit):
+            if now < self._paused_until or (events and self._event_writers >= max(1, self.max_writers // 2)):
                 break
             for key, queue in queues.items():
                 if key not in self._busy and queue.not_before <= now:
