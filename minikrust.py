@@ -1482,8 +1482,6 @@ class ApiPodSource(_Loop):
     deletion missed while disconnected is still reported); poll: a list every `poll_interval`."""
 
     def __init__(self, api, node_name, handler, sync="watch", poll_interval=10.0, resync_interval=300.0):
-        if sync not in ("watch", "poll"):
-            raise ConfigError(f"sync: {sync!r} is not watch or poll")
         self.api, self.node_name, self.sync = api, node_name, sync
         self.poll_interval, self.resync_interval = poll_interval, resync_interval
         self.known = _PodSet(handler)

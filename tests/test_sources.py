@@ -78,8 +78,8 @@ def test_a_failing_handler_does_not_stop_the_source():
 
 
 def test_unknown_sync_mode_is_a_config_error():
-    with pytest.raises(minikrust.ConfigError):
-        minikrust.ApiPodSource(None, "n1", Recorder(), sync="push")
+    with pytest.raises(minikrust.ConfigError, match="sync"):      # Config checks it; the source takes it as given
+        minikrust.Config(sync="push")
 
 
 # --- against the fake API server ---
