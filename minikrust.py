@@ -2491,6 +2491,8 @@ class ImageManager:
             if len(wasm) != 1:
                 raise ImageError(f"the image has {len(wasm)} wasm layers; expected one module")
             module_digest = wasm[0].get("digest", "")
+            if not _DIGEST_RE.match(module_digest):     # before it names a file: never `sha256:../<other>`
+                raise ImageError(f"unsupported blob digest {module_digest!r}")
             with self._blob_locks[module_digest]:
                 if self.store.has(module_digest):
                     self.store.add(module_digest, keys, image_id, auth=auth)

@@ -514,6 +514,28 @@ def test_always_with_an_unchanged_tag_downloads_nothing_again(tmp_path, registry
     assert metrics.counts == {("minikrust_image_pulls_total", "success"): 2}
 
 
+def test_a_layer_digest_that_is_not_sha256_hex_names_no_stored_module(tmp_path, registry, monkeypatch):
+    """The manifest is the registry's word: a layer digest like `sha256:../sha256/<hex>` must not
+    lead the store to another image's module (one pulled with a pod's secret, say)."""
+    stored, other = fake_module(300), fake_module(400)
+    registry.push_cncf("dig/stored", "v1", stored)
+    registry.push_cncf("dig/other", "v1", other)
+    images = make_manager(tmp_path, [registry.host])
+    images.ensure(f"{registry.host}/dig/stored:v1", None)
+    real = minikrust.RegistryClient.get_manifest
+
+    def crafted(self, reference):
+        doc, digest, media_type = real(self, reference)
+        doc["layers"][0]["digest"] = "sha256:../sha256/" + sha256(stored).split(":")[1]
+        return doc, digest, media_type
+    monkeypatch.setattr(minikrust.RegistryClient, "get_manifest", crafted)
+    with pytest.raises(ImageError) as err:
+        images.ensure(f"{registry.host}/dig/other:v1", None)
+    assert err.value.reason == "ErrImagePull" and "unsupported blob digest" in err.value.message
+    assert images.store.lookup(f"{registry.host}/dig/other:v1") is None
+    assert sorted(images.store.modules()) == [sha256(stored)]
+
+
 def test_a_full_disk_leaves_nothing_in_the_store(tmp_path, registry, monkeypatch):
     registry.push_cncf("int/full", "v1", fake_module(3000))
 
