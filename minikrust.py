@@ -1731,12 +1731,6 @@ class StaticPodSource(_Loop):
         return [os.path.join(self.path, n) for n in names
                 if n.endswith(_MANIFEST_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(self.path, n))]
 
-    def _parse(self, path):
-        try:
-            return static_pods_from_manifest(path, self.node_name)
-        except ConfigError as exc:
-            return str(exc)
-
     def scan(self):
         """One look at the folder: report added, changed and removed pods to the handler (a file is
         read again only when its mtime or size changed)."""
@@ -1746,8 +1740,12 @@ class StaticPodSource(_Loop):
                 st = os.stat(path)
             except OSError:
                 continue
-            stamp, old = (st.st_mtime_ns, st.st_size), self._files.get(path)
-            files[path] = old if old and old[0] == stamp else (stamp, self._parse(path))
+            stamp, files[path] = (st.st_mtime_ns, st.st_size), self._files.get(path)
+            if files[path] is None or files[path][0] != stamp:     # new or changed: read it
+                try:
+                    files[path] = (stamp, static_pods_from_manifest(path, self.node_name))
+                except ConfigError as exc:
+                    files[path] = (stamp, str(exc))
         self._files, pods, chosen = files, [], {}
         for path, (_, loaded) in files.items():
             if isinstance(loaded, str):
@@ -4344,7 +4342,7 @@ def load_host(cache_dir, backend=None):
         host = _HOSTS.get(key)
         if host is not None:
             return host
-        why = "MINIKRUST_WASM_BACKEND=wasmtime-py" if choice == "wasmtime-py" else None
+        why = "MINIKRUST_WASM_BACKEND=wasmtime-py"
         if choice != "wasmtime-py":
             try:
                 host = _native_host(key[0])
@@ -4355,8 +4353,8 @@ def load_host(cache_dir, backend=None):
                 why = f"native WASI host unavailable: {exc}"
         if host is None:
             host = FallbackHost(key[0])
-        level = logging.INFO if not _HOSTS else logging.DEBUG
-        log.log(level, "WASI host: %s, wasmtime %s (%s)", host.backend, host.wasmtime_version, why)
+        log.log(logging.DEBUG if _HOSTS else logging.INFO, "WASI host: %s, wasmtime %s (%s)", host.backend,
+                host.wasmtime_version, why)
         _HOSTS[key] = host
         return host
 
