@@ -1685,7 +1685,7 @@ def static_pods_from_manifest(path, node_name):
         problem = pod_problem(doc)
         if problem:
             raise ConfigError(f"{where}: {problem}")
-        pod = json.loads(json.dumps(doc, default=str))     # YAML's dates and the like as text, as JSON has them
+        pod = json.loads(json.dumps(doc, default=str))     # YAML's dates and the like as text, as in JSON
         digest = hashlib.sha256(json.dumps([pod, node_name, os.path.abspath(path)], sort_keys=True).encode()).hexdigest()
         uid = str(uuid.UUID(digest[:32]))
         meta = pod.setdefault("metadata", {})
