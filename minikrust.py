@@ -72,9 +72,8 @@ import yaml
 log = logging.getLogger("minikrust")
 
 
-###############################################################################
-# Exceptions ##################################################################
-###############################################################################
+# --- Exceptions: what minikrust raises ---
+# MinikrustError and its kinds; those of a container's setup carry its waiting reason for the status.
 
 class MinikrustError(Exception):
     """Base class of every error minikrust raises."""
