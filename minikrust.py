@@ -1813,10 +1813,6 @@ class ImageRef:
         return f"{self.registry}/{self.repository}"
 
     @property
-    def api_host(self):
-        return "registry-1.docker.io" if self.registry == _DOCKER_HUB else self.registry
-
-    @property
     def reference(self):
         return self.digest or self.tag
 
@@ -1956,12 +1952,10 @@ class RegistryClient:
 
     def __init__(self, ref, credential=None, insecure=False, timeout=30.0):
         self.ref, self.credential, self.timeout = ref, credential, timeout
-        self.origin = f"{'http' if insecure else 'https'}://{ref.api_host}"
+        host = "registry-1.docker.io" if ref.registry == _DOCKER_HUB else ref.registry
+        self.origin = f"{'http' if insecure else 'https'}://{host}"
         self.base = f"{self.origin}/v2/{ref.repository}/"
         self.session = requests.Session()    # its Authorization header: the one a challenge led to
-
-    def close(self):
-        self.session.close()
 
     def request(self, method, path, *, headers=None, params=None, data=None, stream=False, actions="pull"):
         """Send a request, answering one auth challenge; connection errors, 429 and 5xx raise _Transient."""
@@ -2108,15 +2102,14 @@ def _read_state(root, path, valid=lambda doc: True):
             return doc
         raise ValueError("not the object expected")
     except FileNotFoundError:
-        return None
+        pass
     except OSError as exc:
         log.error("state file %s cannot be read: %s", path, exc)
-        return None
     except ValueError as exc:       # also UnicodeDecodeError
         with contextlib.suppress(OSError):
             _rename_beneath(root, path, f"{path}.corrupt")
         log.error("state file %s is corrupt (%s): set aside as %s.corrupt", path, exc, os.path.basename(path))
-        return None
+    return None
 
 
 def _file_digest(f):
@@ -2443,7 +2436,7 @@ class ImageManager:
         for cred in self.credentials(ref.registry, pull_secrets, namespace) or [None]:
             client = RegistryClient(ref, cred, insecure=ref.registry in self.config.insecure_registries)
             label = self.store.credential_id(cred)
-            with contextlib.closing(client):
+            with client.session:
                 try:
                     module = self._retrying(lambda: self._pull_with(client, ref, label))
                 except _AuthError as exc:
@@ -2604,7 +2597,8 @@ def push_module(wasm_path, image, *, credential=None, insecure=False):
     config = json.dumps({"created": _k8s_time(), "author": None, "architecture": "wasm",
                          "os": "wasip2" if _is_component(data) else "wasip1",
                          "layerDigests": [digest], "component": None}).encode()
-    with contextlib.closing(RegistryClient(ref, credential, insecure=insecure)) as client:
+    client = RegistryClient(ref, credential, insecure=insecure)
+    with client.session:
         config_desc = {"mediaType": "application/vnd.wasm.config.v0+json", "digest": client.push_blob(config),
                        "size": len(config)}
         client.push_blob(data)
