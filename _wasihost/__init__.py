@@ -263,8 +263,7 @@ class Module:
             outgoing_http=False, log_dir_fd=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  paths_in_c=True, rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http,
-                  log_dir_fd=log_dir_fd)
+                  rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http, log_dir_fd=log_dir_fd)
         run._execute()
         if run._error is not None:
             raise run._error
@@ -471,7 +470,7 @@ class Run:
     _log_dir = -1  # the run's own dup of log_dir_fd, closed when its end is seen
 
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                 deadline, stdin, paths_in_c=False, rotation=(0, 0), outgoing_http=False, log_dir_fd=None):
+                 deadline, stdin, rotation=(0, 0), outgoing_http=False, log_dir_fd=None):
         if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
         preopens = preopens or ()
@@ -498,13 +497,12 @@ class Run:
         c.log_max_size, c.log_max_files = rotation
         c.outgoing_http, c.http_hosts, c.nhttp_hosts, self._hosts = _http(module, outgoing_http)
         self._output = None
-        # Paths: run() lets C open them (a few µs less per run; errors come back from
-        # wh_run_exec), start() opens them here to raise before returning; C rotates them either way.
+        # Paths: C opens them (fewer steps per run), in wh_run_exec, or in wh_run_start before it
+        # returns (so that start() raises at once); C rotates them.
         self._paths = [ffi.new("char[]", os.fsencode(t)) if t is not None and _is_path(t) else ffi.NULL
                        for t in (stdout, stderr)]
         c.stdout_path, c.stderr_path = self._paths
-        in_c = paths_in_c and _is_path(stdout) and _is_path(stderr)
-        if not in_c and (stdout is not None or stderr is not None):
+        if not (_is_path(stdout) and _is_path(stderr)):
             self._output = _Output(stdout, stderr, log_format == "cri", self._log_dir)
             c.stdout_fd, c.stderr_fd = self._output.fds
 
@@ -526,16 +524,15 @@ class Run:
 
     def _launch(self):
         """Run on a C thread, which makes the done fd readable at the end (C never calls Python)."""
-        self._res = ffi.new("wh_result *")
+        self._res = res = ffi.new("wh_result *")
         self._done = _DoneFd()
-        err = ffi.new("char[]", _ERRLEN)
-        if lib.wh_run_start(self.module._ptr, self._config, self._ptr, self._res, self._done.write_fd,
-                            err, _ERRLEN) != 0:
+        if lib.wh_run_start(self.module._ptr, self._config, self._ptr, res, self._done.write_fd,
+                            res.message, _ERRLEN) != 0:  # the result's message holds the error
             self._done.close()
             if self._output is not None:
                 self._output.close()
             self._close_log_dir()
-            raise RunError(_err_text(err))
+            raise RunError(_err_text(res.message))
         self._lock = threading.Lock()
         _live.add(self)  # what C reads stays alive until the end is seen
 

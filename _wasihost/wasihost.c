@@ -561,6 +561,7 @@ typedef struct {
   int fd[2], opened[2], dir[2], own_dir[2];
   const char *name[2];
 } outputs_t;
+#define NO_OUTPUTS ((outputs_t){{-1, -1}, {-1, -1}, {-1, -1}, {-1, -1}, {NULL, NULL}})
 
 /* Outside the range of a guest fd (a u32): fd_write(-1) after close(1) must not find the stream. */
 #define FD_CLOSED INT64_MIN
@@ -1538,21 +1539,21 @@ static int exec_once(wasmtime_instance_pre_t *pre, const wh_run_config *c, wh_ru
   return 0;
 }
 
-int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
+/* wh_run_exec once the outputs are open (`o`, closed here; none when the run was killed). */
+static int exec_opened(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res, outputs_t *o) {
   memset(res, 0, sizeof *res);
   res->exit_code = -1;
   struct timespec t0, c0;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
   if (atomic_load(&r->killed)) {
+    close_outputs(o);
     res->status = WH_KILLED;
     return 0;
   }
-  outputs_t o;
-  if (open_outputs(c, &o, res->message, sizeof res->message) != 0) return WH_ERR_RUN;
   wh_run_config cfg = *c;
-  cfg.stdout_fd = o.fd[0];
-  cfg.stderr_fd = o.fd[1];
+  cfg.stdout_fd = o->fd[0];
+  cfg.stderr_fd = o->fd[1];
   c = &cfg;
 
   r->timed_out = 0;
@@ -1570,7 +1571,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
       r->deadline.tv_nsec -= 1000000000L;
     }
   }
-  streams_begin(r, c, &o);
+  streams_begin(r, c, o);
   usage_begin(r, &c0);
   runs_add(1);
   r->ec = m->ec;
@@ -1582,7 +1583,7 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   }
   streams_end(r);
   runs_add(-1);
-  close_outputs(&o);
+  close_outputs(o);
   double cpu = since(&c0, CLOCK_THREAD_CPUTIME_ID);
   usage_end(r, cpu);
   if (rc != 0) return rc;
@@ -1591,12 +1592,35 @@ int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res)
   return 0;
 }
 
+int wh_run_exec(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res) {
+  outputs_t o = NO_OUTPUTS;
+  char err[sizeof res->message];
+  if (!atomic_load(&r->killed) && open_outputs(c, &o, err, sizeof err) != 0) {
+    memset(res, 0, sizeof *res);
+    res->exit_code = -1;
+    memcpy(res->message, err, sizeof err);
+    return WH_ERR_RUN;
+  }
+  return exec_opened(m, c, r, res, &o);
+}
+
 /* ---------------------------------------------------------------- runs on their own thread
  *
  * A run's thread, once its run is over, waits a few seconds for another (at most IDLE_RUNNERS
  * threads wait): a new thread costs a start (and wasmtime's per-thread set-up), about as much as a
  * small component's whole run. */
 #define IDLE_RUNNERS 2
+
+/* A component's store whose deletion a run thread put off until the run's end was signalled, with
+ * its output pipes (see "components" below). */
+typedef struct ended {
+  wasmtime_store_t *store;
+  int pipes[2][2];
+  struct ended *next;
+} ended_t;
+static __thread int t_defer;      /* a run thread of wh_run_start: put stores off */
+static __thread ended_t *t_ended; /* what it put off */
+static void ended_free(void);
 #define IDLE_SECONDS 5
 
 typedef struct start_args {
@@ -1605,6 +1629,7 @@ typedef struct start_args {
   wh_run *r;
   wh_result *res;
   int done_fd;
+  outputs_t o; /* opened by wh_run_start, so that it fails at once when it cannot */
   struct start_args *next;
 } start_args;
 
@@ -1638,10 +1663,11 @@ static void *run_main(void *arg) {
 #ifdef __linux__
   pthread_setname_np(pthread_self(), "wasm-run"); /* here: a detached thread's handle dies with it */
 #endif
+  t_defer = 1;
   for (start_args *next = arg; next;) {
     start_args a = *next;
     free(next);
-    int rc = wh_run_exec(a.m, a.c, a.r, a.res);
+    int rc = exec_opened(a.m, a.c, a.r, a.res, &a.o);
     a.res->rc = rc;
     pthread_mutex_lock(&g_runners.lock); /* idle before the run is seen over: the next start finds it */
     int stay = g_runners.idle < IDLE_RUNNERS;
@@ -1651,6 +1677,7 @@ static void *run_main(void *arg) {
     /* the last touch of the caller's memory: once done_fd is readable, it may free everything */
     while (write(a.done_fd, &done, sizeof done) < 0 && errno == EINTR) {
     }
+    ended_free();
     next = stay ? next_run() : NULL;
   }
   return NULL;
@@ -1663,17 +1690,23 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
     set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
     return WH_ERR_RUN;
   }
-  *a = (start_args){m, c, r, res, done_fd, NULL};
+  *a = (start_args){m, c, r, res, done_fd, NO_OUTPUTS, NULL};
+  if (open_outputs(c, &a->o, err, errlen) != 0) {
+    free(a);
+    return WH_ERR_RUN;
+  }
   pthread_mutex_lock(&g_runners.lock);
   int handed = g_runners.idle > g_runners.queued;
   if (handed) { /* to an idle thread (the queue's order does not matter: each has one) */
     a->next = g_runners.queue;
     g_runners.queue = a;
     g_runners.queued++;
-    pthread_cond_signal(&g_runners.wake);
   }
   pthread_mutex_unlock(&g_runners.lock);
-  if (handed) return 0;
+  if (handed) { /* signalled unlocked: the woken thread must not find the lock still held */
+    pthread_cond_signal(&g_runners.wake);
+    return 0;
+  }
   pthread_attr_t attr;
   pthread_t thread;
   pthread_attr_init(&attr);
@@ -1681,6 +1714,7 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
   int rc = pthread_create(&thread, &attr, run_main, a);
   pthread_attr_destroy(&attr);
   if (rc != 0) {
+    close_outputs(&a->o);
     free(a);
     char msg[256];
     snprintf(msg, sizeof msg, "cannot start a thread for the run: %s", strerror(rc));
@@ -1881,7 +1915,10 @@ static void component_free(wh_module *m) {
  * that modules use (as containerd reads a container's pipes; lines of stdout and stderr written
  * within one tick may reach a shared log in either order, as there); the run drains the rest when
  * it ends. Cheap for short runs: pipes are reused (kept open, empty), and only a run still going at
- * the next tick is added to the ticker's epoll set. */
+ * the next tick is added to the ticker's epoll set. On a run thread of wh_run_start, a run's store
+ * is deleted after the run's end is signalled (freeing the instances costs about what a hello's
+ * call does): its output is all in the pipes once `run` returns (wasmtime writes a file
+ * synchronously), and the pipes are reused only once the store (holding their write ends) is gone. */
 #define FREE_PIPES 64
 static struct {
   pthread_mutex_t lock; /* all of this, and the streams of the runs in it */
@@ -1895,9 +1932,34 @@ static struct {
 static void pipe_drain(wh_run *r, int which, int reads) {
   static char buf[65536];
   ssize_t n;
-  while (reads-- && ((n = read(r->pipes[which][0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)))
+  while (reads-- && ((n = read(r->pipes[which][0], buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR))) {
     if (n > 0) stream_emit(r, &r->streams[which], buf, (size_t)n);
+    if (n > 0 && (size_t)n < sizeof buf) break; /* a short read emptied the pipe */
+  }
   sink_flush(r->streams[which].sink);
+}
+
+/* Pipes back to the free list (or closed); lock held. */
+static void pipes_free(int pipes[2][2]) {
+  for (int i = 0; i < 2; i++) {
+    int *p = pipes[i];
+    if (p[0] < 0) continue;
+    if (g_pipes.nfree < FREE_PIPES) memcpy(g_pipes.free[g_pipes.nfree++], p, sizeof g_pipes.free[0]);
+    else close(p[0]), close(p[1]);
+  }
+}
+
+/* Deletes the stores this thread put off, then frees their pipes. */
+static void ended_free(void) {
+  while (t_ended) {
+    ended_t *e = t_ended;
+    t_ended = e->next;
+    wasmtime_store_delete(e->store);
+    pthread_mutex_lock(&g_pipes.lock);
+    pipes_free(e->pipes);
+    pthread_mutex_unlock(&g_pipes.lock);
+    free(e);
+  }
 }
 
 /* Each tick: the runs started since the last one join the epoll set; the pipes with data are drained. */
@@ -1941,21 +2003,27 @@ static int pipes_open(wh_run *r, wasi_config_t *wasi) {
   return ok ? 0 : -1;
 }
 
-/* Once wasmtime closed its write ends (its store is gone): the rest of the output; the pipes kept. */
-static void pipes_close(wh_run *r) {
+/* At a run's end: the rest of its output (wasmtime's writes are done); its store (NULL: none) is
+ * deleted, or put off on a run thread, and the pipes freed after it. */
+static void pipes_close(wh_run *r, wasmtime_store_t *store) {
+  ended_t *ended = store && t_defer ? malloc(sizeof *ended) : NULL;
+  if (store && !ended) wasmtime_store_delete(store);
   pthread_mutex_lock(&g_pipes.lock);
   wh_run **at = &g_pipes.pending;
   while (*at && *at != r) at = &(*at)->pipes_next;
   if (*at) *at = r->pipes_next;
   for (int i = 0; i < 2; i++) {
-    int *p = r->pipes[i];
-    if (p[0] < 0) continue;
-    if (r->pipes_polled) epoll_ctl(g_pipes.epoll, EPOLL_CTL_DEL, p[0], NULL);
-    pipe_drain(r, i, -1); /* all of it: wasmtime's writes were done before its store went */
-    if (g_pipes.nfree < FREE_PIPES) memcpy(g_pipes.free[g_pipes.nfree++], p, sizeof g_pipes.free[0]);
-    else close(p[0]), close(p[1]);
-    p[0] = p[1] = -1;
+    if (r->pipes[i][0] < 0) continue;
+    if (r->pipes_polled) epoll_ctl(g_pipes.epoll, EPOLL_CTL_DEL, r->pipes[i][0], NULL);
+    pipe_drain(r, i, -1); /* all of it */
   }
+  if (ended) {
+    *ended = (ended_t){store, {{r->pipes[0][0], r->pipes[0][1]}, {r->pipes[1][0], r->pipes[1][1]}}, t_ended};
+    t_ended = ended;
+  } else {
+    pipes_free(r->pipes);
+  }
+  memset(r->pipes, -1, sizeof r->pipes);
   r->piped = 0;
   pthread_mutex_unlock(&g_pipes.lock);
 }
@@ -2120,12 +2188,12 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
   if (pipes_open(r, wasi) != 0) {
     snprintf(res->message, sizeof res->message, "cannot make the output pipes: %s", strerror(errno));
     wasi_config_delete(wasi);
-    pipes_close(r);
+    pipes_close(r, NULL);
     return WH_ERR_RUN;
   }
   wasmtime_store_t *store = run_store(r, c, wasi, res); /* consumes wasi */
   if (!store) {
-    pipes_close(r);
+    pipes_close(r, NULL);
     return WH_ERR_RUN;
   }
   wasmtime_context_t *ctx = wasmtime_store_context(store);
@@ -2139,7 +2207,7 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
   if (e && r->ec->pooling && pool_full(e)) {
     wasmtime_error_delete(e);
     wasmtime_store_delete(store);
-    pipes_close(r);
+    pipes_close(r, NULL);
     return POOL_FULL;
   }
   if (e) {
@@ -2163,7 +2231,6 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
     }
     if (e || res->exit_code != 1) classify(r, e, NULL, res);
   }
-  wasmtime_store_delete(store);
-  pipes_close(r); /* before wh_run_exec frees the buffers the pipes are drained into */
+  pipes_close(r, store); /* before wh_run_exec frees the buffers the pipes are drained into */
   return 0;
 }
