@@ -6651,11 +6651,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                    "no shell, terminal or network ports to reach into")
         if method not in ("GET", "HEAD"):
             return self._send(405, f"method {method} not allowed on {url.path}")
-        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
-        self._route(url.path, parts, query)
-
-    def _route(self, path, parts, query):
-        server = self.server
+        path, server = url.path, self.server
         if path == "/pods":
             return self._send(200, json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {},
                                                "items": list(server.kubelet.pods())}), "application/json")
@@ -6666,7 +6662,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path in ("/stats/summary", "/stats/summary/"):
             return self._send(200, json.dumps(server.stats.summary()), "application/json")
         if len(parts) == 4 and parts[0] == "containerLogs":
-            return self._container_logs(*parts[1:], query)
+            return self._container_logs(*parts[1:], urllib.parse.parse_qs(url.query, keep_blank_values=True))
         return self._send(404, f"404 page not found: {path}")
 
     def _container_logs(self, namespace, name, container, query):
@@ -6799,12 +6795,12 @@ class KubeletServer(http.server.ThreadingHTTPServer):
     def render_metrics(self):
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
         text = self.kubelet.metrics.render()
-        running = sum(1 for pod in self.kubelet.pods() if (pod.get("status") or {}).get("phase") == "Running")
         extra = Metrics({
             "minikrust_running_pods": ("gauge", "Pods in phase Running on this node."),
             "minikrust_container_cpu_seconds_total": ("counter", "CPU seconds used by each container run."),
             "minikrust_container_memory_bytes": ("gauge", "Linear memory of each container run, in bytes.")})
-        extra.set("minikrust_running_pods", running)
+        extra.set("minikrust_running_pods",
+                  sum((pod.get("status") or {}).get("phase") == "Running" for pod in self.kubelet.pods()))
         for item in self.kubelet.container_stats():
             labels = {"namespace": item["namespace"], "pod": item["pod"], "container": item["container"]}
             extra.set("minikrust_container_cpu_seconds_total", float(item.get("cpu_seconds", 0.0)), **labels)
