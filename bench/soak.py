@@ -265,7 +265,7 @@ class Driver:
         self._stop.set()
 
     def finishing_pods(self):
-        return [n for n, i in self.pods.items() if KINDS[i["kind"]][1] and i["deleted"] is None
+        return [n for n, i in list(self.pods.items()) if KINDS[i["kind"]][1] and i["deleted"] is None
                 and self.phase(n) not in TERMINAL]
 
     def delete_all(self):
@@ -273,7 +273,7 @@ class Driver:
             self.delete(name)
 
     def alive(self):
-        return [n for n in self.pods if self.fake.get("pods", NS, n) is not None]
+        return [n for n in list(self.pods) if self.fake.get("pods", NS, n) is not None]
 
 
 def wait_until(predicate, timeout, step=0.5):
@@ -441,7 +441,7 @@ def check_finalization(driver, histories, fake, kubelets, problems):
     finalized = finalized_lines(kubelets)
     nodes = {f"system:node:{k.node}" for k in kubelets}
     writes = [r for r in list(fake.requests) if r.user in nodes and r.method in ("POST", "PUT", "PATCH", "DELETE")]
-    for name, info in driver.pods.items():
+    for name, info in list(driver.pods.items()):
         history = histories.get(info["uid"], [])
         gone = [t for t, etype, _ in history if etype == "DELETED"]
         if len(gone) != 1:
@@ -584,7 +584,7 @@ def main(argv=None):
             if k.proc.poll() is not None:
                 problems["kubelets alive"].append(f"{k.node} exited {k.proc.returncode}")
         histories = pod_histories(fake)
-        for name, info in driver.pods.items():
+        for name, info in list(driver.pods.items()):
             check_history(name, info, histories.get(info["uid"], []), runs_dir, problems)
             check_runs(name, info, runs_dir, problems)
         check_finalization(driver, histories, fake, kubelets, problems)
@@ -632,7 +632,7 @@ ROWS = ["final state reached once", "Never container ran once", "status went bac
 
 
 def report(args, driver, faults, problems, leaked_threads, leaked_fds, rss_growth, rss_samples, work):
-    kinds = collections.Counter(i["kind"] for i in driver.pods.values())
+    kinds = collections.Counter(i["kind"] for i in list(driver.pods.values()))
     print(f"\npods: {len(driver.pods)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}); "
           f"faults: {len(faults.log)}; kubelet kills: {faults.kills}")
     if rss_samples:
