@@ -5083,9 +5083,6 @@ class PodWorker:
         with self._lock:
             self._exits.append((container, run, result))
 
-    def runs(self):
-        return [c.run for c in self.inits + self.apps if c.run is not None]
-
     # -- the state machine --
 
     def sync(self):
@@ -5511,7 +5508,7 @@ class PodDriver:
             self._queue.put((2, next(self._seq), None))
         for thread in self._threads:
             thread.join(5.0)
-        runs = [run for worker in workers for run in worker.runs()]
+        runs = [c.run for w in workers for c in w.inits + w.apps if c.run is not None]
         for run in runs:
             run.kill()
         for run in runs:
