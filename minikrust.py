@@ -2945,8 +2945,11 @@ class ServiceAccountTokens:
                 if not due:
                     self._cond.wait(min((e[4] for e in self._entries.values()), default=now + 60.0) - now)
                     continue
-            with concurrent.futures.ThreadPoolExecutor(4, "minikrust-tokens") as pool:    # a burst: 4 at once
-                list(pool.map(self._due, *zip(*due)))
+            if len(due) == 1:
+                self._due(*due[0])
+                continue
+            with concurrent.futures.ThreadPoolExecutor(min(4, len(due)), "minikrust-tokens") as pool:
+                list(pool.map(self._due, *zip(*due)))       # a burst of pods: up to 4 at once
 
     def _due(self, key, entry):
         first = entry[4] == 0.0
