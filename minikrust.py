@@ -787,7 +787,7 @@ def in_cluster_config(environ=None, sa_dir=None):
 # watches), and the one set of time formats the API and CRI logs use.
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_API_CONNECTIONS = 16       # kept open: the status writers (6), watches, heartbeats, volume reads
+_API_CONNECTIONS = 16       # kept open: the status writers (8), watches, heartbeats, volume reads
 _RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
 
 
@@ -4528,7 +4528,7 @@ class StatusWriter:
     writes), then its final delete. Events use at most half the writers; a repeated one raises its
     count. A failing API server keeps everything queued, retried with backoff."""
 
-    def __init__(self, api, node_name, retry_max=10.0, writers=6):
+    def __init__(self, api, node_name, retry_max=10.0, writers=8):
         self.api, self.node_name = api, node_name
         self.retry_max, self.max_writers = retry_max, writers
         self._lock = threading.Lock()
