@@ -37,7 +37,6 @@ import hmac
 import http.server
 import importlib.metadata
 import importlib.util
-import io
 import ipaddress
 import itertools
 import json
