@@ -718,18 +718,23 @@ def test_without_tls_files_the_server_serves_at_once_a_self_signed_certificate_k
         again.stop()
 
 
+def _self_signed(common_name, not_before, not_after):
+    """(certificate, PEM of it and its key) of a self-signed EC certificate valid in that window."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(not_before)
+            .not_valid_after(not_after).sign(key, hashes.SHA256()))
+    return cert, cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
 def test_a_self_signed_certificate_is_made_anew_before_it_expires(make_server, api, pki, tmp_path):
     root = tmp_path / "root0"        # make_server's first root dir: a short-lived certificate is there
     os.makedirs(root / "pki")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "short-lived")])
     now = datetime.datetime.now(UTC)
-    short = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(seconds=1))
-             .not_valid_after(now + datetime.timedelta(seconds=4)).sign(key, hashes.SHA256()))
-    (root / "pki" / "kubelet-self-signed.pem").write_bytes(
-        short.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    short, pem = _self_signed("short-lived", now - datetime.timedelta(seconds=1), now + datetime.timedelta(seconds=4))
+    (root / "pki" / "kubelet-self-signed.pem").write_bytes(pem)
     _, server = make_server(api=api, tls=False, node_ip="127.0.0.1")
     assert served_certificate(server) == short
     renewed = wait_for(lambda: (lambda c: c if c != short else None)(served_certificate(server)),
@@ -744,14 +749,8 @@ def test_the_serving_certificate_is_never_read_through_a_link_planted_in_the_pki
     followed only to a file of that folder, so a planted link to a certificate elsewhere is not served."""
     from tests.test_security import host_link
     victim = tmp_path / "victim.pem"
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "victim")])
     now = datetime.datetime.now(UTC)
-    planted = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-               .not_valid_after(now + datetime.timedelta(days=300)).sign(key, hashes.SHA256()))
-    pem = planted.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    planted, pem = _self_signed("victim", now - datetime.timedelta(days=1), now + datetime.timedelta(days=300))
     victim.write_bytes(pem)
     folder = tmp_path / "root0" / "pki"     # make_server's first root dir
     folder.mkdir(parents=True)
