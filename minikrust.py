@@ -4566,8 +4566,8 @@ class StatusWriter:
             self._forgotten[uid] += 1   # a write in flight must not be remembered as sent
             self._sent.pop(uid, None)
             self._event_names.pop(uid, None)
-            for queue in self._pods.values():
-                queue.statuses.pop(uid, None)
+            for pending in self._pods.values():
+                pending.statuses.pop(uid, None)
 
     def seed(self, uid, status):
         """What the server already has for a pod (from a list), so an equal status is not resent."""
@@ -4621,9 +4621,9 @@ class StatusWriter:
         for events, queues in ((False, self._pods), (True, self._events)):
             if now < self._paused_until or (events and self._event_writers >= max(1, self.max_writers // 2)):
                 break
-            for key, queue in queues.items():
-                if key not in self._busy and queue.not_before <= now:
-                    return key, queue, events
+            for key, pending in queues.items():
+                if key not in self._busy and pending.not_before <= now:
+                    return key, pending, events
         return None, None, False
 
     def _loop(self):
