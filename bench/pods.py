@@ -20,6 +20,11 @@ parallel connections to the same server, on pods bound to the same (now stopped)
 
 kubelet_* is the kubelet's share (event -> running plus exit -> status sent) per pod, client_p99
 is creation -> Succeeded, vs_floor = (last Succeeded - last create) / floor_s.
+
+Then `--alone` pods one at a time, each created once the last is Succeeded and its Events out: hello
+pods (their exit lands while the kubelet still sends their Running status and Events), then
+"napper" pods that log, sleep 150 ms and log again, so their exit lands on an idle kubelet (writers
+idle: the condition of issue 10's exit -> status target).
 """
 import argparse
 import concurrent.futures
@@ -34,10 +39,12 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import Kubelet, ThreadSampler, fmt_ms, hello_module, log_times, percentiles, request_kind  # noqa: E402
+from bench.common import (Kubelet, ThreadSampler, fmt_ms, hello_module, log_times, percentiles,  # noqa: E402
+                          request_kind, sleep_ns, wat_module, write_line)
 import minikrust  # noqa: E402
 
 NS = "bench"
+NAP = 0.15      # seconds the napper pods of the one-at-a-time pass sleep between their two log lines
 WRITES = ("PATCH pods/status", "POST events", "PATCH events", "DELETE pods", "POST pods")
 TOLERATIONS = [{"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wasi", "effect": e}
                for e in ("NoExecute", "NoSchedule")]
@@ -203,7 +210,8 @@ def wait(predicate, timeout, step=0.005):
 
 
 def run(args, work):
-    user_cfg, node_cfg, node, fake, images = setup(args, work, {"hello": hello_module()})
+    napper = wat_module(write_line(6) + sleep_ns(int(NAP * 1e9)) + write_line(6))     # logs, naps, logs, exits
+    user_cfg, node_cfg, node, fake, images = setup(args, work, {"hello": hello_module(), "napper": napper})
     image = images["hello"]
     user, node_api = Api(user_cfg), Api(node_cfg)
     root = os.path.join(work, "root")
@@ -226,12 +234,14 @@ def run(args, work):
         cpu = kubelet.cpu() - cpu0
         peak_rss = kubelet.peak_rss_mb()
         requests_burst = len(fake.requests) if fake else 0
-        alone = {}      # pods one at a time: the kubelet's share while its writers are idle
-        for i in range(args.alone):
-            pod = user.call("POST", f"/api/v1/namespaces/{NS}/pods", pod_manifest(f"alone-{i}", node, image)).json()
-            alone[pod["metadata"]["name"]] = (time.monotonic(), pod["metadata"]["uid"])
-            wait(lambda: "Succeeded" in watcher.seen.get(f"alone-{i}", {}), 30)
-            time.sleep(0.2)     # its Events are out too
+        alone = {"hello": {}, "napper": {}}     # pods one at a time: the kubelet's share, writers idle
+        for kind, pods in alone.items():
+            for i in range(args.alone):
+                name = f"alone-{kind}-{i}"
+                pod = user.call("POST", f"/api/v1/namespaces/{NS}/pods", pod_manifest(name, node, images[kind])).json()
+                pods[name] = (time.monotonic(), pod["metadata"]["uid"])
+                wait(lambda: "Succeeded" in watcher.seen.get(name, {}), 30)
+                time.sleep(0.2)     # its Events are out too
         watcher.close()
     finally:
         peak_threads = sampler.stop()
@@ -240,11 +250,11 @@ def run(args, work):
     floor_s = floor(user, node_api, node, args.pods, image)
     report(args, created, watcher, probe, root, fake, requests_during, ok, t_first, t_last, t_done, cpu, peak_rss,
            peak_threads, floor_s)
-    start_alone, exit_alone, _, queued_alone = kubelet_share(alone, probe, root)
-    print(f"kubelet, {len(start_alone)} pods one at a time (writers idle): watch event -> module running: "
-          f"{fmt_ms(percentiles(start_alone))}; module exit -> Succeeded status sent: {fmt_ms(percentiles(exit_alone))}"
-          f"; of which exit -> handed to the writer: {fmt_ms(percentiles(queued_alone))}")
-
+    for kind, pods in alone.items():
+        start, exit_, _, queued = kubelet_share(pods, probe, root)
+        print(f"kubelet, {len(start)} {kind} pods one at a time: watch event -> module running: "
+              f"{fmt_ms(percentiles(start))}; module exit -> Succeeded status sent: {fmt_ms(percentiles(exit_))}"
+              f"; of which exit -> handed to the writer: {fmt_ms(percentiles(queued))}")
 
 def with_ns(user):
     try:
@@ -319,7 +329,7 @@ def report(args, created, watcher, probe, root, fake, requests_during, ok, t_fir
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=100)
-    parser.add_argument("--alone", type=int, default=20, help="then this many pods one at a time (writers idle)")
+    parser.add_argument("--alone", type=int, default=20, help="then this many hello and this many napper pods one at a time")
     add_arguments(parser)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", help="write the kubelet's cProfile stats (all threads) to this file")
