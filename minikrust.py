@@ -1209,14 +1209,20 @@ def node_conditions(states, previous, now):
     return conditions
 
 
+def node_allocatable(facts):
+    """The Node's allocatable cpu, memory and ephemeral-storage: its capacity less the kubelet's default
+    hard eviction thresholds. An unset limit in the downward API is this value (as the kubelet's)."""
+    return {"cpu": str(facts["cpus"]), "memory": _ki(max(0, facts["memory_total"] - _MEMORY_EVICTION_HARD)),
+            "ephemeral-storage": _ki(int(facts["disk_total"] * (1 - _DISK_EVICTION_FRACTION)))}
+
+
 def node_status(config, node_ip, facts, conditions, port=None, images=None):
     """The Node's status; `port` is the server's real port (config.port 0), `images` status.images."""
+    pods = {"pods": str(config.max_pods)}
     capacity = {"cpu": str(facts["cpus"]), "memory": _ki(facts["memory_total"]),
-                "ephemeral-storage": _ki(facts["disk_total"]), "pods": str(config.max_pods)}
-    allocatable = dict(capacity, memory=_ki(max(0, facts["memory_total"] - _MEMORY_EVICTION_HARD)),
-                       **{"ephemeral-storage": _ki(int(facts["disk_total"] * (1 - _DISK_EVICTION_FRACTION)))})
+                "ephemeral-storage": _ki(facts["disk_total"]), **pods}
     return {
-        "capacity": capacity, "allocatable": allocatable, "conditions": conditions,
+        "capacity": capacity, "allocatable": node_allocatable(facts) | pods, "conditions": conditions,
         "addresses": [{"type": "InternalIP", "address": node_ip},
                       {"type": "Hostname", "address": config.node_name}],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": config.port if port is None else port}},
@@ -2683,18 +2689,9 @@ def pod_field(pod, field_path, node_ip=None, whole_maps=False):
     raise ContainerConfigError(f"unsupported fieldRef fieldPath {field_path!r}", retry=False)
 
 
-def _node_allocatable(resource):
-    """What an unset limit means, as the kubelet defaults it: the node's capacity."""
-    if resource == "cpu":
-        return fractions.Fraction(os.cpu_count() or 1)
-    if resource == "memory":
-        return fractions.Fraction(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return fractions.Fraction(shutil.disk_usage("/").total)
-
-
-def container_resource(pod, container_name, resource, divisor=None):
+def container_resource(pod, container_name, resource, divisor, root_dir):
     """A `resourceFieldRef` (limits.cpu, ...) as the kubelet writes it: ceil(value / divisor); an unset
-    limit is the node's capacity, an unset request the limit, then 0."""
+    limit is the Node's allocatable (its disk: that of `root_dir`), an unset request the limit, then 0."""
     spec = pod.get("spec") or {}
     containers = (spec.get("containers") or []) + (spec.get("initContainers") or [])
     container = next((c for c in containers if c.get("name") == container_name), None)
@@ -2707,12 +2704,10 @@ def container_resource(pod, container_name, resource, divisor=None):
     value = (resources.get(kind) or {}).get(name)
     if value is None and kind == "requests":
         value = (resources.get("limits") or {}).get(name)
-    if value is not None:
-        amount = parse_quantity(value)
-    else:
-        amount = _node_allocatable(name) if kind == "limits" else fractions.Fraction(0)
+    if value is None and kind == "limits":
+        value = node_allocatable(host_facts(root_dir))[name]
     divide = parse_quantity(divisor) if divisor not in (None, "", 0, "0") else 1
-    return str(math.ceil(amount / divide))
+    return str(math.ceil(parse_quantity(value or "0") / divide))
 
 
 def _api_object(objects, kind, pod, name, optional, binary=True):
@@ -2828,7 +2823,7 @@ def _keys_to_files(source, data, default_mode, what):
     return files
 
 
-def _downward_files(pod, source, default_mode, node_ip, what):
+def _downward_files(pod, source, default_mode, node_ip, root_dir, what):
     """Files {path: (bytes, mode)} of a downwardAPI source: pod fields and container resources."""
     files = {}
     for item in source.get("items") or []:
@@ -2837,7 +2832,8 @@ def _downward_files(pod, source, default_mode, node_ip, what):
             value = pod_field(pod, item["fieldRef"].get("fieldPath"), node_ip, whole_maps=True)
         elif item.get("resourceFieldRef"):
             ref = item["resourceFieldRef"]
-            value = container_resource(pod, ref.get("containerName"), ref.get("resource"), ref.get("divisor"))
+            value = container_resource(pod, ref.get("containerName"), ref.get("resource"), ref.get("divisor"),
+                                       root_dir)
         else:
             raise ContainerConfigError(f"{what}: item {path!r} has neither fieldRef nor resourceFieldRef", retry=False)
         files[path] = (str(value).encode(), item.get("mode", default_mode))
@@ -2963,7 +2959,7 @@ class ServiceAccountTokens:
             self.ready(key[0])      # its pod writes it now (or goes on without it)
 
 
-def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens):
+def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens, root_dir):
     """Files {path: (bytes, mode)} of an API volume, read as a projection of its sources; the
     `kube-api-access-*` volume admission adds to every pod (contract 14) skips what it cannot read."""
     name, source = volume["name"], volume[kind] or {}
@@ -2981,7 +2977,7 @@ def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens):
                 data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"))
                 files.update(_keys_to_files(ref, data, default_mode, what))
             elif "downwardAPI" in item:
-                files.update(_downward_files(pod, item["downwardAPI"], default_mode, node_ip, what))
+                files.update(_downward_files(pod, item["downwardAPI"], default_mode, node_ip, root_dir, what))
             elif "serviceAccountToken" in item:
                 ref, token = item["serviceAccountToken"], None
                 path = _check_relpath(ref.get("path"), what)
@@ -3117,7 +3113,8 @@ def prepare_volumes(pod, pod_dir, config, api=None, base_dir=None, node_ip=None,
             os.close(_makedirs_beneath(pod_dir, f"volumes/{name}"))     # beneath the pod's folder
             dirs[name] = os.path.join(pod_dir, "volumes", name)
         if kind != "emptyDir":
-            files = _volume_files(pod, volume, kind, dirs[name], api, node_ip, objects, tokens)
+            files = _volume_files(pod, volume, kind, dirs[name], api, node_ip, objects, tokens,
+                                  config.root_dir)
             _write_files(dirs[name], files, private)
     return dirs
 
@@ -3270,14 +3267,14 @@ def _env_from(pod, container, objects, warnings):
     return result
 
 
-def _env_value_from(pod, container, source, node_ip, objects):
+def _env_value_from(pod, container, source, node_ip, objects, root_dir):
     """The value of one `valueFrom`, or None when an optional configMap/secret key is missing."""
     if "fieldRef" in source:
         return pod_field(pod, (source["fieldRef"] or {}).get("fieldPath"), node_ip)
     if "resourceFieldRef" in source:
         ref = source["resourceFieldRef"] or {}
         return container_resource(pod, ref.get("containerName") or container.get("name"), ref.get("resource"),
-                                  ref.get("divisor"))
+                                  ref.get("divisor"), root_dir)
     kind = "ConfigMap" if "configMapKeyRef" in source else "Secret" if "secretKeyRef" in source else None
     if kind is None:
         raise ContainerConfigError(f"valueFrom {sorted(source)} is not supported", retry=False)
@@ -3291,9 +3288,10 @@ def _env_value_from(pod, container, source, node_ip, objects):
     return data[key].decode(errors="replace")
 
 
-def container_env(pod, container, api=None, node_ip=None, warnings=None, objects=None):
+def container_env(pod, container, api=None, node_ip=None, warnings=None, objects=None, root_dir="/"):
     """The environment [(name, value)] of a container, as the kubelet's makeEnvironmentVariables;
-    `workingDir` is passed as PWD (WASI has no cwd); `warnings` gets the kubelet's Warning events."""
+    `workingDir` is passed as PWD (WASI has no cwd); `warnings` gets the kubelet's Warning events;
+    `root_dir` is the kubelet's (its disk is the Node's ephemeral-storage)."""
     objects = objects or ApiObjects(api)
     env = _env_from(pod, container, objects, warnings)
     for var in container.get("env") or []:
@@ -3301,7 +3299,7 @@ def container_env(pod, container, api=None, node_ip=None, warnings=None, objects
         if not name:
             continue
         if var.get("valueFrom"):
-            value = _env_value_from(pod, container, var["valueFrom"], node_ip, objects)
+            value = _env_value_from(pod, container, var["valueFrom"], node_ip, objects, root_dir)
         else:
             value = _expand_refs(var.get("value") or "", env)
         if value is not None:       # an optional configMap/secret key that is missing
@@ -5563,7 +5561,8 @@ class PodManager:
             host=functools.partial(load_host, os.path.join(config.root_dir, "cache")),
             prepare_volumes=lambda pod, pod_dir: prepare_volumes(pod, pod_dir, config, api=api, base_dir=_base_dir(pod),
                                                                  node_ip=self.node_ip, tokens=self.tokens, objects=self.objects),
-            container_env=lambda pod, spec: container_env(pod, spec, node_ip=self.node_ip, objects=self.objects),
+            container_env=lambda pod, spec: container_env(pod, spec, node_ip=self.node_ip,
+                                                          objects=self.objects, root_dir=config.root_dir),
             record_event=self._record_event, send_status=self._status_changed, run_started=self._run_started,
             finalized=self._finalize, files=self.files)
 

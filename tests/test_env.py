@@ -1,6 +1,8 @@
 """Env: container environment, $(VAR) expansion, argv and workingDir, tested with plain dicts."""
 import base64
 import logging
+import os
+import shutil
 
 import pytest
 
@@ -110,9 +112,18 @@ def test_resource_field_refs_use_ceil_and_divisor(resource, divisor, expected):
     assert container_env(make_pod(container), container) == [("R", expected)]
 
 
-def test_unset_limit_is_the_node_capacity():
-    container = {"name": "c", "env": [{"name": "R", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}]}
-    assert int(dict(container_env(make_pod(container), container))["R"]) >= 1
+def test_unset_limits_are_the_node_allocatable(tmp_path):
+    """The kubelet's defaults: capacity less the hard eviction thresholds memory.available<100Mi and
+    nodefs.available<10% (of the root dir's disk), in Ki as the Node reports them; cpu is whole cores."""
+    refs = {"CPU": "limits.cpu", "MEMORY": "limits.memory", "DISK": "limits.ephemeral-storage"}
+    container = {"name": "c", "env": [{"name": k, "valueFrom": {"resourceFieldRef": {"resource": v}}}
+                                      for k, v in refs.items()]}
+    with open("/proc/meminfo") as f:
+        mem_total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    disk_total = shutil.disk_usage(tmp_path).total
+    assert dict(container_env(make_pod(container), container, root_dir=str(tmp_path))) == {
+        "CPU": str(len(os.sched_getaffinity(0))), "MEMORY": str(mem_total - 100 * 2**20),
+        "DISK": str(int(disk_total * 0.9) // 1024 * 1024)}
 
 
 @pytest.mark.parametrize("text, value", [("2", 2), ("500m", 0.5), ("1Ki", 1024), ("1e3", 1000), ("1.5G", 1.5e9),

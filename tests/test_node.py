@@ -351,3 +351,39 @@ def test_in_cluster_config_registers_with_the_service_account(fake_api_tls, tmp_
     config = minikrust.Config(kubeconfig="in-cluster", node_name="n1", root_dir=str(tmp_path / "root"), serve=False)
     with minikrust.Kubelet(config, handler=object()):
         wait_for(lambda: _ready(fake, "n1"), 10, what="node Ready through in-cluster config")
+
+
+def test_unset_limits_in_the_downward_api_are_the_nodes_allocatable(fake_api, kubelet_factory, wasm):
+    """A pod without limits: its env and downwardAPI files hold what the Node's status.allocatable says,
+    read with the kubelet's divisor rules (ceil(value / divisor); cpu in cores, memory in bytes)."""
+    refs = {"CPU": ("limits.cpu", None), "MILLICPU": ("limits.cpu", "1m"), "MEMORY": ("limits.memory", None),
+            "MEMORY_MI": ("limits.memory", "1Mi"), "DISK": ("limits.ephemeral-storage", None)}
+
+    def ref(resource, divisor, container=None):
+        return {"resource": resource, **({"divisor": divisor} if divisor else {}),
+                **({"containerName": container} if container else {})}
+    tool = f"file:{wasm.tool}"
+    env = [{"name": k, "valueFrom": {"resourceFieldRef": ref(*v)}} for k, v in refs.items()]
+    files = [{"path": k, "resourceFieldRef": ref(*v, "env")} for k, v in refs.items()]
+    readers = [{"name": k.lower().replace("_", "-"), "image": tool, "args": ["cat", f"/d/{k}"],
+                "volumeMounts": [{"name": "d", "mountPath": "/d"}]} for k in refs]
+    kubelet = kubelet_factory(fake_api)
+    fake_api.create_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sizes"}, "spec": {
+        "restartPolicy": "Never", "volumes": [{"name": "d", "downwardAPI": {"items": files}}],
+        "containers": [{"name": "env", "image": tool, "args": ["env"], "env": env}, *readers]}},
+        node_name="node-1")
+    wait_for(lambda: (fake_api.get("pods", "default", "sizes").get("status") or {}).get("phase") == "Succeeded",
+             20, what="the pod Succeeded")
+    allocatable = fake_api.get("nodes", "node-1")["status"]["allocatable"]
+    cores = int(allocatable["cpu"])      # the Node reports whole CPUs, memory and disk in Ki
+    memory = int(allocatable["memory"].removesuffix("Ki")) * 1024
+    expected = {"CPU": str(cores), "MILLICPU": str(cores * 1000), "MEMORY": str(memory),
+                "MEMORY_MI": str(-(-memory // 2**20)),
+                "DISK": str(int(allocatable["ephemeral-storage"].removesuffix("Ki")) * 1024)}
+
+    def output(container):      # the content of each CRI log record
+        with open(kubelet.container_log_path("default", "sizes", container)) as f:
+            return [line.rstrip("\n").split(" ", 3)[3] for line in f]
+    assert dict(line.split("=", 1) for line in output("env") if line.split("=")[0] in refs) == expected
+    assert {k: "".join(output(k.lower().replace("_", "-"))) for k in refs} == expected
+
