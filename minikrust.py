@@ -19,7 +19,7 @@ __all__ = [   # the public API, each name shown in the README's "In-process" sec
 import argparse
 import atexit
 import base64
-import collections
+import collections.abc
 import concurrent.futures
 import contextlib
 import ctypes
@@ -4997,15 +4997,15 @@ class PodServices:
     """All a PodWorker uses of the kubelet: each field a value or a callable."""
     config: "Config"
     node_ip: str
-    host: "typing.Callable"             # () -> the WASI host
-    ensure_image: "typing.Callable"     # (pod, container) -> module ref, with the Pulling/Pulled events
-    prepare_volumes: "typing.Callable"  # (pod, pod_dir) -> {volume name: host dir}
-    container_env: "typing.Callable"    # (pod, container spec) -> [(name, value)]
-    record_event: "typing.Callable"     # (pod, reason, message, type, container=None)
-    send_status: "typing.Callable"      # (worker, old phase): its status changed
-    run_started: "typing.Callable"      # (worker, container, run or None, began): watch it, count it
-    finalized: "typing.Callable"        # (worker): it reached FINALIZED
-    files: "_StateFiles"                # the pod folders' state files and removal
+    host: collections.abc.Callable             # () -> the WASI host
+    ensure_image: collections.abc.Callable     # (pod, container) -> module ref; Pulling/Pulled events
+    prepare_volumes: collections.abc.Callable  # (pod, pod_dir) -> {volume name: host dir}
+    container_env: collections.abc.Callable    # (pod, container spec) -> [(name, value)]
+    record_event: collections.abc.Callable     # (pod, reason, message, type, container=None)
+    send_status: collections.abc.Callable      # (worker, old phase): its status changed
+    run_started: collections.abc.Callable      # (worker, container, run or None, began): watch it, count it
+    finalized: collections.abc.Callable        # (worker): it reached FINALIZED
+    files: "_StateFiles"                       # the pod folders' state files and removal
 
 
 class PodWorker:
