@@ -665,23 +665,25 @@ def _file_field(entry, key, where, base_dir):
     return path
 
 
-def _yaml_error(path, exc):
-    """ConfigError for a YAML file that does not parse, naming the line when yaml knows it."""
-    mark = getattr(exc, "problem_mark", None)
-    return ConfigError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else ""))
+def _read_yaml(path, what):
+    """The YAML documents of a file; ConfigError: it cannot be read (as `what`), or it does not parse
+    (naming the line when yaml knows it)."""
+    try:
+        with open(path, "rb") as f:
+            return list(yaml.safe_load_all(f))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
 
 
 def load_kubeconfig(path, context=None):
     """ClusterConfig from a kubeconfig file, for `context` or its current-context; relative paths
     are from the file's folder, as kubectl reads them. ConfigError names the file and field."""
     path = os.path.abspath(os.path.expanduser(path))
-    try:
-        with open(path, "rb") as f:
-            doc = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read kubeconfig: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise _yaml_error(path, exc) from None
+    docs = _read_yaml(path, "kubeconfig")
+    doc = docs[0] if len(docs) == 1 else None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: not a kubeconfig (expected a mapping with clusters, users, contexts)")
     name = context or doc.get("current-context")
@@ -1673,15 +1675,8 @@ def _is_static(pod):
 def static_pods_from_manifest(path, node_name):
     """The pods of one manifest file as the kubelet's file source makes them (`<name>-<node>`, a uid
     hashed from the manifest, config.source/config.hash); ConfigError names file and document."""
-    try:
-        with open(path, "rb") as f:
-            docs = list(yaml.safe_load_all(f))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise _yaml_error(path, exc) from None
     pods = []
-    for index, doc in enumerate(d for d in docs if d is not None):
+    for index, doc in enumerate(d for d in _read_yaml(path, "manifest") if d is not None):
         where = f"{path}: document {index + 1}"
         if not isinstance(doc, dict) or doc.get("kind") != "Pod" or doc.get("apiVersion", "v1") != "v1":
             kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
