@@ -2705,16 +2705,21 @@ def container_resource(pod, container_name, resource, divisor, root_dir):
     return str(math.ceil(parse_quantity(value or "0") / divide))
 
 
-def _api_object(objects, kind, pod, name, optional, binary=True):
-    """A ConfigMap or Secret's data as {key: bytes} (None: optional and missing), read through `objects`;
-    a ConfigMap's binaryData fills volumes only (`binary`): the kubelet's env reads `data` alone."""
-    obj = objects.read(kind, _namespace(pod), name, optional, _pod_uid(pod))
+def _api_object(objects, pod, source, keys, what, binary=True):
+    """(kind, reference, data {key: bytes} or None: optional and missing) of a `source` naming a
+    ConfigMap by keys[0] or a Secret by keys[1], read through `objects`; a ConfigMap's binaryData
+    fills volumes only (`binary`): the kubelet's env reads `data` alone."""
+    kind = "ConfigMap" if keys[0] in source else "Secret" if keys[1] in source else None
+    if kind is None:
+        raise ContainerConfigError(f"{what} {sorted(source)} is not supported", retry=False)
+    ref = source[keys[kind == "Secret"]] or {}
+    obj = objects.read(kind, _namespace(pod), ref.get("name"), ref.get("optional"), _pod_uid(pod))
     if obj is None:
-        return None
+        return kind, ref, None
     encoded, plain = ("data", "stringData") if kind == "Secret" else ("binaryData" if binary else "", "data")
     data = {k: base64.b64decode(v or "") for k, v in (obj.get(encoded) or {}).items()}
     data.update((k, (v or "").encode()) for k, v in (obj.get(plain) or {}).items())
-    return data
+    return kind, ref, data
 
 
 class _Fetching(ContainerConfigError):
@@ -2967,9 +2972,7 @@ def _volume_files(pod, volume, kind, target, api, node_ip, objects, tokens, root
     for item in sources:
         try:
             if "configMap" in item or "secret" in item:
-                kind = "ConfigMap" if "configMap" in item else "Secret"
-                ref = item.get("configMap") or item.get("secret") or {}
-                data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"))
+                _, ref, data = _api_object(objects, pod, item, ("configMap", "secret"), what)
                 files.update(_keys_to_files(ref, data, default_mode, what))
             elif "downwardAPI" in item:
                 files.update(_downward_files(pod, item["downwardAPI"], default_mode, node_ip, root_dir, what))
@@ -3243,13 +3246,10 @@ def _env_from(pod, container, objects, warnings):
     """Variables of `envFrom` sources, in order; keys that are not valid names are skipped."""
     result = {}
     for source in container.get("envFrom") or []:
-        kind = "ConfigMap" if "configMapRef" in source else "Secret" if "secretRef" in source else None
-        if kind is None:
-            raise ContainerConfigError(f"envFrom source {sorted(source)} is not supported", retry=False)
-        ref = source.get("configMapRef") or source.get("secretRef") or {}
-        data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False) or {}
+        kind, ref, data = _api_object(objects, pod, source, ("configMapRef", "secretRef"), "envFrom source",
+                                      binary=False)
         prefix = source.get("prefix") or ""
-        named = {prefix + key: value.decode(errors="replace") for key, value in sorted(data.items())}
+        named = {prefix + key: value.decode(errors="replace") for key, value in sorted((data or {}).items())}
         invalid = [name for name in named if not _ENV_VAR_NAME.match(name)]
         result.update((name, value) for name, value in named.items() if name not in invalid)
         if invalid:  # the kubelet's Warning event, word for word
@@ -3270,11 +3270,8 @@ def _env_value_from(pod, container, source, node_ip, objects, root_dir):
         ref = source["resourceFieldRef"] or {}
         return container_resource(pod, ref.get("containerName") or container.get("name"), ref.get("resource"),
                                   ref.get("divisor"), root_dir)
-    kind = "ConfigMap" if "configMapKeyRef" in source else "Secret" if "secretKeyRef" in source else None
-    if kind is None:
-        raise ContainerConfigError(f"valueFrom {sorted(source)} is not supported", retry=False)
-    ref = source.get("configMapKeyRef") or source.get("secretKeyRef") or {}
-    data = _api_object(objects, kind, pod, ref.get("name"), ref.get("optional"), binary=False)
+    kind, ref, data = _api_object(objects, pod, source, ("configMapKeyRef", "secretKeyRef"), "valueFrom",
+                                  binary=False)
     key = ref.get("key")
     if data is None or key not in data and ref.get("optional"):
         return None
