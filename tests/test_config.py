@@ -177,10 +177,15 @@ def _b64(data):
     return base64.b64encode(data).decode()
 
 
-def _get(path, context=None):
+def _get(path, context=None, then=None):
+    """GET /api with a client of the kubeconfig at `path`; with `then`: call it, and GET again."""
     api = minikrust.ApiClient(minikrust.load_kubeconfig(path, context), retries=0)
     try:
-        return api.get("/api")
+        answer = api.get("/api")
+        if then is not None:
+            then()
+            answer = api.get("/api")
+        return answer
     finally:
         api.close()
 
@@ -242,14 +247,11 @@ def test_token_file_is_reread_when_rotated(tmp_path, tls_server):
     token = tmp_path / "token"
     token.write_text("first\n")
     path = _kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority": "ca.crt"}, {"tokenFile": "token"})
-    api = minikrust.ApiClient(minikrust.load_kubeconfig(path), retries=0)
-    try:
-        api.get("/api")
+
+    def rotate():
         token.write_text("second\n")
         os.utime(token, (1, 1))
-        api.get("/api")
-    finally:
-        api.close()
+    _get(path, then=rotate)
     assert [s["auth"] for s in tls_server.seen] == ["Bearer first", "Bearer second"]
 
 
@@ -271,41 +273,20 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1", "kind": "Exe
     return user, counter
 
 
-def test_exec_plugin_token_is_cached_until_expiry(tmp_path, tls_server):
-    user, counter = _exec_plugin(tmp_path)
-    path = _kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority": "ca.crt"}, user)
-    api = minikrust.ApiClient(minikrust.load_kubeconfig(path), retries=0)
-    try:
-        api.get("/api")
-        api.get("/api")
-    finally:
-        api.close()
-    assert [s["auth"] for s in tls_server.seen] == ["Bearer exec-0", "Bearer exec-0"]
-    assert counter.read_text() == "x"
-
-
-def test_exec_plugin_runs_again_after_expiry(tmp_path, tls_server):
-    user, counter = _exec_plugin(tmp_path, expires_in=-1)
-    path = _kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority": "ca.crt"}, user)
-    api = minikrust.ApiClient(minikrust.load_kubeconfig(path), retries=0)
-    try:
-        api.get("/api")
-        api.get("/api")
-    finally:
-        api.close()
-    assert [s["auth"] for s in tls_server.seen] == ["Bearer exec-0", "Bearer exec-1"]
+@pytest.mark.parametrize("expires_in, tokens", [(3600, ["exec-0", "exec-0"]), (-1, ["exec-0", "exec-1"])],
+                         ids=["cached until expiry", "runs again after expiry"])
+def test_exec_plugin_token_is_cached_until_expiry(tmp_path, tls_server, expires_in, tokens):
+    user, counter = _exec_plugin(tmp_path, expires_in)
+    _get(_kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority": "ca.crt"}, user),
+         then=lambda: None)
+    assert [s["auth"] for s in tls_server.seen] == [f"Bearer {token}" for token in tokens]
+    assert counter.read_text() == "x" * len(set(tokens))      # the plugin's runs
 
 
 def test_exec_plugin_runs_again_on_401(tmp_path, tls_server):
     user, counter = _exec_plugin(tmp_path)
     path = _kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority": "ca.crt"}, user)
-    api = minikrust.ApiClient(minikrust.load_kubeconfig(path), retries=0)
-    try:
-        api.get("/api")
-        tls_server.answers.append(401)
-        api.get("/api")                        # 401: the plugin runs again, the request is repeated
-    finally:
-        api.close()
+    _get(path, then=lambda: tls_server.answers.append(401))    # the plugin runs again, the GET is repeated
     assert [s["auth"] for s in tls_server.seen] == ["Bearer exec-0", "Bearer exec-0", "Bearer exec-1"]
 
 
