@@ -619,8 +619,7 @@ class ClusterConfig:
             for index, data in enumerate(pems):
                 if data:
                     files[index] = os.path.join(tmp, f"{index}.pem")
-                    with open(os.open(files[index], os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-                        f.write(data)
+                    _write_beneath(tmp, f"{index}.pem", data, 0o600, sync=False)
             try:
                 ctx.load_cert_chain(*files)
             except (ssl.SSLError, OSError) as exc:
