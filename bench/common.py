@@ -132,10 +132,11 @@ def _epoch(stamp):
 class Kubelet:
     """A kubelet child process (minikrust's main() with the probe), measured through /proc."""
 
-    def __init__(self, flags, work, name="kubelet", profile=None):
+    def __init__(self, flags, work, name="kubelet", profile=None, trace=None):
         self.probe_path = os.path.join(work, f"{name}-probe.json")
         self.log = open(os.path.join(work, f"{name}.log"), "w")
-        env = dict(os.environ, BENCH_PROFILE=os.path.abspath(profile)) if profile else None
+        env = dict(os.environ, **({"BENCH_PROFILE": os.path.abspath(profile)} if profile else {}),
+                   **({"BENCH_TRACE": os.path.abspath(trace)} if trace else {}))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.probe_path, *flags],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.pid = self.proc.pid
@@ -212,9 +213,13 @@ def _probe_main(probe_path, argv):
     minikrust._Adapter.send = probed_send
     minikrust.StatusWriter.set_status = probed_set_status
     profiles = _profile_threads() if os.environ.get("BENCH_PROFILE") else None
+    steps = _trace(minikrust) if os.environ.get("BENCH_TRACE") else None
     try:
         return minikrust.main(argv)
     finally:
+        if steps is not None:
+            with open(os.environ["BENCH_TRACE"], "w") as f:
+                json.dump(steps, f)
         if profiles is not None:
             import pstats
             pstats.Stats(*profiles).dump_stats(os.environ["BENCH_PROFILE"])
@@ -222,6 +227,43 @@ def _probe_main(probe_path, argv):
             json.dump({"added": added, "status_queued": status_queued, "status_sent": status_sent,
                        "requests": dict(requests_)}, f)
         os.replace(probe_path + ".tmp", probe_path)
+
+
+# The steps BENCH_TRACE times (owner, attribute): minikrust's names, and the native host's ("_wasihost.").
+TRACED = [("PodManager", "pod_added"), ("PodManager", "_admit"), ("", "pod_problem"), ("", "_saved_state"),
+          ("ServiceAccountTokens", "prefetch"), ("", "_request_token"), ("PodDriver", "schedule"),
+          ("PodWorker", "sync"), ("PodWorker", "_collect_exits"), ("PodWorker", "_termination_message"),
+          ("PodWorker", "_prepare"), ("", "prepare_volumes"), ("PodWorker", "_image"), ("PodWorker", "_start"),
+          ("", "container_env"), ("", "container_mounts"), ("PodWorker", "_publish"), ("", "compute_pod_status"),
+          ("_StateFiles", "save"), ("_wasihost.Host", "load"), ("_wasihost.Module", "start"),
+          ("PodManager", "_run_started"), ("PodManager", "_status_changed"), ("StatusWriter", "set_status"),
+          ("StatusWriter", "record"), ("StatusWriter", "_send_status"), ("StatusWriter", "_send_event"),
+          ("ApiClient", "request")]
+
+
+def _trace(minikrust):
+    """Time each TRACED step, wall and thread CPU: a list of [wall start, wall s, CPU s, thread, step]
+    (BENCH_TRACE=<json file>, written at exit)."""
+    import functools
+    import importlib
+    steps = []
+
+    def timed(f, label):
+        @functools.wraps(f)
+        def step(*args, **kwargs):
+            wall, cpu = time.time(), time.thread_time()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                steps.append([wall, time.time() - wall, time.thread_time() - cpu, threading.current_thread().name,
+                              label])
+        return step
+    for owner, name in TRACED:
+        module, _, cls = owner.rpartition(".")
+        where = importlib.import_module(module) if module else minikrust
+        where = getattr(where, cls) if cls else where
+        setattr(where, name, timed(getattr(where, name), f"{cls}.{name}" if cls else name))
+    return steps
 
 
 def _profile_threads():

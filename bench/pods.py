@@ -27,6 +27,7 @@ pods (their exit lands while the kubelet still sends their Running status and Ev
 idle: the condition of issue 10's exit -> status target).
 """
 import argparse
+import collections
 import concurrent.futures
 import json
 import os
@@ -181,11 +182,11 @@ def setup(args, work, modules):
             fake.kubeconfig(os.path.join(work, "node.kubeconfig"), node=node), node, fake, images)
 
 
-def start_kubelet(node_cfg, node, user, work, max_pods, profile=None):
+def start_kubelet(node_cfg, node, user, work, max_pods, profile=None, trace=None):
     """The kubelet child for `node`, once its Node is Ready (and the bench namespace exists)."""
     kubelet = Kubelet(["--kubeconfig", node_cfg, "--node-name", node, "--root-dir", os.path.join(work, "root"),
                        "--serve", "false", "--max-pods", str(max_pods), "--log-level", "warning"], work,
-                      profile=profile)
+                      profile=profile, trace=trace)
     with_ns(user)
     if not wait(lambda: node_is_ready(user, node), 30, 0.1):
         kubelet.stop()
@@ -215,7 +216,8 @@ def run(args, work):
     image = images["hello"]
     user, node_api = Api(user_cfg), Api(node_cfg)
     root = os.path.join(work, "root")
-    kubelet = start_kubelet(node_cfg, node, user, work, args.pods + 10, args.profile)
+    trace = os.path.join(work, "trace.json") if args.trace else None
+    kubelet = start_kubelet(node_cfg, node, user, work, args.pods + 10, args.profile, trace)
     sampler = ThreadSampler(kubelet.pid)
     try:
         rv = user.call("GET", f"/api/v1/namespaces/{NS}/pods").json()["metadata"]["resourceVersion"]
@@ -255,6 +257,9 @@ def run(args, work):
         print(f"kubelet, {len(start)} {kind} pods one at a time: watch event -> module running: "
               f"{fmt_ms(percentiles(start))}; module exit -> Succeeded status sent: {fmt_ms(percentiles(exit_))}"
               f"; of which exit -> handed to the writer: {fmt_ms(percentiles(queued))}")
+        if trace:
+            with open(trace) as f:
+                steps_table(kind, json.load(f), pods, probe, root)
 
 def with_ns(user):
     try:
@@ -288,6 +293,37 @@ def kubelet_share(created, probe, root):
         share.append(start_share[-1] + exit_share[-1])
         queued.append((probe["status_queued"].get(uid) or {}).get("Succeeded", sent) - last)
     return start_share, exit_share, share, queued
+
+
+def steps_table(kind, steps, pods, probe, root):
+    """The traced steps (bench/common.py TRACED) of pods run one at a time, medians over the pods:
+    those begun from the watch event to the first log line (start), and from the last log line to
+    the Succeeded patch leaving (exit); when each first began (ms after the event or the exit), its
+    wall and thread CPU ms (summed per pod; nested steps are inside their callers)."""
+    for part in ("start", "exit"):
+        rows = {}       # step -> {"at": [], "wall": [], "cpu": [], "threads": set()}
+        for _, uid in pods.values():
+            first, last = log_times(root, uid)
+            added, sent = probe["added"].get(uid), (probe["status_sent"].get(uid) or {}).get("Succeeded")
+            if None in (first, added, sent):
+                continue
+            begin, end = (added, first) if part == "start" else (last, sent)
+            mine = collections.defaultdict(list)
+            for wall, took, cpu, thread, step in steps:
+                if begin <= wall < end:
+                    mine[step].append((wall, took, cpu, thread))
+            for step, runs in mine.items():
+                row = rows.setdefault(step, {"at": [], "wall": [], "cpu": [], "threads": set()})
+                row["at"].append(min(r[0] for r in runs) - begin)
+                row["wall"].append(sum(r[1] for r in runs))
+                row["cpu"].append(sum(r[2] for r in runs))
+                row["threads"].update(r[3].replace("minikrust-", "") for r in runs)
+        print(f"{kind} pods, {part}: step, pods, first began (ms after the {'event' if part == 'start' else 'exit'}), "
+              "wall ms, CPU ms (medians), threads")
+        for step, row in sorted(rows.items(), key=lambda item: percentiles(item[1]["at"])["p50"]):
+            med = {k: percentiles(row[k])["p50"] * 1000 for k in ("at", "wall", "cpu")}
+            print(f"  {step:34} {len(row['at']):3} {med['at']:7.2f} {med['wall']:7.2f} {med['cpu']:7.2f}  "
+                  + ",".join(sorted(row["threads"])))
 
 
 def report(args, created, watcher, probe, root, fake, requests_during, ok, t_first, t_last, t_done, cpu, peak_rss,
@@ -333,6 +369,7 @@ def main(argv=None):
     add_arguments(parser)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", help="write the kubelet's cProfile stats (all threads) to this file")
+    parser.add_argument("--trace", action="store_true", help="the one-at-a-time pods' steps: wall and CPU ms each")
     args = parser.parse_args(argv)
     if args.kubeconfig and not (args.node_kubeconfig and args.node_name):
         parser.error("--kubeconfig needs --node-kubeconfig and --node-name")
