@@ -4838,6 +4838,7 @@ class _StateFiles:
         self._lock = threading.Condition()
         self._pending = collections.OrderedDict()   # a path (its `.new` to sync) or (pod dir, volumes only)
         self._thread = None
+        self._writing = False       # the thread is at work on one taken from _pending
 
     def save(self, root, path, doc):
         """Keep `doc` as the file `path` beneath `root` (its folders made where missing)."""
@@ -4862,16 +4863,20 @@ class _StateFiles:
     def flush(self, timeout=None):
         """Wait until every saved file is durable; True if they are."""
         with self._lock:
-            return self._lock.wait_for(lambda: self._thread is None, timeout)
+            return self._lock.wait_for(lambda: not (self._pending or self._writing), timeout)
 
     def _loop(self):
         while True:
             with self._lock:
+                self._writing = False
+                self._lock.notify_all()
+                if not self._pending:       # idle a while (no thread started per save), then end
+                    self._lock.wait(_WRITER_IDLE)
                 if not self._pending:
                     self._thread = None
-                    self._lock.notify_all()
                     return
                 path, _ = self._pending.popitem(last=False)
+                self._writing = True
             if isinstance(path, tuple):
                 with contextlib.suppress(OSError):
                     cleanup_volumes(path[0])
