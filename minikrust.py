@@ -5343,14 +5343,12 @@ class PodWorker:
             start_time=self.start_time, phase=phase, reason=reason, message=message, prev=self.status)
         if status == self.status:
             return
+        if not save_only:       # handed on first: the file is not durable before its thread syncs it anyway
+            old_phase, self.status = (self.status or {}).get("phase"), status
+            self.s.send_status(self, old_phase)
         if not self.silent and self.state is not PodState.FINALIZED:
             self.s.files.save(self.s.config.root_dir, f"pods/{self.uid}/status.json",
                               {"state": self.state.value, "status": status})
-        if save_only:
-            return
-        old_phase = (self.status or {}).get("phase")
-        self.status = status
-        self.s.send_status(self, old_phase)
 
 
 
