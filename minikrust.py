@@ -2896,13 +2896,18 @@ class ServiceAccountTokens:
             return entry[3]
 
     def prefetch(self, pod):
-        """Ask now for the tokens of a pod just admitted: the answer comes while its volumes are made."""
+        """Ask now for the tokens of a pod just admitted; True while one is asked (its pod is synced
+        once the first answer is in: ready())."""
+        fetching = False
         for volume in (pod.get("spec") or {}).get("volumes") or []:
             for ref in [s["serviceAccountToken"] for s in (volume.get("projected") or {}).get("sources") or []
                         if "serviceAccountToken" in s]:
                 what = f"volume {volume.get('name')!r}"
-                with contextlib.suppress(MinikrustError):
+                try:
                     self.token(pod, ref, None, _check_relpath(ref.get("path"), what), what)
+                except MinikrustError as exc:
+                    fetching = fetching or isinstance(exc, _Fetching)
+        return fetching
 
     def forget(self, uid):
         with self._cond:
@@ -4856,6 +4861,7 @@ class _StateFiles:
 
     def _queue(self, key):
         self._pending[key] = None
+        self._lock.notify_all()     # the thread waiting for work, if it is
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="minikrust-save", daemon=True)
             self._thread.start()
@@ -5670,8 +5676,8 @@ class PodManager:
             worker = PodWorker(self.services, pod, saved=saved, rejected=rejected)
             worker.update(pod)          # a pod first seen already deleted is finalized at once
             self.workers[uid] = worker
-        if self.tokens is not None and not (rejected or ended or worker.delete_at):
-            self.tokens.prefetch(pod)       # its TokenRequests go out now, while it is admitted
+        fetching = self.tokens is not None and not (rejected or ended or worker.delete_at) and \
+            self.tokens.prefetch(pod)       # its TokenRequests go out now: the answer syncs it (no sync to wait)
         self.files.save(self.config.root_dir, f"pods/{uid}/pod.json", pod)
         if self.writer is not None:
             if _is_static(pod):
@@ -5681,7 +5687,8 @@ class PodManager:
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
         if rejected:
             self._record_event(pod, rejected[0], rejected[1], "Warning")
-        self.driver.schedule(worker)
+        if not fetching:
+            self.driver.schedule(worker)
 
     # -- what workers call (their PodServices) --
 
