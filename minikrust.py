@@ -2801,10 +2801,12 @@ class ApiObjects:
 
 
 def _check_relpath(path, what):
-    """A path inside a volume: relative, no `..` element (as API validation demands)."""
-    if not path or os.path.isabs(path) or ".." in path.split("/") or "\0" in path:
-        raise ContainerConfigError(f"{what} {path!r} must be a relative path without '..'", retry=False)
-    return path
+    """A path inside a volume: a string, relative, no `..` (as API validation demands; Files' rule)."""
+    try:
+        _beneath_parts(path or "/")
+        return path
+    except (OSError, TypeError):
+        raise ContainerConfigError(f"{what} {path!r} must be a relative path without '..'", retry=False) from None
 
 
 def _keys_to_files(source, data, default_mode, what):

@@ -160,7 +160,7 @@ def test_missing_item_key_is_an_error_unless_optional(tmp_path):
 
 def test_item_path_escaping_the_volume_is_refused(tmp_path):
     api = FakeApi(configmaps={"cfg": {"a": "1"}})
-    for bad in ("../evil", "/etc/evil", "a/../../evil"):
+    for bad in ("../evil", "/etc/evil", "a/../../evil", 5):     # 5: a YAML manifest's number, no path
         pod = make_pod([{"name": "v", "configMap": {"name": "cfg", "items": [{"key": "a", "path": bad}]}}])
         with pytest.raises(ContainerConfigError) as err:
             prepare_volumes(pod, str(tmp_path), Config(), api=api)
