@@ -1081,8 +1081,8 @@ def api_client_for(config):
 
 
 # --- Node: registration, lease, status ---
-# The Node: labels, taints, conditions and status measured from the host (pure builders), the Event
-# builder, and NodeAgent, the thread that registers the Node and keeps its Lease and status fresh.
+# The Node: labels, taints, conditions, capacity and allocatable measured from the host (pure
+# builders), the Event builder, and NodeAgent, the thread that keeps the Node, its Lease and status.
 
 # Krustlet's wasi provider labels and taints, so manifests written for Krustlet (nodeSelector
 # kubernetes.io/arch: wasm32-wasi, tolerations for the kubernetes.io/arch taint) run here unchanged.
@@ -2637,8 +2637,8 @@ def cmd_push(argv, environ=None):
 
 
 # --- Volumes: emptyDir, hostPath, configMap, secret, downwardAPI, projected ---
-# The folders a module sees, prepared under the pod's folder and preopened; every host file operation
-# goes through one resolver that stays beneath its root and never follows a symlink out.
+# The folders a module sees: made beneath the pod's folder through Files, filled from the API
+# (ConfigMaps and Secrets through a TTL cache, tokens kept fresh), preopened at their mountPaths.
 
 # Volume types whose content comes from the API: the kubelet always mounts them read-only.
 _API_VOLUME_TYPES = ("configMap", "secret", "downwardAPI", "projected")
