@@ -4511,6 +4511,7 @@ class _Queue:
 
 
 _WRITER_IDLE = 2.0      # seconds a status writer thread waits for work before it ends
+_EVENT_DELAY = 0.05     # seconds a pod's first queued Event waits (the ones after it join it)
 
 
 _DROPPED = (403, 404, 409, 422)     # answers after which a write is not tried again (logged)
@@ -4578,9 +4579,14 @@ class StatusWriter:
                 self._queue(self._pods, path).statuses[meta["uid"]] = (f"{path}/status", status, not static)
 
     def record(self, event):
+        """Queue an Event: a pod's Events wait _EVENT_DELAY, off the path of its start and statuses."""
         with self._lock:
             if event.pod_uid not in self._gone:
-                self._queue(self._events, event.pod_uid).items.append(event)
+                new = event.pod_uid not in self._events
+                queue = self._queue(self._events, event.pod_uid)
+                queue.items.append(event)
+                if new:
+                    queue.not_before = time.monotonic() + _EVENT_DELAY
 
     def request(self, method, path, body=None, key=None):
         """Another write about a pod (mirror pods), before its statuses, under `key` (default `path`);
