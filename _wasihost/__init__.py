@@ -239,7 +239,7 @@ class Module:
         self.digest = digest
         self.from_cache = from_cache
         self._ptr = ptr
-        self._templates = {}  # (argv, env, preopens) -> (wh_run_config template, buffers it points to)
+        self._templates = {}  # (argv, env, preopens, paths) -> (wh_run_config template, buffers it points to)
 
     def __repr__(self):
         return f"<_wasihost.Module {self.digest}>"
@@ -269,10 +269,11 @@ class Module:
             raise run._error
         return run._result
 
-    def _config(self, argv, env, preopens):
-        """A fresh wh_run_config with argv/env/preopens filled in (their C arrays are cached)."""
+    def _config(self, argv, env, preopens, paths):
+        """A fresh wh_run_config with argv/env/preopens and the output paths filled in (their C arrays
+        are cached)."""
         pairs = tuple(env.items()) if isinstance(env, dict) else tuple(map(tuple, env))
-        key = (tuple(argv), pairs, tuple(map(tuple, preopens)))
+        key = (tuple(argv), pairs, tuple(map(tuple, preopens)), paths)
         entry = self._templates.get(key)
         if entry is None:
             entry = _template(*key)
@@ -282,9 +283,10 @@ class Module:
         return ffi.new("wh_run_config *", entry[0][0]), entry[1]
 
 
-def _template(argv, pairs, preopens):
-    keep = []
+def _template(argv, pairs, preopens, paths):
+    keep = [ffi.new("char[]", os.fsencode(t)) if t is not None else ffi.NULL for t in paths]
     c = ffi.new("wh_run_config *")
+    c.stdout_path, c.stderr_path = keep
     c.argv, c.argc = _cstrings(argv, keep), len(argv)
     c.env_names = _cstrings([k for k, _ in pairs], keep)
     c.env_values = _cstrings([v for _, v in pairs], keep)
@@ -484,7 +486,10 @@ class Run:
             raise MemoryError("wh_run_new: out of memory")
         self._ptr = ffi.gc(ptr, lib.wh_run_free)
         self._result = self._error = self._thread = self._done = None
-        c, self._keep = module._config(argv, env or (), preopens)
+        # Paths: C opens them (fewer steps per run), in wh_run_exec, or in wh_run_start before it
+        # returns (so that start() raises at once); C rotates them.
+        paths = tuple(t if t is not None and _is_path(t) else None for t in (stdout, stderr))
+        c, self._keep = module._config(argv, env or (), preopens, paths)
         self._config = c
         c.log_format = lib.WH_LOG_CRI if log_format == "cri" else lib.WH_LOG_PLAIN
         c.memory_limit, c.deadline = memory, seconds
@@ -497,11 +502,6 @@ class Run:
         c.log_max_size, c.log_max_files = rotation
         c.outgoing_http, c.http_hosts, c.nhttp_hosts, self._hosts = _http(module, outgoing_http)
         self._output = None
-        # Paths: C opens them (fewer steps per run), in wh_run_exec, or in wh_run_start before it
-        # returns (so that start() raises at once); C rotates them.
-        self._paths = [ffi.new("char[]", os.fsencode(t)) if t is not None and _is_path(t) else ffi.NULL
-                       for t in (stdout, stderr)]
-        c.stdout_path, c.stderr_path = self._paths
         if not (_is_path(stdout) and _is_path(stderr)):
             self._output = _Output(stdout, stderr, log_format == "cri", self._log_dir)
             c.stdout_fd, c.stderr_fd = self._output.fds

@@ -1418,14 +1418,14 @@ static void close_outputs(const outputs_t *o) {
 }
 
 /* The directory and name of output `i`, given by `path`: in c->log_dir_fd, or in its own directory
- * (opened here); 0, or -1 with errno set. */
+ * (opened here only for rotation, which renames in it; else the path is the name); 0, or -1 with errno set. */
 static int output_dir(const wh_run_config *c, outputs_t *o, int i, const char *path) {
   const char *slash = strrchr(path, '/');
-  if (c->log_dir_fd >= 0) {
-    o->dir[i] = c->log_dir_fd;
+  if (c->log_dir_fd >= 0 || c->log_max_size <= 0) {
+    o->dir[i] = c->log_dir_fd >= 0 ? c->log_dir_fd : AT_FDCWD;
     o->name[i] = path;
     errno = EXDEV; /* a name in that directory, not a path through others */
-    return slash ? -1 : 0;
+    return slash && c->log_dir_fd >= 0 ? -1 : 0;
   }
   char dir[4096];
   snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash > path ? slash - path : 1) : 1, slash ? path : ".");
