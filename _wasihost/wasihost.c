@@ -43,6 +43,19 @@ _Static_assert(sizeof(wasmtime_func_t) == 16, "wasmtime_func_t layout");
 #ifndef KEEP_RESIDENT
 #define KEEP_RESIDENT (1 << 20)
 #endif
+#ifdef WH_PHASES /* bench/floor.c built with it: a component run's C time by phase (wh_phase_ns[i]: ns summed) */
+long long wh_phase_ns[WH_PHASES];
+static __thread struct timespec t_phase;
+#define PHASE(i) \
+  do { \
+    struct timespec now_; \
+    clock_gettime(CLOCK_MONOTONIC, &now_); \
+    if ((i) >= 0) wh_phase_ns[i] += (now_.tv_sec - t_phase.tv_sec) * 1000000000LL + now_.tv_nsec - t_phase.tv_nsec; \
+    t_phase = now_; \
+  } while (0)
+#else
+#define PHASE(i) ((void)0)
+#endif
 
 /* ---------------------------------------------------------------- errors */
 
@@ -2008,6 +2021,7 @@ static int pipes_open(wh_run *r, wasi_config_t *wasi) {
 static void pipes_close(wh_run *r, wasmtime_store_t *store) {
   ended_t *ended = store && t_defer ? malloc(sizeof *ended) : NULL;
   if (store && !ended) wasmtime_store_delete(store);
+  PHASE(5); /* the store freed (when not put off) */
   pthread_mutex_lock(&g_pipes.lock);
   wh_run **at = &g_pipes.pending;
   while (*at && *at != r) at = &(*at)->pipes_next;
@@ -2183,9 +2197,12 @@ static int exec_component(wh_module *m, const wh_run_config *c, wh_run *r, wh_re
  * or POOL_FULL (nothing ran). A `run` that returns err is exit code 1, as wasmtime's CLI says. */
 static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_component_export_index_t *run_func,
                              const wh_run_config *c, wh_run *r, wh_result *res) {
+  PHASE(-1);
   wasi_config_t *wasi = make_wasi(c, res->message, sizeof res->message);
   if (!wasi) return WH_ERR_RUN;
-  if (pipes_open(r, wasi) != 0) {
+  int piped = pipes_open(r, wasi);
+  PHASE(0); /* the WASI config and its output pipes */
+  if (piped != 0) {
     snprintf(res->message, sizeof res->message, "cannot make the output pipes: %s", strerror(errno));
     wasi_config_delete(wasi);
     pipes_close(r, NULL);
@@ -2203,7 +2220,9 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
   if (http == WH_HTTP_HOSTS) e = filter_begin(r, c, ctx);
   wasmtime_component_instance_t inst;
   wasmtime_component_func_t run;
+  PHASE(1); /* the store and its WASI context */
   if (!e) e = wasmtime_component_linker_instantiate(g_comp_linkers[r->ec != &g_main][http], ctx, comp, &inst);
+  PHASE(2);
   if (e && r->ec->pooling && pool_full(e)) {
     wasmtime_error_delete(e);
     wasmtime_store_delete(store);
@@ -2231,6 +2250,8 @@ static int exec_component_on(const wasmtime_component_t *comp, const wasmtime_co
     }
     if (e || res->exit_code != 1) classify(r, e, NULL, res);
   }
+  PHASE(3); /* the call */
   pipes_close(r, store); /* before wh_run_exec frees the buffers the pipes are drained into */
+  PHASE(4); /* the pipes drained into the log */
   return 0;
 }

@@ -86,6 +86,10 @@ int main(int argc, char **argv) {
     }
   }
   for (int i = 0; i < runs; i++) printf("%lld\n", times[i]);
+#ifdef WH_PHASES
+  extern long long wh_phase_ns[WH_PHASES];
+  for (int i = 0; i < WH_PHASES; i++) fprintf(stderr, "%lld\n", wh_phase_ns[i] / runs);
+#endif
   free(times);
   wh_module_free(module);
   free(wasm);

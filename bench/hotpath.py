@@ -129,6 +129,7 @@ class WasmtimePyComponent(WasmtimePy):
 
 def component_rows(host, mods, tmp, runs, batches, log, floor):
     """The component rows; {name: (speedup vs wasmtime-py, native component / native module)}."""
+    import _wasihost
     try:
         jco = wasm_modules.jco_binary()
     except BaseException as exc:  # pytest's skip outside pytest
@@ -156,9 +157,12 @@ def component_rows(host, mods, tmp, runs, batches, log, floor):
             print(f"component 10,000-line log, native: component {lc:.2f} ms, module {lm:.2f} ms ({lc / lm:.2f}x)")
             continue
         py = WasmtimePyComponent(wasm)
+        bare = _wasihost.Run(component, ["hello"], (), (), log, log, "cri", None, None, None)  # C alone: its config
+        res, exec_alone = _wasihost.ffi.new("wh_result *"), _wasihost.lib.wh_run_exec
         contenders = {
             "(a) native host, component": lambda: component.start(["hello"], stdout=log, stderr=log).wait(),
             "(a) native, component, run() inline": lambda: component.run(["hello"], stdout=log, stderr=log),
+            "(a) its C call alone (wh_run_exec)": lambda: exec_alone(component._ptr, bare._config, bare._ptr, res),
             "(b) wasmtime-py component, CRI": lambda: py.run_cri(["hello"], log),
             "(b) wasmtime-py component, file": lambda: py.run_file(["hello"], log),
             "(m) native host, same p1 module": lambda: module.start(["hello"], stdout=log, stderr=log).wait(),
@@ -185,7 +189,11 @@ def component_rows(host, mods, tmp, runs, batches, log, floor):
         print(f"{name + ' p2':<12} speedup (a) vs best (b): {b / a:.1f}x (run() inline: {b / inline:.1f}x, C floor: "
               f"{b / med['(c) C floor, component']:.1f}x)   component/module (a)/(m): {a / m:.2f}")
         print(f"{name + ' p2':<12} start()+wait() over its C floor (the Python face and the run thread's hand-off): "
-              f"component {a - med['(c) C floor, component']:.1f} us, module {m - med['(c) C floor, same p1 module']:.1f} us")
+              f"component {a - med['(c) C floor, component']:.1f} us, module {m - med['(c) C floor, same p1 module']:.1f} us"
+              f"; of it the Python face of run() {inline - med['(a) its C call alone (wh_run_exec)']:.1f} us, "
+              f"start()+wait() over run() {a - inline:.1f} us (the hand-off's two thread wake-ups, less the store "
+              f"freed after the end's signal)")
+        print(f"{name + ' p2':<12} " + floor_phases(tmp, component_path, host.cache_path(component.digest), log, runs))
     return ratios
 
 
@@ -198,21 +206,40 @@ def timed(fn, n):
     return out
 
 
-def build_floor(tmp):
-    """Compile bench/floor.c with the native host's C source against the wheel's libwasmtime."""
+PHASES = ("WASI config + output pipes", "store + WASI context", "instantiate", "the call", "output drained",
+          "store freed (put off past the end's signal under start())")
+
+
+def build_floor(tmp, phases=False):
+    """Compile bench/floor.c with the native host's C source against the wheel's libwasmtime (with
+    `phases`, timing a component run's phases: wasihost.c's WH_PHASES)."""
     libdir = os.path.dirname(str(wasmtime._ffi.filename))
-    exe = os.path.join(tmp, "floor")
+    exe = os.path.join(tmp, "floor-phases" if phases else "floor")
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
-    cmd = [cc, "-O2", "-std=c11", "-I", os.path.join(ROOT, "_wasihost"), os.path.join(ROOT, "bench", "floor.c"),
+    cmd = [cc, "-O2", "-std=c11", *([f"-DWH_PHASES={len(PHASES)}"] if phases else []), "-I",
+           os.path.join(ROOT, "_wasihost"), os.path.join(ROOT, "bench", "floor.c"),
            os.path.join(ROOT, "_wasihost", "wasihost.c"), "-L", libdir, f"-l:{os.path.basename(str(wasmtime._ffi.filename))}",
            f"-Wl,-rpath,{libdir}", "-lpthread", "-lz", "-o", exe]
     subprocess.run(cmd, check=True)
     return exe
 
 
-def floor_times(exe, wasm_path, cache_path, log_path, n):
+def floor_times(exe, wasm_path, cache_path, log_path, n, phases=None):
+    """The floor's per-run ns; with a list `phases`, the phase means (ns) of a WH_PHASES floor go in it."""
     proc = subprocess.run([exe, wasm_path, cache_path, log_path, str(n)], capture_output=True, text=True, check=True)
+    if phases is not None:
+        phases[:] = [int(x) for x in proc.stderr.split()]
     return [int(x) for x in proc.stdout.split()]
+
+
+def floor_phases(tmp, component_path, cache_path, log, n):
+    """Where the C floor of a component run goes, by phase (means over n runs)."""
+    phases = []
+    total = statistics.mean(floor_times(build_floor(tmp, phases=True), component_path, cache_path, log, n, phases))
+    os.truncate(log, 0)
+    parts = [f"{name} {ns / 1000:.1f}" for name, ns in zip(PHASES, phases)]
+    return (f"C floor by phase (means of {n} runs, us): " + ", ".join(parts) +
+            f", the rest (log open/close, CRI streams, CPU clocks) {(total - sum(phases)) / 1000:.1f}; total {total / 1000:.1f}")
 
 
 def summary(ns):
