@@ -330,7 +330,9 @@ def test_a_hanging_api_server_holds_a_container_restart_5_s_at_most(fake_api, ku
     fake_api.pause(method="PATCH")        # nothing reported meanwhile: the pod's own folder tells
     try:
         pod_dir = _pod_dir(kubelet, fake_api, "again")      # what a kubelet restarted now would find:
-        counts = lambda: minikrust._read_saved(pod_dir, "status.json")["status"]["containerStatuses"][0]["restartCount"]  # noqa: E731
+        saved = lambda: minikrust._read_saved(pod_dir, "status.json") or {"status": {}}  # noqa: E731
+        wait_for(lambda: saved()["status"].get("phase") == "Running", what="the Running status saved")
+        counts = lambda: saved()["status"]["containerStatuses"][0]["restartCount"]  # noqa: E731
         before = counts()
         wait_for(lambda: counts() >= before + 2, timeout=14, what="two restarts while the API hangs")
     finally:
