@@ -183,6 +183,8 @@ def test_a_full_disk_keeps_running_pods_running_and_corrupts_nothing(fake_api, k
     wait_for(lambda: _phase(fake_api, "ticker") == "Running", what="Running")
     pod_dir = _pod_dir(kubelet, fake_api, "ticker")
     log_path = os.path.join(_pod_dir(kubelet, fake_api, "ticker"), "logs", "main", "0.log")
+    saved = lambda: minikrust._read_saved(pod_dir, "status.json") or {"status": {}}  # noqa: E731
+    wait_for(lambda: saved()["status"].get("phase") == "Running", what="the Running status saved")  # by its thread
     filler = _fill(small_disk)
     kept = minikrust._read_saved(pod_dir, "status.json")
     # a new pod: its volume cannot be written, it waits with the reason, then runs once there is room
