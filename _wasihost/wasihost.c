@@ -1642,6 +1642,7 @@ typedef struct start_args {
   wh_run *r;
   wh_result *res;
   int done_fd;
+  int64_t handed; /* when wh_run_start handed it over (CLOCK_MONOTONIC ns) */
   outputs_t o; /* opened by wh_run_start, so that it fails at once when it cannot */
   struct start_args *next;
 } start_args;
@@ -1680,13 +1681,17 @@ static void *run_main(void *arg) {
   for (start_args *next = arg; next;) {
     start_args a = *next;
     free(next);
+    int64_t took = now_ns(CLOCK_MONOTONIC);
     int rc = exec_opened(a.m, a.c, a.r, a.res, &a.o);
     a.res->rc = rc;
+    a.res->handoff[0] = a.handed;
+    a.res->handoff[1] = took;
     pthread_mutex_lock(&g_runners.lock); /* idle before the run is seen over: the next start finds it */
     int stay = g_runners.idle < IDLE_RUNNERS;
     g_runners.idle += stay;
     pthread_mutex_unlock(&g_runners.lock);
     uint64_t done = 1;
+    a.res->handoff[2] = now_ns(CLOCK_MONOTONIC);
     /* the last touch of the caller's memory: once done_fd is readable, it may free everything */
     while (write(a.done_fd, &done, sizeof done) < 0 && errno == EINTR) {
     }
@@ -1703,11 +1708,12 @@ int wh_run_start(wh_module *m, const wh_run_config *c, wh_run *r, wh_result *res
     set_msg(err, errlen, "", (const uint8_t *)"out of memory", 13);
     return WH_ERR_RUN;
   }
-  *a = (start_args){m, c, r, res, done_fd, NO_OUTPUTS, NULL};
+  *a = (start_args){m, c, r, res, done_fd, 0, NO_OUTPUTS, NULL};
   if (open_outputs(c, &a->o, err, errlen) != 0) {
     free(a);
     return WH_ERR_RUN;
   }
+  a->handed = now_ns(CLOCK_MONOTONIC);
   pthread_mutex_lock(&g_runners.lock);
   int handed = g_runners.idle > g_runners.queued;
   if (handed) { /* to an idle thread (the queue's order does not matter: each has one) */

@@ -72,6 +72,9 @@ typedef struct {
   uint64_t peak_memory;
   char message[2048];
   int rc; /* wh_run_start: wh_run_exec's return code, set before done_fd is written */
+  /* wh_run_start: CLOCK_MONOTONIC ns when it handed the run over, when a thread took it, when the
+   * end was signalled (bench/hotpath.py times the hand-off with them) */
+  int64_t handoff[3];
 } wh_result;
 
 /* A run's usage now (wh_run_usage, from any thread): while it runs, CPU seconds of its thread since

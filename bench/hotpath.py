@@ -194,7 +194,27 @@ def component_rows(host, mods, tmp, runs, batches, log, floor):
               f"start()+wait() over run() {a - inline:.1f} us (the hand-off's two thread wake-ups, less the store "
               f"freed after the end's signal)")
         print(f"{name + ' p2':<12} " + floor_phases(tmp, component_path, host.cache_path(component.digest), log, runs))
+        print(f"{name + ' p2':<12} " + handoff(component, log, runs))
     return ratios
+
+
+def handoff(loaded, log, n):
+    """start()+wait() step by step (medians of n runs, us), from the CLOCK_MONOTONIC stamps C leaves in
+    the result (wh_result.handoff) and Python's own."""
+    now, steps = time.monotonic_ns, []
+    for _ in range(n):
+        t0 = now()
+        run = loaded.start(["hello"], stdout=log, stderr=log)
+        run.wait()
+        t1 = now()
+        handed, took, signalled = run._res.handoff
+        del run
+        steps.append((handed - t0, took - handed, signalled - took, t1 - signalled, now() - t1))
+    os.truncate(log, 0)
+    names = ("start() until the run is handed over", "a run thread takes it (wake-up)", "the run",
+             "wait() back after the end's signal (wake-up, result)", "the Run freed")
+    return "start()+wait() step by step (medians, us): " + ", ".join(
+        f"{name} {statistics.median(s[i] for s in steps) / 1000:.1f}" for i, name in enumerate(names))
 
 
 def timed(fn, n):
