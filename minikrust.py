@@ -4038,6 +4038,7 @@ class FallbackHost:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
+        config.parallel_compilation = False     # no thread per core kept for good (as the native host)
         self._engine = wasmtime.Engine(config)
         self._linker = wasmtime.Linker(self._engine)
         self._linker.define_wasi()

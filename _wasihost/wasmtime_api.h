@@ -56,6 +56,7 @@ typedef uint8_t wasmtime_opt_level_t;
 
 void wasmtime_config_epoch_interruption_set(wasm_config_t *config, bool enable);
 void wasmtime_config_cranelift_opt_level_set(wasm_config_t *config, wasmtime_opt_level_t level);
+void wasmtime_config_parallel_compilation_set(wasm_config_t *config, bool enable);
 wasmtime_pooling_allocation_config_t *wasmtime_pooling_allocation_config_new(void);
 void wasmtime_pooling_allocation_config_delete(wasmtime_pooling_allocation_config_t *pc);
 void wasmtime_pooling_allocation_config_total_core_instances_set(wasmtime_pooling_allocation_config_t *pc, uint32_t n);

@@ -318,6 +318,28 @@ def test_a_native_run_starts_no_python_thread(wasm, tmp_path):
     assert all(run.wait(5).killed for run in runs)
 
 
+@pytest.mark.parametrize("choice", ["native", "wasmtime-py"])
+def test_compiling_keeps_no_thread_per_core(choice, wasm, tmp_path):
+    """wasmtime's parallel compilation keeps a pool of one thread per core for the process's life;
+    a kubelet's threads are its running modules + 16, on any number of cores: modules compile on
+    the loading thread. In a fresh process: the threads a host and a compile leave behind."""
+    if choice == "native" and native_available():
+        unavailable(native_available())
+    module = wasm.tool      # a C program (a path)
+    (tmp_path / "m.wasm").write_bytes(open(module, "rb").read() if isinstance(module, str) else module)
+    script = ("import os, sys, minikrust\n"
+              "count = lambda: len(os.listdir('/proc/self/task'))\n"
+              "before = count()\n"
+              "host = minikrust.load_host(sys.argv[1], sys.argv[2])\n"
+              "host.load(open(sys.argv[3], 'rb').read())\n"
+              "print(count() - before, host.backend)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache"), choice, str(tmp_path / "m.wasm")],
+                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    added, backend = out.stdout.split()
+    assert backend == choice and int(added) <= 1, out.stdout    # the native host's epoch ticker at most
+
+
 @pytest.mark.parametrize("command", ["sleep", "abssleep"])
 def test_kill_stops_a_sleeping_module_within_100ms(backend, wasm, command):
     out = []
