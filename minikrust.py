@@ -5719,7 +5719,7 @@ class PodManager:
         if meta["uid"] in self._restored:
             self._held.get(meta["uid"], []).append((pod, reason, message, type_, container))
         elif self.writer is not None:
-            self.writer.record(PodEvent(meta.get("namespace", "default"), meta["name"], meta["uid"], reason,
+            self.writer.record(PodEvent(_namespace(pod), meta["name"], meta["uid"], reason,
                                         message, type_, container.field_path if container else None))
 
     def _run_started(self, worker, container, run, began):
@@ -5817,7 +5817,7 @@ class PodManager:
 
     def container_log_path(self, namespace, pod, container, previous=False):
         w = next((w for w in self._snapshot() if w.pod["metadata"]["name"] == pod
-                  and w.pod["metadata"].get("namespace", "default") == namespace), None)
+                  and _namespace(w.pod) == namespace), None)
         c = next((c for c in (w.inits + w.apps if w else []) if c.name == container), None)
         if c is None or not c.ever_started:
             return None
@@ -5835,7 +5835,7 @@ class PodManager:
                 if run is None and result is None:
                     continue
                 cpu, memory, peak = run.usage() if run is not None else (result.cpu_seconds, 0, result.peak_memory)
-                stats.append({"namespace": w.pod["metadata"].get("namespace", "default"),
+                stats.append({"namespace": _namespace(w.pod),
                               "pod": w.pod["metadata"]["name"], "uid": w.uid, "container": c.name,
                               "running": run is not None, "start_time": c.wall_start,
                               "cpu_seconds": cpu, "memory_bytes": memory, "peak_memory_bytes": peak})
@@ -5864,7 +5864,7 @@ def _mirror_pod(pod, node_uid):
     annotations["kubernetes.io/config.mirror"] = annotations.get("kubernetes.io/config.hash", "")
     owner = {"apiVersion": "v1", "kind": "Node", "name": pod["spec"]["nodeName"], "uid": node_uid,
              "controller": True}
-    mirror_meta = {"name": meta["name"], "namespace": meta.get("namespace", "default"),
+    mirror_meta = {"name": meta["name"], "namespace": _namespace(pod),
                    "labels": meta.get("labels") or {}, "annotations": annotations, "ownerReferences": [owner]}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": mirror_meta, "spec": pod["spec"]}
 
@@ -6198,7 +6198,7 @@ class _ResourceStats:
             disk = os.statvfs(self.kubelet.config.root_dir)
             fs = {"availableBytes": disk.f_bavail * disk.f_frsize, "capacityBytes": disk.f_blocks * disk.f_frsize,
                   "inodesFree": disk.f_favail, "inodes": disk.f_files}
-        specs = {((p.get("metadata") or {}).get("namespace", "default"), (p.get("metadata") or {}).get("name")):
+        specs = {(_namespace(p), (p.get("metadata") or {}).get("name")):
                  (p.get("spec") or {}).get("volumes") or [] for p in self.kubelet.pods()}
         pods = []
         for (namespace, name), pod in self._pods().items():
@@ -6565,7 +6565,7 @@ def _container_ended(kubelet, namespace, name, container, path):
     run = int(os.path.basename(path).split(".")[0])
     for pod in kubelet.pods():
         meta = pod.get("metadata") or {}
-        if (meta.get("namespace") or "default", meta.get("name")) != (namespace, name):
+        if (_namespace(pod), meta.get("name")) != (namespace, name):
             continue
         status = pod.get("status") or {}
         for entry in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
