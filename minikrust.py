@@ -4511,7 +4511,7 @@ class _Queue:
         return bool(self.items or self.statuses or self.deletes)
 
 
-_WRITER_IDLE = 2.0      # seconds a status writer thread waits for work before it ends
+_WRITER_IDLE = 2.0      # seconds a writer thread (status, state files) waits for work before it ends
 _EVENT_DELAY = 0.05     # seconds a pod's first queued Event waits (the ones after it join it)
 
 
@@ -4584,10 +4584,10 @@ class StatusWriter:
         with self._lock:
             if event.pod_uid not in self._gone:
                 new = event.pod_uid not in self._events
-                queue = self._queue(self._events, event.pod_uid)
-                queue.items.append(event)
+                pending = self._queue(self._events, event.pod_uid)
+                pending.items.append(event)
                 if new:
-                    queue.not_before = time.monotonic() + _EVENT_DELAY
+                    pending.not_before = time.monotonic() + _EVENT_DELAY
 
     def request(self, method, path, body=None, key=None):
         """Another write about a pod (mirror pods), before its statuses, under `key` (default `path`);
