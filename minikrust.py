@@ -457,13 +457,8 @@ def parse_quantity(value):
     return fractions.Fraction(number) * _QUANTITY_SUFFIX.get(suffix, 1)
 
 
-def _parse_size(text):
-    """Bytes from a quantity (`10Mi`, `1G`, `1048576`), as the kubelet reads --container-log-max-size."""
-    return int(parse_quantity(text))
-
-
 _PARSERS = {"str": str, "int": int, "float": float, "bool": _parse_bool, "tuple": _parse_list, "dict": _parse_labels,
-            "size": _parse_size, "path": os.path.expanduser}
+            "size": lambda text: int(parse_quantity(text)), "path": os.path.expanduser}
 # (flag, parser, help) of each Config field made by _flag; the env var is MINIKRUST_<FIELD>.
 _FLAGS = [("--" + item.name.replace("_", "-"),
            _PARSERS[item.metadata["parse"] or item.type.__name__], item.metadata["help"])
@@ -500,8 +495,7 @@ def _label_problem(key, value):
 
 
 def _config_problem(item, value):
-    """Why a Config value is refused: not of its field's type (None is where it is the default), not one of
-    its choices, out of its range, or one the API server would refuse."""
+    """Why a Config value is refused (its type, choices, range, or what the API server refuses), or None."""
     name = item.name
     if value is None and item.default is None:
         return None
@@ -542,11 +536,9 @@ def parse_args(argv=None, environ=None):
         epilog="Every flag can also be set by the environment variable MINIKRUST_<FLAG> "
                "(e.g. MINIKRUST_NODE_NAME).")
     parser.add_argument("--version", action="version", version=f"minikrust {__version__}")
-    for flag, convert, help_text in _FLAGS:
-        if convert is _parse_bool:
-            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", help=help_text)
-        else:
-            parser.add_argument(flag, help=help_text)     # metavar: NODE_NAME for --node-name
+    for flag, convert, help_text in _FLAGS:      # metavar: NODE_NAME for --node-name; a bool: BOOL, optional
+        optional = {"nargs": "?", "const": "true", "metavar": "BOOL"} if convert is _parse_bool else {}
+        parser.add_argument(flag, help=help_text, **optional)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     values, sources = {}, {}
     for flag, convert, _help in _FLAGS:
@@ -636,11 +628,9 @@ def _named(items, name, kind, path):
     for item in items:
         if isinstance(item, dict) and item.get("name") == name:
             body = item.get(kind)
-            if body is None:
-                return {}
-            if not isinstance(body, dict):
+            if body is not None and not isinstance(body, dict):
                 raise ConfigError(f"{path}: {kind}s[{name}].{kind}: expected a mapping")
-            return body
+            return body or {}
     raise ConfigError(f"{path}: {kind}s: no {kind} named {name!r}")
 
 
@@ -665,8 +655,7 @@ def _file_field(entry, key, where, base_dir):
 
 
 def _read_yaml(path, what):
-    """The YAML documents of a file; ConfigError: it cannot be read (as `what`), or it does not parse
-    (naming the line when yaml knows it)."""
+    """The YAML documents of a file; ConfigError names the file (as `what`), and the line yaml failed at."""
     try:
         with open(path, "rb") as f:
             return list(yaml.safe_load_all(f))
@@ -871,7 +860,7 @@ class ApiClient:
     """A REST client of the Kubernetes API: one session, retries with backoff and jitter on
     connection errors, 429 (Retry-After) and 5xx; other errors raise ApiError at once."""
 
-    def __init__(self, cluster, *, retries=5, backoff=0.2, max_backoff=5.0, user_agent=None):
+    def __init__(self, cluster, *, retries=5, backoff=0.2, max_backoff=5.0):
         self.cluster, self.server = cluster, cluster.server
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._closed = threading.Event()
@@ -881,7 +870,7 @@ class ApiClient:
         self._token_file_state = (None, None)      # (mtime, token) of cluster.token_file
         self.on_error = None        # callable(code) told of every error answer (0: no answer), for metrics
         self.session = self._new_session()
-        self._headers = {"User-Agent": user_agent or f"minikrust/{__version__}", "Accept": "application/json",
+        self._headers = {"User-Agent": f"minikrust/{__version__}", "Accept": "application/json",
                          "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive"}
         if cluster.username:
             basic = base64.b64encode(f"{cluster.username}:{cluster.password}".encode()).decode()
@@ -896,8 +885,6 @@ class ApiClient:
         proxy = self.cluster.proxy_url
         session.proxies = {"http": proxy, "https": proxy} if proxy else requests.utils.get_environ_proxies(self.server)
         session.trust_env = False
-        if self.cluster.username:
-            session.auth = (self.cluster.username, self.cluster.password)
         return session
 
     def credential(self, refresh=False):
@@ -1019,12 +1006,12 @@ class ApiClient:
             with contextlib.suppress(Exception):
                 self.on_error(code)
 
-    def watch(self, path, params, timeout=None):
-        """(type, object) watch events until the server ends the stream or `timeout` s pass without
-        data; an expired resourceVersion raises ApiError(410), as an answer or an ERROR event."""
+    def watch(self, path, params):
+        """(type, object) watch events until the server ends the stream or goes quiet past its timeoutSeconds;
+        an expired resourceVersion raises ApiError(410), as an answer or an ERROR event."""
         params = dict(params, watch="true")
-        read_timeout = timeout or float(params.get("timeoutSeconds", 300)) + 30
-        response = self.request("GET", path, params=params, timeout=read_timeout, stream=True)
+        timeout = float(params.get("timeoutSeconds", 300)) + 30
+        response = self.request("GET", path, params=params, timeout=timeout, stream=True)
         with self._lock:
             self._streams[response] = path
         try:
@@ -1730,8 +1717,7 @@ class StaticPodSource(_Loop):
                 if n.endswith(_MANIFEST_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(self.path, n))]
 
     def scan(self):
-        """One look at the folder: report added, changed and removed pods to the handler (a file is
-        read again only when its mtime or size changed)."""
+        """One look: report added, changed and removed pods (files of unchanged mtime and size unread)."""
         errors, files = {}, {}
         for path in self._manifests(errors):
             try:

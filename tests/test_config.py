@@ -35,7 +35,7 @@ def test_flags_win_over_environment_which_wins_over_defaults():
 
 def test_every_flag_can_come_from_its_environment_variable():
     samples = {int: "3", float: "1.5", minikrust._parse_bool: "true", minikrust._parse_list: "a,b",
-               minikrust._parse_labels: "a=b,c=d", minikrust._parse_size: "1Mi"}
+               minikrust._parse_labels: "a=b,c=d", minikrust._PARSERS["size"]: "1Mi"}
     for flag, convert, _help in minikrust._FLAGS:
         field = flag[2:].replace("-", "_")
         raw = {"sync": "poll", "log_level": "debug", "log_format": "json", "node_ip": "10.0.0.1",
