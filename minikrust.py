@@ -3324,17 +3324,9 @@ class ModuleRunError(ModuleError):
     """A run that cannot be set up, e.g. a preopened directory that does not exist."""
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """How one fallback run ended (twin of `_wasihost.Result`); exit_code None: `trap` says why."""
-    exit_code: "int | None"
-    trap: "str | None"
-    duration: float
-    killed: bool = False
-    timed_out: bool = False
-    instantiate_failed: bool = False
-    cpu_seconds: float = 0.0
-    peak_memory: int = 0
+# How one fallback run ended (twin of `_wasihost.Result`); exit_code None: `trap` says why.
+RunResult = collections.namedtuple("RunResult", "exit_code trap duration killed timed_out instantiate_failed "
+                                   "cpu_seconds peak_memory", defaults=(False, False, False, 0.0, 0))
 
 
 _CRI_MAX_LINE = 16 * 1024  # the kubelet's CRI logger cuts longer lines into P records
@@ -3375,16 +3367,14 @@ def _rotate_log(folder, base, max_files):
     sink_rotate): rotated files beyond `max_files - 2` go, the rest are gzipped, then `base`
     becomes `<base>.<UTC stamp>` (returned)."""
     rotated = rotated_log_files(folder, base)
-    for name in os.listdir(folder):        # a compression cut short
-        if name.startswith(base + ".") and name.endswith(".tmp") and _ROTATED_STAMP.match(name[len(base) + 1:-4]):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(name, dir_fd=folder)
-    keep = max(0, max_files - 2)
-    for index, name in enumerate(rotated):
-        if index + keep < len(rotated):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(name, dir_fd=folder)
-        elif not name.endswith(".gz"):
+    cut = max(0, len(rotated) - max(0, max_files - 2))
+    unfinished = [name for name in os.listdir(folder) if name.startswith(base + ".") and name.endswith(".tmp")
+                  and _ROTATED_STAMP.match(name[len(base) + 1:-4])]     # a compression cut short
+    for name in unfinished + rotated[:cut]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name, dir_fd=folder)
+    for name in rotated[cut:]:
+        if not name.endswith(".gz"):
             with contextlib.suppress(OSError):      # not compressed, as in C (a link planted there is not followed)
                 _compress_log(folder, name)
     now = int(time.time())
@@ -3444,20 +3434,11 @@ class _LogCursor:
         self._inode, self._offset, self._buffered = None, 0, bytearray()
         self._head, self._stamp, self._after = b"", None, ""    # _stamp None: the live file
 
-    def _open_folder(self):
-        """The log's folder as an fd, or None once it is gone (with its pod)."""
-        with contextlib.suppress(FileNotFoundError):
-            return open_beneath(self._root, self._folder, os.O_RDONLY | os.O_DIRECTORY)
-        return None
-
     def exists(self):
-        """Whether the log or any rotated file of it is there."""
-        folder = self._open_folder()
-        try:
-            return folder is not None and (self.path in os.listdir(folder) or bool(rotated_log_files(folder, self.path)))
-        finally:
-            if folder is not None:
-                os.close(folder)
+        """Whether the log or any rotated file of it is there (not once its folder is gone, with its pod)."""
+        with contextlib.suppress(FileNotFoundError), _dir_beneath(self._root, self._folder) as folder:
+            return self.path in os.listdir(folder) or bool(rotated_log_files(folder, self.path))
+        return False
 
     def _same(self, folder, name):
         """Whether `name` starts with the bytes the file read last started with (an empty one: any)."""
@@ -3486,12 +3467,8 @@ class _LogCursor:
 
     def records(self, final=False):
         """The records written since the last call, oldest first; `final`: also a last one without newline."""
-        folder = self._open_folder()
-        try:
-            yield from self._read(folder) if folder is not None else ()
-        finally:
-            if folder is not None:
-                os.close(folder)
+        with contextlib.suppress(FileNotFoundError), _dir_beneath(self._root, self._folder) as folder:
+            yield from self._read(folder)      # none once the folder is gone (with its pod)
         if final and self._buffered:
             yield bytes(self._buffered)
             self._buffered.clear()
@@ -3584,18 +3561,14 @@ class _StreamWriter:
             if self.sink is not None:
                 self.sink([data])
             return len(data)
-        self.buf += data
+        *lines, self.buf = (self.buf + data).split(b"\n")
         records = []
-        if b"\n" in data:
-            *lines, self.buf = self.buf.split(b"\n")
-            for line in lines:
-                while len(line) > _CRI_MAX_LINE:
-                    records.append((b"P", line[:_CRI_MAX_LINE]))
-                    line = line[_CRI_MAX_LINE:]
-                records.append((b"F", line))
-        while len(self.buf) >= _CRI_MAX_LINE:
-            records.append((b"P", self.buf[:_CRI_MAX_LINE]))
-            self.buf = self.buf[_CRI_MAX_LINE:]
+        for line in lines:      # cut into P records of _CRI_MAX_LINE bytes, ended by an F one
+            pieces = [line[i:i + _CRI_MAX_LINE] for i in range(0, len(line) or 1, _CRI_MAX_LINE)]
+            records += [(b"P", piece) for piece in pieces[:-1]] + [(b"F", pieces[-1])]
+        whole = len(self.buf) - len(self.buf) % _CRI_MAX_LINE       # an unended line's full pieces
+        records += [(b"P", self.buf[i:i + _CRI_MAX_LINE]) for i in range(0, whole, _CRI_MAX_LINE)]
+        self.buf = self.buf[whole:]
         if records:
             self._records(records)
         return len(data)
@@ -3656,6 +3629,7 @@ class _FallbackRun:
     """One run on the fallback host: a thread calling `_start`, stoppable by kill() or deadline."""
 
     _done = None  # the _DoneFd its thread writes at the end
+    _stop_reason = _poll_original = _result = None   # _KILLED or _TIMED_OUT; see _original_poll; a RunResult
 
     def __init__(self, host, module, argv, env=None, preopens=(), stdout=None, stderr=None, log_format="cri",
                  memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
@@ -3665,10 +3639,7 @@ class _FallbackRun:
         rotation = _log_rotation(log_max_size, log_max_files)
         self._host, self._module = host, module
         self._stop_event = threading.Event()  # set by kill(); wakes a module sleeping in poll_oneoff
-        self._stop_reason = None
-        self._poll_original = None
         self._deadline_at = math.inf if deadline is None else time.monotonic() + deadline
-        self._result = None
         self._usage_lock = threading.Lock()
         self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
         clock = _LogClock()
