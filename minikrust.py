@@ -939,13 +939,6 @@ class ApiClient:
         expiry = status.get("expirationTimestamp")
         return status, _parse_rfc3339(expiry) if expiry else None
 
-    def _sleep(self, seconds):
-        if self._closed.wait(seconds):
-            raise ApiError(0, "ClientClosed", "the API client was closed")
-
-    def _delay(self, attempt):
-        return random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * (2 ** attempt))
-
     def request(self, method, path, body=None, *, params=None, content_type="application/json", timeout=30,
                 stream=False, retries=None):
         """Send one API request; the parsed JSON answer, or the open response when `stream`."""
@@ -953,10 +946,10 @@ class ApiClient:
         url = self.server + path + (f"?{urllib.parse.urlencode(params, doseq=True)}" if params else "")
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         sent = {} if data is None else {"Content-Type": content_type, "Content-Length": str(len(data))}
-        refreshed, attempt = False, -1
+        refreshed, attempt, wait = False, -1, 0
         while True:
             attempt += 1
-            if self._closed.is_set():
+            if self._closed.wait(wait):
                 raise ApiError(0, "ClientClosed", "the API client was closed")
             token = self.credential()
             # straight to the adapter with a request made here: requests' own preparing and merging
@@ -966,34 +959,30 @@ class ApiClient:
             prepared.headers = {**self._headers, **sent}
             if token:
                 prepared.headers["Authorization"] = f"Bearer {token}"
+            code, retry_after = 0, None         # 0: no answer (a connection error), retried as a 5xx
             try:
                 session = self.session
                 response = session.get_adapter(url).send(prepared, stream=stream, timeout=(10, timeout),
                                                          proxies=session.proxies)
             except requests.RequestException as exc:
-                self._note_error(0)
-                if attempt >= retries:
-                    raise ApiError(0, "ConnectionError", f"{method} {path}: {exc}") from None
-                log.debug("%s %s: %s; retrying", method, path, exc)
-                self._sleep(self._delay(attempt))
-                continue
-            code = response.status_code
-            if code < 400:
-                return response if stream else json.loads(response.raw.read(decode_content=True) or b"{}")
-            error = _api_error(response)
-            response.close()
+                error = ApiError(0, "ConnectionError", f"{method} {path}: {exc}")
+            else:
+                code, retry_after = response.status_code, response.headers.get("Retry-After")
+                if code < 400:
+                    return response if stream else json.loads(response.raw.read(decode_content=True) or b"{}")
+                error = _api_error(response)
+                response.close()
             self._note_error(code)
             if code == 401 and self.cluster.exec_config and not refreshed:
-                refreshed, attempt = True, attempt - 1      # a revoked plugin credential: ask again
+                refreshed, attempt, wait = True, attempt - 1, 0      # a revoked plugin credential: ask again
                 self.credential(refresh=True)
                 continue
-            if code not in _RETRY_STATUSES or attempt >= retries:
+            if (code and code not in _RETRY_STATUSES) or attempt >= retries:
                 raise error
-            wait = self._delay(attempt)
+            wait = random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * 2 ** attempt)
             with contextlib.suppress(ValueError):       # the server may say how long (Retry-After), as client-go reads it
-                wait = min(float(response.headers.get("Retry-After") or "x"), 60.0)
+                wait = min(float(retry_after or "x"), 60.0)
             log.debug("%s %s: %s; retrying", method, path, error)
-            self._sleep(wait)
 
     get = functools.partialmethod(request, "GET")
     post = functools.partialmethod(request, "POST")
@@ -1359,23 +1348,20 @@ class NodeAgent(_Loop):
     def renew_lease(self):
         """Renew (or create) the node Lease; a 409 Conflict means our copy is stale: re-read, retry."""
         base = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
-        for _attempt in range(3):
+        create = False
+        for _attempt in range(4):
             try:
+                if create:
+                    self.lease = self.api.post(base, self._lease_body(), **_HEARTBEAT)
+                    return self.lease
                 if self.lease is None:
                     self.lease = self.api.get(f"{base}/{self.name}", **_HEARTBEAT)
                 self.lease = self.api.put(f"{base}/{self.name}", self._lease_body(), **_HEARTBEAT)
                 return self.lease
             except ApiError as exc:
-                if exc.code not in (404, 409):
+                if exc.code not in (404, 409) or (create and exc.code == 404):
                     raise
-                self.lease = None       # gone (404: create it) or changed under us (409: read it again)
-                if exc.code == 404:
-                    try:
-                        self.lease = self.api.post(base, self._lease_body(), **_HEARTBEAT)
-                        return self.lease
-                    except ApiError as create_exc:
-                        if create_exc.code != 409:
-                            raise
+                self.lease, create = None, exc.code == 404      # gone: create it; changed: read it again
         raise ApiError(409, "Conflict", f"lease {self.name} kept changing")
 
     def heartbeat(self):
