@@ -4311,17 +4311,15 @@ _TERMINAL_PHASES = ("Succeeded", "Failed")
 
 def qos_class(pod):
     """The pod's QoS class as the API server computes it (Guaranteed, Burstable or BestEffort)."""
-    def amounts(resources):     # the cpu and memory amounts above zero: all the QoS class counts
+    def amounts(container, kind):     # the cpu and memory amounts above zero: all the QoS class counts
         found = {}
         for name in ("cpu", "memory"):
             with contextlib.suppress(KeyError, TypeError, ContainerConfigError):
-                found[name] = parse_quantity((resources or {})[name])
+                found[name] = parse_quantity(((container.get("resources") or {}).get(kind) or {})[name])
         return {name: amount for name, amount in found.items() if amount > 0}
     spec = pod.get("spec") or {}
-    pairs = []
-    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
-        res = c.get("resources") or {}
-        pairs.append((amounts(res.get("limits")), amounts(res.get("requests"))))
+    pairs = [(amounts(c, "limits"), amounts(c, "requests"))
+             for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])]
     if not any(limits or requests_ for limits, requests_ in pairs):
         return "BestEffort"
     guaranteed = all(n in limits and requests_.get(n, limits[n]) == limits[n]
@@ -4384,16 +4382,15 @@ def pod_conditions(pod, phase, init_statuses, statuses, ready_to_start, prev_con
     unready = [c["name"] for c in pod["spec"]["containers"] if c["name"] not in app_ready]
     initialized = phase == "Succeeded" or not init_pending
     ready = initialized and not unready and phase not in _TERMINAL_PHASES
+    why_init = why_unready = (None, None)
     if phase == "Succeeded":
-        why_init = ("PodCompleted", None) if init_pending else (None, None)
         why_unready = ("PodCompleted", None)
+        why_init = why_unready if init_pending else why_init
     elif not initialized:
         why_init = why_unready = ("ContainersNotInitialized", f"containers with incomplete status: "
                                                               f"[{' '.join(init_pending)}]")
-    else:
-        why_init = (None, None)
+    elif not ready:
         why_unready = ("ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]")
-    why_unready = (None, None) if ready else why_unready
     return [
         _condition("PodReadyToStartContainers", ready_to_start, prev, now),
         _condition("Initialized", initialized, prev, now, *why_init),
@@ -5207,8 +5204,7 @@ class PodWorker:
         if now >= c.not_before:
             return self._start(c, now)
         if c.terminated:        # it just exited: show the back-off until it may restart
-            meta = self.pod["metadata"]
-            pod = f"{meta['name']}_{meta.get('namespace', '')}({self.uid})"
+            pod = f"{self.pod['metadata']['name']}_{_namespace(self.pod)}({self.uid})"
             c.last_state = {"terminated": c.terminated}
             c.state = {"waiting": {"reason": "CrashLoopBackOff", "message":
                        f"back-off {c.not_before - now:.0f}s restarting failed container={c.name} pod={pod}"}}
@@ -5309,7 +5305,6 @@ class PodWorker:
                               {"state": self.state.value, "status": status})
 
 
-
 class _LogEcho:
     """Standalone terminal output: follows the CRI log files of running containers and prints
     each line's content after a `pod/container` prefix; and the pods' phases, exits and waits."""
@@ -5360,7 +5355,7 @@ class _LogEcho:
         while not self._stop.wait(0.2):
             self.drain()
 
-    def close(self):
+    def stop(self):
         self._stop.set()
         self.drain()
 
@@ -5489,8 +5484,8 @@ class PodManager:
 
     _FINALIZED_KEPT = 4096     # uids of finalized pods remembered, so a late event cannot revive one
 
-    def __init__(self, config, *, api=None, node_ip=None, echo=None):
-        self.config, self.api, self.images = config, api, None
+    def __init__(self, config, metrics, store, *, api=None, node_ip=None, echo=None):
+        self.config, self.metrics, self.store, self.api, self.images = config, metrics, store, api, None
         self.node_ip = node_ip or config.node_ip or "127.0.0.1"
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.tokens = None if api is None else ServiceAccountTokens(
@@ -5498,7 +5493,6 @@ class PodManager:
         self.objects = ApiObjects(api, ready=self._resume)     # configMaps and secrets, off the sync pool
         self.files = _StateFiles()
         self.echo = _LogEcho(echo) if echo else None
-        self.metrics = None         # the kubelet's Metrics, when it has one
         self.node_uid = lambda: None    # -> the registered Node's uid (mirror pods' owner)
         self.workers = {}           # uid -> PodWorker
         self._finalized = collections.OrderedDict()     # uid -> None, oldest first
@@ -5520,7 +5514,7 @@ class PodManager:
 
     def start(self):
         if self.images is None:     # made here, before any sync can race to make it
-            self.images = ImageManager(self.config, api=self.api)
+            self.images = ImageManager(self.config, self.store, api=self.api)
             self.images.metrics = self.metrics
             self.images.compiled_cache_dir = os.path.join(self.config.root_dir, "cache")
             self.images.in_use = self._digests_in_use
@@ -5536,12 +5530,9 @@ class PodManager:
         self._started = False
         if self.driver is not None:
             self.driver.stop(self._snapshot())
-        if self.echo is not None:
-            self.echo.close()
-        if self.tokens is not None:
-            self.tokens.stop()
-        if self.writer is not None:
-            self.writer.stop()
+        for part in (self.echo, self.tokens, self.writer):
+            if part is not None:
+                part.stop()
         self.files.flush(5.0)
 
     def _resume(self, uid):
@@ -5670,9 +5661,8 @@ class PodManager:
             self.driver.watch(worker, container, run)
             if self.echo is not None:
                 self.echo.follow(f"{worker.pod['metadata']['name']}/{container.name}", container.log_path)
-        if self.metrics is not None:
-            self.metrics.inc("minikrust_module_starts_total", result="success" if run is not None else "error")
-            self.metrics.observe("minikrust_module_start_duration_seconds", time.monotonic() - began)
+        self.metrics.inc("minikrust_module_starts_total", result="success" if run is not None else "error")
+        self.metrics.observe("minikrust_module_start_duration_seconds", time.monotonic() - began)
 
     def _digests_in_use(self):
         return {c.digest for w in self._snapshot() for c in w.inits + w.apps
@@ -5789,10 +5779,6 @@ class PodManager:
         with self._changed:
             return self._changed.wait_for(lambda: all((w.status or {}).get("phase") in _TERMINAL_PHASES
                                                       for w in self.workers.values()), timeout)
-
-    def all_succeeded(self):
-        return all((w.status or {}).get("phase") == "Succeeded" for w in self._snapshot())
-
 
 
 def _is_mirror(pod):
@@ -6768,7 +6754,7 @@ class Kubelet:
         """Records the settings only: no file, network or thread until start()."""
         self.config = config if config is not None else Config()
         self.handler = handler      # the pods' handler: a PodManager unless the caller brings one
-        self.api = self.node = self.pod_manager = self.server = self._store = None
+        self.api = self.node = self.pod_manager = self.server = None
         self.sources = []           # pod sources, started in order, stopped in reverse
         self.metrics = Metrics()
         self._stop_requested = threading.Event()
@@ -6781,15 +6767,14 @@ class Kubelet:
         if config.bootstrap_kubeconfig:      # TLS bootstrap: a client certificate for the node first
             self.config = config = dataclasses.replace(config, kubeconfig=bootstrap_client_certificate(config))
         self.api = api_client_for(config)        # None: standalone
+        store = ModuleStore(os.path.join(config.root_dir, "modules"))    # pods' modules: status.images
         if self.api is not None:
-            self.node = NodeAgent(self.api, config, images=self._node_images)
+            self.node = NodeAgent(self.api, config, images=store.node_images)
             self.api.on_error = lambda code: self.metrics.inc("minikrust_api_errors_total", code=str(code))
         if self.handler is None:
-            node_ip = self.node.node_ip if self.node is not None else (config.node_ip or "127.0.0.1")
-            self.handler = self.pod_manager = PodManager(config, api=self.api, node_ip=node_ip,
-                                                         echo=functools.partial(print, flush=True)
-                                                         if self.api is None and config.echo else None)
-            self.pod_manager.metrics = self.metrics
+            self.handler = self.pod_manager = PodManager(
+                config, self.metrics, store, api=self.api, node_ip=self.node and self.node.node_ip,
+                echo=functools.partial(print, flush=True) if self.api is None and config.echo else None)
             if self.node is not None:
                 self.pod_manager.node_uid = lambda: ((self.node.node or {}).get("metadata") or {}).get("uid")
         if config.pod_manifest_path:
@@ -6836,14 +6821,6 @@ class Kubelet:
                 self.api.close()
         log.info("kubelet %s stopped", self.config.node_name)
 
-    def _node_images(self):
-        """status.images: the modules in the store, from the pods' ImageManager once it exists."""
-        if self.pod_manager is not None and self.pod_manager.images is not None:
-            return self.pod_manager.images.store.node_images()
-        if self._store is None:
-            self._store = ModuleStore(os.path.join(self.config.root_dir, "modules"))
-        return self._store.node_images()
-
     def pods(self):
         """The pods this kubelet runs, each with its current status."""
         return self.pod_manager.pods() if self.pod_manager is not None else []
@@ -6864,7 +6841,8 @@ class Kubelet:
         while not (static.synced.wait(0.5) and self.pod_manager.wait_all_finished(timeout=0.5)):
             if self._stop_requested.is_set():
                 return 1
-        return 0 if self.pod_manager.all_succeeded() and not static.errors else 1
+        succeeded = all(pod["status"].get("phase") == "Succeeded" for pod in self.pods())
+        return 0 if succeeded and not static.errors else 1
 
     def request_stop(self):
         """Ask `wait()` to return (safe from a signal handler)."""

@@ -199,7 +199,7 @@ def test_the_terminal_echo_follows_the_log_across_rotations(tmp_path):
             echo.drain()
         log.close()
     finally:
-        echo.close()
+        echo.stop()
     assert printed == [f"pod/app line {i}" for i in range(60)]
 
 
