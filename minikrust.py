@@ -1764,6 +1764,7 @@ _TAR_LAYERS = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "r:gz",
 }
 _DOCKER_HUB = "docker.io"
+_DOCKER_HUBS = (_DOCKER_HUB, "index.docker.io", "registry-1.docker.io")     # one registry, three names
 _MAX_MANIFEST = 4 * 1024 * 1024
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
@@ -1831,10 +1832,8 @@ def parse_image_ref(image):
         registry, repository = first, rest
     else:
         registry, repository = _DOCKER_HUB, text
-    if registry in ("index.docker.io", "registry-1.docker.io"):
-        registry = _DOCKER_HUB
-    if registry == _DOCKER_HUB and "/" not in repository:
-        repository = "library/" + repository
+    if registry in _DOCKER_HUBS:
+        registry, repository = _DOCKER_HUB, repository if "/" in repository else "library/" + repository
     if not _HOST_RE.match(registry) or not _REPO_RE.match(repository):
         raise invalid("invalid reference format")
     if tag is None and digest is None:
@@ -1881,7 +1880,7 @@ def docker_config_credentials(doc, source=""):
                 continue
         host = key.split("://", 1)[-1].split("/", 1)[0].lower()     # `https://index.docker.io/v1/`, `host:port`
         if user and password is not None:
-            registry = _DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io", "docker.io") else host
+            registry = _DOCKER_HUB if host in _DOCKER_HUBS else host
             creds.append(RegistryCredential(registry, user, password, source))
     return creds
 
@@ -2162,8 +2161,7 @@ class ModuleStore:
                         os.unlink(name, dir_fd=folder)
 
     def lookup(self, key):
-        """(module digest, image_id, auth labels) of an image key (`name:tag` or `name@digest`) whose
-        module is stored, else None; the labels (see add) are None when it was stored without them."""
+        """(module digest, image_id, auth labels or None) of a stored key (`name:tag` or `name@digest`)."""
         with self._lock:
             entry = self._index["refs"].get(key)
         if entry and self.has(entry["module"]):
@@ -2198,8 +2196,7 @@ class ModuleStore:
             if self._hmac_key is None:
                 if "credential-key" not in _list_beneath(self.root):
                     _write_beneath(self.root, "credential-key", os.urandom(32), 0o600)
-                with self.open(os.path.join(self.root, "credential-key")) as f:
-                    self._hmac_key = f.read()
+                self._hmac_key = _read_beneath(self.root, "credential-key", 32)
         text = f"{cred.registry}\0{cred.username}\0{cred.password}".encode()
         return "hmac:" + hmac.new(self._hmac_key, text, hashlib.sha256).hexdigest()
 
@@ -2281,8 +2278,7 @@ class ImageManager:
         self._file_digests = {}
 
     def ensure(self, image, pull_policy=None, pull_secrets=(), namespace=None, base_dir=None):
-        """Return a ModuleRef for `image`, pulling it if the policy says so; raises ImageError.
-        `pull_secrets`: the names of the pod's imagePullSecrets."""
+        """A ModuleRef for `image`, pulled if the policy says so (`pull_secrets`: their names); ImageError."""
         if image.startswith("file:"):
             return self._ensure_file(image[len("file:"):], base_dir)
         ref = parse_image_ref(image)
@@ -2893,21 +2889,6 @@ class ServiceAccountTokens:
             self._stopped = True
             self._cond.notify_all()
 
-    def _renew(self, entry):
-        """Request the entry's token: next due at 80% of its lifetime, or after the backoff on failure."""
-        pod, source, what = entry[:3]
-        try:
-            token, lifetime = _request_token(pod, source, self.api)
-        except MinikrustError as exc:
-            entry[5] = min(_TOKEN_BACKOFF[1], entry[5] * 2 or _TOKEN_BACKOFF[0])
-            entry[4] = time.monotonic() + entry[5]
-            log.warning("pod %s %s: service account token not (yet) issued, trying again in %.0f s: %s",
-                        _pod_key(pod), what, entry[5], exc)
-            self.report(pod, f"MountVolume.SetUp failed for {what} : failed to fetch token: {exc}")
-            return False
-        entry[3], entry[4], entry[5] = token, time.monotonic() + 0.8 * lifetime, 0.0
-        return True
-
     def _loop(self):
         while True:
             with self._cond:
@@ -2922,18 +2903,29 @@ class ServiceAccountTokens:
                 self._due(key, entry)
 
     def _due(self, key, entry):
-        first = entry[4] == 0.0
-        if not first and entry[6] is None:      # asked ahead for a pod that never wrote it
+        """Request the entry's token and write it into its volume: next due at 80% of its lifetime,
+        or after the backoff on failure (with a Warning Event)."""
+        pod, source, what, _, due, delay, _ = entry
+        if due and entry[6] is None:        # asked ahead for a pod that never wrote it
             with self._cond:
                 self._entries.pop(key, None)
-        elif self._renew(entry) and not first:
-            try:
-                _write_beneath(entry[6], key[2], entry[3], 0o600, 0o700)
-            except OSError as exc:      # the volume is gone (the pod finished): done with it
-                log.debug("token of %s not written: %s", _pod_key(entry[0]), exc)
-                with self._cond:
-                    self._entries.pop(key, None)
-        if first:
+            return
+        try:
+            token, lifetime = _request_token(pod, source, self.api)
+            entry[3:6] = token, time.monotonic() + 0.8 * lifetime, 0.0
+            if due:
+                _write_beneath(entry[6], key[2], token, 0o600, 0o700)
+        except MinikrustError as exc:
+            entry[5] = min(_TOKEN_BACKOFF[1], delay * 2 or _TOKEN_BACKOFF[0])
+            entry[4] = time.monotonic() + entry[5]
+            log.warning("pod %s %s: service account token not (yet) issued, trying again in %.0f s: %s",
+                        _pod_key(pod), what, entry[5], exc)
+            self.report(pod, f"MountVolume.SetUp failed for {what} : failed to fetch token: {exc}")
+        except OSError as exc:      # the volume is gone (the pod finished): done with it
+            log.debug("token of %s not written: %s", _pod_key(pod), exc)
+            with self._cond:
+                self._entries.pop(key, None)
+        if not due:
             self.ready(key[0])      # its pod writes it now (or goes on without it)
 
 
