@@ -3699,10 +3699,16 @@ class _FallbackRun:
     def _main(self):
         wt = self._host._wt
         self._host._local.run = self
-        start, cpu0 = time.monotonic(), time.thread_time()
-        self._usage_begin()
-        exit_code = trap = None
-        instantiated = False
+        start, exit_code, trap, instantiated = time.monotonic(), None, None, False
+        # Live usage, as the native host's wh_run_usage: this thread publishes its CPU clock and its
+        # linear memory (at instantiation, each epoch tick, before a sleep); any thread reads them.
+        # Where the thread's CPU clock cannot be read from another thread (macOS), the last
+        # thread_time() sampled at a publish stands for it.
+        clock = time.CLOCK_THREAD_CPUTIME_ID
+        if _THREAD_CLOCKS:
+            clock = time.pthread_getcpuclockid(threading.get_ident())
+        with self._usage_lock:
+            self._cpu_clock, self._cpu0, self._usage_live = clock, time.clock_gettime(clock), True
         try:
             if self._module.component:
                 run = self._host._component_run(self._store, self._module, self._http, self)
@@ -3735,25 +3741,12 @@ class _FallbackRun:
             self._memory = None
             self._publish_memory()  # before the memory goes: a reader's mincore must not outlive it
             self._store.close()
-        cpu = time.thread_time() - cpu0
+        cpu = time.thread_time() - self._cpu0
         with self._usage_lock:
             self._usage_live, self._cpu_total = False, cpu
-        self._result = RunResult(
-            exit_code=exit_code, trap=trap, duration=time.monotonic() - start,
-            killed=self._stop_reason == _KILLED, timed_out=self._stop_reason == _TIMED_OUT,
-            instantiate_failed=not instantiated,
-            cpu_seconds=cpu, peak_memory=self._peak)
+        self._result = RunResult(exit_code, trap, time.monotonic() - start, self._stop_reason == _KILLED,
+                                 self._stop_reason == _TIMED_OUT, not instantiated, cpu, self._peak)
         self._done.post()  # the end, as the native host posts it
-
-    # Live usage, as the native host's wh_run_usage: the run thread publishes its CPU clock and its
-    # linear memory (at instantiation, each epoch tick, before a sleep); any thread reads them.
-
-    def _usage_begin(self):
-        # Where the thread's CPU clock cannot be read from another thread (macOS), the last
-        # thread_time() sampled at a publish stands for it.
-        clock = time.pthread_getcpuclockid(threading.get_ident()) if _THREAD_CLOCKS else time.CLOCK_THREAD_CPUTIME_ID
-        with self._usage_lock:
-            self._cpu_clock, self._cpu0, self._usage_live = clock, time.clock_gettime(clock), True
 
     def _publish_memory(self):
         """On the run's thread: the linear memory's place and size now (none once it goes)."""
@@ -4191,10 +4184,9 @@ class FallbackHost:
 
     def _poll_oneoff(self, caller, subs_ptr, events_ptr, nsubs, nevents_ptr):
         run, memory = self._local.run, caller.get("memory")     # only a run's guest calls it
-        clocks = None
-        if isinstance(memory, self._wt.Memory):
-            clocks = _poll_clocks(memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr, run._wasi_start)
-        if clocks is None:
+        clocks = isinstance(memory, self._wt.Memory) and _poll_clocks(
+            memory, caller, subs_ptr, events_ptr, nsubs, nevents_ptr, run._wasi_start)
+        if not clocks:      # not only clocks (a list of at least one), or no memory to read them in
             return self._original_poll(caller, run, memory)(caller, subs_ptr, events_ptr, nsubs, nevents_ptr)
         started = time.monotonic_ns()
         shortest = min(timeout for _, timeout in clocks)
