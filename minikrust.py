@@ -4824,16 +4824,12 @@ class _StateFiles:
                 continue
             head, name = os.path.split(path)
             try:
-                with _dir_beneath(head) as folder:
-                    fd = os.open(f"{name}.new", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-                    try:
-                        os.fsync(fd)
-                        with self._lock:    # a newer `.new` (saved meanwhile) waits for its own fsync
-                            newest = os.stat(f"{name}.new", dir_fd=folder, follow_symlinks=False)
-                            if newest.st_ino == os.fstat(fd).st_ino:
-                                os.replace(f"{name}.new", name, src_dir_fd=folder, dst_dir_fd=folder)
-                    finally:
-                        os.close(fd)
+                with _dir_beneath(head) as folder, open(open_beneath(folder, f"{name}.new"), "rb") as new:
+                    os.fsync(new.fileno())
+                    with self._lock:    # a newer `.new` (saved meanwhile) waits for its own fsync
+                        newest = os.stat(f"{name}.new", dir_fd=folder, follow_symlinks=False)
+                        if newest.st_ino == os.fstat(new.fileno()).st_ino:
+                            os.replace(f"{name}.new", name, src_dir_fd=folder, dst_dir_fd=folder)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:       # else the pod's folder, or its `.new`, is gone
                     log.warning("cannot keep %s: %s", path, exc.strerror or exc)
@@ -4946,11 +4942,8 @@ class PodServices:
 class PodWorker:
     """One pod's state machine. `sync()` takes it as far as it can go now (on the PodDriver's pool,
     one sync of a pod at a time) and says when to look again; updates, deletions and the ends of
-    runs come from other threads and are only recorded, then the driver syncs the pod.
-        SYNCING: volumes -> init containers one by one -> app containers, restarted by policy
-        TERMINATING: (deleted, finished, failed) modules killed at kill_at; their ends awaited
-        TERMINATED: the phase decided, volumes removed      FINALIZED: deleted from the API
-    Every failure is a reason on the pod, never an exception out of sync()."""
+    runs come from other threads and are only recorded, then the driver syncs the pod (its states:
+    PodState). Every failure is a reason on the pod, never an exception out of sync()."""
 
     def __init__(self, services, pod, saved=None, rejected=None):
         self.s, self.pod, self.uid, self.key = services, pod, pod["metadata"]["uid"], _pod_key(pod)
@@ -5480,8 +5473,7 @@ class PodManager:
         self.node_uid = lambda: None    # -> the registered Node's uid (mirror pods' owner)
         self.workers = {}           # uid -> PodWorker
         self._finalized = collections.OrderedDict()     # uid -> None, oldest first
-        self._restored = set()      # uids run again from disk, not yet seen in the API: no writes
-        self._held = {}             # uid -> events of a restored pod, sent once it is seen in the API
+        self._held = {}             # uid run again from disk, unseen in the API yet (no writes) -> its Events
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._started = False
@@ -5544,7 +5536,7 @@ class PodManager:
                 return None
         if worker is None:
             return self._admit(pod, problem)
-        if uid in self._restored:
+        if uid in self._held:
             self._confirm_restored(worker, pod)
         worker.update(pod)
         self.driver.schedule(worker)
@@ -5609,7 +5601,7 @@ class PodManager:
         if self.writer is not None:
             if _is_static(pod):
                 self._create_mirror(pod)
-            elif uid not in self._restored:     # a spec saved on disk carries a stale status: send ours whole
+            elif uid not in self._held:     # a spec saved on disk carries a stale status: send ours whole
                 self.writer.seed(uid, pod.get("status"))
         log.info("pod %s added%s", _pod_key(pod), f" but rejected: {rejected[1]}" if rejected else "")
         if rejected:
@@ -5634,8 +5626,9 @@ class PodManager:
 
     def _record_event(self, pod, reason, message, type_="Normal", container=None):
         meta = pod["metadata"]
-        if meta["uid"] in self._restored:
-            self._held.get(meta["uid"], []).append((pod, reason, message, type_, container))
+        held = self._held.get(meta["uid"])
+        if held is not None:
+            held.append((pod, reason, message, type_, container))
         elif self.writer is not None:
             self.writer.record(PodEvent(_namespace(pod), meta["name"], meta["uid"], reason,
                                         message, type_, container.field_path if container else None))
@@ -5653,7 +5646,7 @@ class PodManager:
                 if c.run is not None and c.digest}
 
     def _status_changed(self, worker, old_phase):
-        if self.writer is not None and not worker.silent and worker.uid not in self._restored:
+        if self.writer is not None and not worker.silent and worker.uid not in self._held:
             self.writer.set_status(worker.pod, worker.status)
         if self.echo is not None:
             self.echo.pod_changed(worker, old_phase)
@@ -5672,7 +5665,7 @@ class PodManager:
         with self._lock:
             if self.workers.get(worker.uid) is worker:
                 del self.workers[worker.uid]
-            self._restored.discard(worker.uid)
+            self._held.pop(worker.uid, None)
             if deleting:
                 self._finalized[worker.uid] = None
                 while len(self._finalized) > self._FINALIZED_KEPT:
@@ -5690,19 +5683,17 @@ class PodManager:
             with self._lock:
                 known = uid in self.workers
             if not known and not _is_static(pod):
-                self._restored.add(uid)
                 self._held[uid] = []
                 self._admit(pod)
 
     def prune_after(self, synced):
         """Once `synced` (the API source's first full list) is set, the restored pods not yet seen
-        in the API were deleted meanwhile: stopped, with nothing sent (in _restored until finalized)."""
+        in the API were deleted meanwhile: stopped, with nothing sent (in _held until finalized)."""
         def wait_then_prune():
             while not synced.wait(1.0):
                 if not self._started:
                     return
             for uid in list(self._held):
-                self._held.pop(uid, None)
                 with self._lock:
                     worker = self.workers.get(uid)
                 if worker is not None:
@@ -5715,7 +5706,6 @@ class PodManager:
         against what the API has (the one on disk may never have reached it)."""
         if self.writer is not None:
             self.writer.seed(worker.uid, pod.get("status"))
-        self._restored.discard(worker.uid)
         for args in self._held.pop(worker.uid, ()):
             self._record_event(*args)
         status = None
