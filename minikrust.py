@@ -3341,9 +3341,8 @@ def _open_log(folder, name):
 
 
 def _rotate_log(folder, base, max_files):
-    """Rotate the log `base` in the directory fd `folder` as the kubelet does (and the C host's
-    sink_rotate): rotated files beyond `max_files - 2` go, the rest are gzipped, then `base`
-    becomes `<base>.<UTC stamp>` (returned)."""
+    """Rotate the log `base` in the directory fd `folder` as the kubelet (and C's sink_rotate): rotated
+    files beyond `max_files - 2` go, the rest are gzipped; `base` becomes `<base>.<UTC stamp>` (returned)."""
     rotated = rotated_log_files(folder, base)
     cut = max(0, len(rotated) - max(0, max_files - 2))
     unfinished = [name for name in os.listdir(folder) if name.startswith(base + ".") and name.endswith(".tmp")
@@ -3663,8 +3662,7 @@ class _FallbackRun:
             raise
 
     def _sink(self, target, max_size, max_files, folder):
-        """Where a stream's pieces go: an fd (one write), a callable (one call a piece), or a path's
-        _LogFile (one per path: both streams share it; it rotates between pieces)."""
+        """Where a stream's pieces go: an fd, a callable (a call a piece), or the path's _LogFile (shared)."""
         if target is None:
             return None
         if isinstance(target, int):
@@ -3760,8 +3758,7 @@ class _FallbackRun:
                 self._cpu_total = time.thread_time() - self._cpu0
 
     def usage(self):
-        """(cpu_seconds, memory_bytes, peak_memory_bytes) now, from any thread: memory is the
-        resident part of the linear memory, 0 once the run ended."""
+        """(cpu_seconds, resident bytes of linear memory (0 once ended), peak_memory_bytes), any thread."""
         with self._usage_lock:
             if not self._usage_live:
                 return self._cpu_total, 0, self._peak
@@ -4202,8 +4199,7 @@ class FallbackHost:
         return 0
 
     def _original_poll(self, caller, run, memory):
-        """wasmtime's poll_oneoff (found once a run), called through a trampoline instance so it sees
-        the guest's memory."""
+        """wasmtime's poll_oneoff (found once a run), through a trampoline that sees the guest's memory."""
         wt = self._wt
         if run._poll_original is None:
             run._poll_original = self._wasi_linker.get(caller, _WASI, "poll_oneoff")
@@ -6219,8 +6215,7 @@ def _write_private(path, data):
     """Write a file only its owner can read (in the pki folder), by a temporary name and a rename."""
     parent, leaf = os.path.split(os.path.dirname(path))
     os.makedirs(parent, exist_ok=True)      # the root dir: the user's own path
-    os.close(_makedirs_beneath(parent, leaf, mode=0o700))
-    _write_beneath(*os.path.split(path), data, 0o600)
+    _write_beneath(parent, os.path.join(leaf, os.path.basename(path)), data, 0o600, dir_mode=0o700)
 
 
 def store_certificate(pki_dir, prefix, cert_pem, key_pem):
