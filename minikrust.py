@@ -1372,19 +1372,17 @@ class NodeAgent(_Loop):
         self.update_status()
 
     def _run(self):
-        failures = 0
-        while not self._stop.is_set():
+        failures, wait = 0, 0
+        while not self._stop.wait(wait):
             try:
                 self.heartbeat()
-                failures = 0
-                wait = self.config.lease_renew_interval
+                failures, wait = 0, self.config.lease_renew_interval
             except (MinikrustError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     break
                 failures += 1
                 wait = min(self.config.lease_renew_interval, 0.5 * 2 ** failures)
                 log.warning("node %s heartbeat failed: %s", self.name, exc)
-            self._stop.wait(wait)
 
     def stop(self, timeout=10.0):
         """Stop the heartbeat and report the node NotReady (it keeps its Lease until it expires)."""
@@ -1577,18 +1575,12 @@ def pod_problem(pod):
     problem = _typed("spec", spec, _SPEC_TYPES)
     if problem or not spec.get("containers"):
         return problem or "spec.containers: Required value"
-    volumes = set()
-    for index, volume in enumerate(spec.get("volumes") or ()):
-        problem = _name_problem(f"spec.volumes[{index}]", volume, volumes)
-        if problem:
-            return problem
-    names = set()
-    for kind in ("initContainers", "containers"):
-        for index, container in enumerate(spec.get(kind) or ()):
-            problem = _container_problem(f"spec.{kind}[{index}]", container, names, volumes)
-            if problem:
-                return problem
-    return None
+    volumes, names = set(), set()       # filled as they are checked: every volume before any container
+    problems = itertools.chain(
+        (_name_problem(f"spec.volumes[{i}]", v, volumes) for i, v in enumerate(spec.get("volumes") or ())),
+        (_container_problem(f"spec.{kind}[{i}]", container, names, volumes)
+         for kind in ("initContainers", "containers") for i, container in enumerate(spec.get(kind) or ())))
+    return next(filter(None, problems), None)
 
 
 def _name_problem(path, obj, seen):
