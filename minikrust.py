@@ -5848,27 +5848,25 @@ class LogOptions:
                    stream=None if stream == "All" else stream.lower())
 
 
-def _emit(lines, options, budget):
-    """Render lines under the byte budget (a one-item list, None for no limit); yields bytes."""
-    for line in lines:
-        if not options.selects(line):
-            continue
-        stamp = (_rfc3339nano(line.time_ns) + " ").encode() if options.timestamps else b""
-        data = stamp + line.content + (b"\n" if line.complete else b"")
-        if budget[0] is not None:
-            data = data[:budget[0]]
-            budget[0] -= len(data)
-        if data:
-            yield data
-        if budget[0] == 0:
-            return
-
-
 def read_container_log(path, options, root=None, follow=None):
     """A container run's log (rotated files first; its folder beneath `root`) filtered by `options`, as
     bytes chunks; `follow=(ended, wait)`: then as it is written (`kubectl logs -f`) until `ended()` and
     its last records are read, the byte limit is reached, or `wait(seconds)` returns True."""
-    budget, joiner, cursor = [options.limit_bytes], _LineJoiner(), _LogCursor(path, root)
+    budget, joiner, cursor = options.limit_bytes, _LineJoiner(), _LogCursor(path, root)
+
+    def emit(lines):
+        """The selected lines as bytes, within the byte budget (None: no limit)."""
+        nonlocal budget
+        for line in filter(options.selects, lines):
+            stamp = (_rfc3339nano(line.time_ns) + " ").encode() if options.timestamps else b""
+            data = stamp + line.content + (b"\n" if line.complete else b"")
+            if budget is not None:
+                data = data[:budget]
+                budget -= len(data)
+            if data:
+                yield data
+            if budget == 0:
+                return
 
     def backlog():
         yield from filter(None, map(joiner.feed, cursor.records(final=not follow)))
@@ -5878,19 +5876,19 @@ def read_container_log(path, options, root=None, follow=None):
     selected = filter(options.selects, backlog())
     if options.tail_lines is not None:
         selected = collections.deque(selected, maxlen=options.tail_lines)
-    yield from _emit(selected, options, budget)
+    yield from emit(selected)
     if not follow:
         return
     ended, wait = follow
     finished, last_check, idle = False, time.monotonic(), 0.05
-    while budget[0] != 0:
+    while budget != 0:
         records = list(cursor.records())
         if records:
-            yield from _emit(filter(None, map(joiner.feed, records)), options, budget)
+            yield from emit(filter(None, map(joiner.feed, records)))
             idle = 0.05
             continue
         if finished:
-            yield from _emit(joiner.flush(), options, budget)
+            yield from emit(joiner.flush())
             return
         if time.monotonic() - last_check >= 0.5:      # ask whether the run ended twice a second
             finished, last_check = bool(ended()), time.monotonic()
