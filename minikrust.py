@@ -4453,13 +4453,7 @@ class StatusWriter:
         self._idle = []              # Conditions of writers waiting for work
         self._writers = self._event_writers = 0
         self._paused_until = self._delay = 0.0       # backoff of every write while the API fails
-        self._started = self._stopping = False
-
-    def start(self):
-        with self._lock:
-            self._started = True
-            if self._pods or self._events:
-                self._kick()
+        self._stopping = False      # writers start with the first write, until stop()
 
     def stop(self, flush_timeout=2.0):
         """Try to send what is queued for up to flush_timeout seconds, then stop."""
@@ -4520,7 +4514,7 @@ class StatusWriter:
         """With the lock: the queue of `key`; a new one gets a writer (a queued one has one)."""
         if key not in queues:
             queues[key] = _Queue()
-            if self._started and not self._stopping:
+            if not self._stopping:
                 self._kick()
         return queues[key]
 
@@ -5450,7 +5444,10 @@ class PodManager:
     _FINALIZED_KEPT = 4096     # uids of finalized pods remembered, so a late event cannot revive one
 
     def __init__(self, config, metrics, store, *, api=None, node_ip=None, echo=None):
-        self.config, self.metrics, self.store, self.api, self.images = config, metrics, store, api, None
+        self.config, self.metrics, self.api = config, metrics, api
+        self.images = ImageManager(config, store, api=api)
+        self.images.metrics, self.images.in_use = metrics, self._digests_in_use
+        self.images.compiled_cache_dir = os.path.join(config.root_dir, "cache")
         self.node_ip = node_ip or config.node_ip or "127.0.0.1"
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.tokens = None if api is None else ServiceAccountTokens(
@@ -5477,13 +5474,6 @@ class PodManager:
             finalized=self._finalize, files=self.files)
 
     def start(self):
-        if self.images is None:     # made here, before any sync can race to make it
-            self.images = ImageManager(self.config, self.store, api=self.api)
-            self.images.metrics = self.metrics
-            self.images.compiled_cache_dir = os.path.join(self.config.root_dir, "cache")
-            self.images.in_use = self._digests_in_use
-        if self.writer is not None:
-            self.writer.start()
         self.driver = PodDriver()
         self._started = True
         self.restore()
@@ -6751,7 +6741,6 @@ class Kubelet:
                 return self
             if not self._wired:
                 self._wire()
-            os.makedirs(self.config.root_dir, exist_ok=True)
             if self.server is not None:
                 self.server.start()
             self._started = True
