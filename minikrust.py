@@ -2220,8 +2220,7 @@ class ModuleStore:
         with self._lock:
             self.discard(self.path(digest))
             self._index["modules"].pop(digest, None)
-            for key in [k for k, e in self._index["refs"].items() if e["module"] == digest]:
-                del self._index["refs"][key]
+            self._index["refs"] = {k: e for k, e in self._index["refs"].items() if e["module"] != digest}
             self._save()
 
     def gc(self, high=85, low=80, min_age=120.0, in_use=(), usage=None):
@@ -2514,10 +2513,9 @@ class ImageManager:
 
     def gc(self, usage=None):
         """Run image GC with the --image-gc-* settings; returns the removed digests."""
-        in_use = set(self.in_use() if self.in_use else ())
-        removed = self.store.gc(self.config.image_gc_high_threshold,
-                                self.config.image_gc_low_threshold,
-                                self.config.image_minimum_gc_age, in_use, usage)
+        config = self.config
+        removed = self.store.gc(config.image_gc_high_threshold, config.image_gc_low_threshold,
+                                config.image_minimum_gc_age, set(self.in_use() if self.in_use else ()), usage)
         if removed and self.compiled_cache_dir:  # the host's cache files are named <sha256hex>.*
             prefixes = tuple(d.split(":", 1)[-1] + "." for d in removed)
             for name in _list_beneath(self.compiled_cache_dir):
@@ -2615,7 +2613,7 @@ def _namespace(pod):
     return (pod.get("metadata") or {}).get("namespace") or "default"
 
 
-def pod_field(pod, field_path, node_ip=None, whole_maps=False):
+def _pod_field(pod, field_path, node_ip, whole_maps):
     """The value of a downward API `fieldRef.fieldPath`, as the kubelet's podFieldSelectorRuntimeValue;
     status.podIP is the node IP (a module shares its network); whole maps only in volumes (`whole_maps`)."""
     meta, spec, status = (pod.get(part) or {} for part in ("metadata", "spec", "status"))
@@ -2643,15 +2641,21 @@ def pod_field(pod, field_path, node_ip=None, whole_maps=False):
     raise ContainerConfigError(f"unsupported fieldRef fieldPath {field_path!r}", retry=False)
 
 
-def container_resource(pod, container_name, resource, divisor, root_dir):
-    """A `resourceFieldRef` (limits.cpu, ...) as the kubelet writes it: ceil(value / divisor); an unset
-    limit is the Node's allocatable (its disk: that of `root_dir`), an unset request the limit, then 0."""
-    spec = pod.get("spec") or {}
+def _downward_value(pod, source, node_ip, root_dir, container_name=None, whole_maps=False):
+    """The value of a downward API `fieldRef` or `resourceFieldRef` (None for neither). A resource
+    (limits.cpu, ...) as the kubelet writes it: ceil(value / divisor); an unset limit is the Node's
+    allocatable (its disk: that of `root_dir`), an unset request the limit, then 0."""
+    if "fieldRef" in source:
+        return _pod_field(pod, (source["fieldRef"] or {}).get("fieldPath"), node_ip, whole_maps)
+    if "resourceFieldRef" not in source:
+        return None
+    ref, spec = source["resourceFieldRef"] or {}, pod.get("spec") or {}
+    container_name, resource = ref.get("containerName") or container_name, ref.get("resource") or ""
     containers = (spec.get("containers") or []) + (spec.get("initContainers") or [])
     container = next((c for c in containers if c.get("name") == container_name), None)
     if container is None:
         raise ContainerConfigError(f"resourceFieldRef names unknown container {container_name!r}", retry=False)
-    kind, _, name = (resource or "").partition(".")
+    kind, _, name = resource.partition(".")
     if kind not in ("limits", "requests") or name not in ("cpu", "memory", "ephemeral-storage"):
         raise ContainerConfigError(f"unsupported resourceFieldRef resource {resource!r}", retry=False)
     resources = container.get("resources") or {}
@@ -2660,7 +2664,7 @@ def container_resource(pod, container_name, resource, divisor, root_dir):
         value = (resources.get("limits") or {}).get(name)
     if value is None and kind == "limits":
         value = node_allocatable(host_facts(root_dir))[name]
-    divide = parse_quantity(divisor) if divisor not in (None, "", 0, "0") else 1
+    divide = parse_quantity(ref["divisor"]) if ref.get("divisor") not in (None, "", 0, "0") else 1
     return str(math.ceil(parse_quantity(value or "0") / divide))
 
 
@@ -2789,13 +2793,8 @@ def _downward_files(pod, source, default_mode, node_ip, root_dir, what):
     files = {}
     for item in source.get("items") or []:
         path = _check_relpath(item.get("path"), what)
-        if item.get("fieldRef"):
-            value = pod_field(pod, item["fieldRef"].get("fieldPath"), node_ip, whole_maps=True)
-        elif item.get("resourceFieldRef"):
-            ref = item["resourceFieldRef"]
-            value = container_resource(pod, ref.get("containerName"), ref.get("resource"), ref.get("divisor"),
-                                       root_dir)
-        else:
+        value = _downward_value(pod, item, node_ip, root_dir, whole_maps=True)
+        if value is None:
             raise ContainerConfigError(f"{what}: item {path!r} has neither fieldRef nor resourceFieldRef", retry=False)
         files[path] = (str(value).encode(), item.get("mode", default_mode))
     return files
@@ -3226,12 +3225,9 @@ def _env_from(pod, container, objects, warnings):
 
 def _env_value_from(pod, container, source, node_ip, objects, root_dir):
     """The value of one `valueFrom`, or None when an optional configMap/secret key is missing."""
-    if "fieldRef" in source:
-        return pod_field(pod, (source["fieldRef"] or {}).get("fieldPath"), node_ip)
-    if "resourceFieldRef" in source:
-        ref = source["resourceFieldRef"] or {}
-        return container_resource(pod, ref.get("containerName") or container.get("name"), ref.get("resource"),
-                                  ref.get("divisor"), root_dir)
+    value = _downward_value(pod, source, node_ip, root_dir, container.get("name"))
+    if value is not None:
+        return value
     kind, ref, data = _api_object(objects, pod, source, ("configMapKeyRef", "secretKeyRef"), "valueFrom",
                                   binary=False)
     key = ref.get("key")
@@ -3248,16 +3244,13 @@ def container_env(pod, container, api=None, node_ip=None, warnings=None, objects
     `root_dir` is the kubelet's (its disk is the Node's ephemeral-storage)."""
     objects = objects or ApiObjects(api)
     env = _env_from(pod, container, objects, warnings)
-    for var in container.get("env") or []:
-        name = var.get("name")
-        if not name:
-            continue
+    for var in container.get("env") or []:      # each has a name (pod_problem)
         if var.get("valueFrom"):
             value = _env_value_from(pod, container, var["valueFrom"], node_ip, objects, root_dir)
         else:
             value = _expand_refs(var.get("value") or "", env)
         if value is not None:       # an optional configMap/secret key that is missing
-            env[name] = value
+            env[var["name"]] = value
     workdir = container_workdir(container)
     if workdir and "PWD" not in env:
         env["PWD"] = workdir
