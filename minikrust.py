@@ -2669,9 +2669,8 @@ def _downward_value(pod, source, node_ip, root_dir, container_name=None, whole_m
 
 
 def _api_object(objects, pod, source, keys, what, binary=True):
-    """(kind, reference, data {key: bytes} or None: optional and missing) of a `source` naming a
-    ConfigMap by keys[0] or a Secret by keys[1], read through `objects`; a ConfigMap's binaryData
-    fills volumes only (`binary`): the kubelet's env reads `data` alone."""
+    """(kind, reference, data {key: bytes} or None: optional and missing) of a ConfigMap (keys[0]) or
+    Secret (keys[1]) `source`; a ConfigMap's binaryData fills volumes only (the kubelet's env reads data)."""
     kind = "ConfigMap" if keys[0] in source else "Secret" if keys[1] in source else None
     if kind is None:
         raise ContainerConfigError(f"{what} {sorted(source)} is not supported", retry=False)
@@ -2857,8 +2856,7 @@ class ServiceAccountTokens:
             return entry[3]
 
     def prefetch(self, pod):
-        """Ask now for the tokens of a pod just admitted; True while one is asked (its pod is synced
-        once the first answer is in: ready())."""
+        """Ask now for the tokens of a pod just admitted; True while one is asked (ready() syncs its pod)."""
         fetching = False
         for volume in (pod.get("spec") or {}).get("volumes") or []:
             for ref in [s["serviceAccountToken"] for s in (volume.get("projected") or {}).get("sources") or []
@@ -3240,8 +3238,7 @@ def _env_value_from(pod, container, source, node_ip, objects, root_dir):
 
 def container_env(pod, container, api=None, node_ip=None, warnings=None, objects=None, root_dir="/"):
     """The environment [(name, value)] of a container, as the kubelet's makeEnvironmentVariables;
-    `workingDir` is passed as PWD (WASI has no cwd); `warnings` gets the kubelet's Warning events;
-    `root_dir` is the kubelet's (its disk is the Node's ephemeral-storage)."""
+    `workingDir` is passed as PWD (WASI has no cwd); `warnings` gets the kubelet's Warning events."""
     objects = objects or ApiObjects(api)
     env = _env_from(pod, container, objects, warnings)
     for var in container.get("env") or []:      # each has a name (pod_problem)
