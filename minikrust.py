@@ -590,19 +590,15 @@ class ClusterConfig:
 
     def ssl_context(self, cert_data=None, key_data=None):
         """An SSLContext trusting the CA, presenting the client certificate (or `cert_data`/`key_data`)."""
+        cadata = self.ca_data.decode("ascii", "replace") if self.ca_data else None
+        try:        # the kubeconfig's CA and no other, as client-go trusts it (none named: the system's)
+            ctx = ssl.create_default_context(cafile=self.ca_file, cadata=cadata)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{self.source}: certificate-authority: not a usable CA "
+                              f"certificate ({exc})") from None
         if self.insecure:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        else:
-            ctx = ssl.create_default_context()
-            try:
-                if self.ca_file:
-                    ctx.load_verify_locations(cafile=self.ca_file)
-                if self.ca_data:
-                    ctx.load_verify_locations(cadata=self.ca_data.decode("ascii", "replace"))
-            except (ssl.SSLError, OSError) as exc:
-                raise ConfigError(f"{self.source}: certificate-authority: not a usable CA certificate ({exc})") from None
         pems = (cert_data or self.client_cert_data, key_data or self.client_key_data)
         if not any(pems) and not self.client_cert_file:
             return ctx

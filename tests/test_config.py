@@ -196,6 +196,13 @@ def test_ca_file_and_token(tmp_path, tls_server):
     assert tls_server.seen[-1]["auth"] == "Bearer t0k"
 
 
+def test_a_named_ca_is_the_only_one_trusted(tmp_path, pki):
+    """client-go's rootCAs: the kubeconfig's CA (file or data) replaces the system's, it does not add to them."""
+    for cluster in ({"certificate-authority": "ca.crt"}, {"certificate-authority-data": _b64(pki["ca.crt"])}):
+        path = _kubeconfig(tmp_path, {"server": "https://127.0.0.1:6443", **cluster}, {"token": "t"})
+        assert minikrust.load_kubeconfig(path).ssl_context().cert_store_stats()["x509_ca"] == 1, cluster
+
+
 def test_ca_data_and_client_certificate_files(tmp_path, pki, tls_server):
     path = _kubeconfig(tmp_path, {"server": _url(tls_server), "certificate-authority-data": _b64(pki["ca.crt"])},
                        {"client-certificate": str(tmp_path / "client.crt"), "client-key": "client.key"})
