@@ -539,7 +539,7 @@ def parse_args(argv=None, environ=None):
     for flag, convert, help_text in _FLAGS:      # metavar: NODE_NAME for --node-name; a bool: BOOL, optional
         optional = {"nargs": "?", "const": "true", "metavar": "BOOL"} if convert is _parse_bool else {}
         parser.add_argument(flag, help=help_text, **optional)
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(argv)       # None: sys.argv[1:]
     values, sources = {}, {}
     for flag, convert, _help in _FLAGS:
         dest = flag[2:].replace("-", "_")
