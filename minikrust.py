@@ -4465,21 +4465,16 @@ class StatusWriter:
             self._sent.setdefault(uid, status or {})
 
     def set_status(self, pod, status):
-        meta, path = pod["metadata"], _pod_path(pod)
-        static = _is_static(pod)    # its mirror has another uid
+        uid, path = pod["metadata"]["uid"], _pod_path(pod)
         with self._lock:
-            if meta["uid"] not in self._gone:
-                self._queue(self._pods, path).statuses[meta["uid"]] = (f"{path}/status", status, not static)
+            if uid not in self._gone:     # a static pod's patches name no uid: its mirror has another
+                self._queue(self._pods, path).statuses[uid] = (f"{path}/status", status, not _is_static(pod))
 
     def record(self, event):
         """Queue an Event: a pod's Events wait _EVENT_DELAY, off the path of its start and statuses."""
         with self._lock:
             if event.pod_uid not in self._gone:
-                new = event.pod_uid not in self._events
-                pending = self._queue(self._events, event.pod_uid)
-                pending.items.append(event)
-                if new:
-                    pending.not_before = time.monotonic() + _EVENT_DELAY
+                self._queue(self._events, event.pod_uid, _EVENT_DELAY).items.append(event)
 
     def request(self, method, path, body=None, key=None):
         """Another write about a pod (mirror pods), before its statuses, under `key` (default `path`);
@@ -4496,10 +4491,10 @@ class StatusWriter:
 
     # -- the writers (threads); the lock is held where a name says so --
 
-    def _queue(self, queues, key):
-        """With the lock: the queue of `key`; a new one gets a writer (a queued one has one)."""
+    def _queue(self, queues, key, delay=0.0):
+        """With the lock: `key`'s queue; a new one (due in `delay` s) gets a writer, as queued ones have."""
         if key not in queues:
-            queues[key] = _Queue()
+            queues[key] = _Queue(not_before=time.monotonic() + delay)
             if not self._stopping:
                 self._kick()
         return queues[key]
@@ -5429,19 +5424,18 @@ class PodManager:
 
     _FINALIZED_KEPT = 4096     # uids of finalized pods remembered, so a late event cannot revive one
 
-    def __init__(self, config, metrics, store, *, api=None, node_ip=None, echo=None):
-        self.config, self.metrics, self.api = config, metrics, api
+    def __init__(self, config, metrics, store, *, api=None, node=None, echo=None):
+        self.config, self.metrics, self.api, self.node = config, metrics, api, node  # NodeAgent (API)
         self.images = ImageManager(config, store, api=api)
         self.images.metrics, self.images.in_use = metrics, self._digests_in_use
         self.images.compiled_cache_dir = os.path.join(config.root_dir, "cache")
-        self.node_ip = node_ip or config.node_ip or "127.0.0.1"
+        self.node_ip = (node and node.node_ip) or config.node_ip or "127.0.0.1"
         self.writer = StatusWriter(api, config.node_name) if api is not None else None
         self.tokens = None if api is None else ServiceAccountTokens(
             api, lambda pod, message: self._record_event(pod, "FailedMount", message, "Warning"), self._resume)
         self.objects = ApiObjects(api, ready=self._resume)     # configMaps and secrets, off the sync pool
         self.files = _StateFiles()
         self.echo = _LogEcho(echo) if echo else None
-        self.node_uid = lambda: None    # -> the registered Node's uid (mirror pods' owner)
         self.workers = {}           # uid -> PodWorker
         self._finalized = collections.OrderedDict()     # uid -> None, oldest first
         self._held = {}             # uid run again from disk, unseen in the API yet (no writes) -> its Events
@@ -5535,7 +5529,7 @@ class PodManager:
 
     def _create_mirror(self, pod, status=None):
         def body():     # made when sent: it names the Node's uid, known once the Node is registered
-            uid = self.node_uid()
+            uid = ((self.node.node or {}).get("metadata") or {}).get("uid")
             if not uid:
                 raise MinikrustError("mirror pod waits for the Node to be registered")
             return _mirror_pod(pod, uid)
@@ -6708,10 +6702,8 @@ class Kubelet:
             self.api.on_error = lambda code: self.metrics.inc("minikrust_api_errors_total", code=str(code))
         if self.handler is None:
             self.handler = self.pod_manager = PodManager(
-                config, self.metrics, store, api=self.api, node_ip=self.node and self.node.node_ip,
+                config, self.metrics, store, api=self.api, node=self.node,
                 echo=functools.partial(print, flush=True) if self.api is None and config.echo else None)
-            if self.node is not None:
-                self.pod_manager.node_uid = lambda: ((self.node.node or {}).get("metadata") or {}).get("uid")
         if config.pod_manifest_path:
             self.sources.append(StaticPodSource(config.pod_manifest_path, config.node_name, self.handler))
         if self.api is not None:
