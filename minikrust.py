@@ -1486,13 +1486,12 @@ class ApiPodSource(_Loop):
             self.resource_version = _pod_rv(obj) or self.resource_version     # ERROR events raise in watch()
 
     def _run(self):
-        failures, next_list = 0, 0.0
-        while not self._stop.is_set():
+        failures, next_list, wait = 0, 0.0, 0
+        while not self._stop.wait(wait):
             try:
                 if self.sync == "poll":
                     self.list()
-                    failures = 0
-                    self._stop.wait(self.poll_interval)
+                    failures, wait = 0, self.poll_interval
                     continue
                 if self.resource_version is None or time.monotonic() >= next_list:
                     self.list()
@@ -1500,18 +1499,17 @@ class ApiPodSource(_Loop):
                 started = time.monotonic()
                 self._watch(next_list)
                 failures = 0
-                if time.monotonic() - started < 1.0:      # a server ending watches at once: don't spin
-                    self._stop.wait(1.0)
+                wait = 1.0 if time.monotonic() - started < 1.0 else 0     # no spin if watches end at once
             except (MinikrustError, OSError, ValueError) as exc:
                 if self._stop.is_set() or self.api.closed:
                     break
                 if isinstance(exc, ApiError) and exc.code == 410:
                     log.info("pod watch of %s expired (410); listing again", self.node_name)
-                    self.resource_version = None
+                    self.resource_version, wait = None, 0
                     continue
                 failures += 1
                 log.warning("pods of %s: %s", self.node_name, exc)
-                self._stop.wait(min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.0))
+                wait = min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.0)
 
     def stop(self, timeout=5.0):
         """Stop reporting pods; an open watch is interrupted."""
