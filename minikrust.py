@@ -2423,7 +2423,7 @@ class ImageManager:
         if media_type not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST):
             raise ImageError(f"unsupported manifest type {media_type or '(none)'}")
         # `name:tag@digest` pulls the digest; the tag says nothing about what it points to now
-        keys = [image_id] + ([f"{ref.name}:{ref.tag}"] if ref.tag and not ref.digest else [])
+        keys = [image_id] + ([ref.key] if not ref.digest else [])      # ref.key: `name:tag`
         hit = self.store.lookup(image_id)
         wasm = [layer for layer in doc.get("layers") or [] if layer.get("mediaType") in _WASM_LAYERS]
         if hit:  # same digest as stored (Always, or a pod proving its credentials): nothing to download
