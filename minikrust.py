@@ -2246,8 +2246,8 @@ class ImageManager:
 
     retries = 3                         # tries of a pull (and of each blob) that fails on a _Transient
 
-    def __init__(self, config=None, store=None, api=None, *, backoff=None, retry_delay=0.2):
-        self.config = config = config if config is not None else Config()
+    def __init__(self, config, store=None, api=None, *, backoff=None, retry_delay=0.2):
+        self.config = config
         self.store = store if store is not None else ModuleStore(os.path.join(config.root_dir, "modules"))
         self.api = api
         # the kubelet backs off image pulls as it does container restarts: 10 s doubling to 300 s
@@ -2827,7 +2827,7 @@ class ServiceAccountTokens:
     their lifetime; a failed TokenRequest does not hold the pod back: retried with backoff, with a
     FailedMount Warning Event each time."""
 
-    def __init__(self, api, report, ready=lambda uid: None):
+    def __init__(self, api, report, ready):
         self.api, self.report, self.ready = api, report, ready     # report(pod, message): a Warning Event
         self._entries = {}      # (uid, what, path) -> [pod, source, what, token, due, delay, volume dir]
         self._cond = threading.Condition()
