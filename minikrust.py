@@ -3308,12 +3308,9 @@ _ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
 @contextlib.contextmanager
 def _open_log(folder, name):
     """The log file `name` in the directory fd `folder` for reading, gunzipped when it is `.gz`."""
-    with os.fdopen(open_beneath(folder, name, os.O_RDONLY | os.O_NONBLOCK), "rb") as raw:
-        if not name.endswith(".gz"):
-            yield raw
-        else:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as packed:
-                yield packed
+    raw = os.fdopen(open_beneath(folder, name, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    with raw, (gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else contextlib.nullcontext(raw)) as handle:
+        yield handle
 
 
 def _rotate_log(folder, base, max_files):
@@ -3549,9 +3546,9 @@ def _is_oom(result, memory_limit):
 
 
 _OUTPUTS = {}  # id(writer) -> _StreamWriter, for the one custom-output callback below
-_OUTPUT_CALLBACK = None
 
 
+@ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
 def _on_output(key, buf, size):
     writer = _OUTPUTS.get(key)
     if writer is None:  # the run is over: wasmtime flushes nothing we still want
@@ -3569,13 +3566,9 @@ def _on_output(key, buf, size):
 def _set_custom_output(wt, wasi, stream, writer):
     """Send a WASI stream to `writer`, with no finalizer: wasmtime may drop the stream on one of its
     own threads late, even during interpreter exit, where a Python callback aborts the process."""
-    global _OUTPUT_CALLBACK
-    if _OUTPUT_CALLBACK is None:
-        proto = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte), ctypes.c_size_t)
-        _OUTPUT_CALLBACK = proto(_on_output)
     _OUTPUTS[id(writer)] = writer
     setter = wt._ffi.wasi_config_set_stdout_custom if stream == "stdout" else wt._ffi.wasi_config_set_stderr_custom
-    setter(wasi.ptr(), _OUTPUT_CALLBACK, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
+    setter(wasi.ptr(), _on_output, id(writer), ctypes.CFUNCTYPE(None, ctypes.c_void_p)())
 
 
 class _FallbackRun:
