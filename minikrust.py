@@ -5439,8 +5439,7 @@ class PodManager:
             host=functools.partial(load_host, os.path.join(config.root_dir, "cache")),
             prepare_volumes=lambda pod, pod_dir: prepare_volumes(pod, pod_dir, config, api=api, base_dir=_base_dir(pod),
                                                                  node_ip=self.node_ip, tokens=self.tokens, objects=self.objects),
-            container_env=lambda pod, spec: container_env(pod, spec, node_ip=self.node_ip,
-                                                          objects=self.objects, root_dir=config.root_dir),
+            container_env=self._container_env,
             record_event=self._record_event, send_status=self._status_changed, run_started=self._run_started,
             finalized=self._finalize, files=self.files)
 
@@ -5560,14 +5559,23 @@ class PodManager:
 
     # -- what workers call (their PodServices) --
 
+    def _container_env(self, pod, spec):
+        """container_env, with its Warning Events (InvalidEnvironmentVariableNames) on the pod."""
+        warnings = []
+        env = container_env(pod, spec, node_ip=self.node_ip, warnings=warnings, objects=self.objects,
+                            root_dir=self.config.root_dir)
+        for reason, message in warnings:
+            self._record_event(pod, reason, message, "Warning")
+        return env
+
     def _ensure_image(self, pod, container):
         """The module of a container's image (ImageManager), with the kubelet's Pulling/Pulled Events."""
         secrets = [s.get("name") for s in pod["spec"].get("imagePullSecrets") or [] if s.get("name")]
         image, policy = container.spec.get("image") or "", container.spec.get("imagePullPolicy")
-        if policy == "Always" or not self.images.present(image):
+        namespace = pod["metadata"].get("namespace")
+        if policy == "Always" or not self.images.present(image, secrets, namespace):
             self._record_event(pod, "Pulling", f'Pulling image "{image}"', "Normal", container)
-        ref = self.images.ensure(image, policy, secrets,
-                                 namespace=pod["metadata"].get("namespace"), base_dir=_base_dir(pod))
+        ref = self.images.ensure(image, policy, secrets, namespace=namespace, base_dir=_base_dir(pod))
         pulled = (f'Successfully pulled image "{image}" in {ref.pulled:.3f}s' if ref.pulled is not None
                   else f'Container image "{image}" already present on machine')
         self._record_event(pod, "Pulled", pulled, "Normal", container)

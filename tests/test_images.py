@@ -641,6 +641,14 @@ def test_api_pods_pull_with_their_image_pull_secrets_and_never_show_the_password
         raise AssertionError(f"{exc}; reasons seen {seen}; status {status('bad')}") from None
     assert "401" in messages() and 'pull secret "badcred"' in messages()
     assert_no_secret(messages() + json.dumps(fake_api.get("pods", "default", "bad")))
+    # the same credential again (IfNotPresent): the stored module serves it, with no Pulling Event
+    fake_api.create_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "again"},
+                         "spec": {"restartPolicy": "Never", "imagePullSecrets": [{"name": "regcred"}],
+                                  "containers": [{"name": "main", "image": image}]}}, node_name="node-1")
+    wait_for(lambda: status("again").get("phase") == "Succeeded", 20, what="again pod Succeeded")
+    wait_for(lambda: fake_api.events(involved_name="again", reason="Pulled"), what="its Pulled Event")
+    reasons = {e["reason"]: e["message"] for e in fake_api.events(involved_name="again")}   # in order
+    assert reasons.get("Pulled") == f'Container image "{image}" already present on machine' and "Pulling" not in reasons
 
 
 def test_https_registry_is_verified_against_the_trusted_cas(tmp_path, tls_registry, test_pki, monkeypatch):

@@ -526,3 +526,17 @@ def test_deleting_200_running_pods_is_prompt(fake_api, kubelet_factory, module_f
     assert not kubelet.pods()
     deletes = [r for r in fake_api.requests if r.method == "DELETE" and r.user == "system:node:node-1"]
     assert len(deletes) == 200
+
+
+def test_env_from_keys_that_are_not_names_give_the_pod_a_warning_event(fake_api, kubelet_factory, module_file, wasm):
+    # the kubelet skips such keys and says so in a Warning Event on the pod (InvalidEnvironmentVariableNames)
+    fake_api.create_configmap("default", "cfg", {"GOOD": "1", "1bad": "x"})
+    kubelet_factory(fake_api)
+    fake_api.create_pod(_manifest("envy", [{"name": "main", "image": module_file(wasm.hello),
+                                            "envFrom": [{"configMapRef": {"name": "cfg"}}]}]), node_name="node-1")
+    wait_for(_phase(fake_api, "envy", "Succeeded"), what="Succeeded")
+    event = wait_for(lambda: fake_api.events(involved_name="envy", reason="InvalidEnvironmentVariableNames"),
+                     what="the Warning Event")[0]
+    assert event["type"] == "Warning" and event["involvedObject"]["kind"] == "Pod"
+    assert event["message"] == ("Keys [1bad] from the EnvFrom configmap default/cfg were skipped since they "
+                                "are considered invalid environment variable names.")
