@@ -144,7 +144,7 @@ def main():
         except Exception as exc:  # the Kubelet is others' moving work: report, do not fail the bench
             print(f"through a Kubelet: unavailable ({exc.__class__.__name__}: {exc})")
         else:
-            print(f"pod event -> container started, through a standalone Kubelet:")
+            print("pod event -> container started, through a standalone Kubelet:")
             print(f"    (a) first pod (pull + compile): {ms(pods[:1])}")
             print(f"    (c) next pods (compiled):       {ms(pods[1:])}   target < 5 ms")
     finally:

@@ -849,7 +849,7 @@ def validate_meta(res, meta):
         for err in _qualified_name_errors(key):
             causes.append(("metadata.labels", "FieldValueInvalid", f'Invalid value: "{key}": {err}'))
         if value and (len(value) > 63 or not _LABEL_RE.match(value)):
-            causes.append((f"metadata.labels", "FieldValueInvalid",
+            causes.append(("metadata.labels", "FieldValueInvalid",
                            f'Invalid value: "{value}": a valid label must be an empty string or consist of '
                            "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric "
                            "character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is "
@@ -1868,7 +1868,7 @@ class FakeApiServer:
 
     def _create(self, user, res, ns, obj, params):
         if not isinstance(obj, dict):
-            raise bad_request(f"the body of the request was in an unknown format")
+            raise bad_request("the body of the request was in an unknown format")
         err = type_error(obj, res.kind)
         if err:
             raise bad_request(f'{res.kind} in version "{res.version}" cannot be handled as a {res.kind}: {err}')
@@ -2282,9 +2282,9 @@ class FakeApiServer:
                                          "the fake API server does not implement server-side apply")
                 else:
                     raise ApiStatusError(415, "UnsupportedMediaType",
-                                         f'the body of the request was in an unknown format - accepted media types '
-                                         f'include: application/json-patch+json, application/merge-patch+json, '
-                                         f'application/apply-patch+yaml, application/strategic-merge-patch+json')
+                                         'the body of the request was in an unknown format - accepted media types '
+                                         'include: application/json-patch+json, application/merge-patch+json, '
+                                         'application/apply-patch+yaml, application/strategic-merge-patch+json')
             except ValueError as exc:
                 raise ApiStatusError(422, "Invalid", f' "" is invalid: patch: {exc}',
                                      {"causes": [{"reason": "FieldValueInvalid", "message": str(exc),
@@ -3179,10 +3179,10 @@ def _parse_body(raw, ctype, method=None):
         return None
     if "protobuf" in (ctype or ""):
         # client-go retries with JSON after a 415 (the fake speaks no protobuf)
-        raise ApiStatusError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
-                             f'accepted media types include: application/json, application/yaml, '
-                             f'application/json-patch+json, application/merge-patch+json, '
-                             f'application/strategic-merge-patch+json')
+        raise ApiStatusError(415, "UnsupportedMediaType", 'the body of the request was in an unknown format - '
+                             'accepted media types include: application/json, application/yaml, '
+                             'application/json-patch+json, application/merge-patch+json, '
+                             'application/strategic-merge-patch+json')
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -3191,7 +3191,7 @@ def _parse_body(raw, ctype, method=None):
         if "yaml" in (ctype or ""):
             import yaml
             return yaml.safe_load(raw)
-        raise bad_request(f"the body of the request was in an unknown format - accepted media types include: "
+        raise bad_request("the body of the request was in an unknown format - accepted media types include: "
                           "application/json, application/yaml") from None
 
 

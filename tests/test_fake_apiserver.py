@@ -1,7 +1,6 @@
 """The fake API server's own behaviour beyond the recorded contract: the parts other tests lean on."""
 import base64
 import json
-import os
 import subprocess
 import threading
 import time

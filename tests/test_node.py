@@ -1,6 +1,5 @@
 """Node: labels and taints compatible with Krustlet, status with real values, conditions, and
 (against the fake API server) registration, adoption, Lease renewal, status updates, shutdown."""
-import json
 import os
 import re
 import subprocess
@@ -88,7 +87,6 @@ def test_status_signature_ignores_heartbeats_but_not_changes():
 # --- against the fake API server ---
 
 import signal  # noqa: E402
-import time  # noqa: E402
 
 from tests.helpers import kubectl_binary, wait_for  # noqa: E402
 

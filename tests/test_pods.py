@@ -1,5 +1,4 @@
 """Pods: the status computation (pure, with dicts) and pod workers against the fake API server."""
-import contextlib
 import json
 import os
 import threading
@@ -162,7 +161,7 @@ def _cstatus(fake, name, container, init=False):
 
 def test_run_to_completion_pod_reports_every_field_with_exactly_five_writes(fake_api, kubelet_factory, module_file):
     image = module_file(sleeper(1000, 0))     # long enough for Running to be written on a busy machine
-    kubelet = kubelet_factory(fake_api)
+    kubelet_factory(fake_api)
     wait_for(lambda: fake_api.get("nodes", "node-1"), what="node registered")
     fake_api.create_pod(_manifest("job", [{"name": "main", "image": image}]), node_name="node-1")
     running = wait_for(_phase(fake_api, "job", "Running"), what="Running")

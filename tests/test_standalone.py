@@ -141,9 +141,9 @@ def test_a_deleted_mirror_pod_is_created_again(fake_api, kubelet_factory, tmp_pa
     first = wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("status", {}).get("phase")
                      == "Running" and fake_api.get("pods", "default", "tick-node-1"), what="mirror Running")
     fake_api.delete_pod("default", "tick-node-1")
-    again = wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("metadata", {}).get("uid")
-                     not in (None, first["metadata"]["uid"]) and fake_api.get("pods", "default", "tick-node-1"),
-                     timeout=10, what="a new mirror")
+    wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("metadata", {}).get("uid")
+             not in (None, first["metadata"]["uid"]) and fake_api.get("pods", "default", "tick-node-1"),
+             timeout=10, what="a new mirror")
     wait_for(lambda: (fake_api.get("pods", "default", "tick-node-1") or {}).get("status", {}).get("phase")
              == "Running", what="its status")
 

@@ -1,5 +1,4 @@
 """Volumes: host directories for a pod's volumes, the preopens of its containers, cleanup."""
-import json
 import logging
 import os
 import shutil
