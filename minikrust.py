@@ -6656,7 +6656,6 @@ class KubeletServer(http.server.ThreadingHTTPServer):
 
     def render_metrics(self):
         """/metrics: the kubelet's registry plus pods running and per-container CPU and memory, read now."""
-        text = self.kubelet.metrics.render()
         extra = Metrics({
             "minikrust_running_pods": ("gauge", "Pods in phase Running on this node."),
             "minikrust_container_cpu_seconds_total": ("counter", "CPU seconds used by each container run."),
@@ -6667,7 +6666,7 @@ class KubeletServer(http.server.ThreadingHTTPServer):
             labels = {"namespace": item["namespace"], "pod": item["pod"], "container": item["container"]}
             extra.set("minikrust_container_cpu_seconds_total", float(item.get("cpu_seconds", 0.0)), **labels)
             extra.set("minikrust_container_memory_bytes", int(item.get("memory_bytes", 0)), **labels)
-        return text + extra.render()
+        return self.kubelet.metrics.render() + extra.render()
 
 
 # --- Kubelet: wires the above; start()/stop(); embeddable ---
