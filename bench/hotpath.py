@@ -126,6 +126,31 @@ class WasmtimePyComponent(WasmtimePy):
         assert instance.get_func(store, self.run_index)(store).tag == "ok"
         store.close()
 
+    def phases(self, log_path, n):
+        """run_file's steps timed one by one (means of n runs, us), as the C floor's phases are."""
+        now, sums = time.perf_counter_ns, [0] * 5
+        for _ in range(n):
+            t0 = now()
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = ["hello"]
+            wasi.stdout_file = wasi.stderr_file = log_path
+            t1 = now()
+            store = wasmtime.Store(self.engine)
+            store.set_wasi(wasi)
+            t2 = now()
+            instance = self.linker.instantiate(store, self.component)
+            t3 = now()
+            assert instance.get_func(store, self.run_index)(store).tag == "ok"
+            t4 = now()
+            store.close()
+            t5 = now()
+            for i, (a, b) in enumerate(((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+                sums[i] += b - a
+        os.truncate(log_path, 0)
+        names = ("WASI config + output files", "store + WASI context", "instantiate", "the call", "store freed")
+        return "wasmtime-py by phase (file mode, means of %d runs, us): " % n + ", ".join(
+            f"{name} {ns / n / 1000:.1f}" for name, ns in zip(names, sums)) + f"; total {sum(sums) / n / 1000:.1f}"
+
 
 def component_rows(host, mods, tmp, runs, batches, log, floor):
     """The component rows; {name: (speedup vs wasmtime-py, native component / native module)}."""
@@ -194,6 +219,7 @@ def component_rows(host, mods, tmp, runs, batches, log, floor):
               f"start()+wait() over run() {a - inline:.1f} us (the hand-off's two thread wake-ups, less the store "
               f"freed after the end's signal)")
         print(f"{name + ' p2':<12} " + floor_phases(tmp, component_path, host.cache_path(component.digest), log, runs))
+        print(f"{name + ' p2':<12} " + py.phases(log, runs))
         print(f"{name + ' p2':<12} " + handoff(component, log, runs))
     return ratios
 
