@@ -3289,17 +3289,6 @@ _EPOCH_TICK = 0.005        # seconds between epoch ticks; kill() lands within a 
 _KILLED, _TIMED_OUT = "killed", "deadline exceeded"
 
 
-class _LogClock:
-    """Timestamps shared by a run's two streams, never going backwards (they may share a file)."""
-
-    def __init__(self):
-        self.last = 0
-
-    def now(self):
-        self.last = max(self.last, time.time_ns())
-        return _rfc3339nano(self.last)
-
-
 # Rotated logs are named and compressed as the kubelet's container log manager does (pkg/kubelet/
 # logs): `<log>.<YYYYMMDD-HHMMSS>` (UTC), all but the newest gzip-compressed to `<name>.gz`.
 _ROTATED_STAMP = re.compile(r"^\d{8}-\d{6}(\.gz)?$")
@@ -3525,7 +3514,7 @@ class _StreamWriter:
 
     def _records(self, records):
         """Write (tag, line) records stamped with one time."""
-        head = f"{self.clock.now()} {self.stream} ".encode()
+        head = f"{self.clock()} {self.stream} ".encode()
         self.sink([head + tag + b" " + line + b"\n" for tag, line in records])
 
     def close(self):
@@ -3588,8 +3577,7 @@ class _FallbackRun:
         self._deadline_at = math.inf if deadline is None else time.monotonic() + deadline
         self._usage_lock = threading.Lock()
         self._usage_live, self._cpu_total, self._memory, self._memory_span, self._peak = False, 0.0, None, None, 0
-        clock = _LogClock()
-        self._writers, self._files = [], {}
+        self._writers, self._files, self._last_stamp = [], {}, 0
         try:
             wasi = wt.WasiConfig()
             argv = [str(a) for a in argv]
@@ -3603,7 +3591,8 @@ class _FallbackRun:
                     raise ModuleRunError(f"preopened directory does not exist: {host_dir} (for {guest_dir})")
                 wasi.preopen_dir(os.fspath(host_dir), guest_dir, not readonly)
             for target, stream in ((stdout, "stdout"), (stderr, "stderr")):
-                writer = _StreamWriter(self._sink(target, *rotation, log_dir_fd), stream, log_format, clock)
+                sink = self._sink(target, *rotation, log_dir_fd)
+                writer = _StreamWriter(sink, stream, log_format, self._stamp)
                 self._writers.append(writer)
                 _set_custom_output(wt, wasi, stream, writer)
             if stdin is not None:
@@ -3645,6 +3634,11 @@ class _FallbackRun:
         if path not in self._files:
             self._files[path] = _LogFile(path, max_size, max_files, folder)
         return self._files[path].write
+
+    def _stamp(self):
+        """A CRI timestamp for either stream, never going backwards (they may share a file)."""
+        self._last_stamp = max(self._last_stamp, time.time_ns())
+        return _rfc3339nano(self._last_stamp)
 
     def _close_writers(self):
         try:
