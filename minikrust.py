@@ -6248,14 +6248,13 @@ class _ServingTLS:
     also one asked of the kubelet-serving signer by CSR, served to new connections once issued."""
 
     SELF_SIGNED_DAYS = 365      # the kubelet's self-signed serving certificate lasts a year
+    context = _thread = None    # new connections take the current context; open ones keep theirs
 
     def __init__(self, kubelet, stop):
         self.kubelet, self.config, self.stop = kubelet, kubelet.config, stop
         self.pki_dir = os.path.join(self.config.root_dir, "pki")
         self.issued = os.path.join(self.pki_dir, "kubelet-server-current.pem")
         self.self_signed = os.path.join(self.pki_dir, "kubelet-self-signed.pem")
-        self.context = None     # new connections take the current one; open ones keep theirs
-        self._thread = None
         self._renew_at = {}  # (notBefore, notAfter) -> when to renew: the jitter is drawn once per certificate
 
     def _install(self, path, keyfile=None):
@@ -6499,8 +6498,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = [urllib.parse.unquote(part) for part in url.path.split("/")[1:]]
         if url.path == "/healthz":
             return self._send(200, "ok")
-        denial = self._denial(url.path)
-        if denial:
+        if denial := self._denial(url.path):
             return self._send(*denial)
         if parts and parts[0] in _STREAMING:
             return self._send(501, f"{parts[0]} is not supported: minikrust runs WebAssembly modules, which have "
