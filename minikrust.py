@@ -3570,8 +3570,7 @@ class _FallbackRun:
                  memory_limit=None, deadline=None, stdin=None, log_max_size=None, log_max_files=None,
                  outgoing_http=False, log_dir_fd=None):
         wt = host._wt
-        memory_limit, deadline = _run_limits(memory_limit, deadline)
-        rotation = _log_rotation(log_max_size, log_max_files)
+        memory_limit, deadline, *rotation = _run_limits(memory_limit, deadline, log_max_size, log_max_files)
         self._host, self._module = host, module
         self._stop_event = threading.Event()  # set by kill(); wakes a module sleeping in poll_oneoff
         self._deadline_at = math.inf if deadline is None else time.monotonic() + deadline
@@ -3814,23 +3813,21 @@ def _whole(value, what, low):
     return value
 
 
-def _log_rotation(max_size, max_files):
-    """(max_size, max_files) of output rotation (no max_size: none), checked as the native host does."""
-    if max_size is None:
-        return None, None
-    return min(_whole(max_size, "log_max_size", 1), 1 << 62), _whole(5 if max_files is None else max_files,
-                                                                      "log_max_files", 1)
-
-
-def _run_limits(memory_limit, deadline):
-    """(memory_limit, deadline) of a run, checked and clamped as the native host does: NaN, negative
-    or not a number is refused; beyond any run (2**48 bytes, 1e9 seconds) is no limit (None)."""
+def _run_limits(memory_limit, deadline, log_max_size, log_max_files):
+    """A run's limits, checked once for both hosts (the native one calls this as its `check`): NaN,
+    negative or mistyped is refused; beyond any run (2**48 bytes, 1e9 seconds) is no limit (None);
+    no log_max_size is no rotation, a larger one than 2**62 is 2**62, log_max_files defaults to 5."""
     if memory_limit is not None and _whole(memory_limit, "memory_limit", 0) > 1 << 48:
         memory_limit = None
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                  or not deadline >= 0):
         raise ModuleRunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
-    return memory_limit, None if deadline is None or deadline > 1e9 else deadline
+    if log_max_size is None:
+        log_max_files = None
+    else:
+        log_max_size = min(_whole(log_max_size, "log_max_size", 1), 1 << 62)
+        log_max_files = _whole(5 if log_max_files is None else log_max_files, "log_max_files", 1)
+    return memory_limit, None if deadline is None or deadline > 1e9 else deadline, log_max_size, log_max_files
 
 
 class _FallbackModule:
@@ -4203,7 +4200,7 @@ def _native_host(cache_dir):
         except BaseException:
             del sys.modules["_wasihost"]
             raise
-    return _wasihost.Host(cache_dir=cache_dir)
+    return _wasihost.Host(cache_dir=cache_dir, check=_run_limits)
 
 
 def load_host(cache_dir, backend=None):

@@ -160,7 +160,10 @@ class Host:
 
     backend = "native"
 
-    def __init__(self, cache_dir):
+    def __init__(self, cache_dir, check=None):
+        # check(memory_limit, deadline, log_max_size, log_max_files) -> the four, checked and
+        # defaulted: the caller's policy (minikrust's _run_limits); None: they are taken as given
+        self.check = check
         self.cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir)))
         os.makedirs(self.cache_dir, exist_ok=True)
         self.wasmtime_version = WASMTIME_VERSION
@@ -254,7 +257,7 @@ class Module:
         `log_dir_fd` (a directory fd the caller resolved; the run keeps a dup of it), stdout and
         stderr paths are names in that directory."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http, log_dir_fd=log_dir_fd)
+                  log_max_size, log_max_files, outgoing_http, log_dir_fd)
         run._launch()
         return run
 
@@ -263,7 +266,7 @@ class Module:
             outgoing_http=False, log_dir_fd=None):
         """Run to the end in the calling thread (the GIL is released while the module runs)."""
         run = Run(self, argv, env, preopens, stdout, stderr, log_format, memory_limit, deadline, stdin,
-                  rotation=_rotation(log_max_size, log_max_files), outgoing_http=outgoing_http, log_dir_fd=log_dir_fd)
+                  log_max_size, log_max_files, outgoing_http, log_dir_fd)
         run._execute()
         if run._error is not None:
             raise run._error
@@ -343,37 +346,6 @@ def _http(module, outgoing_http):
 
 def _is_path(target):
     return target is None or isinstance(target, (str, bytes, os.PathLike))
-
-
-_DEADLINE_MAX = 1e9          # seconds (31 years): a longer deadline is none (wasihost.c: WH_DEADLINE_MAX)
-_MEMORY_MAX = 1 << 48        # bytes: more than any wasm memory can grow to, so a larger limit is none
-
-
-def _whole(value, what, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RunError(f"{what} must be a whole number of at least {low}, not {value!r}")
-    return value
-
-
-def _rotation(max_size, max_files):
-    """(log_max_size, log_max_files) for wh_run_config: (0, 0) without rotation; max_files defaults
-    to the kubelet's 5. A size beyond 2**62 is clamped to it."""
-    if max_size is None:
-        return 0, 0
-    return min(_whole(max_size, "log_max_size", 1), 1 << 62), _whole(5 if max_files is None else max_files,
-                                                                      "log_max_files", 1)
-
-
-def _limits(memory_limit, deadline):
-    """(memory_limit, deadline) for wh_run_config, refused (RunError) when NaN, negative or not a
-    number, clamped when beyond any run: -1 is no memory limit, 0 no deadline."""
-    if memory_limit is not None:
-        memory_limit = _whole(memory_limit, "memory_limit", 0)
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                 or not deadline >= 0):
-        raise RunError(f"deadline must be a number of seconds of at least 0, not {deadline!r}")
-    memory = -1 if memory_limit is None or memory_limit > _MEMORY_MAX else memory_limit
-    return memory, (0.0 if deadline is None or deadline > _DEADLINE_MAX else max(float(deadline), 1e-9))
 
 
 class _Output:
@@ -472,7 +444,7 @@ class Run:
     _log_dir = -1  # the run's own dup of log_dir_fd, closed when its end is seen
 
     def __init__(self, module, argv, env, preopens, stdout, stderr, log_format, memory_limit,
-                 deadline, stdin, rotation=(0, 0), outgoing_http=False, log_dir_fd=None):
+                 deadline, stdin, log_max_size=None, log_max_files=None, outgoing_http=False, log_dir_fd=None):
         if log_format != "cri" and log_format != "plain":
             raise RunError(f"log_format must be 'cri' or 'plain', not {log_format!r}")
         preopens = preopens or ()
@@ -480,7 +452,9 @@ class Run:
             if not os.path.isdir(host_dir):
                 raise RunError(f"preopen directory {host_dir} does not exist")
         self.module = module
-        memory, seconds = _limits(memory_limit, deadline)
+        if module.host.check is not None:
+            memory_limit, deadline, log_max_size, log_max_files = module.host.check(
+                memory_limit, deadline, log_max_size, log_max_files)
         ptr = lib.wh_run_new()
         if ptr == ffi.NULL:
             raise MemoryError("wh_run_new: out of memory")
@@ -492,14 +466,16 @@ class Run:
         c, self._keep = module._config(argv, env or (), preopens, paths)
         self._config = c
         c.log_format = lib.WH_LOG_CRI if log_format == "cri" else lib.WH_LOG_PLAIN
-        c.memory_limit, c.deadline = memory, seconds
+        # wh_run_config's encoding: -1 is no memory limit, 0 no deadline, a size of 0 no rotation
+        c.memory_limit = -1 if memory_limit is None else memory_limit
+        c.deadline = 0.0 if deadline is None else max(float(deadline), 1e-9)
         if stdin is not None:
             self._stdin = data = ffi.from_buffer(bytes(stdin))
             c.has_stdin, c.stdin_data, c.stdin_len = 1, data, len(data)
         c.stdout_fd = c.stderr_fd = -1
         if log_dir_fd is not None:
             self._log_dir = c.log_dir_fd = os.dup(log_dir_fd)
-        c.log_max_size, c.log_max_files = rotation
+        c.log_max_size, c.log_max_files = log_max_size or 0, log_max_files or 0
         c.outgoing_http, c.http_hosts, c.nhttp_hosts, self._hosts = _http(module, outgoing_http)
         self._output = None
         if not (_is_path(stdout) and _is_path(stderr)):

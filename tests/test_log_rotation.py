@@ -150,9 +150,9 @@ def test_no_limit_means_no_rotation(backend, wasm, tmp_path):
 @pytest.mark.parametrize("limits", [dict(log_max_size=0), dict(log_max_size=-5),
                                     dict(log_max_size=1000, log_max_files=0)])
 def test_bad_limits_are_refused(wasm, tmp_path, limits):
-    """One check, minikrust's (the fallback host runs it; the native host takes the limits as given)."""
+    """One check, minikrust's: the fallback host runs it, and the native one through its Host's `check`."""
     with pytest.raises(minikrust.ModuleRunError, match="log_max"):
-        minikrust._log_rotation(limits.get("log_max_size"), limits.get("log_max_files"))
+        minikrust._run_limits(None, None, limits.get("log_max_size"), limits.get("log_max_files"))
     with pytest.raises(minikrust.ModuleRunError, match="log_max"):
         minikrust.FallbackHost(str(tmp_path)).load(wasm.hello).run(["hello"], stdout=str(tmp_path / "0.log"), **limits)
 
