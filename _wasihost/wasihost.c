@@ -1944,9 +1944,8 @@ static void component_free(wh_module *m) {
  * is deleted after the run's end is signalled (freeing the instances costs about what a hello's
  * call does): its output is all in the pipes once `run` returns (wasmtime writes a file
  * synchronously), and the pipes are reused only once the store (holding their write ends) is gone.
- * The pipes are FIFOs in a private folder on tmpfs (g_fifos), which wasmtime opens by their names:
- * /proc/self/fd/N of a pipe costs a procfs walk on each open (10-25 us of a hello's run, opening and
- * closing two); a plain pipe through /proc/self/fd/N where the folder cannot be made. */
+ * Named FIFOs on tmpfs, which wasmtime could open without the procfs walk of /proc/self/fd/N (about
+ * 5 us a run), were tried and dropped: a folder per process to clean at exit, left by a SIGKILL. */
 #define FREE_PIPES 64
 static struct {
   pthread_mutex_t lock; /* all of this, and the streams of the runs in it */
@@ -1967,82 +1966,13 @@ static void pipe_drain(wh_run *r, int which, int reads) {
   sink_flush(r->streams[which].sink);
 }
 
-/* The folder of the process's FIFOs (/dev/shm/wasihost-PID-XXXXXX, 0700), or "" (then plain pipes);
- * removed at exit by the process that made it (not by a forked child that exits). */
-static struct {
-  pthread_once_t once;
-  char dir[64];
-  pid_t owner;
-} g_fifos = {PTHREAD_ONCE_INIT, "", 0};
-
-/* The name of the FIFO whose read end is `fd` (FIFOs are named after it: unique while it is open). */
-static void fifo_name(char *dst, size_t cap, int fd) {
-  snprintf(dst, cap, "%s/%d", g_fifos.dir, fd);
-}
-
-/* Without malloc: at exit, a run thread still going may have left the heap in a state that a
- * late malloc aborts on (opendir's made 3 exits in 80 with a run still going abort). Names removed
- * while listing may make the listing skip others: listed again until the folder goes. */
-static void fifos_remove(void) {
-  int dir = getpid() == g_fifos.owner ? open(g_fifos.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
-  char buf[4096];
-  for (int pass = 0; dir >= 0 && rmdir(g_fifos.dir) != 0 && pass < 3; pass++) {
-    lseek(dir, 0, SEEK_SET);
-    for (ssize_t n; (n = getdents64(dir, buf, sizeof buf)) > 0;) {
-      for (struct dirent64 *e = (void *)buf; (char *)e < buf + n; e = (void *)((char *)e + e->d_reclen))
-        if (e->d_name[0] != '.') unlinkat(dir, e->d_name, 0);
-    }
-  }
-  if (dir >= 0) close(dir);
-}
-
-static void fifos_init(void) {
-  snprintf(g_fifos.dir, sizeof g_fifos.dir, "/dev/shm/wasihost-%d-XXXXXX", (int)getpid());
-  if (!mkdtemp(g_fifos.dir)) {
-    g_fifos.dir[0] = '\0';
-    return;
-  }
-  g_fifos.owner = getpid();
-  atexit(fifos_remove);
-}
-
-/* A new pipe: a FIFO (its read end, and a write end of ours, so that the read end never sees a
- * hang-up between runs), else a plain pipe; lock held (the FIFO's temporary name is the lock's). */
-static int pipe_new(int p[2]) {
-  pthread_once(&g_fifos.once, fifos_init);
-  if (!g_fifos.dir[0]) return pipe2(p, O_CLOEXEC | O_NONBLOCK);
-  char fresh[96], name[96];
-  snprintf(fresh, sizeof fresh, "%s/new", g_fifos.dir);
-  p[0] = p[1] = -1;
-  unlink(fresh); /* left by a failed attempt */
-  if (mkfifo(fresh, 0600) == 0 && (p[0] = open(fresh, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) >= 0 &&
-      (p[1] = open(fresh, O_WRONLY | O_NONBLOCK | O_CLOEXEC)) >= 0) {
-    fifo_name(name, sizeof name, p[0]);
-    if (rename(fresh, name) == 0) return 0;
-  }
-  int e = errno;
-  unlink(fresh);
-  if (p[0] >= 0) close(p[0]);
-  if (p[1] >= 0) close(p[1]);
-  errno = e;
-  return -1;
-}
-
-/* Pipes back to the free list (or closed, a FIFO's name removed); lock held. */
+/* Pipes back to the free list (or closed); lock held. */
 static void pipes_free(int pipes[2][2]) {
   for (int i = 0; i < 2; i++) {
     int *p = pipes[i];
     if (p[0] < 0) continue;
-    if (g_pipes.nfree < FREE_PIPES) {
-      memcpy(g_pipes.free[g_pipes.nfree++], p, sizeof g_pipes.free[0]);
-      continue;
-    }
-    if (g_fifos.dir[0]) {
-      char name[96];
-      fifo_name(name, sizeof name, p[0]);
-      unlink(name);
-    }
-    close(p[0]), close(p[1]);
+    if (g_pipes.nfree < FREE_PIPES) memcpy(g_pipes.free[g_pipes.nfree++], p, sizeof g_pipes.free[0]);
+    else close(p[0]), close(p[1]);
   }
 }
 
@@ -2085,7 +2015,7 @@ static int pipes_open(wh_run *r, wasi_config_t *wasi) {
     p[0] = p[1] = -1;
     if (!ok || r->streams[i].sink->fd < 0) continue;
     if (g_pipes.nfree) memcpy(p, g_pipes.free[--g_pipes.nfree], sizeof g_pipes.free[0]);
-    else if (pipe_new(p) != 0) ok = 0, p[0] = p[1] = -1;
+    else if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) ok = 0, p[0] = p[1] = -1;
   }
   r->piped = 1;
   r->pipes_polled = 0;
@@ -2093,9 +2023,8 @@ static int pipes_open(wh_run *r, wasi_config_t *wasi) {
   g_pipes.pending = r;
   pthread_mutex_unlock(&g_pipes.lock);
   for (int i = 0; i < 2 && ok; i++) {
-    char path[96]; /* opened anew by wasmtime: a blocking write end */
-    if (g_fifos.dir[0]) fifo_name(path, sizeof path, r->pipes[i][0]);
-    else snprintf(path, sizeof path, "/proc/self/fd/%d", r->pipes[i][1]);
+    char path[32];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", r->pipes[i][1]); /* opened anew: a blocking write end */
     if (r->pipes[i][1] >= 0) ok = i ? wasi_config_set_stderr_file(wasi, path) : wasi_config_set_stdout_file(wasi, path);
   }
   return ok ? 0 : -1;

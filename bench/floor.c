@@ -7,8 +7,9 @@
  * Built by bench/hotpath.py: cc -O2 floor.c ../_wasihost/wasihost.c -l:_libwasmtime.so
  * With -DWH_PHASES (`hotpath.py --components` prints them) a component run's C time by phase; the
  * C and WAT hello components, 2026-11-30 16:54-16:56 UTC, load 3-4, means in us: WASI config and the
- * output FIFOs 8-12, store 2-3, instantiate 34-80, the call 15-33, output drained 7-19, store freed
- * 13-36, the rest (log open/close, CPU clocks) 9-16; total 87-199 (README, Components: where it goes).
+ * output FIFOs 8-12 (FIFOs tried and dropped; the pipes kept: 15-17), store 2-3, instantiate
+ * 34-80, the call 15-33, output drained 7-19, store freed 13-36, the rest (log open/close, CPU
+ * clocks) 9-16; total 87-199 (README, Components: where it goes).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <fcntl.h>

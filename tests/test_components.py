@@ -326,35 +326,3 @@ def test_example_component_pods_run_to_completion(pod_backend, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = "".join(p.read_text() for p in tmp_path.glob("pods/*/logs/*/*.log"))
     assert "stdout F Hello, minikrust! I am hello" in logs and "stdout F Hello, Barbara!" in logs, logs
-
-
-NATIVE_OUTPUT_FOLDER = """
-import glob, os, stat, sys
-sys.path.insert(0, sys.argv[1])
-import _wasihost
-component = _wasihost.Host(sys.argv[2]).load(open(sys.argv[3], "rb").read())
-result = component.run(["hello"], stdout=sys.argv[4], stderr=sys.argv[4])
-folders = glob.glob(f"/dev/shm/wasihost-{os.getpid()}-*")
-print(os.getpid(), result.exit_code, *(oct(stat.S_IMODE(os.lstat(f).st_mode)) for f in folders))
-"""
-
-
-def test_native_output_fifos_are_in_a_private_folder_removed_at_exit(components, tmp_path):
-    """The native host's component output goes through FIFOs in a 0700 folder of the process's own
-    on tmpfs (/dev/shm/wasihost-PID-XXXXXX), which is gone once the process has exited."""
-    import glob
-    from tests.wasm_modules import native_available
-    if native_available():
-        unavailable(native_available())
-    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
-        unavailable("/dev/shm is not a writable folder here (the host falls back to plain pipes)")
-    (tmp_path / "hello.wasm").write_bytes(components.hello)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    log = tmp_path / "hello.log"
-    proc = subprocess.run([sys.executable, "-c", NATIVE_OUTPUT_FOLDER, root, str(tmp_path / "cache"),
-                           str(tmp_path / "hello.wasm"), str(log)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    pid, code, *modes = proc.stdout.split()
-    assert (code, modes) == ("0", ["0o700"])
-    assert [r[1:] for r in cri_records(log)] == [("stdout", "F", b"hello")]
-    assert glob.glob(f"/dev/shm/wasihost-{pid}-*") == []
